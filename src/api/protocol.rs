@@ -1,0 +1,290 @@
+//! The socket protocol (pure types and framing): one JSON object per line each way,
+//! versioned, with a size limit. See docs/protocol.md.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{AuditFilter, AuditRecord};
+use crate::config::Protocol;
+use crate::grants::GrantId;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest request line jitd reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The largest reply line jitctl reads.
+pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
+/// How long jitd waits for a complete request line.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest justification jitd accepts.
+pub const MAX_JUSTIFICATION_CHARS: usize = 500;
+
+/// A request line: `{"v":1,"op":"status"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version of the sender.
+    pub v: u32,
+    /// The operation and its arguments.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// The operations, tagged by `op`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Ports, policy, live grants and recent use.
+    Status,
+    /// Ask for access.
+    Request(GrantRequest),
+    /// End grants early.
+    Revoke(RevokeRequest),
+    /// Read the audit log.
+    Audit(AuditFilter),
+    /// Re-read the policy file.
+    Reload,
+}
+
+/// Arguments of `request`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// Ports wanted; empty or absent: every protected port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Address or CIDR prefix to open for.
+    pub source: String,
+    /// Duration in seconds (exactly one of this and `until`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_secs: Option<u64>,
+    /// End time (exactly one of this and `duration_secs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+    /// Why (free text, recorded in the audit log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<String>,
+}
+
+/// Arguments of `revoke`: a grant id, or a source (and optionally a port).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    /// The grant to end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<GrantId>,
+    /// End every grant for this source (as written in the grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// With `source`: only grants on this port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// A reply line: `{"v":1,"ok":true,"result":{..}}` or `{"v":1,"ok":false,"error":{..}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Protocol version of jitd.
+    pub v: u32,
+    /// Whether the operation was done.
+    pub ok: bool,
+    /// The operation's result when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why not, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Reply {
+    /// A successful reply carrying `result`.
+    pub fn ok(result: impl Serialize) -> Reply {
+        Reply { v: PROTOCOL_VERSION, ok: true, result: Some(serde_json::to_value(result).expect("results serialize")), error: None }
+    }
+
+    /// A refusal or error with a machine-readable `code` and a human `message`.
+    pub fn error(code: &str, message: impl Into<String>) -> Reply {
+        Reply { v: PROTOCOL_VERSION, ok: false, result: None, error: Some(ErrorBody { code: code.into(), message: message.into() }) }
+    }
+
+    /// The reply as one line, newline included.
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("replies serialize");
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Error codes that are not refusals of a valid request but problems with the message
+/// itself or with jitd; jitctl exits 2 for these.
+pub const PROTOCOL_ERROR_CODES: [&str; 5] = ["malformed", "too_large", "unsupported_version", "timeout", "busy"];
+
+/// What went wrong: `code` for scripts, `message` for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Stable code: a denial reason (`source_not_allowed`, ...) or a protocol error (`malformed`, ...).
+    pub code: String,
+    /// A sentence naming the value at fault.
+    pub message: String,
+}
+
+/// Decodes one request line (without its newline).
+pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(Reply::error("too_large", format!("request is larger than {MAX_REQUEST_BYTES} bytes")));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
+        Some(v) => return Err(Reply::error("unsupported_version", format!("protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"))),
+        None => return Err(Reply::error("malformed", "request has no protocol version \"v\"")),
+    }
+    serde_json::from_value::<Envelope>(value)
+        .map(|e| e.request)
+        .map_err(|e| Reply::error("malformed", format!("invalid request: {e}")))
+}
+
+/// Encodes a request as one line, newline included.
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&Envelope { v: PROTOCOL_VERSION, request: request.clone() }).expect("requests serialize");
+    line.push(b'\n');
+    line
+}
+
+/// Result of `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// jitd's version.
+    pub version: String,
+    /// The protected ports and their recent use.
+    pub ports: Vec<PortStatus>,
+    /// The live grants.
+    pub grants: Vec<GrantInfo>,
+    /// Sources the lockdown never applies to.
+    pub exempt_sources: Vec<String>,
+    /// Interfaces the lockdown applies to (empty: all).
+    pub interfaces: Vec<String>,
+    /// What stopping jitd does.
+    pub on_stop: String,
+    /// The role the caller holds.
+    pub your_role: String,
+}
+
+/// One protected port, like a row of Azure's "Configured" tab.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortStatus {
+    /// Port number.
+    pub port: u16,
+    /// tcp, udp or any.
+    pub protocol: Protocol,
+    /// "any" or the allowed prefixes.
+    pub allowed_sources: Vec<String>,
+    /// Longest grant, in seconds.
+    pub max_duration_secs: u64,
+    /// Requests approved in the last 7 days.
+    pub approved_last_7d: u64,
+    /// When access was last granted.
+    pub last_access: Option<DateTime<Utc>>,
+    /// Who was last granted access.
+    pub last_user: Option<String>,
+}
+
+/// A live grant as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// Grant id.
+    pub id: GrantId,
+    /// Address or prefix.
+    pub source: String,
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Who asked.
+    pub requester: String,
+    /// Why.
+    pub justification: Option<String>,
+    /// When it was approved.
+    pub granted_at: DateTime<Utc>,
+    /// When it ends.
+    pub expires_at: DateTime<Utc>,
+    /// Seconds left.
+    pub remaining_secs: u64,
+}
+
+/// Result of `request`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedReply {
+    /// The new grants, one per port entry.
+    pub grants: Vec<GrantInfo>,
+    /// Ids of the grants these replaced.
+    pub superseded: Vec<GrantId>,
+}
+
+/// Result of `revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedReply {
+    /// The grants that were ended.
+    pub revoked: Vec<GrantInfo>,
+}
+
+/// Result of `audit`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditReply {
+    /// Matching records, oldest first.
+    pub records: Vec<AuditRecord>,
+    /// Lines that could not be read.
+    pub warnings: Vec<String>,
+}
+
+/// Result of `reload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// Grants ended because the new policy no longer protects or allows them.
+    pub ended: Vec<GrantId>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(line: &[u8]) -> String {
+        decode_request(line).unwrap_err().error.unwrap().code
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let requests = [
+            Request::Status,
+            Request::Reload,
+            Request::Request(GrantRequest {
+                ports: vec![22],
+                source: "203.0.113.7".into(),
+                duration_secs: Some(60),
+                until: None,
+                justification: Some("ticket 4711".into()),
+            }),
+            Request::Revoke(RevokeRequest { id: Some(4), ..Default::default() }),
+            Request::Audit(AuditFilter { port: Some(22), ..Default::default() }),
+        ];
+        for r in requests {
+            let line = encode_request(&r);
+            assert_eq!(line.last(), Some(&b'\n'));
+            assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
+        }
+        assert_eq!(decode_request(br#"{"v":1,"op":"status"}"#).unwrap(), Request::Status);
+    }
+
+    #[test]
+    fn bad_lines_get_a_code() {
+        assert_eq!(code(b"\xff\xfe"), "malformed");
+        assert_eq!(code(b"hello"), "malformed");
+        assert_eq!(code(br#"{"op":"status"}"#), "malformed");
+        assert_eq!(code(br#"{"v":2,"op":"status"}"#), "unsupported_version");
+        assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), "malformed");
+        assert_eq!(code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#), "malformed");
+        assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), "too_large");
+    }
+}

@@ -1,0 +1,128 @@
+//! `jitd`: the just-in-time access daemon. Locks the management ports with nftables and
+//! opens them on request from `jitctl`; see `jitd --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use jitd::config::{Config, DEFAULT_CONFIG_PATH};
+use jitd::firewall::nft::NftCli;
+use jitd::firewall::rules::{self, LockdownSpec};
+use jitd::firewall::Firewall;
+
+/// Just-in-time access daemon: keeps management ports (SSH, RDP, WinRM) closed to new
+/// connections with an nftables table of its own, and opens them for one source, for a
+/// bounded time, when an authorised local user asks with `jitctl request`.
+///
+/// Runs in the foreground (systemd Type=notify). Established connections are never cut.
+/// Grants are nftables set elements with kernel timeouts: they close even if jitd dies.
+#[derive(Debug, Parser)]
+#[command(version, after_help = "Exit status: 0 stopped cleanly, 1 runtime failure (nothing left half-done), 2 invalid policy or usage.\n\nSignals: SIGTERM/SIGINT stop (see on_stop), SIGHUP re-reads the policy.")]
+struct Args {
+    /// The JIT policy (TOML).
+    #[arg(short, long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH, env = "JITD_CONFIG")]
+    config: PathBuf,
+    /// Validate the policy and print the nftables ruleset it would apply; change nothing.
+    #[arg(long, conflicts_with = "unlock")]
+    check_config: bool,
+    /// Remove jitd's lockdown (its nftables table) and exit: opens the protected ports.
+    #[arg(long)]
+    unlock: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// One line per event, journald-friendly (no timestamps under systemd).
+    Human,
+    /// One JSON object per event, for log shippers.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("jitd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main(args))
+}
+
+async fn async_main(args: Args) -> ExitCode {
+    let config = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!("jitd: invalid policy, nothing was changed");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = jitd::daemon::check_interfaces(&config).await {
+        eprintln!("{e:#}");
+        eprintln!("jitd: invalid policy, nothing was changed");
+        return ExitCode::from(2);
+    }
+    let result = if args.check_config {
+        check_config(&config).await
+    } else if args.unlock {
+        unlock().await
+    } else {
+        jitd::daemon::run(config, NftCli::default(), shutdown_signal()).await.context("jitd failed to start; the ports are as they were")
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check_config(config: &Config) -> anyhow::Result<()> {
+    let batch = rules::replace_table(&LockdownSpec::from_config(config), &[]);
+    println!("# {}: valid. jitd would apply this nftables batch (nft -j -f -):", config.path.display());
+    println!("{}", serde_json::to_string_pretty(&batch)?);
+    match NftCli::default().check(&batch).await {
+        Ok(()) => println!("# the kernel accepts it (nft --check); nothing was changed"),
+        Err(e) => println!("# not checked against the kernel: {e}"),
+    }
+    Ok(())
+}
+
+async fn unlock() -> anyhow::Result<()> {
+    NftCli::default().apply(&rules::remove_table()).await.context("removing the lockdown")?;
+    tracing::info!("lockdown removed: table inet {} is gone, the protected ports are open", rules::TABLE);
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("JITD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    // Under systemd the journal adds its own timestamps.
+    let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, under_journal) {
+        (LogFormat::Json, _) => builder.json().init(),
+        (LogFormat::Human, true) => builder.without_time().with_ansi(false).init(),
+        (LogFormat::Human, false) => builder.init(),
+    }
+}

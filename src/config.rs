@@ -1,0 +1,707 @@
+//! The JIT policy file: raw TOML (unknown keys refused) validated in one step into a
+//! ready-to-use [`Config`], with errors of the form `path: field: what is wrong, got VALUE`.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Where jitd looks for its policy unless told otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/jitd/jitd.toml";
+/// Where jitd listens and jitctl connects unless told otherwise.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/jitd/jitd.sock";
+/// Where grants and the audit log live unless told otherwise.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/jitd";
+/// The longest grant any port may allow.
+pub const MAX_DURATION_LIMIT: Duration = Duration::from_secs(24 * 3600);
+/// The maximum duration of a port whose entry does not set one (Azure's default).
+pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3 * 3600);
+/// The ports protected when the policy lists none: SSH, RDP, WinRM (HTTP and HTTPS).
+pub const DEFAULT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
+
+/// A validated policy: every value checked, every name resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file it was read from (for messages).
+    pub path: PathBuf,
+    /// Unix socket jitctl connects to.
+    pub socket: PathBuf,
+    /// Group allowed to connect to the socket (mode 0660); `None`: root only (0600).
+    pub socket_group: Option<SocketGroup>,
+    /// Directory for grants and the audit log.
+    pub state_dir: PathBuf,
+    /// What stopping jitd does to the lockdown.
+    pub on_stop: OnStop,
+    /// The protected ports, in file order.
+    pub ports: Vec<PortPolicy>,
+    /// Who and what the lockdown leaves alone.
+    pub lockdown: Lockdown,
+    /// Who may do what.
+    pub access: Access,
+}
+
+/// The group that owns the socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// Group name as written in the policy.
+    pub name: String,
+    /// Its numeric id, resolved at load time.
+    pub gid: u32,
+}
+
+/// What stopping jitd does to the lockdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStop {
+    /// Leave the table in the kernel: the ports stay shut (fail closed).
+    KeepLocked,
+    /// Remove jitd's table: the ports open again.
+    Unlock,
+}
+
+/// Transport protocol of a protected port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP only.
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// Both TCP and UDP.
+    Any,
+}
+
+impl Protocol {
+    /// The concrete transport protocols this covers.
+    pub fn transports(self) -> &'static [Transport] {
+        match self {
+            Protocol::Tcp => &[Transport::Tcp],
+            Protocol::Udp => &[Transport::Udp],
+            Protocol::Any => &[Transport::Tcp, Transport::Udp],
+        }
+    }
+
+    /// Whether two entries for the same port would protect the same traffic.
+    pub fn overlaps(self, other: Protocol) -> bool {
+        self == other || self == Protocol::Any || other == Protocol::Any
+    }
+
+    fn parse(text: &str) -> Option<Protocol> {
+        match text {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "any" => Some(Protocol::Any),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
+/// A concrete transport protocol, as nftables matches it (`meta l4proto`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Transport {
+    /// The nftables name of the protocol.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+/// Which sources a port may be opened for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum AllowedSources {
+    /// Any address (`"any"`).
+    Any,
+    /// Only addresses inside these prefixes.
+    Prefixes(Vec<IpNet>),
+}
+
+impl AllowedSources {
+    /// Whether `source` (an address or a prefix) lies wholly inside the allowed set.
+    pub fn contains(&self, source: &IpNet) -> bool {
+        match self {
+            AllowedSources::Any => true,
+            AllowedSources::Prefixes(list) => list.iter().any(|p| p.contains(source)),
+        }
+    }
+}
+
+impl fmt::Display for AllowedSources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AllowedSources::Any => f.write_str("any"),
+            AllowedSources::Prefixes(list) => {
+                let text: Vec<String> = list.iter().map(|p| format_prefix(p)).collect();
+                f.write_str(&text.join(", "))
+            }
+        }
+    }
+}
+
+/// One protected port and the limits on opening it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// Destination port, 1..=65535.
+    pub port: u16,
+    /// Which transport(s).
+    pub protocol: Protocol,
+    /// Which sources may be granted access.
+    pub allowed_sources: AllowedSources,
+    /// Longest grant allowed.
+    pub max_duration: Duration,
+}
+
+/// Who and what the lockdown leaves alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lockdown {
+    /// Sources never locked out (bastion, VPN range).
+    pub exempt_sources: Vec<IpNet>,
+    /// Lock only traffic arriving on these interfaces; empty: every interface.
+    pub interfaces: Vec<String>,
+}
+
+/// A user, group or uid named in `[access]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// `user:NAME`.
+    User(String),
+    /// `group:NAME`.
+    Group(String),
+    /// `uid:N`.
+    Uid(u32),
+}
+
+impl Principal {
+    /// Parses `user:NAME`, `group:NAME` or `uid:N`.
+    pub fn parse(text: &str) -> Result<Principal, String> {
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| "must be \"user:NAME\", \"group:NAME\" or \"uid:N\"".to_string())?;
+        if value.is_empty() {
+            return Err("the name after the colon is empty".into());
+        }
+        match kind {
+            "user" => Ok(Principal::User(value.to_string())),
+            "group" => Ok(Principal::Group(value.to_string())),
+            "uid" => value
+                .parse()
+                .map(Principal::Uid)
+                .map_err(|_| "uid must be a number".to_string()),
+            _ => Err("must start with \"user:\", \"group:\" or \"uid:\"".into()),
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::User(n) => write!(f, "user:{n}"),
+            Principal::Group(n) => write!(f, "group:{n}"),
+            Principal::Uid(n) => write!(f, "uid:{n}"),
+        }
+    }
+}
+
+/// The three roles of `[access]`; root is always an admin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    /// May do everything: request, revoke anyone's grant, reload.
+    pub admins: Vec<Principal>,
+    /// May request access and revoke their own grants.
+    pub requesters: Vec<Principal>,
+    /// May read status and the audit log.
+    pub viewers: Vec<Principal>,
+}
+
+/// Everything wrong with a policy file, each problem on its own line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.iter().map(|p| format!("{}: {p}", .path.display())).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    /// The policy file.
+    pub path: PathBuf,
+    /// One message per problem, `field: what is wrong, got VALUE`.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(path: &Path, problem: String) -> ConfigError {
+        ConfigError {
+            path: path.to_path_buf(),
+            problems: vec![problem],
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    state_dir: Option<PathBuf>,
+    on_stop: Option<String>,
+    #[serde(default)]
+    ports: Option<Vec<RawPort>>,
+    #[serde(default)]
+    lockdown: RawLockdown,
+    #[serde(default)]
+    access: RawAccess,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: i64,
+    protocol: Option<String>,
+    allowed_sources: Option<Vec<String>>,
+    max_duration: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLockdown {
+    #[serde(default)]
+    exempt_sources: Vec<String>,
+    #[serde(default)]
+    interfaces: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    #[serde(default)]
+    admins: Vec<String>,
+    #[serde(default)]
+    requesters: Vec<String>,
+    #[serde(default)]
+    viewers: Vec<String>,
+}
+
+/// Looks up a group id by name; injected so validation can be tested without `/etc/group`.
+pub type GroupLookup<'a> = &'a dyn Fn(&str) -> Option<u32>;
+
+/// Resolves a group name with the system's group database.
+pub fn system_group_lookup(name: &str) -> Option<u32> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+}
+
+impl Config {
+    /// Reads and validates the policy at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one(path, format!("cannot read the policy file: {e}")))?;
+        Config::parse(path, &text, &system_group_lookup)
+    }
+
+    /// Validates policy text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str, groups: GroupLookup) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let mut problems = Vec::new();
+        let config = validate(path, raw, groups, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// The policy entries for `port`, in file order (one per protocol entry).
+    pub fn port_policies(&self, port: u16) -> impl Iterator<Item = &PortPolicy> {
+        self.ports.iter().filter(move |p| p.port == port)
+    }
+}
+
+fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
+    let message = error.message().to_string();
+    let location = error
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            format!("line {line}: ")
+        })
+        .unwrap_or_default();
+    ConfigError::one(path, format!("{location}{message}"))
+}
+
+fn validate(
+    path: &Path,
+    raw: RawConfig,
+    groups: GroupLookup,
+    problems: &mut Vec<String>,
+) -> Config {
+    let socket_group = raw.socket_group.and_then(|name| match groups(&name) {
+        Some(gid) => Some(SocketGroup { name, gid }),
+        None => {
+            problems.push(format!(
+                "socket_group: no such group on this host, got {name:?}"
+            ));
+            None
+        }
+    });
+    let on_stop = match raw.on_stop.as_deref() {
+        None | Some("keep-locked") => OnStop::KeepLocked,
+        Some("unlock") => OnStop::Unlock,
+        Some(other) => {
+            problems.push(format!(
+                "on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"
+            ));
+            OnStop::KeepLocked
+        }
+    };
+    let socket = raw.socket.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
+    if !socket.is_absolute() {
+        problems.push(format!(
+            "socket: must be an absolute path, got {:?}",
+            socket.display().to_string()
+        ));
+    }
+    let state_dir = raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+    if !state_dir.is_absolute() {
+        problems.push(format!(
+            "state_dir: must be an absolute path, got {:?}",
+            state_dir.display().to_string()
+        ));
+    }
+    let ports = match raw.ports {
+        None => default_ports(),
+        Some(list) if list.is_empty() => {
+            problems.push("ports: lists no port; remove the key for the defaults (22, 3389, 5985, 5986) or add [[ports]] entries".into());
+            Vec::new()
+        }
+        Some(list) => validate_ports(list, problems),
+    };
+    let lockdown = Lockdown {
+        exempt_sources: parse_prefixes("lockdown.exempt_sources", &raw.lockdown.exempt_sources, false, problems),
+        interfaces: validate_interfaces(raw.lockdown.interfaces, problems),
+    };
+    let access = Access {
+        admins: parse_principals("access.admins", &raw.access.admins, problems),
+        requesters: parse_principals("access.requesters", &raw.access.requesters, problems),
+        viewers: parse_principals("access.viewers", &raw.access.viewers, problems),
+    };
+    Config {
+        path: path.to_path_buf(),
+        socket,
+        socket_group,
+        state_dir,
+        on_stop,
+        ports,
+        lockdown,
+        access,
+    }
+}
+
+fn default_ports() -> Vec<PortPolicy> {
+    DEFAULT_PORTS
+        .iter()
+        .map(|&port| PortPolicy {
+            port,
+            protocol: Protocol::Tcp,
+            allowed_sources: AllowedSources::Any,
+            max_duration: DEFAULT_MAX_DURATION,
+        })
+        .collect()
+}
+
+fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPolicy> {
+    let mut ports: Vec<PortPolicy> = Vec::new();
+    for (i, raw) in list.into_iter().enumerate() {
+        let field = |name: &str| format!("ports[{i}].{name}");
+        let before = problems.len();
+        let port = match u16::try_from(raw.port) {
+            Ok(p) if p != 0 => p,
+            _ => {
+                problems.push(format!("{}: must be between 1 and 65535, got {}", field("port"), raw.port));
+                0
+            }
+        };
+        let protocol = match raw.protocol.as_deref() {
+            None => Protocol::Tcp,
+            Some(text) => Protocol::parse(text).unwrap_or_else(|| {
+                problems.push(format!("{}: must be \"tcp\", \"udp\" or \"any\", got {text:?}", field("protocol")));
+                Protocol::Tcp
+            }),
+        };
+        let allowed_sources = match raw.allowed_sources {
+            None => AllowedSources::Any,
+            Some(list) if list.iter().any(|s| s == "any") => {
+                if list.len() > 1 {
+                    problems.push(format!("{}: \"any\" already allows every source; list it alone, got {list:?}", field("allowed_sources")));
+                }
+                AllowedSources::Any
+            }
+            Some(list) if list.is_empty() => {
+                problems.push(format!("{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes", field("allowed_sources")));
+                AllowedSources::Prefixes(Vec::new())
+            }
+            Some(list) => AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, false, problems)),
+        };
+        let max_duration = match raw.max_duration.as_deref() {
+            None => DEFAULT_MAX_DURATION,
+            Some(text) => match crate::duration::parse(text) {
+                Ok(d) if d.as_secs() == 0 => {
+                    problems.push(format!("{}: must be at least 1s, got {text:?}", field("max_duration")));
+                    d
+                }
+                Ok(d) if d > MAX_DURATION_LIMIT => {
+                    problems.push(format!("{}: must be at most 24h, got {text:?}", field("max_duration")));
+                    d
+                }
+                Ok(d) => d,
+                Err(e) => {
+                    problems.push(format!("{}: {e}, got {text:?}", field("max_duration")));
+                    DEFAULT_MAX_DURATION
+                }
+            },
+        };
+        if problems.len() > before {
+            continue;
+        }
+        if let Some(j) = ports
+            .iter()
+            .position(|p| p.port == port && p.protocol.overlaps(protocol))
+        {
+            problems.push(format!(
+                "{}: port {port}/{protocol} is already protected by an earlier entry ({}/{}); each port and protocol may appear once",
+                field("port"),
+                ports[j].port,
+                ports[j].protocol
+            ));
+            continue;
+        }
+        ports.push(PortPolicy {
+            port,
+            protocol,
+            allowed_sources,
+            max_duration,
+        });
+    }
+    ports
+}
+
+fn validate_interfaces(names: Vec<String>, problems: &mut Vec<String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    for (i, name) in names.iter().enumerate() {
+        // IFNAMSIZ is 16 including the terminating NUL.
+        let valid = !name.is_empty()
+            && name.len() < 16
+            && !name.contains(['/', ' ', '"', '\\', '*'])
+            && name != "."
+            && name != "..";
+        if !valid {
+            problems.push(format!(
+                "lockdown.interfaces[{i}]: not a valid interface name, got {name:?}"
+            ));
+        } else if !seen.insert(name.as_str()) {
+            problems.push(format!("lockdown.interfaces[{i}]: listed twice, got {name:?}"));
+        }
+    }
+    names
+}
+
+fn parse_principals(field: &str, list: &[String], problems: &mut Vec<String>) -> Vec<Principal> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, text)| match Principal::parse(text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.push(format!("{field}[{i}]: {e}, got {text:?}"));
+                None
+            }
+        })
+        .collect()
+}
+
+fn parse_prefixes(
+    field: &str,
+    list: &[String],
+    allow_any: bool,
+    problems: &mut Vec<String>,
+) -> Vec<IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, text)| {
+            if allow_any && text == "any" {
+                return None;
+            }
+            match parse_prefix(text) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    problems.push(format!("{field}[{i}]: {e}, got {text:?}"));
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Parses an IPv4/IPv6 address (a /32 or /128) or a CIDR prefix without host bits.
+pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    if let Ok(addr) = text.parse::<IpAddr>() {
+        return Ok(IpNet::from(addr));
+    }
+    let net: IpNet = text
+        .parse()
+        .map_err(|_| "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)".to_string())?;
+    if net.trunc() != net {
+        return Err(format!(
+            "has host bits set; did you mean {}?",
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+/// Formats a prefix the way people write it: a single address without `/32` or `/128`.
+pub fn format_prefix(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(name: &str) -> Option<u32> {
+        (name == "jit").then_some(990)
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/jitd/jitd.toml"), text, &groups)
+    }
+
+    fn first_problem(text: &str) -> String {
+        parse(text).unwrap_err().to_string().lines().next().unwrap().to_string()
+    }
+
+    #[test]
+    fn empty_policy_protects_the_default_ports() {
+        let c = parse("").unwrap();
+        let ports: Vec<u16> = c.ports.iter().map(|p| p.port).collect();
+        assert_eq!(ports, vec![22, 3389, 5985, 5986]);
+        assert!(c.ports.iter().all(|p| p.protocol == Protocol::Tcp
+            && p.allowed_sources == AllowedSources::Any
+            && p.max_duration == Duration::from_secs(3 * 3600)));
+        assert_eq!(c.socket, PathBuf::from("/run/jitd/jitd.sock"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/jitd"));
+        assert_eq!(c.on_stop, OnStop::KeepLocked);
+        assert_eq!(c.socket_group, None);
+    }
+
+    #[test]
+    fn full_policy_parses() {
+        let c = parse(
+            r#"
+            socket = "/run/x.sock"
+            socket_group = "jit"
+            state_dir = "/tmp/j"
+            on_stop = "unlock"
+            [[ports]]
+            port = 22
+            allowed_sources = ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7"]
+            max_duration = "PT1H30M"
+            [[ports]]
+            port = 3389
+            protocol = "any"
+            [lockdown]
+            exempt_sources = ["10.0.0.0/8"]
+            interfaces = ["eth0"]
+            [access]
+            admins = ["user:alice"]
+            requesters = ["group:ops", "uid:1001"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.socket_group, Some(SocketGroup { name: "jit".into(), gid: 990 }));
+        assert_eq!(c.on_stop, OnStop::Unlock);
+        assert_eq!(c.ports[0].max_duration, Duration::from_secs(5400));
+        assert_eq!(c.ports[1].protocol, Protocol::Any);
+        assert_eq!(c.access.requesters[1], Principal::Uid(1001));
+        let AllowedSources::Prefixes(list) = &c.ports[0].allowed_sources else { panic!() };
+        assert_eq!(format_prefix(&list[2]), "198.51.100.7");
+    }
+
+    #[test]
+    fn each_bad_value_is_named_with_field_and_value() {
+        let cases = [
+            ("bogus = 1", "unknown field `bogus`"),
+            ("[[ports]]\nport = 70000", "ports[0].port: must be between 1 and 65535, got 70000"),
+            ("[[ports]]\nport = 0", "ports[0].port: must be between 1 and 65535, got 0"),
+            ("[[ports]]\nport = 22\n[[ports]]\nport = 22", "ports[1].port: port 22/tcp is already protected"),
+            ("[[ports]]\nport = 22\nprotocol = \"any\"\n[[ports]]\nport = 22\nprotocol = \"udp\"", "ports[1].port: port 22/udp is already protected"),
+            ("[[ports]]\nport = 22\nprotocol = \"sctp\"", "ports[0].protocol: must be \"tcp\", \"udp\" or \"any\", got \"sctp\""),
+            ("[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.300/8\"]", "ports[0].allowed_sources[0]: not an IP address"),
+            ("[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.1/8\"]", "has host bits set; did you mean 10.0.0.0/8?"),
+            ("[[ports]]\nport = 22\nmax_duration = \"0s\"", "ports[0].max_duration: must be at least 1s, got \"0s\""),
+            ("[[ports]]\nport = 22\nmax_duration = \"48h\"", "ports[0].max_duration: must be at most 24h, got \"48h\""),
+            ("[[ports]]\nport = 22\nmax_duration = \"soon\"", "ports[0].max_duration: not a duration"),
+            ("socket_group = \"nosuchgroup\"", "socket_group: no such group on this host, got \"nosuchgroup\""),
+            ("on_stop = \"open\"", "on_stop: must be \"keep-locked\" or \"unlock\", got \"open\""),
+            ("[lockdown]\nexempt_sources = [\"bastion\"]", "lockdown.exempt_sources[0]: not an IP address"),
+            ("[lockdown]\ninterfaces = [\"a/b\"]", "lockdown.interfaces[0]: not a valid interface name"),
+            ("[access]\nadmins = [\"alice\"]", "access.admins[0]: must be \"user:NAME\""),
+            ("[access]\nviewers = [\"uid:x\"]", "access.viewers[0]: uid must be a number, got \"uid:x\""),
+            ("ports = []", "ports: lists no port"),
+        ];
+        for (text, expected) in cases {
+            let message = first_problem(text);
+            assert!(message.starts_with("/etc/jitd/jitd.toml: "), "{message}");
+            assert!(message.contains(expected), "{text:?}\n  gave {message}\n  wanted {expected}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let message = first_problem("socket = \"/a\"\n[[ports]\n");
+        assert!(message.contains("line 2"), "{message}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let err = parse("on_stop = \"x\"\n[[ports]]\nport = 0\n").unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+    }
+
+    #[test]
+    fn allowed_sources_contain_addresses_and_sub_prefixes() {
+        let allowed = AllowedSources::Prefixes(vec![parse_prefix("10.0.0.0/8").unwrap()]);
+        assert!(allowed.contains(&parse_prefix("10.1.2.3").unwrap()));
+        assert!(allowed.contains(&parse_prefix("10.1.0.0/16").unwrap()));
+        assert!(!allowed.contains(&parse_prefix("0.0.0.0/0").unwrap()));
+        assert!(!allowed.contains(&parse_prefix("2001:db8::1").unwrap()));
+        assert!(AllowedSources::Any.contains(&parse_prefix("2001:db8::1").unwrap()));
+    }
+}

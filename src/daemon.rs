@@ -1,0 +1,659 @@
+//! Wires jitd together: locks the ports at start, answers socket requests (policy,
+//! audit, firewall, bookkeeping, in that order), expires grants on time, reloads on
+//! SIGHUP, and tells systemd how it is doing.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, Notify};
+use tokio::time::Instant;
+
+use crate::api::protocol::{
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply,
+    StatusReply, MAX_JUSTIFICATION_CHARS,
+};
+use crate::api::server::{self, Handler, Peer};
+use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
+use crate::config::{format_prefix, parse_prefix, AllowedSources, Config, OnStop};
+use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
+use crate::firewall::{Firewall, FirewallError};
+use crate::grants::{Grant, GrantBook, GrantId, NewGrant};
+use crate::identity::Caller;
+use crate::policy::{self, AccessRequest, Denial, Role};
+
+/// How far back `status` counts approved requests per port.
+const USAGE_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(7);
+
+/// Why jitd could not start; it exits non-zero and the ports are as they were.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory could not be created.
+    #[error("cannot create state_dir {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The audit log could not be opened or written.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// The audit log could not be read back.
+    #[error("cannot read the audit log: {0}")]
+    AuditRead(std::io::Error),
+    /// The lockdown could not be put in the kernel.
+    #[error("cannot lock the ports: {0}")]
+    Firewall(#[from] FirewallError),
+    /// The socket could not be created.
+    #[error("cannot create the socket {path}: {source}")]
+    Socket {
+        /// The socket path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Recent use of one port, for `status` (Azure's "Configured" tab).
+#[derive(Debug, Default, Clone)]
+struct PortUsage {
+    approvals: VecDeque<DateTime<Utc>>,
+    last_access: Option<DateTime<Utc>>,
+    last_user: Option<String>,
+}
+
+struct State {
+    config: Config,
+    book: GrantBook,
+    audit: AuditLog,
+    usage: HashMap<u16, PortUsage>,
+}
+
+/// The running daemon: policy, grants and audit behind one lock, and a firewall driver.
+pub struct Daemon<F: Firewall> {
+    firewall: F,
+    state: Mutex<State>,
+    expiry_changed: Notify,
+}
+
+impl<F: Firewall> Daemon<F> {
+    /// Prepares state_dir and the audit log, then locks the ports (replacing any table
+    /// jitd left behind, in one transaction). Nothing is served yet.
+    pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
+        create_state_dir(&config.state_dir)?;
+        let mut audit = AuditLog::open(&config.state_dir)?;
+        let (history, problems) = audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
+        for p in problems {
+            tracing::warn!("{p}");
+        }
+        let first_id = history.iter().filter_map(|r| r.grant_id).max().map_or(1, |m| m + 1);
+        let usage = usage_from_history(&history);
+        firewall.apply(&rules::replace_table(&LockdownSpec::from_config(&config), &[])).await?;
+        let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Done);
+        record.ports = config.ports.iter().map(|p| p.port).collect();
+        record.reason = Some(format!("locked {}", describe_ports(&config)));
+        audit.append(&[record])?;
+        Ok(Arc::new(Daemon {
+            firewall,
+            state: Mutex::new(State { config, book: GrantBook::new(first_id), audit, usage }),
+            expiry_changed: Notify::new(),
+        }))
+    }
+
+    /// Ends grants as their time runs out, until the daemon is dropped.
+    pub async fn run_expiry(self: Arc<Self>) {
+        loop {
+            let next = self.state.lock().await.book.next_deadline();
+            let notified = self.expiry_changed.notified();
+            match next {
+                Some(deadline) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(deadline) => {}
+                        _ = notified => continue,
+                    }
+                }
+                None => {
+                    notified.await;
+                    continue;
+                }
+            }
+            self.expire_due().await;
+        }
+    }
+
+    /// Books and records every grant whose time is up. The kernel drops the elements by
+    /// itself at the same moment (their timeout), so nothing is sent to it.
+    async fn expire_due(&self) {
+        let mut st = self.state.lock().await;
+        let ended = st.book.pop_expired(Instant::now());
+        if ended.is_empty() {
+            return;
+        }
+        let records: Vec<AuditRecord> = ended
+            .iter()
+            .map(|g| {
+                let mut r = grant_record(g, g.expires_at, None, "jitd", Action::Expire, Outcome::Expired);
+                r.reason = Some("time is up".into());
+                r
+            })
+            .collect();
+        for g in &ended {
+            tracing::info!(grant = g.id, source = %format_prefix(&g.source), port = g.port, "grant expired");
+        }
+        if let Err(e) = st.audit.append(&records) {
+            tracing::error!("{e}; {} expiry record(s) not written", records.len());
+        }
+    }
+
+    /// Re-reads the policy at `path`. An invalid policy changes nothing; a valid one is
+    /// applied in one transaction, ending the grants it no longer allows.
+    pub async fn reload(&self, path: &Path, actor: &Caller) -> Result<ReloadReply, Reply> {
+        let new_config = Config::load(path).map_err(|e| Reply::error("invalid_config", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
+        check_interfaces(&new_config).await.map_err(|e| Reply::error("invalid_config", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
+        let mut st = self.state.lock().await;
+        if new_config.socket != st.config.socket || new_config.socket_group != st.config.socket_group || new_config.state_dir != st.config.state_dir {
+            tracing::warn!("socket, socket_group and state_dir changes take effect at the next restart");
+        }
+        let now = Instant::now();
+        let ended: Vec<GrantId> = st.book.iter().filter(|g| !still_allowed(&new_config, g)).map(|g| g.id).collect();
+        let kept: Vec<GrantElement> = st.book.elements(now).into_iter().filter(|e| !ended.iter().any(|id| st.book.get(*id).is_some_and(|g| g.keys().contains(&e.key)))).collect();
+        let wall = Utc::now();
+        let mut records: Vec<AuditRecord> = ended
+            .iter()
+            .filter_map(|id| st.book.get(*id))
+            .map(|g| {
+                let mut r = grant_record(g, wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Revoked);
+                r.reason = Some("policy changed".into());
+                r
+            })
+            .collect();
+        let mut done = AuditRecord::new(wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Done);
+        done.ports = new_config.ports.iter().map(|p| p.port).collect();
+        done.reason = Some(format!("policy {} now locks {}", path.display(), describe_ports(&new_config)));
+        records.push(done);
+        st.audit.append(&records).map_err(|e| Reply::error("audit_failed", format!("policy not reloaded: {e}")))?;
+        self.firewall
+            .apply(&rules::replace_table(&LockdownSpec::from_config(&new_config), &kept))
+            .await
+            .map_err(|e| Reply::error("firewall_failed", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
+        for id in &ended {
+            st.book.remove(*id);
+        }
+        st.config = new_config;
+        self.expiry_changed.notify_one();
+        tracing::info!(ended = ended.len(), "policy reloaded");
+        Ok(ReloadReply { ended })
+    }
+
+    /// Records the stop and, with `on_stop = "unlock"`, removes the lockdown.
+    pub async fn stop(&self) {
+        let mut st = self.state.lock().await;
+        let unlock = st.config.on_stop == OnStop::Unlock;
+        let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Stop, Outcome::Done);
+        if unlock {
+            match self.firewall.apply(&rules::remove_table()).await {
+                Ok(()) => record.reason = Some("on_stop = unlock: lockdown removed".into()),
+                Err(e) => {
+                    tracing::error!("on_stop = unlock, but removing the lockdown failed: {e}");
+                    record.reason = Some(format!("on_stop = unlock, but removing the lockdown failed: {e}"));
+                }
+            }
+        } else {
+            record.reason = Some(format!("on_stop = keep-locked: ports stay locked, {} grant(s) expire in the kernel on their own", st.book.len()));
+        }
+        if let Err(e) = st.audit.append(&[record]) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// The policy file path, socket path and socket group the daemon was started with.
+    pub async fn config(&self) -> Config {
+        self.state.lock().await.config.clone()
+    }
+
+    async fn status(&self, caller: &Caller) -> Result<StatusReply, Denial> {
+        let mut st = self.state.lock().await;
+        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
+        let now = Instant::now();
+        let wall = Utc::now();
+        let State { config, book, usage, .. } = &mut *st;
+        let ports = config
+            .ports
+            .iter()
+            .map(|p| {
+                let u = usage.entry(p.port).or_default();
+                while u.approvals.front().is_some_and(|t| *t < wall - USAGE_WINDOW) {
+                    u.approvals.pop_front();
+                }
+                PortStatus {
+                    port: p.port,
+                    protocol: p.protocol,
+                    allowed_sources: match &p.allowed_sources {
+                        AllowedSources::Any => vec!["any".into()],
+                        AllowedSources::Prefixes(list) => list.iter().map(format_prefix).collect(),
+                    },
+                    max_duration_secs: p.max_duration.as_secs(),
+                    approved_last_7d: u.approvals.len() as u64,
+                    last_access: u.last_access,
+                    last_user: u.last_user.clone(),
+                }
+            })
+            .collect();
+        let grants = book.iter().map(|g| grant_info(g, book.remaining(g.id, now).unwrap_or_default())).collect();
+        Ok(StatusReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ports,
+            grants,
+            exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
+            interfaces: config.lockdown.interfaces.clone(),
+            on_stop: audit::enum_text(&config.on_stop),
+            your_role: audit::enum_text(&role),
+        })
+    }
+
+    async fn request(&self, caller: &Caller, request: GrantRequest) -> Reply {
+        let wall = Utc::now();
+        let now = Instant::now();
+        let mut st = self.state.lock().await;
+        let mut denied = grant_request_record(&request, wall, caller);
+        let decision = self.decide(&st, caller, &request, wall);
+        let (access, entries) = match decision {
+            Ok(ok) => ok,
+            Err(denial) => {
+                denied.reason = Some(format!("{}: {}", denial.code, denial.message));
+                return match st.audit.append(&[denied]) {
+                    Ok(()) => Reply::error(&denial.code, denial.message),
+                    Err(e) => Reply::error("audit_failed", format!("request refused: {e}")),
+                };
+            }
+        };
+        let news: Vec<NewGrant> = entries
+            .into_iter()
+            .map(|(port, protocol)| NewGrant {
+                source: access.source,
+                port,
+                protocol,
+                requester: caller.name.clone(),
+                requester_uid: caller.uid,
+                justification: request.justification.clone(),
+                duration: access.duration,
+            })
+            .collect();
+        if let Some(denial) = news.iter().find_map(|n| st.book.check_overlap(n).err()) {
+            denied.reason = Some(format!("{}: {}", denial.code, denial.message));
+            return match st.audit.append(&[denied]) {
+                Ok(()) => Reply::error(&denial.code, denial.message),
+                Err(e) => Reply::error("audit_failed", format!("request refused: {e}")),
+            };
+        }
+        // Audit first: a grant that cannot be recorded is not granted.
+        let planned: Vec<(GrantId, NewGrant, Option<Grant>)> = news
+            .into_iter()
+            .map(|n| {
+                let old = st.book.superseded_by(&n).cloned();
+                (st.book.allocate_id(), n, old)
+            })
+            .collect();
+        let mut records = Vec::new();
+        for (id, n, old) in &planned {
+            let mut r = grant_request_record(&request, wall, caller);
+            r.outcome = Outcome::Approved;
+            r.ports = vec![n.port];
+            r.protocol = Some(n.protocol);
+            r.source = Some(format_prefix(&n.source));
+            r.duration_secs = Some(n.duration.as_secs());
+            r.grant_id = Some(*id);
+            records.push(r);
+            if let Some(old) = old {
+                let mut r = grant_record(old, wall, Some(caller.uid), &caller.name, Action::Supersede, Outcome::Superseded);
+                r.reason = Some(format!("superseded by grant {id}"));
+                records.push(r);
+            }
+        }
+        if let Err(e) = st.audit.append(&records) {
+            tracing::error!("{e}; request refused");
+            return Reply::error("audit_failed", format!("request refused: {e}"));
+        }
+        let remove: Vec<GrantKey> = planned.iter().filter_map(|(_, _, old)| old.as_ref()).flat_map(Grant::keys).collect();
+        let add: Vec<GrantElement> = planned
+            .iter()
+            .flat_map(|(_, n, _)| {
+                n.protocol.transports().iter().map(|&transport| GrantElement {
+                    key: GrantKey { source: n.source, transport, port: n.port },
+                    timeout: n.duration,
+                })
+            })
+            .collect();
+        if let Err(e) = self.change_grants(&remove, &add).await {
+            tracing::error!("applying grants failed: {e}");
+            let failed: Vec<AuditRecord> = planned
+                .iter()
+                .map(|(id, n, _)| {
+                    let mut r = grant_request_record(&request, Utc::now(), caller);
+                    r.outcome = Outcome::Failed;
+                    r.ports = vec![n.port];
+                    r.grant_id = Some(*id);
+                    r.reason = Some(format!("not applied, nothing changed: {e}"));
+                    r
+                })
+                .collect();
+            if let Err(e) = st.audit.append(&failed) {
+                tracing::error!("{e}");
+            }
+            return Reply::error("firewall_failed", format!("request approved but not applied, nothing changed: {e}"));
+        }
+        let mut granted = Vec::new();
+        let mut superseded = Vec::new();
+        for (id, n, _) in planned {
+            let (grant, old) = st.book.insert(id, n, now, wall);
+            superseded.extend(old.map(|g| g.id));
+            let usage = st.usage.entry(grant.port).or_default();
+            usage.approvals.push_back(wall);
+            usage.last_access = Some(wall);
+            usage.last_user = Some(caller.name.clone());
+            tracing::info!(grant = grant.id, user = %caller.name, source = %format_prefix(&grant.source), port = grant.port, until = %grant.expires_at, "access granted");
+            granted.push(grant_info(&grant, access.duration));
+        }
+        self.expiry_changed.notify_one();
+        Reply::ok(GrantedReply { grants: granted, superseded })
+    }
+
+    /// Turns the wire request into a policy question and asks it.
+    #[allow(clippy::type_complexity)]
+    fn decide(&self, st: &State, caller: &Caller, request: &GrantRequest, wall: DateTime<Utc>) -> Result<(AccessRequest, Vec<(u16, crate::config::Protocol)>), Denial> {
+        policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
+        let source = parse_prefix(&request.source).map_err(|e| Denial::new("invalid_argument", format!("source: {e}, got {:?}", request.source)))?;
+        let duration = match (request.duration_secs, request.until) {
+            (Some(secs), None) => Duration::from_secs(secs),
+            (None, Some(until)) => {
+                let left = (until - wall).to_std().map_err(|_| Denial::new("duration_invalid", format!("until {until} is in the past")))?;
+                // whole seconds, rounded up: the grant ends at or just after `until`
+                Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
+            }
+            _ => return Err(Denial::new("invalid_argument", "give exactly one of duration_secs and until")),
+        };
+        if let Some(j) = &request.justification {
+            if j.chars().count() > MAX_JUSTIFICATION_CHARS || j.chars().any(char::is_control) {
+                return Err(Denial::new("invalid_argument", format!("justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control characters")));
+            }
+        }
+        let access = AccessRequest { ports: request.ports.clone(), source, duration };
+        let entries = policy::check_request(&st.config, caller, &access)?.into_iter().map(|p| (p.port, p.protocol)).collect();
+        Ok((access, entries))
+    }
+
+    async fn revoke(&self, caller: &Caller, request: RevokeRequest) -> Reply {
+        let mut st = self.state.lock().await;
+        let role = match policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants") {
+            Ok(r) => r,
+            Err(d) => return self.refuse_revoke(&mut st, caller, &request, d),
+        };
+        let source = match request.source.as_deref().map(parse_prefix).transpose() {
+            Ok(s) => s,
+            Err(e) => return self.refuse_revoke(&mut st, caller, &request, Denial::new("invalid_argument", format!("source: {e}"))),
+        };
+        let targets: Vec<Grant> = st
+            .book
+            .iter()
+            .filter(|g| match (request.id, source) {
+                (Some(id), _) => g.id == id,
+                (None, Some(s)) => g.source == s && request.port.is_none_or(|p| p == g.port),
+                (None, None) => false,
+            })
+            .cloned()
+            .collect();
+        if request.id.is_none() && source.is_none() {
+            return Reply::error("invalid_argument", "revoke needs a grant id or a source");
+        }
+        if targets.is_empty() {
+            return Reply::error("not_found", "no live grant matches");
+        }
+        if role < Role::Admin {
+            if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
+                let d = Denial::new("not_authorized", format!("grant {} belongs to {}; only admins may revoke others' grants", g.id, g.requester));
+                return self.refuse_revoke(&mut st, caller, &request, d);
+            }
+        }
+        let wall = Utc::now();
+        let records: Vec<AuditRecord> = targets
+            .iter()
+            .map(|g| {
+                let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Revoke, Outcome::Revoked);
+                r.reason = Some(format!("revoked by {}", caller.name));
+                r
+            })
+            .collect();
+        if let Err(e) = st.audit.append(&records) {
+            return Reply::error("audit_failed", format!("revoke refused: {e}"));
+        }
+        let keys: Vec<GrantKey> = targets.iter().flat_map(Grant::keys).collect();
+        if let Err(e) = self.change_grants(&keys, &[]).await {
+            return Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}"));
+        }
+        let now = Instant::now();
+        let revoked = targets
+            .iter()
+            .map(|g| {
+                let left = st.book.remaining(g.id, now).unwrap_or_default();
+                st.book.remove(g.id);
+                tracing::info!(grant = g.id, user = %caller.name, "grant revoked");
+                grant_info(g, left)
+            })
+            .collect();
+        self.expiry_changed.notify_one();
+        Reply::ok(RevokedReply { revoked })
+    }
+
+    fn refuse_revoke(&self, st: &mut State, caller: &Caller, request: &RevokeRequest, denial: Denial) -> Reply {
+        let mut r = AuditRecord::new(Utc::now(), Some(caller.uid), &caller.name, Action::Revoke, Outcome::Denied);
+        r.grant_id = request.id;
+        r.source = request.source.clone();
+        r.ports = request.port.into_iter().collect();
+        r.reason = Some(format!("{}: {}", denial.code, denial.message));
+        match st.audit.append(&[r]) {
+            Ok(()) => Reply::error(&denial.code, denial.message),
+            Err(e) => Reply::error("audit_failed", format!("revoke refused: {e}")),
+        }
+    }
+
+    /// Removes and adds grant elements in one transaction. Should the kernel already
+    /// have dropped an element being removed (its timeout fired a moment early), that
+    /// batch fails as a whole; then the removals are done one by one, tolerating the
+    /// missing ones, and the additions follow in a batch of their own.
+    async fn change_grants(&self, remove: &[GrantKey], add: &[GrantElement]) -> Result<(), FirewallError> {
+        let Some(batch) = rules::change_grants(remove, add) else { return Ok(()) };
+        match self.firewall.apply(&batch).await {
+            Ok(()) => Ok(()),
+            Err(FirewallError::Rejected(msg)) if !remove.is_empty() && msg.contains("No such file or directory") => {
+                for key in remove {
+                    if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
+                        let _ = self.firewall.apply(&one).await;
+                    }
+                }
+                match rules::change_grants(&[], add) {
+                    Some(batch) => self.firewall.apply(&batch).await,
+                    None => Ok(()),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
+        let path = {
+            let st = self.state.lock().await;
+            policy::require_role(&st.config.access, caller, Role::Viewer, "read the audit log").map_err(|d| Reply::error(&d.code, d.message))?;
+            st.audit.path().to_path_buf()
+        };
+        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_records(&path))
+            .await
+            .map_err(|e| Reply::error("internal", e.to_string()))?
+            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        Ok(AuditReply { records: records.into_iter().filter(|r| filter.matches(r)).collect(), warnings })
+    }
+}
+
+impl<F: Firewall> Handler for Daemon<F> {
+    async fn handle(&self, peer: Peer, request: Request) -> Reply {
+        let caller = tokio::task::spawn_blocking(move || Caller::resolve(peer.uid, peer.gid))
+            .await
+            .unwrap_or_else(|_| Caller { uid: peer.uid, name: peer.uid.to_string(), groups: Vec::new() });
+        match request {
+            Request::Status => match self.status(&caller).await {
+                Ok(s) => Reply::ok(s),
+                Err(d) => Reply::error(&d.code, d.message),
+            },
+            Request::Request(r) => self.request(&caller, r).await,
+            Request::Revoke(r) => self.revoke(&caller, r).await,
+            Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
+            Request::Reload => {
+                let path = {
+                    let st = self.state.lock().await;
+                    if let Err(d) = policy::require_role(&st.config.access, &caller, Role::Admin, "reload the policy") {
+                        return Reply::error(&d.code, d.message);
+                    }
+                    st.config.path.clone()
+                };
+                match self.reload(&path, &caller).await {
+                    Ok(r) => Reply::ok(r),
+                    Err(reply) => reply,
+                }
+            }
+        }
+    }
+}
+
+fn create_state_dir(dir: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let fail = |source| StartError::StateDir { path: dir.display().to_string(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)
+}
+
+fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
+    let since = Utc::now() - USAGE_WINDOW;
+    let mut usage: HashMap<u16, PortUsage> = HashMap::new();
+    for r in history.iter().filter(|r| r.action == Action::Request && r.outcome == Outcome::Approved) {
+        for port in &r.ports {
+            let u = usage.entry(*port).or_default();
+            if r.time >= since {
+                u.approvals.push_back(r.time);
+            }
+            u.last_access = Some(r.time);
+            u.last_user = Some(r.actor.clone());
+        }
+    }
+    usage
+}
+
+fn still_allowed(config: &Config, grant: &Grant) -> bool {
+    config.ports.iter().any(|p| p.port == grant.port && p.protocol == grant.protocol && p.allowed_sources.contains(&grant.source))
+}
+
+fn describe_ports(config: &Config) -> String {
+    config.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(", ")
+}
+
+fn grant_info(g: &Grant, remaining: Duration) -> GrantInfo {
+    GrantInfo {
+        id: g.id,
+        source: format_prefix(&g.source),
+        port: g.port,
+        protocol: g.protocol,
+        requester: g.requester.clone(),
+        justification: g.justification.clone(),
+        granted_at: g.granted_at,
+        expires_at: g.expires_at,
+        remaining_secs: remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0),
+    }
+}
+
+fn grant_record(g: &Grant, time: DateTime<Utc>, uid: Option<u32>, actor: &str, action: Action, outcome: Outcome) -> AuditRecord {
+    let mut r = AuditRecord::new(time, uid, actor, action, outcome);
+    r.ports = vec![g.port];
+    r.protocol = Some(g.protocol);
+    r.source = Some(format_prefix(&g.source));
+    r.duration_secs = Some((g.expires_at - g.granted_at).num_seconds().max(0) as u64);
+    r.justification = g.justification.clone();
+    r.grant_id = Some(g.id);
+    r
+}
+
+fn grant_request_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
+    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
+    r.ports = request.ports.clone();
+    r.source = Some(request.source.clone());
+    r.duration_secs = request.duration_secs.or_else(|| request.until.map(|u| (u - time).num_seconds().max(0) as u64));
+    r.justification = request.justification.clone();
+    r
+}
+
+/// Checks `lockdown.interfaces` against the host's interfaces over rtnetlink.
+pub async fn check_interfaces(config: &Config) -> anyhow::Result<()> {
+    if config.lockdown.interfaces.is_empty() {
+        return Ok(());
+    }
+    let existing = crate::netif::interface_names().await?;
+    let problems = crate::netif::unknown_interfaces(&config.lockdown.interfaces, &existing);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::config::ConfigError { path: config.path.clone(), problems }.into())
+    }
+}
+
+/// Runs jitd until `shutdown` completes: locks the ports, serves the socket, expires
+/// grants, reloads on SIGHUP, reports to systemd. Returns once stopped cleanly.
+pub async fn run<F: Firewall>(config: Config, firewall: F, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let socket = config.socket.clone();
+    let gid = config.socket_group.as_ref().map(|g| g.gid);
+    let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
+    let ports = describe_ports(&config);
+    let daemon = Daemon::start(config, firewall).await?;
+    let listener = server::bind(&socket, gid).map_err(|source| StartError::Socket { path: socket.display().to_string(), source })?;
+    if !exempt.is_empty() {
+        tracing::info!("exempt from the lockdown (break-glass): {}", exempt.join(", "));
+    }
+    tracing::info!("ports locked: {ports}; listening on {}", socket.display());
+    let expiry = tokio::spawn(daemon.clone().run_expiry());
+    let hup = tokio::spawn(reload_on_sighup(daemon.clone()));
+    let watchdog = tokio::spawn(pet_watchdog());
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("locked {ports}"))]);
+    server::serve(listener, daemon.clone(), shutdown).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    tracing::info!("stopping");
+    hup.abort();
+    expiry.abort();
+    watchdog.abort();
+    daemon.stop().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(())
+}
+
+async fn reload_on_sighup<F: Firewall>(daemon: Arc<Daemon<F>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let path = daemon.config().await.path;
+        tracing::info!("SIGHUP: reloading {}", path.display());
+        let root = Caller { uid: 0, name: "root (SIGHUP)".into(), groups: Vec::new() };
+        if let Err(reply) = daemon.reload(&path, &root).await {
+            tracing::error!("{}", reply.error.map(|e| e.message).unwrap_or_default());
+        }
+    }
+}
+
+async fn pet_watchdog() {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tick.tick().await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+    }
+}

@@ -1,0 +1,69 @@
+//! The firewall seam: jitd's table is built as batches by [`rules`] (pure) and applied
+//! by a [`Firewall`] driver: [`nft::NftCli`] in production, [`RecordingFirewall`] in
+//! unit tests.
+
+pub mod nft;
+pub mod rules;
+
+use std::future::Future;
+use std::sync::Mutex;
+
+use nftables::schema::Nftables;
+
+/// A failed firewall operation; the kernel's ruleset is unchanged (batches are atomic).
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    /// The `nft` program could not be started.
+    #[error("cannot run {program:?}: {source} (is the nftables package installed?)")]
+    Spawn {
+        /// The program jitd tried to run.
+        program: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// `nft` ran and refused the batch.
+    #[error("nft refused the change: {0}")]
+    Rejected(String),
+    /// `nft` did not answer in time.
+    #[error("nft did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// `nft` printed something jitd could not read.
+    #[error("cannot read nft's output: {0}")]
+    Output(String),
+}
+
+/// Applies nftables batches, each as one atomic transaction.
+pub trait Firewall: Send + Sync + 'static {
+    /// Applies `batch`; on error nothing of it is in the kernel.
+    fn apply(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
+    /// Checks `batch` against the kernel without applying it.
+    fn check(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
+}
+
+/// A firewall that only remembers what it was asked to apply, optionally failing;
+/// for unit tests that need no root.
+#[derive(Debug, Default)]
+pub struct RecordingFirewall {
+    /// Every applied batch, as JSON.
+    pub applied: Mutex<Vec<serde_json::Value>>,
+    /// When set, every call fails with this message.
+    pub fail_with: Mutex<Option<String>>,
+}
+
+impl Firewall for RecordingFirewall {
+    async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
+        if let Some(message) = self.fail_with.lock().unwrap().clone() {
+            return Err(FirewallError::Rejected(message));
+        }
+        let value = serde_json::to_value(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        self.applied.lock().unwrap().push(value);
+        Ok(())
+    }
+
+    async fn check(&self, _batch: &Nftables<'_>) -> Result<(), FirewallError> {
+        match self.fail_with.lock().unwrap().clone() {
+            Some(message) => Err(FirewallError::Rejected(message)),
+            None => Ok(()),
+        }
+    }
+}

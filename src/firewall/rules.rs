@@ -1,0 +1,472 @@
+//! Builds jitd's nftables table and its changes as batches (pure: values in, values out).
+//!
+//! ```text
+//! table inet jitd
+//!   set exempt4 / exempt6            ipv4|ipv6 prefixes           (interval)
+//!   set locked                       inet_proto . inet_service
+//!   set grants4 / grants6            addr . inet_proto . inet_service   (timeout)
+//!   set grants4_net / grants6_net    prefix . inet_proto . inet_service (interval, timeout)
+//!   chain input  (filter hook input priority -10; policy accept)
+//!     iif "lo" accept
+//!     ct state established,related accept
+//!     ip saddr @exempt4 accept ; ip6 saddr @exempt6 accept
+//!     ip saddr . meta l4proto . th dport @grants4 accept   (and the three other grant sets)
+//!     [iifname {..}] tcp flags & (fin|syn|rst|ack) == syn  meta l4proto . th dport @locked counter drop
+//!     [iifname {..}] meta l4proto udp ct state new  meta l4proto . th dport @locked counter drop
+//! ```
+//!
+//! Only a bare TCP SYN (a new connection attempt) is dropped. A TCP session that was
+//! open before the lockdown, on a host where conntrack was not tracking it yet, shows
+//! up as an unknown flow whose next packet is an ACK; conntrack picks it up as "new",
+//! so a `ct state new drop` would cut it. Matching the SYN keeps it alive.
+//!
+//! Grants are set elements with a timeout, so the kernel removes them on its own: a
+//! dead daemon never leaves a port open.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use nftables::batch::Batch;
+use nftables::expr::{
+    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
+    SetItem, CT,
+};
+use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
+use nftables::stmt::{Counter, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use crate::config::{Config, Transport};
+
+/// The name of the one table jitd owns (family `inet`).
+pub const TABLE: &str = "jitd";
+/// The base chain that filters inbound traffic.
+pub const CHAIN: &str = "input";
+/// Priority of the input chain: just before the usual `filter` (0) chains.
+pub const CHAIN_PRIORITY: i32 = -10;
+const FAMILY: NfFamily = NfFamily::INet;
+
+/// What the lockdown consists of, independent of any grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockdownSpec {
+    /// Protected (transport, port) pairs.
+    pub locked: Vec<(Transport, u16)>,
+    /// Sources that pass before the lockdown.
+    pub exempt: Vec<IpNet>,
+    /// Interfaces the lockdown applies to; empty: all.
+    pub interfaces: Vec<String>,
+}
+
+impl LockdownSpec {
+    /// The lockdown a validated policy asks for.
+    pub fn from_config(config: &Config) -> LockdownSpec {
+        let mut locked = Vec::new();
+        for p in &config.ports {
+            for &t in p.protocol.transports() {
+                locked.push((t, p.port));
+            }
+        }
+        LockdownSpec {
+            locked,
+            exempt: config.lockdown.exempt_sources.clone(),
+            interfaces: config.lockdown.interfaces.clone(),
+        }
+    }
+}
+
+/// What the kernel matches for one grant: a source, a transport and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrantKey {
+    /// Address (/32, /128) or prefix.
+    pub source: IpNet,
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// Destination port.
+    pub port: u16,
+}
+
+/// A grant as a set element: its key and the time the kernel keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantElement {
+    /// What it matches.
+    pub key: GrantKey,
+    /// How long the kernel keeps it; rounded up to whole seconds, at least one.
+    pub timeout: Duration,
+}
+
+/// The grant set an element belongs in: single addresses go to hash sets (fast,
+/// no overlap rules), prefixes to interval sets.
+pub fn grant_set(source: &IpNet) -> &'static str {
+    let single = source.prefix_len() == source.max_prefix_len();
+    match (source, single) {
+        (IpNet::V4(_), true) => "grants4",
+        (IpNet::V4(_), false) => "grants4_net",
+        (IpNet::V6(_), true) => "grants6",
+        (IpNet::V6(_), false) => "grants6_net",
+    }
+}
+
+/// All four grant sets, in rule order.
+pub const GRANT_SETS: [&str; 4] = ["grants4", "grants4_net", "grants6", "grants6_net"];
+
+/// A batch that replaces jitd's table whole (or creates it): the lockdown plus the
+/// given live grants, in one transaction, so the ports are never open in between.
+pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    // `add` is a no-op when the table exists, so the `delete` never fails.
+    batch.add(NfListObject::Table(table()));
+    batch.delete(NfListObject::Table(table()));
+    batch.add(NfListObject::Table(table()));
+    for set in sets() {
+        batch.add(NfListObject::Set(Box::new(set)));
+    }
+    batch.add(NfListObject::Chain(input_chain()));
+    for expr in chain_rules(spec) {
+        batch.add(NfListObject::Rule(Rule {
+            family: FAMILY,
+            table: TABLE.into(),
+            chain: CHAIN.into(),
+            expr: expr.into(),
+            handle: None,
+            index: None,
+            comment: None,
+        }));
+    }
+    add_prefix_elements(&mut batch, "exempt4", spec.exempt.iter().filter(|p| matches!(p, IpNet::V4(_))));
+    add_prefix_elements(&mut batch, "exempt6", spec.exempt.iter().filter(|p| matches!(p, IpNet::V6(_))));
+    let locked: Vec<Expression<'static>> = spec
+        .locked
+        .iter()
+        .map(|(t, port)| concat(vec![s(t.name()), Expression::Number(u32::from(*port))]))
+        .collect();
+    if !locked.is_empty() {
+        batch.add(element("locked", locked));
+    }
+    add_grant_elements(&mut batch, grants);
+    batch.to_nftables()
+}
+
+/// A batch that removes jitd's table if it exists (and succeeds if it does not).
+pub fn remove_table() -> Nftables<'static> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(table()));
+    batch.delete(NfListObject::Table(table()));
+    batch.to_nftables()
+}
+
+/// A batch that removes the `remove` grants and adds the `add` grants in one
+/// transaction (a replacement never leaves a gap). `None` when there is nothing to do.
+pub fn change_grants(remove: &[GrantKey], add: &[GrantElement]) -> Option<Nftables<'static>> {
+    if remove.is_empty() && add.is_empty() {
+        return None;
+    }
+    let mut batch = Batch::new();
+    for set in GRANT_SETS {
+        let elems: Vec<_> = remove
+            .iter()
+            .filter(|k| grant_set(&k.source) == set)
+            .map(grant_key_expr)
+            .collect();
+        if !elems.is_empty() {
+            batch.delete(element(set, elems));
+        }
+    }
+    add_grant_elements(&mut batch, add);
+    Some(batch.to_nftables())
+}
+
+fn add_grant_elements(batch: &mut Batch<'static>, grants: &[GrantElement]) {
+    for set in GRANT_SETS {
+        let elems: Vec<_> = grants
+            .iter()
+            .filter(|g| grant_set(&g.key.source) == set)
+            .map(|g| {
+                Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
+                    val: Box::new(grant_key_expr(&g.key)),
+                    timeout: Some(timeout_secs(g.timeout)),
+                    expires: None,
+                    comment: None,
+                    counter: None,
+                }))
+            })
+            .collect();
+        if !elems.is_empty() {
+            batch.add(element(set, elems));
+        }
+    }
+}
+
+/// Whole seconds the kernel keeps an element: rounded up, at least 1.
+pub fn timeout_secs(timeout: Duration) -> u32 {
+    let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
+}
+
+fn add_prefix_elements<'a>(batch: &mut Batch<'static>, set: &str, prefixes: impl Iterator<Item = &'a IpNet>) {
+    let elems: Vec<_> = prefixes.map(prefix_expr).collect();
+    if !elems.is_empty() {
+        batch.add(element(set, elems));
+    }
+}
+
+fn grant_key_expr(key: &GrantKey) -> Expression<'static> {
+    concat(vec![
+        prefix_expr(&key.source),
+        s(key.transport.name()),
+        Expression::Number(u32::from(key.port)),
+    ])
+}
+
+fn prefix_expr(net: &IpNet) -> Expression<'static> {
+    if net.prefix_len() == net.max_prefix_len() {
+        Expression::String(net.addr().to_string().into())
+    } else {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(Expression::String(net.network().to_string().into())),
+            len: u32::from(net.prefix_len()),
+        }))
+    }
+}
+
+fn table() -> Table<'static> {
+    Table {
+        family: FAMILY,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+fn input_chain() -> Chain<'static> {
+    Chain {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: CHAIN.into(),
+        newname: None,
+        handle: None,
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Input),
+        prio: Some(CHAIN_PRIORITY),
+        dev: None,
+        policy: Some(NfChainPolicy::Accept),
+    }
+}
+
+fn sets() -> Vec<Set<'static>> {
+    let addr4 = SetType::Ipv4Addr;
+    let addr6 = SetType::Ipv6Addr;
+    let key = |addr| SetTypeValue::Concatenated(Cow::Owned(vec![addr, SetType::InetProto, SetType::InetService]));
+    vec![
+        set("exempt4", SetTypeValue::Single(addr4), &[SetFlag::Interval]),
+        set("exempt6", SetTypeValue::Single(addr6), &[SetFlag::Interval]),
+        set(
+            "locked",
+            SetTypeValue::Concatenated(Cow::Owned(vec![SetType::InetProto, SetType::InetService])),
+            &[],
+        ),
+        set("grants4", key(addr4), &[SetFlag::Timeout]),
+        set("grants4_net", key(addr4), &[SetFlag::Interval, SetFlag::Timeout]),
+        set("grants6", key(addr6), &[SetFlag::Timeout]),
+        set("grants6_net", key(addr6), &[SetFlag::Interval, SetFlag::Timeout]),
+    ]
+}
+
+fn set(name: &'static str, set_type: SetTypeValue<'static>, flags: &[SetFlag]) -> Set<'static> {
+    Set {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: name.into(),
+        handle: None,
+        set_type,
+        policy: None,
+        flags: (!flags.is_empty()).then(|| flags.iter().copied().collect::<HashSet<_>>()),
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }
+}
+
+fn element(set: &str, elems: Vec<Expression<'static>>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: FAMILY,
+        table: TABLE.into(),
+        name: set.to_string().into(),
+        elem: elems.into(),
+    })
+}
+
+/// The statements of each rule of the input chain, in order.
+fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
+    let accept = || Statement::Accept(None);
+    let mut rules = vec![
+        vec![eq(meta(MetaKey::Iif), s("lo")), accept()],
+        vec![
+            Statement::Match(Match {
+                left: ct("state"),
+                right: Expression::List(vec![s("established"), s("related")]),
+                op: Operator::IN,
+            }),
+            accept(),
+        ],
+        vec![eq(payload("ip", "saddr"), s("@exempt4")), accept()],
+        vec![eq(payload("ip6", "saddr"), s("@exempt6")), accept()],
+    ];
+    for set in GRANT_SETS {
+        let family = if set.starts_with("grants4") { "ip" } else { "ip6" };
+        let key = concat(vec![payload(family, "saddr"), meta(MetaKey::L4proto), payload("th", "dport")]);
+        rules.push(vec![eq(key, s(&format!("@{set}"))), accept()]);
+    }
+    let locked_key = || concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]);
+    let interfaces = || -> Vec<Statement<'static>> {
+        if spec.interfaces.is_empty() {
+            return Vec::new();
+        }
+        let names = spec.interfaces.iter().map(|n| SetItem::Element(s(n))).collect();
+        vec![eq(meta(MetaKey::Iifname), Expression::Named(NamedExpression::Set(names)))]
+    };
+    let counter_drop = || vec![Statement::Counter(Counter::Anonymous(None)), Statement::Drop(None)];
+    // TCP: drop only a bare SYN, the first packet of a new connection.
+    let mut tcp = interfaces();
+    tcp.push(eq(meta(MetaKey::L4proto), s("tcp")));
+    tcp.push(eq(
+        Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+            payload("tcp", "flags"),
+            Expression::List(vec![s("fin"), s("syn"), s("rst"), s("ack")]),
+        ))),
+        s("syn"),
+    ));
+    tcp.push(eq(locked_key(), s("@locked")));
+    tcp.extend(counter_drop());
+    rules.push(tcp);
+    // UDP has no handshake: drop what conntrack has not seen before.
+    let mut udp = interfaces();
+    udp.push(eq(meta(MetaKey::L4proto), s("udp")));
+    udp.push(Statement::Match(Match { left: ct("state"), right: s("new"), op: Operator::IN }));
+    udp.push(eq(locked_key(), s("@locked")));
+    udp.extend(counter_drop());
+    rules.push(udp);
+    rules
+}
+
+fn s(text: &str) -> Expression<'static> {
+    Expression::String(text.to_string().into())
+}
+
+fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(parts))
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT { key: key.into(), family: None, dir: None }))
+}
+
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op: Operator::EQ })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_prefix;
+    use serde_json::Value;
+
+    fn spec() -> LockdownSpec {
+        LockdownSpec {
+            locked: vec![(Transport::Tcp, 22), (Transport::Udp, 3389)],
+            exempt: vec![parse_prefix("10.9.0.0/16").unwrap(), parse_prefix("fd00::/8").unwrap()],
+            interfaces: vec![],
+        }
+    }
+
+    fn json(batch: &Nftables) -> Value {
+        serde_json::to_value(batch).unwrap()
+    }
+
+    fn commands(batch: &Nftables) -> Vec<Value> {
+        json(batch)["nftables"].as_array().unwrap().clone()
+    }
+
+    #[test]
+    fn replace_table_deletes_and_recreates_in_one_batch() {
+        let cmds = commands(&replace_table(&spec(), &[]));
+        assert!(cmds[0]["add"]["table"]["name"] == "jitd");
+        assert!(cmds[1]["delete"]["table"]["name"] == "jitd");
+        assert!(cmds[2]["add"]["table"]["name"] == "jitd");
+        let chain = cmds.iter().find(|c| c["add"]["chain"].is_object()).unwrap();
+        assert_eq!(chain["add"]["chain"]["hook"], "input");
+        assert_eq!(chain["add"]["chain"]["policy"], "accept");
+        let rules = cmds.iter().filter(|c| c["add"]["rule"].is_object()).count();
+        assert_eq!(rules, 10);
+    }
+
+    #[test]
+    fn locked_and_exempt_elements_follow_the_spec() {
+        let text = serde_json::to_string(&replace_table(&spec(), &[])).unwrap();
+        assert!(text.contains(r#"{"concat":["tcp",22]}"#), "{text}");
+        assert!(text.contains(r#"{"concat":["udp",3389]}"#), "{text}");
+        assert!(text.contains(r#""name":"exempt4","elem":[{"prefix":{"addr":"10.9.0.0","len":16}}]"#), "{text}");
+        assert!(text.contains(r#""name":"exempt6","elem":[{"prefix":{"addr":"fd00::","len":8}}]"#), "{text}");
+    }
+
+    #[test]
+    fn only_a_bare_syn_is_dropped_for_tcp() {
+        let text = serde_json::to_string(&replace_table(&spec(), &[])).unwrap();
+        assert!(text.contains(r#"{"&":[{"payload":{"protocol":"tcp","field":"flags"}},["fin","syn","rst","ack"]]}"#));
+        assert!(!text.contains("iifname"), "no interface filter when none configured");
+    }
+
+    #[test]
+    fn interfaces_restrict_the_drop_rules() {
+        let mut spec = spec();
+        spec.interfaces = vec!["eth0".into(), "ens3".into()];
+        let text = serde_json::to_string(&replace_table(&spec, &[])).unwrap();
+        assert_eq!(text.matches(r#"{"set":["eth0","ens3"]}"#).count(), 2, "{text}");
+    }
+
+    #[test]
+    fn grants_go_to_the_set_of_their_kind() {
+        let g = |src: &str| GrantElement {
+            key: GrantKey { source: parse_prefix(src).unwrap(), transport: Transport::Tcp, port: 22 },
+            timeout: Duration::from_millis(1500),
+        };
+        let batch = change_grants(&[], &[g("203.0.113.7"), g("198.51.100.0/24"), g("2001:db8::1"), g("2001:db8::/64")]).unwrap();
+        let cmds = commands(&batch);
+        let sets: Vec<_> = cmds.iter().map(|c| c["add"]["element"]["name"].as_str().unwrap().to_string()).collect();
+        assert_eq!(sets, GRANT_SETS);
+        let text = serde_json::to_string(&batch).unwrap();
+        assert!(text.contains(r#"{"elem":{"val":{"concat":["203.0.113.7","tcp",22]},"timeout":2"#), "{text}");
+        assert!(text.contains(r#"{"prefix":{"addr":"198.51.100.0","len":24}}"#), "{text}");
+    }
+
+    #[test]
+    fn removal_and_addition_share_one_batch() {
+        let key = GrantKey { source: parse_prefix("203.0.113.7").unwrap(), transport: Transport::Udp, port: 53 };
+        let batch = change_grants(&[key], &[GrantElement { key, timeout: Duration::from_secs(60) }]).unwrap();
+        let cmds = commands(&batch);
+        assert_eq!(cmds.len(), 2);
+        assert!(cmds[0]["delete"]["element"].is_object());
+        assert!(cmds[1]["add"]["element"].is_object());
+        assert!(change_grants(&[], &[]).is_none());
+    }
+
+    #[test]
+    fn timeouts_round_up_to_whole_seconds() {
+        assert_eq!(timeout_secs(Duration::from_millis(1)), 1);
+        assert_eq!(timeout_secs(Duration::ZERO), 1);
+        assert_eq!(timeout_secs(Duration::from_millis(2000)), 2);
+        assert_eq!(timeout_secs(Duration::from_millis(2001)), 3);
+    }
+}

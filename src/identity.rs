@@ -1,0 +1,39 @@
+//! Who is asking: a socket peer's uid and gid (SO_PEERCRED) resolved to a user name and
+//! the groups that user belongs to.
+
+use serde::{Deserialize, Serialize};
+
+/// A caller as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Caller {
+    /// Numeric user id from the kernel.
+    pub uid: u32,
+    /// User name, or the uid as text when the user database has no entry.
+    pub name: String,
+    /// Names of the user's primary and supplementary groups.
+    pub groups: Vec<String>,
+}
+
+impl Caller {
+    /// Resolves `uid`/`gid` (from SO_PEERCRED) with the system's user and group databases.
+    pub fn resolve(uid: u32, gid: u32) -> Caller {
+        use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+        let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
+        let name = user.as_ref().map_or_else(|| uid.to_string(), |u| u.name.clone());
+        let mut gids = vec![Gid::from_raw(gid)];
+        if let Some(user) = &user {
+            if let Ok(cname) = std::ffi::CString::new(user.name.clone()) {
+                if let Ok(list) = getgrouplist(&cname, Gid::from_raw(gid)) {
+                    gids.extend(list);
+                }
+            }
+        }
+        gids.sort_by_key(|g| g.as_raw());
+        gids.dedup();
+        let groups = gids
+            .into_iter()
+            .filter_map(|g| Group::from_gid(g).ok().flatten().map(|g| g.name))
+            .collect();
+        Caller { uid, name, groups }
+    }
+}

@@ -1,0 +1,30 @@
+//! jitd: just-in-time access to a Linux host's management ports.
+//!
+//! The daemon keeps the protected ports (SSH, RDP, WinRM by default) shut with an
+//! nftables table of its own and opens them for one source, for a bounded time, when an
+//! authorised local user asks over a Unix socket. Every grant is a set element with a
+//! kernel timeout, so the kernel closes it even if jitd dies; every decision is audited.
+//!
+//! # Layout
+//! - [`config`]: the TOML policy, validated into ready-to-use values.
+//! - [`duration`]: `90s` / `1h30m` / `PT3H` parsing.
+//! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
+//! - [`grants`]: the live grants and their deadlines (no I/O).
+//! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),
+//!   applied by [`firewall::nft`].
+//! - [`audit`]: the append-only audit log, queries, CSV export.
+//! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
+//! - [`identity`]: socket peers resolved to users and groups.
+//! - [`netif`]: the host's interfaces over rtnetlink.
+//! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
+
+pub mod api;
+pub mod audit;
+pub mod config;
+pub mod daemon;
+pub mod duration;
+pub mod firewall;
+pub mod grants;
+pub mod identity;
+pub mod netif;
+pub mod policy;

@@ -1,0 +1,241 @@
+//! Pure access decisions: which role a caller holds, and whether a request for access
+//! fits the policy. No I/O; the first failing check is the answer.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{format_prefix, Access, Config, PortPolicy, Principal};
+use crate::identity::Caller;
+
+/// What a caller may do; each role includes the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Read status and the audit log.
+    Viewer,
+    /// Also request access and revoke own grants.
+    Requester,
+    /// Everything, including revoking others' grants and reloading.
+    Admin,
+}
+
+/// The highest role `caller` holds under `access`; root is always admin.
+pub fn role_of(access: &Access, caller: &Caller) -> Option<Role> {
+    if caller.uid == 0 {
+        return Some(Role::Admin);
+    }
+    let named = |list: &[Principal]| {
+        list.iter().any(|p| match p {
+            Principal::User(n) => *n == caller.name,
+            Principal::Group(n) => caller.groups.iter().any(|g| g == n),
+            Principal::Uid(u) => *u == caller.uid,
+        })
+    };
+    if named(&access.admins) {
+        Some(Role::Admin)
+    } else if named(&access.requesters) {
+        Some(Role::Requester)
+    } else if named(&access.viewers) {
+        Some(Role::Viewer)
+    } else {
+        None
+    }
+}
+
+/// Why a request was refused: a stable code for scripts and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct Denial {
+    /// Machine-readable reason, e.g. `source_not_allowed`.
+    pub code: String,
+    /// What was wrong, naming the value.
+    pub message: String,
+}
+
+impl Denial {
+    /// A denial with `code` and `message`.
+    pub fn new(code: &str, message: impl Into<String>) -> Denial {
+        Denial { code: code.into(), message: message.into() }
+    }
+}
+
+/// Refuses a caller whose role is below `needed`.
+pub fn require_role(access: &Access, caller: &Caller, needed: Role, what: &str) -> Result<Role, Denial> {
+    match role_of(access, caller) {
+        Some(role) if role >= needed => Ok(role),
+        held => Err(Denial::new(
+            "not_authorized",
+            format!(
+                "user {} (uid {}) may not {what}: it needs the {} role, and the policy gives {}",
+                caller.name,
+                caller.uid,
+                role_name(needed),
+                held.map_or("none".to_string(), |r| format!("only the {} role", role_name(r)))
+            ),
+        )),
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Viewer => "viewer",
+        Role::Requester => "requester",
+        Role::Admin => "admin",
+    }
+}
+
+/// A request for access, already parsed from the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRequest {
+    /// Ports asked for; empty means every protected port.
+    pub ports: Vec<u16>,
+    /// Address or prefix to open for.
+    pub source: IpNet,
+    /// How long.
+    pub duration: Duration,
+}
+
+/// Checks who (role) and what (ports, source, duration) in that order and returns the
+/// policy entries to grant, or the first reason that fails.
+pub fn check_request<'c>(config: &'c Config, caller: &Caller, request: &AccessRequest) -> Result<Vec<&'c PortPolicy>, Denial> {
+    require_role(&config.access, caller, Role::Requester, "request access")?;
+    let entries: Vec<&PortPolicy> = if request.ports.is_empty() {
+        config.ports.iter().collect()
+    } else {
+        let mut entries = Vec::new();
+        for &port in &request.ports {
+            let found: Vec<&PortPolicy> = config.port_policies(port).collect();
+            if found.is_empty() {
+                let protected: Vec<String> = config.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                return Err(Denial::new(
+                    "port_not_protected",
+                    format!("port {port} is not protected by the policy (protected: {})", protected.join(", ")),
+                ));
+            }
+            for entry in found {
+                if !entries.contains(&entry) {
+                    entries.push(entry);
+                }
+            }
+        }
+        entries
+    };
+    for entry in &entries {
+        if !entry.allowed_sources.contains(&request.source) {
+            return Err(Denial::new(
+                "source_not_allowed",
+                format!(
+                    "source {} is not allowed on port {}/{} (allowed: {})",
+                    format_prefix(&request.source),
+                    entry.port,
+                    entry.protocol,
+                    entry.allowed_sources
+                ),
+            ));
+        }
+    }
+    if request.duration.is_zero() {
+        return Err(Denial::new("duration_invalid", "duration must be at least 1s"));
+    }
+    for entry in &entries {
+        if request.duration > entry.max_duration {
+            return Err(Denial::new(
+                "duration_too_long",
+                format!(
+                    "duration {} exceeds the maximum of {} for port {}/{}",
+                    crate::duration::format(request.duration),
+                    crate::duration::format(entry.max_duration),
+                    entry.port,
+                    entry.protocol
+                ),
+            ));
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_prefix;
+    use std::path::Path;
+
+    fn config() -> Config {
+        Config::parse(
+            Path::new("/t.toml"),
+            r#"
+            [[ports]]
+            port = 22
+            allowed_sources = ["203.0.113.0/24", "2001:db8::/32"]
+            max_duration = "2h"
+            [[ports]]
+            port = 3389
+            protocol = "any"
+            max_duration = "1h"
+            [access]
+            admins = ["user:alice"]
+            requesters = ["group:ops", "uid:1500"]
+            viewers = ["user:victor"]
+            "#,
+            &|_| None,
+        )
+        .unwrap()
+    }
+
+    fn caller(uid: u32, name: &str, groups: &[&str]) -> Caller {
+        Caller { uid, name: name.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+    }
+
+    fn request(ports: &[u16], source: &str, secs: u64) -> AccessRequest {
+        AccessRequest { ports: ports.to_vec(), source: parse_prefix(source).unwrap(), duration: Duration::from_secs(secs) }
+    }
+
+    #[test]
+    fn roles_come_from_users_groups_and_uids() {
+        let access = config().access;
+        assert_eq!(role_of(&access, &caller(0, "root", &[])), Some(Role::Admin));
+        assert_eq!(role_of(&access, &caller(1000, "alice", &[])), Some(Role::Admin));
+        assert_eq!(role_of(&access, &caller(1001, "bob", &["users", "ops"])), Some(Role::Requester));
+        assert_eq!(role_of(&access, &caller(1500, "carol", &[])), Some(Role::Requester));
+        assert_eq!(role_of(&access, &caller(1002, "victor", &[])), Some(Role::Viewer));
+        assert_eq!(role_of(&access, &caller(1003, "mallory", &["users"])), None);
+    }
+
+    #[test]
+    fn an_approved_request_names_its_policy_entries() {
+        let c = config();
+        let ops = caller(1001, "bob", &["ops"]);
+        let entries = check_request(&c, &ops, &request(&[22], "203.0.113.7", 3600)).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].port, 22);
+        let all = check_request(&c, &ops, &request(&[], "203.0.113.0/28", 3600)).unwrap();
+        assert_eq!(all.iter().map(|e| e.port).collect::<Vec<_>>(), vec![22, 3389]);
+    }
+
+    #[test]
+    fn checks_run_in_order_and_name_the_first_failure() {
+        let c = config();
+        let ops = caller(1001, "bob", &["ops"]);
+        let code = |who: &Caller, r: AccessRequest| check_request(&c, who, &r).unwrap_err().code;
+        // who comes before what
+        assert_eq!(code(&caller(1002, "victor", &[]), request(&[9999], "192.0.2.1", 0)), "not_authorized");
+        assert_eq!(code(&ops, request(&[9999], "192.0.2.1", 0)), "port_not_protected");
+        assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), "source_not_allowed");
+        assert_eq!(code(&ops, request(&[22], "203.0.0.0/16", 60)), "source_not_allowed");
+        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), "duration_invalid");
+        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 2 * 3600 + 1)), "duration_too_long");
+        assert_eq!(code(&ops, request(&[22, 3389], "203.0.113.7", 2 * 3600)), "duration_too_long");
+    }
+
+    #[test]
+    fn messages_name_the_values() {
+        let c = config();
+        let ops = caller(1001, "bob", &["ops"]);
+        let m = check_request(&c, &ops, &request(&[22], "192.0.2.1", 60)).unwrap_err().message;
+        assert_eq!(m, "source 192.0.2.1 is not allowed on port 22/tcp (allowed: 203.0.113.0/24, 2001:db8::/32)");
+        let m = check_request(&c, &caller(7, "victor", &[]), &request(&[22], "192.0.2.1", 60)).unwrap_err().message;
+        assert_eq!(m, "user victor (uid 7) may not request access: it needs the requester role, and the policy gives only the viewer role");
+    }
+}
