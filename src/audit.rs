@@ -92,7 +92,13 @@ pub struct AuditRecord {
 
 impl AuditRecord {
     /// A record of `action`/`outcome` by `actor` at `time`, other fields empty.
-    pub fn new(time: DateTime<Utc>, actor_uid: Option<u32>, actor: &str, action: Action, outcome: Outcome) -> AuditRecord {
+    pub fn new(
+        time: DateTime<Utc>,
+        actor_uid: Option<u32>,
+        actor: &str,
+        action: Action,
+        outcome: Outcome,
+    ) -> AuditRecord {
         AuditRecord {
             time,
             actor_uid,
@@ -137,7 +143,10 @@ impl AuditLog {
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| AuditError { path: path.clone(), source })?;
+            .map_err(|source| AuditError {
+                path: path.clone(),
+                source,
+            })?;
         Ok(AuditLog { path, file })
     }
 
@@ -153,7 +162,10 @@ impl AuditLog {
             serde_json::to_writer(&mut buf, record).expect("audit records serialize");
             buf.push(b'\n');
         }
-        let fail = |source| AuditError { path: self.path.clone(), source };
+        let fail = |source| AuditError {
+            path: self.path.clone(),
+            source,
+        };
         self.file.write_all(&buf).map_err(fail)?;
         self.file.sync_data().map_err(fail)
     }
@@ -176,7 +188,11 @@ pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<Strin
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
             Ok(r) => records.push(r),
-            Err(e) => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
+            Err(e) => problems.push(format!(
+                "{}:{}: skipped unreadable record: {e}",
+                path.display(),
+                i + 1
+            )),
         }
     }
     Ok((records, problems))
@@ -204,14 +220,28 @@ impl AuditFilter {
     pub fn matches(&self, record: &AuditRecord) -> bool {
         self.since.is_none_or(|t| record.time >= t)
             && self.until.is_none_or(|t| record.time <= t)
-            && self.user.as_ref().is_none_or(|u| *u == record.actor || Some(u.as_str()) == record.actor_uid.map(|n| n.to_string()).as_deref())
+            && self.user.as_ref().is_none_or(|u| {
+                *u == record.actor
+                    || Some(u.as_str()) == record.actor_uid.map(|n| n.to_string()).as_deref()
+            })
             && self.port.is_none_or(|p| record.ports.contains(&p))
     }
 }
 
 /// The CSV columns, in order (the header row).
 pub const CSV_HEADER: [&str; 12] = [
-    "time", "actor_uid", "actor", "action", "outcome", "reason", "ports", "protocol", "source", "duration_secs", "justification", "grant_id",
+    "time",
+    "actor_uid",
+    "actor",
+    "action",
+    "outcome",
+    "reason",
+    "ports",
+    "protocol",
+    "source",
+    "duration_secs",
+    "justification",
+    "grant_id",
 ];
 
 /// Writes `records` as CSV with a header row; ports are space-separated.
@@ -242,7 +272,10 @@ pub fn write_csv(records: &[AuditRecord], out: impl Write) -> csv::Result<()> {
 
 /// The serde name of a unit enum value (`approved`, `request`, ...).
 pub fn enum_text<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -250,7 +283,9 @@ mod tests {
     use super::*;
 
     fn record(minute: u32, actor: &str, port: u16) -> AuditRecord {
-        let time = DateTime::parse_from_rfc3339(&format!("2026-11-25T10:{minute:02}:00Z")).unwrap().with_timezone(&Utc);
+        let time = DateTime::parse_from_rfc3339(&format!("2026-11-25T10:{minute:02}:00Z"))
+            .unwrap()
+            .with_timezone(&Utc);
         let mut r = AuditRecord::new(time, Some(1001), actor, Action::Request, Outcome::Approved);
         r.ports = vec![port];
         r.source = Some("203.0.113.7".into());
@@ -263,13 +298,25 @@ mod tests {
     fn appended_records_read_back_and_a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(dir.path()).unwrap();
-        log.append(&[record(1, "bob", 22), record(2, "alice", 3389)]).unwrap();
+        log.append(&[record(1, "bob", 22), record(2, "alice", 3389)])
+            .unwrap();
         // a crash in the middle of a write leaves half a line
-        std::fs::OpenOptions::new().append(true).open(log.path()).unwrap().write_all(b"{\"time\":\"2026-").unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(log.path())
+            .unwrap()
+            .write_all(b"{\"time\":\"2026-")
+            .unwrap();
         let (records, problems) = read_records(log.path()).unwrap();
-        assert_eq!(records, vec![record(1, "bob", 22), record(2, "alice", 3389)]);
+        assert_eq!(
+            records,
+            vec![record(1, "bob", 22), record(2, "alice", 3389)]
+        );
         assert_eq!(problems.len(), 1);
-        assert!(problems[0].contains("audit.jsonl:3: skipped"), "{problems:?}");
+        assert!(
+            problems[0].contains("audit.jsonl:3: skipped"),
+            "{problems:?}"
+        );
     }
 
     #[test]
@@ -277,13 +324,43 @@ mod tests {
         let r = record(30, "bob", 22);
         let at = |m: u32| Some(record(m, "x", 1).time);
         assert!(AuditFilter::default().matches(&r));
-        assert!(AuditFilter { since: at(30), until: at(30), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { since: at(31), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { until: at(29), ..Default::default() }.matches(&r));
-        assert!(AuditFilter { user: Some("bob".into()), port: Some(22), ..Default::default() }.matches(&r));
-        assert!(AuditFilter { user: Some("1001".into()), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { user: Some("alice".into()), ..Default::default() }.matches(&r));
-        assert!(!AuditFilter { port: Some(3389), ..Default::default() }.matches(&r));
+        assert!(AuditFilter {
+            since: at(30),
+            until: at(30),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            since: at(31),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            until: at(29),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(AuditFilter {
+            user: Some("bob".into()),
+            port: Some(22),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(AuditFilter {
+            user: Some("1001".into()),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            user: Some("alice".into()),
+            ..Default::default()
+        }
+        .matches(&r));
+        assert!(!AuditFilter {
+            port: Some(3389),
+            ..Default::default()
+        }
+        .matches(&r));
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl fmt::Display for AllowedSources {
         match self {
             AllowedSources::Any => f.write_str("any"),
             AllowedSources::Prefixes(list) => {
-                let text: Vec<String> = list.iter().map(|p| format_prefix(p)).collect();
+                let text: Vec<String> = list.iter().map(format_prefix).collect();
                 f.write_str(&text.join(", "))
             }
         }
@@ -401,7 +401,11 @@ fn validate(
         Some(list) => validate_ports(list, problems),
     };
     let lockdown = Lockdown {
-        exempt_sources: parse_prefixes("lockdown.exempt_sources", &raw.lockdown.exempt_sources, false, problems),
+        exempt_sources: parse_prefixes(
+            "lockdown.exempt_sources",
+            &raw.lockdown.exempt_sources,
+            problems,
+        ),
         interfaces: validate_interfaces(raw.lockdown.interfaces, problems),
     };
     let access = Access {
@@ -441,14 +445,21 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
         let port = match u16::try_from(raw.port) {
             Ok(p) if p != 0 => p,
             _ => {
-                problems.push(format!("{}: must be between 1 and 65535, got {}", field("port"), raw.port));
+                problems.push(format!(
+                    "{}: must be between 1 and 65535, got {}",
+                    field("port"),
+                    raw.port
+                ));
                 0
             }
         };
         let protocol = match raw.protocol.as_deref() {
             None => Protocol::Tcp,
             Some(text) => Protocol::parse(text).unwrap_or_else(|| {
-                problems.push(format!("{}: must be \"tcp\", \"udp\" or \"any\", got {text:?}", field("protocol")));
+                problems.push(format!(
+                    "{}: must be \"tcp\", \"udp\" or \"any\", got {text:?}",
+                    field("protocol")
+                ));
                 Protocol::Tcp
             }),
         };
@@ -456,7 +467,10 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
             None => AllowedSources::Any,
             Some(list) if list.iter().any(|s| s == "any") => {
                 if list.len() > 1 {
-                    problems.push(format!("{}: \"any\" already allows every source; list it alone, got {list:?}", field("allowed_sources")));
+                    problems.push(format!(
+                        "{}: \"any\" already allows every source; list it alone, got {list:?}",
+                        field("allowed_sources")
+                    ));
                 }
                 AllowedSources::Any
             }
@@ -464,17 +478,25 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
                 problems.push(format!("{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes", field("allowed_sources")));
                 AllowedSources::Prefixes(Vec::new())
             }
-            Some(list) => AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, false, problems)),
+            Some(list) => {
+                AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, problems))
+            }
         };
         let max_duration = match raw.max_duration.as_deref() {
             None => DEFAULT_MAX_DURATION,
             Some(text) => match crate::duration::parse(text) {
                 Ok(d) if d.as_secs() == 0 => {
-                    problems.push(format!("{}: must be at least 1s, got {text:?}", field("max_duration")));
+                    problems.push(format!(
+                        "{}: must be at least 1s, got {text:?}",
+                        field("max_duration")
+                    ));
                     d
                 }
                 Ok(d) if d > MAX_DURATION_LIMIT => {
-                    problems.push(format!("{}: must be at most 24h, got {text:?}", field("max_duration")));
+                    problems.push(format!(
+                        "{}: must be at most 24h, got {text:?}",
+                        field("max_duration")
+                    ));
                     d
                 }
                 Ok(d) => d,
@@ -523,7 +545,9 @@ fn validate_interfaces(names: Vec<String>, problems: &mut Vec<String>) -> Vec<St
                 "lockdown.interfaces[{i}]: not a valid interface name, got {name:?}"
             ));
         } else if !seen.insert(name.as_str()) {
-            problems.push(format!("lockdown.interfaces[{i}]: listed twice, got {name:?}"));
+            problems.push(format!(
+                "lockdown.interfaces[{i}]: listed twice, got {name:?}"
+            ));
         }
     }
     names
@@ -542,24 +566,14 @@ fn parse_principals(field: &str, list: &[String], problems: &mut Vec<String>) ->
         .collect()
 }
 
-fn parse_prefixes(
-    field: &str,
-    list: &[String],
-    allow_any: bool,
-    problems: &mut Vec<String>,
-) -> Vec<IpNet> {
+fn parse_prefixes(field: &str, list: &[String], problems: &mut Vec<String>) -> Vec<IpNet> {
     list.iter()
         .enumerate()
-        .filter_map(|(i, text)| {
-            if allow_any && text == "any" {
-                return None;
-            }
-            match parse_prefix(text) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    problems.push(format!("{field}[{i}]: {e}, got {text:?}"));
-                    None
-                }
+        .filter_map(|(i, text)| match parse_prefix(text) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                problems.push(format!("{field}[{i}]: {e}, got {text:?}"));
+                None
             }
         })
         .collect()
@@ -570,14 +584,12 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
     if let Ok(addr) = text.parse::<IpAddr>() {
         return Ok(IpNet::from(addr));
     }
-    let net: IpNet = text
-        .parse()
-        .map_err(|_| "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)".to_string())?;
+    let net: IpNet = text.parse().map_err(|_| {
+        "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)"
+            .to_string()
+    })?;
     if net.trunc() != net {
-        return Err(format!(
-            "has host bits set; did you mean {}?",
-            net.trunc()
-        ));
+        return Err(format!("has host bits set; did you mean {}?", net.trunc()));
     }
     Ok(net)
 }
@@ -604,7 +616,13 @@ mod tests {
     }
 
     fn first_problem(text: &str) -> String {
-        parse(text).unwrap_err().to_string().lines().next().unwrap().to_string()
+        parse(text)
+            .unwrap_err()
+            .to_string()
+            .lines()
+            .next()
+            .unwrap()
+            .to_string()
     }
 
     #[test]
@@ -645,12 +663,20 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.socket_group, Some(SocketGroup { name: "jit".into(), gid: 990 }));
+        assert_eq!(
+            c.socket_group,
+            Some(SocketGroup {
+                name: "jit".into(),
+                gid: 990
+            })
+        );
         assert_eq!(c.on_stop, OnStop::Unlock);
         assert_eq!(c.ports[0].max_duration, Duration::from_secs(5400));
         assert_eq!(c.ports[1].protocol, Protocol::Any);
         assert_eq!(c.access.requesters[1], Principal::Uid(1001));
-        let AllowedSources::Prefixes(list) = &c.ports[0].allowed_sources else { panic!() };
+        let AllowedSources::Prefixes(list) = &c.ports[0].allowed_sources else {
+            panic!()
+        };
         assert_eq!(format_prefix(&list[2]), "198.51.100.7");
     }
 
@@ -679,8 +705,19 @@ mod tests {
         for (text, expected) in cases {
             let message = first_problem(text);
             assert!(message.starts_with("/etc/jitd/jitd.toml: "), "{message}");
-            assert!(message.contains(expected), "{text:?}\n  gave {message}\n  wanted {expected}");
+            assert!(
+                message.contains(expected),
+                "{text:?}\n  gave {message}\n  wanted {expected}"
+            );
         }
+    }
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let c = parse(include_str!("../config/jitd.toml")).unwrap();
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.ports[1].protocol, Protocol::Any);
+        assert_eq!(c.ports[1].max_duration, Duration::from_secs(3600));
     }
 
     #[test]

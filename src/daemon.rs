@@ -13,8 +13,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply,
-    StatusReply, MAX_JUSTIFICATION_CHARS,
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request,
+    RevokeRequest, RevokedReply, StatusReply, MAX_JUSTIFICATION_CHARS,
 };
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
@@ -86,20 +86,35 @@ impl<F: Firewall> Daemon<F> {
     pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
         create_state_dir(&config.state_dir)?;
         let mut audit = AuditLog::open(&config.state_dir)?;
-        let (history, problems) = audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
+        let (history, problems) =
+            audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
         for p in problems {
             tracing::warn!("{p}");
         }
-        let first_id = history.iter().filter_map(|r| r.grant_id).max().map_or(1, |m| m + 1);
+        let first_id = history
+            .iter()
+            .filter_map(|r| r.grant_id)
+            .max()
+            .map_or(1, |m| m + 1);
         let usage = usage_from_history(&history);
-        firewall.apply(&rules::replace_table(&LockdownSpec::from_config(&config), &[])).await?;
+        firewall
+            .apply(&rules::replace_table(
+                &LockdownSpec::from_config(&config),
+                &[],
+            ))
+            .await?;
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Done);
         record.ports = config.ports.iter().map(|p| p.port).collect();
         record.reason = Some(format!("locked {}", describe_ports(&config)));
         audit.append(&[record])?;
         Ok(Arc::new(Daemon {
             firewall,
-            state: Mutex::new(State { config, book: GrantBook::new(first_id), audit, usage }),
+            state: Mutex::new(State {
+                config,
+                book: GrantBook::new(first_id),
+                audit,
+                usage,
+            }),
             expiry_changed: Notify::new(),
         }))
     }
@@ -136,7 +151,14 @@ impl<F: Firewall> Daemon<F> {
         let records: Vec<AuditRecord> = ended
             .iter()
             .map(|g| {
-                let mut r = grant_record(g, g.expires_at, None, "jitd", Action::Expire, Outcome::Expired);
+                let mut r = grant_record(
+                    g,
+                    g.expires_at,
+                    None,
+                    "jitd",
+                    Action::Expire,
+                    Outcome::Expired,
+                );
                 r.reason = Some("time is up".into());
                 r
             })
@@ -152,34 +174,90 @@ impl<F: Firewall> Daemon<F> {
     /// Re-reads the policy at `path`. An invalid policy changes nothing; a valid one is
     /// applied in one transaction, ending the grants it no longer allows.
     pub async fn reload(&self, path: &Path, actor: &Caller) -> Result<ReloadReply, Reply> {
-        let new_config = Config::load(path).map_err(|e| Reply::error("invalid_config", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
-        check_interfaces(&new_config).await.map_err(|e| Reply::error("invalid_config", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
+        let new_config = Config::load(path).map_err(|e| {
+            Reply::error(
+                "invalid_config",
+                format!("policy not reloaded, jitd keeps the old one: {e}"),
+            )
+        })?;
+        check_interfaces(&new_config).await.map_err(|e| {
+            Reply::error(
+                "invalid_config",
+                format!("policy not reloaded, jitd keeps the old one: {e}"),
+            )
+        })?;
         let mut st = self.state.lock().await;
-        if new_config.socket != st.config.socket || new_config.socket_group != st.config.socket_group || new_config.state_dir != st.config.state_dir {
-            tracing::warn!("socket, socket_group and state_dir changes take effect at the next restart");
+        if new_config.socket != st.config.socket
+            || new_config.socket_group != st.config.socket_group
+            || new_config.state_dir != st.config.state_dir
+        {
+            tracing::warn!(
+                "socket, socket_group and state_dir changes take effect at the next restart"
+            );
         }
         let now = Instant::now();
-        let ended: Vec<GrantId> = st.book.iter().filter(|g| !still_allowed(&new_config, g)).map(|g| g.id).collect();
-        let kept: Vec<GrantElement> = st.book.elements(now).into_iter().filter(|e| !ended.iter().any(|id| st.book.get(*id).is_some_and(|g| g.keys().contains(&e.key)))).collect();
+        let ended: Vec<GrantId> = st
+            .book
+            .iter()
+            .filter(|g| !still_allowed(&new_config, g))
+            .map(|g| g.id)
+            .collect();
+        let kept: Vec<GrantElement> = st
+            .book
+            .elements(now)
+            .into_iter()
+            .filter(|e| {
+                !ended
+                    .iter()
+                    .any(|id| st.book.get(*id).is_some_and(|g| g.keys().contains(&e.key)))
+            })
+            .collect();
         let wall = Utc::now();
         let mut records: Vec<AuditRecord> = ended
             .iter()
             .filter_map(|id| st.book.get(*id))
             .map(|g| {
-                let mut r = grant_record(g, wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Revoked);
+                let mut r = grant_record(
+                    g,
+                    wall,
+                    Some(actor.uid),
+                    &actor.name,
+                    Action::Reload,
+                    Outcome::Revoked,
+                );
                 r.reason = Some("policy changed".into());
                 r
             })
             .collect();
-        let mut done = AuditRecord::new(wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Done);
+        let mut done = AuditRecord::new(
+            wall,
+            Some(actor.uid),
+            &actor.name,
+            Action::Reload,
+            Outcome::Done,
+        );
         done.ports = new_config.ports.iter().map(|p| p.port).collect();
-        done.reason = Some(format!("policy {} now locks {}", path.display(), describe_ports(&new_config)));
+        done.reason = Some(format!(
+            "policy {} now locks {}",
+            path.display(),
+            describe_ports(&new_config)
+        ));
         records.push(done);
-        st.audit.append(&records).map_err(|e| Reply::error("audit_failed", format!("policy not reloaded: {e}")))?;
+        st.audit
+            .append(&records)
+            .map_err(|e| Reply::error("audit_failed", format!("policy not reloaded: {e}")))?;
         self.firewall
-            .apply(&rules::replace_table(&LockdownSpec::from_config(&new_config), &kept))
+            .apply(&rules::replace_table(
+                &LockdownSpec::from_config(&new_config),
+                &kept,
+            ))
             .await
-            .map_err(|e| Reply::error("firewall_failed", format!("policy not reloaded, jitd keeps the old one: {e}")))?;
+            .map_err(|e| {
+                Reply::error(
+                    "firewall_failed",
+                    format!("policy not reloaded, jitd keeps the old one: {e}"),
+                )
+            })?;
         for id in &ended {
             st.book.remove(*id);
         }
@@ -199,7 +277,9 @@ impl<F: Firewall> Daemon<F> {
                 Ok(()) => record.reason = Some("on_stop = unlock: lockdown removed".into()),
                 Err(e) => {
                     tracing::error!("on_stop = unlock, but removing the lockdown failed: {e}");
-                    record.reason = Some(format!("on_stop = unlock, but removing the lockdown failed: {e}"));
+                    record.reason = Some(format!(
+                        "on_stop = unlock, but removing the lockdown failed: {e}"
+                    ));
                 }
             }
         } else {
@@ -217,16 +297,26 @@ impl<F: Firewall> Daemon<F> {
 
     async fn status(&self, caller: &Caller) -> Result<StatusReply, Denial> {
         let mut st = self.state.lock().await;
-        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
+        let role =
+            policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
         let now = Instant::now();
         let wall = Utc::now();
-        let State { config, book, usage, .. } = &mut *st;
+        let State {
+            config,
+            book,
+            usage,
+            ..
+        } = &mut *st;
         let ports = config
             .ports
             .iter()
             .map(|p| {
                 let u = usage.entry(p.port).or_default();
-                while u.approvals.front().is_some_and(|t| *t < wall - USAGE_WINDOW) {
+                while u
+                    .approvals
+                    .front()
+                    .is_some_and(|t| *t < wall - USAGE_WINDOW)
+                {
                     u.approvals.pop_front();
                 }
                 PortStatus {
@@ -243,12 +333,20 @@ impl<F: Firewall> Daemon<F> {
                 }
             })
             .collect();
-        let grants = book.iter().map(|g| grant_info(g, book.remaining(g.id, now).unwrap_or_default())).collect();
+        let grants = book
+            .iter()
+            .map(|g| grant_info(g, book.remaining(g.id, now).unwrap_or_default()))
+            .collect();
         Ok(StatusReply {
             version: env!("CARGO_PKG_VERSION").into(),
             ports,
             grants,
-            exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
+            exempt_sources: config
+                .lockdown
+                .exempt_sources
+                .iter()
+                .map(format_prefix)
+                .collect(),
             interfaces: config.lockdown.interfaces.clone(),
             on_stop: audit::enum_text(&config.on_stop),
             your_role: audit::enum_text(&role),
@@ -309,7 +407,14 @@ impl<F: Firewall> Daemon<F> {
             r.grant_id = Some(*id);
             records.push(r);
             if let Some(old) = old {
-                let mut r = grant_record(old, wall, Some(caller.uid), &caller.name, Action::Supersede, Outcome::Superseded);
+                let mut r = grant_record(
+                    old,
+                    wall,
+                    Some(caller.uid),
+                    &caller.name,
+                    Action::Supersede,
+                    Outcome::Superseded,
+                );
                 r.reason = Some(format!("superseded by grant {id}"));
                 records.push(r);
             }
@@ -318,14 +423,25 @@ impl<F: Firewall> Daemon<F> {
             tracing::error!("{e}; request refused");
             return Reply::error("audit_failed", format!("request refused: {e}"));
         }
-        let remove: Vec<GrantKey> = planned.iter().filter_map(|(_, _, old)| old.as_ref()).flat_map(Grant::keys).collect();
+        let remove: Vec<GrantKey> = planned
+            .iter()
+            .filter_map(|(_, _, old)| old.as_ref())
+            .flat_map(Grant::keys)
+            .collect();
         let add: Vec<GrantElement> = planned
             .iter()
             .flat_map(|(_, n, _)| {
-                n.protocol.transports().iter().map(|&transport| GrantElement {
-                    key: GrantKey { source: n.source, transport, port: n.port },
-                    timeout: n.duration,
-                })
+                n.protocol
+                    .transports()
+                    .iter()
+                    .map(|&transport| GrantElement {
+                        key: GrantKey {
+                            source: n.source,
+                            transport,
+                            port: n.port,
+                        },
+                        timeout: n.duration,
+                    })
             })
             .collect();
         if let Err(e) = self.change_grants(&remove, &add).await {
@@ -344,7 +460,10 @@ impl<F: Firewall> Daemon<F> {
             if let Err(e) = st.audit.append(&failed) {
                 tracing::error!("{e}");
             }
-            return Reply::error("firewall_failed", format!("request approved but not applied, nothing changed: {e}"));
+            return Reply::error(
+                "firewall_failed",
+                format!("request approved but not applied, nothing changed: {e}"),
+            );
         }
         let mut granted = Vec::new();
         let mut superseded = Vec::new();
@@ -359,42 +478,79 @@ impl<F: Firewall> Daemon<F> {
             granted.push(grant_info(&grant, access.duration));
         }
         self.expiry_changed.notify_one();
-        Reply::ok(GrantedReply { grants: granted, superseded })
+        Reply::ok(GrantedReply {
+            grants: granted,
+            superseded,
+        })
     }
 
     /// Turns the wire request into a policy question and asks it.
     #[allow(clippy::type_complexity)]
-    fn decide(&self, st: &State, caller: &Caller, request: &GrantRequest, wall: DateTime<Utc>) -> Result<(AccessRequest, Vec<(u16, crate::config::Protocol)>), Denial> {
+    fn decide(
+        &self,
+        st: &State,
+        caller: &Caller,
+        request: &GrantRequest,
+        wall: DateTime<Utc>,
+    ) -> Result<(AccessRequest, Vec<(u16, crate::config::Protocol)>), Denial> {
         policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
-        let source = parse_prefix(&request.source).map_err(|e| Denial::new("invalid_argument", format!("source: {e}, got {:?}", request.source)))?;
+        let source = parse_prefix(&request.source).map_err(|e| {
+            Denial::new(
+                "invalid_argument",
+                format!("source: {e}, got {:?}", request.source),
+            )
+        })?;
         let duration = match (request.duration_secs, request.until) {
             (Some(secs), None) => Duration::from_secs(secs),
             (None, Some(until)) => {
-                let left = (until - wall).to_std().map_err(|_| Denial::new("duration_invalid", format!("until {until} is in the past")))?;
+                let left = (until - wall).to_std().map_err(|_| {
+                    Denial::new("duration_invalid", format!("until {until} is in the past"))
+                })?;
                 // whole seconds, rounded up: the grant ends at or just after `until`
                 Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
             }
-            _ => return Err(Denial::new("invalid_argument", "give exactly one of duration_secs and until")),
+            _ => {
+                return Err(Denial::new(
+                    "invalid_argument",
+                    "give exactly one of duration_secs and until",
+                ))
+            }
         };
         if let Some(j) = &request.justification {
             if j.chars().count() > MAX_JUSTIFICATION_CHARS || j.chars().any(char::is_control) {
                 return Err(Denial::new("invalid_argument", format!("justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control characters")));
             }
         }
-        let access = AccessRequest { ports: request.ports.clone(), source, duration };
-        let entries = policy::check_request(&st.config, caller, &access)?.into_iter().map(|p| (p.port, p.protocol)).collect();
+        let access = AccessRequest {
+            ports: request.ports.clone(),
+            source,
+            duration,
+        };
+        let entries = policy::check_request(&st.config, caller, &access)?
+            .into_iter()
+            .map(|p| (p.port, p.protocol))
+            .collect();
         Ok((access, entries))
     }
 
     async fn revoke(&self, caller: &Caller, request: RevokeRequest) -> Reply {
         let mut st = self.state.lock().await;
-        let role = match policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants") {
-            Ok(r) => r,
-            Err(d) => return self.refuse_revoke(&mut st, caller, &request, d),
-        };
+        let role =
+            match policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants")
+            {
+                Ok(r) => r,
+                Err(d) => return self.refuse_revoke(&mut st, caller, &request, d),
+            };
         let source = match request.source.as_deref().map(parse_prefix).transpose() {
             Ok(s) => s,
-            Err(e) => return self.refuse_revoke(&mut st, caller, &request, Denial::new("invalid_argument", format!("source: {e}"))),
+            Err(e) => {
+                return self.refuse_revoke(
+                    &mut st,
+                    caller,
+                    &request,
+                    Denial::new("invalid_argument", format!("source: {e}")),
+                )
+            }
         };
         let targets: Vec<Grant> = st
             .book
@@ -414,7 +570,13 @@ impl<F: Firewall> Daemon<F> {
         }
         if role < Role::Admin {
             if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
-                let d = Denial::new("not_authorized", format!("grant {} belongs to {}; only admins may revoke others' grants", g.id, g.requester));
+                let d = Denial::new(
+                    "not_authorized",
+                    format!(
+                        "grant {} belongs to {}; only admins may revoke others' grants",
+                        g.id, g.requester
+                    ),
+                );
                 return self.refuse_revoke(&mut st, caller, &request, d);
             }
         }
@@ -422,7 +584,14 @@ impl<F: Firewall> Daemon<F> {
         let records: Vec<AuditRecord> = targets
             .iter()
             .map(|g| {
-                let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Revoke, Outcome::Revoked);
+                let mut r = grant_record(
+                    g,
+                    wall,
+                    Some(caller.uid),
+                    &caller.name,
+                    Action::Revoke,
+                    Outcome::Revoked,
+                );
                 r.reason = Some(format!("revoked by {}", caller.name));
                 r
             })
@@ -432,7 +601,10 @@ impl<F: Firewall> Daemon<F> {
         }
         let keys: Vec<GrantKey> = targets.iter().flat_map(Grant::keys).collect();
         if let Err(e) = self.change_grants(&keys, &[]).await {
-            return Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}"));
+            return Reply::error(
+                "firewall_failed",
+                format!("revoke failed, the grants stay: {e}"),
+            );
         }
         let now = Instant::now();
         let revoked = targets
@@ -448,8 +620,20 @@ impl<F: Firewall> Daemon<F> {
         Reply::ok(RevokedReply { revoked })
     }
 
-    fn refuse_revoke(&self, st: &mut State, caller: &Caller, request: &RevokeRequest, denial: Denial) -> Reply {
-        let mut r = AuditRecord::new(Utc::now(), Some(caller.uid), &caller.name, Action::Revoke, Outcome::Denied);
+    fn refuse_revoke(
+        &self,
+        st: &mut State,
+        caller: &Caller,
+        request: &RevokeRequest,
+        denial: Denial,
+    ) -> Reply {
+        let mut r = AuditRecord::new(
+            Utc::now(),
+            Some(caller.uid),
+            &caller.name,
+            Action::Revoke,
+            Outcome::Denied,
+        );
         r.grant_id = request.id;
         r.source = request.source.clone();
         r.ports = request.port.into_iter().collect();
@@ -464,11 +648,19 @@ impl<F: Firewall> Daemon<F> {
     /// have dropped an element being removed (its timeout fired a moment early), that
     /// batch fails as a whole; then the removals are done one by one, tolerating the
     /// missing ones, and the additions follow in a batch of their own.
-    async fn change_grants(&self, remove: &[GrantKey], add: &[GrantElement]) -> Result<(), FirewallError> {
-        let Some(batch) = rules::change_grants(remove, add) else { return Ok(()) };
+    async fn change_grants(
+        &self,
+        remove: &[GrantKey],
+        add: &[GrantElement],
+    ) -> Result<(), FirewallError> {
+        let Some(batch) = rules::change_grants(remove, add) else {
+            return Ok(());
+        };
         match self.firewall.apply(&batch).await {
             Ok(()) => Ok(()),
-            Err(FirewallError::Rejected(msg)) if !remove.is_empty() && msg.contains("No such file or directory") => {
+            Err(FirewallError::Rejected(msg))
+                if !remove.is_empty() && msg.contains("No such file or directory") =>
+            {
                 for key in remove {
                     if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
                         let _ = self.firewall.apply(&one).await;
@@ -486,14 +678,23 @@ impl<F: Firewall> Daemon<F> {
     async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
         let path = {
             let st = self.state.lock().await;
-            policy::require_role(&st.config.access, caller, Role::Viewer, "read the audit log").map_err(|d| Reply::error(&d.code, d.message))?;
+            policy::require_role(
+                &st.config.access,
+                caller,
+                Role::Viewer,
+                "read the audit log",
+            )
+            .map_err(|d| Reply::error(&d.code, d.message))?;
             st.audit.path().to_path_buf()
         };
         let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_records(&path))
             .await
             .map_err(|e| Reply::error("internal", e.to_string()))?
             .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
-        Ok(AuditReply { records: records.into_iter().filter(|r| filter.matches(r)).collect(), warnings })
+        Ok(AuditReply {
+            records: records.into_iter().filter(|r| filter.matches(r)).collect(),
+            warnings,
+        })
     }
 }
 
@@ -501,7 +702,11 @@ impl<F: Firewall> Handler for Daemon<F> {
     async fn handle(&self, peer: Peer, request: Request) -> Reply {
         let caller = tokio::task::spawn_blocking(move || Caller::resolve(peer.uid, peer.gid))
             .await
-            .unwrap_or_else(|_| Caller { uid: peer.uid, name: peer.uid.to_string(), groups: Vec::new() });
+            .unwrap_or_else(|_| Caller {
+                uid: peer.uid,
+                name: peer.uid.to_string(),
+                groups: Vec::new(),
+            });
         match request {
             Request::Status => match self.status(&caller).await {
                 Ok(s) => Reply::ok(s),
@@ -509,11 +714,19 @@ impl<F: Firewall> Handler for Daemon<F> {
             },
             Request::Request(r) => self.request(&caller, r).await,
             Request::Revoke(r) => self.revoke(&caller, r).await,
-            Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
+            Request::Audit(filter) => self
+                .audit_query(&caller, filter)
+                .await
+                .map_or_else(|r| r, Reply::ok),
             Request::Reload => {
                 let path = {
                     let st = self.state.lock().await;
-                    if let Err(d) = policy::require_role(&st.config.access, &caller, Role::Admin, "reload the policy") {
+                    if let Err(d) = policy::require_role(
+                        &st.config.access,
+                        &caller,
+                        Role::Admin,
+                        "reload the policy",
+                    ) {
                         return Reply::error(&d.code, d.message);
                     }
                     st.config.path.clone()
@@ -529,14 +742,24 @@ impl<F: Firewall> Handler for Daemon<F> {
 
 fn create_state_dir(dir: &Path) -> Result<(), StartError> {
     use std::os::unix::fs::DirBuilderExt;
-    let fail = |source| StartError::StateDir { path: dir.display().to_string(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)
+    let fail = |source| StartError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)
 }
 
 fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
     let since = Utc::now() - USAGE_WINDOW;
     let mut usage: HashMap<u16, PortUsage> = HashMap::new();
-    for r in history.iter().filter(|r| r.action == Action::Request && r.outcome == Outcome::Approved) {
+    for r in history
+        .iter()
+        .filter(|r| r.action == Action::Request && r.outcome == Outcome::Approved)
+    {
         for port in &r.ports {
             let u = usage.entry(*port).or_default();
             if r.time >= since {
@@ -550,11 +773,20 @@ fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
 }
 
 fn still_allowed(config: &Config, grant: &Grant) -> bool {
-    config.ports.iter().any(|p| p.port == grant.port && p.protocol == grant.protocol && p.allowed_sources.contains(&grant.source))
+    config.ports.iter().any(|p| {
+        p.port == grant.port
+            && p.protocol == grant.protocol
+            && p.allowed_sources.contains(&grant.source)
+    })
 }
 
 fn describe_ports(config: &Config) -> String {
-    config.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(", ")
+    config
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.protocol))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn grant_info(g: &Grant, remaining: Duration) -> GrantInfo {
@@ -571,7 +803,14 @@ fn grant_info(g: &Grant, remaining: Duration) -> GrantInfo {
     }
 }
 
-fn grant_record(g: &Grant, time: DateTime<Utc>, uid: Option<u32>, actor: &str, action: Action, outcome: Outcome) -> AuditRecord {
+fn grant_record(
+    g: &Grant,
+    time: DateTime<Utc>,
+    uid: Option<u32>,
+    actor: &str,
+    action: Action,
+    outcome: Outcome,
+) -> AuditRecord {
     let mut r = AuditRecord::new(time, uid, actor, action, outcome);
     r.ports = vec![g.port];
     r.protocol = Some(g.protocol);
@@ -582,11 +821,25 @@ fn grant_record(g: &Grant, time: DateTime<Utc>, uid: Option<u32>, actor: &str, a
     r
 }
 
-fn grant_request_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
-    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
+fn grant_request_record(
+    request: &GrantRequest,
+    time: DateTime<Utc>,
+    caller: &Caller,
+) -> AuditRecord {
+    let mut r = AuditRecord::new(
+        time,
+        Some(caller.uid),
+        &caller.name,
+        Action::Request,
+        Outcome::Denied,
+    );
     r.ports = request.ports.clone();
     r.source = Some(request.source.clone());
-    r.duration_secs = request.duration_secs.or_else(|| request.until.map(|u| (u - time).num_seconds().max(0) as u64));
+    r.duration_secs = request.duration_secs.or_else(|| {
+        request
+            .until
+            .map(|u| (u - time).num_seconds().max(0) as u64)
+    });
     r.justification = request.justification.clone();
     r
 }
@@ -601,27 +854,52 @@ pub async fn check_interfaces(config: &Config) -> anyhow::Result<()> {
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(crate::config::ConfigError { path: config.path.clone(), problems }.into())
+        Err(crate::config::ConfigError {
+            path: config.path.clone(),
+            problems,
+        }
+        .into())
     }
 }
 
 /// Runs jitd until `shutdown` completes: locks the ports, serves the socket, expires
 /// grants, reloads on SIGHUP, reports to systemd. Returns once stopped cleanly.
-pub async fn run<F: Firewall>(config: Config, firewall: F, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+pub async fn run<F: Firewall>(
+    config: Config,
+    firewall: F,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
     let socket = config.socket.clone();
     let gid = config.socket_group.as_ref().map(|g| g.gid);
-    let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
+    let exempt: Vec<String> = config
+        .lockdown
+        .exempt_sources
+        .iter()
+        .map(format_prefix)
+        .collect();
     let ports = describe_ports(&config);
     let daemon = Daemon::start(config, firewall).await?;
-    let listener = server::bind(&socket, gid).map_err(|source| StartError::Socket { path: socket.display().to_string(), source })?;
+    let listener = server::bind(&socket, gid).map_err(|source| StartError::Socket {
+        path: socket.display().to_string(),
+        source,
+    })?;
     if !exempt.is_empty() {
-        tracing::info!("exempt from the lockdown (break-glass): {}", exempt.join(", "));
+        tracing::info!(
+            "exempt from the lockdown (break-glass): {}",
+            exempt.join(", ")
+        );
     }
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let expiry = tokio::spawn(daemon.clone().run_expiry());
     let hup = tokio::spawn(reload_on_sighup(daemon.clone()));
     let watchdog = tokio::spawn(pet_watchdog());
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(&format!("locked {ports}"))]);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&format!("locked {ports}")),
+        ],
+    );
     server::serve(listener, daemon.clone(), shutdown).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping");
@@ -635,11 +913,17 @@ pub async fn run<F: Firewall>(config: Config, firewall: F, shutdown: impl Future
 
 async fn reload_on_sighup<F: Firewall>(daemon: Arc<Daemon<F>>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
     while hup.recv().await.is_some() {
         let path = daemon.config().await.path;
         tracing::info!("SIGHUP: reloading {}", path.display());
-        let root = Caller { uid: 0, name: "root (SIGHUP)".into(), groups: Vec::new() };
+        let root = Caller {
+            uid: 0,
+            name: "root (SIGHUP)".into(),
+            groups: Vec::new(),
+        };
         if let Err(reply) = daemon.reload(&path, &root).await {
             tracing::error!("{}", reply.error.map(|e| e.message).unwrap_or_default());
         }

@@ -22,10 +22,12 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 fn parse_iso8601(text: &str) -> Result<Duration, String> {
     let upper = text.to_ascii_uppercase();
     match iso8601::parsers::parse_duration(upper.as_bytes()) {
-        Ok((rest, parsed)) if rest.is_empty() => {
+        Ok((b"", parsed)) => {
             if matches!(parsed, iso8601::Duration::YMDHMS { year, month, .. } if year > 0 || month > 0)
             {
-                return Err("years and months have no fixed length; use days (P1D) or hours".into());
+                return Err(
+                    "years and months have no fixed length; use days (P1D) or hours".into(),
+                );
             }
             Ok(parsed.into())
         }
@@ -62,6 +64,6 @@ mod tests {
 
     #[test]
     fn formats_whole_seconds() {
-        assert_eq!(format(Duration::from_millis(5400_900)), "1h 30m");
+        assert_eq!(format(Duration::from_millis(5_400_900)), "1h 30m");
     }
 }

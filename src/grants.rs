@@ -46,12 +46,20 @@ impl Grant {
         self.protocol
             .transports()
             .iter()
-            .map(|&transport| GrantKey { source: self.source, transport, port: self.port })
+            .map(|&transport| GrantKey {
+                source: self.source,
+                transport,
+                port: self.port,
+            })
             .collect()
     }
 
     fn slot(&self) -> Slot {
-        Slot { source: self.source, port: self.port, protocol: self.protocol }
+        Slot {
+            source: self.source,
+            port: self.port,
+            protocol: self.protocol,
+        }
     }
 }
 
@@ -100,7 +108,10 @@ pub struct GrantBook {
 impl GrantBook {
     /// An empty book whose first grant gets id `first_id` (at least 1).
     pub fn new(first_id: GrantId) -> GrantBook {
-        GrantBook { next_id: first_id.max(1), ..GrantBook::default() }
+        GrantBook {
+            next_id: first_id.max(1),
+            ..GrantBook::default()
+        }
     }
 
     /// Number of live grants.
@@ -125,7 +136,11 @@ impl GrantBook {
 
     /// The grant a new one for the same source, port and protocol would replace.
     pub fn superseded_by(&self, new: &NewGrant) -> Option<&Grant> {
-        let slot = Slot { source: new.source, port: new.port, protocol: new.protocol };
+        let slot = Slot {
+            source: new.source,
+            port: new.port,
+            protocol: new.protocol,
+        };
         self.by_slot.get(&slot).and_then(|id| self.get(*id))
     }
 
@@ -168,10 +183,20 @@ impl GrantBook {
 
     /// Books a new grant with an id from [`GrantBook::allocate_id`], starting now;
     /// returns it and the grant it replaced, if any.
-    pub fn insert(&mut self, id: GrantId, new: NewGrant, now: Instant, wall_now: DateTime<Utc>) -> (Grant, Option<Grant>) {
-        let superseded = self.superseded_by(&new).map(|g| g.id).and_then(|id| self.remove(id));
+    pub fn insert(
+        &mut self,
+        id: GrantId,
+        new: NewGrant,
+        now: Instant,
+        wall_now: DateTime<Utc>,
+    ) -> (Grant, Option<Grant>) {
+        let superseded = self
+            .superseded_by(&new)
+            .map(|g| g.id)
+            .and_then(|id| self.remove(id));
         self.next_id = self.next_id.max(id + 1);
-        let expires_at = wall_now + chrono::Duration::from_std(new.duration).unwrap_or(chrono::TimeDelta::MAX);
+        let expires_at =
+            wall_now + chrono::Duration::from_std(new.duration).unwrap_or(chrono::TimeDelta::MAX);
         let grant = Grant {
             id,
             source: new.source,
@@ -209,7 +234,12 @@ impl GrantBook {
 
     /// Removes and returns every grant whose deadline is at or before `now`.
     pub fn pop_expired(&mut self, now: Instant) -> Vec<Grant> {
-        let due: Vec<GrantId> = self.deadlines.iter().take_while(|(d, _)| *d <= now).map(|(_, id)| *id).collect();
+        let due: Vec<GrantId> = self
+            .deadlines
+            .iter()
+            .take_while(|(d, _)| *d <= now)
+            .map(|(_, id)| *id)
+            .collect();
         due.into_iter().filter_map(|id| self.remove(id)).collect()
     }
 
@@ -220,7 +250,9 @@ impl GrantBook {
 
     /// Time left on a grant at `now`.
     pub fn remaining(&self, id: GrantId, now: Instant) -> Option<Duration> {
-        self.entries.get(&id).map(|e| e.deadline.saturating_duration_since(now))
+        self.entries
+            .get(&id)
+            .map(|e| e.deadline.saturating_duration_since(now))
     }
 
     /// Every live grant as kernel set elements with its remaining time at `now`.
@@ -230,7 +262,10 @@ impl GrantBook {
             .filter(|e| e.deadline > now)
             .flat_map(|e| {
                 let timeout = e.deadline - now;
-                e.grant.keys().into_iter().map(move |key| GrantElement { key, timeout })
+                e.grant
+                    .keys()
+                    .into_iter()
+                    .map(move |key| GrantElement { key, timeout })
             })
             .collect()
     }
@@ -246,7 +281,12 @@ mod tests {
     use super::*;
     use crate::config::{parse_prefix, Transport};
 
-    fn add(book: &mut GrantBook, new: NewGrant, now: Instant, wall: DateTime<Utc>) -> (Grant, Option<Grant>) {
+    fn add(
+        book: &mut GrantBook,
+        new: NewGrant,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> (Grant, Option<Grant>) {
         let id = book.allocate_id();
         book.insert(id, new, now, wall)
     }
@@ -275,7 +315,10 @@ mod tests {
         assert_eq!(book.next_deadline(), Some(t0 + Duration::from_secs(10)));
         assert!(book.pop_expired(t0 + Duration::from_secs(9)).is_empty());
         assert_eq!(book.pop_expired(t0 + Duration::from_secs(10)), vec![b]);
-        assert_eq!(book.remaining(a.id, t0 + Duration::from_secs(10)), Some(Duration::from_secs(20)));
+        assert_eq!(
+            book.remaining(a.id, t0 + Duration::from_secs(10)),
+            Some(Duration::from_secs(20))
+        );
         assert_eq!(book.pop_expired(t0 + Duration::from_secs(60)), vec![a]);
         assert!(book.is_empty());
         assert_eq!(book.next_deadline(), None);
@@ -290,7 +333,10 @@ mod tests {
         assert!(none.is_none());
         let (newer, replaced) = add(&mut book, new("192.0.2.1", 22, 60), t0, Utc::now());
         assert_eq!(replaced, Some(old));
-        assert_eq!(book.iter().map(|g| g.id).collect::<Vec<_>>(), vec![other.id, newer.id]);
+        assert_eq!(
+            book.iter().map(|g| g.id).collect::<Vec<_>>(),
+            vec![other.id, newer.id]
+        );
         // the old deadline is gone: nothing expires at the old time but the others
         assert_eq!(book.pop_expired(t0 + Duration::from_secs(60)), vec![newer]);
     }
@@ -298,13 +344,32 @@ mod tests {
     #[test]
     fn overlapping_prefixes_on_one_port_are_refused() {
         let mut book = GrantBook::new(1);
-        add(&mut book, new("198.51.100.0/24", 22, 60), Instant::now(), Utc::now());
-        let denial = book.check_overlap(&new("198.51.0.0/16", 22, 60)).unwrap_err();
+        add(
+            &mut book,
+            new("198.51.100.0/24", 22, 60),
+            Instant::now(),
+            Utc::now(),
+        );
+        let denial = book
+            .check_overlap(&new("198.51.0.0/16", 22, 60))
+            .unwrap_err();
         assert_eq!(denial.code, "overlapping_grant");
-        assert!(book.check_overlap(&new("198.51.100.0/24", 22, 60)).is_ok(), "same prefix replaces");
-        assert!(book.check_overlap(&new("198.51.0.0/16", 3389, 60)).is_ok(), "other port");
-        assert!(book.check_overlap(&new("198.51.100.7", 22, 60)).is_ok(), "single addresses live in another set");
-        assert!(book.check_overlap(&new("198.51.101.0/24", 22, 60)).is_ok(), "disjoint");
+        assert!(
+            book.check_overlap(&new("198.51.100.0/24", 22, 60)).is_ok(),
+            "same prefix replaces"
+        );
+        assert!(
+            book.check_overlap(&new("198.51.0.0/16", 3389, 60)).is_ok(),
+            "other port"
+        );
+        assert!(
+            book.check_overlap(&new("198.51.100.7", 22, 60)).is_ok(),
+            "single addresses live in another set"
+        );
+        assert!(
+            book.check_overlap(&new("198.51.101.0/24", 22, 60)).is_ok(),
+            "disjoint"
+        );
     }
 
     #[test]
@@ -318,7 +383,9 @@ mod tests {
         assert_eq!(elements.len(), 2);
         assert_eq!(elements[0].key.transport, Transport::Tcp);
         assert_eq!(elements[1].key.transport, Transport::Udp);
-        assert!(elements.iter().all(|e| e.timeout == Duration::from_secs(60)));
+        assert!(elements
+            .iter()
+            .all(|e| e.timeout == Duration::from_secs(60)));
     }
 
     #[test]

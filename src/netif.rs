@@ -31,6 +31,11 @@ pub fn unknown_interfaces(configured: &[String], existing: &[String]) -> Vec<Str
         .iter()
         .enumerate()
         .filter(|(_, name)| !existing.contains(name))
-        .map(|(i, name)| format!("lockdown.interfaces[{i}]: no such interface on this host (have: {}), got {name:?}", existing.join(", ")))
+        .map(|(i, name)| {
+            format!(
+                "lockdown.interfaces[{i}]: no such interface on this host (have: {}), got {name:?}",
+                existing.join(", ")
+            )
+        })
         .collect()
 }

@@ -57,24 +57,34 @@ pub struct Denial {
 impl Denial {
     /// A denial with `code` and `message`.
     pub fn new(code: &str, message: impl Into<String>) -> Denial {
-        Denial { code: code.into(), message: message.into() }
+        Denial {
+            code: code.into(),
+            message: message.into(),
+        }
     }
 }
 
 /// Refuses a caller whose role is below `needed`.
-pub fn require_role(access: &Access, caller: &Caller, needed: Role, what: &str) -> Result<Role, Denial> {
+pub fn require_role(
+    access: &Access,
+    caller: &Caller,
+    needed: Role,
+    what: &str,
+) -> Result<Role, Denial> {
     match role_of(access, caller) {
         Some(role) if role >= needed => Ok(role),
-        held => Err(Denial::new(
-            "not_authorized",
-            format!(
+        held => {
+            Err(Denial::new(
+                "not_authorized",
+                format!(
                 "user {} (uid {}) may not {what}: it needs the {} role, and the policy gives {}",
                 caller.name,
                 caller.uid,
                 role_name(needed),
                 held.map_or("none".to_string(), |r| format!("only the {} role", role_name(r)))
             ),
-        )),
+            ))
+        }
     }
 }
 
@@ -99,7 +109,11 @@ pub struct AccessRequest {
 
 /// Checks who (role) and what (ports, source, duration) in that order and returns the
 /// policy entries to grant, or the first reason that fails.
-pub fn check_request<'c>(config: &'c Config, caller: &Caller, request: &AccessRequest) -> Result<Vec<&'c PortPolicy>, Denial> {
+pub fn check_request<'c>(
+    config: &'c Config,
+    caller: &Caller,
+    request: &AccessRequest,
+) -> Result<Vec<&'c PortPolicy>, Denial> {
     require_role(&config.access, caller, Role::Requester, "request access")?;
     let entries: Vec<&PortPolicy> = if request.ports.is_empty() {
         config.ports.iter().collect()
@@ -108,10 +122,17 @@ pub fn check_request<'c>(config: &'c Config, caller: &Caller, request: &AccessRe
         for &port in &request.ports {
             let found: Vec<&PortPolicy> = config.port_policies(port).collect();
             if found.is_empty() {
-                let protected: Vec<String> = config.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                let protected: Vec<String> = config
+                    .ports
+                    .iter()
+                    .map(|p| format!("{}/{}", p.port, p.protocol))
+                    .collect();
                 return Err(Denial::new(
                     "port_not_protected",
-                    format!("port {port} is not protected by the policy (protected: {})", protected.join(", ")),
+                    format!(
+                        "port {port} is not protected by the policy (protected: {})",
+                        protected.join(", ")
+                    ),
                 ));
             }
             for entry in found {
@@ -137,7 +158,10 @@ pub fn check_request<'c>(config: &'c Config, caller: &Caller, request: &AccessRe
         }
     }
     if request.duration.is_zero() {
-        return Err(Denial::new("duration_invalid", "duration must be at least 1s"));
+        return Err(Denial::new(
+            "duration_invalid",
+            "duration must be at least 1s",
+        ));
     }
     for entry in &entries {
         if request.duration > entry.max_duration {
@@ -185,21 +209,41 @@ mod tests {
     }
 
     fn caller(uid: u32, name: &str, groups: &[&str]) -> Caller {
-        Caller { uid, name: name.into(), groups: groups.iter().map(|g| g.to_string()).collect() }
+        Caller {
+            uid,
+            name: name.into(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
     }
 
     fn request(ports: &[u16], source: &str, secs: u64) -> AccessRequest {
-        AccessRequest { ports: ports.to_vec(), source: parse_prefix(source).unwrap(), duration: Duration::from_secs(secs) }
+        AccessRequest {
+            ports: ports.to_vec(),
+            source: parse_prefix(source).unwrap(),
+            duration: Duration::from_secs(secs),
+        }
     }
 
     #[test]
     fn roles_come_from_users_groups_and_uids() {
         let access = config().access;
         assert_eq!(role_of(&access, &caller(0, "root", &[])), Some(Role::Admin));
-        assert_eq!(role_of(&access, &caller(1000, "alice", &[])), Some(Role::Admin));
-        assert_eq!(role_of(&access, &caller(1001, "bob", &["users", "ops"])), Some(Role::Requester));
-        assert_eq!(role_of(&access, &caller(1500, "carol", &[])), Some(Role::Requester));
-        assert_eq!(role_of(&access, &caller(1002, "victor", &[])), Some(Role::Viewer));
+        assert_eq!(
+            role_of(&access, &caller(1000, "alice", &[])),
+            Some(Role::Admin)
+        );
+        assert_eq!(
+            role_of(&access, &caller(1001, "bob", &["users", "ops"])),
+            Some(Role::Requester)
+        );
+        assert_eq!(
+            role_of(&access, &caller(1500, "carol", &[])),
+            Some(Role::Requester)
+        );
+        assert_eq!(
+            role_of(&access, &caller(1002, "victor", &[])),
+            Some(Role::Viewer)
+        );
         assert_eq!(role_of(&access, &caller(1003, "mallory", &["users"])), None);
     }
 
@@ -211,7 +255,10 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].port, 22);
         let all = check_request(&c, &ops, &request(&[], "203.0.113.0/28", 3600)).unwrap();
-        assert_eq!(all.iter().map(|e| e.port).collect::<Vec<_>>(), vec![22, 3389]);
+        assert_eq!(
+            all.iter().map(|e| e.port).collect::<Vec<_>>(),
+            vec![22, 3389]
+        );
     }
 
     #[test]
@@ -220,22 +267,54 @@ mod tests {
         let ops = caller(1001, "bob", &["ops"]);
         let code = |who: &Caller, r: AccessRequest| check_request(&c, who, &r).unwrap_err().code;
         // who comes before what
-        assert_eq!(code(&caller(1002, "victor", &[]), request(&[9999], "192.0.2.1", 0)), "not_authorized");
-        assert_eq!(code(&ops, request(&[9999], "192.0.2.1", 0)), "port_not_protected");
-        assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), "source_not_allowed");
-        assert_eq!(code(&ops, request(&[22], "203.0.0.0/16", 60)), "source_not_allowed");
-        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), "duration_invalid");
-        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 2 * 3600 + 1)), "duration_too_long");
-        assert_eq!(code(&ops, request(&[22, 3389], "203.0.113.7", 2 * 3600)), "duration_too_long");
+        assert_eq!(
+            code(
+                &caller(1002, "victor", &[]),
+                request(&[9999], "192.0.2.1", 0)
+            ),
+            "not_authorized"
+        );
+        assert_eq!(
+            code(&ops, request(&[9999], "192.0.2.1", 0)),
+            "port_not_protected"
+        );
+        assert_eq!(
+            code(&ops, request(&[22], "192.0.2.1", 0)),
+            "source_not_allowed"
+        );
+        assert_eq!(
+            code(&ops, request(&[22], "203.0.0.0/16", 60)),
+            "source_not_allowed"
+        );
+        assert_eq!(
+            code(&ops, request(&[22], "203.0.113.7", 0)),
+            "duration_invalid"
+        );
+        assert_eq!(
+            code(&ops, request(&[22], "203.0.113.7", 2 * 3600 + 1)),
+            "duration_too_long"
+        );
+        assert_eq!(
+            code(&ops, request(&[22, 3389], "203.0.113.7", 2 * 3600)),
+            "duration_too_long"
+        );
     }
 
     #[test]
     fn messages_name_the_values() {
         let c = config();
         let ops = caller(1001, "bob", &["ops"]);
-        let m = check_request(&c, &ops, &request(&[22], "192.0.2.1", 60)).unwrap_err().message;
+        let m = check_request(&c, &ops, &request(&[22], "192.0.2.1", 60))
+            .unwrap_err()
+            .message;
         assert_eq!(m, "source 192.0.2.1 is not allowed on port 22/tcp (allowed: 203.0.113.0/24, 2001:db8::/32)");
-        let m = check_request(&c, &caller(7, "victor", &[]), &request(&[22], "192.0.2.1", 60)).unwrap_err().message;
+        let m = check_request(
+            &c,
+            &caller(7, "victor", &[]),
+            &request(&[22], "192.0.2.1", 60),
+        )
+        .unwrap_err()
+        .message;
         assert_eq!(m, "user victor (uid 7) may not request access: it needs the requester role, and the policy gives only the viewer role");
     }
 }

@@ -16,7 +16,9 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error("cannot connect to jitd at {path}: {source} (is jitd running, and may you use its socket?)")]
+    #[error(
+        "cannot connect to jitd at {path}: {source} (is jitd running, and may you use its socket?)"
+    )]
     Connect {
         /// Socket path.
         path: String,
@@ -35,12 +37,18 @@ pub enum ClientError {
 pub async fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> Result<T, ClientError> {
     let stream = UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+        .map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
     let exchange = async {
         let (read, mut write) = stream.into_split();
         write.write_all(&encode_request(request)).await?;
         let mut line = Vec::new();
-        BufReader::new(read).take(MAX_REPLY_BYTES as u64).read_until(b'\n', &mut line).await?;
+        BufReader::new(read)
+            .take(MAX_REPLY_BYTES as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
         Ok::<_, std::io::Error>(line)
     };
     let line = tokio::time::timeout(REPLY_TIMEOUT, exchange)
@@ -48,11 +56,15 @@ pub async fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> Resu
         .map_err(|_| ClientError::Io(format!("no reply within {}s", REPLY_TIMEOUT.as_secs())))?
         .map_err(|e| ClientError::Io(e.to_string()))?;
     if line.is_empty() {
-        return Err(ClientError::Io("jitd closed the connection without a reply".into()));
+        return Err(ClientError::Io(
+            "jitd closed the connection without a reply".into(),
+        ));
     }
-    let reply: Reply = serde_json::from_slice(&line).map_err(|e| ClientError::Io(format!("unreadable reply: {e}")))?;
+    let reply: Reply = serde_json::from_slice(&line)
+        .map_err(|e| ClientError::Io(format!("unreadable reply: {e}")))?;
     match (reply.ok, reply.result, reply.error) {
-        (true, Some(result), _) => serde_json::from_value(result).map_err(|e| ClientError::Io(format!("unexpected result: {e}"))),
+        (true, Some(result), _) => serde_json::from_value(result)
+            .map_err(|e| ClientError::Io(format!("unexpected result: {e}"))),
         (_, _, Some(error)) => Err(ClientError::Refused(error)),
         _ => Err(ClientError::Io("reply has neither result nor error".into())),
     }

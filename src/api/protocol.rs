@@ -100,12 +100,25 @@ pub struct Reply {
 impl Reply {
     /// A successful reply carrying `result`.
     pub fn ok(result: impl Serialize) -> Reply {
-        Reply { v: PROTOCOL_VERSION, ok: true, result: Some(serde_json::to_value(result).expect("results serialize")), error: None }
+        Reply {
+            v: PROTOCOL_VERSION,
+            ok: true,
+            result: Some(serde_json::to_value(result).expect("results serialize")),
+            error: None,
+        }
     }
 
     /// A refusal or error with a machine-readable `code` and a human `message`.
     pub fn error(code: &str, message: impl Into<String>) -> Reply {
-        Reply { v: PROTOCOL_VERSION, ok: false, result: None, error: Some(ErrorBody { code: code.into(), message: message.into() }) }
+        Reply {
+            v: PROTOCOL_VERSION,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code: code.into(),
+                message: message.into(),
+            }),
+        }
     }
 
     /// The reply as one line, newline included.
@@ -118,7 +131,13 @@ impl Reply {
 
 /// Error codes that are not refusals of a valid request but problems with the message
 /// itself or with jitd; jitctl exits 2 for these.
-pub const PROTOCOL_ERROR_CODES: [&str; 5] = ["malformed", "too_large", "unsupported_version", "timeout", "busy"];
+pub const PROTOCOL_ERROR_CODES: [&str; 5] = [
+    "malformed",
+    "too_large",
+    "unsupported_version",
+    "timeout",
+    "busy",
+];
 
 /// What went wrong: `code` for scripts, `message` for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,14 +151,31 @@ pub struct ErrorBody {
 /// Decodes one request line (without its newline).
 pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
     if line.len() > MAX_REQUEST_BYTES {
-        return Err(Reply::error("too_large", format!("request is larger than {MAX_REQUEST_BYTES} bytes")));
+        return Err(Reply::error(
+            "too_large",
+            format!("request is larger than {MAX_REQUEST_BYTES} bytes"),
+        ));
     }
-    let text = std::str::from_utf8(line).map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => return Err(Reply::error("unsupported_version", format!("protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"))),
-        None => return Err(Reply::error("malformed", "request has no protocol version \"v\"")),
+        Some(v) => {
+            return Err(Reply::error(
+                "unsupported_version",
+                format!(
+                    "protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"
+                ),
+            ))
+        }
+        None => {
+            return Err(Reply::error(
+                "malformed",
+                "request has no protocol version \"v\"",
+            ))
+        }
     }
     serde_json::from_value::<Envelope>(value)
         .map(|e| e.request)
@@ -148,7 +184,11 @@ pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
 
 /// Encodes a request as one line, newline included.
 pub fn encode_request(request: &Request) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&Envelope { v: PROTOCOL_VERSION, request: request.clone() }).expect("requests serialize");
+    let mut line = serde_json::to_vec(&Envelope {
+        v: PROTOCOL_VERSION,
+        request: request.clone(),
+    })
+    .expect("requests serialize");
     line.push(b'\n');
     line
 }
@@ -266,15 +306,24 @@ mod tests {
                 until: None,
                 justification: Some("ticket 4711".into()),
             }),
-            Request::Revoke(RevokeRequest { id: Some(4), ..Default::default() }),
-            Request::Audit(AuditFilter { port: Some(22), ..Default::default() }),
+            Request::Revoke(RevokeRequest {
+                id: Some(4),
+                ..Default::default()
+            }),
+            Request::Audit(AuditFilter {
+                port: Some(22),
+                ..Default::default()
+            }),
         ];
         for r in requests {
             let line = encode_request(&r);
             assert_eq!(line.last(), Some(&b'\n'));
             assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
         }
-        assert_eq!(decode_request(br#"{"v":1,"op":"status"}"#).unwrap(), Request::Status);
+        assert_eq!(
+            decode_request(br#"{"v":1,"op":"status"}"#).unwrap(),
+            Request::Status
+        );
     }
 
     #[test]
@@ -284,7 +333,10 @@ mod tests {
         assert_eq!(code(br#"{"op":"status"}"#), "malformed");
         assert_eq!(code(br#"{"v":2,"op":"status"}"#), "unsupported_version");
         assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), "malformed");
-        assert_eq!(code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#), "malformed");
+        assert_eq!(
+            code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#),
+            "malformed"
+        );
         assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), "too_large");
     }
 }

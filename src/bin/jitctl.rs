@@ -7,8 +7,8 @@ use chrono::{DateTime, Local, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
-    PROTOCOL_ERROR_CODES,
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest,
+    RevokedReply, StatusReply, PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::config::DEFAULT_SOCKET_PATH;
@@ -19,7 +19,10 @@ use jitd::config::DEFAULT_SOCKET_PATH;
 /// jitd knows who you are from the socket (your uid and groups); what you may do comes
 /// from the [access] section of its policy.
 #[derive(Debug, Parser)]
-#[command(version, after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed), 2 usage or connection error.")]
+#[command(
+    version,
+    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed), 2 usage or connection error."
+)]
 struct Cli {
     /// jitd's control socket.
     #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH, env = "JITD_SOCKET")]
@@ -36,7 +39,9 @@ enum Command {
     /// Show the protected ports, the live grants, and recent use of each port.
     Status,
     /// Open ports for a source address or prefix, for a bounded time.
-    #[command(after_help = "Examples:\n  jitctl request --port 22 --source 203.0.113.7 --duration 2h --justification \"ticket 4711\"\n  jitctl request --source 198.51.100.0/24 --until 2026-12-01T17:00:00Z\n  jitctl request --duration 30m        # inside an SSH session: your SSH client's address, every protected port")]
+    #[command(
+        after_help = "Examples:\n  jitctl request --port 22 --source 203.0.113.7 --duration 2h --justification \"ticket 4711\"\n  jitctl request --source 198.51.100.0/24 --until 2026-12-01T17:00:00Z\n  jitctl request --duration 30m        # inside an SSH session: your SSH client's address, every protected port"
+    )]
     Request {
         /// Port to open (repeat for several); default: every protected port.
         #[arg(short, long = "port", value_name = "PORT")]
@@ -117,12 +122,16 @@ fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
         let back = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;
         return Ok(Utc::now() - back);
     }
-    parse_time(text).map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
+    parse_time(text)
+        .map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(message)) => {
@@ -163,18 +172,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 print_status(&status);
             }
         }
-        Command::Request { ports, source, duration, until, justification } => {
+        Command::Request {
+            ports,
+            source,
+            duration,
+            until,
+            justification,
+        } => {
             let source = match source {
                 Some(s) => s,
                 None => ssh_client_address()?,
             };
-            let request = GrantRequest { ports, source, duration_secs: duration.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)), until, justification };
+            let request = GrantRequest {
+                ports,
+                source,
+                duration_secs: duration.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+                until,
+                justification,
+            };
             let granted: GrantedReply = call(socket, &Request::Request(request)).await?;
             if cli.json {
                 print_json(&granted);
             } else {
                 for g in &granted.grants {
-                    println!("granted: id {} opens {}/{} for {} until {}", g.id, g.port, g.protocol, g.source, both_times(g.expires_at));
+                    println!(
+                        "granted: id {} opens {}/{} for {} until {}",
+                        g.id,
+                        g.port,
+                        g.protocol,
+                        g.source,
+                        both_times(g.expires_at)
+                    );
                 }
                 for id in &granted.superseded {
                     println!("replaced: grant {id} (superseded by the new grant)");
@@ -182,23 +210,43 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Revoke { id, source, port } => {
-            let revoked: RevokedReply = call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
+            let revoked: RevokedReply =
+                call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
             if cli.json {
                 print_json(&revoked);
             } else {
                 for g in &revoked.revoked {
-                    println!("revoked: id {} closed {}/{} for {}", g.id, g.port, g.protocol, g.source);
+                    println!(
+                        "revoked: id {} closed {}/{} for {}",
+                        g.id, g.port, g.protocol, g.source
+                    );
                 }
             }
         }
-        Command::Audit { since, until, user, port, format } => {
-            let reply: AuditReply = call(socket, &Request::Audit(AuditFilter { since, until, user, port })).await?;
+        Command::Audit {
+            since,
+            until,
+            user,
+            port,
+            format,
+        } => {
+            let reply: AuditReply = call(
+                socket,
+                &Request::Audit(AuditFilter {
+                    since,
+                    until,
+                    user,
+                    port,
+                }),
+            )
+            .await?;
             for w in &reply.warnings {
                 eprintln!("jitctl: warning: {w}");
             }
             match if cli.json { Format::Json } else { format } {
                 Format::Json => print_json(&reply.records),
-                Format::Csv => jitd::audit::write_csv(&reply.records, std::io::stdout().lock()).map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?,
+                Format::Csv => jitd::audit::write_csv(&reply.records, std::io::stdout().lock())
+                    .map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?,
                 Format::Table => print_audit(&reply),
             }
         }
@@ -218,28 +266,46 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 fn ssh_client_address() -> Result<String, Failure> {
     let conn = std::env::var("SSH_CONNECTION")
         .map_err(|_| Failure::Usage("--source is required (not inside an SSH session, so there is no client address to take)".into()))?;
-    let addr = conn.split_whitespace().next().unwrap_or_default().to_string();
+    let addr = conn
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     if addr.parse::<std::net::IpAddr>().is_err() {
-        return Err(Failure::Usage(format!("SSH_CONNECTION does not start with an address ({conn:?}); give --source")));
+        return Err(Failure::Usage(format!(
+            "SSH_CONNECTION does not start with an address ({conn:?}); give --source"
+        )));
     }
     eprintln!("jitctl: using your SSH client address {addr} as --source (from SSH_CONNECTION)");
     Ok(addr)
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("results serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("results serialize")
+    );
 }
 
 fn both_times(t: DateTime<Utc>) -> String {
-    format!("{} ({})", t.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S %Z"), t.format("%Y-%m-%dT%H:%M:%SZ"))
+    format!(
+        "{} ({})",
+        t.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S %Z"),
+        t.format("%Y-%m-%dT%H:%M:%SZ")
+    )
 }
 
 fn short_time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or("-".into(), |t| t.with_timezone(&Local).format("%Y-%m-%d %H:%M").to_string())
+    t.map_or("-".into(), |t| {
+        t.with_timezone(&Local).format("%Y-%m-%d %H:%M").to_string()
+    })
 }
 
 fn print_status(s: &StatusReply) {
-    println!("Protected ports (jitd {}, on stop: {}, your role: {})", s.version, s.on_stop, s.your_role);
+    println!(
+        "Protected ports (jitd {}, on stop: {}, your role: {})",
+        s.version, s.on_stop, s.your_role
+    );
     let rows: Vec<Vec<String>> = s
         .ports
         .iter()
@@ -255,7 +321,18 @@ fn print_status(s: &StatusReply) {
             ]
         })
         .collect();
-    print_table(&["PORT", "PROTO", "ALLOWED SOURCES", "MAX", "APPROVED 7D", "LAST ACCESS", "LAST USER"], &rows);
+    print_table(
+        &[
+            "PORT",
+            "PROTO",
+            "ALLOWED SOURCES",
+            "MAX",
+            "APPROVED 7D",
+            "LAST ACCESS",
+            "LAST USER",
+        ],
+        &rows,
+    );
     if !s.exempt_sources.is_empty() {
         println!("Exempt from the lockdown: {}", s.exempt_sources.join(", "));
     }
@@ -269,7 +346,18 @@ fn print_status(s: &StatusReply) {
     }
     println!("Active grants");
     let rows: Vec<Vec<String>> = s.grants.iter().map(grant_row).collect();
-    print_table(&["ID", "SOURCE", "PORT", "PROTO", "REQUESTER", "TIME LEFT", "JUSTIFICATION"], &rows);
+    print_table(
+        &[
+            "ID",
+            "SOURCE",
+            "PORT",
+            "PROTO",
+            "REQUESTER",
+            "TIME LEFT",
+            "JUSTIFICATION",
+        ],
+        &rows,
+    );
 }
 
 fn grant_row(g: &GrantInfo) -> Vec<String> {
@@ -290,18 +378,30 @@ fn print_audit(reply: &AuditReply) {
         .iter()
         .map(|r| {
             vec![
-                r.time.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string(),
+                r.time
+                    .with_timezone(&Local)
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string(),
                 r.actor.clone(),
                 enum_text(&r.action),
                 enum_text(&r.outcome),
-                r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+                r.ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 r.source.clone().unwrap_or_default(),
                 r.grant_id.map(|g| g.to_string()).unwrap_or_default(),
                 r.reason.clone().unwrap_or_default(),
             ]
         })
         .collect();
-    print_table(&["TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON"], &rows);
+    print_table(
+        &[
+            "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON",
+        ],
+        &rows,
+    );
 }
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
@@ -312,7 +412,11 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());

@@ -18,7 +18,10 @@ use jitd::firewall::Firewall;
 /// Runs in the foreground (systemd Type=notify). Established connections are never cut.
 /// Grants are nftables set elements with kernel timeouts: they close even if jitd dies.
 #[derive(Debug, Parser)]
-#[command(version, after_help = "Exit status: 0 stopped cleanly, 1 runtime failure (nothing left half-done), 2 invalid policy or usage.\n\nSignals: SIGTERM/SIGINT stop (see on_stop), SIGHUP re-reads the policy.")]
+#[command(
+    version,
+    after_help = "Exit status: 0 stopped cleanly, 1 runtime failure (nothing left half-done), 2 invalid policy or usage.\n\nSignals: SIGTERM/SIGINT stop (see on_stop), SIGHUP re-reads the policy."
+)]
 struct Args {
     /// The JIT policy (TOML).
     #[arg(short, long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH, env = "JITD_CONFIG")]
@@ -45,7 +48,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("jitd: cannot start the async runtime: {e}");
@@ -74,7 +81,9 @@ async fn async_main(args: Args) -> ExitCode {
     } else if args.unlock {
         unlock().await
     } else {
-        jitd::daemon::run(config, NftCli::default(), shutdown_signal()).await.context("jitd failed to start; the ports are as they were")
+        jitd::daemon::run(config, NftCli::default(), shutdown_signal())
+            .await
+            .context("jitd failed to start; the ports are as they were")
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,7 +96,10 @@ async fn async_main(args: Args) -> ExitCode {
 
 async fn check_config(config: &Config) -> anyhow::Result<()> {
     let batch = rules::replace_table(&LockdownSpec::from_config(config), &[]);
-    println!("# {}: valid. jitd would apply this nftables batch (nft -j -f -):", config.path.display());
+    println!(
+        "# {}: valid. jitd would apply this nftables batch (nft -j -f -):",
+        config.path.display()
+    );
     println!("{}", serde_json::to_string_pretty(&batch)?);
     match NftCli::default().check(&batch).await {
         Ok(()) => println!("# the kernel accepts it (nft --check); nothing was changed"),
@@ -97,14 +109,23 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
 }
 
 async fn unlock() -> anyhow::Result<()> {
-    NftCli::default().apply(&rules::remove_table()).await.context("removing the lockdown")?;
-    tracing::info!("lockdown removed: table inet {} is gone, the protected ports are open", rules::TABLE);
+    NftCli::default()
+        .apply(&rules::remove_table())
+        .await
+        .context("removing the lockdown")?;
+    tracing::info!(
+        "lockdown removed: table inet {} is gone, the protected ports are open",
+        rules::TABLE
+    );
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };
@@ -117,7 +138,10 @@ async fn shutdown_signal() {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("JITD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
     // Under systemd the journal adds its own timestamps.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match (format, under_journal) {

@@ -20,18 +20,23 @@ pub struct NftCli {
 
 impl Default for NftCli {
     fn default() -> Self {
-        NftCli { program: "nft".into() }
+        NftCli {
+            program: "nft".into(),
+        }
     }
 }
 
 impl NftCli {
     /// Uses `program` instead of `nft` from `PATH`.
     pub fn with_program(program: impl Into<String>) -> NftCli {
-        NftCli { program: program.into() }
+        NftCli {
+            program: program.into(),
+        }
     }
 
     async fn run(&self, args: &[&str], batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let payload =
+            serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         let mut child = Command::new(&self.program)
             .args(args)
             .args(["-j", "-f", "-"])
@@ -40,7 +45,10 @@ impl NftCli {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| FirewallError::Spawn { program: self.program.clone(), source })?;
+            .map_err(|source| FirewallError::Spawn {
+                program: self.program.clone(),
+                source,
+            })?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let run = async move {
             // nft reads all of stdin before it answers, so write first, then wait.
@@ -56,8 +64,17 @@ impl NftCli {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let message = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
-        Err(FirewallError::Rejected(if message.is_empty() { format!("nft exited with {}", output.status) } else { message }))
+        let message = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(FirewallError::Rejected(if message.is_empty() {
+            format!("nft exited with {}", output.status)
+        } else {
+            message
+        }))
     }
 }
 

@@ -33,7 +33,9 @@ use nftables::expr::{
     BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
     SetItem, CT,
 };
-use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
+use nftables::schema::{
+    Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
 use nftables::stmt::{Counter, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -69,7 +71,8 @@ impl LockdownSpec {
         }
         LockdownSpec {
             locked,
-            exempt: config.lockdown.exempt_sources.clone(),
+            // overlapping prefixes cannot share an interval set: merge them first
+            exempt: IpNet::aggregate(&config.lockdown.exempt_sources),
             interfaces: config.lockdown.interfaces.clone(),
         }
     }
@@ -133,8 +136,16 @@ pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'
             comment: None,
         }));
     }
-    add_prefix_elements(&mut batch, "exempt4", spec.exempt.iter().filter(|p| matches!(p, IpNet::V4(_))));
-    add_prefix_elements(&mut batch, "exempt6", spec.exempt.iter().filter(|p| matches!(p, IpNet::V6(_))));
+    add_prefix_elements(
+        &mut batch,
+        "exempt4",
+        spec.exempt.iter().filter(|p| matches!(p, IpNet::V4(_))),
+    );
+    add_prefix_elements(
+        &mut batch,
+        "exempt6",
+        spec.exempt.iter().filter(|p| matches!(p, IpNet::V6(_))),
+    );
     let locked: Vec<Expression<'static>> = spec
         .locked
         .iter()
@@ -203,7 +214,11 @@ pub fn timeout_secs(timeout: Duration) -> u32 {
     u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
 }
 
-fn add_prefix_elements<'a>(batch: &mut Batch<'static>, set: &str, prefixes: impl Iterator<Item = &'a IpNet>) {
+fn add_prefix_elements<'a>(
+    batch: &mut Batch<'static>,
+    set: &str,
+    prefixes: impl Iterator<Item = &'a IpNet>,
+) {
     let elems: Vec<_> = prefixes.map(prefix_expr).collect();
     if !elems.is_empty() {
         batch.add(element(set, elems));
@@ -255,7 +270,13 @@ fn input_chain() -> Chain<'static> {
 fn sets() -> Vec<Set<'static>> {
     let addr4 = SetType::Ipv4Addr;
     let addr6 = SetType::Ipv6Addr;
-    let key = |addr| SetTypeValue::Concatenated(Cow::Owned(vec![addr, SetType::InetProto, SetType::InetService]));
+    let key = |addr| {
+        SetTypeValue::Concatenated(Cow::Owned(vec![
+            addr,
+            SetType::InetProto,
+            SetType::InetService,
+        ]))
+    };
     vec![
         set("exempt4", SetTypeValue::Single(addr4), &[SetFlag::Interval]),
         set("exempt6", SetTypeValue::Single(addr6), &[SetFlag::Interval]),
@@ -265,9 +286,17 @@ fn sets() -> Vec<Set<'static>> {
             &[],
         ),
         set("grants4", key(addr4), &[SetFlag::Timeout]),
-        set("grants4_net", key(addr4), &[SetFlag::Interval, SetFlag::Timeout]),
+        set(
+            "grants4_net",
+            key(addr4),
+            &[SetFlag::Interval, SetFlag::Timeout],
+        ),
         set("grants6", key(addr6), &[SetFlag::Timeout]),
-        set("grants6_net", key(addr6), &[SetFlag::Interval, SetFlag::Timeout]),
+        set(
+            "grants6_net",
+            key(addr6),
+            &[SetFlag::Interval, SetFlag::Timeout],
+        ),
     ]
 }
 
@@ -314,8 +343,16 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
         vec![eq(payload("ip6", "saddr"), s("@exempt6")), accept()],
     ];
     for set in GRANT_SETS {
-        let family = if set.starts_with("grants4") { "ip" } else { "ip6" };
-        let key = concat(vec![payload(family, "saddr"), meta(MetaKey::L4proto), payload("th", "dport")]);
+        let family = if set.starts_with("grants4") {
+            "ip"
+        } else {
+            "ip6"
+        };
+        let key = concat(vec![
+            payload(family, "saddr"),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+        ]);
         rules.push(vec![eq(key, s(&format!("@{set}"))), accept()]);
     }
     let locked_key = || concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]);
@@ -323,10 +360,22 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
         if spec.interfaces.is_empty() {
             return Vec::new();
         }
-        let names = spec.interfaces.iter().map(|n| SetItem::Element(s(n))).collect();
-        vec![eq(meta(MetaKey::Iifname), Expression::Named(NamedExpression::Set(names)))]
+        let names = spec
+            .interfaces
+            .iter()
+            .map(|n| SetItem::Element(s(n)))
+            .collect();
+        vec![eq(
+            meta(MetaKey::Iifname),
+            Expression::Named(NamedExpression::Set(names)),
+        )]
     };
-    let counter_drop = || vec![Statement::Counter(Counter::Anonymous(None)), Statement::Drop(None)];
+    let counter_drop = || {
+        vec![
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ]
+    };
     // TCP: drop only a bare SYN, the first packet of a new connection.
     let mut tcp = interfaces();
     tcp.push(eq(meta(MetaKey::L4proto), s("tcp")));
@@ -343,7 +392,11 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
     // UDP has no handshake: drop what conntrack has not seen before.
     let mut udp = interfaces();
     udp.push(eq(meta(MetaKey::L4proto), s("udp")));
-    udp.push(Statement::Match(Match { left: ct("state"), right: s("new"), op: Operator::IN }));
+    udp.push(Statement::Match(Match {
+        left: ct("state"),
+        right: s("new"),
+        op: Operator::IN,
+    }));
     udp.push(eq(locked_key(), s("@locked")));
     udp.extend(counter_drop());
     rules.push(udp);
@@ -359,10 +412,12 @@ fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
 }
 
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
-        protocol: protocol.into(),
-        field: field.into(),
-    })))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
 }
 
 fn meta(key: MetaKey) -> Expression<'static> {
@@ -370,11 +425,19 @@ fn meta(key: MetaKey) -> Expression<'static> {
 }
 
 fn ct(key: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::CT(CT { key: key.into(), family: None, dir: None }))
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
 }
 
 fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match { left, right, op: Operator::EQ })
+    Statement::Match(Match {
+        left,
+        right,
+        op: Operator::EQ,
+    })
 }
 
 #[cfg(test)]
@@ -386,7 +449,10 @@ mod tests {
     fn spec() -> LockdownSpec {
         LockdownSpec {
             locked: vec![(Transport::Tcp, 22), (Transport::Udp, 3389)],
-            exempt: vec![parse_prefix("10.9.0.0/16").unwrap(), parse_prefix("fd00::/8").unwrap()],
+            exempt: vec![
+                parse_prefix("10.9.0.0/16").unwrap(),
+                parse_prefix("fd00::/8").unwrap(),
+            ],
             interfaces: vec![],
         }
     }
@@ -417,15 +483,26 @@ mod tests {
         let text = serde_json::to_string(&replace_table(&spec(), &[])).unwrap();
         assert!(text.contains(r#"{"concat":["tcp",22]}"#), "{text}");
         assert!(text.contains(r#"{"concat":["udp",3389]}"#), "{text}");
-        assert!(text.contains(r#""name":"exempt4","elem":[{"prefix":{"addr":"10.9.0.0","len":16}}]"#), "{text}");
-        assert!(text.contains(r#""name":"exempt6","elem":[{"prefix":{"addr":"fd00::","len":8}}]"#), "{text}");
+        assert!(
+            text.contains(r#""name":"exempt4","elem":[{"prefix":{"addr":"10.9.0.0","len":16}}]"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""name":"exempt6","elem":[{"prefix":{"addr":"fd00::","len":8}}]"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn only_a_bare_syn_is_dropped_for_tcp() {
         let text = serde_json::to_string(&replace_table(&spec(), &[])).unwrap();
-        assert!(text.contains(r#"{"&":[{"payload":{"protocol":"tcp","field":"flags"}},["fin","syn","rst","ack"]]}"#));
-        assert!(!text.contains("iifname"), "no interface filter when none configured");
+        assert!(text.contains(
+            r#"{"&":[{"payload":{"protocol":"tcp","field":"flags"}},["fin","syn","rst","ack"]]}"#
+        ));
+        assert!(
+            !text.contains("iifname"),
+            "no interface filter when none configured"
+        );
     }
 
     #[test]
@@ -433,28 +510,65 @@ mod tests {
         let mut spec = spec();
         spec.interfaces = vec!["eth0".into(), "ens3".into()];
         let text = serde_json::to_string(&replace_table(&spec, &[])).unwrap();
-        assert_eq!(text.matches(r#"{"set":["eth0","ens3"]}"#).count(), 2, "{text}");
+        assert_eq!(
+            text.matches(r#"{"set":["eth0","ens3"]}"#).count(),
+            2,
+            "{text}"
+        );
     }
 
     #[test]
     fn grants_go_to_the_set_of_their_kind() {
         let g = |src: &str| GrantElement {
-            key: GrantKey { source: parse_prefix(src).unwrap(), transport: Transport::Tcp, port: 22 },
+            key: GrantKey {
+                source: parse_prefix(src).unwrap(),
+                transport: Transport::Tcp,
+                port: 22,
+            },
             timeout: Duration::from_millis(1500),
         };
-        let batch = change_grants(&[], &[g("203.0.113.7"), g("198.51.100.0/24"), g("2001:db8::1"), g("2001:db8::/64")]).unwrap();
+        let batch = change_grants(
+            &[],
+            &[
+                g("203.0.113.7"),
+                g("198.51.100.0/24"),
+                g("2001:db8::1"),
+                g("2001:db8::/64"),
+            ],
+        )
+        .unwrap();
         let cmds = commands(&batch);
-        let sets: Vec<_> = cmds.iter().map(|c| c["add"]["element"]["name"].as_str().unwrap().to_string()).collect();
+        let sets: Vec<_> = cmds
+            .iter()
+            .map(|c| c["add"]["element"]["name"].as_str().unwrap().to_string())
+            .collect();
         assert_eq!(sets, GRANT_SETS);
         let text = serde_json::to_string(&batch).unwrap();
-        assert!(text.contains(r#"{"elem":{"val":{"concat":["203.0.113.7","tcp",22]},"timeout":2"#), "{text}");
-        assert!(text.contains(r#"{"prefix":{"addr":"198.51.100.0","len":24}}"#), "{text}");
+        assert!(
+            text.contains(r#"{"elem":{"val":{"concat":["203.0.113.7","tcp",22]},"timeout":2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"{"prefix":{"addr":"198.51.100.0","len":24}}"#),
+            "{text}"
+        );
     }
 
     #[test]
     fn removal_and_addition_share_one_batch() {
-        let key = GrantKey { source: parse_prefix("203.0.113.7").unwrap(), transport: Transport::Udp, port: 53 };
-        let batch = change_grants(&[key], &[GrantElement { key, timeout: Duration::from_secs(60) }]).unwrap();
+        let key = GrantKey {
+            source: parse_prefix("203.0.113.7").unwrap(),
+            transport: Transport::Udp,
+            port: 53,
+        };
+        let batch = change_grants(
+            &[key],
+            &[GrantElement {
+                key,
+                timeout: Duration::from_secs(60),
+            }],
+        )
+        .unwrap();
         let cmds = commands(&batch);
         assert_eq!(cmds.len(), 2);
         assert!(cmds[0]["delete"]["element"].is_object());
