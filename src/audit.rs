@@ -188,11 +188,7 @@ pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<Strin
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
             Ok(r) => records.push(r),
-            Err(e) => problems.push(format!(
-                "{}:{}: skipped unreadable record: {e}",
-                path.display(),
-                i + 1
-            )),
+            Err(e) => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
         }
     }
     Ok((records, problems))
@@ -221,8 +217,7 @@ impl AuditFilter {
         self.since.is_none_or(|t| record.time >= t)
             && self.until.is_none_or(|t| record.time <= t)
             && self.user.as_ref().is_none_or(|u| {
-                *u == record.actor
-                    || Some(u.as_str()) == record.actor_uid.map(|n| n.to_string()).as_deref()
+                *u == record.actor || Some(u.as_str()) == record.actor_uid.map(|n| n.to_string()).as_deref()
             })
             && self.port.is_none_or(|p| record.ports.contains(&p))
     }
@@ -298,8 +293,7 @@ mod tests {
     fn appended_records_read_back_and_a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(dir.path()).unwrap();
-        log.append(&[record(1, "bob", 22), record(2, "alice", 3389)])
-            .unwrap();
+        log.append(&[record(1, "bob", 22), record(2, "alice", 3389)]).unwrap();
         // a crash in the middle of a write leaves half a line
         std::fs::OpenOptions::new()
             .append(true)
@@ -308,15 +302,9 @@ mod tests {
             .write_all(b"{\"time\":\"2026-")
             .unwrap();
         let (records, problems) = read_records(log.path()).unwrap();
-        assert_eq!(
-            records,
-            vec![record(1, "bob", 22), record(2, "alice", 3389)]
-        );
+        assert_eq!(records, vec![record(1, "bob", 22), record(2, "alice", 3389)]);
         assert_eq!(problems.len(), 1);
-        assert!(
-            problems[0].contains("audit.jsonl:3: skipped"),
-            "{problems:?}"
-        );
+        assert!(problems[0].contains("audit.jsonl:3: skipped"), "{problems:?}");
     }
 
     #[test]

@@ -353,18 +353,11 @@ fn toml_error(path: &Path, text: &str, error: &toml::de::Error) -> ConfigError {
     ConfigError::one(path, format!("{location}{message}"))
 }
 
-fn validate(
-    path: &Path,
-    raw: RawConfig,
-    groups: GroupLookup,
-    problems: &mut Vec<String>,
-) -> Config {
+fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec<String>) -> Config {
     let socket_group = raw.socket_group.and_then(|name| match groups(&name) {
         Some(gid) => Some(SocketGroup { name, gid }),
         None => {
-            problems.push(format!(
-                "socket_group: no such group on this host, got {name:?}"
-            ));
+            problems.push(format!("socket_group: no such group on this host, got {name:?}"));
             None
         }
     });
@@ -372,9 +365,7 @@ fn validate(
         None | Some("keep-locked") => OnStop::KeepLocked,
         Some("unlock") => OnStop::Unlock,
         Some(other) => {
-            problems.push(format!(
-                "on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"
-            ));
+            problems.push(format!("on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"));
             OnStop::KeepLocked
         }
     };
@@ -395,17 +386,16 @@ fn validate(
     let ports = match raw.ports {
         None => default_ports(),
         Some(list) if list.is_empty() => {
-            problems.push("ports: lists no port; remove the key for the defaults (22, 3389, 5985, 5986) or add [[ports]] entries".into());
+            problems.push(
+                "ports: lists no port; remove the key for the defaults (22, 3389, 5985, 5986) or add [[ports]] entries"
+                    .into(),
+            );
             Vec::new()
         }
         Some(list) => validate_ports(list, problems),
     };
     let lockdown = Lockdown {
-        exempt_sources: parse_prefixes(
-            "lockdown.exempt_sources",
-            &raw.lockdown.exempt_sources,
-            problems,
-        ),
+        exempt_sources: parse_prefixes("lockdown.exempt_sources", &raw.lockdown.exempt_sources, problems),
         interfaces: validate_interfaces(raw.lockdown.interfaces, problems),
     };
     let access = Access {
@@ -475,28 +465,23 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
                 AllowedSources::Any
             }
             Some(list) if list.is_empty() => {
-                problems.push(format!("{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes", field("allowed_sources")));
+                problems.push(format!(
+                    "{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes",
+                    field("allowed_sources")
+                ));
                 AllowedSources::Prefixes(Vec::new())
             }
-            Some(list) => {
-                AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, problems))
-            }
+            Some(list) => AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, problems)),
         };
         let max_duration = match raw.max_duration.as_deref() {
             None => DEFAULT_MAX_DURATION,
             Some(text) => match crate::duration::parse(text) {
                 Ok(d) if d.as_secs() == 0 => {
-                    problems.push(format!(
-                        "{}: must be at least 1s, got {text:?}",
-                        field("max_duration")
-                    ));
+                    problems.push(format!("{}: must be at least 1s, got {text:?}", field("max_duration")));
                     d
                 }
                 Ok(d) if d > MAX_DURATION_LIMIT => {
-                    problems.push(format!(
-                        "{}: must be at most 24h, got {text:?}",
-                        field("max_duration")
-                    ));
+                    problems.push(format!("{}: must be at most 24h, got {text:?}", field("max_duration")));
                     d
                 }
                 Ok(d) => d,
@@ -545,9 +530,7 @@ fn validate_interfaces(names: Vec<String>, problems: &mut Vec<String>) -> Vec<St
                 "lockdown.interfaces[{i}]: not a valid interface name, got {name:?}"
             ));
         } else if !seen.insert(name.as_str()) {
-            problems.push(format!(
-                "lockdown.interfaces[{i}]: listed twice, got {name:?}"
-            ));
+            problems.push(format!("lockdown.interfaces[{i}]: listed twice, got {name:?}"));
         }
     }
     names
@@ -585,8 +568,7 @@ pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
         return Ok(IpNet::from(addr));
     }
     let net: IpNet = text.parse().map_err(|_| {
-        "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)"
-            .to_string()
+        "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)".to_string()
     })?;
     if net.trunc() != net {
         return Err(format!("has host bits set; did you mean {}?", net.trunc()));
@@ -616,13 +598,7 @@ mod tests {
     }
 
     fn first_problem(text: &str) -> String {
-        parse(text)
-            .unwrap_err()
-            .to_string()
-            .lines()
-            .next()
-            .unwrap()
-            .to_string()
+        parse(text).unwrap_err().to_string().lines().next().unwrap().to_string()
     }
 
     #[test]
@@ -684,22 +660,70 @@ mod tests {
     fn each_bad_value_is_named_with_field_and_value() {
         let cases = [
             ("bogus = 1", "unknown field `bogus`"),
-            ("[[ports]]\nport = 70000", "ports[0].port: must be between 1 and 65535, got 70000"),
-            ("[[ports]]\nport = 0", "ports[0].port: must be between 1 and 65535, got 0"),
-            ("[[ports]]\nport = 22\n[[ports]]\nport = 22", "ports[1].port: port 22/tcp is already protected"),
-            ("[[ports]]\nport = 22\nprotocol = \"any\"\n[[ports]]\nport = 22\nprotocol = \"udp\"", "ports[1].port: port 22/udp is already protected"),
-            ("[[ports]]\nport = 22\nprotocol = \"sctp\"", "ports[0].protocol: must be \"tcp\", \"udp\" or \"any\", got \"sctp\""),
-            ("[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.300/8\"]", "ports[0].allowed_sources[0]: not an IP address"),
-            ("[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.1/8\"]", "has host bits set; did you mean 10.0.0.0/8?"),
-            ("[[ports]]\nport = 22\nmax_duration = \"0s\"", "ports[0].max_duration: must be at least 1s, got \"0s\""),
-            ("[[ports]]\nport = 22\nmax_duration = \"48h\"", "ports[0].max_duration: must be at most 24h, got \"48h\""),
-            ("[[ports]]\nport = 22\nmax_duration = \"soon\"", "ports[0].max_duration: not a duration"),
-            ("socket_group = \"nosuchgroup\"", "socket_group: no such group on this host, got \"nosuchgroup\""),
-            ("on_stop = \"open\"", "on_stop: must be \"keep-locked\" or \"unlock\", got \"open\""),
-            ("[lockdown]\nexempt_sources = [\"bastion\"]", "lockdown.exempt_sources[0]: not an IP address"),
-            ("[lockdown]\ninterfaces = [\"a/b\"]", "lockdown.interfaces[0]: not a valid interface name"),
-            ("[access]\nadmins = [\"alice\"]", "access.admins[0]: must be \"user:NAME\""),
-            ("[access]\nviewers = [\"uid:x\"]", "access.viewers[0]: uid must be a number, got \"uid:x\""),
+            (
+                "[[ports]]\nport = 70000",
+                "ports[0].port: must be between 1 and 65535, got 70000",
+            ),
+            (
+                "[[ports]]\nport = 0",
+                "ports[0].port: must be between 1 and 65535, got 0",
+            ),
+            (
+                "[[ports]]\nport = 22\n[[ports]]\nport = 22",
+                "ports[1].port: port 22/tcp is already protected",
+            ),
+            (
+                "[[ports]]\nport = 22\nprotocol = \"any\"\n[[ports]]\nport = 22\nprotocol = \"udp\"",
+                "ports[1].port: port 22/udp is already protected",
+            ),
+            (
+                "[[ports]]\nport = 22\nprotocol = \"sctp\"",
+                "ports[0].protocol: must be \"tcp\", \"udp\" or \"any\", got \"sctp\"",
+            ),
+            (
+                "[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.300/8\"]",
+                "ports[0].allowed_sources[0]: not an IP address",
+            ),
+            (
+                "[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.1/8\"]",
+                "has host bits set; did you mean 10.0.0.0/8?",
+            ),
+            (
+                "[[ports]]\nport = 22\nmax_duration = \"0s\"",
+                "ports[0].max_duration: must be at least 1s, got \"0s\"",
+            ),
+            (
+                "[[ports]]\nport = 22\nmax_duration = \"48h\"",
+                "ports[0].max_duration: must be at most 24h, got \"48h\"",
+            ),
+            (
+                "[[ports]]\nport = 22\nmax_duration = \"soon\"",
+                "ports[0].max_duration: not a duration",
+            ),
+            (
+                "socket_group = \"nosuchgroup\"",
+                "socket_group: no such group on this host, got \"nosuchgroup\"",
+            ),
+            (
+                "on_stop = \"open\"",
+                "on_stop: must be \"keep-locked\" or \"unlock\", got \"open\"",
+            ),
+            (
+                "[lockdown]\nexempt_sources = [\"bastion\"]",
+                "lockdown.exempt_sources[0]: not an IP address",
+            ),
+            (
+                "[lockdown]\ninterfaces = [\"a/b\"]",
+                "lockdown.interfaces[0]: not a valid interface name",
+            ),
+            (
+                "[access]\nadmins = [\"alice\"]",
+                "access.admins[0]: must be \"user:NAME\"",
+            ),
+            (
+                "[access]\nviewers = [\"uid:x\"]",
+                "access.viewers[0]: uid must be a number, got \"uid:x\"",
+            ),
             ("ports = []", "ports: lists no port"),
         ];
         for (text, expected) in cases {

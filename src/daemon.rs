@@ -13,8 +13,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request,
-    RevokeRequest, RevokedReply, StatusReply, MAX_JUSTIFICATION_CHARS,
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request, RevokeRequest,
+    RevokedReply, StatusReply, MAX_JUSTIFICATION_CHARS,
 };
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
@@ -86,22 +86,14 @@ impl<F: Firewall> Daemon<F> {
     pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
         create_state_dir(&config.state_dir)?;
         let mut audit = AuditLog::open(&config.state_dir)?;
-        let (history, problems) =
-            audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
+        let (history, problems) = audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
         for p in problems {
             tracing::warn!("{p}");
         }
-        let first_id = history
-            .iter()
-            .filter_map(|r| r.grant_id)
-            .max()
-            .map_or(1, |m| m + 1);
+        let first_id = history.iter().filter_map(|r| r.grant_id).max().map_or(1, |m| m + 1);
         let usage = usage_from_history(&history);
         firewall
-            .apply(&rules::replace_table(
-                &LockdownSpec::from_config(&config),
-                &[],
-            ))
+            .apply(&rules::replace_table(&LockdownSpec::from_config(&config), &[]))
             .await?;
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Done);
         record.ports = config.ports.iter().map(|p| p.port).collect();
@@ -151,14 +143,7 @@ impl<F: Firewall> Daemon<F> {
         let records: Vec<AuditRecord> = ended
             .iter()
             .map(|g| {
-                let mut r = grant_record(
-                    g,
-                    g.expires_at,
-                    None,
-                    "jitd",
-                    Action::Expire,
-                    Outcome::Expired,
-                );
+                let mut r = grant_record(g, g.expires_at, None, "jitd", Action::Expire, Outcome::Expired);
                 r.reason = Some("time is up".into());
                 r
             })
@@ -191,9 +176,7 @@ impl<F: Firewall> Daemon<F> {
             || new_config.socket_group != st.config.socket_group
             || new_config.state_dir != st.config.state_dir
         {
-            tracing::warn!(
-                "socket, socket_group and state_dir changes take effect at the next restart"
-            );
+            tracing::warn!("socket, socket_group and state_dir changes take effect at the next restart");
         }
         let now = Instant::now();
         let ended: Vec<GrantId> = st
@@ -217,25 +200,12 @@ impl<F: Firewall> Daemon<F> {
             .iter()
             .filter_map(|id| st.book.get(*id))
             .map(|g| {
-                let mut r = grant_record(
-                    g,
-                    wall,
-                    Some(actor.uid),
-                    &actor.name,
-                    Action::Reload,
-                    Outcome::Revoked,
-                );
+                let mut r = grant_record(g, wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Revoked);
                 r.reason = Some("policy changed".into());
                 r
             })
             .collect();
-        let mut done = AuditRecord::new(
-            wall,
-            Some(actor.uid),
-            &actor.name,
-            Action::Reload,
-            Outcome::Done,
-        );
+        let mut done = AuditRecord::new(wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Done);
         done.ports = new_config.ports.iter().map(|p| p.port).collect();
         done.reason = Some(format!(
             "policy {} now locks {}",
@@ -247,10 +217,7 @@ impl<F: Firewall> Daemon<F> {
             .append(&records)
             .map_err(|e| Reply::error("audit_failed", format!("policy not reloaded: {e}")))?;
         self.firewall
-            .apply(&rules::replace_table(
-                &LockdownSpec::from_config(&new_config),
-                &kept,
-            ))
+            .apply(&rules::replace_table(&LockdownSpec::from_config(&new_config), &kept))
             .await
             .map_err(|e| {
                 Reply::error(
@@ -277,13 +244,14 @@ impl<F: Firewall> Daemon<F> {
                 Ok(()) => record.reason = Some("on_stop = unlock: lockdown removed".into()),
                 Err(e) => {
                     tracing::error!("on_stop = unlock, but removing the lockdown failed: {e}");
-                    record.reason = Some(format!(
-                        "on_stop = unlock, but removing the lockdown failed: {e}"
-                    ));
+                    record.reason = Some(format!("on_stop = unlock, but removing the lockdown failed: {e}"));
                 }
             }
         } else {
-            record.reason = Some(format!("on_stop = keep-locked: ports stay locked, {} grant(s) expire in the kernel on their own", st.book.len()));
+            record.reason = Some(format!(
+                "on_stop = keep-locked: ports stay locked, {} grant(s) expire in the kernel on their own",
+                st.book.len()
+            ));
         }
         if let Err(e) = st.audit.append(&[record]) {
             tracing::error!("{e}");
@@ -297,26 +265,18 @@ impl<F: Firewall> Daemon<F> {
 
     async fn status(&self, caller: &Caller) -> Result<StatusReply, Denial> {
         let mut st = self.state.lock().await;
-        let role =
-            policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
+        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
         let now = Instant::now();
         let wall = Utc::now();
         let State {
-            config,
-            book,
-            usage,
-            ..
+            config, book, usage, ..
         } = &mut *st;
         let ports = config
             .ports
             .iter()
             .map(|p| {
                 let u = usage.entry(p.port).or_default();
-                while u
-                    .approvals
-                    .front()
-                    .is_some_and(|t| *t < wall - USAGE_WINDOW)
-                {
+                while u.approvals.front().is_some_and(|t| *t < wall - USAGE_WINDOW) {
                     u.approvals.pop_front();
                 }
                 PortStatus {
@@ -341,12 +301,7 @@ impl<F: Firewall> Daemon<F> {
             version: env!("CARGO_PKG_VERSION").into(),
             ports,
             grants,
-            exempt_sources: config
-                .lockdown
-                .exempt_sources
-                .iter()
-                .map(format_prefix)
-                .collect(),
+            exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
             interfaces: config.lockdown.interfaces.clone(),
             on_stop: audit::enum_text(&config.on_stop),
             your_role: audit::enum_text(&role),
@@ -431,17 +386,14 @@ impl<F: Firewall> Daemon<F> {
         let add: Vec<GrantElement> = planned
             .iter()
             .flat_map(|(_, n, _)| {
-                n.protocol
-                    .transports()
-                    .iter()
-                    .map(|&transport| GrantElement {
-                        key: GrantKey {
-                            source: n.source,
-                            transport,
-                            port: n.port,
-                        },
-                        timeout: n.duration,
-                    })
+                n.protocol.transports().iter().map(|&transport| GrantElement {
+                    key: GrantKey {
+                        source: n.source,
+                        transport,
+                        port: n.port,
+                    },
+                    timeout: n.duration,
+                })
             })
             .collect();
         if let Err(e) = self.change_grants(&remove, &add).await {
@@ -494,18 +446,14 @@ impl<F: Firewall> Daemon<F> {
         wall: DateTime<Utc>,
     ) -> Result<(AccessRequest, Vec<(u16, crate::config::Protocol)>), Denial> {
         policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
-        let source = parse_prefix(&request.source).map_err(|e| {
-            Denial::new(
-                "invalid_argument",
-                format!("source: {e}, got {:?}", request.source),
-            )
-        })?;
+        let source = parse_prefix(&request.source)
+            .map_err(|e| Denial::new("invalid_argument", format!("source: {e}, got {:?}", request.source)))?;
         let duration = match (request.duration_secs, request.until) {
             (Some(secs), None) => Duration::from_secs(secs),
             (None, Some(until)) => {
-                let left = (until - wall).to_std().map_err(|_| {
-                    Denial::new("duration_invalid", format!("until {until} is in the past"))
-                })?;
+                let left = (until - wall)
+                    .to_std()
+                    .map_err(|_| Denial::new("duration_invalid", format!("until {until} is in the past")))?;
                 // whole seconds, rounded up: the grant ends at or just after `until`
                 Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
             }
@@ -518,7 +466,10 @@ impl<F: Firewall> Daemon<F> {
         };
         if let Some(j) = &request.justification {
             if j.chars().count() > MAX_JUSTIFICATION_CHARS || j.chars().any(char::is_control) {
-                return Err(Denial::new("invalid_argument", format!("justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control characters")));
+                return Err(Denial::new(
+                    "invalid_argument",
+                    format!("justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control characters"),
+                ));
             }
         }
         let access = AccessRequest {
@@ -535,12 +486,10 @@ impl<F: Firewall> Daemon<F> {
 
     async fn revoke(&self, caller: &Caller, request: RevokeRequest) -> Reply {
         let mut st = self.state.lock().await;
-        let role =
-            match policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants")
-            {
-                Ok(r) => r,
-                Err(d) => return self.refuse_revoke(&mut st, caller, &request, d),
-            };
+        let role = match policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants") {
+            Ok(r) => r,
+            Err(d) => return self.refuse_revoke(&mut st, caller, &request, d),
+        };
         let source = match request.source.as_deref().map(parse_prefix).transpose() {
             Ok(s) => s,
             Err(e) => {
@@ -601,10 +550,7 @@ impl<F: Firewall> Daemon<F> {
         }
         let keys: Vec<GrantKey> = targets.iter().flat_map(Grant::keys).collect();
         if let Err(e) = self.change_grants(&keys, &[]).await {
-            return Reply::error(
-                "firewall_failed",
-                format!("revoke failed, the grants stay: {e}"),
-            );
+            return Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}"));
         }
         let now = Instant::now();
         let revoked = targets
@@ -620,13 +566,7 @@ impl<F: Firewall> Daemon<F> {
         Reply::ok(RevokedReply { revoked })
     }
 
-    fn refuse_revoke(
-        &self,
-        st: &mut State,
-        caller: &Caller,
-        request: &RevokeRequest,
-        denial: Denial,
-    ) -> Reply {
+    fn refuse_revoke(&self, st: &mut State, caller: &Caller, request: &RevokeRequest, denial: Denial) -> Reply {
         let mut r = AuditRecord::new(
             Utc::now(),
             Some(caller.uid),
@@ -648,19 +588,13 @@ impl<F: Firewall> Daemon<F> {
     /// have dropped an element being removed (its timeout fired a moment early), that
     /// batch fails as a whole; then the removals are done one by one, tolerating the
     /// missing ones, and the additions follow in a batch of their own.
-    async fn change_grants(
-        &self,
-        remove: &[GrantKey],
-        add: &[GrantElement],
-    ) -> Result<(), FirewallError> {
+    async fn change_grants(&self, remove: &[GrantKey], add: &[GrantElement]) -> Result<(), FirewallError> {
         let Some(batch) = rules::change_grants(remove, add) else {
             return Ok(());
         };
         match self.firewall.apply(&batch).await {
             Ok(()) => Ok(()),
-            Err(FirewallError::Rejected(msg))
-                if !remove.is_empty() && msg.contains("No such file or directory") =>
-            {
+            Err(FirewallError::Rejected(msg)) if !remove.is_empty() && msg.contains("No such file or directory") => {
                 for key in remove {
                     if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
                         let _ = self.firewall.apply(&one).await;
@@ -678,13 +612,8 @@ impl<F: Firewall> Daemon<F> {
     async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
         let path = {
             let st = self.state.lock().await;
-            policy::require_role(
-                &st.config.access,
-                caller,
-                Role::Viewer,
-                "read the audit log",
-            )
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            policy::require_role(&st.config.access, caller, Role::Viewer, "read the audit log")
+                .map_err(|d| Reply::error(&d.code, d.message))?;
             st.audit.path().to_path_buf()
         };
         let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_records(&path))
@@ -714,19 +643,11 @@ impl<F: Firewall> Handler for Daemon<F> {
             },
             Request::Request(r) => self.request(&caller, r).await,
             Request::Revoke(r) => self.revoke(&caller, r).await,
-            Request::Audit(filter) => self
-                .audit_query(&caller, filter)
-                .await
-                .map_or_else(|r| r, Reply::ok),
+            Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => {
                 let path = {
                     let st = self.state.lock().await;
-                    if let Err(d) = policy::require_role(
-                        &st.config.access,
-                        &caller,
-                        Role::Admin,
-                        "reload the policy",
-                    ) {
+                    if let Err(d) = policy::require_role(&st.config.access, &caller, Role::Admin, "reload the policy") {
                         return Reply::error(&d.code, d.message);
                     }
                     st.config.path.clone()
@@ -773,11 +694,10 @@ fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
 }
 
 fn still_allowed(config: &Config, grant: &Grant) -> bool {
-    config.ports.iter().any(|p| {
-        p.port == grant.port
-            && p.protocol == grant.protocol
-            && p.allowed_sources.contains(&grant.source)
-    })
+    config
+        .ports
+        .iter()
+        .any(|p| p.port == grant.port && p.protocol == grant.protocol && p.allowed_sources.contains(&grant.source))
 }
 
 fn describe_ports(config: &Config) -> String {
@@ -821,25 +741,13 @@ fn grant_record(
     r
 }
 
-fn grant_request_record(
-    request: &GrantRequest,
-    time: DateTime<Utc>,
-    caller: &Caller,
-) -> AuditRecord {
-    let mut r = AuditRecord::new(
-        time,
-        Some(caller.uid),
-        &caller.name,
-        Action::Request,
-        Outcome::Denied,
-    );
+fn grant_request_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
+    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
     r.ports = request.ports.clone();
     r.source = Some(request.source.clone());
-    r.duration_secs = request.duration_secs.or_else(|| {
-        request
-            .until
-            .map(|u| (u - time).num_seconds().max(0) as u64)
-    });
+    r.duration_secs = request
+        .duration_secs
+        .or_else(|| request.until.map(|u| (u - time).num_seconds().max(0) as u64));
     r.justification = request.justification.clone();
     r
 }
@@ -871,12 +779,7 @@ pub async fn run<F: Firewall>(
 ) -> Result<(), StartError> {
     let socket = config.socket.clone();
     let gid = config.socket_group.as_ref().map(|g| g.gid);
-    let exempt: Vec<String> = config
-        .lockdown
-        .exempt_sources
-        .iter()
-        .map(format_prefix)
-        .collect();
+    let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
     let daemon = Daemon::start(config, firewall).await?;
     let listener = server::bind(&socket, gid).map_err(|source| StartError::Socket {
@@ -884,10 +787,7 @@ pub async fn run<F: Firewall>(
         source,
     })?;
     if !exempt.is_empty() {
-        tracing::info!(
-            "exempt from the lockdown (break-glass): {}",
-            exempt.join(", ")
-        );
+        tracing::info!("exempt from the lockdown (break-glass): {}", exempt.join(", "));
     }
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let expiry = tokio::spawn(daemon.clone().run_expiry());
@@ -931,13 +831,18 @@ async fn reload_on_sighup<F: Firewall>(daemon: Arc<Daemon<F>>) {
 }
 
 async fn pet_watchdog() {
-    let mut usec = 0;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    let Some(interval) = watchdog_interval() else { return };
+    let mut tick = tokio::time::interval(interval / 2);
     loop {
         tick.tick().await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
     }
+}
+
+/// The watchdog interval systemd asks for (`WATCHDOG_USEC`), if it is meant for this
+/// process: like sd_watchdog_enabled(3), a missing `WATCHDOG_PID` means "yours".
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    let for_us = std::env::var("WATCHDOG_PID").map_or(true, |pid| pid.parse() == Ok(std::process::id()));
+    (usec > 0 && for_us).then(|| Duration::from_micros(usec))
 }

@@ -14,20 +14,16 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     if text.starts_with('P') || text.starts_with('p') {
         return parse_iso8601(text);
     }
-    humantime::parse_duration(text).map_err(|e| {
-        format!("not a duration ({e}); write e.g. \"90s\", \"1h30m\" or ISO 8601 \"PT3H\"")
-    })
+    humantime::parse_duration(text)
+        .map_err(|e| format!("not a duration ({e}); write e.g. \"90s\", \"1h30m\" or ISO 8601 \"PT3H\""))
 }
 
 fn parse_iso8601(text: &str) -> Result<Duration, String> {
     let upper = text.to_ascii_uppercase();
     match iso8601::parsers::parse_duration(upper.as_bytes()) {
         Ok((b"", parsed)) => {
-            if matches!(parsed, iso8601::Duration::YMDHMS { year, month, .. } if year > 0 || month > 0)
-            {
-                return Err(
-                    "years and months have no fixed length; use days (P1D) or hours".into(),
-                );
+            if matches!(parsed, iso8601::Duration::YMDHMS { year, month, .. } if year > 0 || month > 0) {
+                return Err("years and months have no fixed length; use days (P1D) or hours".into());
             }
             Ok(parsed.into())
         }

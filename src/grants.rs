@@ -190,13 +190,9 @@ impl GrantBook {
         now: Instant,
         wall_now: DateTime<Utc>,
     ) -> (Grant, Option<Grant>) {
-        let superseded = self
-            .superseded_by(&new)
-            .map(|g| g.id)
-            .and_then(|id| self.remove(id));
+        let superseded = self.superseded_by(&new).map(|g| g.id).and_then(|id| self.remove(id));
         self.next_id = self.next_id.max(id + 1);
-        let expires_at =
-            wall_now + chrono::Duration::from_std(new.duration).unwrap_or(chrono::TimeDelta::MAX);
+        let expires_at = wall_now + chrono::Duration::from_std(new.duration).unwrap_or(chrono::TimeDelta::MAX);
         let grant = Grant {
             id,
             source: new.source,
@@ -250,9 +246,7 @@ impl GrantBook {
 
     /// Time left on a grant at `now`.
     pub fn remaining(&self, id: GrantId, now: Instant) -> Option<Duration> {
-        self.entries
-            .get(&id)
-            .map(|e| e.deadline.saturating_duration_since(now))
+        self.entries.get(&id).map(|e| e.deadline.saturating_duration_since(now))
     }
 
     /// Every live grant as kernel set elements with its remaining time at `now`.
@@ -262,10 +256,7 @@ impl GrantBook {
             .filter(|e| e.deadline > now)
             .flat_map(|e| {
                 let timeout = e.deadline - now;
-                e.grant
-                    .keys()
-                    .into_iter()
-                    .map(move |key| GrantElement { key, timeout })
+                e.grant.keys().into_iter().map(move |key| GrantElement { key, timeout })
             })
             .collect()
     }
@@ -281,12 +272,7 @@ mod tests {
     use super::*;
     use crate::config::{parse_prefix, Transport};
 
-    fn add(
-        book: &mut GrantBook,
-        new: NewGrant,
-        now: Instant,
-        wall: DateTime<Utc>,
-    ) -> (Grant, Option<Grant>) {
+    fn add(book: &mut GrantBook, new: NewGrant, now: Instant, wall: DateTime<Utc>) -> (Grant, Option<Grant>) {
         let id = book.allocate_id();
         book.insert(id, new, now, wall)
     }
@@ -333,10 +319,7 @@ mod tests {
         assert!(none.is_none());
         let (newer, replaced) = add(&mut book, new("192.0.2.1", 22, 60), t0, Utc::now());
         assert_eq!(replaced, Some(old));
-        assert_eq!(
-            book.iter().map(|g| g.id).collect::<Vec<_>>(),
-            vec![other.id, newer.id]
-        );
+        assert_eq!(book.iter().map(|g| g.id).collect::<Vec<_>>(), vec![other.id, newer.id]);
         // the old deadline is gone: nothing expires at the old time but the others
         assert_eq!(book.pop_expired(t0 + Duration::from_secs(60)), vec![newer]);
     }
@@ -344,15 +327,8 @@ mod tests {
     #[test]
     fn overlapping_prefixes_on_one_port_are_refused() {
         let mut book = GrantBook::new(1);
-        add(
-            &mut book,
-            new("198.51.100.0/24", 22, 60),
-            Instant::now(),
-            Utc::now(),
-        );
-        let denial = book
-            .check_overlap(&new("198.51.0.0/16", 22, 60))
-            .unwrap_err();
+        add(&mut book, new("198.51.100.0/24", 22, 60), Instant::now(), Utc::now());
+        let denial = book.check_overlap(&new("198.51.0.0/16", 22, 60)).unwrap_err();
         assert_eq!(denial.code, "overlapping_grant");
         assert!(
             book.check_overlap(&new("198.51.100.0/24", 22, 60)).is_ok(),
@@ -366,10 +342,7 @@ mod tests {
             book.check_overlap(&new("198.51.100.7", 22, 60)).is_ok(),
             "single addresses live in another set"
         );
-        assert!(
-            book.check_overlap(&new("198.51.101.0/24", 22, 60)).is_ok(),
-            "disjoint"
-        );
+        assert!(book.check_overlap(&new("198.51.101.0/24", 22, 60)).is_ok(), "disjoint");
     }
 
     #[test]
@@ -383,9 +356,7 @@ mod tests {
         assert_eq!(elements.len(), 2);
         assert_eq!(elements[0].key.transport, Transport::Tcp);
         assert_eq!(elements[1].key.transport, Transport::Udp);
-        assert!(elements
-            .iter()
-            .all(|e| e.timeout == Duration::from_secs(60)));
+        assert!(elements.iter().all(|e| e.timeout == Duration::from_secs(60)));
     }
 
     #[test]

@@ -19,9 +19,7 @@ impl Caller {
     pub fn resolve(uid: u32, gid: u32) -> Caller {
         use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
         let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
-        let name = user
-            .as_ref()
-            .map_or_else(|| uid.to_string(), |u| u.name.clone());
+        let name = user.as_ref().map_or_else(|| uid.to_string(), |u| u.name.clone());
         let mut gids = vec![Gid::from_raw(gid)];
         if let Some(user) = &user {
             if let Ok(cname) = std::ffi::CString::new(user.name.clone()) {

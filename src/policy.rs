@@ -65,26 +65,19 @@ impl Denial {
 }
 
 /// Refuses a caller whose role is below `needed`.
-pub fn require_role(
-    access: &Access,
-    caller: &Caller,
-    needed: Role,
-    what: &str,
-) -> Result<Role, Denial> {
+pub fn require_role(access: &Access, caller: &Caller, needed: Role, what: &str) -> Result<Role, Denial> {
     match role_of(access, caller) {
         Some(role) if role >= needed => Ok(role),
-        held => {
-            Err(Denial::new(
-                "not_authorized",
-                format!(
+        held => Err(Denial::new(
+            "not_authorized",
+            format!(
                 "user {} (uid {}) may not {what}: it needs the {} role, and the policy gives {}",
                 caller.name,
                 caller.uid,
                 role_name(needed),
                 held.map_or("none".to_string(), |r| format!("only the {} role", role_name(r)))
             ),
-            ))
-        }
+        )),
     }
 }
 
@@ -158,10 +151,7 @@ pub fn check_request<'c>(
         }
     }
     if request.duration.is_zero() {
-        return Err(Denial::new(
-            "duration_invalid",
-            "duration must be at least 1s",
-        ));
+        return Err(Denial::new("duration_invalid", "duration must be at least 1s"));
     }
     for entry in &entries {
         if request.duration > entry.max_duration {
@@ -228,22 +218,13 @@ mod tests {
     fn roles_come_from_users_groups_and_uids() {
         let access = config().access;
         assert_eq!(role_of(&access, &caller(0, "root", &[])), Some(Role::Admin));
-        assert_eq!(
-            role_of(&access, &caller(1000, "alice", &[])),
-            Some(Role::Admin)
-        );
+        assert_eq!(role_of(&access, &caller(1000, "alice", &[])), Some(Role::Admin));
         assert_eq!(
             role_of(&access, &caller(1001, "bob", &["users", "ops"])),
             Some(Role::Requester)
         );
-        assert_eq!(
-            role_of(&access, &caller(1500, "carol", &[])),
-            Some(Role::Requester)
-        );
-        assert_eq!(
-            role_of(&access, &caller(1002, "victor", &[])),
-            Some(Role::Viewer)
-        );
+        assert_eq!(role_of(&access, &caller(1500, "carol", &[])), Some(Role::Requester));
+        assert_eq!(role_of(&access, &caller(1002, "victor", &[])), Some(Role::Viewer));
         assert_eq!(role_of(&access, &caller(1003, "mallory", &["users"])), None);
     }
 
@@ -255,10 +236,7 @@ mod tests {
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].port, 22);
         let all = check_request(&c, &ops, &request(&[], "203.0.113.0/28", 3600)).unwrap();
-        assert_eq!(
-            all.iter().map(|e| e.port).collect::<Vec<_>>(),
-            vec![22, 3389]
-        );
+        assert_eq!(all.iter().map(|e| e.port).collect::<Vec<_>>(), vec![22, 3389]);
     }
 
     #[test]
@@ -268,28 +246,13 @@ mod tests {
         let code = |who: &Caller, r: AccessRequest| check_request(&c, who, &r).unwrap_err().code;
         // who comes before what
         assert_eq!(
-            code(
-                &caller(1002, "victor", &[]),
-                request(&[9999], "192.0.2.1", 0)
-            ),
+            code(&caller(1002, "victor", &[]), request(&[9999], "192.0.2.1", 0)),
             "not_authorized"
         );
-        assert_eq!(
-            code(&ops, request(&[9999], "192.0.2.1", 0)),
-            "port_not_protected"
-        );
-        assert_eq!(
-            code(&ops, request(&[22], "192.0.2.1", 0)),
-            "source_not_allowed"
-        );
-        assert_eq!(
-            code(&ops, request(&[22], "203.0.0.0/16", 60)),
-            "source_not_allowed"
-        );
-        assert_eq!(
-            code(&ops, request(&[22], "203.0.113.7", 0)),
-            "duration_invalid"
-        );
+        assert_eq!(code(&ops, request(&[9999], "192.0.2.1", 0)), "port_not_protected");
+        assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), "source_not_allowed");
+        assert_eq!(code(&ops, request(&[22], "203.0.0.0/16", 60)), "source_not_allowed");
+        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), "duration_invalid");
         assert_eq!(
             code(&ops, request(&[22], "203.0.113.7", 2 * 3600 + 1)),
             "duration_too_long"
@@ -307,14 +270,13 @@ mod tests {
         let m = check_request(&c, &ops, &request(&[22], "192.0.2.1", 60))
             .unwrap_err()
             .message;
-        assert_eq!(m, "source 192.0.2.1 is not allowed on port 22/tcp (allowed: 203.0.113.0/24, 2001:db8::/32)");
-        let m = check_request(
-            &c,
-            &caller(7, "victor", &[]),
-            &request(&[22], "192.0.2.1", 60),
-        )
-        .unwrap_err()
-        .message;
+        assert_eq!(
+            m,
+            "source 192.0.2.1 is not allowed on port 22/tcp (allowed: 203.0.113.0/24, 2001:db8::/32)"
+        );
+        let m = check_request(&c, &caller(7, "victor", &[]), &request(&[22], "192.0.2.1", 60))
+            .unwrap_err()
+            .message;
         assert_eq!(m, "user victor (uid 7) may not request access: it needs the requester role, and the policy gives only the viewer role");
     }
 }

@@ -16,9 +16,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The socket could not be reached.
-    #[error(
-        "cannot connect to jitd at {path}: {source} (is jitd running, and may you use its socket?)"
-    )]
+    #[error("cannot connect to jitd at {path}: {source} (is jitd running, and may you use its socket?)")]
     Connect {
         /// Socket path.
         path: String,
@@ -56,15 +54,13 @@ pub async fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> Resu
         .map_err(|_| ClientError::Io(format!("no reply within {}s", REPLY_TIMEOUT.as_secs())))?
         .map_err(|e| ClientError::Io(e.to_string()))?;
     if line.is_empty() {
-        return Err(ClientError::Io(
-            "jitd closed the connection without a reply".into(),
-        ));
+        return Err(ClientError::Io("jitd closed the connection without a reply".into()));
     }
-    let reply: Reply = serde_json::from_slice(&line)
-        .map_err(|e| ClientError::Io(format!("unreadable reply: {e}")))?;
+    let reply: Reply = serde_json::from_slice(&line).map_err(|e| ClientError::Io(format!("unreadable reply: {e}")))?;
     match (reply.ok, reply.result, reply.error) {
-        (true, Some(result), _) => serde_json::from_value(result)
-            .map_err(|e| ClientError::Io(format!("unexpected result: {e}"))),
+        (true, Some(result), _) => {
+            serde_json::from_value(result).map_err(|e| ClientError::Io(format!("unexpected result: {e}")))
+        }
         (_, _, Some(error)) => Err(ClientError::Refused(error)),
         _ => Err(ClientError::Io("reply has neither result nor error".into())),
     }

@@ -131,13 +131,7 @@ impl Reply {
 
 /// Error codes that are not refusals of a valid request but problems with the message
 /// itself or with jitd; jitctl exits 2 for these.
-pub const PROTOCOL_ERROR_CODES: [&str; 5] = [
-    "malformed",
-    "too_large",
-    "unsupported_version",
-    "timeout",
-    "busy",
-];
+pub const PROTOCOL_ERROR_CODES: [&str; 5] = ["malformed", "too_large", "unsupported_version", "timeout", "busy"];
 
 /// What went wrong: `code` for scripts, `message` for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,26 +150,19 @@ pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
             format!("request is larger than {MAX_REQUEST_BYTES} bytes"),
         ));
     }
-    let text = std::str::from_utf8(line)
-        .map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
+    let text =
+        std::str::from_utf8(line).map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         Some(v) => {
             return Err(Reply::error(
                 "unsupported_version",
-                format!(
-                    "protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"
-                ),
+                format!("protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"),
             ))
         }
-        None => {
-            return Err(Reply::error(
-                "malformed",
-                "request has no protocol version \"v\"",
-            ))
-        }
+        None => return Err(Reply::error("malformed", "request has no protocol version \"v\"")),
     }
     serde_json::from_value::<Envelope>(value)
         .map(|e| e.request)
@@ -320,10 +307,7 @@ mod tests {
             assert_eq!(line.last(), Some(&b'\n'));
             assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
         }
-        assert_eq!(
-            decode_request(br#"{"v":1,"op":"status"}"#).unwrap(),
-            Request::Status
-        );
+        assert_eq!(decode_request(br#"{"v":1,"op":"status"}"#).unwrap(), Request::Status);
     }
 
     #[test]
@@ -333,10 +317,7 @@ mod tests {
         assert_eq!(code(br#"{"op":"status"}"#), "malformed");
         assert_eq!(code(br#"{"v":2,"op":"status"}"#), "unsupported_version");
         assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), "malformed");
-        assert_eq!(
-            code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#),
-            "malformed"
-        );
+        assert_eq!(code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#), "malformed");
         assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), "too_large");
     }
 }

@@ -44,8 +44,7 @@ pub fn bind(path: &Path, gid: Option<u32>) -> std::io::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)?;
     let mode = if let Some(gid) = gid {
-        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
-            .map_err(std::io::Error::from)?;
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
         0o660
     } else {
         0o600
@@ -55,11 +54,7 @@ pub fn bind(path: &Path, gid: Option<u32>) -> std::io::Result<UnixListener> {
 }
 
 /// Accepts connections until `shutdown` completes; each is served on its own task.
-pub async fn serve<H: Handler>(
-    listener: UnixListener,
-    handler: Arc<H>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, shutdown: impl Future<Output = ()>) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -112,40 +107,36 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>) {
     loop {
         let mut line = Vec::new();
         let mut limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
-        let reply =
-            match tokio::time::timeout(READ_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
-                Err(_) => {
-                    let reply = Reply::error(
-                        "timeout",
-                        format!("no complete request within {}s", READ_TIMEOUT.as_secs()),
-                    );
+        let reply = match tokio::time::timeout(READ_TIMEOUT, limited.read_until(b'\n', &mut line)).await {
+            Err(_) => {
+                let reply = Reply::error(
+                    "timeout",
+                    format!("no complete request within {}s", READ_TIMEOUT.as_secs()),
+                );
+                let _ = write.write_all(&reply.to_line()).await;
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(uid = peer.uid, "connection read failed: {e}");
+                return;
+            }
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {
+                let complete = line.last() == Some(&b'\n');
+                if complete {
+                    line.pop();
+                }
+                if !complete && line.len() > MAX_REQUEST_BYTES {
+                    let reply = Reply::error("too_large", format!("request is larger than {MAX_REQUEST_BYTES} bytes"));
                     let _ = write.write_all(&reply.to_line()).await;
                     return;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(uid = peer.uid, "connection read failed: {e}");
-                    return;
+                match decode_request(&line) {
+                    Ok(request) => handler.handle(peer, request).await,
+                    Err(reply) => reply,
                 }
-                Ok(Ok(0)) => return,
-                Ok(Ok(_)) => {
-                    let complete = line.last() == Some(&b'\n');
-                    if complete {
-                        line.pop();
-                    }
-                    if !complete && line.len() > MAX_REQUEST_BYTES {
-                        let reply = Reply::error(
-                            "too_large",
-                            format!("request is larger than {MAX_REQUEST_BYTES} bytes"),
-                        );
-                        let _ = write.write_all(&reply.to_line()).await;
-                        return;
-                    }
-                    match decode_request(&line) {
-                        Ok(request) => handler.handle(peer, request).await,
-                        Err(reply) => reply,
-                    }
-                }
-            };
+            }
+        };
         if write.write_all(&reply.to_line()).await.is_err() {
             return;
         }

@@ -7,8 +7,8 @@ use chrono::{DateTime, Local, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest,
-    RevokedReply, StatusReply, PROTOCOL_ERROR_CODES,
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
+    PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::config::DEFAULT_SOCKET_PATH;
@@ -122,8 +122,7 @@ fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
         let back = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;
         return Ok(Utc::now() - back);
     }
-    parse_time(text)
-        .map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
+    parse_time(text).map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
 }
 
 fn main() -> ExitCode {
@@ -210,16 +209,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Revoke { id, source, port } => {
-            let revoked: RevokedReply =
-                call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
+            let revoked: RevokedReply = call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
             if cli.json {
                 print_json(&revoked);
             } else {
                 for g in &revoked.revoked {
-                    println!(
-                        "revoked: id {} closed {}/{} for {}",
-                        g.id, g.port, g.protocol, g.source
-                    );
+                    println!("revoked: id {} closed {}/{} for {}", g.id, g.port, g.protocol, g.source);
                 }
             }
         }
@@ -255,7 +250,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if cli.json {
                 print_json(&reply);
             } else {
-                println!("policy reloaded; {} grant(s) ended because the new policy no longer allows them", reply.ended.len());
+                println!(
+                    "policy reloaded; {} grant(s) ended because the new policy no longer allows them",
+                    reply.ended.len()
+                );
             }
         }
     }
@@ -264,13 +262,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
 
 /// The SSH client's address from `SSH_CONNECTION` ("client port server port").
 fn ssh_client_address() -> Result<String, Failure> {
-    let conn = std::env::var("SSH_CONNECTION")
-        .map_err(|_| Failure::Usage("--source is required (not inside an SSH session, so there is no client address to take)".into()))?;
-    let addr = conn
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string();
+    let conn = std::env::var("SSH_CONNECTION").map_err(|_| {
+        Failure::Usage("--source is required (not inside an SSH session, so there is no client address to take)".into())
+    })?;
+    let addr = conn.split_whitespace().next().unwrap_or_default().to_string();
     if addr.parse::<std::net::IpAddr>().is_err() {
         return Err(Failure::Usage(format!(
             "SSH_CONNECTION does not start with an address ({conn:?}); give --source"
@@ -281,10 +276,7 @@ fn ssh_client_address() -> Result<String, Failure> {
 }
 
 fn print_json(value: &impl serde::Serialize) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("results serialize")
-    );
+    println!("{}", serde_json::to_string_pretty(value).expect("results serialize"));
 }
 
 fn both_times(t: DateTime<Utc>) -> String {
@@ -378,18 +370,11 @@ fn print_audit(reply: &AuditReply) {
         .iter()
         .map(|r| {
             vec![
-                r.time
-                    .with_timezone(&Local)
-                    .format("%Y-%m-%d %H:%M:%S")
-                    .to_string(),
+                r.time.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string(),
                 r.actor.clone(),
                 enum_text(&r.action),
                 enum_text(&r.outcome),
-                r.ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
+                r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
                 r.source.clone().unwrap_or_default(),
                 r.grant_id.map(|g| g.to_string()).unwrap_or_default(),
                 r.reason.clone().unwrap_or_default(),
@@ -412,11 +397,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         println!("{}", padded.join("  ").trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());

@@ -35,11 +35,9 @@ pub enum FirewallError {
 /// Applies nftables batches, each as one atomic transaction.
 pub trait Firewall: Send + Sync + 'static {
     /// Applies `batch`; on error nothing of it is in the kernel.
-    fn apply(&self, batch: &Nftables<'_>)
-        -> impl Future<Output = Result<(), FirewallError>> + Send;
+    fn apply(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
     /// Checks `batch` against the kernel without applying it.
-    fn check(&self, batch: &Nftables<'_>)
-        -> impl Future<Output = Result<(), FirewallError>> + Send;
+    fn check(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
 }
 
 /// A firewall that only remembers what it was asked to apply, optionally failing;
@@ -57,8 +55,7 @@ impl Firewall for RecordingFirewall {
         if let Some(message) = self.fail_with.lock().unwrap().clone() {
             return Err(FirewallError::Rejected(message));
         }
-        let value =
-            serde_json::to_value(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let value = serde_json::to_value(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         self.applied.lock().unwrap().push(value);
         Ok(())
     }

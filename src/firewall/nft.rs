@@ -20,9 +20,7 @@ pub struct NftCli {
 
 impl Default for NftCli {
     fn default() -> Self {
-        NftCli {
-            program: "nft".into(),
-        }
+        NftCli { program: "nft".into() }
     }
 }
 
@@ -35,8 +33,7 @@ impl NftCli {
     }
 
     async fn run(&self, args: &[&str], batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        let payload =
-            serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         let mut child = Command::new(&self.program)
             .args(args)
             .args(["-j", "-f", "-"])

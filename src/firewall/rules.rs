@@ -30,12 +30,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{
-    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix,
-    SetItem, CT,
+    BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
 };
-use nftables::schema::{
-    Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
-};
+use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
 use nftables::stmt::{Counter, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -214,11 +211,7 @@ pub fn timeout_secs(timeout: Duration) -> u32 {
     u32::try_from(secs.max(1)).unwrap_or(u32::MAX)
 }
 
-fn add_prefix_elements<'a>(
-    batch: &mut Batch<'static>,
-    set: &str,
-    prefixes: impl Iterator<Item = &'a IpNet>,
-) {
+fn add_prefix_elements<'a>(batch: &mut Batch<'static>, set: &str, prefixes: impl Iterator<Item = &'a IpNet>) {
     let elems: Vec<_> = prefixes.map(prefix_expr).collect();
     if !elems.is_empty() {
         batch.add(element(set, elems));
@@ -270,13 +263,7 @@ fn input_chain() -> Chain<'static> {
 fn sets() -> Vec<Set<'static>> {
     let addr4 = SetType::Ipv4Addr;
     let addr6 = SetType::Ipv6Addr;
-    let key = |addr| {
-        SetTypeValue::Concatenated(Cow::Owned(vec![
-            addr,
-            SetType::InetProto,
-            SetType::InetService,
-        ]))
-    };
+    let key = |addr| SetTypeValue::Concatenated(Cow::Owned(vec![addr, SetType::InetProto, SetType::InetService]));
     vec![
         set("exempt4", SetTypeValue::Single(addr4), &[SetFlag::Interval]),
         set("exempt6", SetTypeValue::Single(addr6), &[SetFlag::Interval]),
@@ -286,17 +273,9 @@ fn sets() -> Vec<Set<'static>> {
             &[],
         ),
         set("grants4", key(addr4), &[SetFlag::Timeout]),
-        set(
-            "grants4_net",
-            key(addr4),
-            &[SetFlag::Interval, SetFlag::Timeout],
-        ),
+        set("grants4_net", key(addr4), &[SetFlag::Interval, SetFlag::Timeout]),
         set("grants6", key(addr6), &[SetFlag::Timeout]),
-        set(
-            "grants6_net",
-            key(addr6),
-            &[SetFlag::Interval, SetFlag::Timeout],
-        ),
+        set("grants6_net", key(addr6), &[SetFlag::Interval, SetFlag::Timeout]),
     ]
 }
 
@@ -343,11 +322,7 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
         vec![eq(payload("ip6", "saddr"), s("@exempt6")), accept()],
     ];
     for set in GRANT_SETS {
-        let family = if set.starts_with("grants4") {
-            "ip"
-        } else {
-            "ip6"
-        };
+        let family = if set.starts_with("grants4") { "ip" } else { "ip6" };
         let key = concat(vec![
             payload(family, "saddr"),
             meta(MetaKey::L4proto),
@@ -360,22 +335,13 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
         if spec.interfaces.is_empty() {
             return Vec::new();
         }
-        let names = spec
-            .interfaces
-            .iter()
-            .map(|n| SetItem::Element(s(n)))
-            .collect();
+        let names = spec.interfaces.iter().map(|n| SetItem::Element(s(n))).collect();
         vec![eq(
             meta(MetaKey::Iifname),
             Expression::Named(NamedExpression::Set(names)),
         )]
     };
-    let counter_drop = || {
-        vec![
-            Statement::Counter(Counter::Anonymous(None)),
-            Statement::Drop(None),
-        ]
-    };
+    let counter_drop = || vec![Statement::Counter(Counter::Anonymous(None)), Statement::Drop(None)];
     // TCP: drop only a bare SYN, the first packet of a new connection.
     let mut tcp = interfaces();
     tcp.push(eq(meta(MetaKey::L4proto), s("tcp")));
@@ -412,12 +378,10 @@ fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
 }
 
 fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
-        PayloadField {
-            protocol: protocol.into(),
-            field: field.into(),
-        },
-    )))
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
 }
 
 fn meta(key: MetaKey) -> Expression<'static> {
@@ -449,10 +413,7 @@ mod tests {
     fn spec() -> LockdownSpec {
         LockdownSpec {
             locked: vec![(Transport::Tcp, 22), (Transport::Udp, 3389)],
-            exempt: vec![
-                parse_prefix("10.9.0.0/16").unwrap(),
-                parse_prefix("fd00::/8").unwrap(),
-            ],
+            exempt: vec![parse_prefix("10.9.0.0/16").unwrap(), parse_prefix("fd00::/8").unwrap()],
             interfaces: vec![],
         }
     }
@@ -496,13 +457,8 @@ mod tests {
     #[test]
     fn only_a_bare_syn_is_dropped_for_tcp() {
         let text = serde_json::to_string(&replace_table(&spec(), &[])).unwrap();
-        assert!(text.contains(
-            r#"{"&":[{"payload":{"protocol":"tcp","field":"flags"}},["fin","syn","rst","ack"]]}"#
-        ));
-        assert!(
-            !text.contains("iifname"),
-            "no interface filter when none configured"
-        );
+        assert!(text.contains(r#"{"&":[{"payload":{"protocol":"tcp","field":"flags"}},["fin","syn","rst","ack"]]}"#));
+        assert!(!text.contains("iifname"), "no interface filter when none configured");
     }
 
     #[test]
@@ -510,11 +466,7 @@ mod tests {
         let mut spec = spec();
         spec.interfaces = vec!["eth0".into(), "ens3".into()];
         let text = serde_json::to_string(&replace_table(&spec, &[])).unwrap();
-        assert_eq!(
-            text.matches(r#"{"set":["eth0","ens3"]}"#).count(),
-            2,
-            "{text}"
-        );
+        assert_eq!(text.matches(r#"{"set":["eth0","ens3"]}"#).count(), 2, "{text}");
     }
 
     #[test]

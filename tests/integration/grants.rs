@@ -36,11 +36,7 @@ fn request(jitd: &Jitd, args: &[&str]) -> Value {
 }
 
 fn records_of(setup: &Setup, outcome: &str) -> Vec<Value> {
-    setup
-        .audit()
-        .into_iter()
-        .filter(|r| r["outcome"] == outcome)
-        .collect()
+    setup.audit().into_iter().filter(|r| r["outcome"] == outcome).collect()
 }
 
 #[test]
@@ -63,22 +59,13 @@ fn a_grant_opens_the_port_for_its_source_only() {
     let grant = &reply["grants"][0];
     assert_eq!(grant["port"], 22);
     assert_eq!(grant["source"], A4);
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "the granted source connects"
-    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "the granted source connects");
     assert!(
         !can_connect(&net.a, HOST_A6, 22),
         "its other address family stays locked"
     );
-    assert!(
-        !can_connect(&net.b, HOST_B4, 22),
-        "another client stays locked"
-    );
-    assert!(
-        !can_connect(&net.a, HOST_A4, 3389),
-        "a port not asked for stays locked"
-    );
+    assert!(!can_connect(&net.b, HOST_B4, 22), "another client stays locked");
+    assert!(!can_connect(&net.a, HOST_A4, 3389), "a port not asked for stays locked");
     let status = jitd.ctl_json(&["status"]);
     let g = &status["grants"][0];
     assert_eq!(
@@ -125,8 +112,7 @@ fn a_grant_closes_on_time_and_its_connections_outlive_it() {
         "the established connection survives"
     );
     assert!(
-        wait_for(Duration::from_secs(3), || jitd.ctl_json(&["status"])
-            ["grants"]
+        wait_for(Duration::from_secs(3), || jitd.ctl_json(&["status"])["grants"]
             == serde_json::json!([])),
         "status drops it"
     );
@@ -149,10 +135,7 @@ fn revoke_closes_at_once() {
     assert!(can_connect(&net.a, HOST_A4, 22));
     let revoked = jitd.ctl_json(&["revoke", &id]);
     assert_eq!(revoked["revoked"][0]["id"].to_string(), id);
-    assert!(
-        !can_connect(&net.a, HOST_A4, 22),
-        "closed right after revoke"
-    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "closed right after revoke");
     // by source: every port of that source
     request(&jitd, &["--source", A4, "--duration", "30m"]);
     assert!(can_connect(&net.a, HOST_A4, 22) && can_connect(&net.a, HOST_A4, 3389));
@@ -177,10 +160,7 @@ fn a_newer_request_replaces_the_older() {
     let grants = jitd.ctl_json(&["status"])["grants"].clone();
     assert_eq!(grants.as_array().unwrap().len(), 1);
     assert_eq!(grants[0]["id"], second["grants"][0]["id"]);
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "no gap: the newer grant is in place"
-    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "no gap: the newer grant is in place");
     assert!(
         wait_for(Duration::from_secs(5), || !can_connect(&net.a, HOST_A4, 22)),
         "the shorter grant ends, the hour-long one is gone"
@@ -204,40 +184,17 @@ fn prefix_and_ipv6_grants_work() {
     let (_setup, jitd) = started(&net);
     request(
         &jitd,
-        &[
-            "--port",
-            "22",
-            "--source",
-            "10.77.1.0/24",
-            "--duration",
-            "10m",
-        ],
+        &["--port", "22", "--source", "10.77.1.0/24", "--duration", "10m"],
     );
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "inside the granted prefix"
-    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "inside the granted prefix");
     assert!(!can_connect(&net.b, HOST_B4, 22), "outside it");
-    request(
-        &jitd,
-        &["--port", "22", "--source", A6, "--duration", "10m"],
-    );
+    request(&jitd, &["--port", "22", "--source", A6, "--duration", "10m"]);
     assert!(can_connect(&net.a, HOST_A6, 22), "IPv6 address grant");
     request(
         &jitd,
-        &[
-            "--port",
-            "3389",
-            "--source",
-            "fd00:77:2::/64",
-            "--duration",
-            "10m",
-        ],
+        &["--port", "3389", "--source", "fd00:77:2::/64", "--duration", "10m"],
     );
-    assert!(
-        can_connect(&net.b, "fd00:77:2::1", 3389),
-        "IPv6 prefix grant"
-    );
+    assert!(can_connect(&net.b, "fd00:77:2::1", 3389), "IPv6 prefix grant");
     assert!(
         udp_answered(&net.b, "fd00:77:2::1", 3389),
         "protocol any: UDP opens too"
@@ -282,25 +239,11 @@ fn each_policy_violation_is_refused_with_its_reason_and_the_port_stays_shut() {
             "duration 3h exceeds the maximum of 2h for port 22/tcp",
         ),
         (
-            &[
-                "--port",
-                "22",
-                "--source",
-                "10.77.1.300",
-                "--duration",
-                "1m",
-            ],
+            &["--port", "22", "--source", "10.77.1.300", "--duration", "1m"],
             "source: not an IP address",
         ),
         (
-            &[
-                "--port",
-                "22",
-                "--source",
-                A4,
-                "--until",
-                "2001-01-01T00:00:00Z",
-            ],
+            &["--port", "22", "--source", A4, "--until", "2001-01-01T00:00:00Z"],
             "is in the past",
         ),
     ];
@@ -328,10 +271,7 @@ fn each_policy_violation_is_refused_with_its_reason_and_the_port_stays_shut() {
         denied[0]
     );
     assert!(
-        denied[2]["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("duration_too_long: "),
+        denied[2]["reason"].as_str().unwrap().starts_with("duration_too_long: "),
         "{:?}",
         denied[2]
     );
@@ -361,15 +301,7 @@ fn a_viewer_reads_status_but_may_not_request() {
     let out = jitd.ctl_as(
         65534,
         65534,
-        &[
-            "request",
-            "--port",
-            "22",
-            "--source",
-            A4,
-            "--duration",
-            "1m",
-        ],
+        &["request", "--port", "22", "--source", A4, "--duration", "1m"],
     );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
@@ -406,19 +338,8 @@ fn the_audit_log_answers_queries_and_exports_csv() {
             "a, \"quoted\" reason",
         ],
     );
-    request(
-        &jitd,
-        &["--port", "3389", "--source", B4, "--duration", "1m"],
-    );
-    let _ = jitd.ctl(&[
-        "request",
-        "--port",
-        "22",
-        "--source",
-        "192.0.2.9",
-        "--duration",
-        "1m",
-    ]);
+    request(&jitd, &["--port", "3389", "--source", B4, "--duration", "1m"]);
+    let _ = jitd.ctl(&["request", "--port", "22", "--source", "192.0.2.9", "--duration", "1m"]);
     let all = jitd.ctl_json(&["audit"]);
     let outcomes: Vec<&str> = all
         .as_array()
@@ -443,7 +364,10 @@ fn the_audit_log_answers_queries_and_exports_csv() {
     assert!(csv.status.success());
     let csv = String::from_utf8(csv.stdout).unwrap();
     let mut lines = csv.lines();
-    assert_eq!(lines.next().unwrap(), "time,actor_uid,actor,action,outcome,reason,ports,protocol,source,duration_secs,justification,grant_id");
+    assert_eq!(
+        lines.next().unwrap(),
+        "time,actor_uid,actor,action,outcome,reason,ports,protocol,source,duration_secs,justification,grant_id"
+    );
     assert!(csv.contains("\"a, \"\"quoted\"\" reason\""), "{csv}");
     assert_eq!(csv.lines().count(), 5);
     let table = jitd.ctl(&["audit"]);
@@ -480,8 +404,7 @@ fn inside_ssh_the_source_defaults_to_the_client_address() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains(&format!("using your SSH client address {A4}")));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("using your SSH client address {A4}")));
     assert!(can_connect(&net.a, HOST_A4, 22));
     drop(jitd);
 }

@@ -13,32 +13,17 @@ fn protected_ports_drop_new_connections_on_ipv4_and_ipv6_and_other_ports_pass() 
     for port in [22, 3389, 8080] {
         serve_echo(&net.host, port);
     }
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "before jitd the port is open"
-    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "before jitd the port is open");
     let setup = Setup::new(PORTS);
     let _jitd = setup.start(&net.host);
     for host in [HOST_A4, HOST_A6] {
         assert!(!can_connect(&net.a, host, 22), "22 is locked on {host}");
         assert!(!can_connect(&net.a, host, 3389), "3389 is locked on {host}");
-        assert!(
-            can_connect(&net.a, host, 8080),
-            "8080 is not protected on {host}"
-        );
+        assert!(can_connect(&net.a, host, 8080), "8080 is not protected on {host}");
     }
-    assert!(
-        !udp_answered(&net.a, HOST_A4, 3389),
-        "protocol any locks UDP too"
-    );
-    assert!(
-        udp_answered(&net.a, HOST_A4, 8080),
-        "UDP to other ports passes"
-    );
-    assert!(
-        udp_answered(&net.a, HOST_A4, 22),
-        "22 is tcp only: UDP passes"
-    );
+    assert!(!udp_answered(&net.a, HOST_A4, 3389), "protocol any locks UDP too");
+    assert!(udp_answered(&net.a, HOST_A4, 8080), "UDP to other ports passes");
+    assert!(udp_answered(&net.a, HOST_A4, 22), "22 is tcp only: UDP passes");
     // the host's own traffic over loopback is never locked
     assert!(can_connect(&net.host, "127.0.0.1", 22));
     assert!(can_connect(&net.host, "::1", 22));
@@ -63,10 +48,7 @@ fn default_policy_locks_ssh_rdp_and_winrm() {
     let setup = Setup::new("");
     let _jitd = setup.start(&net.host);
     for port in [22, 3389, 5985, 5986] {
-        assert!(
-            !can_connect(&net.a, HOST_A4, port),
-            "default port {port} is locked"
-        );
+        assert!(!can_connect(&net.a, HOST_A4, port), "default port {port} is locked");
     }
     assert!(can_connect(&net.a, HOST_A4, 2222));
 }
@@ -81,19 +63,13 @@ fn a_session_open_before_jitd_first_starts_survives_the_lockdown() {
     assert!(exchange(&mut before, b"hello"));
     let setup = Setup::new(PORTS);
     let _jitd = setup.start(&net.host);
-    assert!(
-        !can_connect(&net.a, HOST_A4, 22),
-        "new connections are dropped"
-    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "new connections are dropped");
     for round in 0..3 {
         assert!(
             exchange(&mut before, format!("still here {round}").as_bytes()),
             "the old IPv4 session carries data"
         );
-        assert!(
-            exchange(&mut before6, b"v6"),
-            "the old IPv6 session carries data"
-        );
+        assert!(exchange(&mut before6, b"v6"), "the old IPv6 session carries data");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -127,10 +103,7 @@ fn on_stop_unlock_removes_the_table() {
     assert!(!can_connect(&net.a, HOST_A4, 22));
     let status = jitd.stop(Duration::from_secs(5));
     assert!(status.success(), "{status}");
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "unlock: open again after jitd exits"
-    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "unlock: open again after jitd exits");
     assert!(!net.ruleset().contains("jitd"));
     let actions: Vec<String> = setup
         .audit()
@@ -183,14 +156,8 @@ fn exempt_sources_pass_before_the_lockdown() {
         "{PORTS}[lockdown]\nexempt_sources = [\"10.77.2.0/24\", \"fd00:77:2::/64\"]\n"
     ));
     let jitd = setup.start(&net.host);
-    assert!(
-        can_connect(&net.b, HOST_B4, 22),
-        "b's IPv4 prefix is exempt"
-    );
-    assert!(
-        can_connect(&net.b, "fd00:77:2::1", 22),
-        "b's IPv6 prefix is exempt"
-    );
+    assert!(can_connect(&net.b, HOST_B4, 22), "b's IPv4 prefix is exempt");
+    assert!(can_connect(&net.b, "fd00:77:2::1", 22), "b's IPv6 prefix is exempt");
     assert!(!can_connect(&net.a, HOST_A4, 22), "a is locked");
     assert!(
         jitd.log_text()
@@ -204,19 +171,10 @@ fn exempt_sources_pass_before_the_lockdown() {
 fn interfaces_limit_the_lockdown() {
     let net = Net::new();
     serve_echo(&net.host, 22);
-    let setup = Setup::new(&format!(
-        "{PORTS}[lockdown]\ninterfaces = [\"{}\"]\n",
-        net.host_if_a
-    ));
+    let setup = Setup::new(&format!("{PORTS}[lockdown]\ninterfaces = [\"{}\"]\n", net.host_if_a));
     let _jitd = setup.start(&net.host);
-    assert!(
-        !can_connect(&net.a, HOST_A4, 22),
-        "traffic arriving on h-a is locked"
-    );
-    assert!(
-        can_connect(&net.b, HOST_B4, 22),
-        "traffic arriving on h-b is not"
-    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "traffic arriving on h-a is locked");
+    assert!(can_connect(&net.b, HOST_B4, 22), "traffic arriving on h-b is not");
 }
 
 #[test]
@@ -244,20 +202,16 @@ fn a_restart_replaces_the_table_and_keeps_the_ports_locked() {
     let _jitd = setup.start(&net.host);
     let ruleset = net.ruleset();
     assert_eq!(ruleset.matches("table inet jitd").count(), 1, "{ruleset}");
-    assert!(
-        !can_connect(&net.a, HOST_A4, 3389),
-        "the new policy's port is locked"
-    );
-    assert!(
-        can_connect(&net.a, HOST_A4, 22),
-        "the old policy's port is released"
-    );
+    assert!(!can_connect(&net.a, HOST_A4, 3389), "the new policy's port is locked");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the old policy's port is released");
 }
 
 #[test]
 fn status_over_the_socket_lists_the_policy() {
     let net = Net::new();
-    let setup = Setup::new("[[ports]]\nport = 22\nallowed_sources = [\"10.77.0.0/16\", \"fd00:77::/32\"]\nmax_duration = \"PT1H30M\"\n");
+    let setup = Setup::new(
+        "[[ports]]\nport = 22\nallowed_sources = [\"10.77.0.0/16\", \"fd00:77::/32\"]\nmax_duration = \"PT1H30M\"\n",
+    );
     let jitd = setup.start(&net.host);
     let status = jitd.ctl_json(&["status"]);
     assert_eq!(status["ports"][0]["port"], 22);
@@ -271,9 +225,7 @@ fn status_over_the_socket_lists_the_policy() {
     let human = jitd.ctl(&["status"]);
     let out = String::from_utf8_lossy(&human.stdout);
     assert!(
-        out.contains("PORT")
-            && out.contains("10.77.0.0/16, fd00:77::/32")
-            && out.contains("1h 30m"),
+        out.contains("PORT") && out.contains("10.77.0.0/16, fd00:77::/32") && out.contains("1h 30m"),
         "{out}"
     );
 }

@@ -3,4 +3,5 @@
 
 mod grants;
 mod lockdown;
+mod service;
 mod util;

@@ -38,10 +38,7 @@ pub const BLOCKED_AFTER: Duration = Duration::from_millis(1200);
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("run command");
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("run command");
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
@@ -82,8 +79,7 @@ impl Net {
         for (client, n) in [(&net.a, 1), (&net.b, 2)] {
             let host_if = if n == 1 { "h-a" } else { "h-b" };
             sh(&[
-                "ip", "-n", &net.host, "link", "add", host_if, "type", "veth", "peer", "name",
-                "c0", "netns", client,
+                "ip", "-n", &net.host, "link", "add", host_if, "type", "veth", "peer", "name", "c0", "netns", client,
             ]);
             sh(&[
                 "ip",
@@ -284,16 +280,9 @@ pub struct Setup {
 impl Setup {
     /// Writes a policy: `socket` and `state_dir` inside a fresh directory, then `body`.
     pub fn new(body: &str) -> Setup {
-        let dir = tempfile::Builder::new()
-            .prefix("jitd-test")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("jitd-test").tempdir().unwrap();
         // jitctl may run as an unprivileged user in some tests: let it reach the socket.
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let setup = Setup { dir };
         setup.write_policy(body);
         setup
@@ -347,25 +336,31 @@ impl Setup {
         output_within(cmd, Duration::from_secs(20))
     }
 
-    /// Starts jitd in `ns` and waits until it answers on its socket.
-    pub fn start(&self, ns: &str) -> Jitd {
-        let log = self.dir.path().join(format!(
-            "jitd-{}.log",
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
+    /// Starts jitd in `ns` with extra environment variables, without waiting for it.
+    pub fn spawn(&self, ns: &str, envs: &[(&str, &str)]) -> Jitd {
+        let log = self
+            .dir
+            .path()
+            .join(format!("jitd-{}.log", COUNTER.fetch_add(1, Ordering::SeqCst)));
         let child = Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_jitd"), "--config"])
             .arg(self.policy())
             .env("JITD_LOG", "debug")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn jitd");
-        let mut jitd = Jitd {
+        Jitd {
             child: Some(child),
             log,
             socket: self.socket(),
-        };
+        }
+    }
+
+    /// Starts jitd in `ns` and waits until it answers on its socket.
+    pub fn start(&self, ns: &str) -> Jitd {
+        let mut jitd = self.spawn(ns, &[]);
         let ready = wait_for(Duration::from_secs(15), || {
             if let Some(status) = jitd.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("jitd exited early with {status}: {}", jitd.log_text());
@@ -475,10 +470,7 @@ pub fn jitctl(socket: &Path, args: &[&str], user: Option<(u32, u32)>) -> Output 
             c
         }
     };
-    cmd.arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("SSH_CONNECTION");
+    cmd.arg("--socket").arg(socket).args(args).env_remove("SSH_CONNECTION");
     output_within(cmd, Duration::from_secs(30))
 }
 
