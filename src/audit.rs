@@ -32,6 +32,8 @@ pub enum Action {
     Stop,
     /// The policy was re-read.
     Reload,
+    /// jitd found its table changed by someone else and restored it.
+    Repair,
 }
 
 /// How it ended.
@@ -52,6 +54,8 @@ pub enum Outcome {
     Failed,
     /// A lifecycle event (start, stop, reload).
     Done,
+    /// Drift found and the table restored.
+    Repaired,
 }
 
 /// One decision or event.
@@ -134,19 +138,37 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (creating, mode 0600) the audit log in `state_dir`.
+    /// Opens (creating, mode 0600) the audit log in `state_dir`. A torn last line left
+    /// by a crash is closed with a newline so that the next record starts on its own line.
     pub fn open(state_dir: &Path) -> Result<AuditLog, AuditError> {
+        use std::io::{Read, Seek, SeekFrom};
         use std::os::unix::fs::OpenOptionsExt;
         let path = state_dir.join(AUDIT_FILE);
-        let file = OpenOptions::new()
+        let fail = |source| AuditError {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| AuditError {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(fail)?;
+        let len = file.metadata().map_err(fail)?.len();
+        if len > 0 {
+            let mut last = [0u8; 1];
+            file.seek(SeekFrom::Start(len - 1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map_err(fail)?;
+            if last[0] != b'\n' {
+                tracing::warn!(
+                    "{}: the last record is incomplete (torn by a crash?); it is kept and skipped when reading",
+                    path.display()
+                );
+                file.write_all(b"\n").and_then(|_| file.sync_data()).map_err(fail)?;
+            }
+        }
         Ok(AuditLog { path, file })
     }
 

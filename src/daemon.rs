@@ -19,11 +19,14 @@ use crate::api::protocol::{
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
 use crate::config::{format_prefix, parse_prefix, AllowedSources, Config, OnStop};
+use crate::firewall::kernel::{self, Baseline, KernelGrants};
+use crate::firewall::monitor;
 use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{Grant, GrantBook, GrantId, NewGrant};
 use crate::identity::Caller;
 use crate::policy::{self, AccessRequest, Denial, Role};
+use crate::store;
 
 /// How far back `status` counts approved requests per port.
 const USAGE_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(7);
@@ -48,6 +51,9 @@ pub enum StartError {
     /// The lockdown could not be put in the kernel.
     #[error("cannot lock the ports: {0}")]
     Firewall(#[from] FirewallError),
+    /// The saved grants could not be read.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// The socket could not be created.
     #[error("cannot create the socket {path}: {source}")]
     Socket {
@@ -71,7 +77,15 @@ struct State {
     book: GrantBook,
     audit: AuditLog,
     usage: HashMap<u16, PortUsage>,
+    /// The table as the kernel showed it right after jitd last replaced it.
+    baseline: Baseline,
 }
+
+/// Grants this close to their end may already be gone from the kernel; their absence
+/// is not drift.
+const DRIFT_SLACK: Duration = Duration::from_millis(1500);
+/// How often jitd compares the kernel with its view even without a change event.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 
 /// The running daemon: policy, grants and audit behind one lock, and a firewall driver.
 pub struct Daemon<F: Firewall> {
@@ -90,25 +104,141 @@ impl<F: Firewall> Daemon<F> {
         for p in problems {
             tracing::warn!("{p}");
         }
-        let first_id = history.iter().filter_map(|r| r.grant_id).max().map_or(1, |m| m + 1);
+        let saved = store::load(&config.state_dir)?;
+        let first_id = history
+            .iter()
+            .filter_map(|r| r.grant_id)
+            .max()
+            .map_or(1, |m| m + 1)
+            .max(saved.next_id);
         let usage = usage_from_history(&history);
+        // What the kernel still enforces is the truth about grants made before a restart.
+        let kernel = firewall
+            .read_table()
+            .await?
+            .map(|listing| kernel::parse_table(&listing).1);
+        let now = Instant::now();
+        let wall = Utc::now();
+        let mut book = GrantBook::new(first_id);
+        let mut records = Vec::new();
+        for grant in saved.grants {
+            match remaining_after_restart(&grant, kernel.as_ref(), wall) {
+                Some(left) => {
+                    let mut grant = grant;
+                    grant.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                    book.restore(grant, now + left);
+                }
+                None => {
+                    let end = grant.expires_at.min(wall);
+                    let mut r = grant_record(&grant, end, None, "jitd", Action::Expire, Outcome::Expired);
+                    r.reason = Some("ended while jitd was not running".into());
+                    records.push(r);
+                }
+            }
+        }
+        let spec = LockdownSpec::from_config(&config);
         firewall
-            .apply(&rules::replace_table(&LockdownSpec::from_config(&config), &[]))
+            .apply(&rules::replace_table(&spec, &book.elements(now)))
             .await?;
+        let baseline = read_baseline(&firewall).await?;
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Done);
         record.ports = config.ports.iter().map(|p| p.port).collect();
-        record.reason = Some(format!("locked {}", describe_ports(&config)));
-        audit.append(&[record])?;
+        record.reason = Some(format!(
+            "locked {}; {} grant(s) restored",
+            describe_ports(&config),
+            book.len()
+        ));
+        records.push(record);
+        audit.append(&records)?;
+        let state = State {
+            config,
+            book,
+            audit,
+            usage,
+            baseline,
+        };
+        save_grants(&state);
         Ok(Arc::new(Daemon {
             firewall,
-            state: Mutex::new(State {
-                config,
-                book: GrantBook::new(first_id),
-                audit,
-                usage,
-            }),
+            state: Mutex::new(state),
             expiry_changed: Notify::new(),
         }))
+    }
+
+    /// Compares the kernel's copy of the table with jitd's view and, when they differ,
+    /// restores the lockdown and the live grants in one transaction and audits it.
+    /// Returns what was found (empty when nothing had drifted).
+    pub async fn reconcile(&self, cause: &str) -> Vec<String> {
+        let mut st = self.state.lock().await;
+        let now = Instant::now();
+        let listing = match self.firewall.read_table().await {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::error!("cannot read the kernel's ruleset to check it: {e}");
+                return Vec::new();
+            }
+        };
+        let expected = st.book.elements(now).into_iter().map(|e| (e.key, e.timeout)).collect();
+        let findings = match &listing {
+            None => vec![format!("table inet {} is missing", rules::TABLE)],
+            Some(listing) => kernel::find_drift(&st.baseline, listing, &expected, DRIFT_SLACK),
+        };
+        if findings.is_empty() {
+            return findings;
+        }
+        tracing::warn!("drift ({cause}): {}", findings.join("; "));
+        let spec = LockdownSpec::from_config(&st.config);
+        let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Repair, Outcome::Repaired);
+        match self
+            .firewall
+            .apply(&rules::replace_table(&spec, &st.book.elements(Instant::now())))
+            .await
+        {
+            Ok(()) => {
+                record.reason = Some(format!("drift repaired ({cause}): {}", findings.join("; ")));
+                match read_baseline(&self.firewall).await {
+                    Ok(b) => st.baseline = b,
+                    Err(e) => tracing::error!("cannot read back the repaired table: {e}"),
+                }
+            }
+            Err(e) => {
+                tracing::error!("repairing the drift failed: {e}");
+                record.outcome = Outcome::Failed;
+                record.reason = Some(format!(
+                    "drift found ({cause}) but not repaired: {e}: {}",
+                    findings.join("; ")
+                ));
+            }
+        }
+        if let Err(e) = st.audit.append(&[record]) {
+            tracing::error!("{e}");
+        }
+        findings
+    }
+
+    /// Reconciles whenever another process commits an nftables change, and every
+    /// [`RECONCILE_EVERY`] in any case.
+    pub async fn watch_drift(self: Arc<Self>) {
+        let mut events = match monitor::watch() {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                tracing::warn!("cannot listen to nftables changes ({e}); checking every {RECONCILE_EVERY:?} only");
+                None
+            }
+        };
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cause = tokio::select! {
+                _ = tick.tick() => "periodic check".to_string(),
+                event = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => match event {
+                    None => { events = None; continue; }
+                    Some(g) if g.pid != 0 && self.firewall.made_by_us(g.pid) => continue,
+                    Some(g) => format!("nftables changed by {} (pid {})", if g.process.is_empty() { "?" } else { &g.process }, g.pid),
+                },
+            };
+            self.reconcile(&cause).await;
+        }
     }
 
     /// Ends grants as their time runs out, until the daemon is dropped.
@@ -154,6 +284,7 @@ impl<F: Firewall> Daemon<F> {
         if let Err(e) = st.audit.append(&records) {
             tracing::error!("{e}; {} expiry record(s) not written", records.len());
         }
+        save_grants(&st);
     }
 
     /// Re-reads the policy at `path`. An invalid policy changes nothing; a valid one is
@@ -229,6 +360,11 @@ impl<F: Firewall> Daemon<F> {
             st.book.remove(*id);
         }
         st.config = new_config;
+        match read_baseline(&self.firewall).await {
+            Ok(b) => st.baseline = b,
+            Err(e) => tracing::error!("cannot read back the reloaded table: {e}"),
+        }
+        save_grants(&st);
         self.expiry_changed.notify_one();
         tracing::info!(ended = ended.len(), "policy reloaded");
         Ok(ReloadReply { ended })
@@ -429,6 +565,7 @@ impl<F: Firewall> Daemon<F> {
             tracing::info!(grant = grant.id, user = %caller.name, source = %format_prefix(&grant.source), port = grant.port, until = %grant.expires_at, "access granted");
             granted.push(grant_info(&grant, access.duration));
         }
+        save_grants(&st);
         self.expiry_changed.notify_one();
         Reply::ok(GrantedReply {
             grants: granted,
@@ -562,6 +699,7 @@ impl<F: Firewall> Daemon<F> {
                 grant_info(g, left)
             })
             .collect();
+        save_grants(&st);
         self.expiry_changed.notify_one();
         Reply::ok(RevokedReply { revoked })
     }
@@ -658,6 +796,33 @@ impl<F: Firewall> Handler for Daemon<F> {
                 }
             }
         }
+    }
+}
+
+/// How long a grant saved before a restart still has: the kernel's own timer when the
+/// table survived (it is what enforces), else the wall clock. `None`: it has ended.
+fn remaining_after_restart(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>) -> Option<Duration> {
+    let left = match kernel {
+        Some(elements) => grant.keys().iter().map(|k| elements.get(k).copied()).min().flatten()?,
+        None => (grant.expires_at - wall).to_std().ok()?,
+    };
+    (!left.is_zero()).then_some(left)
+}
+
+async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Baseline, FirewallError> {
+    let listing = firewall.read_table().await?;
+    Ok(listing.map(|l| kernel::parse_table(&l).0).unwrap_or_default())
+}
+
+/// Saves the live grants; a failure is logged (a restart would then end them early,
+/// which fails closed).
+fn save_grants(st: &State) {
+    let snapshot = store::Snapshot {
+        next_id: st.book.next_id(),
+        grants: st.book.iter().cloned().collect(),
+    };
+    if let Err(e) = store::save(&st.config.state_dir, &snapshot) {
+        tracing::error!("{e}; live grants will not survive a restart");
     }
 }
 
@@ -791,6 +956,7 @@ pub async fn run<F: Firewall>(
     }
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let expiry = tokio::spawn(daemon.clone().run_expiry());
+    let drift = tokio::spawn(daemon.clone().watch_drift());
     let hup = tokio::spawn(reload_on_sighup(daemon.clone()));
     let watchdog = tokio::spawn(pet_watchdog());
     let _ = sd_notify::notify(
@@ -805,6 +971,7 @@ pub async fn run<F: Firewall>(
     tracing::info!("stopping");
     hup.abort();
     expiry.abort();
+    drift.abort();
     watchdog.abort();
     daemon.stop().await;
     let _ = std::fs::remove_file(&socket);

@@ -16,6 +16,7 @@
 //! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
 //! - [`identity`]: socket peers resolved to users and groups.
 //! - [`netif`]: the host's interfaces over rtnetlink.
+//! - [`store`]: the live grants on disk, for restarts.
 //! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
 
 pub mod api;
@@ -28,3 +29,4 @@ pub mod grants;
 pub mod identity;
 pub mod netif;
 pub mod policy;
+pub mod store;

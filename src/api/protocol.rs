@@ -131,7 +131,14 @@ impl Reply {
 
 /// Error codes that are not refusals of a valid request but problems with the message
 /// itself or with jitd; jitctl exits 2 for these.
-pub const PROTOCOL_ERROR_CODES: [&str; 5] = ["malformed", "too_large", "unsupported_version", "timeout", "busy"];
+pub const PROTOCOL_ERROR_CODES: [&str; 6] = [
+    "malformed",
+    "too_large",
+    "unsupported_version",
+    "timeout",
+    "busy",
+    "shutting_down",
+];
 
 /// What went wrong: `code` for scripts, `message` for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -2,6 +2,8 @@
 //! by a [`Firewall`] driver: [`nft::NftCli`] in production, [`RecordingFirewall`] in
 //! unit tests.
 
+pub mod kernel;
+pub mod monitor;
 pub mod nft;
 pub mod rules;
 
@@ -38,6 +40,10 @@ pub trait Firewall: Send + Sync + 'static {
     fn apply(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
     /// Checks `batch` against the kernel without applying it.
     fn check(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
+    /// jitd's table as `nft -j list table` prints it; `None` when there is no such table.
+    fn read_table(&self) -> impl Future<Output = Result<Option<serde_json::Value>, FirewallError>> + Send;
+    /// Whether a change the kernel reports as made by process `pid` was one of ours.
+    fn made_by_us(&self, pid: u32) -> bool;
 }
 
 /// A firewall that only remembers what it was asked to apply, optionally failing;
@@ -48,6 +54,8 @@ pub struct RecordingFirewall {
     pub applied: Mutex<Vec<serde_json::Value>>,
     /// When set, every call fails with this message.
     pub fail_with: Mutex<Option<String>>,
+    /// What `read_table` returns.
+    pub table: Mutex<Option<serde_json::Value>>,
 }
 
 impl Firewall for RecordingFirewall {
@@ -65,5 +73,13 @@ impl Firewall for RecordingFirewall {
             Some(message) => Err(FirewallError::Rejected(message)),
             None => Ok(()),
         }
+    }
+
+    async fn read_table(&self) -> Result<Option<serde_json::Value>, FirewallError> {
+        Ok(self.table.lock().unwrap().clone())
+    }
+
+    fn made_by_us(&self, _pid: u32) -> bool {
+        true
     }
 }

@@ -1,26 +1,35 @@
-//! Applies batches by running `nft -j -f -` (the nftables JSON API), one transaction each.
+//! Applies batches by running `nft -j -f -` (the nftables JSON API), one transaction
+//! each, and reads jitd's table back with `nft -j list table`.
 
+use std::collections::VecDeque;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nftables::schema::Nftables;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use super::rules::TABLE;
 use super::{Firewall, FirewallError};
 
 /// How long one `nft` run may take before jitd gives up on it.
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How many of its own `nft` process ids jitd remembers, to tell its own changes from
+/// others' in the kernel's change events.
+const OWN_PIDS_KEPT: usize = 256;
+
 /// Drives the kernel through the `nft` program.
 #[derive(Debug, Clone)]
 pub struct NftCli {
     program: String,
+    own_pids: Arc<Mutex<VecDeque<u32>>>,
 }
 
 impl Default for NftCli {
     fn default() -> Self {
-        NftCli { program: "nft".into() }
+        NftCli::with_program("nft")
     }
 }
 
@@ -29,14 +38,13 @@ impl NftCli {
     pub fn with_program(program: impl Into<String>) -> NftCli {
         NftCli {
             program: program.into(),
+            own_pids: Arc::default(),
         }
     }
 
-    async fn run(&self, args: &[&str], batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
-        let mut child = Command::new(&self.program)
+    fn spawn(&self, args: &[&str]) -> Result<tokio::process::Child, FirewallError> {
+        let child = Command::new(&self.program)
             .args(args)
-            .args(["-j", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -46,6 +54,24 @@ impl NftCli {
                 program: self.program.clone(),
                 source,
             })?;
+        if let Some(pid) = child.id() {
+            let mut pids = self.own_pids.lock().expect("pid list lock");
+            if pids.len() == OWN_PIDS_KEPT {
+                pids.pop_front();
+            }
+            pids.push_back(pid);
+        }
+        Ok(child)
+    }
+
+    async fn run(&self, check_only: bool, batch: &Nftables<'_>) -> Result<(), FirewallError> {
+        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let args: &[&str] = if check_only {
+            &["--check", "-j", "-f", "-"]
+        } else {
+            &["-j", "-f", "-"]
+        };
+        let mut child = self.spawn(args)?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let run = async move {
             // nft reads all of stdin before it answers, so write first, then wait.
@@ -53,34 +79,65 @@ impl NftCli {
             drop(stdin);
             child.wait_with_output().await
         };
-        let output = tokio::time::timeout(NFT_TIMEOUT, run)
-            .await
-            .map_err(|_| FirewallError::Timeout(NFT_TIMEOUT))?
-            .map_err(|e| FirewallError::Output(e.to_string()))?;
+        let output = finish(run).await?;
         if output.status.success() {
-            return Ok(());
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let message = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; ");
-        Err(FirewallError::Rejected(if message.is_empty() {
-            format!("nft exited with {}", output.status)
+            Ok(())
         } else {
-            message
-        }))
+            Err(FirewallError::Rejected(stderr_message(&output)))
+        }
+    }
+}
+
+async fn finish(
+    run: impl std::future::Future<Output = std::io::Result<std::process::Output>>,
+) -> Result<std::process::Output, FirewallError> {
+    tokio::time::timeout(NFT_TIMEOUT, run)
+        .await
+        .map_err(|_| FirewallError::Timeout(NFT_TIMEOUT))?
+        .map_err(|e| FirewallError::Output(e.to_string()))
+}
+
+fn stderr_message(output: &std::process::Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let message = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if message.is_empty() {
+        format!("nft exited with {}", output.status)
+    } else {
+        message
     }
 }
 
 impl Firewall for NftCli {
     async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        self.run(&[], batch).await
+        self.run(false, batch).await
     }
 
     async fn check(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        self.run(&["--check"], batch).await
+        self.run(true, batch).await
+    }
+
+    async fn read_table(&self) -> Result<Option<serde_json::Value>, FirewallError> {
+        let child = self.spawn(&["-j", "list", "table", "inet", TABLE])?;
+        let output = finish(child.wait_with_output()).await?;
+        if !output.status.success() {
+            let message = stderr_message(&output);
+            return if message.contains("No such file or directory") {
+                Ok(None)
+            } else {
+                Err(FirewallError::Rejected(message))
+            };
+        }
+        serde_json::from_slice(&output.stdout)
+            .map(Some)
+            .map_err(|e| FirewallError::Output(e.to_string()))
+    }
+
+    fn made_by_us(&self, pid: u32) -> bool {
+        self.own_pids.lock().expect("pid list lock").contains(&pid)
     }
 }
