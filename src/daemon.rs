@@ -233,6 +233,7 @@ impl<F: Firewall> Daemon<F> {
                 _ = tick.tick() => "periodic check".to_string(),
                 event = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => match event {
                     None => { events = None; continue; }
+                    Some(g) if { tracing::debug!(pid = g.pid, process = %g.process, "nftables generation"); false } => continue,
                     Some(g) if g.pid != 0 && self.firewall.made_by_us(g.pid) => continue,
                     Some(g) => format!("nftables changed by {} (pid {})", if g.process.is_empty() { "?" } else { &g.process }, g.pid),
                 },

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{watch, Semaphore};
@@ -97,6 +98,18 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, shutdown
             drop(permit);
         });
     }
+    // New clients now find no socket; those already queued in the backlog are told why
+    // instead of being reset.
+    if let Some(path) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+        connections.spawn(refuse(stream, shutting_down()));
+    }
     drop(listener);
     let _ = stopping_tx.send(true);
     if tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -114,6 +127,10 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, shutdown
 
 /// How long a stopping jitd waits for requests in flight to be answered.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn shutting_down() -> Reply {
+    Reply::error("shutting_down", "jitd is stopping; try again when it is back")
+}
 
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens when serving is over.
@@ -143,7 +160,7 @@ async fn serve_connection<H: Handler>(stream: UnixStream, handler: Arc<H>, mut s
         let mut limited = (&mut reader).take(MAX_REQUEST_BYTES as u64 + 1);
         let read = tokio::time::timeout(READ_TIMEOUT, limited.read_until(b'\n', &mut line));
         let (reply, keep_open) = tokio::select! {
-            _ = stopped(&mut stopping) => (Reply::error("shutting_down", "jitd is stopping; try again when it is back"), false),
+            _ = stopped(&mut stopping) => (shutting_down(), false),
             read = read => match read {
                 Err(_) => (Reply::error("timeout", format!("no complete request within {}s", READ_TIMEOUT.as_secs())), false),
                 Ok(Err(e)) => {

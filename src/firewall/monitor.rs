@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_NEWGEN: u16 = 16;
+const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_PROC_PID: u16 = 2;
 const NFTA_GEN_PROC_NAME: u16 = 3;
 const NLMSG_HDR: usize = 16;

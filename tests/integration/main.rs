@@ -1,7 +1,9 @@
 //! Integration tests: the real `jitd` and `jitctl` binaries, run inside network
 //! namespaces with real TCP/UDP peers. Needs root (namespaces, nftables).
 
+mod faults;
 mod grants;
 mod lockdown;
+mod protocol;
 mod service;
 mod util;

@@ -318,6 +318,15 @@ impl Setup {
         self.state_dir().join("audit.jsonl")
     }
 
+    /// The audit log's lines as they are on disk.
+    pub fn audit_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.audit_file())
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Every audit record as JSON.
     pub fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.audit_file())

@@ -1,0 +1,539 @@
+//! jitd's bad days: crashes, restarts, tampering, reloads, missing pieces. Proven from
+//! outside: connecting or failing to connect, exit codes, audit content.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::util::*;
+
+const POLICY: &str = "[[ports]]\nport = 22\n[[ports]]\nport = 3389\n";
+
+fn setup_with_servers(net: &Net, policy: &str) -> Setup {
+    for port in [22, 3389] {
+        serve_echo(&net.host, port);
+    }
+    Setup::new(policy)
+}
+
+fn grant(jitd: &Jitd, port: &str, source: &str, duration: &str) -> u64 {
+    let reply = jitd.ctl_json(&["request", "--port", port, "--source", source, "--duration", duration]);
+    reply["grants"][0]["id"].as_u64().unwrap()
+}
+
+fn grant_ids(jitd: &Jitd) -> Vec<u64> {
+    let status = jitd.ctl_json(&["status"]);
+    status["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn records(setup: &Setup, action: &str) -> Vec<Value> {
+    setup.audit().into_iter().filter(|r| r["action"] == action).collect()
+}
+
+/// Probes `ns -> ip:port` in a loop until stopped; records whether it ever got through.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<bool>,
+}
+
+impl Prober {
+    fn start(ns: &str, ip: &'static str, port: u16) -> Prober {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, flag) = (ns.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut opened = false;
+            while !flag.load(Ordering::SeqCst) {
+                opened |= can_connect(&ns, ip, port);
+            }
+            opened
+        });
+        Prober { stop, handle }
+    }
+
+    fn ever_opened(self) -> bool {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+#[test]
+fn after_kill_9_the_lockdown_stays_and_grants_close_by_themselves() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    grant(&jitd, "22", A4, "3s");
+    let granted_at = Instant::now();
+    jitd.kill();
+    assert!(
+        can_connect(&net.a, HOST_A4, 22),
+        "the live grant keeps working after the crash"
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 22), "nothing else opens");
+    assert!(!can_connect(&net.a, HOST_A4, 3389), "nothing else opens");
+    assert!(
+        wait_for(Duration::from_secs(6), || !can_connect(&net.a, HOST_A4, 22)),
+        "the kernel closes the grant on its own"
+    );
+    assert!(
+        granted_at.elapsed() < Duration::from_secs(3 + 1 + 2),
+        "on time: {:?}",
+        granted_at.elapsed()
+    );
+    assert!(!can_connect(&net.a, HOST_A4, 3389));
+}
+
+#[test]
+fn a_restart_puts_live_grants_back_records_ended_ones_and_never_opens_the_ports() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    let long = grant(&jitd, "22", A4, "1h");
+    let short = grant(&jitd, "3389", A4, "2s");
+    let status = jitd.stop(Duration::from_secs(5));
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(2500));
+    let prober = Prober::start(&net.b, HOST_B4, 22);
+    let jitd = setup.start(&net.host);
+    assert!(
+        !prober.ever_opened(),
+        "the port never opened to others during the restart"
+    );
+    assert_eq!(grant_ids(&jitd), vec![long], "only the live grant is back");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the restored grant works");
+    assert!(!can_connect(&net.a, HOST_A4, 3389), "the ended one stays closed");
+    let expired = records(&setup, "expire");
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0]["grant_id"], short);
+    assert_eq!(expired[0]["reason"], "ended while jitd was not running");
+    let approved = setup
+        .audit()
+        .into_iter()
+        .find(|r| r["grant_id"] == short && r["outcome"] == "approved")
+        .unwrap();
+    let end: chrono::DateTime<chrono::Utc> = expired[0]["time"].as_str().unwrap().parse().unwrap();
+    let start: chrono::DateTime<chrono::Utc> = approved["time"].as_str().unwrap().parse().unwrap();
+    assert_eq!((end - start).num_seconds(), 2, "recorded with the real end time");
+    // the restored grant still ends on its own schedule and ids are not reused
+    let next = grant(&jitd, "3389", A4, "1m");
+    assert!(next > short);
+    let remaining = jitd.ctl_json(&["status"])["grants"][0]["remaining_secs"]
+        .as_u64()
+        .unwrap();
+    assert!((3590..=3600).contains(&remaining), "{remaining}");
+}
+
+#[test]
+fn a_restart_after_kill_9_takes_the_kernels_remaining_time() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    grant(&jitd, "22", A4, "4s");
+    jitd.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let jitd = setup.start(&net.host);
+    let status = jitd.ctl_json(&["status"]);
+    let left = status["grants"][0]["remaining_secs"].as_u64().unwrap();
+    assert!(left <= 3, "the kernel's clock, not a fresh 4s: {left}");
+    assert!(can_connect(&net.a, HOST_A4, 22));
+    assert!(wait_for(Duration::from_secs(5), || !can_connect(&net.a, HOST_A4, 22)));
+    assert!(
+        wait_for(Duration::from_secs(2), || grant_ids(&jitd).is_empty()),
+        "status agrees with the kernel"
+    );
+}
+
+#[test]
+fn tampering_is_repaired_within_a_second_and_audited() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    grant(&jitd, "22", A4, "1h");
+    let tamperings: [&[&str]; 4] = [
+        &["flush", "ruleset"],
+        &["delete", "table", "inet", "jitd"],
+        &["flush", "chain", "inet", "jitd", "input"],
+        &[
+            "add",
+            "element",
+            "inet",
+            "jitd",
+            "grants4",
+            "{ 10.77.2.2 . tcp . 22 timeout 1h }",
+        ],
+    ];
+    for (i, args) in tamperings.iter().enumerate() {
+        let out = net.nft(args);
+        assert!(out.status.success(), "nft {args:?}: {}", text(&out));
+        let changed = Instant::now();
+        assert!(
+            wait_for(Duration::from_secs(3), || records(&setup, "repair").len() > i),
+            "no repair after nft {args:?}: {}",
+            jitd.log_text()
+        );
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "noticed within a second: {:?}",
+            changed.elapsed()
+        );
+        assert!(!can_connect(&net.b, HOST_B4, 22), "locked again after nft {args:?}");
+        assert!(
+            can_connect(&net.a, HOST_A4, 22),
+            "the live grant is back after nft {args:?}"
+        );
+    }
+    let repairs = records(&setup, "repair");
+    assert!(repairs.iter().all(|r| r["outcome"] == "repaired"));
+    assert!(
+        repairs[0]["reason"].as_str().unwrap().contains("changed by nft"),
+        "{:?}",
+        repairs[0]
+    );
+    assert!(
+        repairs[3]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("element 10.77.2.2 . tcp . 22 with no grant behind it"),
+        "{:?}",
+        repairs[3]
+    );
+    assert_eq!(net.ruleset().matches("table inet jitd").count(), 1);
+}
+
+#[test]
+fn jitds_own_changes_are_not_drift() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    for i in 0..5 {
+        grant(&jitd, "22", A4, &format!("{}m", i + 1));
+    }
+    let id = grant(&jitd, "3389", A4, "1m");
+    jitd.ctl_json(&["revoke", &id.to_string()]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(records(&setup, "repair").is_empty(), "{:?}", records(&setup, "repair"));
+}
+
+#[test]
+fn reload_applies_a_valid_policy_and_keeps_the_old_one_on_error() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    let on22 = grant(&jitd, "22", A4, "1h");
+    let on3389 = grant(&jitd, "3389", A4, "1h");
+    // an invalid policy over SIGHUP and over jitctl changes nothing
+    setup.write_policy("[[ports]]\nport = 22\nmax_duration = \"99h\"\n");
+    jitd.signal(Signal::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || jitd
+        .log_text()
+        .contains("max_duration: must be at most 24h")));
+    let out = jitd.ctl(&["reload"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ports[0].max_duration: must be at most 24h"),
+        "{}",
+        text(&out)
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 3389), "old policy still locks 3389");
+    assert_eq!(grant_ids(&jitd), vec![on22, on3389]);
+    // a valid one that no longer protects 3389: its grant ends, 22's stays
+    setup.write_policy("[[ports]]\nport = 22\n");
+    let reply = jitd.ctl_json(&["reload"]);
+    assert_eq!(reply["ended"], serde_json::json!([on3389]));
+    assert_eq!(grant_ids(&jitd), vec![on22]);
+    assert!(can_connect(&net.b, HOST_B4, 3389), "3389 is no longer protected");
+    assert!(!can_connect(&net.b, HOST_B4, 22));
+    assert!(
+        can_connect(&net.a, HOST_A4, 22),
+        "the grant the new policy still allows stays"
+    );
+    let ended: Vec<Value> = setup
+        .audit()
+        .into_iter()
+        .filter(|r| r["grant_id"] == on3389 && r["outcome"] == "revoked")
+        .collect();
+    assert_eq!(ended[0]["reason"], "policy changed");
+    // SIGHUP with a valid policy protecting 3389 again
+    setup.write_policy(POLICY);
+    jitd.signal(Signal::SIGHUP);
+    assert!(wait_for(Duration::from_secs(5), || !can_connect(&net.b, HOST_B4, 3389)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(records(&setup, "repair").is_empty(), "a reload is not drift");
+    // only admins may reload
+    let out = jitd.ctl_as(65534, 65534, &["reload"]);
+    assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+fn without_nft_or_nftables_jitd_refuses_to_start() {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    // no nft binary at all
+    let out = run_jitd_with_path(&net, &setup, "/nonexistent");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is the nftables package installed?"),
+        "{}",
+        text(&out)
+    );
+    // an nft that fails the way a kernel without nf_tables makes it fail
+    let fake = setup.dir.path().join("fakebin");
+    std::fs::create_dir(&fake).unwrap();
+    let script = fake.join("nft");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\necho 'Error: Could not process rule: Operation not supported' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = run_jitd_with_path(&net, &setup, fake.to_str().unwrap());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not supported"),
+        "{}",
+        text(&out)
+    );
+}
+
+fn run_jitd_with_path(net: &Net, setup: &Setup, path: &str) -> std::process::Output {
+    std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.host,
+            "/usr/bin/env",
+            &format!("PATH={path}"),
+            env!("CARGO_BIN_EXE_jitd"),
+            "--config",
+        ])
+        .arg(setup.policy())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn an_unusable_state_dir_stops_jitd_before_it_changes_anything() {
+    let net = Net::new();
+    let setup = Setup::new("");
+    let blocker = setup.dir.path().join("a-file");
+    std::fs::write(&blocker, "").unwrap();
+    std::fs::write(
+        setup.policy(),
+        format!(
+            "socket = \"{}\"\nstate_dir = \"{}/state\"\n",
+            setup.socket().display(),
+            blocker.display()
+        ),
+    )
+    .unwrap();
+    let out = setup.run_jitd(&net.host, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot create state_dir"),
+        "{}",
+        text(&out)
+    );
+    assert!(!net.ruleset().contains("jitd"), "no lockdown half-applied");
+}
+
+/// A small tmpfs mounted for one test, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", text(&out));
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_grant_that_cannot_be_audited_is_refused() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let _disk = SmallDisk::mount(setup.state_dir());
+    let jitd = setup.start(&net.host);
+    // fill the disk; tmpfs allocates whole pages, so first pad the audit log to a page
+    // boundary with blank lines (readers skip them) so that the next record needs a new page
+    let len = std::fs::metadata(setup.audit_file()).unwrap().len() as usize;
+    let pad = vec![b'\n'; 4096 - len % 4096];
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(setup.audit_file())
+        .and_then(|mut f| std::io::Write::write_all(&mut f, &pad))
+        .unwrap();
+    let filler = setup.state_dir().join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k", "count=1000"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let out = jitd.ctl(&["request", "--port", "22", "--source", A4, "--duration", "1h"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot write the audit log"),
+        "{}",
+        text(&out)
+    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "refused means closed");
+    assert_eq!(grant_ids(&jitd), Vec::<u64>::new());
+    // space again: requests work again
+    std::fs::remove_file(&filler).unwrap();
+    grant(&jitd, "22", A4, "1h");
+    assert!(can_connect(&net.a, HOST_A4, 22));
+}
+
+#[test]
+fn every_reported_approval_is_on_disk_after_kill_9_and_a_torn_line_is_skipped() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    let socket = setup.socket();
+    // clients hammer jitd while it is killed
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut approved = Vec::new();
+                for i in 0..200 {
+                    let source = format!("10.{}.{}.{}", 100 + c, i / 250, i % 250 + 1);
+                    let out = jitctl(
+                        &socket,
+                        &[
+                            "--json",
+                            "request",
+                            "--port",
+                            "22",
+                            "--source",
+                            &source,
+                            "--duration",
+                            "1h",
+                        ],
+                        None,
+                    );
+                    if !out.status.success() {
+                        break;
+                    }
+                    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+                    approved.push(reply["grants"][0]["id"].as_u64().unwrap());
+                }
+                approved
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    jitd.kill();
+    let approved: Vec<u64> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    assert!(!approved.is_empty(), "some requests were approved before the kill");
+    let on_disk: Vec<u64> = setup
+        .audit_lines()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["outcome"] == "approved")
+        .map(|r| r["grant_id"].as_u64().unwrap())
+        .collect();
+    for id in &approved {
+        assert!(
+            on_disk.contains(id),
+            "grant {id} was reported approved but has no record"
+        );
+    }
+    // a torn last line (as a crash mid-write leaves it) is reported, never fatal
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(setup.audit_file())
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"time\":\"20"))
+        .unwrap();
+    let jitd = setup.start(&net.host);
+    assert!(jitd.log_text().contains("incomplete"), "{}", jitd.log_text());
+    let out = jitd.ctl(&["audit", "--format", "json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("skipped unreadable record"),
+        "{}",
+        text(&out)
+    );
+    let restored = grant_ids(&jitd);
+    for id in &approved {
+        assert!(
+            restored.contains(id),
+            "approved grant {id} is live again after the restart"
+        );
+    }
+}
+
+#[test]
+fn sigterm_during_requests_answers_each_and_exits_cleanly() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    let socket = setup.socket();
+    let clients: Vec<_> = (0..6)
+        .map(|c| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                for i in 0..100 {
+                    let source = format!("10.{}.0.{}", 200 + c, i + 1);
+                    let out = jitctl(
+                        &socket,
+                        &[
+                            "--json",
+                            "request",
+                            "--port",
+                            "22",
+                            "--source",
+                            &source,
+                            "--duration",
+                            "1h",
+                        ],
+                        None,
+                    );
+                    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+                    outcomes.push((out.status.code(), stderr));
+                    if !out.status.success() {
+                        break;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = jitd.stop(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    for outcome in clients.into_iter().flat_map(|c| c.join().unwrap()) {
+        match outcome {
+            (Some(0), _) => {}
+            (Some(2), stderr) => assert!(
+                stderr.contains("jitd is stopping") || stderr.contains("cannot connect"),
+                "a refused request says why: {stderr}"
+            ),
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    let approved = setup.audit().into_iter().filter(|r| r["outcome"] == "approved").count();
+    let saved: Value = serde_json::from_slice(&std::fs::read(setup.state_dir().join("grants.json")).unwrap()).unwrap();
+    assert_eq!(
+        saved["grants"].as_array().unwrap().len(),
+        approved,
+        "every approved grant was persisted"
+    );
+}
