@@ -1014,3 +1014,80 @@ fn watchdog_interval() -> Option<Duration> {
     let for_us = std::env::var("WATCHDOG_PID").map_or(true, |pid| pid.parse() == Ok(std::process::id()));
     (usec > 0 && for_us).then(|| Duration::from_micros(usec))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::protocol::GrantRequest;
+    use crate::firewall::RecordingFirewall;
+
+    async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
+        let text = format!("state_dir = \"{}\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n", dir.display());
+        let config = Config::parse(&dir.join("jitd.toml"), &text, &|_| None).unwrap();
+        Daemon::start(config, RecordingFirewall::default()).await.unwrap()
+    }
+
+    fn root() -> Peer {
+        Peer { uid: 0, gid: 0, pid: None }
+    }
+
+    fn ask(secs: u64) -> Request {
+        Request::Request(GrantRequest {
+            ports: vec![22],
+            source: "192.0.2.7".into(),
+            duration_secs: Some(secs),
+            until: None,
+            justification: None,
+        })
+    }
+
+    fn outcomes(dir: &Path) -> Vec<Outcome> {
+        audit::read_records(&dir.join(audit::AUDIT_FILE)).unwrap().0.into_iter().map(|r| r.outcome).collect()
+    }
+
+    #[tokio::test]
+    async fn a_grant_the_firewall_refuses_is_not_granted_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        *d.firewall.fail_with.lock().unwrap() = Some("Error: Could not process rule: No buffer space available".into());
+        let reply = d.handle(root(), ask(60)).await;
+        let error = reply.error.unwrap();
+        assert_eq!(error.code, "firewall_failed");
+        assert!(error.message.contains("No buffer space available"), "{}", error.message);
+        assert!(d.state.lock().await.book.is_empty());
+        assert_eq!(outcomes(dir.path()), vec![Outcome::Done, Outcome::Approved, Outcome::Failed]);
+        let saved = store::load(dir.path()).unwrap();
+        assert!(saved.grants.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_expiry_timer_books_the_end_on_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        let expiry = tokio::spawn(d.clone().run_expiry());
+        assert!(d.handle(root(), ask(30)).await.ok);
+        assert_eq!(d.state.lock().await.book.len(), 1);
+        tokio::time::sleep(Duration::from_millis(29_900)).await;
+        assert_eq!(d.state.lock().await.book.len(), 1, "not before its time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(d.state.lock().await.book.is_empty(), "ended at its deadline");
+        assert_eq!(outcomes(dir.path()), vec![Outcome::Done, Outcome::Approved, Outcome::Expired]);
+        // the kernel is not asked to remove it: its own timeout does that
+        let applied = d.firewall.applied.lock().unwrap().len();
+        assert_eq!(applied, 2, "the start and the grant, nothing for the expiry");
+        expiry.abort();
+    }
+
+    #[tokio::test]
+    async fn grants_are_saved_for_a_restart_and_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        assert!(d.handle(root(), ask(600)).await.ok);
+        drop(d);
+        let again = daemon(dir.path()).await;
+        let st = again.state.lock().await;
+        assert_eq!(st.book.len(), 1, "restored from grants.json (no kernel table: wall clock)");
+        let left = st.book.remaining(1, Instant::now()).unwrap();
+        assert!(left > Duration::from_secs(595) && left <= Duration::from_secs(600), "{left:?}");
+    }
+}
