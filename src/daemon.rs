@@ -1022,13 +1022,20 @@ mod tests {
     use crate::firewall::RecordingFirewall;
 
     async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
-        let text = format!("state_dir = \"{}\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n", dir.display());
+        let text = format!(
+            "state_dir = \"{}\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n",
+            dir.display()
+        );
         let config = Config::parse(&dir.join("jitd.toml"), &text, &|_| None).unwrap();
         Daemon::start(config, RecordingFirewall::default()).await.unwrap()
     }
 
     fn root() -> Peer {
-        Peer { uid: 0, gid: 0, pid: None }
+        Peer {
+            uid: 0,
+            gid: 0,
+            pid: None,
+        }
     }
 
     fn ask(secs: u64) -> Request {
@@ -1042,7 +1049,12 @@ mod tests {
     }
 
     fn outcomes(dir: &Path) -> Vec<Outcome> {
-        audit::read_records(&dir.join(audit::AUDIT_FILE)).unwrap().0.into_iter().map(|r| r.outcome).collect()
+        audit::read_records(&dir.join(audit::AUDIT_FILE))
+            .unwrap()
+            .0
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect()
     }
 
     #[tokio::test]
@@ -1055,7 +1067,10 @@ mod tests {
         assert_eq!(error.code, "firewall_failed");
         assert!(error.message.contains("No buffer space available"), "{}", error.message);
         assert!(d.state.lock().await.book.is_empty());
-        assert_eq!(outcomes(dir.path()), vec![Outcome::Done, Outcome::Approved, Outcome::Failed]);
+        assert_eq!(
+            outcomes(dir.path()),
+            vec![Outcome::Done, Outcome::Approved, Outcome::Failed]
+        );
         let saved = store::load(dir.path()).unwrap();
         assert!(saved.grants.is_empty());
     }
@@ -1071,7 +1086,10 @@ mod tests {
         assert_eq!(d.state.lock().await.book.len(), 1, "not before its time");
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(d.state.lock().await.book.is_empty(), "ended at its deadline");
-        assert_eq!(outcomes(dir.path()), vec![Outcome::Done, Outcome::Approved, Outcome::Expired]);
+        assert_eq!(
+            outcomes(dir.path()),
+            vec![Outcome::Done, Outcome::Approved, Outcome::Expired]
+        );
         // the kernel is not asked to remove it: its own timeout does that
         let applied = d.firewall.applied.lock().unwrap().len();
         assert_eq!(applied, 2, "the start and the grant, nothing for the expiry");
@@ -1086,8 +1104,15 @@ mod tests {
         drop(d);
         let again = daemon(dir.path()).await;
         let st = again.state.lock().await;
-        assert_eq!(st.book.len(), 1, "restored from grants.json (no kernel table: wall clock)");
+        assert_eq!(
+            st.book.len(),
+            1,
+            "restored from grants.json (no kernel table: wall clock)"
+        );
         let left = st.book.remaining(1, Instant::now()).unwrap();
-        assert!(left > Duration::from_secs(595) && left <= Duration::from_secs(600), "{left:?}");
+        assert!(
+            left > Duration::from_secs(595) && left <= Duration::from_secs(600),
+            "{left:?}"
+        );
     }
 }
