@@ -19,7 +19,7 @@ use crate::api::protocol::{
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
 use crate::config::{format_prefix, parse_prefix, AllowedSources, Config, OnStop};
-use crate::firewall::kernel::{self, Baseline, KernelGrants};
+use crate::firewall::kernel::{self, Fingerprint, KernelGrants};
 use crate::firewall::monitor;
 use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
@@ -78,7 +78,7 @@ struct State {
     audit: AuditLog,
     usage: HashMap<u16, PortUsage>,
     /// The table as the kernel showed it right after jitd last replaced it.
-    baseline: Baseline,
+    baseline: Fingerprint,
 }
 
 /// Grants this close to their end may already be gone from the kernel; their absence
@@ -113,10 +113,7 @@ impl<F: Firewall> Daemon<F> {
             .max(saved.next_id);
         let usage = usage_from_history(&history);
         // What the kernel still enforces is the truth about grants made before a restart.
-        let kernel = firewall
-            .read_table()
-            .await?
-            .map(|listing| kernel::parse_table(&listing).1);
+        let kernel = firewall.read_table().await?.map(|table| table.grants().0);
         let now = Instant::now();
         let wall = Utc::now();
         let mut book = GrantBook::new(first_id);
@@ -181,7 +178,7 @@ impl<F: Firewall> Daemon<F> {
         let expected = st.book.elements(now).into_iter().map(|e| (e.key, e.timeout)).collect();
         let findings = match &listing {
             None => vec![format!("table inet {} is missing", rules::TABLE)],
-            Some(listing) => kernel::find_drift(&st.baseline, listing, &expected, DRIFT_SLACK),
+            Some(table) => kernel::find_drift(&st.baseline, table, &expected, DRIFT_SLACK),
         };
         if findings.is_empty() {
             return findings;
@@ -810,9 +807,8 @@ fn remaining_after_restart(grant: &Grant, kernel: Option<&KernelGrants>, wall: D
     (!left.is_zero()).then_some(left)
 }
 
-async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Baseline, FirewallError> {
-    let listing = firewall.read_table().await?;
-    Ok(listing.map(|l| kernel::parse_table(&l).0).unwrap_or_default())
+async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, FirewallError> {
+    Ok(firewall.read_table().await?.map(|t| t.fingerprint()).unwrap_or_default())
 }
 
 /// Saves the live grants; a failure is logged (a restart would then end them early,

@@ -4,6 +4,7 @@
 
 pub mod kernel;
 pub mod monitor;
+pub mod netlink;
 pub mod nft;
 pub mod rules;
 
@@ -40,8 +41,8 @@ pub trait Firewall: Send + Sync + 'static {
     fn apply(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
     /// Checks `batch` against the kernel without applying it.
     fn check(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
-    /// jitd's table as `nft -j list table` prints it; `None` when there is no such table.
-    fn read_table(&self) -> impl Future<Output = Result<Option<serde_json::Value>, FirewallError>> + Send;
+    /// jitd's table as the kernel holds it; `None` when there is no such table.
+    fn read_table(&self) -> impl Future<Output = Result<Option<kernel::KernelTable>, FirewallError>> + Send;
     /// Whether a change the kernel reports as made by process `pid` was one of ours.
     fn made_by_us(&self, pid: u32) -> bool;
 }
@@ -55,7 +56,7 @@ pub struct RecordingFirewall {
     /// When set, every call fails with this message.
     pub fail_with: Mutex<Option<String>>,
     /// What `read_table` returns.
-    pub table: Mutex<Option<serde_json::Value>>,
+    pub table: Mutex<Option<kernel::KernelTable>>,
 }
 
 impl Firewall for RecordingFirewall {
@@ -75,7 +76,7 @@ impl Firewall for RecordingFirewall {
         }
     }
 
-    async fn read_table(&self) -> Result<Option<serde_json::Value>, FirewallError> {
+    async fn read_table(&self) -> Result<Option<kernel::KernelTable>, FirewallError> {
         Ok(self.table.lock().unwrap().clone())
     }
 

@@ -10,7 +10,9 @@ use nftables::schema::Nftables;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::rules::TABLE;
+use super::kernel::{KernelTable, LOCKDOWN_SETS};
+use super::netlink;
+use super::rules::{GRANT_SETS, TABLE};
 use super::{Firewall, FirewallError};
 
 /// How long one `nft` run may take before jitd gives up on it.
@@ -121,23 +123,26 @@ impl Firewall for NftCli {
         self.run(true, batch).await
     }
 
-    async fn read_table(&self) -> Result<Option<serde_json::Value>, FirewallError> {
-        let child = self.spawn(&["-j", "list", "table", "inet", TABLE])?;
-        let output = finish(child.wait_with_output()).await?;
-        if !output.status.success() {
-            let message = stderr_message(&output);
-            return if message.contains("No such file or directory") {
-                Ok(None)
-            } else {
-                Err(FirewallError::Rejected(message))
-            };
-        }
-        serde_json::from_slice(&output.stdout)
-            .map(Some)
-            .map_err(|e| FirewallError::Output(e.to_string()))
+    async fn read_table(&self) -> Result<Option<KernelTable>, FirewallError> {
+        tokio::task::spawn_blocking(read_over_netlink)
+            .await
+            .map_err(|e| FirewallError::Output(e.to_string()))?
+            .map_err(|e| FirewallError::Output(format!("reading table inet {TABLE} over netlink: {e}")))
     }
 
     fn made_by_us(&self, pid: u32) -> bool {
         self.own_pids.lock().expect("pid list lock").contains(&pid)
     }
+}
+
+fn read_over_netlink() -> std::io::Result<Option<KernelTable>> {
+    let mut reader = netlink::Reader::open()?;
+    let Some(objects) = netlink::dump_table(&mut reader, TABLE)? else { return Ok(None) };
+    let mut elements = std::collections::HashMap::new();
+    for set in GRANT_SETS.iter().chain(LOCKDOWN_SETS.iter()) {
+        if let Some(found) = netlink::dump_elements(&mut reader, TABLE, set)? {
+            elements.insert(set.to_string(), found);
+        }
+    }
+    Ok(Some(KernelTable { objects, elements }))
 }
