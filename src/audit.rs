@@ -135,6 +135,7 @@ pub struct AuditError {
 pub struct AuditLog {
     path: PathBuf,
     file: File,
+    len: u64,
 }
 
 impl AuditLog {
@@ -169,12 +170,23 @@ impl AuditLog {
                 file.write_all(b"\n").and_then(|_| file.sync_data()).map_err(fail)?;
             }
         }
-        Ok(AuditLog { path, file })
+        let len = file.metadata().map_err(fail)?.len();
+        Ok(AuditLog { path, file, len })
     }
 
     /// The file's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bytes written so far (the offset the next record starts at).
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was ever written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Appends `records` as one write and waits until they are on disk.
@@ -189,13 +201,24 @@ impl AuditLog {
             source,
         };
         self.file.write_all(&buf).map_err(fail)?;
-        self.file.sync_data().map_err(fail)
+        self.file.sync_data().map_err(fail)?;
+        self.len += buf.len() as u64;
+        Ok(())
     }
 }
 
 /// The records of an audit file, and a note for each line that could not be read
 /// (a torn last line after a crash is reported, never fatal).
 pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<String>)> {
+    let (records, problems) = read_records_at(path)?;
+    Ok((records.into_iter().map(|(_, r)| r).collect(), problems))
+}
+
+/// Records with the byte offset their line starts at, and notes on unreadable lines.
+pub type PlacedRecords = (Vec<(u64, AuditRecord)>, Vec<String>);
+
+/// Like [`read_records`], each record with the byte offset its line starts at.
+pub fn read_records_at(path: &Path) -> std::io::Result<PlacedRecords> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -203,13 +226,16 @@ pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<Strin
     };
     let mut records = Vec::new();
     let mut problems = Vec::new();
+    let mut offset = 0u64;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line?;
+        let at = offset;
+        offset += line.len() as u64 + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
-            Ok(r) => records.push(r),
+            Ok(r) => records.push((at, r)),
             Err(e) => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
         }
     }

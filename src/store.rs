@@ -1,5 +1,9 @@
 //! The live grants on disk (`state_dir/grants.json`), so a restarted jitd can put them
 //! back. Written atomically: temporary file, fsync, rename, fsync of the directory.
+//!
+//! The snapshot is a checkpoint, written at most once a second and at stop; the audit
+//! log, fsync'ed before every answer, is the journal. A restart loads the snapshot and
+//! replays the audit records written after `audit_offset` ([`replay`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -19,6 +23,50 @@ pub struct Snapshot {
     pub next_id: GrantId,
     /// The grants live at the time of writing.
     pub grants: Vec<Grant>,
+    /// Length of the audit log when the snapshot was taken: records from there on are
+    /// not in it yet.
+    #[serde(default)]
+    pub audit_offset: u64,
+}
+
+/// Brings a snapshot up to date with audit records written after it: approvals add
+/// grants, expiries, replacements, revocations and failures remove them.
+pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
+    use crate::audit::{Action, Outcome};
+    for r in records {
+        let Some(id) = r.grant_id else { continue };
+        snapshot.next_id = snapshot.next_id.max(id + 1);
+        match (r.action, r.outcome) {
+            (Action::Request, Outcome::Approved) => {
+                let (Some(source), Some(&port), Some(protocol), Some(secs)) = (
+                    r.source.as_deref().and_then(|s| crate::config::parse_prefix(s).ok()),
+                    r.ports.first(),
+                    r.protocol,
+                    r.duration_secs,
+                ) else {
+                    continue;
+                };
+                snapshot
+                    .grants
+                    .retain(|g| !(g.source == source && g.port == port && g.protocol == protocol));
+                snapshot.grants.push(Grant {
+                    id,
+                    source,
+                    port,
+                    protocol,
+                    requester: r.actor.clone(),
+                    requester_uid: r.actor_uid.unwrap_or(u32::MAX),
+                    justification: r.justification.clone(),
+                    granted_at: r.time,
+                    expires_at: r.time + chrono::Duration::seconds(secs as i64),
+                });
+            }
+            (_, Outcome::Expired | Outcome::Superseded | Outcome::Revoked | Outcome::Failed) => {
+                snapshot.grants.retain(|g| g.id != id);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A failed read or write of the snapshot.
@@ -86,10 +134,55 @@ mod tests {
         let snapshot = Snapshot {
             next_id: 4,
             grants: vec![grant],
+            audit_offset: 77,
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);
         assert!(!dir.path().join(".grants.json.tmp").exists());
+    }
+
+    #[test]
+    fn replaying_the_audit_brings_a_snapshot_up_to_date() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let t = |m: i64| {
+            chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+                .unwrap()
+                .to_utc()
+                + chrono::Duration::minutes(m)
+        };
+        let approved = |id: u64, source: &str, minute: i64| {
+            let mut r = AuditRecord::new(t(minute), Some(1001), "bob", Action::Request, Outcome::Approved);
+            r.grant_id = Some(id);
+            r.source = Some(source.into());
+            r.ports = vec![22];
+            r.protocol = Some(crate::config::Protocol::Tcp);
+            r.duration_secs = Some(3600);
+            r
+        };
+        let ended = |id: u64, action, outcome| {
+            let mut r = AuditRecord::new(t(5), None, "jitd", action, outcome);
+            r.grant_id = Some(id);
+            r
+        };
+        let mut snapshot = Snapshot::default();
+        let denied = AuditRecord::new(t(0), Some(1001), "bob", Action::Request, Outcome::Denied);
+        replay(
+            &mut snapshot,
+            &[
+                approved(1, "192.0.2.1", 0),
+                approved(2, "192.0.2.2", 1),
+                approved(3, "192.0.2.3", 2),
+                denied,
+                ended(1, Action::Expire, Outcome::Expired),
+                approved(4, "192.0.2.2", 3), // replaces 2 (same source and port)
+                ended(3, Action::Request, Outcome::Failed),
+            ],
+        );
+        let ids: Vec<u64> = snapshot.grants.iter().map(|g| g.id).collect();
+        assert_eq!(ids, vec![4]);
+        assert_eq!(snapshot.next_id, 5);
+        assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
+        assert_eq!(snapshot.grants[0].requester, "bob");
     }
 
     #[test]

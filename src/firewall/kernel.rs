@@ -40,7 +40,12 @@ impl KernelTable {
         let mut lines: Vec<String> = self.objects.iter().map(object_line).collect();
         for set in LOCKDOWN_SETS {
             for e in self.elements.get(set).into_iter().flatten() {
-                lines.push(format!("elem {set} {} {} {}", hex(&e.key), e.key_end.as_deref().map(hex).unwrap_or_default(), e.flags));
+                lines.push(format!(
+                    "elem {set} {} {} {}",
+                    hex(&e.key),
+                    e.key_end.as_deref().map(hex).unwrap_or_default(),
+                    e.flags
+                ));
             }
         }
         lines.sort();
@@ -79,7 +84,11 @@ fn object_line(object: &Object) -> String {
     };
     let mut line = format!("obj {}", object.kind);
     for a in object.attrs.iter().filter(|a| !volatile.contains(&a.kind)) {
-        let value = if object.kind == msg::RULE && a.kind == attr::RULE_EXPRESSIONS { without_counters(a) } else { hex(&a.value) };
+        let value = if object.kind == msg::RULE && a.kind == attr::RULE_EXPRESSIONS {
+            without_counters(a)
+        } else {
+            hex(&a.value)
+        };
         line.push_str(&format!(" {}={}", a.kind, value));
     }
     line
@@ -91,7 +100,11 @@ fn without_counters(expressions: &Attr) -> String {
         .iter()
         .map(|elem| {
             let parts = parse_attrs(&elem.value);
-            let name = parts.iter().find(|p| p.kind == attr::EXPR_NAME).map(|p| p.value.as_slice()).unwrap_or_default();
+            let name = parts
+                .iter()
+                .find(|p| p.kind == attr::EXPR_NAME)
+                .map(|p| p.value.as_slice())
+                .unwrap_or_default();
             if name == b"counter\0" {
                 "counter".to_string()
             } else {
@@ -120,7 +133,11 @@ fn decode_grant(set: &str, e: &RawElement) -> Option<GrantKey> {
         }
         IpNet::from(start)
     };
-    Some(GrantKey { source, transport, port })
+    Some(GrantKey {
+        source,
+        transport,
+        port,
+    })
 }
 
 fn decode_key(key: &[u8], alen: usize) -> Option<(IpAddr, Transport, u16)> {
@@ -196,7 +213,12 @@ pub fn find_drift(
 }
 
 fn describe(key: &GrantKey) -> String {
-    format!("{} . {} . {}", format_prefix(&key.source), key.transport.name(), key.port)
+    format!(
+        "{} . {} . {}",
+        format_prefix(&key.source),
+        key.transport.name(),
+        key.port
+    )
 }
 
 #[cfg(test)]
@@ -213,20 +235,40 @@ mod tests {
     }
 
     fn elem(key: Vec<u8>, key_end: Option<Vec<u8>>, expires_ms: Option<u64>) -> RawElement {
-        RawElement { key, key_end, flags: 0, expires_ms }
+        RawElement {
+            key,
+            key_end,
+            flags: 0,
+            expires_ms,
+        }
     }
 
     fn table(grants4: Vec<RawElement>, grants4_net: Vec<RawElement>, counter: u8) -> KernelTable {
         let rule = Object {
             kind: msg::RULE,
             attrs: vec![
-                Attr { kind: 1, value: b"jitd\0".to_vec() },
-                Attr { kind: attr::RULE_HANDLE, value: vec![0, 0, 0, 9] },
-                Attr { kind: attr::RULE_EXPRESSIONS, value: expressions(counter) },
+                Attr {
+                    kind: 1,
+                    value: b"jitd\0".to_vec(),
+                },
+                Attr {
+                    kind: attr::RULE_HANDLE,
+                    value: vec![0, 0, 0, 9],
+                },
+                Attr {
+                    kind: attr::RULE_EXPRESSIONS,
+                    value: expressions(counter),
+                },
             ],
         };
-        let elements = HashMap::from([("grants4".to_string(), grants4), ("grants4_net".to_string(), grants4_net)]);
-        KernelTable { objects: vec![rule], elements }
+        let elements = HashMap::from([
+            ("grants4".to_string(), grants4),
+            ("grants4_net".to_string(), grants4_net),
+        ]);
+        KernelTable {
+            objects: vec![rule],
+            elements,
+        }
     }
 
     fn expressions(counter: u8) -> Vec<u8> {
@@ -245,14 +287,22 @@ mod tests {
     }
 
     fn key(source: &str, port: u16) -> GrantKey {
-        GrantKey { source: parse_prefix(source).unwrap(), transport: Transport::Tcp, port }
+        GrantKey {
+            source: parse_prefix(source).unwrap(),
+            transport: Transport::Tcp,
+            port,
+        }
     }
 
     #[test]
     fn grant_keys_decode_from_kernel_bytes() {
         let t = table(
             vec![elem(key4([192, 0, 2, 1], 6, 22), None, Some(100_000))],
-            vec![elem(key4([10, 0, 0, 0], 6, 3389), Some(key4([10, 0, 255, 255], 6, 3389)), Some(5_000))],
+            vec![elem(
+                key4([10, 0, 0, 0], 6, 3389),
+                Some(key4([10, 0, 255, 255], 6, 3389)),
+                Some(5_000),
+            )],
             0,
         );
         let (grants, foreign) = t.grants();
@@ -282,18 +332,31 @@ mod tests {
     #[test]
     fn each_kind_of_tampering_is_found() {
         let base = table(vec![], vec![], 0).fingerprint();
-        let expected = HashMap::from([(key("192.0.2.1", 22), Duration::from_secs(100)), (key("192.0.2.9", 22), Duration::from_millis(300))]);
+        let expected = HashMap::from([
+            (key("192.0.2.1", 22), Duration::from_secs(100)),
+            (key("192.0.2.9", 22), Duration::from_millis(300)),
+        ]);
         let slack = Duration::from_secs(1);
         let mut changed = table(vec![elem(key4([192, 0, 2, 1], 6, 22), None, Some(100_000))], vec![], 0);
         changed.objects[0].attrs[0].value = b"other\0".to_vec();
         assert!(find_drift(&base, &changed, &expected, slack)[0].starts_with("the lockdown differs"));
-        let tampered = table(vec![elem(key4([203, 0, 113, 66], 6, 22), None, Some(50_000))], vec![], 0);
+        let tampered = table(
+            vec![elem(key4([203, 0, 113, 66], 6, 22), None, Some(50_000))],
+            vec![],
+            0,
+        );
         assert_eq!(
             find_drift(&base, &tampered, &expected, slack),
-            vec!["element 203.0.113.66 . tcp . 22 with no grant behind it", "grant element 192.0.2.1 . tcp . 22 is missing"]
+            vec![
+                "element 203.0.113.66 . tcp . 22 with no grant behind it",
+                "grant element 192.0.2.1 . tcp . 22 is missing"
+            ]
         );
         let extended = table(vec![elem(key4([192, 0, 2, 1], 6, 22), None, None)], vec![], 0);
-        assert_eq!(find_drift(&base, &extended, &expected, slack), vec!["element 192.0.2.1 . tcp . 22 lasts 4294967295s, its grant only 100s"]);
+        assert_eq!(
+            find_drift(&base, &extended, &expected, slack),
+            vec!["element 192.0.2.1 . tcp . 22 lasts 4294967295s, its grant only 100s"]
+        );
         let fine = table(vec![elem(key4([192, 0, 2, 1], 6, 22), None, Some(99_500))], vec![], 9);
         assert!(find_drift(&base, &fine, &expected, slack).is_empty());
     }

@@ -50,7 +50,8 @@ impl Object {
 
     /// The string payload of attribute `kind` (NUL stripped).
     pub fn string(&self, kind: u16) -> Option<String> {
-        self.get(kind).map(|v| String::from_utf8_lossy(v).trim_end_matches('\0').to_string())
+        self.get(kind)
+            .map(|v| String::from_utf8_lossy(v).trim_end_matches('\0').to_string())
     }
 }
 
@@ -63,7 +64,10 @@ pub fn parse_attrs(mut data: &[u8]) -> Vec<Attr> {
         if len < 4 || len > data.len() {
             break;
         }
-        attrs.push(Attr { kind, value: data[4..len].to_vec() });
+        attrs.push(Attr {
+            kind,
+            value: data[4..len].to_vec(),
+        });
         data = &data[align4(len).min(data.len())..];
     }
     attrs
@@ -101,7 +105,11 @@ impl Reader {
         let mut socket = Socket::new(NETLINK_NETFILTER)?;
         socket.bind(&SocketAddr::new(0, 0))?;
         let _ = socket.set_rx_buf_sz(8 * 1024 * 1024);
-        Ok(Reader { socket, seq: 0, buf: vec![0u8; 1 << 20] })
+        Ok(Reader {
+            socket,
+            seq: 0,
+            buf: vec![0u8; 1 << 20],
+        })
     }
 
     /// Sends one request and collects every object of the answer. `Ok(None)` when the
@@ -140,7 +148,8 @@ impl Reader {
                 match kind {
                     NLMSG_DONE => return Ok(Some(objects)),
                     NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                        let errno =
+                            i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
                         return match -errno {
                             0 if !dump => Ok(Some(objects)),
                             0 => continue,
@@ -149,7 +158,10 @@ impl Reader {
                         };
                     }
                     _ if body.len() >= NFGEN => {
-                        objects.push(Object { kind: kind & 0xff, attrs: parse_attrs(&body[NFGEN..]) });
+                        objects.push(Object {
+                            kind: kind & 0xff,
+                            attrs: parse_attrs(&body[NFGEN..]),
+                        });
                         if !dump {
                             // the ACK that follows ends the exchange
                             continue;
@@ -226,27 +238,41 @@ pub struct RawElement {
 /// Everything of table `inet TABLE` except set elements: chains, rules and sets, each
 /// as the kernel dumps it. `None` when the table does not exist.
 pub fn dump_table(reader: &mut Reader, table: &str) -> io::Result<Option<Vec<Object>>> {
-    if reader.request(NFT_MSG_GETTABLE, false, &[(attr::TABLE_NAME, cstr(table))])?.is_none() {
+    if reader
+        .request(NFT_MSG_GETTABLE, false, &[(attr::TABLE_NAME, cstr(table))])?
+        .is_none()
+    {
         return Ok(None);
     }
     let mut objects = Vec::new();
     for msg in [NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETSET] {
-        let found = reader.request(msg, true, &[(attr::OBJ_TABLE, cstr(table))])?.unwrap_or_default();
-        objects.extend(found.into_iter().filter(|o| o.string(attr::OBJ_TABLE).as_deref() == Some(table)));
+        let found = reader
+            .request(msg, true, &[(attr::OBJ_TABLE, cstr(table))])?
+            .unwrap_or_default();
+        objects.extend(
+            found
+                .into_iter()
+                .filter(|o| o.string(attr::OBJ_TABLE).as_deref() == Some(table)),
+        );
     }
     Ok(Some(objects))
 }
 
 /// The elements of set `set` in table `inet TABLE`; `None` when the set does not exist.
 pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<Option<Vec<RawElement>>> {
-    let Some(objects) =
-        reader.request(NFT_MSG_GETSETELEM, true, &[(attr::OBJ_TABLE, cstr(table)), (attr::SET_NAME, cstr(set))])?
+    let Some(objects) = reader.request(
+        NFT_MSG_GETSETELEM,
+        true,
+        &[(attr::OBJ_TABLE, cstr(table)), (attr::SET_NAME, cstr(set))],
+    )?
     else {
         return Ok(None);
     };
     let mut elements = Vec::new();
     for object in objects {
-        let Some(list) = object.get(attr::ELEM_LIST_ELEMENTS) else { continue };
+        let Some(list) = object.get(attr::ELEM_LIST_ELEMENTS) else {
+            continue;
+        };
         for item in parse_attrs(list) {
             let fields = parse_attrs(&item.value);
             let data = |kind| {
@@ -264,7 +290,9 @@ pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<
                     .and_then(|v| v.try_into().ok())
                     .map(u32::from_be_bytes)
                     .unwrap_or(0),
-                expires_ms: be(attr::ELEM_EXPIRATION).and_then(|v| v.try_into().ok()).map(u64::from_be_bytes),
+                expires_ms: be(attr::ELEM_EXPIRATION)
+                    .and_then(|v| v.try_into().ok())
+                    .map(u64::from_be_bytes),
             });
         }
     }
@@ -282,7 +310,19 @@ mod tests {
         put_attr(&mut buf, 0x8000 | 3, &[1, 2]);
         assert_eq!(buf.len() % 4, 0);
         let attrs = parse_attrs(&buf);
-        assert_eq!(attrs, vec![Attr { kind: 1, value: b"jitd\0".to_vec() }, Attr { kind: 3, value: vec![1, 2] }]);
+        assert_eq!(
+            attrs,
+            vec![
+                Attr {
+                    kind: 1,
+                    value: b"jitd\0".to_vec()
+                },
+                Attr {
+                    kind: 3,
+                    value: vec![1, 2]
+                }
+            ]
+        );
         let object = Object { kind: 0, attrs };
         assert_eq!(object.string(1).as_deref(), Some("jitd"));
     }

@@ -137,7 +137,9 @@ impl Firewall for NftCli {
 
 fn read_over_netlink() -> std::io::Result<Option<KernelTable>> {
     let mut reader = netlink::Reader::open()?;
-    let Some(objects) = netlink::dump_table(&mut reader, TABLE)? else { return Ok(None) };
+    let Some(objects) = netlink::dump_table(&mut reader, TABLE)? else {
+        return Ok(None);
+    };
     let mut elements = std::collections::HashMap::new();
     for set in GRANT_SETS.iter().chain(LOCKDOWN_SETS.iter()) {
         if let Some(found) = netlink::dump_elements(&mut reader, TABLE, set)? {

@@ -13,8 +13,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Reply, Request, RevokeRequest,
-    RevokedReply, StatusReply, MAX_JUSTIFICATION_CHARS,
+    AuditReply, GrantInfo, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply, StatusReply,
 };
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
@@ -23,10 +22,12 @@ use crate::firewall::kernel::{self, Fingerprint, KernelGrants};
 use crate::firewall::monitor;
 use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{Grant, GrantBook, GrantId, NewGrant};
+use crate::grants::{Grant, GrantBook, GrantId};
 use crate::identity::Caller;
-use crate::policy::{self, AccessRequest, Denial, Role};
+use crate::policy::{self, Denial, Role};
 use crate::store;
+
+mod requests;
 
 /// How far back `status` counts approved requests per port.
 const USAGE_WINDOW: chrono::TimeDelta = chrono::TimeDelta::days(7);
@@ -79,6 +80,18 @@ struct State {
     usage: HashMap<u16, PortUsage>,
     /// The table as the kernel showed it right after jitd last replaced it.
     baseline: Fingerprint,
+    /// Grants changed since the last snapshot.
+    dirty: bool,
+}
+
+impl State {
+    /// Counts an approval on `port` for `status`.
+    fn note_use(&mut self, port: u16, user: &str, when: DateTime<Utc>) {
+        let usage = self.usage.entry(port).or_default();
+        usage.approvals.push_back(when);
+        usage.last_access = Some(when);
+        usage.last_user = Some(user.to_string());
+    }
 }
 
 /// Grants this close to their end may already be gone from the kernel; their absence
@@ -86,12 +99,15 @@ struct State {
 const DRIFT_SLACK: Duration = Duration::from_millis(1500);
 /// How often jitd compares the kernel with its view even without a change event.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+/// How often changed grants are checkpointed to `grants.json`.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 
 /// The running daemon: policy, grants and audit behind one lock, and a firewall driver.
 pub struct Daemon<F: Firewall> {
     firewall: F,
     state: Mutex<State>,
     expiry_changed: Notify,
+    requests: requests::Queue,
 }
 
 impl<F: Firewall> Daemon<F> {
@@ -100,11 +116,19 @@ impl<F: Firewall> Daemon<F> {
     pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
         create_state_dir(&config.state_dir)?;
         let mut audit = AuditLog::open(&config.state_dir)?;
-        let (history, problems) = audit::read_records(audit.path()).map_err(StartError::AuditRead)?;
+        let (history, problems) = audit::read_records_at(audit.path()).map_err(StartError::AuditRead)?;
         for p in problems {
             tracing::warn!("{p}");
         }
-        let saved = store::load(&config.state_dir)?;
+        let mut saved = store::load(&config.state_dir)?;
+        let offset = saved.audit_offset;
+        let journal: Vec<AuditRecord> = history
+            .iter()
+            .filter(|(at, _)| *at >= offset)
+            .map(|(_, r)| r.clone())
+            .collect();
+        store::replay(&mut saved, &journal);
+        let history: Vec<AuditRecord> = history.into_iter().map(|(_, r)| r).collect();
         let first_id = history
             .iter()
             .filter_map(|r| r.grant_id)
@@ -153,13 +177,18 @@ impl<F: Firewall> Daemon<F> {
             audit,
             usage,
             baseline,
+            dirty: false,
         };
         save_grants(&state);
-        Ok(Arc::new(Daemon {
+        let (queue, inbox) = tokio::sync::mpsc::channel(4 * requests::MAX_BATCH);
+        let daemon = Arc::new(Daemon {
             firewall,
             state: Mutex::new(state),
             expiry_changed: Notify::new(),
-        }))
+            requests: queue,
+        });
+        requests::start_committer(&daemon, inbox);
+        Ok(daemon)
     }
 
     /// Compares the kernel's copy of the table with jitd's view and, when they differ,
@@ -282,7 +311,7 @@ impl<F: Firewall> Daemon<F> {
         if let Err(e) = st.audit.append(&records) {
             tracing::error!("{e}; {} expiry record(s) not written", records.len());
         }
-        save_grants(&st);
+        st.dirty = true;
     }
 
     /// Re-reads the policy at `path`. An invalid policy changes nothing; a valid one is
@@ -362,10 +391,32 @@ impl<F: Firewall> Daemon<F> {
             Ok(b) => st.baseline = b,
             Err(e) => tracing::error!("cannot read back the reloaded table: {e}"),
         }
-        save_grants(&st);
+        st.dirty = true;
         self.expiry_changed.notify_one();
         tracing::info!(ended = ended.len(), "policy reloaded");
         Ok(ReloadReply { ended })
+    }
+
+    /// Writes the grants snapshot once a second when they changed (the audit log is the
+    /// journal in between).
+    pub async fn checkpoint_grants(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
+        loop {
+            tick.tick().await;
+            let (snapshot, dir) = {
+                let mut st = self.state.lock().await;
+                if !st.dirty {
+                    continue;
+                }
+                st.dirty = false;
+                (snapshot_of(&st), st.config.state_dir.clone())
+            };
+            match tokio::task::spawn_blocking(move || store::save(&dir, &snapshot)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("{e}"),
+                Err(e) => tracing::error!("saving the grants: {e}"),
+            }
+        }
     }
 
     /// Records the stop and, with `on_stop = "unlock"`, removes the lockdown.
@@ -387,6 +438,7 @@ impl<F: Firewall> Daemon<F> {
                 st.book.len()
             ));
         }
+        save_grants(&st);
         if let Err(e) = st.audit.append(&[record]) {
             tracing::error!("{e}");
         }
@@ -440,183 +492,6 @@ impl<F: Firewall> Daemon<F> {
             on_stop: audit::enum_text(&config.on_stop),
             your_role: audit::enum_text(&role),
         })
-    }
-
-    async fn request(&self, caller: &Caller, request: GrantRequest) -> Reply {
-        let wall = Utc::now();
-        let now = Instant::now();
-        let mut st = self.state.lock().await;
-        let mut denied = grant_request_record(&request, wall, caller);
-        let decision = self.decide(&st, caller, &request, wall);
-        let (access, entries) = match decision {
-            Ok(ok) => ok,
-            Err(denial) => {
-                denied.reason = Some(format!("{}: {}", denial.code, denial.message));
-                return match st.audit.append(&[denied]) {
-                    Ok(()) => Reply::error(&denial.code, denial.message),
-                    Err(e) => Reply::error("audit_failed", format!("request refused: {e}")),
-                };
-            }
-        };
-        let news: Vec<NewGrant> = entries
-            .into_iter()
-            .map(|(port, protocol)| NewGrant {
-                source: access.source,
-                port,
-                protocol,
-                requester: caller.name.clone(),
-                requester_uid: caller.uid,
-                justification: request.justification.clone(),
-                duration: access.duration,
-            })
-            .collect();
-        if let Some(denial) = news.iter().find_map(|n| st.book.check_overlap(n).err()) {
-            denied.reason = Some(format!("{}: {}", denial.code, denial.message));
-            return match st.audit.append(&[denied]) {
-                Ok(()) => Reply::error(&denial.code, denial.message),
-                Err(e) => Reply::error("audit_failed", format!("request refused: {e}")),
-            };
-        }
-        // Audit first: a grant that cannot be recorded is not granted.
-        let planned: Vec<(GrantId, NewGrant, Option<Grant>)> = news
-            .into_iter()
-            .map(|n| {
-                let old = st.book.superseded_by(&n).cloned();
-                (st.book.allocate_id(), n, old)
-            })
-            .collect();
-        let mut records = Vec::new();
-        for (id, n, old) in &planned {
-            let mut r = grant_request_record(&request, wall, caller);
-            r.outcome = Outcome::Approved;
-            r.ports = vec![n.port];
-            r.protocol = Some(n.protocol);
-            r.source = Some(format_prefix(&n.source));
-            r.duration_secs = Some(n.duration.as_secs());
-            r.grant_id = Some(*id);
-            records.push(r);
-            if let Some(old) = old {
-                let mut r = grant_record(
-                    old,
-                    wall,
-                    Some(caller.uid),
-                    &caller.name,
-                    Action::Supersede,
-                    Outcome::Superseded,
-                );
-                r.reason = Some(format!("superseded by grant {id}"));
-                records.push(r);
-            }
-        }
-        if let Err(e) = st.audit.append(&records) {
-            tracing::error!("{e}; request refused");
-            return Reply::error("audit_failed", format!("request refused: {e}"));
-        }
-        let remove: Vec<GrantKey> = planned
-            .iter()
-            .filter_map(|(_, _, old)| old.as_ref())
-            .flat_map(Grant::keys)
-            .collect();
-        let add: Vec<GrantElement> = planned
-            .iter()
-            .flat_map(|(_, n, _)| {
-                n.protocol.transports().iter().map(|&transport| GrantElement {
-                    key: GrantKey {
-                        source: n.source,
-                        transport,
-                        port: n.port,
-                    },
-                    timeout: n.duration,
-                })
-            })
-            .collect();
-        if let Err(e) = self.change_grants(&remove, &add).await {
-            tracing::error!("applying grants failed: {e}");
-            let failed: Vec<AuditRecord> = planned
-                .iter()
-                .map(|(id, n, _)| {
-                    let mut r = grant_request_record(&request, Utc::now(), caller);
-                    r.outcome = Outcome::Failed;
-                    r.ports = vec![n.port];
-                    r.grant_id = Some(*id);
-                    r.reason = Some(format!("not applied, nothing changed: {e}"));
-                    r
-                })
-                .collect();
-            if let Err(e) = st.audit.append(&failed) {
-                tracing::error!("{e}");
-            }
-            return Reply::error(
-                "firewall_failed",
-                format!("request approved but not applied, nothing changed: {e}"),
-            );
-        }
-        let mut granted = Vec::new();
-        let mut superseded = Vec::new();
-        for (id, n, _) in planned {
-            let (grant, old) = st.book.insert(id, n, now, wall);
-            superseded.extend(old.map(|g| g.id));
-            let usage = st.usage.entry(grant.port).or_default();
-            usage.approvals.push_back(wall);
-            usage.last_access = Some(wall);
-            usage.last_user = Some(caller.name.clone());
-            tracing::info!(grant = grant.id, user = %caller.name, source = %format_prefix(&grant.source), port = grant.port, until = %grant.expires_at, "access granted");
-            granted.push(grant_info(&grant, access.duration));
-        }
-        save_grants(&st);
-        self.expiry_changed.notify_one();
-        Reply::ok(GrantedReply {
-            grants: granted,
-            superseded,
-        })
-    }
-
-    /// Turns the wire request into a policy question and asks it.
-    #[allow(clippy::type_complexity)]
-    fn decide(
-        &self,
-        st: &State,
-        caller: &Caller,
-        request: &GrantRequest,
-        wall: DateTime<Utc>,
-    ) -> Result<(AccessRequest, Vec<(u16, crate::config::Protocol)>), Denial> {
-        policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
-        let source = parse_prefix(&request.source)
-            .map_err(|e| Denial::new("invalid_argument", format!("source: {e}, got {:?}", request.source)))?;
-        let duration = match (request.duration_secs, request.until) {
-            (Some(secs), None) => Duration::from_secs(secs),
-            (None, Some(until)) => {
-                let left = (until - wall)
-                    .to_std()
-                    .map_err(|_| Denial::new("duration_invalid", format!("until {until} is in the past")))?;
-                // whole seconds, rounded up: the grant ends at or just after `until`
-                Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
-            }
-            _ => {
-                return Err(Denial::new(
-                    "invalid_argument",
-                    "give exactly one of duration_secs and until",
-                ))
-            }
-        };
-        if let Some(j) = &request.justification {
-            if j.chars().count() > MAX_JUSTIFICATION_CHARS || j.chars().any(char::is_control) {
-                return Err(Denial::new(
-                    "invalid_argument",
-                    format!("justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control characters"),
-                ));
-            }
-        }
-        let access = AccessRequest {
-            ports: request.ports.clone(),
-            source,
-            duration,
-        };
-        let entries = policy::check_request(&st.config, caller, &access)?
-            .into_iter()
-            .map(|p| (p.port, p.protocol))
-            .collect();
-        Ok((access, entries))
     }
 
     async fn revoke(&self, caller: &Caller, request: RevokeRequest) -> Reply {
@@ -697,7 +572,7 @@ impl<F: Firewall> Daemon<F> {
                 grant_info(g, left)
             })
             .collect();
-        save_grants(&st);
+        st.dirty = true;
         self.expiry_changed.notify_one();
         Reply::ok(RevokedReply { revoked })
     }
@@ -777,7 +652,7 @@ impl<F: Firewall> Handler for Daemon<F> {
                 Ok(s) => Reply::ok(s),
                 Err(d) => Reply::error(&d.code, d.message),
             },
-            Request::Request(r) => self.request(&caller, r).await,
+            Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(&caller, r).await,
             Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => {
@@ -808,18 +683,26 @@ fn remaining_after_restart(grant: &Grant, kernel: Option<&KernelGrants>, wall: D
 }
 
 async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, FirewallError> {
-    Ok(firewall.read_table().await?.map(|t| t.fingerprint()).unwrap_or_default())
+    Ok(firewall
+        .read_table()
+        .await?
+        .map(|t| t.fingerprint())
+        .unwrap_or_default())
 }
 
-/// Saves the live grants; a failure is logged (a restart would then end them early,
-/// which fails closed).
+/// Saves the live grants; a failure is logged (the audit log still holds every
+/// change since the last snapshot, so a restart loses nothing).
 fn save_grants(st: &State) {
-    let snapshot = store::Snapshot {
+    if let Err(e) = store::save(&st.config.state_dir, &snapshot_of(st)) {
+        tracing::error!("{e}");
+    }
+}
+
+fn snapshot_of(st: &State) -> store::Snapshot {
+    store::Snapshot {
         next_id: st.book.next_id(),
         grants: st.book.iter().cloned().collect(),
-    };
-    if let Err(e) = store::save(&st.config.state_dir, &snapshot) {
-        tracing::error!("{e}; live grants will not survive a restart");
+        audit_offset: st.audit.len(),
     }
 }
 
@@ -903,17 +786,6 @@ fn grant_record(
     r
 }
 
-fn grant_request_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
-    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
-    r.ports = request.ports.clone();
-    r.source = Some(request.source.clone());
-    r.duration_secs = request
-        .duration_secs
-        .or_else(|| request.until.map(|u| (u - time).num_seconds().max(0) as u64));
-    r.justification = request.justification.clone();
-    r
-}
-
 /// Checks `lockdown.interfaces` against the host's interfaces over rtnetlink.
 pub async fn check_interfaces(config: &Config) -> anyhow::Result<()> {
     if config.lockdown.interfaces.is_empty() {
@@ -954,6 +826,7 @@ pub async fn run<F: Firewall>(
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let expiry = tokio::spawn(daemon.clone().run_expiry());
     let drift = tokio::spawn(daemon.clone().watch_drift());
+    let checkpoint = tokio::spawn(daemon.clone().checkpoint_grants());
     let hup = tokio::spawn(reload_on_sighup(daemon.clone()));
     let watchdog = tokio::spawn(pet_watchdog());
     let _ = sd_notify::notify(
@@ -969,6 +842,7 @@ pub async fn run<F: Firewall>(
     hup.abort();
     expiry.abort();
     drift.abort();
+    checkpoint.abort();
     watchdog.abort();
     daemon.stop().await;
     let _ = std::fs::remove_file(&socket);
@@ -1012,12 +886,12 @@ fn watchdog_interval() -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::api::protocol::GrantRequest;
     use crate::firewall::RecordingFirewall;
 
-    async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
+    pub(super) async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
         let text = format!(
             "state_dir = \"{}\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n",
             dir.display()
@@ -1026,7 +900,7 @@ mod tests {
         Daemon::start(config, RecordingFirewall::default()).await.unwrap()
     }
 
-    fn root() -> Peer {
+    pub(super) fn root() -> Peer {
         Peer {
             uid: 0,
             gid: 0,
@@ -1034,7 +908,7 @@ mod tests {
         }
     }
 
-    fn ask(secs: u64) -> Request {
+    pub(super) fn ask(secs: u64) -> Request {
         Request::Request(GrantRequest {
             ports: vec![22],
             source: "192.0.2.7".into(),
@@ -1044,7 +918,7 @@ mod tests {
         })
     }
 
-    fn outcomes(dir: &Path) -> Vec<Outcome> {
+    pub(super) fn outcomes(dir: &Path) -> Vec<Outcome> {
         audit::read_records(&dir.join(audit::AUDIT_FILE))
             .unwrap()
             .0
