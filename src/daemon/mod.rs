@@ -82,9 +82,18 @@ struct State {
     baseline: Fingerprint,
     /// Grants changed since the last snapshot.
     dirty: bool,
+    /// Counts jitd's own changes to grants or the kernel, so that a check that read the
+    /// kernel without the lock can tell whether its reading is still comparable.
+    generation: u64,
 }
 
 impl State {
+    /// Marks the grants as changed (snapshot due, kernel readings outdated).
+    fn changed(&mut self) {
+        self.dirty = true;
+        self.generation += 1;
+    }
+
     /// Counts an approval on `port` for `status`.
     fn note_use(&mut self, port: u16, user: &str, when: DateTime<Utc>) {
         let usage = self.usage.entry(port).or_default();
@@ -99,6 +108,7 @@ impl State {
 const DRIFT_SLACK: Duration = Duration::from_millis(1500);
 /// How often jitd compares the kernel with its view even without a change event.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+const PERIODIC: &str = "periodic check";
 /// How often changed grants are checkpointed to `grants.json`.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(1);
 
@@ -137,7 +147,7 @@ impl<F: Firewall> Daemon<F> {
             .max(saved.next_id);
         let usage = usage_from_history(&history);
         // What the kernel still enforces is the truth about grants made before a restart.
-        let kernel = firewall.read_table().await?.map(|table| table.grants().0);
+        let kernel = firewall.read_table(true).await?.map(|table| table.grants().0);
         let now = Instant::now();
         let wall = Utc::now();
         let mut book = GrantBook::new(first_id);
@@ -178,6 +188,7 @@ impl<F: Firewall> Daemon<F> {
             usage,
             baseline,
             dirty: false,
+            generation: 0,
         };
         save_grants(&state);
         let (queue, inbox) = tokio::sync::mpsc::channel(4 * requests::MAX_BATCH);
@@ -196,22 +207,44 @@ impl<F: Firewall> Daemon<F> {
     /// Returns what was found (empty when nothing had drifted).
     pub async fn reconcile(&self, cause: &str) -> Vec<String> {
         let mut st = self.state.lock().await;
-        let now = Instant::now();
-        let listing = match self.firewall.read_table().await {
-            Ok(listing) => listing,
+        let table = match self.firewall.read_table(true).await {
+            Ok(table) => table,
             Err(e) => {
                 tracing::error!("cannot read the kernel's ruleset to check it: {e}");
                 return Vec::new();
             }
         };
-        let expected = st.book.elements(now).into_iter().map(|e| (e.key, e.timeout)).collect();
-        let findings = match &listing {
-            None => vec![format!("table inet {} is missing", rules::TABLE)],
-            Some(table) => kernel::find_drift(&st.baseline, table, &expected, DRIFT_SLACK),
-        };
-        if findings.is_empty() {
-            return findings;
+        let findings = drift_of(&st, table.as_ref());
+        if !findings.is_empty() {
+            self.repair(&mut st, cause, &findings).await;
         }
+        findings
+    }
+
+    /// Like [`Daemon::reconcile`], but reads the kernel without holding up requests:
+    /// if jitd changed anything meanwhile, this round is skipped (the next one checks).
+    async fn reconcile_quietly(&self, cause: &str) {
+        let generation = self.state.lock().await.generation;
+        let table = match self.firewall.read_table(true).await {
+            Ok(table) => table,
+            Err(e) => {
+                tracing::error!("cannot read the kernel's ruleset to check it: {e}");
+                return;
+            }
+        };
+        let mut st = self.state.lock().await;
+        if st.generation != generation {
+            tracing::debug!("grants changed while checking the kernel; checking again later");
+            return;
+        }
+        let findings = drift_of(&st, table.as_ref());
+        if !findings.is_empty() {
+            self.repair(&mut st, cause, &findings).await;
+        }
+    }
+
+    /// Restores the lockdown and the live grants in one transaction and audits it.
+    async fn repair(&self, st: &mut State, cause: &str, findings: &[String]) {
         tracing::warn!("drift ({cause}): {}", findings.join("; "));
         let spec = LockdownSpec::from_config(&st.config);
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Repair, Outcome::Repaired);
@@ -236,10 +269,10 @@ impl<F: Firewall> Daemon<F> {
                 ));
             }
         }
+        st.changed();
         if let Err(e) = st.audit.append(&[record]) {
             tracing::error!("{e}");
         }
-        findings
     }
 
     /// Reconciles whenever another process commits an nftables change, and every
@@ -256,15 +289,18 @@ impl<F: Firewall> Daemon<F> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let cause = tokio::select! {
-                _ = tick.tick() => "periodic check".to_string(),
+                _ = tick.tick() => PERIODIC.to_string(),
                 event = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => match event {
                     None => { events = None; continue; }
-                    Some(g) if { tracing::debug!(pid = g.pid, process = %g.process, "nftables generation"); false } => continue,
                     Some(g) if g.pid != 0 && self.firewall.made_by_us(g.pid) => continue,
                     Some(g) => format!("nftables changed by {} (pid {})", if g.process.is_empty() { "?" } else { &g.process }, g.pid),
                 },
             };
-            self.reconcile(&cause).await;
+            if cause == PERIODIC {
+                self.reconcile_quietly(&cause).await;
+            } else {
+                self.reconcile(&cause).await;
+            }
         }
     }
 
@@ -311,7 +347,7 @@ impl<F: Firewall> Daemon<F> {
         if let Err(e) = st.audit.append(&records) {
             tracing::error!("{e}; {} expiry record(s) not written", records.len());
         }
-        st.dirty = true;
+        st.changed();
     }
 
     /// Re-reads the policy at `path`. An invalid policy changes nothing; a valid one is
@@ -391,7 +427,7 @@ impl<F: Firewall> Daemon<F> {
             Ok(b) => st.baseline = b,
             Err(e) => tracing::error!("cannot read back the reloaded table: {e}"),
         }
-        st.dirty = true;
+        st.changed();
         self.expiry_changed.notify_one();
         tracing::info!(ended = ended.len(), "policy reloaded");
         Ok(ReloadReply { ended })
@@ -572,7 +608,7 @@ impl<F: Firewall> Daemon<F> {
                 grant_info(g, left)
             })
             .collect();
-        st.dirty = true;
+        st.changed();
         self.expiry_changed.notify_one();
         Reply::ok(RevokedReply { revoked })
     }
@@ -674,6 +710,20 @@ impl<F: Firewall> Handler for Daemon<F> {
 
 /// How long a grant saved before a restart still has: the kernel's own timer when the
 /// table survived (it is what enforces), else the wall clock. `None`: it has ended.
+/// What differs between the kernel's table and jitd's view (empty: nothing).
+fn drift_of(st: &State, table: Option<&kernel::KernelTable>) -> Vec<String> {
+    let expected = st
+        .book
+        .elements(Instant::now())
+        .into_iter()
+        .map(|e| (e.key, e.timeout))
+        .collect();
+    match table {
+        None => vec![format!("table inet {} is missing", rules::TABLE)],
+        Some(table) => kernel::find_drift(&st.baseline, table, &expected, DRIFT_SLACK),
+    }
+}
+
 fn remaining_after_restart(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>) -> Option<Duration> {
     let left = match kernel {
         Some(elements) => grant.keys().iter().map(|k| elements.get(k).copied()).min().flatten()?,
@@ -684,7 +734,7 @@ fn remaining_after_restart(grant: &Grant, kernel: Option<&KernelGrants>, wall: D
 
 async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, FirewallError> {
     Ok(firewall
-        .read_table()
+        .read_table(false)
         .await?
         .map(|t| t.fingerprint())
         .unwrap_or_default())

@@ -134,7 +134,7 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
-        st.dirty = true;
+        st.changed();
         self.expiry_changed.notify_one();
         drop(st);
         for (p, d) in batch.into_iter().zip(decided) {

@@ -41,8 +41,12 @@ pub trait Firewall: Send + Sync + 'static {
     fn apply(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
     /// Checks `batch` against the kernel without applying it.
     fn check(&self, batch: &Nftables<'_>) -> impl Future<Output = Result<(), FirewallError>> + Send;
-    /// jitd's table as the kernel holds it; `None` when there is no such table.
-    fn read_table(&self) -> impl Future<Output = Result<Option<kernel::KernelTable>, FirewallError>> + Send;
+    /// jitd's table as the kernel holds it, with or without the grant sets' elements
+    /// (the expensive part at scale); `None` when there is no such table.
+    fn read_table(
+        &self,
+        with_grants: bool,
+    ) -> impl Future<Output = Result<Option<kernel::KernelTable>, FirewallError>> + Send;
     /// Whether a change the kernel reports as made by process `pid` was one of ours.
     fn made_by_us(&self, pid: u32) -> bool;
 }
@@ -76,7 +80,7 @@ impl Firewall for RecordingFirewall {
         }
     }
 
-    async fn read_table(&self) -> Result<Option<kernel::KernelTable>, FirewallError> {
+    async fn read_table(&self, _with_grants: bool) -> Result<Option<kernel::KernelTable>, FirewallError> {
         Ok(self.table.lock().unwrap().clone())
     }
 

@@ -123,8 +123,8 @@ impl Firewall for NftCli {
         self.run(true, batch).await
     }
 
-    async fn read_table(&self) -> Result<Option<KernelTable>, FirewallError> {
-        tokio::task::spawn_blocking(read_over_netlink)
+    async fn read_table(&self, with_grants: bool) -> Result<Option<KernelTable>, FirewallError> {
+        tokio::task::spawn_blocking(move || read_over_netlink(with_grants))
             .await
             .map_err(|e| FirewallError::Output(e.to_string()))?
             .map_err(|e| FirewallError::Output(format!("reading table inet {TABLE} over netlink: {e}")))
@@ -135,13 +135,14 @@ impl Firewall for NftCli {
     }
 }
 
-fn read_over_netlink() -> std::io::Result<Option<KernelTable>> {
+fn read_over_netlink(with_grants: bool) -> std::io::Result<Option<KernelTable>> {
     let mut reader = netlink::Reader::open()?;
     let Some(objects) = netlink::dump_table(&mut reader, TABLE)? else {
         return Ok(None);
     };
     let mut elements = std::collections::HashMap::new();
-    for set in GRANT_SETS.iter().chain(LOCKDOWN_SETS.iter()) {
+    let grant_sets: &[&str] = if with_grants { &GRANT_SETS } else { &[] };
+    for set in grant_sets.iter().chain(LOCKDOWN_SETS.iter()) {
         if let Some(found) = netlink::dump_elements(&mut reader, TABLE, set)? {
             elements.insert(set.to_string(), found);
         }
