@@ -88,12 +88,14 @@ impl<F: Firewall> Daemon<F> {
         let wall = Utc::now();
         let now = Instant::now();
         let mut st = self.state.lock().await;
+        let locked = Instant::now();
         let mut changes = Changes::default();
         let mut records = Vec::new();
         let decided: Vec<Decided> = batch
             .iter()
             .map(|p| decide_one(&mut st, &mut changes, &mut records, p, now, wall))
             .collect();
+        let decided_at = Instant::now();
         if let Err(e) = st.audit.append(&records) {
             tracing::error!("{e}; {} request(s) refused", batch.len());
             changes.undo(&mut st);
@@ -104,8 +106,18 @@ impl<F: Firewall> Daemon<F> {
             }
             return;
         }
+        let audited_at = Instant::now();
         let (remove, add) = changes.kernel_change(&st, now);
-        if let Err(e) = self.change_grants(&remove, &add).await {
+        let applied = self.change_grants(&remove, &add).await;
+        tracing::debug!(
+            batch = batch.len(),
+            wait_us = (locked - now).as_micros() as u64,
+            decide_us = (decided_at - locked).as_micros() as u64,
+            audit_us = (audited_at - decided_at).as_micros() as u64,
+            nft_us = audited_at.elapsed().as_micros() as u64,
+            "batch committed"
+        );
+        if let Err(e) = applied {
             tracing::error!("applying grants failed: {e}");
             let failed = failed_records(&decided, &batch, &e.to_string());
             changes.undo(&mut st);

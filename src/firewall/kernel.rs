@@ -79,7 +79,7 @@ fn object_line(object: &Object) -> String {
     let volatile: &[u16] = match object.kind {
         msg::CHAIN => &[attr::CHAIN_HANDLE, attr::CHAIN_USE, attr::CHAIN_COUNTERS],
         msg::RULE => &[attr::RULE_HANDLE, attr::RULE_POSITION],
-        msg::SET => &[attr::SET_HANDLE],
+        msg::SET => &[attr::SET_HANDLE, attr::SET_COUNT],
         _ => &[],
     };
     let mut line = format!("obj {}", object.kind);

@@ -1,8 +1,10 @@
 //! The firewall seam: jitd's table is built as batches by [`rules`] (pure) and applied
-//! by a [`Firewall`] driver: [`nft::NftCli`] in production, [`RecordingFirewall`] in
-//! unit tests.
+//! by a [`Firewall`] driver: [`SystemFirewall`] in production (libnftables in-process,
+//! or the `nft` program where the library cannot be loaded), [`RecordingFirewall`] in
+//! unit tests. Reading back goes over nfnetlink ([`netlink`], [`kernel`]).
 
 pub mod kernel;
+pub mod libnft;
 pub mod monitor;
 pub mod netlink;
 pub mod nft;
@@ -86,5 +88,59 @@ impl Firewall for RecordingFirewall {
 
     fn made_by_us(&self, _pid: u32) -> bool {
         true
+    }
+}
+
+/// The driver jitd runs with: libnftables in-process when it loads, else `nft`.
+#[derive(Debug, Clone)]
+pub enum SystemFirewall {
+    /// libnftables, loaded at run time.
+    Library(libnft::LibNft),
+    /// The `nft` program, one process per change.
+    Program(nft::NftCli),
+}
+
+impl SystemFirewall {
+    /// Loads libnftables (`JITD_LIBNFTABLES`, default `libnftables.so.1`); falls back to
+    /// the `nft` program, saying why.
+    pub fn detect() -> SystemFirewall {
+        let path = std::env::var("JITD_LIBNFTABLES").unwrap_or_else(|_| libnft::DEFAULT_LIBRARY.to_string());
+        match libnft::LibNft::load(&path) {
+            Ok(lib) => {
+                tracing::debug!("applying changes with {path} in-process");
+                SystemFirewall::Library(lib)
+            }
+            Err(e) => {
+                tracing::info!("{e}; applying changes with the nft program instead");
+                SystemFirewall::Program(nft::NftCli::default())
+            }
+        }
+    }
+}
+
+impl Firewall for SystemFirewall {
+    async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
+        match self {
+            SystemFirewall::Library(f) => f.apply(batch).await,
+            SystemFirewall::Program(f) => f.apply(batch).await,
+        }
+    }
+
+    async fn check(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
+        match self {
+            SystemFirewall::Library(f) => f.check(batch).await,
+            SystemFirewall::Program(f) => f.check(batch).await,
+        }
+    }
+
+    async fn read_table(&self, with_grants: bool) -> Result<Option<kernel::KernelTable>, FirewallError> {
+        nft::read_table(with_grants).await
+    }
+
+    fn made_by_us(&self, pid: u32) -> bool {
+        match self {
+            SystemFirewall::Library(f) => f.made_by_us(pid),
+            SystemFirewall::Program(f) => f.made_by_us(pid),
+        }
     }
 }

@@ -196,6 +196,8 @@ pub mod attr {
     pub const RULE_POSITION: u16 = 6;
     /// NFTA_SET_HANDLE.
     pub const SET_HANDLE: u16 = 16;
+    /// NFTA_SET_COUNT (number of elements, newer kernels).
+    pub const SET_COUNT: u16 = 20;
     /// NFTA_SET_ELEM_LIST_ELEMENTS.
     pub const ELEM_LIST_ELEMENTS: u16 = 3;
     /// NFTA_SET_ELEM_KEY.

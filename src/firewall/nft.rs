@@ -124,15 +124,20 @@ impl Firewall for NftCli {
     }
 
     async fn read_table(&self, with_grants: bool) -> Result<Option<KernelTable>, FirewallError> {
-        tokio::task::spawn_blocking(move || read_over_netlink(with_grants))
-            .await
-            .map_err(|e| FirewallError::Output(e.to_string()))?
-            .map_err(|e| FirewallError::Output(format!("reading table inet {TABLE} over netlink: {e}")))
+        read_table(with_grants).await
     }
 
     fn made_by_us(&self, pid: u32) -> bool {
         self.own_pids.lock().expect("pid list lock").contains(&pid)
     }
+}
+
+/// jitd's table read over nfnetlink (see [`super::netlink`]).
+pub async fn read_table(with_grants: bool) -> Result<Option<KernelTable>, FirewallError> {
+    tokio::task::spawn_blocking(move || read_over_netlink(with_grants))
+        .await
+        .map_err(|e| FirewallError::Output(e.to_string()))?
+        .map_err(|e| FirewallError::Output(format!("reading table inet {TABLE} over netlink: {e}")))
 }
 
 fn read_over_netlink(with_grants: bool) -> std::io::Result<Option<KernelTable>> {

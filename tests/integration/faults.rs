@@ -310,6 +310,8 @@ fn run_jitd_with_path(net: &Net, setup: &Setup, path: &str) -> std::process::Out
             &net.host,
             "/usr/bin/env",
             &format!("PATH={path}"),
+            // without libnftables too: jitd would otherwise not need the nft program
+            "JITD_LIBNFTABLES=/nonexistent/libnftables.so.1",
             env!("CARGO_BIN_EXE_jitd"),
             "--config",
         ])

@@ -1,0 +1,456 @@
+//! jitd's benchmark: what a grant costs, how far jitd scales, what the lockdown costs
+//! the packet path compared with no firewall and with a one-rule-per-grant chain, and
+//! how soon an expired grant refuses new connections.
+//!
+//! `scripts/bench` (cargo bench) runs it in full; under `cargo test` it runs a small
+//! smoke version (N = 1,000, a few hundred requests) and checks its own JSON.
+//! Needs root: it builds network namespaces and runs the real jitd, like the tests.
+
+#[path = "../tests/integration/util.rs"]
+mod util;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use util::*;
+
+struct Plan {
+    smoke: bool,
+    sequential: usize,
+    clients: usize,
+    per_client: usize,
+    scale: Vec<usize>,
+    packet_grants: Vec<usize>,
+    connections: usize,
+    expiry_secs: Vec<u64>,
+    out: PathBuf,
+}
+
+fn plan() -> Plan {
+    let full = std::env::args().any(|a| a == "--bench");
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    if full {
+        Plan {
+            smoke: false,
+            sequential: 1000,
+            clients: 16,
+            per_client: 250,
+            scale: vec![1_000, 10_000, 100_000],
+            packet_grants: vec![0, 1_000, 100_000],
+            connections: 3000,
+            expiry_secs: vec![1, 2, 3, 4, 5],
+            out: target.join("results.json"),
+        }
+    } else {
+        Plan {
+            smoke: true,
+            sequential: 200,
+            clients: 16,
+            per_client: 10,
+            scale: vec![1_000],
+            packet_grants: vec![0, 1_000],
+            connections: 200,
+            expiry_secs: vec![1],
+            out: target.join("smoke.json"),
+        }
+    }
+}
+
+fn main() {
+    let plan = plan();
+    // JITD_BENCH_ONLY=scale,expiry runs some sections only (while working on one figure).
+    let only = std::env::var("JITD_BENCH_ONLY").ok();
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == section));
+    if only.is_some() {
+        let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
+        for (name, run) in [
+            ("request", bench_requests as fn(&Plan) -> Value),
+            ("scale", bench_scale),
+            ("packet_path", bench_packet_path),
+            ("expiry", bench_expiry),
+        ] {
+            if wanted(name) {
+                results[name] = run(&plan);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        return;
+    }
+    let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
+    results["request"] = bench_requests(&plan);
+    results["scale"] = bench_scale(&plan);
+    results["packet_path"] = bench_packet_path(&plan);
+    results["expiry"] = bench_expiry(&plan);
+    print_table(&results);
+    std::fs::create_dir_all(plan.out.parent().unwrap()).unwrap();
+    std::fs::write(&plan.out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
+    check_shape(&std::fs::read(&plan.out).unwrap());
+    println!("\nwritten to {}", plan.out.display());
+}
+
+/// The JSON must parse back and hold every figure (what the smoke run asserts).
+fn check_shape(bytes: &[u8]) {
+    let v: Value = serde_json::from_slice(bytes).expect("results are JSON");
+    for path in [
+        "/request/sequential/p50_ms",
+        "/request/sequential/p99_ms",
+        "/request/sequential/max_ms",
+        "/request/concurrent/grants_per_s",
+        "/request/concurrent/p99_ms",
+        "/scale/0/install_s",
+        "/scale/0/rss_mb",
+        "/scale/0/status_json_s",
+        "/scale/0/restart_s",
+        "/packet_path/0/p50_us",
+        "/packet_path/0/ratio_p50",
+        "/expiry/mean_ms",
+        "/expiry/max_ms",
+    ] {
+        assert!(
+            v.pointer(path).is_some_and(Value::is_number),
+            "results lack the number {path}"
+        );
+    }
+}
+
+fn machine() -> Value {
+    let text = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let mem_kb: u64 = text("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let nft = Command::new("nft")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "memory_gib": (mem_kb as f64 / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        "kernel": text("/proc/sys/kernel/osrelease").trim(),
+        "nft": nft.unwrap_or_default(),
+    })
+}
+
+const POLICY: &str = "[[ports]]\nport = 22\nmax_duration = \"24h\"\n";
+
+/// The `i`-th distinct source: IPv4 for even, IPv6 for odd numbers.
+fn source(i: usize) -> String {
+    if i % 2 == 0 {
+        let n = i / 2;
+        format!("10.{}.{}.{}", 100 + n / 65536, (n / 256) % 256, n % 256)
+    } else {
+        format!("fd00:be::{:x}:{:x}", i / 65536, i % 65536)
+    }
+}
+
+/// One request over a fresh connection; returns the time from writing it to the reply.
+fn timed_request(socket: &Path, source: &str, secs: u64) -> Duration {
+    let mut stream = UnixStream::connect(socket).expect("connect to jitd");
+    let line =
+        format!("{{\"v\":1,\"op\":\"request\",\"ports\":[22],\"source\":\"{source}\",\"duration_secs\":{secs}}}\n");
+    let start = Instant::now();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply).unwrap();
+    let elapsed = start.elapsed();
+    assert!(reply.contains("\"ok\":true"), "request for {source} refused: {reply}");
+    elapsed
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Issues `count` requests from `clients` threads (sources from `first` on); returns
+/// every latency and the wall time.
+fn load(socket: &Path, first: usize, count: usize, clients: usize, secs: u64) -> (Vec<Duration>, Duration) {
+    let start = Instant::now();
+    let per = count.div_ceil(clients);
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let socket = socket.to_path_buf();
+            std::thread::spawn(move || {
+                let range = (first + c * per)..(first + ((c + 1) * per).min(count));
+                range
+                    .map(|i| timed_request(&socket, &source(i), secs))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    all.sort();
+    (all, start.elapsed())
+}
+
+fn bench_requests(plan: &Plan) -> Value {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    let _jitd = setup.start(&net.host);
+    let (seq, _) = load(&setup.socket(), 0, plan.sequential, 1, 3600);
+    let total = plan.clients * plan.per_client;
+    let (conc, wall) = load(&setup.socket(), plan.sequential, total, plan.clients, 3600);
+    json!({
+        "sequential": {"requests": seq.len(), "p50_ms": percentile(&seq, 0.5), "p99_ms": percentile(&seq, 0.99), "max_ms": percentile(&seq, 1.0)},
+        "concurrent": {"clients": plan.clients, "requests": conc.len(), "grants_per_s": conc.len() as f64 / wall.as_secs_f64(), "p99_ms": percentile(&conc, 0.99)},
+    })
+}
+
+fn rss_mb(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn bench_scale(plan: &Plan) -> Value {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    let mut jitd = setup.start(&net.host);
+    let mut installed = 0;
+    let mut rows = Vec::new();
+    for &n in &plan.scale {
+        let (_, wall) = load(&setup.socket(), installed, n - installed, 16, 24 * 3600);
+        installed = n;
+        let rss = rss_mb(jitd.pid());
+        let start = Instant::now();
+        let status = jitd.ctl_json(&["status"]);
+        let status_s = start.elapsed().as_secs_f64();
+        assert_eq!(status["grants"].as_array().unwrap().len(), n);
+        // restart after kill -9: from a fresh process to READY=1, which jitd sends once
+        // the lockdown and every grant are in the kernel
+        jitd.kill();
+        let notify_path = setup.dir.path().join(format!("notify-{n}.sock"));
+        let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+        notify.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let start = Instant::now();
+        jitd = setup.spawn(&net.host, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+        let mut buf = [0u8; 512];
+        loop {
+            let n = notify.recv(&mut buf).expect("READY=1 from the restarted jitd");
+            if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+                break;
+            }
+        }
+        let restart_s = start.elapsed().as_secs_f64();
+        assert!(wait_for(Duration::from_secs(60), || jitd
+            .ctl(&["status"])
+            .status
+            .success()));
+        let back = jitd.ctl_json(&["status"])["grants"].as_array().unwrap().len();
+        assert_eq!(back, n, "every grant is back after the restart");
+        rows.push(
+            json!({"n": n, "install_s": wall.as_secs_f64(), "grants_per_s": (n as f64) / wall.as_secs_f64().max(1e-9),
+            "rss_mb": rss, "status_json_s": status_s, "restart_s": restart_s}),
+        );
+    }
+    Value::Array(rows)
+}
+
+/// TCP connect latency and rate from client a to the host's port 22, `count` times.
+fn connect_stats(net: &Net, count: usize) -> (Vec<Duration>, f64) {
+    let target = SocketAddr::new(HOST_A4.parse::<IpAddr>().unwrap(), 22);
+    in_ns(&net.a, || {
+        let start = Instant::now();
+        let mut times = Vec::with_capacity(count);
+        for _ in 0..count {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&target, Duration::from_secs(2)).expect("granted connection");
+            times.push(t.elapsed());
+            drop(s);
+        }
+        let rate = count as f64 / start.elapsed().as_secs_f64();
+        times.sort();
+        (times, rate)
+    })
+}
+
+/// Close with RST instead of FIN (SO_LINGER 0): no TIME_WAIT pile-up on either side.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let _ = nix::sys::socket::setsockopt(stream, nix::sys::socket::sockopt::Linger, &linger);
+}
+
+fn packet_row(case: &str, n: usize, times: &[Duration], rate: f64, baseline_p50: f64) -> Value {
+    let p50 = percentile(times, 0.5) * 1000.0;
+    json!({"case": case, "n": n, "p50_us": p50, "p99_us": percentile(times, 0.99) * 1000.0, "conns_per_s": rate,
+        "ratio_p50": if baseline_p50 > 0.0 { p50 / baseline_p50 } else { 1.0 }})
+}
+
+/// A chain with one accept rule per grant, the way other tools build it; the measured
+/// client's rule comes last.
+fn naive_chain(net: &Net, n: usize) {
+    let mut script = String::from(
+        "table inet naive {\n chain input {\n  type filter hook input priority -10; policy accept;\n  iif \"lo\" accept\n  ct state established,related accept\n",
+    );
+    for i in 0..n {
+        let n = i + 1;
+        script.push_str(&format!(
+            "  ip saddr 10.{}.{}.{} tcp dport 22 accept\n",
+            200 + n / 65536,
+            (n / 256) % 256,
+            n % 256
+        ));
+    }
+    script.push_str(&format!(
+        "  ip saddr {A4} tcp dport 22 accept\n  tcp dport 22 drop\n }}\n}}\n"
+    ));
+    let path = std::env::temp_dir().join(format!("jitd-naive-{}.nft", std::process::id()));
+    std::fs::write(&path, script).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.host, "nft", "-f"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "loading the naive chain: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn bench_packet_path(plan: &Plan) -> Value {
+    let mut rows = Vec::new();
+    // (a) no firewall at all
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let (times, rate) = connect_stats(&net, plan.connections);
+    let base = percentile(&times, 0.5) * 1000.0;
+    rows.push(packet_row("no firewall", 0, &times, rate, base));
+    drop(net);
+    // jitd with N other live grants
+    for &n in &plan.packet_grants {
+        let net = Net::new();
+        serve_echo(&net.host, 22);
+        let setup = Setup::new(POLICY);
+        let jitd = setup.start(&net.host);
+        if n > 0 {
+            load(&setup.socket(), 0, n, 16, 3600);
+        }
+        jitd.ctl_json(&["request", "--port", "22", "--source", A4, "--duration", "1h"]);
+        let (times, rate) = connect_stats(&net, plan.connections);
+        rows.push(packet_row("jitd (set lookup)", n, &times, rate, base));
+    }
+    // (b) one accept rule per grant
+    for &n in plan.packet_grants.iter().filter(|n| **n > 0) {
+        let net = Net::new();
+        serve_echo(&net.host, 22);
+        naive_chain(&net, n);
+        let (times, rate) = connect_stats(&net, plan.connections);
+        rows.push(packet_row("one rule per grant", n, &times, rate, base));
+    }
+    Value::Array(rows)
+}
+
+fn bench_expiry(plan: &Plan) -> Value {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new(POLICY);
+    let jitd = setup.start(&net.host);
+    let target = SocketAddr::new(HOST_A4.parse::<IpAddr>().unwrap(), 22);
+    let mut delays = Vec::new();
+    for &secs in &plan.expiry_secs {
+        let reply = jitd.ctl_json(&[
+            "request",
+            "--port",
+            "22",
+            "--source",
+            A4,
+            "--duration",
+            &format!("{secs}s"),
+        ]);
+        let expires: chrono::DateTime<chrono::Utc> =
+            reply["grants"][0]["expires_at"].as_str().unwrap().parse().unwrap();
+        // probe with short connects until one is dropped
+        let refused_at = in_ns(&net.a, || loop {
+            let tried = chrono::Utc::now();
+            match TcpStream::connect_timeout(&target, Duration::from_millis(50)) {
+                Ok(s) => {
+                    reset_on_close(&s);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => return tried,
+            }
+        });
+        delays.push((refused_at - expires).num_milliseconds() as f64);
+    }
+    let mean = delays.iter().sum::<f64>() / delays.len() as f64;
+    let max = delays.iter().cloned().fold(f64::MIN, f64::max);
+    json!({"grants_s": plan.expiry_secs, "delays_ms": delays, "mean_ms": mean, "max_ms": max})
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let m = &r["machine"];
+    println!(
+        "\njitd benchmark{} on {} cores, {} GiB, kernel {}, {}",
+        if r["smoke"] == true { " (smoke run)" } else { "" },
+        m["cores"],
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["nft"].as_str().unwrap_or("")
+    );
+    let s = &r["request"]["sequential"];
+    println!(
+        "\n1. Request to open ({} sequential): p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        s["requests"],
+        f(&s["p50_ms"]),
+        f(&s["p99_ms"]),
+        f(&s["max_ms"])
+    );
+    let c = &r["request"]["concurrent"];
+    println!(
+        "   {} concurrent clients, {} requests: {:.0} grants/s, p99 {:.2} ms",
+        c["clients"],
+        c["requests"],
+        f(&c["grants_per_s"]),
+        f(&c["p99_ms"])
+    );
+    println!(
+        "\n2. Scale\n   {:>8}  {:>10}  {:>9}  {:>8}  {:>14}  {:>10}",
+        "N", "install s", "grants/s", "RSS MB", "status --json s", "restart s"
+    );
+    for row in r["scale"].as_array().unwrap() {
+        println!(
+            "   {:>8}  {:>10.2}  {:>9.0}  {:>8.1}  {:>14.3}  {:>10.2}",
+            row["n"].as_u64().unwrap_or(0),
+            f(&row["install_s"]),
+            f(&row["grants_per_s"]),
+            f(&row["rss_mb"]),
+            f(&row["status_json_s"]),
+            f(&row["restart_s"])
+        );
+    }
+    println!("\n3. Packet path (new TCP connection to a protected port from a granted client)\n   {:<20} {:>8}  {:>8}  {:>8}  {:>10}  {:>9}", "case", "N", "p50 us", "p99 us", "conns/s", "p50 ratio");
+    for row in r["packet_path"].as_array().unwrap() {
+        println!(
+            "   {:<20} {:>8}  {:>8.1}  {:>8.1}  {:>10.0}  {:>9.2}",
+            row["case"].as_str().unwrap(),
+            row["n"].as_u64().unwrap_or(0),
+            f(&row["p50_us"]),
+            f(&row["p99_us"]),
+            f(&row["conns_per_s"]),
+            f(&row["ratio_p50"])
+        );
+    }
+    let e = &r["expiry"];
+    println!(
+        "\n4. Expiry: first refused connection after the grant's end: mean {:.0} ms, max {:.0} ms (grants of {} s)",
+        f(&e["mean_ms"]),
+        f(&e["max_ms"]),
+        e["grants_s"]
+    );
+}
