@@ -20,6 +20,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/jitd";
 pub const MAX_DURATION_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// The maximum duration of a port whose entry does not set one (Azure's default).
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3 * 3600);
+/// The smallest `audit_max_bytes` accepted.
+pub const MIN_AUDIT_BYTES: i64 = 4096;
 /// The ports protected when the policy lists none: SSH, RDP, WinRM (HTTP and HTTPS).
 pub const DEFAULT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 
@@ -42,6 +44,8 @@ pub struct Config {
     pub lockdown: Lockdown,
     /// Who may do what.
     pub access: Access,
+    /// When the audit log is rotated.
+    pub audit_rotation: crate::audit::Rotation,
 }
 
 /// The group that owns the socket.
@@ -263,6 +267,8 @@ struct RawConfig {
     socket_group: Option<String>,
     state_dir: Option<PathBuf>,
     on_stop: Option<String>,
+    audit_max_bytes: Option<i64>,
+    audit_keep: Option<i64>,
     #[serde(default)]
     ports: Option<Vec<RawPort>>,
     #[serde(default)]
@@ -403,6 +409,29 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         requesters: parse_principals("access.requesters", &raw.access.requesters, problems),
         viewers: parse_principals("access.viewers", &raw.access.viewers, problems),
     };
+    let defaults = crate::audit::Rotation::default();
+    let audit_rotation = crate::audit::Rotation {
+        max_bytes: match raw.audit_max_bytes {
+            None => defaults.max_bytes,
+            Some(n) if (MIN_AUDIT_BYTES..=i64::MAX).contains(&n) => n as u64,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_max_bytes: must be at least {MIN_AUDIT_BYTES} (bytes), got {n}"
+                ));
+                defaults.max_bytes
+            }
+        },
+        keep: match raw.audit_keep {
+            None => defaults.keep,
+            Some(n) if (1..=1000).contains(&n) => n as usize,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_keep: must be between 1 and 1000 (rotated files kept), got {n}"
+                ));
+                defaults.keep
+            }
+        },
+    };
     Config {
         path: path.to_path_buf(),
         socket,
@@ -412,6 +441,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         ports,
         lockdown,
         access,
+        audit_rotation,
     }
 }
 
@@ -725,6 +755,14 @@ mod tests {
                 "access.viewers[0]: uid must be a number, got \"uid:x\"",
             ),
             ("ports = []", "ports: lists no port"),
+            (
+                "audit_max_bytes = 10",
+                "audit_max_bytes: must be at least 4096 (bytes), got 10",
+            ),
+            (
+                "audit_keep = 0",
+                "audit_keep: must be between 1 and 1000 (rotated files kept), got 0",
+            ),
         ];
         for (text, expected) in cases {
             let message = first_problem(text);

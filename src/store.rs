@@ -3,7 +3,7 @@
 //!
 //! The snapshot is a checkpoint, written at most once a second and at stop; the audit
 //! log, fsync'ed before every answer, is the journal. A restart loads the snapshot and
-//! replays the audit records written after `audit_offset` ([`replay`]).
+//! replays the audit records written after the one whose hash is `audit_hash` ([`replay`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -23,10 +23,22 @@ pub struct Snapshot {
     pub next_id: GrantId,
     /// The grants live at the time of writing.
     pub grants: Vec<Grant>,
-    /// Length of the audit log when the snapshot was taken: records from there on are
-    /// not in it yet.
+    /// Hash of the last audit record the snapshot includes: later records are not in it
+    /// yet. Empty before the first record.
     #[serde(default)]
-    pub audit_offset: u64,
+    pub audit_hash: String,
+}
+
+/// The records written after the snapshot: those after the one whose hash it names
+/// (all of them when it names none, or one rotated away).
+pub fn journal<'r>(snapshot: &Snapshot, records: &'r [crate::audit::AuditRecord]) -> &'r [crate::audit::AuditRecord] {
+    match records
+        .iter()
+        .rposition(|r| r.hash.as_deref() == Some(snapshot.audit_hash.as_str()))
+    {
+        Some(i) => &records[i + 1..],
+        None => records,
+    }
 }
 
 /// Brings a snapshot up to date with audit records written after it: approvals add
@@ -134,7 +146,7 @@ mod tests {
         let snapshot = Snapshot {
             next_id: 4,
             grants: vec![grant],
-            audit_offset: 77,
+            audit_hash: "ab".repeat(32),
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);

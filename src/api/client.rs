@@ -41,13 +41,18 @@ pub async fn call<T: DeserializeOwned>(socket: &Path, request: &Request) -> Resu
         })?;
     let exchange = async {
         let (read, mut write) = stream.into_split();
-        write.write_all(&encode_request(request)).await?;
+        // jitd may answer and close before reading the request (busy, stopping): a
+        // failed write still leaves its answer to read.
+        let sent = write.write_all(&encode_request(request)).await;
         let mut line = Vec::new();
         BufReader::new(read)
             .take(MAX_REPLY_BYTES as u64)
             .read_until(b'\n', &mut line)
             .await?;
-        Ok::<_, std::io::Error>(line)
+        match sent {
+            Err(e) if line.is_empty() => Err(e),
+            _ => Ok(line),
+        }
     };
     let line = tokio::time::timeout(REPLY_TIMEOUT, exchange)
         .await

@@ -43,6 +43,8 @@ pub enum Request {
     Revoke(RevokeRequest),
     /// Read the audit log.
     Audit(AuditFilter),
+    /// Walk the audit log's hash chain.
+    AuditVerify,
     /// Re-read the policy file.
     Reload,
 }

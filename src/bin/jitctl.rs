@@ -72,7 +72,10 @@ enum Command {
         port: Option<u16>,
     },
     /// Read the audit log: every approval, denial (with the reason), expiry and revocation.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        check: Option<AuditCheck>,
         /// From: a duration back from now ("7d", "12h") or a time (RFC 3339 or YYYY-MM-DD).
         #[arg(long, value_parser = parse_since)]
         since: Option<DateTime<Utc>>,
@@ -91,6 +94,13 @@ enum Command {
     },
     /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
     Reload,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCheck {
+    /// Walk the audit log's hash chain; exit 1 naming the first record that was
+    /// changed, removed or reordered.
+    Verify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -219,6 +229,35 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Audit {
+            check: Some(AuditCheck::Verify),
+            ..
+        } => {
+            let verdict: jitd::audit::chain::Verdict = call(socket, &Request::AuditVerify).await?;
+            if cli.json {
+                print_json(&verdict);
+            }
+            for note in &verdict.notes {
+                eprintln!("jitctl: note: {note}");
+            }
+            match &verdict.broken {
+                None => {
+                    if !cli.json {
+                        println!("audit trail intact: {} record(s) chained", verdict.records);
+                    }
+                }
+                Some(b) => {
+                    return Err(Failure::Refused(format!(
+                        "audit trail broken: the record at {}:{} {} ({} record(s) before it verified)",
+                        b.file.display(),
+                        b.line,
+                        b.problem,
+                        verdict.records
+                    )))
+                }
+            }
+        }
+        Command::Audit {
+            check: None,
             since,
             until,
             user,

@@ -88,6 +88,15 @@ struct State {
 }
 
 impl State {
+    /// Appends audit records; when that rotated the log, checkpoints the grants so that
+    /// a restart needs no record from the rotated file.
+    fn record(&mut self, records: &[AuditRecord]) -> Result<(), audit::AuditError> {
+        if self.audit.append(records)? {
+            save_grants(self);
+        }
+        Ok(())
+    }
+
     /// Marks the grants as changed (snapshot due, kernel readings outdated).
     fn changed(&mut self) {
         self.dirty = true;
@@ -125,20 +134,14 @@ impl<F: Firewall> Daemon<F> {
     /// jitd left behind, in one transaction). Nothing is served yet.
     pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
         create_state_dir(&config.state_dir)?;
-        let mut audit = AuditLog::open(&config.state_dir)?;
-        let (history, problems) = audit::read_records_at(audit.path()).map_err(StartError::AuditRead)?;
+        let mut audit = AuditLog::open(&config.state_dir, config.audit_rotation)?;
+        let (history, problems) = audit::read_all(&config.state_dir).map_err(StartError::AuditRead)?;
         for p in problems {
             tracing::warn!("{p}");
         }
         let mut saved = store::load(&config.state_dir)?;
-        let offset = saved.audit_offset;
-        let journal: Vec<AuditRecord> = history
-            .iter()
-            .filter(|(at, _)| *at >= offset)
-            .map(|(_, r)| r.clone())
-            .collect();
-        store::replay(&mut saved, &journal);
-        let history: Vec<AuditRecord> = history.into_iter().map(|(_, r)| r).collect();
+        let journal = store::journal(&saved, &history);
+        store::replay(&mut saved, journal);
         let first_id = history
             .iter()
             .filter_map(|r| r.grant_id)
@@ -270,7 +273,7 @@ impl<F: Firewall> Daemon<F> {
             }
         }
         st.changed();
-        if let Err(e) = st.audit.append(&[record]) {
+        if let Err(e) = st.record(&[record]) {
             tracing::error!("{e}");
         }
     }
@@ -344,7 +347,7 @@ impl<F: Firewall> Daemon<F> {
         for g in &ended {
             tracing::info!(grant = g.id, source = %format_prefix(&g.source), port = g.port, "grant expired");
         }
-        if let Err(e) = st.audit.append(&records) {
+        if let Err(e) = st.record(&records) {
             tracing::error!("{e}; {} expiry record(s) not written", records.len());
         }
         st.changed();
@@ -475,7 +478,7 @@ impl<F: Firewall> Daemon<F> {
             ));
         }
         save_grants(&st);
-        if let Err(e) = st.audit.append(&[record]) {
+        if let Err(e) = st.record(&[record]) {
             tracing::error!("{e}");
         }
     }
@@ -591,7 +594,7 @@ impl<F: Firewall> Daemon<F> {
                 r
             })
             .collect();
-        if let Err(e) = st.audit.append(&records) {
+        if let Err(e) = st.record(&records) {
             return Reply::error("audit_failed", format!("revoke refused: {e}"));
         }
         let keys: Vec<GrantKey> = targets.iter().flat_map(Grant::keys).collect();
@@ -625,7 +628,7 @@ impl<F: Firewall> Daemon<F> {
         r.source = request.source.clone();
         r.ports = request.port.into_iter().collect();
         r.reason = Some(format!("{}: {}", denial.code, denial.message));
-        match st.audit.append(&[r]) {
+        match st.record(&[r]) {
             Ok(()) => Reply::error(&denial.code, denial.message),
             Err(e) => Reply::error("audit_failed", format!("revoke refused: {e}")),
         }
@@ -656,14 +659,27 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
+    async fn audit_verify(&self, caller: &Caller) -> Result<audit::chain::Verdict, Reply> {
+        let dir = {
+            let st = self.state.lock().await;
+            policy::require_role(&st.config.access, caller, Role::Viewer, "verify the audit log")
+                .map_err(|d| Reply::error(&d.code, d.message))?;
+            st.config.state_dir.clone()
+        };
+        tokio::task::spawn_blocking(move || audit::chain::verify(&audit::files(&dir)))
+            .await
+            .map_err(|e| Reply::error("internal", e.to_string()))?
+            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
+    }
+
     async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
         let path = {
             let st = self.state.lock().await;
             policy::require_role(&st.config.access, caller, Role::Viewer, "read the audit log")
                 .map_err(|d| Reply::error(&d.code, d.message))?;
-            st.audit.path().to_path_buf()
+            st.config.state_dir.clone()
         };
-        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_records(&path))
+        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_all(&path))
             .await
             .map_err(|e| Reply::error("internal", e.to_string()))?
             .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
@@ -691,6 +707,7 @@ impl<F: Firewall> Handler for Daemon<F> {
             Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(&caller, r).await,
             Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
+            Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => {
                 let path = {
                     let st = self.state.lock().await;
@@ -752,7 +769,7 @@ fn snapshot_of(st: &State) -> store::Snapshot {
     store::Snapshot {
         next_id: st.book.next_id(),
         grants: st.book.iter().cloned().collect(),
-        audit_offset: st.audit.len(),
+        audit_hash: st.audit.last_hash().to_string(),
     }
 }
 

@@ -96,7 +96,7 @@ impl<F: Firewall> Daemon<F> {
             .map(|p| decide_one(&mut st, &mut changes, &mut records, p, now, wall))
             .collect();
         let decided_at = Instant::now();
-        if let Err(e) = st.audit.append(&records) {
+        if let Err(e) = st.record(&records) {
             tracing::error!("{e}; {} request(s) refused", batch.len());
             changes.undo(&mut st);
             for p in batch {
@@ -121,7 +121,7 @@ impl<F: Firewall> Daemon<F> {
             tracing::error!("applying grants failed: {e}");
             let failed = failed_records(&decided, &batch, &e.to_string());
             changes.undo(&mut st);
-            if let Err(e) = st.audit.append(&failed) {
+            if let Err(e) = st.record(&failed) {
                 tracing::error!("{e}");
             }
             // The journal says the replaced grants ended; they did not. A checkpoint now

@@ -110,4 +110,96 @@ fn the_unit_file_is_valid_and_hardened() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
     assert!(level <= 2.0, "exposure {level}:\n{report}");
+    // and `systemd-analyze verify` is clean (with ExecStart pointing at the built binary)
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/jitd.service")).unwrap();
+    let path = dir.path().join("jitd.service");
+    std::fs::write(&path, unit.replace("/usr/sbin/jitd", env!("CARGO_BIN_EXE_jitd"))).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        text(&out)
+    );
+}
+
+#[test]
+fn jitd_runs_as_an_unprivileged_user_with_only_cap_net_admin() {
+    use std::os::unix::fs::chown;
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("");
+    // a socket directory and state_dir the unprivileged user owns, as systemd's
+    // RuntimeDirectory= and StateDirectory= give it
+    let run = setup.dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::create_dir(setup.state_dir()).unwrap();
+    for dir in [&run, &setup.state_dir()] {
+        chown(dir, Some(65534), Some(65534)).unwrap();
+    }
+    let socket = run.join("jitd.sock");
+    std::fs::write(
+        setup.policy(),
+        format!(
+            "socket = \"{}\"\nstate_dir = \"{}\"\n[[ports]]\nport = 22\n",
+            socket.display(),
+            setup.state_dir().display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(setup.dir.path().join("unprivileged.log")).unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.host,
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ])
+        .args([
+            "--inh-caps=-all,+net_admin",
+            "--ambient-caps=-all,+net_admin",
+            "--bounding-set=-all,+net_admin",
+        ])
+        .arg(env!("CARGO_BIN_EXE_jitd"))
+        .arg("--config")
+        .arg(setup.policy())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let ready = wait_for(Duration::from_secs(15), || {
+        jitctl(&socket, &["status"], None).status.success()
+    });
+    let log_text = || std::fs::read_to_string(setup.dir.path().join("unprivileged.log")).unwrap_or_default();
+    assert!(ready, "jitd did not come up as nobody: {}", log_text());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")),
+        "{status}"
+    );
+    // CAP_NET_ADMIN is bit 12: the effective set holds it and nothing else
+    assert!(status.lines().any(|l| l == "CapEff:\t0000000000001000"), "{status}");
+    assert!(!can_connect(&net.a, HOST_A4, 22), "locked by the unprivileged jitd");
+    let out = jitctl(
+        &socket,
+        &["request", "--port", "22", "--source", A4, "--duration", "1m"],
+        None,
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), log_text());
+    assert!(can_connect(&net.a, HOST_A4, 22), "granted");
+    let out = net.nft(&["flush", "ruleset"]);
+    assert!(out.status.success());
+    assert!(
+        wait_for(Duration::from_secs(3), || !can_connect(&net.b, HOST_B4, 22)),
+        "drift repaired without root: {}",
+        log_text()
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -1,5 +1,8 @@
 //! The append-only audit log: one JSON object per line in `state_dir/audit.jsonl`,
-//! flushed to disk (fsync) before a decision is answered; queries and CSV export.
+//! flushed to disk (fsync) before a decision is answered, hash-chained ([`chain`]),
+//! rotated by size (`audit.jsonl.1` is the newest rotated file); queries and CSV export.
+
+pub mod chain;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -92,6 +95,12 @@ pub struct AuditRecord {
     /// The grant concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+    /// SHA-256 of the record before this one ([`chain::GENESIS`] for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
+    /// SHA-256 of this record up to this field; always the last field of the line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 impl AuditRecord {
@@ -116,8 +125,61 @@ impl AuditRecord {
             duration_secs: None,
             justification: None,
             grant_id: None,
+            prev: None,
+            hash: None,
         }
     }
+}
+
+/// When the audit log is rotated and how many rotated files are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate once the current file is larger than this.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` .. `audit.jsonl.N`); older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_bytes: 64 * 1024 * 1024,
+            keep: 10,
+        }
+    }
+}
+
+/// The audit files in `state_dir`, oldest first (rotated ones, then the current one).
+pub fn files(state_dir: &Path) -> Vec<PathBuf> {
+    let mut rotated: Vec<(usize, PathBuf)> = std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n = name.strip_prefix(&format!("{AUDIT_FILE}."))?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    rotated.sort_by_key(|r| std::cmp::Reverse(r.0));
+    let mut all: Vec<PathBuf> = rotated.into_iter().map(|(_, p)| p).collect();
+    let current = state_dir.join(AUDIT_FILE);
+    if current.exists() {
+        all.push(current);
+    }
+    all
+}
+
+/// Every record of every audit file, oldest first, and notes on unreadable lines.
+pub fn read_all(state_dir: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<String>)> {
+    let mut records = Vec::new();
+    let mut problems = Vec::new();
+    for file in files(state_dir) {
+        let (r, p) = read_records(&file)?;
+        records.extend(r);
+        problems.extend(p);
+    }
+    Ok((records, problems))
 }
 
 /// A failed audit write: the decision it was for must not take effect.
@@ -130,18 +192,21 @@ pub struct AuditError {
     pub source: std::io::Error,
 }
 
-/// The open audit file; appends are whole lines, flushed to disk.
+/// The open audit file; appends are whole sealed lines, flushed to disk.
 #[derive(Debug)]
 pub struct AuditLog {
+    dir: PathBuf,
     path: PathBuf,
     file: File,
     len: u64,
+    last_hash: String,
+    rotation: Rotation,
 }
 
 impl AuditLog {
     /// Opens (creating, mode 0600) the audit log in `state_dir`. A torn last line left
     /// by a crash is closed with a newline so that the next record starts on its own line.
-    pub fn open(state_dir: &Path) -> Result<AuditLog, AuditError> {
+    pub fn open(state_dir: &Path, rotation: Rotation) -> Result<AuditLog, AuditError> {
         use std::io::{Read, Seek, SeekFrom};
         use std::os::unix::fs::OpenOptionsExt;
         let path = state_dir.join(AUDIT_FILE);
@@ -171,7 +236,23 @@ impl AuditLog {
             }
         }
         let len = file.metadata().map_err(fail)?.len();
-        Ok(AuditLog { path, file, len })
+        // The chain goes on from the newest sealed record, in this file or a rotated one.
+        let mut last_hash = None;
+        for f in files(state_dir).iter().rev() {
+            if let Some(h) = chain::last_hash(f).map_err(fail)? {
+                last_hash = Some(h);
+                break;
+            }
+        }
+        let last_hash = last_hash.unwrap_or_else(|| chain::GENESIS.to_string());
+        Ok(AuditLog {
+            dir: state_dir.to_path_buf(),
+            path,
+            file,
+            len,
+            last_hash,
+            rotation,
+        })
     }
 
     /// The file's path.
@@ -179,22 +260,26 @@ impl AuditLog {
         &self.path
     }
 
-    /// Bytes written so far (the offset the next record starts at).
-    pub fn len(&self) -> u64 {
-        self.len
+    /// The hash of the newest record ([`chain::GENESIS`] before the first).
+    pub fn last_hash(&self) -> &str {
+        &self.last_hash
     }
 
-    /// Whether nothing was ever written.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Appends `records` as one write and waits until they are on disk.
-    pub fn append(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
+    /// Appends `records` as one write, each sealed into the hash chain, and waits until
+    /// they are on disk. Returns whether the file was rotated afterwards (the next
+    /// record starts a new `audit.jsonl`).
+    pub fn append(&mut self, records: &[AuditRecord]) -> Result<bool, AuditError> {
         let mut buf = Vec::new();
+        let mut last = self.last_hash.clone();
         for record in records {
-            serde_json::to_writer(&mut buf, record).expect("audit records serialize");
+            let mut record = record.clone();
+            record.prev = Some(last);
+            record.hash = None;
+            let unsealed = serde_json::to_vec(&record).expect("audit records serialize");
+            let (line, hash) = chain::seal(&unsealed);
+            buf.extend_from_slice(&line);
             buf.push(b'\n');
+            last = hash;
         }
         let fail = |source| AuditError {
             path: self.path.clone(),
@@ -203,6 +288,40 @@ impl AuditLog {
         self.file.write_all(&buf).map_err(fail)?;
         self.file.sync_data().map_err(fail)?;
         self.len += buf.len() as u64;
+        self.last_hash = last;
+        if self.len <= self.rotation.max_bytes {
+            return Ok(false);
+        }
+        let path = self.path.clone();
+        self.rotate().map_err(|source| AuditError { path, source })?;
+        Ok(true)
+    }
+
+    /// `audit.jsonl` becomes `audit.jsonl.1` (older ones move up, the oldest beyond
+    /// `keep` is deleted) and a new, empty `audit.jsonl` continues the chain.
+    fn rotate(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let numbered = |n: usize| self.dir.join(format!("{AUDIT_FILE}.{n}"));
+        let _ = std::fs::remove_file(numbered(self.rotation.keep));
+        for n in (1..self.rotation.keep).rev() {
+            if numbered(n).exists() {
+                std::fs::rename(numbered(n), numbered(n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, numbered(1))?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .open(&self.path)?;
+        File::open(&self.dir)?.sync_all()?;
+        self.len = 0;
+        tracing::info!(
+            "audit log rotated: {} is now {}",
+            self.path.display(),
+            numbered(1).display()
+        );
         Ok(())
     }
 }
@@ -210,15 +329,6 @@ impl AuditLog {
 /// The records of an audit file, and a note for each line that could not be read
 /// (a torn last line after a crash is reported, never fatal).
 pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<String>)> {
-    let (records, problems) = read_records_at(path)?;
-    Ok((records.into_iter().map(|(_, r)| r).collect(), problems))
-}
-
-/// Records with the byte offset their line starts at, and notes on unreadable lines.
-pub type PlacedRecords = (Vec<(u64, AuditRecord)>, Vec<String>);
-
-/// Like [`read_records`], each record with the byte offset its line starts at.
-pub fn read_records_at(path: &Path) -> std::io::Result<PlacedRecords> {
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
@@ -226,16 +336,13 @@ pub fn read_records_at(path: &Path) -> std::io::Result<PlacedRecords> {
     };
     let mut records = Vec::new();
     let mut problems = Vec::new();
-    let mut offset = 0u64;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line?;
-        let at = offset;
-        offset += line.len() as u64 + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
-            Ok(r) => records.push((at, r)),
+            Ok(r) => records.push(r),
             Err(e) => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
         }
     }
@@ -340,7 +447,7 @@ mod tests {
     #[test]
     fn appended_records_read_back_and_a_torn_line_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = AuditLog::open(dir.path()).unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
         log.append(&[record(1, "bob", 22), record(2, "alice", 3389)]).unwrap();
         // a crash in the middle of a write leaves half a line
         std::fs::OpenOptions::new()
@@ -350,9 +457,57 @@ mod tests {
             .write_all(b"{\"time\":\"2026-")
             .unwrap();
         let (records, problems) = read_records(log.path()).unwrap();
-        assert_eq!(records, vec![record(1, "bob", 22), record(2, "alice", 3389)]);
+        assert_eq!(records[1].prev, records[0].hash, "chained");
+        let unsealed: Vec<AuditRecord> = records
+            .into_iter()
+            .map(|r| AuditRecord {
+                prev: None,
+                hash: None,
+                ..r
+            })
+            .collect();
+        assert_eq!(unsealed, vec![record(1, "bob", 22), record(2, "alice", 3389)]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("audit.jsonl:3: skipped"), "{problems:?}");
+        // reopened after the crash: the next record starts on a line of its own and
+        // continues the chain
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(3, "carol", 22)]).unwrap();
+        let (records, _) = read_records(log.path()).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[2].prev, records[1].hash);
+        assert_eq!(chain::verify(&files(dir.path())).unwrap().broken, None);
+    }
+
+    #[test]
+    fn rotation_moves_files_up_keeps_n_and_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(
+            dir.path(),
+            Rotation {
+                max_bytes: 600,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        let mut rotations = 0;
+        for i in 0..12 {
+            rotations += usize::from(log.append(&[record(i, "bob", 22)]).unwrap());
+        }
+        assert!(rotations >= 3, "{rotations}");
+        let names: Vec<String> = files(dir.path())
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["audit.jsonl.2", "audit.jsonl.1", "audit.jsonl"]);
+        let verdict = chain::verify(&files(dir.path())).unwrap();
+        assert_eq!(verdict.broken, None);
+        assert_eq!(
+            verdict.notes.len(),
+            1,
+            "the start was rotated away: {:?}",
+            verdict.notes
+        );
     }
 
     #[test]
