@@ -17,10 +17,12 @@
 //! - [`identity`]: socket peers resolved to users and groups.
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`store`]: the live grants on disk, for restarts.
+//! - [`cli`]: the command lines of jitd and jitctl (clap).
 //! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
 
 pub mod api;
 pub mod audit;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod duration;

@@ -1,139 +1,16 @@
 //! `jitctl`: asks jitd for just-in-time access, shows status and reads the audit log.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use chrono::{DateTime, Local, NaiveDate, Utc};
-use clap::{Parser, Subcommand, ValueEnum};
+use chrono::{DateTime, Local, Utc};
+use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
     AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
     PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::{enum_text, AuditFilter};
-use jitd::config::DEFAULT_SOCKET_PATH;
-
-/// Ask jitd for just-in-time access to this host's management ports, see what is open,
-/// and read the audit trail.
-///
-/// jitd knows who you are from the socket (your uid and groups); what you may do comes
-/// from the [access] section of its policy.
-#[derive(Debug, Parser)]
-#[command(
-    version,
-    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed), 2 usage or connection error."
-)]
-struct Cli {
-    /// jitd's control socket.
-    #[arg(long, global = true, value_name = "PATH", default_value = DEFAULT_SOCKET_PATH, env = "JITD_SOCKET")]
-    socket: PathBuf,
-    /// Print the result as JSON (for scripts) instead of a table.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Show the protected ports, the live grants, and recent use of each port.
-    Status,
-    /// Open ports for a source address or prefix, for a bounded time.
-    #[command(
-        after_help = "Examples:\n  jitctl request --port 22 --source 203.0.113.7 --duration 2h --justification \"ticket 4711\"\n  jitctl request --source 198.51.100.0/24 --until 2026-12-01T17:00:00Z\n  jitctl request --duration 30m        # inside an SSH session: your SSH client's address, every protected port"
-    )]
-    Request {
-        /// Port to open (repeat for several); default: every protected port.
-        #[arg(short, long = "port", value_name = "PORT")]
-        ports: Vec<u16>,
-        /// Address or CIDR prefix, IPv4 or IPv6; default inside SSH: the client address from SSH_CONNECTION.
-        #[arg(short, long)]
-        source: Option<String>,
-        /// How long: "90s", "2h", "1h30m" or ISO 8601 "PT2H".
-        #[arg(short, long, value_parser = parse_duration, conflicts_with = "until", required_unless_present = "until")]
-        duration: Option<std::time::Duration>,
-        /// Until when: RFC 3339, e.g. 2026-12-01T17:00:00Z.
-        #[arg(short, long, value_parser = parse_time)]
-        until: Option<DateTime<Utc>>,
-        /// Why you need access (recorded in the audit log).
-        #[arg(short, long)]
-        justification: Option<String>,
-    },
-    /// End grants early: by id, or every grant of a source (optionally one port).
-    Revoke {
-        /// The grant id (from `jitctl status`).
-        #[arg(required_unless_present = "source", conflicts_with = "source")]
-        id: Option<u64>,
-        /// Revoke the grants of this address or prefix.
-        #[arg(short, long)]
-        source: Option<String>,
-        /// With --source: only the grant on this port.
-        #[arg(short, long, requires = "source")]
-        port: Option<u16>,
-    },
-    /// Read the audit log: every approval, denial (with the reason), expiry and revocation.
-    #[command(args_conflicts_with_subcommands = true)]
-    Audit {
-        #[command(subcommand)]
-        check: Option<AuditCheck>,
-        /// From: a duration back from now ("7d", "12h") or a time (RFC 3339 or YYYY-MM-DD).
-        #[arg(long, value_parser = parse_since)]
-        since: Option<DateTime<Utc>>,
-        /// Up to: a time (RFC 3339 or YYYY-MM-DD).
-        #[arg(long, value_parser = parse_time)]
-        until: Option<DateTime<Utc>>,
-        /// Only records of this user (name or uid).
-        #[arg(long)]
-        user: Option<String>,
-        /// Only records concerning this port.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Output format; --json is the same as --format json.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
-    /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
-    Reload,
-}
-
-#[derive(Debug, Subcommand)]
-enum AuditCheck {
-    /// Walk the audit log's hash chain; exit 1 naming the first record that was
-    /// changed, removed or reordered.
-    Verify,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Format {
-    /// Aligned columns for people.
-    Table,
-    /// The records as a JSON array.
-    Json,
-    /// Comma-separated values with a header row (for spreadsheets).
-    Csv,
-}
-
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    jitd::duration::parse(text)
-}
-
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
-    }
-    Err("not a time; write RFC 3339 (2026-12-01T17:00:00Z) or a date (2026-12-01)".into())
-}
-
-fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
-    if let Ok(d) = jitd::duration::parse(text) {
-        let back = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;
-        return Ok(Utc::now() - back);
-    }
-    parse_time(text).map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
-}
+use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -1,0 +1,5 @@
+//! The command lines of the two binaries, as clap definitions: the binaries parse them,
+//! and `cargo run --example gen-assets` turns them into man pages and completions.
+
+pub mod jitctl;
+pub mod jitd;
