@@ -46,6 +46,8 @@ pub struct Config {
     pub access: Access,
     /// When the audit log is rotated.
     pub audit_rotation: crate::audit::Rotation,
+    /// Where to serve Prometheus metrics; `None`: not at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// The group that owns the socket.
@@ -269,6 +271,9 @@ struct RawConfig {
     on_stop: Option<String>,
     audit_max_bytes: Option<i64>,
     audit_keep: Option<i64>,
+    metrics_listen: Option<String>,
+    #[serde(default)]
+    metrics_allow_remote: bool,
     #[serde(default)]
     ports: Option<Vec<RawPort>>,
     #[serde(default)]
@@ -432,6 +437,17 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
             }
         },
     };
+    let metrics_listen = raw.metrics_listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || raw.metrics_allow_remote => Some(addr),
+        Ok(_) => {
+            problems.push(format!("metrics_listen: a non-loopback address shows jitd's metrics to the network; set metrics_allow_remote = true to mean it, got {text:?}"));
+            None
+        }
+        Err(_) => {
+            problems.push(format!("metrics_listen: must be an address and port such as \"127.0.0.1:9839\", got {text:?}"));
+            None
+        }
+    });
     Config {
         path: path.to_path_buf(),
         socket,
@@ -442,6 +458,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         lockdown,
         access,
         audit_rotation,
+        metrics_listen,
     }
 }
 
@@ -762,6 +779,14 @@ mod tests {
             (
                 "audit_keep = 0",
                 "audit_keep: must be between 1 and 1000 (rotated files kept), got 0",
+            ),
+            (
+                "metrics_listen = \"0.0.0.0:9839\"",
+                "metrics_listen: a non-loopback address shows jitd's metrics to the network",
+            ),
+            (
+                "metrics_listen = \"localhost\"",
+                "metrics_listen: must be an address and port",
             ),
         ];
         for (text, expected) in cases {

@@ -15,6 +15,7 @@
 //! - [`audit`]: the append-only audit log, queries, CSV export.
 //! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
 //! - [`identity`]: socket peers resolved to users and groups.
+//! - [`metrics`]: Prometheus metrics, opt-in.
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`store`]: the live grants on disk, for restarts.
 //! - [`cli`]: the command lines of jitd and jitctl (clap).
@@ -29,6 +30,7 @@ pub mod duration;
 pub mod firewall;
 pub mod grants;
 pub mod identity;
+pub mod metrics;
 pub mod netif;
 pub mod policy;
 pub mod store;

@@ -206,6 +206,26 @@ pub struct StatusReply {
     pub on_stop: String,
     /// The role the caller holds.
     pub your_role: String,
+    /// Counters since jitd started (the same as its metrics).
+    #[serde(default)]
+    pub health: Health,
+}
+
+/// Counters since jitd started, as `jitctl status` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Requests approved.
+    pub requests_approved: u64,
+    /// Requests refused by the policy.
+    pub requests_denied: u64,
+    /// Requests approved but not carried out (audit or nftables failure).
+    pub requests_failed: u64,
+    /// Tampering found and repaired.
+    pub drift_repairs: u64,
+    /// Audit records that could not be written.
+    pub audit_write_failures: u64,
+    /// Socket connections refused by the connection limit.
+    pub refused_connections: u64,
 }
 
 /// One protected port, like a row of Azure's "Configured" tab.

@@ -82,6 +82,7 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, shutdown
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::warn!("refusing a connection: {MAX_CONNECTIONS} connections already open");
+            crate::metrics::metrics().refused_connections.inc();
             connections.spawn(refuse(
                 stream,
                 Reply::error(

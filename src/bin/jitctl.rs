@@ -247,6 +247,11 @@ fn print_status(s: &StatusReply) {
     if !s.interfaces.is_empty() {
         println!("Locked only on: {}", s.interfaces.join(", "));
     }
+    let h = &s.health;
+    println!(
+        "Since start: {} approved, {} denied, {} failed; {} drift repair(s); {} audit write failure(s); {} connection(s) refused by the limit",
+        h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
+    );
     println!();
     if s.grants.is_empty() {
         println!("No active grants.");

@@ -91,16 +91,25 @@ impl State {
     /// Appends audit records; when that rotated the log, checkpoints the grants so that
     /// a restart needs no record from the rotated file.
     fn record(&mut self, records: &[AuditRecord]) -> Result<(), audit::AuditError> {
-        if self.audit.append(records)? {
-            save_grants(self);
+        match self.audit.append(records) {
+            Ok(rotated) => {
+                if rotated {
+                    save_grants(self);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                crate::metrics::metrics().audit_write_failures.inc();
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Marks the grants as changed (snapshot due, kernel readings outdated).
     fn changed(&mut self) {
         self.dirty = true;
         self.generation += 1;
+        crate::metrics::metrics().active_grants.set(self.book.len() as i64);
     }
 
     /// Counts an approval on `port` for `status`.
@@ -257,6 +266,7 @@ impl<F: Firewall> Daemon<F> {
             .await
         {
             Ok(()) => {
+                crate::metrics::metrics().drift_repairs.inc();
                 record.reason = Some(format!("drift repaired ({cause}): {}", findings.join("; ")));
                 match read_baseline(&self.firewall).await {
                     Ok(b) => st.baseline = b,
@@ -530,6 +540,7 @@ impl<F: Firewall> Daemon<F> {
             interfaces: config.lockdown.interfaces.clone(),
             on_stop: audit::enum_text(&config.on_stop),
             your_role: audit::enum_text(&role),
+            health: health(),
         })
     }
 
@@ -727,6 +738,19 @@ impl<F: Firewall> Handler for Daemon<F> {
 
 /// How long a grant saved before a restart still has: the kernel's own timer when the
 /// table survived (it is what enforces), else the wall clock. `None`: it has ended.
+/// The counters `status` shows, from the metrics.
+fn health() -> crate::api::protocol::Health {
+    let m = crate::metrics::metrics();
+    crate::api::protocol::Health {
+        requests_approved: m.requests_with("approved"),
+        requests_denied: m.requests_with("denied"),
+        requests_failed: m.requests_with("failed"),
+        drift_repairs: m.drift_repairs.get(),
+        audit_write_failures: m.audit_write_failures.get(),
+        refused_connections: m.refused_connections.get(),
+    }
+}
+
 /// What differs between the kernel's table and jitd's view (empty: nothing).
 fn drift_of(st: &State, table: Option<&kernel::KernelTable>) -> Vec<String> {
     let expected = st
@@ -879,6 +903,7 @@ pub async fn run<F: Firewall>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
     let socket = config.socket.clone();
+    let metrics_listen = config.metrics_listen;
     let gid = config.socket_group.as_ref().map(|g| g.gid);
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
@@ -896,6 +921,17 @@ pub async fn run<F: Firewall>(
     let checkpoint = tokio::spawn(daemon.clone().checkpoint_grants());
     let hup = tokio::spawn(reload_on_sighup(daemon.clone()));
     let watchdog = tokio::spawn(pet_watchdog());
+    let metrics = match metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = crate::metrics::bind(addr).await.map_err(|source| StartError::Socket {
+                path: format!("metrics_listen {addr}"),
+                source,
+            })?;
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            Some(tokio::spawn(crate::metrics::serve(listener)))
+        }
+    };
     let _ = sd_notify::notify(
         false,
         &[
@@ -911,6 +947,9 @@ pub async fn run<F: Firewall>(
     drift.abort();
     checkpoint.abort();
     watchdog.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     daemon.stop().await;
     let _ = std::fs::remove_file(&socket);
     Ok(())

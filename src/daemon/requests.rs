@@ -98,6 +98,9 @@ impl<F: Firewall> Daemon<F> {
         let decided_at = Instant::now();
         if let Err(e) = st.record(&records) {
             tracing::error!("{e}; {} request(s) refused", batch.len());
+            for _ in &batch {
+                crate::metrics::metrics().request("failed", "audit_failed");
+            }
             changes.undo(&mut st);
             for p in batch {
                 let _ = p
@@ -129,11 +132,17 @@ impl<F: Firewall> Daemon<F> {
             super::save_grants(&st);
             for (p, d) in batch.into_iter().zip(decided) {
                 let reply = match d {
-                    Decided::Denied(denial) => Reply::error(&denial.code, denial.message),
-                    Decided::Approved { .. } => Reply::error(
-                        "firewall_failed",
-                        format!("request approved but not applied, nothing changed: {e}"),
-                    ),
+                    Decided::Denied(denial) => {
+                        crate::metrics::metrics().request("denied", &denial.code);
+                        Reply::error(&denial.code, denial.message)
+                    }
+                    Decided::Approved { .. } => {
+                        crate::metrics::metrics().request("failed", "firewall_failed");
+                        Reply::error(
+                            "firewall_failed",
+                            format!("request approved but not applied, nothing changed: {e}"),
+                        )
+                    }
                 };
                 let _ = p.reply.send(reply);
             }
@@ -150,13 +159,19 @@ impl<F: Firewall> Daemon<F> {
         self.expiry_changed.notify_one();
         drop(st);
         for (p, d) in batch.into_iter().zip(decided) {
+            let m = crate::metrics::metrics();
             let reply = match d {
-                Decided::Denied(denial) => Reply::error(&denial.code, denial.message),
+                Decided::Denied(denial) => {
+                    m.request("denied", &denial.code);
+                    Reply::error(&denial.code, denial.message)
+                }
                 Decided::Approved {
                     grants,
                     superseded,
                     duration,
                 } => {
+                    m.request("approved", "");
+                    m.grant_duration.observe(duration.as_secs_f64());
                     for g in &grants {
                         tracing::info!(grant = g.id, user = %g.requester, source = %format_prefix(&g.source), port = g.port, until = %g.expires_at, "access granted");
                     }

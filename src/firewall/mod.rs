@@ -120,10 +120,13 @@ impl SystemFirewall {
 
 impl Firewall for SystemFirewall {
     async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        match self {
+        let started = std::time::Instant::now();
+        let result = match self {
             SystemFirewall::Library(f) => f.apply(batch).await,
             SystemFirewall::Program(f) => f.apply(batch).await,
-        }
+        };
+        crate::metrics::metrics().nft(started.elapsed());
+        result
     }
 
     async fn check(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {

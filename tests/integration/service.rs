@@ -203,3 +203,64 @@ fn jitd_runs_as_an_unprivileged_user_with_only_cap_net_admin() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+fn scrape(ns: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = in_ns(ns, || std::net::TcpStream::connect("127.0.0.1:9839")).expect("metrics endpoint");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    response
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn metrics_are_opt_in_and_move_with_requests() {
+    let net = Net::new();
+    let setup = Setup::new("metrics_listen = \"127.0.0.1:9839\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n");
+    let jitd = setup.start(&net.host);
+    let before = scrape(&net.host);
+    assert!(before.contains("# TYPE jitd_requests counter"), "{before}");
+    jitd.ctl_json(&["request", "--port", "22", "--source", A4, "--duration", "10m"]);
+    let _ = jitd.ctl(&["request", "--port", "22", "--source", A4, "--duration", "2h"]);
+    let after = scrape(&net.host);
+    assert_eq!(
+        sample(&after, "jitd_requests_total{outcome=\"approved\",reason=\"\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "jitd_requests_total{outcome=\"denied\",reason=\"duration_too_long\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(sample(&after, "jitd_active_grants"), 1.0, "{after}");
+    assert_eq!(sample(&after, "jitd_grant_duration_seconds_count"), 1.0, "{after}");
+    assert!(
+        sample(&after, "jitd_nft_transaction_seconds_count") >= 2.0,
+        "start and the grant: {after}"
+    );
+    let out = jitd.ctl(&["status"]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains("Since start: 1 approved, 1 denied, 0 failed"), "{human}");
+    // without metrics_listen nothing listens
+    let plain = Setup::new("");
+    let net2 = Net::new();
+    let _quiet = plain.start(&net2.host);
+    assert!(
+        in_ns(&net2.host, || std::net::TcpStream::connect("127.0.0.1:9839")).is_err(),
+        "off by default"
+    );
+}

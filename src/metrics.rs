@@ -1,0 +1,180 @@
+//! Prometheus metrics (opt-in, `metrics_listen`): requests by outcome and reason, live
+//! grants, grant durations, drift repairs, nftables transaction latency, audit write
+//! failures and connections refused by the limit, served in the text exposition format.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Labels of `jitd_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// approved, denied or failed.
+    pub outcome: String,
+    /// The refusal's code (empty when approved).
+    pub reason: String,
+}
+
+/// Every metric jitd keeps.
+pub struct Metrics {
+    registry: Registry,
+    /// Access requests by outcome and reason.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Grants live now.
+    pub active_grants: Gauge,
+    /// Durations of approved grants, in seconds.
+    pub grant_duration: Histogram,
+    /// Times jitd found its table changed by someone else and restored it.
+    pub drift_repairs: Counter,
+    /// Time an nftables transaction takes, in seconds.
+    pub nft_transaction: Histogram,
+    /// Audit records that could not be written.
+    pub audit_write_failures: Counter,
+    /// Socket connections refused because of the connection limit.
+    pub refused_connections: Counter,
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("jitd");
+        let m = Metrics {
+            requests: Family::default(),
+            active_grants: Gauge::default(),
+            grant_duration: Histogram::new(
+                [
+                    60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 10800.0, 21600.0, 43200.0, 86400.0,
+                ]
+                .into_iter(),
+            ),
+            drift_repairs: Counter::default(),
+            nft_transaction: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            audit_write_failures: Counter::default(),
+            refused_connections: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Access requests by outcome and refusal reason",
+            m.requests.clone(),
+        );
+        registry.register("active_grants", "Grants live now", m.active_grants.clone());
+        registry.register(
+            "grant_duration_seconds",
+            "Durations of approved grants",
+            m.grant_duration.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Changes by others to jitd's table that jitd repaired",
+            m.drift_repairs.clone(),
+        );
+        registry.register(
+            "nft_transaction_seconds",
+            "Time an nftables transaction takes",
+            m.nft_transaction.clone(),
+        );
+        registry.register(
+            "audit_write_failures",
+            "Audit records that could not be written",
+            m.audit_write_failures.clone(),
+        );
+        registry.register(
+            "refused_connections",
+            "Socket connections refused by the connection limit",
+            m.refused_connections.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts one request's outcome.
+    pub fn request(&self, outcome: &str, reason: &str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                outcome: outcome.into(),
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Observes one nftables transaction.
+    pub fn nft(&self, took: Duration) {
+        self.nft_transaction.observe(took.as_secs_f64());
+    }
+
+    /// Requests counted with `outcome`, whatever the reason.
+    pub fn requests_with(&self, outcome: &str) -> u64 {
+        // Family has no iteration API; the text form is the source of truth.
+        let needle = format!("jitd_requests_total{{outcome=\"{outcome}\"");
+        self.render()
+            .lines()
+            .filter(|l| l.starts_with(&needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let response = if request.starts_with(b"GET /metrics ") {
+        let body = metrics().render();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        let body = "jitd serves GET /metrics only\n";
+        format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
