@@ -27,6 +27,13 @@ pub struct Snapshot {
     /// yet. Empty before the first record.
     #[serde(default)]
     pub audit_hash: String,
+    /// The lockdown the grants were enforced under (its description).
+    #[serde(default)]
+    pub lockdown: String,
+    /// The kernel's fingerprint of that lockdown, to tell after a restart whether the
+    /// table in the kernel is still exactly jitd's.
+    #[serde(default)]
+    pub fingerprint: Vec<String>,
 }
 
 /// The records written after the snapshot: those after the one whose hash it names
@@ -147,6 +154,8 @@ mod tests {
             next_id: 4,
             grants: vec![grant],
             audit_hash: "ab".repeat(32),
+            lockdown: "spec".into(),
+            fingerprint: vec!["obj 3".into()],
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);

@@ -159,7 +159,8 @@ impl<F: Firewall> Daemon<F> {
             .max(saved.next_id);
         let usage = usage_from_history(&history);
         // What the kernel still enforces is the truth about grants made before a restart.
-        let kernel = firewall.read_table(true).await?.map(|table| table.grants().0);
+        let kernel_table = firewall.read_table(true).await?;
+        let kernel = kernel_table.as_ref().map(|table| table.grants().0);
         let now = Instant::now();
         let wall = Utc::now();
         let mut book = GrantBook::new(first_id);
@@ -180,9 +181,33 @@ impl<F: Firewall> Daemon<F> {
             }
         }
         let spec = LockdownSpec::from_config(&config);
-        firewall
-            .apply(&rules::replace_table(&spec, &book.elements(now)))
-            .await?;
+        let unchanged = kernel_table
+            .as_ref()
+            .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);
+        if unchanged {
+            // The kernel still enforces this very lockdown with its own timers (a crash
+            // or restart, same policy): bring only the grant elements in line.
+            let (held, _) = kernel_table.as_ref().map(|t| t.grants()).unwrap_or_default();
+            let live: Vec<GrantElement> = book.elements(now);
+            let stale: Vec<GrantKey> = held
+                .keys()
+                .filter(|k| !live.iter().any(|e| e.key == **k))
+                .copied()
+                .collect();
+            let missing: Vec<GrantElement> = live.into_iter().filter(|e| !held.contains_key(&e.key)).collect();
+            if let Some(batch) = rules::change_grants(&stale, &missing) {
+                firewall.apply(&batch).await?;
+            }
+            tracing::info!(
+                "the lockdown in the kernel is intact; kept it ({} stale, {} missing element(s) fixed)",
+                stale.len(),
+                missing.len()
+            );
+        } else {
+            firewall
+                .apply(&rules::replace_table(&spec, &book.elements(now)))
+                .await?;
+        }
         let baseline = read_baseline(&firewall).await?;
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Done);
         record.ports = config.ports.iter().map(|p| p.port).collect();
@@ -790,10 +815,13 @@ fn save_grants(st: &State) {
 }
 
 fn snapshot_of(st: &State) -> store::Snapshot {
+    let lockdown = format!("{:?}", LockdownSpec::from_config(&st.config));
     store::Snapshot {
         next_id: st.book.next_id(),
         grants: st.book.iter().cloned().collect(),
         audit_hash: st.audit.last_hash().to_string(),
+        lockdown,
+        fingerprint: st.baseline.clone(),
     }
 }
 

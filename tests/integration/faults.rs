@@ -139,6 +139,12 @@ fn a_restart_after_kill_9_takes_the_kernels_remaining_time() {
     jitd.kill();
     std::thread::sleep(Duration::from_millis(1500));
     let jitd = setup.start(&net.host);
+    assert!(
+        jitd.log_text()
+            .contains("the lockdown in the kernel is intact; kept it"),
+        "{}",
+        jitd.log_text()
+    );
     let status = jitd.ctl_json(&["status"]);
     let left = status["grants"][0]["remaining_secs"].as_u64().unwrap();
     assert!(left <= 3, "the kernel's clock, not a fresh 4s: {left}");
@@ -148,6 +154,25 @@ fn a_restart_after_kill_9_takes_the_kernels_remaining_time() {
         wait_for(Duration::from_secs(2), || grant_ids(&jitd).is_empty()),
         "status agrees with the kernel"
     );
+}
+
+#[test]
+fn a_table_changed_while_jitd_was_down_is_replaced_at_restart() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    let jitd = setup.start(&net.host);
+    grant(&jitd, "22", A4, "1h");
+    jitd.kill();
+    let out = net.nft(&["flush", "chain", "inet", "jitd", "input"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        can_connect(&net.b, HOST_B4, 22),
+        "open while jitd is down and its chain flushed"
+    );
+    let jitd = setup.start(&net.host);
+    assert!(!jitd.log_text().contains("kept it"), "{}", jitd.log_text());
+    assert!(!can_connect(&net.b, HOST_B4, 22), "locked again");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant is back");
 }
 
 #[test]
