@@ -189,11 +189,8 @@ impl<F: Firewall> Daemon<F> {
             // or restart, same policy): bring only the grant elements in line.
             let (held, _) = kernel_table.as_ref().map(|t| t.grants()).unwrap_or_default();
             let live: Vec<GrantElement> = book.elements(now);
-            let stale: Vec<GrantKey> = held
-                .keys()
-                .filter(|k| !live.iter().any(|e| e.key == **k))
-                .copied()
-                .collect();
+            let live_keys: std::collections::HashSet<GrantKey> = live.iter().map(|e| e.key).collect();
+            let stale: Vec<GrantKey> = held.keys().filter(|k| !live_keys.contains(k)).copied().collect();
             let missing: Vec<GrantElement> = live.into_iter().filter(|e| !held.contains_key(&e.key)).collect();
             if let Some(batch) = rules::change_grants(&stale, &missing) {
                 firewall.apply(&batch).await?;

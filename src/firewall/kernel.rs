@@ -273,12 +273,8 @@ mod tests {
 
     fn expressions(counter: u8) -> Vec<u8> {
         let nla = |kind: u16, value: &[u8]| {
-            let mut b = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
-            b.extend_from_slice(&kind.to_ne_bytes());
-            b.extend_from_slice(value);
-            while b.len() % 4 != 0 {
-                b.push(0);
-            }
+            let mut b = Vec::new();
+            super::super::netlink::put_attr(&mut b, kind, value);
             b
         };
         let mut counter_expr = nla(attr::EXPR_NAME, b"counter\0");

@@ -10,7 +10,6 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_PROC_PID: u16 = 2;
 const NFTA_GEN_PROC_NAME: u16 = 3;
-const NLMSG_HDR: usize = 16;
 const NFGENMSG: usize = 4;
 
 /// A committed nftables transaction in this network namespace.
@@ -69,50 +68,29 @@ fn libc_enobufs() -> i32 {
 }
 
 /// Extracts the NEWGEN messages from a datagram of netlink messages.
-pub fn parse_generations(mut data: &[u8]) -> Vec<Generation> {
-    let mut found = Vec::new();
-    while data.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
-        if len < NLMSG_HDR || len > data.len() {
-            break;
-        }
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN && len >= NLMSG_HDR + NFGENMSG {
-            found.push(parse_newgen(&data[NLMSG_HDR + NFGENMSG..len]));
-        }
-        data = &data[align4(len).min(data.len())..];
-    }
-    found
-}
-
-fn parse_newgen(mut attrs: &[u8]) -> Generation {
-    let mut generation = Generation {
-        pid: 0,
-        process: String::new(),
-    };
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes([attrs[0], attrs[1]]) as usize;
-        let kind = u16::from_ne_bytes([attrs[2], attrs[3]]) & 0x3fff;
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        let value = &attrs[4..len];
-        match kind {
-            NFTA_GEN_PROC_PID if value.len() == 4 => {
-                generation.pid = u32::from_be_bytes(value.try_into().expect("4 bytes"));
+pub fn parse_generations(data: &[u8]) -> Vec<Generation> {
+    super::netlink::messages(data)
+        .into_iter()
+        .filter(|(kind, _, body)| *kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN && body.len() >= NFGENMSG)
+        .map(|(_, _, body)| {
+            let mut generation = Generation {
+                pid: 0,
+                process: String::new(),
+            };
+            for a in super::netlink::parse_attrs(&body[NFGENMSG..]) {
+                match a.kind {
+                    NFTA_GEN_PROC_PID if a.value.len() == 4 => {
+                        generation.pid = u32::from_be_bytes(a.value[..].try_into().expect("4 bytes"));
+                    }
+                    NFTA_GEN_PROC_NAME => {
+                        generation.process = String::from_utf8_lossy(&a.value).trim_end_matches('\0').to_string();
+                    }
+                    _ => {}
+                }
             }
-            NFTA_GEN_PROC_NAME => {
-                generation.process = String::from_utf8_lossy(value).trim_end_matches('\0').to_string();
-            }
-            _ => {}
-        }
-        attrs = &attrs[align4(len).min(attrs.len())..];
-    }
-    generation
-}
-
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
+            generation
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -121,18 +99,13 @@ mod tests {
 
     fn attr(kind: u16, value: &[u8]) -> Vec<u8> {
         let mut a = Vec::new();
-        a.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-        a.extend_from_slice(&kind.to_ne_bytes());
-        a.extend_from_slice(value);
-        while a.len() % 4 != 0 {
-            a.push(0);
-        }
+        crate::firewall::netlink::put_attr(&mut a, kind, value);
         a
     }
 
     fn message(kind: u16, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
-        m.extend_from_slice(&((NLMSG_HDR + payload.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
         m.extend_from_slice(&kind.to_ne_bytes());
         m.extend_from_slice(&[0u8; 10]);
         m.extend_from_slice(payload);

@@ -77,7 +77,25 @@ fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+/// Splits a datagram into netlink messages: (type, sequence number, body after the
+/// header). Stops at the first truncated message.
+pub fn messages(mut data: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut found = Vec::new();
+    while data.len() >= HDR {
+        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
+        let seq = u32::from_ne_bytes(data[8..12].try_into().expect("4 bytes"));
+        if len < HDR || len > data.len() {
+            break;
+        }
+        found.push((kind, seq, &data[HDR..len]));
+        data = &data[align4(len).min(data.len())..];
+    }
+    found
+}
+
+/// Appends an attribute (header, payload, padding) to `buf`.
+pub fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
     buf.extend_from_slice(value);
@@ -132,16 +150,7 @@ impl Reader {
         let mut objects = Vec::new();
         loop {
             let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
-            let mut data = &self.buf[..n.min(self.buf.len())];
-            while data.len() >= HDR {
-                let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
-                let kind = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
-                let seq = u32::from_ne_bytes(data[8..12].try_into().expect("4 bytes"));
-                if len < HDR || len > data.len() {
-                    return Err(io::Error::other("truncated netlink message"));
-                }
-                let body = &data[HDR..len];
-                data = &data[align4(len).min(data.len())..];
+            for (kind, seq, body) in messages(&self.buf[..n.min(self.buf.len())]) {
                 if seq != self.seq {
                     continue;
                 }

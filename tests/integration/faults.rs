@@ -327,6 +327,47 @@ fn without_nft_or_nftables_jitd_refuses_to_start() {
     );
 }
 
+/// Starts `clients` threads that each send up to `per_client` requests for distinct
+/// sources (10.FIRST+c.x.y) until one is not approved; each thread returns its outputs.
+fn hammer(
+    socket: &std::path::Path,
+    first: u32,
+    clients: u32,
+    per_client: u32,
+) -> Vec<std::thread::JoinHandle<Vec<std::process::Output>>> {
+    (0..clients)
+        .map(|c| {
+            let socket = socket.to_path_buf();
+            std::thread::spawn(move || {
+                let mut outputs = Vec::new();
+                for i in 0..per_client {
+                    let source = format!("10.{}.{}.{}", first + c, i / 250, i % 250 + 1);
+                    let out = jitctl(
+                        &socket,
+                        &[
+                            "--json",
+                            "request",
+                            "--port",
+                            "22",
+                            "--source",
+                            &source,
+                            "--duration",
+                            "1h",
+                        ],
+                        None,
+                    );
+                    let done = !out.status.success();
+                    outputs.push(out);
+                    if done {
+                        break;
+                    }
+                }
+                outputs
+            })
+        })
+        .collect()
+}
+
 fn run_jitd_with_path(net: &Net, setup: &Setup, path: &str) -> std::process::Output {
     std::process::Command::new("ip")
         .args([
@@ -434,40 +475,19 @@ fn every_reported_approval_is_on_disk_after_kill_9_and_a_torn_line_is_skipped() 
     let jitd = setup.start(&net.host);
     let socket = setup.socket();
     // clients hammer jitd while it is killed
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            let socket = socket.clone();
-            std::thread::spawn(move || {
-                let mut approved = Vec::new();
-                for i in 0..200 {
-                    let source = format!("10.{}.{}.{}", 100 + c, i / 250, i % 250 + 1);
-                    let out = jitctl(
-                        &socket,
-                        &[
-                            "--json",
-                            "request",
-                            "--port",
-                            "22",
-                            "--source",
-                            &source,
-                            "--duration",
-                            "1h",
-                        ],
-                        None,
-                    );
-                    if !out.status.success() {
-                        break;
-                    }
-                    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
-                    approved.push(reply["grants"][0]["id"].as_u64().unwrap());
-                }
-                approved
-            })
-        })
-        .collect();
+    let clients = hammer(&socket, 100, 4, 2000);
     std::thread::sleep(Duration::from_millis(700));
     jitd.kill();
-    let approved: Vec<u64> = clients.into_iter().flat_map(|c| c.join().unwrap()).collect();
+    let approved: Vec<u64> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .filter(|out| out.status.success())
+        .map(|out| {
+            serde_json::from_slice::<Value>(&out.stdout).unwrap()["grants"][0]["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
     assert!(!approved.is_empty(), "some requests were approved before the kill");
     let on_disk: Vec<u64> = setup
         .audit_lines()
@@ -512,42 +532,12 @@ fn sigterm_during_requests_answers_each_and_exits_cleanly() {
     let setup = setup_with_servers(&net, POLICY);
     let jitd = setup.start(&net.host);
     let socket = setup.socket();
-    let clients: Vec<_> = (0..6)
-        .map(|c| {
-            let socket = socket.clone();
-            std::thread::spawn(move || {
-                let mut outcomes = Vec::new();
-                for i in 0..100 {
-                    let source = format!("10.{}.0.{}", 200 + c, i + 1);
-                    let out = jitctl(
-                        &socket,
-                        &[
-                            "--json",
-                            "request",
-                            "--port",
-                            "22",
-                            "--source",
-                            &source,
-                            "--duration",
-                            "1h",
-                        ],
-                        None,
-                    );
-                    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-                    outcomes.push((out.status.code(), stderr));
-                    if !out.status.success() {
-                        break;
-                    }
-                }
-                outcomes
-            })
-        })
-        .collect();
+    let clients = hammer(&socket, 200, 6, 1000);
     std::thread::sleep(Duration::from_millis(500));
     let status = jitd.stop(Duration::from_secs(15));
     assert!(status.success(), "{status}");
-    for outcome in clients.into_iter().flat_map(|c| c.join().unwrap()) {
-        match outcome {
+    for out in clients.into_iter().flat_map(|c| c.join().unwrap()) {
+        match (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string()) {
             (Some(0), _) => {}
             (Some(2), stderr) => assert!(
                 stderr.contains("jitd is stopping") || stderr.contains("cannot connect"),
