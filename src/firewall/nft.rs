@@ -76,10 +76,15 @@ impl NftCli {
         let mut child = self.spawn(args)?;
         let mut stdin = child.stdin.take().expect("stdin is piped");
         let run = async move {
-            // nft reads all of stdin before it answers, so write first, then wait.
-            stdin.write_all(&payload).await?;
+            // nft reads all of stdin before it answers, so write first, then wait. If it
+            // exits early (a broken pipe), what it printed says why: keep waiting for it.
+            let written = stdin.write_all(&payload).await;
             drop(stdin);
-            child.wait_with_output().await
+            let output = child.wait_with_output().await?;
+            match written {
+                Err(e) if output.status.success() => Err(e),
+                _ => Ok(output),
+            }
         };
         let output = finish(run).await?;
         if output.status.success() {
