@@ -5,12 +5,12 @@
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use tokio::sync::mpsc;
 
+use super::netlink::{NFGEN as NFGENMSG, NFNL_SUBSYS_NFTABLES};
+
 const NFNLGRP_NFTABLES: u32 = 7;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWGEN: u16 = 15;
 const NFTA_GEN_PROC_PID: u16 = 2;
 const NFTA_GEN_PROC_NAME: u16 = 3;
-const NFGENMSG: usize = 4;
 
 /// A committed nftables transaction in this network namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]

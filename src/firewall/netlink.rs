@@ -8,7 +8,8 @@ use std::io;
 
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
+/// The nfnetlink subsystem of nftables (high byte of a message type).
+pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
@@ -22,7 +23,8 @@ const NLMSG_DONE: u16 = 3;
 const NFPROTO_INET: u8 = 1;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 const HDR: usize = 16;
-const NFGEN: usize = 4;
+/// Size of the nfgenmsg header that starts every nfnetlink message body.
+pub const NFGEN: usize = 4;
 
 /// A netlink attribute: its type (flags masked off) and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
