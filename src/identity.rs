@@ -15,6 +15,20 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Resolves a uid alone (a grant's requester, re-checked at reload or restart): the
+    /// user database gives the primary group; a uid with no entry has no groups.
+    pub fn resolve_uid(uid: u32) -> Caller {
+        use nix::unistd::{Uid, User};
+        match User::from_uid(Uid::from_raw(uid)).ok().flatten() {
+            Some(user) => Caller::resolve(uid, user.gid.as_raw()),
+            None => Caller {
+                uid,
+                name: uid.to_string(),
+                groups: Vec::new(),
+            },
+        }
+    }
+
     /// Resolves `uid`/`gid` (from SO_PEERCRED) with the system's user and group databases.
     pub fn resolve(uid: u32, gid: u32) -> Caller {
         use nix::unistd::{getgrouplist, Gid, Group, Uid, User};

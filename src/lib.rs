@@ -34,3 +34,4 @@ pub mod metrics;
 pub mod netif;
 pub mod policy;
 pub mod store;
+pub mod text;

@@ -49,43 +49,58 @@ pub fn journal<'r>(snapshot: &Snapshot, records: &'r [crate::audit::AuditRecord]
 }
 
 /// Brings a snapshot up to date with audit records written after it: approvals add
-/// grants, expiries, replacements, revocations and failures remove them.
+/// grants; expiries, replacements and revocations end them; a `failed` record undoes
+/// the record of the same grant and action before it (its transaction did not take
+/// effect: an approval is withdrawn, an end is taken back).
 pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
     use crate::audit::{Action, Outcome};
+    let mut ended: std::collections::HashMap<GrantId, Grant> = std::collections::HashMap::new();
     for r in records {
         let Some(id) = r.grant_id else { continue };
         snapshot.next_id = snapshot.next_id.max(id + 1);
         match (r.action, r.outcome) {
             (Action::Request, Outcome::Approved) => {
-                let (Some(source), Some(&port), Some(protocol), Some(secs)) = (
-                    r.source.as_deref().and_then(|s| crate::config::parse_prefix(s).ok()),
-                    r.ports.first(),
-                    r.protocol,
-                    r.duration_secs,
-                ) else {
-                    continue;
-                };
-                snapshot
-                    .grants
-                    .retain(|g| !(g.source == source && g.port == port && g.protocol == protocol));
-                snapshot.grants.push(Grant {
-                    id,
-                    source,
-                    port,
-                    protocol,
-                    requester: r.actor.clone(),
-                    requester_uid: r.actor_uid.unwrap_or(u32::MAX),
-                    justification: r.justification.clone(),
-                    granted_at: r.time,
-                    expires_at: r.time + chrono::Duration::seconds(secs as i64),
-                });
+                if let Some(grant) = approved_grant(r, id) {
+                    snapshot.grants.retain(|g| g.id != id);
+                    snapshot.grants.push(grant);
+                }
             }
-            (_, Outcome::Expired | Outcome::Superseded | Outcome::Revoked | Outcome::Failed) => {
+            (Action::Request, Outcome::Failed) => {
+                // the approval is withdrawn, and with it any end recorded for it since
                 snapshot.grants.retain(|g| g.id != id);
+                ended.remove(&id);
+            }
+            (_, Outcome::Expired | Outcome::Superseded | Outcome::Revoked) => {
+                if let Some(at) = snapshot.grants.iter().position(|g| g.id == id) {
+                    ended.insert(id, snapshot.grants.remove(at));
+                }
+            }
+            (_, Outcome::Failed) => {
+                if let Some(grant) = ended.remove(&id) {
+                    snapshot.grants.push(grant);
+                }
             }
             _ => {}
         }
     }
+    snapshot.grants.sort_by_key(|g| g.id);
+}
+
+/// The grant an approval record describes, if it is complete.
+fn approved_grant(r: &crate::audit::AuditRecord, id: GrantId) -> Option<Grant> {
+    let source = r.source.as_deref().and_then(|s| crate::config::parse_prefix(s).ok())?;
+    let secs = i64::try_from(r.duration_secs?).ok()?;
+    Some(Grant {
+        id,
+        source,
+        port: *r.ports.first()?,
+        protocol: r.protocol?,
+        requester: r.actor.clone(),
+        requester_uid: r.actor_uid.unwrap_or(u32::MAX),
+        justification: r.justification.clone(),
+        granted_at: r.time,
+        expires_at: r.time + chrono::Duration::try_seconds(secs)?,
+    })
 }
 
 /// A failed read or write of the snapshot.
@@ -195,13 +210,17 @@ mod tests {
                 approved(3, "192.0.2.3", 2),
                 denied,
                 ended(1, Action::Expire, Outcome::Expired),
-                approved(4, "192.0.2.2", 3), // replaces 2 (same source and port)
+                ended(2, Action::Supersede, Outcome::Superseded),
+                approved(4, "192.0.2.2", 3),
                 ended(3, Action::Request, Outcome::Failed),
+                approved(5, "192.0.2.5", 3),
+                ended(5, Action::Revoke, Outcome::Revoked),
+                ended(5, Action::Revoke, Outcome::Failed), // the revocation did not happen
             ],
         );
         let ids: Vec<u64> = snapshot.grants.iter().map(|g| g.id).collect();
-        assert_eq!(ids, vec![4]);
-        assert_eq!(snapshot.next_id, 5);
+        assert_eq!(ids, vec![4, 5]);
+        assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
     }

@@ -203,22 +203,66 @@ fn prefix_and_ipv6_grants_work() {
         !can_connect(&net.b, "fd00:77:2::1", 22),
         "other port of the prefix stays locked"
     );
-    // overlapping prefixes on one port are refused with a reason
-    let out = jitd.ctl(&[
-        "request",
-        "--port",
-        "22",
-        "--source",
-        "10.77.0.0/16",
-        "--duration",
-        "1m",
-    ]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("overlaps grant"),
-        "{}",
-        text(&out)
+    // an overlapping, wider and shorter prefix on the same port works too
+    request(
+        &jitd,
+        &["--port", "22", "--source", "10.77.0.0/16", "--duration", "10m"],
     );
+    assert!(can_connect(&net.b, HOST_B4, 22), "inside the wider prefix only");
+    assert!(can_connect(&net.a, HOST_A4, 22), "inside both");
+    let out = jitd.ctl(&["revoke", "--source", "10.77.0.0/16"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!can_connect(&net.b, HOST_B4, 22), "the wider one revoked");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the /24 still holds");
+}
+
+/// Two requesters, the same source and port: neither can end the other's grant by
+/// asking again, and prefixes that overlap both hold, each for its own time.
+#[test]
+fn grants_belong_to_their_requester() {
+    let net = Net::new();
+    for port in [22, 3389] {
+        serve_echo(&net.host, port);
+    }
+    let setup = Setup::new(&format!(
+        "socket_group = \"nogroup\"\n{POLICY}requesters = [\"uid:4001\", \"uid:4002\"]\n"
+    ));
+    let jitd = setup.start(&net.host);
+    let ask = |uid: u32, source: &str, duration: &str| {
+        let out = jitd.ctl_as(
+            uid,
+            65534,
+            &[
+                "--json",
+                "request",
+                "--port",
+                "22",
+                "--source",
+                source,
+                "--duration",
+                duration,
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    ask(4001, A4, "10m");
+    // 4002 asks for the same source and port for one second: 4001's grant stays
+    let reply = ask(4002, A4, "1s");
+    assert_eq!(reply["superseded"], serde_json::json!([]), "{reply}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(can_connect(&net.a, HOST_A4, 22), "4001's ten minutes still hold");
+    assert_eq!(jitd.ctl_json(&["status"])["grants"].as_array().unwrap().len(), 1);
+    // a /30 held by 4001 does not stop 4002's /16, and the /16 ending early
+    // leaves the /30 open
+    ask(4001, "10.77.2.0/30", "10m");
+    ask(4002, "10.77.0.0/16", "3s");
+    assert!(can_connect(&net.b, HOST_B4, 22));
+    std::thread::sleep(Duration::from_millis(4000));
+    assert!(can_connect(&net.b, HOST_B4, 22), "the /30 outlives the /16");
+    let out = jitd.ctl_as(4002, 65534, &["revoke", "--source", "10.77.2.0/30"]);
+    assert_eq!(out.status.code(), Some(1), "not 4002's to revoke: {}", text(&out));
+    assert!(can_connect(&net.b, HOST_B4, 22));
 }
 
 #[test]

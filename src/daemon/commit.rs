@@ -1,0 +1,379 @@
+//! The one transaction path. Every change — requests, revocations, reloads, drift
+//! repairs, restored grants at start, expiry bookkeeping, the stop — is a [`Job`] for
+//! the committer task, which runs them one at a time:
+//!
+//! 1. decide: under the state lock (a std mutex, never held across `.await`), check the
+//!    change and book it tentatively, producing a [`Tx`]: audit records, one nftables
+//!    change, and how to undo the booking;
+//! 2. audit: hand the records to the writer thread ([`super::writer`]) and wait for
+//!    its fsync;
+//! 3. apply: one nftables batch;
+//! 4. on failure: undo the booking, and audit the failure (mirror records, so that a
+//!    replay of the journal after a crash reaches the same state).
+//!
+//! Requests waiting together are decided in order and committed as one transaction.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{Daemon, State};
+use crate::api::protocol::{ReloadReply, Reply, RevokeRequest};
+use crate::audit::{AuditError, AuditRecord};
+use crate::config::{Config, Protocol};
+use crate::firewall::kernel::KernelTable;
+use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
+use crate::firewall::{Firewall, FirewallError};
+use crate::grants::{self, Grant, GrantBook, GrantId, Placed, Touched};
+use crate::identity::Caller;
+use ipnet::IpNet;
+
+/// The most requests one transaction carries.
+pub const MAX_BATCH: usize = 256;
+
+/// A request waiting for the committer.
+pub(super) struct Pending {
+    pub caller: Caller,
+    pub request: crate::api::protocol::GrantRequest,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// What the kernel saw at a drift check, and how settled jitd's own changes were when
+/// the reading began.
+pub(super) struct Observed {
+    pub table: Option<KernelTable>,
+    pub settled: u64,
+}
+
+/// A change (or a question) for the committer.
+pub(super) enum Job {
+    Request(Pending),
+    Revoke(Caller, RevokeRequest, oneshot::Sender<Reply>),
+    Reload(Box<Config>, Caller, oneshot::Sender<Result<ReloadReply, Reply>>),
+    Repair(String, Observed, oneshot::Sender<super::drift::Checked>),
+    Expire,
+    Checkpoint,
+    Stop(oneshot::Sender<()>),
+}
+
+/// The kernel side of a transaction.
+pub(super) enum KernelChange {
+    None,
+    Grants {
+        remove: Vec<GrantKey>,
+        add: Vec<GrantElement>,
+    },
+    Replace(LockdownSpec, Vec<GrantElement>),
+    Remove,
+}
+
+/// How to put the book (and policy) back when a transaction fails.
+#[derive(Default)]
+pub(super) struct Undo {
+    pub inserted: Vec<GrantId>,
+    pub removed: Vec<(Grant, Instant)>,
+    pub config: Option<Box<Config>>,
+}
+
+impl Undo {
+    fn apply(self, st: &mut State) {
+        for id in self.inserted.iter().rev() {
+            st.book.remove(*id);
+        }
+        for (grant, deadline) in self.removed.into_iter().rev() {
+            if !self.inserted.contains(&grant.id) {
+                st.book.restore(grant, deadline);
+            }
+        }
+        if let Some(config) = self.config {
+            st.config = *config;
+        }
+    }
+}
+
+/// The kernel elements a transaction touches, as they were before it.
+#[derive(Default)]
+pub(super) struct Footprint {
+    touched: Touched,
+    before: Vec<Placed>,
+}
+
+impl Footprint {
+    /// Notes `grant`'s elements, remembering their state before the first change.
+    pub fn touch(&mut self, book: &GrantBook, grant: &Grant, now: Instant) {
+        self.touch_slot(book, grant.source, grant.port, grant.protocol, now);
+    }
+
+    /// Like [`Footprint::touch`], for a grant about to be booked.
+    pub fn touch_slot(&mut self, book: &GrantBook, source: IpNet, port: u16, protocol: Protocol, now: Instant) {
+        let mut mine = Touched::default();
+        mine.add_slot(source, port, protocol);
+        let fresh = mine.minus(&self.touched);
+        if fresh.is_empty() {
+            return;
+        }
+        self.before.extend(book.elements_of(&fresh, now));
+        self.touched.merge(&fresh);
+    }
+
+    /// The kernel change from before the transaction to the book as it is now.
+    pub fn change(&self, book: &GrantBook, now: Instant) -> KernelChange {
+        let after = book.elements_of(&self.touched, now);
+        let (remove, add) = grants::element_change(&self.before, &after, now);
+        if remove.is_empty() && add.is_empty() {
+            KernelChange::None
+        } else {
+            KernelChange::Grants { remove, add }
+        }
+    }
+
+    /// What was touched.
+    pub fn into_touched(self) -> Touched {
+        self.touched
+    }
+}
+
+/// One transaction, decided and booked, not yet audited or applied.
+pub(super) struct Tx {
+    pub records: Vec<AuditRecord>,
+    pub kernel: KernelChange,
+    pub undo: Undo,
+    /// Written (with the error appended to each reason) when the kernel refuses.
+    pub failed: Vec<AuditRecord>,
+    pub touched: Touched,
+}
+
+impl Tx {
+    /// A transaction that only records.
+    pub fn records(records: Vec<AuditRecord>) -> Tx {
+        Tx {
+            records,
+            kernel: KernelChange::None,
+            undo: Undo::default(),
+            failed: Vec::new(),
+            touched: Touched::default(),
+        }
+    }
+}
+
+/// Why a transaction did not take effect; nothing of it did.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum TxError {
+    #[error("{0}")]
+    Audit(#[from] AuditError),
+    #[error("{0}")]
+    Firewall(#[from] FirewallError),
+}
+
+/// Starts the committer; it ends after a [`Job::Stop`], or when the daemon is dropped.
+pub(super) fn spawn<F: Firewall>(
+    daemon: &Arc<Daemon<F>>,
+    jobs: mpsc::Receiver<Job>,
+    pings: mpsc::Receiver<oneshot::Sender<()>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(Arc::downgrade(daemon), jobs, pings))
+}
+
+async fn run<F: Firewall>(
+    daemon: Weak<Daemon<F>>,
+    mut jobs: mpsc::Receiver<Job>,
+    mut pings: mpsc::Receiver<oneshot::Sender<()>>,
+) {
+    let mut held: Option<Job> = None;
+    loop {
+        let job = match held.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                job = jobs.recv() => match job { Some(job) => job, None => return },
+                Some(ping) = pings.recv() => { let _ = ping.send(()); continue; }
+            },
+        };
+        let Some(daemon) = daemon.upgrade() else { return };
+        if super::fault::injected("committer-panic") {
+            panic!("injected fault: committer-panic");
+        }
+        match job {
+            Job::Request(first) => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match jobs.try_recv() {
+                        Ok(Job::Request(more)) => batch.push(more),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                daemon.commit_requests(batch, &mut pings).await;
+            }
+            Job::Revoke(caller, request, reply) => {
+                let _ = reply.send(daemon.commit_revoke(&caller, request, &mut pings).await);
+            }
+            Job::Reload(config, caller, reply) => {
+                let _ = reply.send(daemon.commit_reload(*config, &caller, &mut pings).await);
+            }
+            Job::Repair(cause, observed, reply) => {
+                let _ = reply.send(daemon.commit_repair(&cause, observed, &mut pings).await);
+            }
+            Job::Expire => daemon.commit_expiry(&mut pings).await,
+            Job::Checkpoint => daemon.checkpoint_if_dirty(false),
+            Job::Stop(ack) => {
+                daemon.commit_stop(&mut pings).await;
+                let _ = ack.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Awaits `work` while still answering the watchdog's pings: a slow disk or nft makes
+/// the committer wait, it does not make it look dead.
+pub(super) async fn answering<T>(
+    pings: &mut mpsc::Receiver<oneshot::Sender<()>>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            Some(ping) = pings.recv() => { let _ = ping.send(()); }
+        }
+    }
+}
+
+impl<F: Firewall> Daemon<F> {
+    /// Audits, applies and, on failure, undoes and audits the failure: the one path
+    /// every change takes. The booking in `tx` is already in the state.
+    pub(super) async fn execute(&self, tx: Tx, pings: &mut mpsc::Receiver<oneshot::Sender<()>>) -> Result<(), TxError> {
+        let Tx {
+            records,
+            kernel,
+            undo,
+            failed,
+            touched,
+        } = tx;
+        if !records.is_empty() {
+            match answering(pings, self.writer.append(records)).await {
+                Ok(appended) => self.appended(appended),
+                Err(e) => {
+                    tracing::error!("{e}; the change is refused");
+                    undo.apply(&mut self.lock());
+                    return Err(e.into());
+                }
+            }
+        }
+        let whole = matches!(kernel, KernelChange::Replace(..) | KernelChange::Remove);
+        self.lock().begin(touched, whole);
+        let applied = answering(pings, self.apply(&kernel)).await;
+        if let Err(e) = applied {
+            tracing::error!("applying the change failed, nothing changed: {e}");
+            {
+                let mut st = self.lock();
+                undo.apply(&mut st);
+                st.settle();
+            }
+            if !failed.is_empty() {
+                let failed = failed
+                    .into_iter()
+                    .map(|mut r| {
+                        let why = r.reason.take().unwrap_or_default();
+                        r.reason = Some(format!("{why}not applied, nothing changed: {e}"));
+                        r
+                    })
+                    .collect();
+                match answering(pings, self.writer.append(failed)).await {
+                    Ok(appended) => self.appended(appended),
+                    Err(e) => tracing::error!("{e}; the failure is not on record"),
+                }
+            }
+            return Err(e.into());
+        }
+        if matches!(kernel, KernelChange::Replace(..)) {
+            match answering(pings, super::read_baseline(&self.firewall)).await {
+                Ok(b) => self.lock().baseline = b,
+                Err(e) => tracing::error!("cannot read back the table just applied: {e}"),
+            }
+        }
+        let mut st = self.lock();
+        st.settle();
+        st.changed();
+        drop(st);
+        self.expiry_changed.notify_one();
+        Ok(())
+    }
+
+    fn appended(&self, appended: super::writer::Appended) {
+        let mut st = self.lock();
+        st.audit_hash = appended.last_hash;
+        drop(st);
+        if appended.rotated {
+            // a restart must need no record from the rotated file
+            self.checkpoint_if_dirty(true);
+        }
+    }
+
+    /// Applies one kernel change. Should the kernel already have dropped an element
+    /// being removed (its timeout fired a moment early), that batch fails as a whole;
+    /// then the removals are done one by one, tolerating the missing ones, and the
+    /// additions follow in a batch of their own.
+    async fn apply(&self, change: &KernelChange) -> Result<(), FirewallError> {
+        match change {
+            KernelChange::None => Ok(()),
+            KernelChange::Remove => self.firewall.apply(&rules::remove_table()).await,
+            KernelChange::Replace(spec, elements) => self.firewall.apply(&rules::replace_table(spec, elements)).await,
+            KernelChange::Grants { remove, add } => {
+                let Some(batch) = rules::change_grants(remove, add) else {
+                    return Ok(());
+                };
+                match self.firewall.apply(&batch).await {
+                    Err(FirewallError::Rejected(msg)) if !remove.is_empty() && is_missing(&msg) => {
+                        for key in remove {
+                            if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
+                                let _ = self.firewall.apply(&one).await;
+                            }
+                        }
+                        match rules::change_grants(&[], add) {
+                            Some(batch) => self.firewall.apply(&batch).await,
+                            None => Ok(()),
+                        }
+                    }
+                    other => other,
+                }
+            }
+        }
+    }
+
+    /// Sends the grants checkpoint to the writer when they changed since the last one
+    /// (or always, with `force`). Runs between transactions, so it never holds a grant
+    /// that is booked but not yet audited.
+    pub(super) fn checkpoint_if_dirty(&self, force: bool) {
+        let mut st = self.lock();
+        if !st.dirty && !force {
+            return;
+        }
+        st.dirty = false;
+        let snapshot = super::snapshot_of(&st);
+        drop(st);
+        self.writer.checkpoint(snapshot);
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while the lock was held leaves the state suspect: stop rather than limp.
+        self.state.lock().unwrap_or_else(|_| {
+            tracing::error!("the state lock is poisoned (a task panicked while holding it); stopping");
+            std::process::exit(1)
+        })
+    }
+}
+
+/// Whether nftables refused because an element was already gone.
+fn is_missing(message: &str) -> bool {
+    message.contains("No such file or directory")
+}
+
+/// How long elements of grants that just ended may linger in the kernel (its timeouts
+/// are whole seconds, rounded up).
+pub const KERNEL_ROUNDING: Duration = Duration::from_millis(1500);

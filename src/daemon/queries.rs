@@ -1,0 +1,101 @@
+//! Read-only questions: status, audit queries, audit verification. They take the state
+//! lock only to copy what they show, and read the audit files on blocking threads.
+
+use chrono::Utc;
+use tokio::time::Instant;
+
+use super::{grant_info, Daemon};
+use crate::api::protocol::{AuditReply, PortStatus, Reply, StatusReply};
+use crate::audit::{self, AuditFilter};
+use crate::config::{format_prefix, AllowedSources};
+use crate::firewall::Firewall;
+use crate::identity::Caller;
+use crate::policy::{self, Denial, Role};
+
+impl<F: Firewall> Daemon<F> {
+    pub(super) fn status(&self, caller: &Caller) -> Result<StatusReply, Denial> {
+        let mut st = self.lock();
+        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
+        let now = Instant::now();
+        let wall = Utc::now();
+        let super::State {
+            config, book, usage, ..
+        } = &mut *st;
+        let ports = config
+            .ports
+            .iter()
+            .map(|p| {
+                let u = usage.entry(p.port).or_default();
+                while u.approvals.front().is_some_and(|t| *t < wall - super::USAGE_WINDOW) {
+                    u.approvals.pop_front();
+                }
+                PortStatus {
+                    port: p.port,
+                    protocol: p.protocol,
+                    allowed_sources: match &p.allowed_sources {
+                        AllowedSources::Any => vec!["any".into()],
+                        AllowedSources::Prefixes(list) => list.iter().map(format_prefix).collect(),
+                    },
+                    max_duration_secs: p.max_duration.as_secs(),
+                    approved_last_7d: u.approvals.len() as u64,
+                    last_access: u.last_access,
+                    last_user: u.last_user.clone(),
+                }
+            })
+            .collect();
+        let grants = book
+            .iter()
+            .map(|g| grant_info(g, book.remaining(g.id, now).unwrap_or_default()))
+            .collect();
+        Ok(StatusReply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            ports,
+            grants,
+            exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
+            interfaces: config.lockdown.interfaces.clone(),
+            on_stop: audit::enum_text(&config.on_stop),
+            your_role: audit::enum_text(&role),
+            health: health(),
+        })
+    }
+
+    fn viewer_dir(&self, caller: &Caller, what: &str) -> Result<std::path::PathBuf, Reply> {
+        let st = self.lock();
+        policy::require_role(&st.config.access, caller, Role::Viewer, what)
+            .map_err(|d| Reply::error(&d.code, d.message))?;
+        Ok(st.config.state_dir.clone())
+    }
+
+    pub(super) async fn audit_verify(&self, caller: &Caller) -> Result<audit::chain::Verdict, Reply> {
+        let dir = self.viewer_dir(caller, "verify the audit log")?;
+        tokio::task::spawn_blocking(move || audit::chain::verify(&audit::files(&dir)))
+            .await
+            .map_err(|e| Reply::error("internal", e.to_string()))?
+            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
+    }
+
+    pub(super) async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
+        let path = self.viewer_dir(caller, "read the audit log")?;
+        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_all(&path))
+            .await
+            .map_err(|e| Reply::error("internal", e.to_string()))?
+            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        Ok(AuditReply {
+            records: records.into_iter().filter(|r| filter.matches(r)).collect(),
+            warnings,
+        })
+    }
+}
+
+/// The counters `status` shows, from the metrics.
+fn health() -> crate::api::protocol::Health {
+    let m = crate::metrics::metrics();
+    crate::api::protocol::Health {
+        requests_approved: m.requests_with("approved"),
+        requests_denied: m.requests_with("denied"),
+        requests_failed: m.requests_with("failed"),
+        drift_repairs: m.drift_repairs.get(),
+        audit_write_failures: m.audit_write_failures.get(),
+        refused_connections: m.refused_connections.get(),
+    }
+}

@@ -1,0 +1,99 @@
+//! The audit writer: one thread owns the audit log and the grants checkpoint, so that
+//! fsync never runs on the async runtime's workers and no lock is held across it. The
+//! committer hands it records and waits for the acknowledgement; checkpoints are
+//! written in the same order as the records they follow.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
+
+use crate::audit::{AuditError, AuditLog, AuditRecord};
+use crate::store::{self, Snapshot};
+
+/// What a successful append reports back.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The hash of the newest record, which a checkpoint taken now includes.
+    pub last_hash: String,
+    /// Whether the log was rotated after this append (a checkpoint is due).
+    pub rotated: bool,
+}
+
+enum Task {
+    Append(Vec<AuditRecord>, oneshot::Sender<Result<Appended, AuditError>>),
+    Checkpoint(Box<Snapshot>),
+    #[cfg(test)]
+    Stall(std::sync::mpsc::Receiver<()>),
+}
+
+/// The handle the committer writes through; the thread ends when it is dropped.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    tasks: mpsc::Sender<Task>,
+}
+
+impl std::fmt::Debug for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Task")
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread with the opened audit log and the state directory.
+    pub fn start(mut log: AuditLog, state_dir: PathBuf) -> std::io::Result<Writer> {
+        let (tasks, inbox) = mpsc::channel::<Task>();
+        std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
+            for task in inbox {
+                match task {
+                    Task::Append(records, ack) => {
+                        let result = log.append(&records).map(|rotated| Appended {
+                            last_hash: log.last_hash().to_string(),
+                            rotated,
+                        });
+                        if result.is_err() {
+                            crate::metrics::metrics().audit_write_failures.inc();
+                        }
+                        let _ = ack.send(result);
+                    }
+                    Task::Checkpoint(snapshot) => {
+                        if let Err(e) = store::save(&state_dir, &snapshot) {
+                            tracing::error!("{e}");
+                        }
+                    }
+                    #[cfg(test)]
+                    Task::Stall(until) => {
+                        let _ = until.recv();
+                    }
+                }
+            }
+        })?;
+        Ok(Writer { tasks })
+    }
+
+    /// Appends `records` (one write, one fsync) and waits until they are on disk.
+    pub async fn append(&self, records: Vec<AuditRecord>) -> Result<Appended, AuditError> {
+        let (ack, done) = oneshot::channel();
+        let gone = || AuditError {
+            path: PathBuf::from(crate::audit::AUDIT_FILE),
+            source: std::io::Error::other("the audit writer has stopped"),
+        };
+        self.tasks.send(Task::Append(records, ack)).map_err(|_| gone())?;
+        done.await.map_err(|_| gone())?
+    }
+
+    /// Queues a checkpoint of the grants; it is written after every record queued
+    /// before it. A failure is logged (the audit log still holds every change).
+    pub fn checkpoint(&self, snapshot: Snapshot) {
+        let _ = self.tasks.send(Task::Checkpoint(Box::new(snapshot)));
+    }
+
+    /// Test hook: blocks the writer until the returned sender is dropped or sent to,
+    /// as a stalled disk would.
+    #[cfg(test)]
+    pub fn stall(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, until) = std::sync::mpsc::channel();
+        let _ = self.tasks.send(Task::Stall(until));
+        release
+    }
+}
