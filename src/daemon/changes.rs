@@ -9,7 +9,7 @@ use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commit::{Footprint, Job, KernelChange, Observed, Tx};
+use super::commit::{answering, Footprint, Job, KernelChange, Observed, Tx};
 use super::drift::{self, Checked};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
@@ -267,6 +267,7 @@ impl<F: Firewall> Daemon<F> {
             tracing::error!("stopping: {e}");
         }
         self.checkpoint_if_dirty(true);
+        answering(pings, self.writer.flush()).await;
     }
 }
 

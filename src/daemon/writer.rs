@@ -23,6 +23,7 @@ pub struct Appended {
 enum Task {
     Append(Vec<AuditRecord>, oneshot::Sender<Result<Appended, AuditError>>),
     Checkpoint(Box<Snapshot>),
+    Flush(oneshot::Sender<()>),
     #[cfg(test)]
     Stall(std::sync::mpsc::Receiver<()>),
 }
@@ -61,6 +62,9 @@ impl Writer {
                             tracing::error!("{e}");
                         }
                     }
+                    Task::Flush(ack) => {
+                        let _ = ack.send(());
+                    }
                     #[cfg(test)]
                     Task::Stall(until) => {
                         let _ = until.recv();
@@ -86,6 +90,14 @@ impl Writer {
     /// before it. A failure is logged (the audit log still holds every change).
     pub fn checkpoint(&self, snapshot: Snapshot) {
         let _ = self.tasks.send(Task::Checkpoint(Box::new(snapshot)));
+    }
+
+    /// Waits until everything queued before has been written.
+    pub async fn flush(&self) {
+        let (ack, done) = oneshot::channel();
+        if self.tasks.send(Task::Flush(ack)).is_ok() {
+            let _ = done.await;
+        }
     }
 
     /// Test hook: blocks the writer until the returned sender is dropped or sent to,
