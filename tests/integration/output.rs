@@ -204,3 +204,27 @@ fn a_reader_that_went_away_ends_jitctl_quietly() {
         assert!(stderr.is_empty(), "jitctl {args:?} says nothing: {}", text(&out));
     }
 }
+
+#[test]
+fn jitd_check_config_into_a_closed_pipe_ends_quietly() {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    let (read, write): (OwnedFd, OwnedFd) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &net.host, env!("CARGO_BIN_EXE_jitd"), "--config"])
+        .arg(setup.policy())
+        .arg("--check-config")
+        .stdout(Stdio::from(write))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
