@@ -90,13 +90,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until,
             justification,
         } => {
-            let source = match source {
-                Some(s) => s,
-                None => ssh_client_address()?,
-            };
             let request = GrantRequest {
                 ports,
-                source,
+                source: source.map_or_else(ssh_client_address, Ok)?,
                 duration_secs: duration.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                 until,
                 justification,
@@ -127,9 +123,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 port,
             };
             let reply: AuditReply = call(socket, &Request::Audit(filter)).await?;
-            for w in &reply.warnings {
-                say(&format!("jitctl: warning: {w}"));
-            }
             audit(&reply, if json { Format::Json } else { format })
         }
         Command::Reload => {
@@ -191,6 +184,9 @@ async fn verify(socket: &std::path::Path, json: bool) -> Result<(), Failure> {
 
 /// The audit records in the chosen format on stdout.
 fn audit(reply: &AuditReply, format: Format) -> Result<(), Failure> {
+    for w in &reply.warnings {
+        say(&format!("jitctl: warning: {w}"));
+    }
     match format {
         Format::Json => to_stdout(|out| write_json(out, &reply.records)),
         Format::Table => to_stdout(|out| print_audit(out, reply)),
