@@ -76,8 +76,8 @@ pub fn escape_for_terminal(s: &str) -> Cow<'_, str> {
 /// text if it is longer, followed then by the marker `\[cut: the original had N
 /// characters]` (N counts the characters of `s` itself). The cut never splits an
 /// escape, and since escaped text never holds a lone backslash the marker cannot be
-/// forged by the input. With the marker the result is at most `max_chars` plus about
-/// 50 characters long.
+/// forged by the input. With the marker the result is at most `max_chars` + 56
+/// characters long.
 pub fn escape_capped(s: &str, max_chars: usize) -> String {
     let escaped = escape_for_terminal(s);
     if escaped.chars().count() <= max_chars {
@@ -257,7 +257,7 @@ mod tests {
         let capped = escape_capped(&long, 100);
         assert!(capped.starts_with(r"\u{202e}\u{202e}"));
         assert!(capped.ends_with(r"\[cut: the original had 1000 characters]"));
-        assert!(capped.chars().count() <= 100 + 50);
+        assert!(capped.chars().count() <= 100 + 56);
         assert_eq!(has_format_chars(&capped), None);
     }
 
