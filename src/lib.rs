@@ -18,6 +18,8 @@
 //! - [`metrics`]: Prometheus metrics, opt-in.
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`store`]: the live grants on disk, for restarts.
+//! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
+//!   CSV formula neutralisation).
 //! - [`cli`]: the command lines of jitd and jitctl (clap).
 //! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
 

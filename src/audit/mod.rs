@@ -3,6 +3,9 @@
 //! rotated by size (`audit.jsonl.1` is the newest rotated file); queries and CSV export.
 
 pub mod chain;
+pub mod export;
+
+pub use export::{write_csv, CSV_HEADER};
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -378,48 +381,6 @@ impl AuditFilter {
     }
 }
 
-/// The CSV columns, in order (the header row).
-pub const CSV_HEADER: [&str; 12] = [
-    "time",
-    "actor_uid",
-    "actor",
-    "action",
-    "outcome",
-    "reason",
-    "ports",
-    "protocol",
-    "source",
-    "duration_secs",
-    "justification",
-    "grant_id",
-];
-
-/// Writes `records` as CSV with a header row; ports are space-separated.
-pub fn write_csv(records: &[AuditRecord], out: impl Write) -> csv::Result<()> {
-    let mut w = csv::Writer::from_writer(out);
-    w.write_record(CSV_HEADER)?;
-    let opt = |v: Option<String>| v.unwrap_or_default();
-    for r in records {
-        let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
-        w.write_record([
-            r.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            opt(r.actor_uid.map(|u| u.to_string())),
-            r.actor.clone(),
-            enum_text(&r.action),
-            enum_text(&r.outcome),
-            opt(r.reason.clone()),
-            ports.join(" "),
-            opt(r.protocol.map(|p| p.to_string())),
-            opt(r.source.clone()),
-            opt(r.duration_secs.map(|d| d.to_string())),
-            opt(r.justification.clone()),
-            opt(r.grant_id.map(|g| g.to_string())),
-        ])?;
-    }
-    w.flush()?;
-    Ok(())
-}
-
 /// The serde name of a unit enum value (`approved`, `request`, ...).
 pub fn enum_text<T: Serialize>(value: &T) -> String {
     serde_json::to_value(value)
@@ -552,18 +513,5 @@ mod tests {
             ..Default::default()
         }
         .matches(&r));
-    }
-
-    #[test]
-    fn csv_has_a_header_and_quotes_text() {
-        let mut out = Vec::new();
-        write_csv(&[record(1, "bob", 22)], &mut out).unwrap();
-        let text = String::from_utf8(out).unwrap();
-        let mut lines = text.lines();
-        assert_eq!(lines.next().unwrap(), CSV_HEADER.join(","));
-        assert_eq!(
-            lines.next().unwrap(),
-            r#"2026-11-25T10:01:00Z,1001,bob,request,approved,,22,,203.0.113.7,,"ticket, ""4711""",3"#
-        );
     }
 }

@@ -1,16 +1,20 @@
 //! `jitctl`: asks jitd for just-in-time access, shows status and reads the audit log.
 
+use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 
 use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
-    PROTOCOL_ERROR_CODES,
+    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request, RevokeRequest, RevokedReply,
+    StatusReply, PROTOCOL_ERROR_CODES,
 };
+use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
+use jitd::cli::table;
+use jitd::text::{escape_for_terminal, escape_json_output};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -21,11 +25,21 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(message)) => {
-            eprintln!("jitctl: refused: {message}");
+            say(&format!("jitctl: refused: {message}"));
             ExitCode::from(1)
         }
         Err(Failure::Usage(message)) => {
-            eprintln!("jitctl: {message}");
+            say(&format!("jitctl: {message}"));
+            ExitCode::from(2)
+        }
+        // The reader went away (`jitctl audit | head -1`): what it wanted was printed.
+        // Like ripgrep and the classic Unix filters (which die of SIGPIPE), stop quietly;
+        // unlike them, exit 0, as ripgrep does, since nothing went wrong for the user.
+        // SIGPIPE stays ignored (Rust's default) so that a daemon closing the socket is
+        // an error jitctl reports, not a silent death.
+        Err(Failure::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(Failure::Output(e)) => {
+            say(&format!("jitctl: cannot write the output: {e}"));
             ExitCode::from(2)
         }
     }
@@ -34,6 +48,8 @@ fn main() -> ExitCode {
 enum Failure {
     Refused(String),
     Usage(String),
+    /// Writing to stdout failed.
+    Output(std::io::Error),
 }
 
 impl From<ClientError> for Failure {
@@ -47,16 +63,25 @@ impl From<ClientError> for Failure {
     }
 }
 
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::Output(e)
+    }
+}
+
+/// One line on stderr, escaped (messages from jitd can quote what a caller sent); a
+/// closed stderr is ignored rather than a panic.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{}", escape_for_terminal(line));
+}
+
 async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli.socket.as_path();
+    let json = cli.json;
     match cli.command {
         Command::Status => {
             let status: StatusReply = call(socket, &Request::Status).await?;
-            if cli.json {
-                print_json(&status);
-            } else {
-                print_status(&status);
-            }
+            emit(json, &status, print_status)
         }
         Command::Request {
             ports,
@@ -65,74 +90,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until,
             justification,
         } => {
-            let source = match source {
-                Some(s) => s,
-                None => ssh_client_address()?,
-            };
             let request = GrantRequest {
                 ports,
-                source,
+                source: source.map_or_else(ssh_client_address, Ok)?,
                 duration_secs: duration.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
                 until,
                 justification,
             };
             let granted: GrantedReply = call(socket, &Request::Request(request)).await?;
-            if cli.json {
-                print_json(&granted);
-            } else {
-                for g in &granted.grants {
-                    println!(
-                        "granted: id {} opens {}/{} for {} until {}",
-                        g.id,
-                        g.port,
-                        g.protocol,
-                        g.source,
-                        both_times(g.expires_at)
-                    );
-                }
-                for id in &granted.superseded {
-                    println!("replaced: grant {id} (superseded by the new grant)");
-                }
-            }
+            emit(json, &granted, print_granted)
         }
         Command::Revoke { id, source, port } => {
             let revoked: RevokedReply = call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
-            if cli.json {
-                print_json(&revoked);
-            } else {
-                for g in &revoked.revoked {
-                    println!("revoked: id {} closed {}/{} for {}", g.id, g.port, g.protocol, g.source);
-                }
-            }
+            emit(json, &revoked, print_revoked)
         }
         Command::Audit {
             check: Some(AuditCheck::Verify),
             ..
-        } => {
-            let verdict: jitd::audit::chain::Verdict = call(socket, &Request::AuditVerify).await?;
-            if cli.json {
-                print_json(&verdict);
-            }
-            for note in &verdict.notes {
-                eprintln!("jitctl: note: {note}");
-            }
-            match &verdict.broken {
-                None => {
-                    if !cli.json {
-                        println!("audit trail intact: {} record(s) chained", verdict.records);
-                    }
-                }
-                Some(b) => {
-                    return Err(Failure::Refused(format!(
-                        "audit trail broken: the record at {}:{} {} ({} record(s) before it verified)",
-                        b.file.display(),
-                        b.line,
-                        b.problem,
-                        verdict.records
-                    )))
-                }
-            }
-        }
+        } => verify(socket, json).await,
         Command::Audit {
             check: None,
             since,
@@ -141,39 +116,87 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             port,
             format,
         } => {
-            let reply: AuditReply = call(
-                socket,
-                &Request::Audit(AuditFilter {
-                    since,
-                    until,
-                    user,
-                    port,
-                }),
-            )
-            .await?;
-            for w in &reply.warnings {
-                eprintln!("jitctl: warning: {w}");
-            }
-            match if cli.json { Format::Json } else { format } {
-                Format::Json => print_json(&reply.records),
-                Format::Csv => jitd::audit::write_csv(&reply.records, std::io::stdout().lock())
-                    .map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?,
-                Format::Table => print_audit(&reply),
-            }
+            let filter = AuditFilter {
+                since,
+                until,
+                user,
+                port,
+            };
+            let reply: AuditReply = call(socket, &Request::Audit(filter)).await?;
+            audit(&reply, if json { Format::Json } else { format })
         }
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
-            if cli.json {
-                print_json(&reply);
-            } else {
-                println!(
+            emit(json, &reply, |out, r| {
+                writeln!(
+                    out,
                     "policy reloaded; {} grant(s) ended because the new policy no longer allows them",
-                    reply.ended.len()
-                );
-            }
+                    r.ended.len()
+                )
+            })
         }
     }
+}
+
+/// Prints `value` on stdout: as JSON for scripts, or with `human` for people.
+fn emit<T: serde::Serialize>(
+    json: bool,
+    value: &T,
+    human: impl Fn(&mut dyn Write, &T) -> io::Result<()>,
+) -> Result<(), Failure> {
+    if json {
+        to_stdout(|out| write_json(out, value))
+    } else {
+        to_stdout(|out| human(out, value))
+    }
+}
+
+/// Runs `write` on a buffered stdout and flushes it; a failed write (a closed pipe)
+/// becomes [`Failure::Output`].
+fn to_stdout(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(), Failure> {
+    let mut out = BufWriter::new(io::stdout().lock());
+    write(&mut out)?;
+    out.flush()?;
     Ok(())
+}
+
+/// `jitctl audit verify`: walks the chain; a break is exit status 1.
+async fn verify(socket: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let verdict: Verdict = call(socket, &Request::AuditVerify).await?;
+    if json {
+        to_stdout(|out| write_json(out, &verdict))?;
+    }
+    for note in &verdict.notes {
+        say(&format!("jitctl: note: {note}"));
+    }
+    match &verdict.broken {
+        None if json => Ok(()),
+        None => to_stdout(|out| writeln!(out, "audit trail intact: {} record(s) chained", verdict.records)),
+        Some(b) => Err(Failure::Refused(format!(
+            "audit trail broken: the record at {}:{} {} ({} record(s) before it verified)",
+            b.file.display(),
+            b.line,
+            b.problem,
+            verdict.records
+        ))),
+    }
+}
+
+/// The audit records in the chosen format on stdout.
+fn audit(reply: &AuditReply, format: Format) -> Result<(), Failure> {
+    for w in &reply.warnings {
+        say(&format!("jitctl: warning: {w}"));
+    }
+    match format {
+        Format::Json => to_stdout(|out| write_json(out, &reply.records)),
+        Format::Table => to_stdout(|out| print_audit(out, reply)),
+        Format::Csv => to_stdout(|out| {
+            jitd::audit::write_csv(&reply.records, out).map_err(|e| match e.into_kind() {
+                csv::ErrorKind::Io(e) => e,
+                other => io::Error::other(format!("writing CSV: {other:?}")),
+            })
+        }),
+    }
 }
 
 /// The SSH client's address from `SSH_CONNECTION` ("client port server port").
@@ -187,12 +210,50 @@ fn ssh_client_address() -> Result<String, Failure> {
             "SSH_CONNECTION does not start with an address ({conn:?}); give --source"
         )));
     }
-    eprintln!("jitctl: using your SSH client address {addr} as --source (from SSH_CONNECTION)");
+    say(&format!(
+        "jitctl: using your SSH client address {addr} as --source (from SSH_CONNECTION)"
+    ));
     Ok(addr)
 }
 
-fn print_json(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(value).expect("results serialize"));
+/// `value` as pretty JSON, with hidden characters (U+202E, C1 controls, ...) that
+/// serde_json leaves raw written as `\uXXXX`: the same JSON to a parser, harmless
+/// on a terminal.
+fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> io::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(io::Error::other)?;
+    writeln!(out, "{}", escape_json_output(&text))
+}
+
+fn print_granted(out: &mut dyn Write, granted: &GrantedReply) -> io::Result<()> {
+    for g in &granted.grants {
+        writeln!(
+            out,
+            "granted: id {} opens {}/{} for {} until {}",
+            g.id,
+            g.port,
+            g.protocol,
+            escape_for_terminal(&g.source),
+            both_times(g.expires_at)
+        )?;
+    }
+    for id in &granted.superseded {
+        writeln!(out, "replaced: grant {id} (superseded by the new grant)")?;
+    }
+    Ok(())
+}
+
+fn print_revoked(out: &mut dyn Write, revoked: &RevokedReply) -> io::Result<()> {
+    for g in &revoked.revoked {
+        writeln!(
+            out,
+            "revoked: id {} closed {}/{} for {}",
+            g.id,
+            g.port,
+            g.protocol,
+            escape_for_terminal(&g.source)
+        )?;
+    }
+    Ok(())
 }
 
 fn both_times(t: DateTime<Utc>) -> String {
@@ -209,68 +270,71 @@ fn short_time(t: Option<DateTime<Utc>>) -> String {
     })
 }
 
-fn print_status(s: &StatusReply) {
-    println!(
+fn print_status(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
+    let esc = |t: &str| escape_for_terminal(t).into_owned();
+    writeln!(
+        out,
         "Protected ports (jitd {}, on stop: {}, your role: {})",
-        s.version, s.on_stop, s.your_role
-    );
-    let rows: Vec<Vec<String>> = s
-        .ports
-        .iter()
-        .map(|p| {
-            vec![
-                p.port.to_string(),
-                p.protocol.to_string(),
-                p.allowed_sources.join(", "),
-                jitd::duration::format(std::time::Duration::from_secs(p.max_duration_secs)),
-                p.approved_last_7d.to_string(),
-                short_time(p.last_access),
-                p.last_user.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "PORT",
-            "PROTO",
-            "ALLOWED SOURCES",
-            "MAX",
-            "APPROVED 7D",
-            "LAST ACCESS",
-            "LAST USER",
-        ],
-        &rows,
-    );
+        esc(&s.version),
+        esc(&s.on_stop),
+        esc(&s.your_role)
+    )?;
+    let rows: Vec<Vec<String>> = s.ports.iter().map(port_row).collect();
+    out.write_all(
+        table::render(
+            &[
+                "PORT",
+                "PROTO",
+                "ALLOWED SOURCES",
+                "MAX",
+                "APPROVED 7D",
+                "LAST ACCESS",
+                "LAST USER",
+            ],
+            &rows,
+        )
+        .as_bytes(),
+    )?;
     if !s.exempt_sources.is_empty() {
-        println!("Exempt from the lockdown: {}", s.exempt_sources.join(", "));
+        writeln!(out, "Exempt from the lockdown: {}", esc(&s.exempt_sources.join(", ")))?;
     }
     if !s.interfaces.is_empty() {
-        println!("Locked only on: {}", s.interfaces.join(", "));
+        writeln!(out, "Locked only on: {}", esc(&s.interfaces.join(", ")))?;
     }
     let h = &s.health;
-    println!(
+    writeln!(
+        out,
         "Since start: {} approved, {} denied, {} failed; {} drift repair(s); {} audit write failure(s); {} connection(s) refused by the limit",
         h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
-    );
-    println!();
+    )?;
+    writeln!(out)?;
     if s.grants.is_empty() {
-        println!("No active grants.");
-        return;
+        return writeln!(out, "No active grants.");
     }
-    println!("Active grants");
+    writeln!(out, "Active grants")?;
     let rows: Vec<Vec<String>> = s.grants.iter().map(grant_row).collect();
-    print_table(
-        &[
-            "ID",
-            "SOURCE",
-            "PORT",
-            "PROTO",
-            "REQUESTER",
-            "TIME LEFT",
-            "JUSTIFICATION",
-        ],
-        &rows,
-    );
+    let headers = [
+        "ID",
+        "SOURCE",
+        "PORT",
+        "PROTO",
+        "REQUESTER",
+        "TIME LEFT",
+        "JUSTIFICATION",
+    ];
+    out.write_all(table::render(&headers, &rows).as_bytes())
+}
+
+fn port_row(p: &PortStatus) -> Vec<String> {
+    vec![
+        p.port.to_string(),
+        p.protocol.to_string(),
+        p.allowed_sources.join(", "),
+        jitd::duration::format(std::time::Duration::from_secs(p.max_duration_secs)),
+        p.approved_last_7d.to_string(),
+        short_time(p.last_access),
+        p.last_user.clone().unwrap_or_else(|| "-".into()),
+    ]
 }
 
 fn grant_row(g: &GrantInfo) -> Vec<String> {
@@ -285,7 +349,7 @@ fn grant_row(g: &GrantInfo) -> Vec<String> {
     ]
 }
 
-fn print_audit(reply: &AuditReply) {
+fn print_audit(out: &mut dyn Write, reply: &AuditReply) -> io::Result<()> {
     let rows: Vec<Vec<String>> = reply
         .records
         .iter()
@@ -302,27 +366,8 @@ fn print_audit(reply: &AuditReply) {
             ]
         })
         .collect();
-    print_table(
-        &[
-            "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON",
-        ],
-        &rows,
-    );
-}
-
-fn print_table(headers: &[&str], rows: &[Vec<String>]) {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", padded.join("  ").trim_end());
-    };
-    line(headers.iter().map(|h| h.to_string()).collect());
-    for row in rows {
-        line(row.clone());
-    }
+    let headers = [
+        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON",
+    ];
+    out.write_all(table::render(&headers, &rows).as_bytes())
 }

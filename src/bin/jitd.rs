@@ -59,6 +59,8 @@ async fn async_main(args: Args) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // `jitd --check-config | head -1`: the reader has what it wanted (as jitctl does).
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
@@ -67,17 +69,27 @@ async fn async_main(args: Args) -> ExitCode {
 }
 
 async fn check_config(config: &Config) -> anyhow::Result<()> {
+    use std::io::Write;
     let batch = rules::replace_table(&LockdownSpec::from_config(config), &[]);
-    println!(
+    let checked = SystemFirewall::detect().check(&batch).await;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "# {}: valid. jitd would apply this nftables batch (nft -j -f -):",
         config.path.display()
-    );
-    println!("{}", serde_json::to_string_pretty(&batch)?);
-    match SystemFirewall::detect().check(&batch).await {
-        Ok(()) => println!("# the kernel accepts it (nft --check); nothing was changed"),
-        Err(e) => println!("# not checked against the kernel: {e}"),
+    )?;
+    writeln!(out, "{}", serde_json::to_string_pretty(&batch)?)?;
+    match checked {
+        Ok(()) => writeln!(out, "# the kernel accepts it (nft --check); nothing was changed")?,
+        Err(e) => writeln!(out, "# not checked against the kernel: {e}")?,
     }
+    out.flush()?;
     Ok(())
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 async fn unlock() -> anyhow::Result<()> {

@@ -1,5 +1,7 @@
 //! The command lines of the two binaries, as clap definitions: the binaries parse them,
-//! and `cargo run --example gen-assets` turns them into man pages and completions.
+//! and `cargo run --example gen-assets` turns them into man pages and completions; and
+//! [`table`], how `jitctl` draws its tables.
 
 pub mod jitctl;
 pub mod jitd;
+pub mod table;
