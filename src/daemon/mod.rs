@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,7 +141,7 @@ impl<F: Firewall> Daemon<F> {
     /// Prepares state_dir and the audit log, then locks the ports (replacing any table
     /// jitd left behind, in one transaction). Nothing is served yet.
     pub async fn start(config: Config, firewall: F) -> Result<Arc<Daemon<F>>, StartError> {
-        create_state_dir(&config.state_dir)?;
+        store::prepare_state_dir(&config.state_dir)?;
         let mut audit = AuditLog::open(&config.state_dir, config.audit_rotation)?;
         let (history, problems) = audit::read_all(&config.state_dir).map_err(StartError::AuditRead)?;
         for p in problems {
@@ -568,19 +567,6 @@ fn snapshot_of(st: &State) -> store::Snapshot {
     }
 }
 
-fn create_state_dir(dir: &Path) -> Result<(), StartError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let fail = |source| StartError::StateDir {
-        path: dir.display().to_string(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(fail)
-}
-
 fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
     let since = Utc::now() - USAGE_WINDOW;
     let mut usage: HashMap<u16, PortUsage> = HashMap::new();
@@ -765,6 +751,7 @@ fn watchdog_interval() -> Option<Duration> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use std::path::Path;
     use crate::api::protocol::GrantRequest;
     use crate::firewall::RecordingFirewall;
 
