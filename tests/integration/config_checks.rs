@@ -198,7 +198,7 @@ fn forged_snapshot() -> String {
     serde_json::json!({
         "next_id": 2,
         "grants": [{
-            "id": 1, "source": A4, "port": 22, "protocol": "tcp",
+            "id": 1, "source": format!("{A4}/32"), "port": 22, "protocol": "tcp",
             "requester": "mallory", "requester_uid": 65534, "justification": null,
             "granted_at": now.to_rfc3339(),
             "expires_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
@@ -217,12 +217,13 @@ fn refused(setup: &Setup, net: &Net, why: &str) -> String {
 
 #[test]
 fn a_state_dir_owned_by_another_uid_is_refused_with_its_forged_grants() {
+    // With no jitd table in the kernel (first start after boot, or after --unlock), a
+    // restart restores the snapshot's grants: whoever can write state_dir opens ports.
     let net = Net::new();
-    serve_echo(&net.host, 22);
     let setup = Setup::new(OPEN_22);
-    setup.start(&net.host).kill();
-    assert!(!can_connect(&net.a, HOST_A4, 22), "locked after kill -9");
     let state = setup.state_dir();
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
     let forged = forged_snapshot();
     std::fs::write(state.join("grants.json"), &forged).unwrap();
@@ -232,9 +233,10 @@ fn a_state_dir_owned_by_another_uid_is_refused_with_its_forged_grants() {
         &format!("state_dir {}: is owned by uid 65534", state.display()),
     );
     assert!(message.contains("it must be owned by the uid jitd runs as (0)"), "{message}");
-    assert!(!can_connect(&net.a, HOST_A4, 22), "the forged grant opened nothing");
+    assert!(!net.ruleset().contains(A4), "no grant for the forged source: {}", net.ruleset());
     assert_eq!(std::fs::metadata(&state).unwrap().uid(), 65534, "nothing changed");
     assert_eq!(std::fs::read_to_string(state.join("grants.json")).unwrap(), forged);
+    assert_eq!(std::fs::read_dir(&state).unwrap().count(), 1, "nothing written in it");
 }
 
 #[test]
@@ -250,23 +252,38 @@ fn a_state_dir_writable_by_others_is_refused_unchanged() {
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "nothing written in it");
 }
 
-#[test]
-fn links_planted_in_state_dir_are_not_followed() {
-    let net = Net::new();
-    for name in ["grants.json", "audit.jsonl"] {
-        let setup = Setup::new(OPEN_22);
-        let target = precious(&setup);
-        std::fs::create_dir(setup.state_dir()).unwrap();
-        std::os::unix::fs::symlink(&target, setup.state_dir().join(name)).unwrap();
-        let message = refused(&setup, &net, name);
-        assert!(message.contains("symbolic link"), "{name}: {message}");
-        assert_untouched(&target);
-    }
-    // a link planted as the temporary file is replaced, never written through
+/// Plants `name` in a fresh state_dir as a link to a root-owned 0600 file outside it.
+fn planted(name: &str) -> (Setup, PathBuf) {
     let setup = Setup::new(OPEN_22);
     let target = precious(&setup);
     std::fs::create_dir(setup.state_dir()).unwrap();
-    std::os::unix::fs::symlink(&target, setup.state_dir().join(".grants.json.tmp")).unwrap();
+    std::fs::set_permissions(setup.state_dir(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&target, setup.state_dir().join(name)).unwrap();
+    (setup, target)
+}
+
+#[test]
+fn a_link_planted_as_grants_json_is_not_followed() {
+    let net = Net::new();
+    let (setup, target) = planted("grants.json");
+    let message = refused(&setup, &net, "grants.json: it is a symbolic link");
+    assert!(message.contains("jitd follows no links in state_dir"), "{message}");
+    assert_untouched(&target);
+}
+
+#[test]
+fn a_link_planted_as_the_audit_log_is_not_followed() {
+    let net = Net::new();
+    let (setup, target) = planted("audit.jsonl");
+    let message = refused(&setup, &net, "audit.jsonl");
+    assert!(message.contains("symbolic link"), "{message}");
+    assert_untouched(&target);
+}
+
+#[test]
+fn a_link_planted_as_the_temporary_grants_file_is_replaced_not_written_through() {
+    let net = Net::new();
+    let (setup, target) = planted(".grants.json.tmp");
     let jitd = setup.start(&net.host);
     assert!(request(&jitd, A4).status.success());
     assert!(jitd.stop(Duration::from_secs(15)).success());
