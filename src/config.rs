@@ -642,11 +642,7 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
     ports
 }
 
-fn validate_widest_prefix(
-    field: &str,
-    raw: Option<RawWidestPrefix>,
-    problems: &mut Vec<String>,
-) -> WidestPrefix {
+fn validate_widest_prefix(field: &str, raw: Option<RawWidestPrefix>, problems: &mut Vec<String>) -> WidestPrefix {
     let defaults = WidestPrefix::default();
     let Some(raw) = raw else { return defaults };
     let mut length = |family: &str, value: Option<i64>, default: u8, max: u8| match value {
@@ -1012,7 +1008,11 @@ mod tests {
         let c = parse("[[ports]]\nport = 22\n[[ports]]\nport = 23\nwidest_prefix = { ipv4 = 24 }\n").unwrap();
         assert_eq!(c.ports[0].widest_prefix, WidestPrefix { ipv4: 16, ipv6: 32 });
         assert_eq!(c.ports[1].widest_prefix, WidestPrefix { ipv4: 24, ipv6: 32 });
-        assert!(parse("").unwrap().ports.iter().all(|p| p.widest_prefix == WidestPrefix::default()));
+        assert!(parse("")
+            .unwrap()
+            .ports
+            .iter()
+            .all(|p| p.widest_prefix == WidestPrefix::default()));
     }
 
     #[test]
@@ -1048,8 +1048,14 @@ mod tests {
                 "lockdown.exempt_sources: fc00::/7 exempts 1/128 of the IPv6 Internet from the lockdown (shorter than /32)",
             ]
         );
-        assert!(parse("").unwrap().warnings().is_empty(), "\"any\" is bounded by widest_prefix");
-        assert!(parse(include_str!("../config/jitd.toml")).unwrap().warnings().is_empty());
+        assert!(
+            parse("").unwrap().warnings().is_empty(),
+            "\"any\" is bounded by widest_prefix"
+        );
+        assert!(parse(include_str!("../config/jitd.toml"))
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]

@@ -295,7 +295,9 @@ mod tests {
     }
 
     fn open_config(port_extra: &str) -> Config {
-        let text = format!("[[ports]]\nport = 22\nallowed_sources = [\"any\"]\n{port_extra}\n[access]\nrequesters = [\"uid:1500\"]\n");
+        let text = format!(
+            "[[ports]]\nport = 22\nallowed_sources = [\"any\"]\n{port_extra}\n[access]\nrequesters = [\"uid:1500\"]\n"
+        );
         Config::parse(Path::new("/t.toml"), &text, &|_| None).unwrap()
     }
 
@@ -304,10 +306,23 @@ mod tests {
         let c = open_config("");
         let who = caller(1500, "carol", &[]);
         let verdict = |source: &str| check_request(&c, &who, &request(&[22], source, 60)).map(|_| ());
-        for wide in ["0.0.0.0/0", "::/0", "10.0.0.0/8", "10.0.0.0/15", "2001:db8::/31", "8000::/1"] {
+        for wide in [
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/8",
+            "10.0.0.0/15",
+            "2001:db8::/31",
+            "8000::/1",
+        ] {
             assert_eq!(verdict(wide).unwrap_err().code, "source_too_wide", "{wide}");
         }
-        for fine in ["10.1.0.0/16", "10.1.2.0/24", "192.0.2.7", "2001:db8::/32", "2001:db8::1"] {
+        for fine in [
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "192.0.2.7",
+            "2001:db8::/32",
+            "2001:db8::1",
+        ] {
             assert_eq!(verdict(fine), Ok(()), "{fine}");
         }
         // every port asked for is checked, the default (all ports) too
@@ -325,14 +340,22 @@ mod tests {
         assert_eq!(verdict("10.1.0.0/16").unwrap_err().code, "source_too_wide");
         assert_eq!(verdict("10.1.2.0/24"), Ok(()));
         assert_eq!(verdict("8000::/1"), Ok(()));
-        assert_eq!(verdict("::/0").unwrap_err().code, "source_too_wide", "never the whole Internet");
+        assert_eq!(
+            verdict("::/0").unwrap_err().code,
+            "source_too_wide",
+            "never the whole Internet"
+        );
     }
 
     #[test]
     fn too_wide_messages_name_the_source_port_and_limit() {
         let c = open_config("");
         let who = caller(1500, "carol", &[]);
-        let message = |source: &str| check_request(&c, &who, &request(&[22], source, 60)).unwrap_err().message;
+        let message = |source: &str| {
+            check_request(&c, &who, &request(&[22], source, 60))
+                .unwrap_err()
+                .message
+        };
         assert_eq!(
             message("0.0.0.0/0"),
             "source 0.0.0.0/0 is the whole IPv4 Internet; port 22/tcp opens for at most a /16"

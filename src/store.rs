@@ -359,9 +359,16 @@ mod tests {
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         let err = prepare_state_dir(&dir).unwrap_err().to_string();
-        assert!(err.starts_with(&format!("state_dir {}: is writable by its group", dir.display())), "{err}");
+        assert!(
+            err.starts_with(&format!("state_dir {}: is writable by its group", dir.display())),
+            "{err}"
+        );
         assert!(err.ends_with("jitd refuses to use it and changed nothing"), "{err}");
-        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o777, "unchanged");
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o777,
+            "unchanged"
+        );
         let link = top.path().join("link");
         std::os::unix::fs::symlink(top.path(), &link).unwrap();
         let err = prepare_state_dir(&link).unwrap_err().to_string();

@@ -94,8 +94,9 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     match SystemFirewall::detect().check(&batch).await {
         Ok(()) => {}
         Err(e @ FirewallError::Rejected(_)) => {
-            return Err(anyhow::Error::new(e)
-                .context("the kernel rejects this batch (nft --check): jitd could not lock the ports with this policy"))
+            return Err(anyhow::Error::new(e).context(
+                "the kernel rejects this batch (nft --check): jitd could not lock the ports with this policy",
+            ))
         }
         Err(e) => return Err(anyhow::Error::new(e).context("cannot check this batch against the kernel (nft --check)")),
     }

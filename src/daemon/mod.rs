@@ -751,9 +751,9 @@ fn watchdog_interval() -> Option<Duration> {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use std::path::Path;
     use crate::api::protocol::GrantRequest;
     use crate::firewall::RecordingFirewall;
+    use std::path::Path;
 
     pub(super) async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
         let text = format!(

@@ -42,8 +42,14 @@ fn the_whole_internet_and_too_wide_sources_are_refused_even_from_any() {
     for (source, reason) in [
         ("0.0.0.0/0", "source 0.0.0.0/0 is the whole IPv4 Internet"),
         ("::/0", "source ::/0 is the whole IPv6 Internet"),
-        ("10.0.0.0/8", "source 10.0.0.0/8 is wider than port 22/tcp allows: at most a /16 for IPv4"),
-        ("fd00::/16", "source fd00::/16 is wider than port 22/tcp allows: at most a /32 for IPv6"),
+        (
+            "10.0.0.0/8",
+            "source 10.0.0.0/8 is wider than port 22/tcp allows: at most a /16 for IPv4",
+        ),
+        (
+            "fd00::/16",
+            "source fd00::/16 is wider than port 22/tcp allows: at most a /32 for IPv6",
+        ),
     ] {
         let out = request(&jitd, source);
         assert_eq!(out.status.code(), Some(1), "{source}: {}", text(&out));
@@ -118,7 +124,11 @@ fn exempting_everything_is_refused_unless_the_policy_says_so() {
         "{OPEN_22}[lockdown]\nexempt_sources = [\"0.0.0.0/0\"]\nexempt_everything = true\n"
     ));
     let jitd = setup.start(&net.host);
-    assert!(jitd.log_text().contains("the lockdown is OFF for IPv4"), "{}", jitd.log_text());
+    assert!(
+        jitd.log_text().contains("the lockdown is OFF for IPv4"),
+        "{}",
+        jitd.log_text()
+    );
     assert!(can_connect(&net.a, HOST_A4, 22), "every IPv4 source is exempt");
     assert!(!can_connect(&net.a, HOST_A6, 22), "IPv6 stays locked");
 }
@@ -155,11 +165,19 @@ fn check_config_fails_when_the_kernel_rejects_the_batch() {
     let setup = Setup::new(OPEN_22);
     // the real kernel refuses nf_tables to a user without CAP_NET_ADMIN
     let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &net.host, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(env!("CARGO_BIN_EXE_jitd"))
-        .arg("--check-config")
-        .arg("--config")
-        .arg(setup.policy());
+    cmd.args([
+        "netns",
+        "exec",
+        &net.host,
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ])
+    .arg(env!("CARGO_BIN_EXE_jitd"))
+    .arg("--check-config")
+    .arg("--config")
+    .arg(setup.policy());
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
@@ -232,8 +250,15 @@ fn a_state_dir_owned_by_another_uid_is_refused_with_its_forged_grants() {
         &net,
         &format!("state_dir {}: is owned by uid 65534", state.display()),
     );
-    assert!(message.contains("it must be owned by the uid jitd runs as (0)"), "{message}");
-    assert!(!net.ruleset().contains(A4), "no grant for the forged source: {}", net.ruleset());
+    assert!(
+        message.contains("it must be owned by the uid jitd runs as (0)"),
+        "{message}"
+    );
+    assert!(
+        !net.ruleset().contains(A4),
+        "no grant for the forged source: {}",
+        net.ruleset()
+    );
     assert_eq!(std::fs::metadata(&state).unwrap().uid(), 65534, "nothing changed");
     assert_eq!(std::fs::read_to_string(state.join("grants.json")).unwrap(), forged);
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 1, "nothing written in it");
@@ -248,7 +273,11 @@ fn a_state_dir_writable_by_others_is_refused_unchanged() {
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
     let message = refused(&setup, &net, "is writable by its group (owner uid 0, mode 0777)");
     assert!(message.contains("fix with chmod 0700"), "{message}");
-    assert_eq!(std::fs::metadata(&state).unwrap().mode() & 0o7777, 0o777, "mode unchanged");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().mode() & 0o7777,
+        0o777,
+        "mode unchanged"
+    );
     assert_eq!(std::fs::read_dir(&state).unwrap().count(), 0, "nothing written in it");
 }
 
