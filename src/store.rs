@@ -98,14 +98,14 @@ pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Reading or writing a file in `state_dir` failed.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {reason}")]
     Io {
         /// What jitd was doing ("cannot read").
         action: &'static str,
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (not a `source`: it is in the message already, once is enough).
+        reason: std::io::Error,
     },
     /// `state_dir` is not a directory only jitd can write; nothing was changed.
     #[error("state_dir {path}: {problem}; jitd refuses to use it and changed nothing")]
@@ -119,10 +119,10 @@ pub enum StoreError {
 
 fn io_error(action: &'static str, path: &Path) -> impl Fn(std::io::Error) -> StoreError {
     let path = path.to_path_buf();
-    move |source| StoreError::Io {
+    move |reason| StoreError::Io {
         action,
         path: path.clone(),
-        source: explain_link(source),
+        reason: explain_link(reason),
     }
 }
 
@@ -190,18 +190,15 @@ pub fn check_state_dir(facts: DirFacts, euid: u32) -> Result<(), String> {
 /// writable by group or others.
 pub fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;
-    let meta = match fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(io_error("cannot create state_dir", dir))?;
-            fs::symlink_metadata(dir)
-        }
-        other => other,
+    // Missing (or unreachable): create it, and let that say what is in the way.
+    if fs::symlink_metadata(dir).is_err() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error("cannot create state_dir", dir))?;
     }
-    .map_err(io_error("cannot inspect state_dir", dir))?;
+    let meta = fs::symlink_metadata(dir).map_err(io_error("cannot inspect state_dir", dir))?;
     check_state_dir(DirFacts::of(&meta), nix::unistd::geteuid().as_raw()).map_err(|problem| StoreError::Untrusted {
         path: dir.to_path_buf(),
         problem,

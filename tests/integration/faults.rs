@@ -418,7 +418,7 @@ impl SmallDisk {
     fn mount(path: std::path::PathBuf) -> SmallDisk {
         std::fs::create_dir_all(&path).unwrap();
         let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
             .arg(&path)
             .output()
             .unwrap();
