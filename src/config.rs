@@ -24,6 +24,10 @@ pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3 * 3600);
 pub const MIN_AUDIT_BYTES: i64 = 4096;
 /// The ports protected when the policy lists none: SSH, RDP, WinRM (HTTP and HTTPS).
 pub const DEFAULT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
+/// IPv4 prefixes shorter than this in `allowed_sources` or `exempt_sources` are warned about.
+pub const WIDE_IPV4_PREFIX: u8 = 8;
+/// IPv6 prefixes shorter than this in `allowed_sources` or `exempt_sources` are warned about.
+pub const WIDE_IPV6_PREFIX: u8 = 32;
 
 /// A validated policy: every value checked, every name resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +183,34 @@ pub struct PortPolicy {
     pub allowed_sources: AllowedSources,
     /// Longest grant allowed.
     pub max_duration: Duration,
+    /// The widest source prefix one request may open this port for.
+    pub widest_prefix: WidestPrefix,
+}
+
+/// The shortest prefix length a request's source may have, per address family: a
+/// request for a wider source (or for the whole Internet) is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WidestPrefix {
+    /// For IPv4 sources, 1..=32 (default 16).
+    pub ipv4: u8,
+    /// For IPv6 sources, 1..=128 (default 32).
+    pub ipv6: u8,
+}
+
+impl Default for WidestPrefix {
+    fn default() -> Self {
+        WidestPrefix { ipv4: 16, ipv6: 32 }
+    }
+}
+
+impl WidestPrefix {
+    /// The shortest prefix length allowed for `source`'s address family.
+    pub fn for_source(&self, source: &IpNet) -> u8 {
+        match source {
+            IpNet::V4(_) => self.ipv4,
+            IpNet::V6(_) => self.ipv6,
+        }
+    }
 }
 
 /// Who and what the lockdown leaves alone.
@@ -289,6 +321,14 @@ struct RawPort {
     protocol: Option<String>,
     allowed_sources: Option<Vec<String>>,
     max_duration: Option<String>,
+    widest_prefix: Option<RawWidestPrefix>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWidestPrefix {
+    ipv4: Option<i64>,
+    ipv6: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -298,6 +338,8 @@ struct RawLockdown {
     exempt_sources: Vec<String>,
     #[serde(default)]
     interfaces: Vec<String>,
+    #[serde(default)]
+    exempt_everything: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -343,6 +385,40 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// What is valid but dangerous in this policy, one sentence each: `allowed_sources`
+    /// or `exempt_sources` prefixes that cover most of the Internet (shorter than /8 for
+    /// IPv4, /32 for IPv6), and exemptions that switch the lockdown off for a family.
+    /// (`allowed_sources = ["any"]` is not among them: `widest_prefix` bounds each request.)
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (i, port) in self.ports.iter().enumerate() {
+            if let AllowedSources::Prefixes(list) = &port.allowed_sources {
+                for p in list.iter().filter(|p| is_wide(p)) {
+                    warnings.push(format!(
+                        "ports[{i}].allowed_sources: {p} covers {} (shorter than /{}); each request is still limited to /{} (widest_prefix)",
+                        share(p),
+                        wide_limit(p),
+                        port.widest_prefix.for_source(p)
+                    ));
+                }
+            }
+        }
+        let exempt = &self.lockdown.exempt_sources;
+        for family in families_covered(exempt) {
+            warnings.push(format!(
+                "lockdown.exempt_sources: exempts every {family} source, so the lockdown is OFF for {family} (lockdown.exempt_everything = true)"
+            ));
+        }
+        for p in exempt.iter().filter(|p| is_wide(p) && p.prefix_len() > 0) {
+            warnings.push(format!(
+                "lockdown.exempt_sources: {p} exempts {} from the lockdown (shorter than /{})",
+                share(p),
+                wide_limit(p)
+            ));
+        }
+        warnings
     }
 
     /// The policy entries for `port`, in file order (one per protocol entry).
@@ -406,7 +482,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         Some(list) => validate_ports(list, problems),
     };
     let lockdown = Lockdown {
-        exempt_sources: parse_prefixes("lockdown.exempt_sources", &raw.lockdown.exempt_sources, problems),
+        exempt_sources: validate_exempt(&raw.lockdown, problems),
         interfaces: validate_interfaces(raw.lockdown.interfaces, problems),
     };
     let access = Access {
@@ -470,6 +546,7 @@ fn default_ports() -> Vec<PortPolicy> {
             protocol: Protocol::Tcp,
             allowed_sources: AllowedSources::Any,
             max_duration: DEFAULT_MAX_DURATION,
+            widest_prefix: WidestPrefix::default(),
         })
         .collect()
 }
@@ -538,6 +615,7 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
                 }
             },
         };
+        let widest_prefix = validate_widest_prefix(&field("widest_prefix"), raw.widest_prefix, problems);
         if problems.len() > before {
             continue;
         }
@@ -558,9 +636,74 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
             protocol,
             allowed_sources,
             max_duration,
+            widest_prefix,
         });
     }
     ports
+}
+
+fn validate_widest_prefix(field: &str, raw: Option<RawWidestPrefix>, problems: &mut Vec<String>) -> WidestPrefix {
+    let defaults = WidestPrefix::default();
+    let Some(raw) = raw else { return defaults };
+    let mut length = |family: &str, value: Option<i64>, default: u8, max: u8| match value {
+        None => default,
+        Some(n) if (1..=i64::from(max)).contains(&n) => n as u8,
+        Some(n) => {
+            problems.push(format!(
+                "{field}.{family}: must be a prefix length between 1 and {max} (0 would allow the whole Internet), got {n}"
+            ));
+            default
+        }
+    };
+    WidestPrefix {
+        ipv4: length("ipv4", raw.ipv4, defaults.ipv4, 32),
+        ipv6: length("ipv6", raw.ipv6, defaults.ipv6, 128),
+    }
+}
+
+/// `exempt_sources`, with `"any"` meaning both whole address families; covering a whole
+/// family switches the lockdown off for it, so that needs `exempt_everything = true`.
+fn validate_exempt(raw: &RawLockdown, problems: &mut Vec<String>) -> Vec<IpNet> {
+    const FIELD: &str = "lockdown.exempt_sources";
+    let mut exempt = Vec::new();
+    for (i, text) in raw.exempt_sources.iter().enumerate() {
+        if text == "any" {
+            exempt.extend(["0.0.0.0/0", "::/0"].map(|p| p.parse::<IpNet>().expect("valid prefix")));
+            continue;
+        }
+        match parse_prefix(text) {
+            Ok(p) => exempt.push(p),
+            Err(e) => problems.push(format!("{FIELD}[{i}]: {e}, got {text:?}")),
+        }
+    }
+    let everything = families_covered(&exempt);
+    if !everything.is_empty() && !raw.exempt_everything {
+        problems.push(format!(
+            "{FIELD}: exempts every {} source, which switches the lockdown off for {}; set lockdown.exempt_everything = true to mean it, got {:?}",
+            everything.join(" and "),
+            if everything.len() == 1 { "it" } else { "both" },
+            raw.exempt_sources
+        ));
+    } else if everything.is_empty() && raw.exempt_everything {
+        problems.push(
+            "lockdown.exempt_everything: is true but exempt_sources does not cover a whole address family; remove it"
+                .into(),
+        );
+    }
+    exempt
+}
+
+/// The address families ("IPv4", "IPv6") that `prefixes` cover whole, together.
+pub fn families_covered(prefixes: &[IpNet]) -> Vec<&'static str> {
+    let merged = IpNet::aggregate(&prefixes.to_vec());
+    let mut families = Vec::new();
+    if merged.iter().any(|p| matches!(p, IpNet::V4(n) if n.prefix_len() == 0)) {
+        families.push("IPv4");
+    }
+    if merged.iter().any(|p| matches!(p, IpNet::V6(n) if n.prefix_len() == 0)) {
+        families.push("IPv6");
+    }
+    families
 }
 
 fn validate_interfaces(names: Vec<String>, problems: &mut Vec<String>) -> Vec<String> {
@@ -607,6 +750,31 @@ fn parse_prefixes(field: &str, list: &[String], problems: &mut Vec<String>) -> V
             }
         })
         .collect()
+}
+
+fn wide_limit(prefix: &IpNet) -> u8 {
+    match prefix {
+        IpNet::V4(_) => WIDE_IPV4_PREFIX,
+        IpNet::V6(_) => WIDE_IPV6_PREFIX,
+    }
+}
+
+/// Whether `prefix` is shorter than /8 (IPv4) or /32 (IPv6): most of the Internet.
+pub fn is_wide(prefix: &IpNet) -> bool {
+    prefix.prefix_len() < wide_limit(prefix)
+}
+
+/// How much of its address family `prefix` covers, in words ("all of the IPv4 Internet").
+fn share(prefix: &IpNet) -> String {
+    let family = match prefix {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    };
+    match prefix.prefix_len() {
+        0 => format!("all of the {family} Internet"),
+        n if n < 64 => format!("1/{} of the {family} Internet", 1u64 << n),
+        n => format!("1/2^{n} of the {family} Internet"),
+    }
 }
 
 /// Parses an IPv4/IPv6 address (a /32 or /128) or a CIDR prefix without host bits.
@@ -788,6 +956,34 @@ mod tests {
                 "metrics_listen = \"localhost\"",
                 "metrics_listen: must be an address and port",
             ),
+            (
+                "[[ports]]\nport = 22\nwidest_prefix = { ipv4 = 0 }",
+                "ports[0].widest_prefix.ipv4: must be a prefix length between 1 and 32 (0 would allow the whole Internet), got 0",
+            ),
+            (
+                "[[ports]]\nport = 22\nwidest_prefix = { ipv6 = 129 }",
+                "ports[0].widest_prefix.ipv6: must be a prefix length between 1 and 128",
+            ),
+            (
+                "[[ports]]\nport = 22\nwidest_prefix = { ipv5 = 8 }",
+                "unknown field `ipv5`",
+            ),
+            (
+                "[lockdown]\nexempt_sources = [\"0.0.0.0/0\"]",
+                "lockdown.exempt_sources: exempts every IPv4 source, which switches the lockdown off for it; set lockdown.exempt_everything = true to mean it",
+            ),
+            (
+                "[lockdown]\nexempt_sources = [\"any\"]",
+                "lockdown.exempt_sources: exempts every IPv4 and IPv6 source, which switches the lockdown off for both",
+            ),
+            (
+                "[lockdown]\nexempt_sources = [\"0.0.0.0/1\", \"128.0.0.0/1\"]",
+                "lockdown.exempt_sources: exempts every IPv4 source",
+            ),
+            (
+                "[lockdown]\nexempt_sources = [\"10.0.0.0/8\"]\nexempt_everything = true",
+                "lockdown.exempt_everything: is true but exempt_sources does not cover a whole address family",
+            ),
         ];
         for (text, expected) in cases {
             let message = first_problem(text);
@@ -805,6 +1001,61 @@ mod tests {
         assert_eq!(c.ports.len(), 2);
         assert_eq!(c.ports[1].protocol, Protocol::Any);
         assert_eq!(c.ports[1].max_duration, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn widest_prefix_defaults_to_16_and_32_and_reads_per_family() {
+        let c = parse("[[ports]]\nport = 22\n[[ports]]\nport = 23\nwidest_prefix = { ipv4 = 24 }\n").unwrap();
+        assert_eq!(c.ports[0].widest_prefix, WidestPrefix { ipv4: 16, ipv6: 32 });
+        assert_eq!(c.ports[1].widest_prefix, WidestPrefix { ipv4: 24, ipv6: 32 });
+        assert!(parse("")
+            .unwrap()
+            .ports
+            .iter()
+            .all(|p| p.widest_prefix == WidestPrefix::default()));
+    }
+
+    #[test]
+    fn exempting_everything_needs_the_explicit_opt_in_and_is_warned_about() {
+        let c = parse("[lockdown]\nexempt_sources = [\"any\"]\nexempt_everything = true\n").unwrap();
+        assert_eq!(c.lockdown.exempt_sources.len(), 2);
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("lockdown is OFF for IPv4"), "{warnings:?}");
+        assert!(warnings[1].contains("lockdown is OFF for IPv6"), "{warnings:?}");
+    }
+
+    #[test]
+    fn wide_allowed_and_exempt_sources_are_warned_about() {
+        let c = parse(
+            r#"
+            [[ports]]
+            port = 22
+            allowed_sources = ["0.0.0.0/0", "2001::/16", "10.0.0.0/8", "2001:db8::/32"]
+            [[ports]]
+            port = 23
+            [lockdown]
+            exempt_sources = ["10.0.0.0/7", "192.0.2.0/24", "fc00::/7"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.warnings(),
+            vec![
+                "ports[0].allowed_sources: 0.0.0.0/0 covers all of the IPv4 Internet (shorter than /8); each request is still limited to /16 (widest_prefix)",
+                "ports[0].allowed_sources: 2001::/16 covers 1/65536 of the IPv6 Internet (shorter than /32); each request is still limited to /32 (widest_prefix)",
+                "lockdown.exempt_sources: 10.0.0.0/7 exempts 1/128 of the IPv4 Internet from the lockdown (shorter than /8)",
+                "lockdown.exempt_sources: fc00::/7 exempts 1/128 of the IPv6 Internet from the lockdown (shorter than /32)",
+            ]
+        );
+        assert!(
+            parse("").unwrap().warnings().is_empty(),
+            "\"any\" is bounded by widest_prefix"
+        );
+        assert!(parse(include_str!("../config/jitd.toml"))
+            .unwrap()
+            .warnings()
+            .is_empty());
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub fn check_request<'c>(
         entries
     };
     for entry in &entries {
+        check_source_width(entry, &request.source)?;
         if !entry.allowed_sources.contains(&request.source) {
             return Err(Denial::new(
                 "source_not_allowed",
@@ -168,6 +169,35 @@ pub fn check_request<'c>(
         }
     }
     Ok(entries)
+}
+
+/// Refuses a source wider than `entry`'s `widest_prefix` for its address family, and
+/// always the whole Internet (a /0), whatever `allowed_sources` says.
+pub fn check_source_width(entry: &PortPolicy, source: &IpNet) -> Result<(), Denial> {
+    let widest = entry.widest_prefix.for_source(source);
+    let family = match source {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    };
+    if source.prefix_len() == 0 {
+        return Err(Denial::new(
+            "source_too_wide",
+            format!(
+                "source {source} is the whole {family} Internet; port {}/{} opens for at most a /{widest}",
+                entry.port, entry.protocol
+            ),
+        ));
+    }
+    if source.prefix_len() < widest {
+        return Err(Denial::new(
+            "source_too_wide",
+            format!(
+                "source {source} is wider than port {}/{} allows: at most a /{widest} for {family} (widest_prefix)",
+                entry.port, entry.protocol
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -250,6 +280,7 @@ mod tests {
             "not_authorized"
         );
         assert_eq!(code(&ops, request(&[9999], "192.0.2.1", 0)), "port_not_protected");
+        assert_eq!(code(&ops, request(&[22], "0.0.0.0/0", 0)), "source_too_wide");
         assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), "source_not_allowed");
         assert_eq!(code(&ops, request(&[22], "203.0.0.0/16", 60)), "source_not_allowed");
         assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), "duration_invalid");
@@ -260,6 +291,78 @@ mod tests {
         assert_eq!(
             code(&ops, request(&[22, 3389], "203.0.113.7", 2 * 3600)),
             "duration_too_long"
+        );
+    }
+
+    fn open_config(port_extra: &str) -> Config {
+        let text = format!(
+            "[[ports]]\nport = 22\nallowed_sources = [\"any\"]\n{port_extra}\n[access]\nrequesters = [\"uid:1500\"]\n"
+        );
+        Config::parse(Path::new("/t.toml"), &text, &|_| None).unwrap()
+    }
+
+    #[test]
+    fn sources_wider_than_widest_prefix_are_refused_even_from_any() {
+        let c = open_config("");
+        let who = caller(1500, "carol", &[]);
+        let verdict = |source: &str| check_request(&c, &who, &request(&[22], source, 60)).map(|_| ());
+        for wide in [
+            "0.0.0.0/0",
+            "::/0",
+            "10.0.0.0/8",
+            "10.0.0.0/15",
+            "2001:db8::/31",
+            "8000::/1",
+        ] {
+            assert_eq!(verdict(wide).unwrap_err().code, "source_too_wide", "{wide}");
+        }
+        for fine in [
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+            "192.0.2.7",
+            "2001:db8::/32",
+            "2001:db8::1",
+        ] {
+            assert_eq!(verdict(fine), Ok(()), "{fine}");
+        }
+        // every port asked for is checked, the default (all ports) too
+        assert_eq!(
+            check_request(&c, &who, &request(&[], "::/0", 60)).unwrap_err().code,
+            "source_too_wide"
+        );
+    }
+
+    #[test]
+    fn widest_prefix_is_per_port_and_per_family() {
+        let c = open_config("widest_prefix = { ipv4 = 24, ipv6 = 1 }");
+        let who = caller(1500, "carol", &[]);
+        let verdict = |source: &str| check_request(&c, &who, &request(&[22], source, 60)).map(|_| ());
+        assert_eq!(verdict("10.1.0.0/16").unwrap_err().code, "source_too_wide");
+        assert_eq!(verdict("10.1.2.0/24"), Ok(()));
+        assert_eq!(verdict("8000::/1"), Ok(()));
+        assert_eq!(
+            verdict("::/0").unwrap_err().code,
+            "source_too_wide",
+            "never the whole Internet"
+        );
+    }
+
+    #[test]
+    fn too_wide_messages_name_the_source_port_and_limit() {
+        let c = open_config("");
+        let who = caller(1500, "carol", &[]);
+        let message = |source: &str| {
+            check_request(&c, &who, &request(&[22], source, 60))
+                .unwrap_err()
+                .message
+        };
+        assert_eq!(
+            message("0.0.0.0/0"),
+            "source 0.0.0.0/0 is the whole IPv4 Internet; port 22/tcp opens for at most a /16"
+        );
+        assert_eq!(
+            message("2001:d00::/24"),
+            "source 2001:d00::/24 is wider than port 22/tcp allows: at most a /32 for IPv6 (widest_prefix)"
         );
     }
 

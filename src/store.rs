@@ -4,9 +4,15 @@
 //! The snapshot is a checkpoint, written at most once a second and at stop; the audit
 //! log, fsync'ed before every answer, is the journal. A restart loads the snapshot and
 //! replays the audit records written after the one whose hash is `audit_hash` ([`replay`]).
+//!
+//! It also owns the trust in `state_dir` itself ([`prepare_state_dir`]): jitd uses it only
+//! when it is a real directory owned by jitd's own uid and writable by nobody else, and
+//! opens the files in it without following symbolic links, so nobody but jitd (and root)
+//! can plant a snapshot that opens ports or a link that makes jitd overwrite another file.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -103,52 +109,159 @@ fn approved_grant(r: &crate::audit::AuditRecord, id: GrantId) -> Option<Grant> {
     })
 }
 
-/// A failed read or write of the snapshot.
+/// A failed read or write of the snapshot, or a `state_dir` jitd does not trust.
 #[derive(Debug, thiserror::Error)]
-#[error("{action} {path}: {source}")]
-pub struct StoreError {
-    action: &'static str,
-    path: PathBuf,
-    source: std::io::Error,
+pub enum StoreError {
+    /// Reading or writing a file in `state_dir` failed.
+    #[error("{action} {path}: {reason}")]
+    Io {
+        /// What jitd was doing ("cannot read").
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why (not a `source`: it is in the message already, once is enough).
+        reason: std::io::Error,
+    },
+    /// `state_dir` is not a directory only jitd can write; nothing was changed.
+    #[error("state_dir {path}: {problem}; jitd refuses to use it and changed nothing")]
+    Untrusted {
+        /// The directory.
+        path: PathBuf,
+        /// What was found and what is required.
+        problem: String,
+    },
 }
 
-/// Reads the snapshot in `state_dir`; a missing file is an empty snapshot.
-pub fn load(state_dir: &Path) -> Result<Snapshot, StoreError> {
-    let path = state_dir.join(GRANTS_FILE);
-    let fail = |source| StoreError {
-        action: "cannot read",
+fn io_error(action: &'static str, path: &Path) -> impl Fn(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |reason| StoreError::Io {
+        action,
         path: path.clone(),
-        source,
-    };
-    match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| fail(std::io::Error::other(e))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Snapshot::default()),
-        Err(e) => Err(fail(e)),
+        reason: explain_link(reason),
     }
 }
 
-/// Replaces the snapshot in `state_dir` atomically: readers see the old or the new file whole.
+/// ELOOP from `O_NOFOLLOW` means "this is a symbolic link": say so in those words.
+fn explain_link(e: std::io::Error) -> std::io::Error {
+    if e.raw_os_error() == Some(nix::libc::ELOOP) {
+        std::io::Error::other("it is a symbolic link, and jitd follows no links in state_dir")
+    } else {
+        e
+    }
+}
+
+/// What [`check_state_dir`] looks at: the `lstat` of the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirFacts {
+    /// A directory (not a symbolic link to one).
+    pub is_dir: bool,
+    /// A symbolic link.
+    pub is_symlink: bool,
+    /// Owner uid.
+    pub uid: u32,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+}
+
+impl DirFacts {
+    fn of(meta: &fs::Metadata) -> DirFacts {
+        DirFacts {
+            is_dir: meta.file_type().is_dir(),
+            is_symlink: meta.file_type().is_symlink(),
+            uid: meta.uid(),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+}
+
+/// Whether a `state_dir` with these facts may be trusted by a jitd running as `euid`:
+/// a real directory, owned by `euid`, not writable by group or others. The message
+/// names what was found and what is required.
+pub fn check_state_dir(facts: DirFacts, euid: u32) -> Result<(), String> {
+    let found = format!("owner uid {}, mode {:04o}", facts.uid, facts.mode);
+    if facts.is_symlink {
+        return Err("is a symbolic link; it must be a directory itself".into());
+    }
+    if !facts.is_dir {
+        return Err("is not a directory".into());
+    }
+    if facts.uid != euid {
+        return Err(format!(
+            "is owned by uid {} ({found}); it must be owned by the uid jitd runs as ({euid}): fix with chown {euid} and chmod 0700",
+            facts.uid
+        ));
+    }
+    if facts.mode & 0o022 != 0 {
+        return Err(format!(
+            "is writable by {} ({found}); it must be writable by its owner only: fix with chmod 0700",
+            if facts.mode & 0o020 != 0 { "its group" } else { "others" }
+        ));
+    }
+    Ok(())
+}
+
+/// Makes `state_dir` ready: creates it 0700 if missing; refuses (changing nothing) one
+/// that is a symbolic link, not a directory, not owned by jitd's effective uid, or
+/// writable by group or others.
+pub fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    // Missing (or unreachable): create it, and let that say what is in the way.
+    if fs::symlink_metadata(dir).is_err() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error("cannot create state_dir", dir))?;
+    }
+    let meta = fs::symlink_metadata(dir).map_err(io_error("cannot inspect state_dir", dir))?;
+    check_state_dir(DirFacts::of(&meta), nix::unistd::geteuid().as_raw()).map_err(|problem| StoreError::Untrusted {
+        path: dir.to_path_buf(),
+        problem,
+    })
+}
+
+/// Reads the snapshot in `state_dir` (never through a symbolic link); a missing file is
+/// an empty snapshot.
+pub fn load(state_dir: &Path) -> Result<Snapshot, StoreError> {
+    let path = state_dir.join(GRANTS_FILE);
+    let fail = io_error("cannot read", &path);
+    let mut bytes = Vec::new();
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&path);
+    match opened {
+        Ok(mut file) => file.read_to_end(&mut bytes).map_err(&fail)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
+        Err(e) => return Err(fail(e)),
+    };
+    serde_json::from_slice(&bytes).map_err(|e| fail(std::io::Error::other(e)))
+}
+
+/// Replaces the snapshot in `state_dir` atomically: readers see the old or the new file
+/// whole. The temporary file is created afresh (`O_EXCL`, after unlinking a stale one),
+/// so a link planted in its place is removed, never followed.
 pub fn save(state_dir: &Path, snapshot: &Snapshot) -> Result<(), StoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = state_dir.join(GRANTS_FILE);
     let tmp = state_dir.join(format!(".{GRANTS_FILE}.tmp"));
-    let fail = |source| StoreError {
-        action: "cannot write",
-        path: path.clone(),
-        source,
-    };
+    let fail = io_error("cannot write", &path);
     let bytes = serde_json::to_vec(snapshot).expect("snapshots serialize");
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(fail(e)),
+        _ => {}
+    }
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&tmp)
-        .map_err(fail)?;
-    file.write_all(&bytes).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
+        .map_err(&fail)?;
+    file.write_all(&bytes).map_err(&fail)?;
+    file.sync_all().map_err(&fail)?;
     drop(file);
-    fs::rename(&tmp, &path).map_err(fail)?;
+    // rename replaces a link named grants.json itself, not what it points to
+    fs::rename(&tmp, &path).map_err(&fail)?;
     File::open(state_dir).and_then(|d| d.sync_all()).map_err(fail)
 }
 
@@ -223,6 +336,81 @@ mod tests {
         assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
+    }
+
+    fn facts(is_dir: bool, is_symlink: bool, uid: u32, mode: u32) -> DirFacts {
+        DirFacts {
+            is_dir,
+            is_symlink,
+            uid,
+            mode,
+        }
+    }
+
+    #[test]
+    fn only_a_directory_of_jitds_own_uid_writable_by_it_alone_is_trusted() {
+        assert_eq!(check_state_dir(facts(true, false, 990, 0o700), 990), Ok(()));
+        assert_eq!(check_state_dir(facts(true, false, 990, 0o755), 990), Ok(()));
+        assert_eq!(check_state_dir(facts(true, false, 990, 0o1700), 990), Ok(()));
+        let refused = |f: DirFacts| check_state_dir(f, 990).unwrap_err();
+        assert_eq!(
+            refused(facts(true, false, 65534, 0o700)),
+            "is owned by uid 65534 (owner uid 65534, mode 0700); it must be owned by the uid jitd runs as (990): fix with chown 990 and chmod 0700"
+        );
+        assert_eq!(
+            refused(facts(true, false, 990, 0o777)),
+            "is writable by its group (owner uid 990, mode 0777); it must be writable by its owner only: fix with chmod 0700"
+        );
+        assert!(refused(facts(true, false, 990, 0o702)).contains("writable by others"));
+        assert!(refused(facts(false, true, 990, 0o777)).contains("symbolic link"));
+        assert!(refused(facts(false, false, 990, 0o600)).contains("not a directory"));
+    }
+
+    #[test]
+    fn a_missing_state_dir_is_created_0700_and_a_loose_one_is_refused_unchanged() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("a/state");
+        prepare_state_dir(&dir).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = prepare_state_dir(&dir).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("state_dir {}: is writable by its group", dir.display())),
+            "{err}"
+        );
+        assert!(err.ends_with("jitd refuses to use it and changed nothing"), "{err}");
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o777,
+            "unchanged"
+        );
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(top.path(), &link).unwrap();
+        let err = prepare_state_dir(&link).unwrap_err().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn links_in_state_dir_are_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        fs::write(outside.path(), b"precious").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join(GRANTS_FILE)).unwrap();
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("grants.json: it is a symbolic link"), "{err}");
+        // a link planted as the temporary file is removed, not written through
+        fs::remove_file(dir.path().join(GRANTS_FILE)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join(".grants.json.tmp")).unwrap();
+        save(dir.path(), &Snapshot::default()).unwrap();
+        assert_eq!(fs::read(outside.path()).unwrap(), b"precious");
+        assert_eq!(load(dir.path()).unwrap(), Snapshot::default());
+        // and a link as grants.json is replaced by the new file, its target untouched
+        fs::remove_file(dir.path().join(GRANTS_FILE)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join(GRANTS_FILE)).unwrap();
+        save(dir.path(), &Snapshot::default()).unwrap();
+        assert!(!fs::symlink_metadata(dir.path().join(GRANTS_FILE)).unwrap().is_symlink());
+        assert_eq!(fs::read(outside.path()).unwrap(), b"precious");
     }
 
     #[test]

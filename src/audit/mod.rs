@@ -222,6 +222,7 @@ impl AuditLog {
             .read(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&path)
             .map_err(fail)?;
         let len = file.metadata().map_err(fail)?.len();
@@ -317,6 +318,7 @@ impl AuditLog {
             .read(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(&self.path)?;
         File::open(&self.dir)?.sync_all()?;
         self.len = 0;

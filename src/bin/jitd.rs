@@ -8,7 +8,7 @@ use clap::Parser;
 use jitd::cli::jitd::{Args, LogFormat};
 use jitd::config::Config;
 use jitd::firewall::rules::{self, LockdownSpec};
-use jitd::firewall::{Firewall, SystemFirewall};
+use jitd::firewall::{Firewall, FirewallError, SystemFirewall};
 
 fn main() -> ExitCode {
     // glibc gives every thread that allocates its own arena and keeps freed memory in
@@ -35,6 +35,14 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(args: Args) -> ExitCode {
+    if args.unlock {
+        // The way out: it needs no policy, so a broken or missing one must not stop it.
+        if let Err(e) = Config::load(&args.config) {
+            eprintln!("{e}");
+            eprintln!("jitd: the policy was not read (see above); --unlock does not need it");
+        }
+        return exit_code(unlock().await);
+    }
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -48,15 +56,25 @@ async fn async_main(args: Args) -> ExitCode {
         eprintln!("jitd: invalid policy, nothing was changed");
         return ExitCode::from(2);
     }
+    for warning in config.warnings() {
+        // --check-config speaks to a person at a terminal; the daemon to its log.
+        if args.check_config {
+            eprintln!("jitd: WARNING: {}: {warning}", config.path.display());
+        } else {
+            tracing::warn!("{}: {warning}", config.path.display());
+        }
+    }
     let result = if args.check_config {
         check_config(&config).await
-    } else if args.unlock {
-        unlock().await
     } else {
         jitd::daemon::run(config, SystemFirewall::detect(), shutdown_signal())
             .await
             .context("jitd failed to start; the ports are as they were")
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // `jitd --check-config | head -1`: the reader has what it wanted (as jitctl does).
@@ -81,7 +99,16 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(&batch)?)?;
     match checked {
         Ok(()) => writeln!(out, "# the kernel accepts it (nft --check); nothing was changed")?,
-        Err(e) => writeln!(out, "# not checked against the kernel: {e}")?,
+        Err(e @ FirewallError::Rejected(_)) => {
+            out.flush()?;
+            return Err(anyhow::Error::new(e).context(
+                "the kernel rejects this batch (nft --check): jitd could not lock the ports with this policy",
+            ));
+        }
+        Err(e) => {
+            out.flush()?;
+            return Err(anyhow::Error::new(e).context("cannot check this batch against the kernel (nft --check)"));
+        }
     }
     out.flush()?;
     Ok(())

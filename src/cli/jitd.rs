@@ -16,16 +16,18 @@ use crate::config::DEFAULT_CONFIG_PATH;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Exit status: 0 stopped cleanly, 1 runtime failure (nothing left half-done), 2 invalid policy or usage.\n\nSignals: SIGTERM/SIGINT stop (see on_stop), SIGHUP re-reads the policy."
+    after_help = "Exit status: 0 stopped cleanly, 1 runtime failure (nothing left half-done; for --check-config: the kernel refuses the ruleset), 2 invalid policy or usage.\n\nSignals: SIGTERM/SIGINT stop (see on_stop), SIGHUP re-reads the policy."
 )]
 pub struct Args {
     /// The JIT policy (TOML).
     #[arg(short, long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH, env = "JITD_CONFIG")]
     pub config: PathBuf,
-    /// Validate the policy and print the nftables ruleset it would apply; change nothing.
+    /// Validate the policy, warn about dangerously wide sources, print the nftables
+    /// ruleset it would apply and check it with the kernel (nft --check); change nothing.
     #[arg(long, conflicts_with = "unlock")]
     pub check_config: bool,
     /// Remove jitd's lockdown (its nftables table) and exit: opens the protected ports.
+    /// Works without a readable or valid policy (it only deletes table inet jitd).
     #[arg(long)]
     pub unlock: bool,
     /// Log format on stderr.

@@ -39,6 +39,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The state directory cannot be trusted or the grants checkpoint not be used.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
     /// The audit log could not be opened or written.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
@@ -83,7 +86,7 @@ impl<F: Firewall> Daemon<F> {
                 describe_ports(&config)
             );
         }
-        create_state_dir(&config.state_dir)?;
+        store::prepare_state_dir(&config.state_dir)?;
         let dir_claim = claim_state_dir(&config.state_dir)?;
         let log = AuditLog::open(&config.state_dir, config.audit_rotation)?;
         let audit_hash = log.last_hash().to_string();
@@ -91,7 +94,7 @@ impl<F: Firewall> Daemon<F> {
         for p in problems {
             tracing::warn!("{p}");
         }
-        let mut saved = load_checkpoint(&config.state_dir);
+        let mut saved = load_checkpoint(&config.state_dir)?;
         let journal = store::journal(&saved, &history);
         store::replay(&mut saved, journal);
         let first_id = history
@@ -332,10 +335,13 @@ fn wall_clock_sane(history: &[AuditRecord]) -> bool {
 }
 
 /// The grants checkpoint, or an empty one when it cannot be read: a damaged file is
-/// moved aside and the grants are rebuilt from the audit journal alone.
-fn load_checkpoint(dir: &Path) -> store::Snapshot {
+/// moved aside and the grants are rebuilt from the audit journal alone. A symbolic link
+/// in its place was planted by someone: jitd refuses to go on.
+fn load_checkpoint(dir: &Path) -> Result<store::Snapshot, StartError> {
+    let path = dir.join(store::GRANTS_FILE);
     match store::load(dir) {
-        Ok(s) => s,
+        Ok(s) => Ok(s),
+        Err(e) if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) => Err(e.into()),
         Err(e) => {
             let aside = dir.join(format!(
                 "{}.damaged-{}",
@@ -350,7 +356,7 @@ fn load_checkpoint(dir: &Path) -> store::Snapshot {
                     Err(m) => format!("could not move it aside ({m}); "),
                 }
             );
-            store::Snapshot::default()
+            Ok(store::Snapshot::default())
         }
     }
 }
@@ -399,18 +405,6 @@ fn claim_state_dir(dir: &Path) -> Result<std::fs::File, StartError> {
         ))),
         Err((_, e)) => Err(fail(e.into())),
     }
-}
-
-fn create_state_dir(dir: &Path) -> Result<(), StartError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| StartError::StateDir {
-            path: dir.display().to_string(),
-            source,
-        })
 }
 
 fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {

@@ -208,7 +208,14 @@ fn tampering_is_repaired_within_a_second_and_audited() {
             "noticed within a second: {:?}",
             changed.elapsed()
         );
-        assert!(!can_connect(&net.b, HOST_B4, 22), "locked again after nft {args:?}");
+        assert!(
+            wait_for(Duration::from_secs(3), || !can_connect(&net.b, HOST_B4, 22)),
+            "locked again after nft {args:?}: {:?}",
+            records(&setup, "repair")
+                .iter()
+                .map(|r| r["reason"].clone())
+                .collect::<Vec<_>>()
+        );
         assert!(
             can_connect(&net.a, HOST_A4, 22),
             "the live grant is back after nft {args:?}"
@@ -424,7 +431,7 @@ impl SmallDisk {
     fn mount(path: std::path::PathBuf) -> SmallDisk {
         std::fs::create_dir_all(&path).unwrap();
         let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
             .arg(&path)
             .output()
             .unwrap();
