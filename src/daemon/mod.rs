@@ -675,6 +675,7 @@ pub async fn run<F: Firewall>(
 ) -> Result<(), StartError> {
     let socket = config.socket.clone();
     let metrics_listen = config.metrics_listen;
+    let limits = config.limits;
     let gid = config.socket_group.as_ref().map(|g| g.gid);
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
@@ -710,7 +711,7 @@ pub async fn run<F: Firewall>(
             sd_notify::NotifyState::Status(&format!("locked {ports}")),
         ],
     );
-    server::serve(listener, daemon.clone(), shutdown).await;
+    server::serve(listener, daemon.clone(), limits, shutdown).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     tracing::info!("stopping");
     hup.abort();
