@@ -2,6 +2,7 @@
 //! namespaces with real TCP/UDP peers. Needs root (namespaces, nftables).
 
 mod audit_trail;
+mod fairness;
 mod faults;
 mod grants;
 mod lockdown;
