@@ -175,17 +175,19 @@ fn a_flooding_user_is_capped_and_leaves_room_for_everyone_else() {
 #[test]
 fn root_takes_the_reserve_when_users_fill_the_general_pool() {
     let net = Net::new();
-    let setup = Setup::new(&format!("{POLICY}\n[limits]\nmax_connections_per_user = 448\n"));
+    let setup = Setup::new(POLICY);
     let jitd = setup.start(&net.host);
-    let flood = Holder::start(&setup.socket(), 65534, 500);
-    assert_eq!(flood.held(), 448, "{}", flood.report);
-    // The general pool is full: another user with no role is told so.
-    let other = Holder::start(&setup.socket(), 4343, 1);
-    assert_eq!(other.held(), 0, "{}", other.report);
-    let messages = other.report["busy_messages"].to_string();
+    // 16 users with no role, 32 connections each: 512, every slot if nothing were kept.
+    let users: Vec<Holder> = (0..16).map(|i| Holder::start(&setup.socket(), 5000 + i, 32)).collect();
+    let held: u64 = users.iter().map(Holder::held).sum();
+    assert_eq!(held, 448, "{:?}", users.iter().map(|u| &u.report).collect::<Vec<_>>());
+    let last = &users[15].report;
+    assert_eq!(last["held"], 0, "{last}");
     assert!(
-        messages.contains("jitd is serving 448 connections, all it serves for users without privileges"),
-        "{messages}"
+        last["busy_messages"]
+            .to_string()
+            .contains("jitd is serving 448 connections, all it serves for users without privileges"),
+        "{last}"
     );
     // Root takes a reserved slot.
     let out = jitd.ctl(&["status"]);
