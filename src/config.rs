@@ -860,6 +860,53 @@ mod tests {
     }
 
     #[test]
+    fn limits_parse_and_bad_ones_are_named() {
+        let c = parse(
+            "[limits]\nmax_connections_per_user = 8\nmax_requests_per_connection = 50\nconnection_lifetime = \"2m\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            crate::api::server::Limits {
+                per_user: 8,
+                max_requests: 50,
+                lifetime: Duration::from_secs(120)
+            }
+        );
+        assert_eq!(parse("").unwrap().limits, crate::api::server::Limits::default());
+        let cases = [
+            (
+                "max_connections_per_user = 0",
+                "limits.max_connections_per_user: must be between 1 and 448, got 0",
+            ),
+            (
+                "max_connections_per_user = 449",
+                "limits.max_connections_per_user: must be between 1 and 448, got 449",
+            ),
+            (
+                "max_requests_per_connection = -1",
+                "limits.max_requests_per_connection: must be between 1 and 4294967295, got -1",
+            ),
+            (
+                "connection_lifetime = \"0s\"",
+                "limits.connection_lifetime: must be between 1s and 24h, got \"0s\"",
+            ),
+            (
+                "connection_lifetime = \"soon\"",
+                "limits.connection_lifetime: not a duration",
+            ),
+            ("max_connections = 10", "unknown field `max_connections`"),
+        ];
+        for (text, expected) in cases {
+            let message = first_problem(&format!("[limits]\n{text}"));
+            assert!(
+                message.contains(expected),
+                "{text:?}\n  gave {message}\n  wanted {expected}"
+            );
+        }
+    }
+
+    #[test]
     fn the_shipped_example_parses() {
         let c = parse(include_str!("../config/jitd.toml")).unwrap();
         assert_eq!(c.ports.len(), 2);

@@ -480,7 +480,11 @@ async fn serve_connection<H: Handler>(
         replies += 1;
         let spent = replies >= limits.max_requests || opened.elapsed() >= limits.lifetime;
         if spent {
-            tracing::debug!(uid = peer.uid, replies, "closing a connection at its request or lifetime cap");
+            tracing::debug!(
+                uid = peer.uid,
+                replies,
+                "closing a connection at its request or lifetime cap"
+            );
         }
         if !keep_open || spent || !matches!(sent, Ok(Ok(()))) {
             return;
@@ -502,7 +506,10 @@ async fn next_line(
     match read {
         Err(_) if left < READ_TIMEOUT => Next::Refuse(Reply::error(
             "timeout",
-            format!("the connection is {}s old, the most jitd allows; reconnect", lifetime.as_secs()),
+            format!(
+                "the connection is {}s old, the most jitd allows; reconnect",
+                lifetime.as_secs()
+            ),
         )),
         Err(_) => Next::Refuse(Reply::error(
             "timeout",
@@ -524,5 +531,125 @@ async fn next_line(
             }
             Next::Line(line, complete)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(total: usize, by_uid: &[(u32, usize)]) -> Open {
+        Open {
+            total,
+            by_uid: by_uid.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn a_user_gets_its_share_of_the_general_pool_and_no_more() {
+        assert_eq!(open(0, &[]).admit(1000, false, 32), Ok(()));
+        assert_eq!(open(31, &[(1000, 31)]).admit(1000, false, 32), Ok(()));
+        assert_eq!(
+            open(32, &[(1000, 32)]).admit(1000, false, 32),
+            Err(Refusal::PerUser { uid: 1000, limit: 32 })
+        );
+        assert_eq!(open(32, &[(1000, 32)]).admit(1001, false, 32), Ok(()));
+    }
+
+    #[test]
+    fn the_reserve_is_for_privileged_peers_only() {
+        let general_full = open(GENERAL_CONNECTIONS, &[(1000, 1)]);
+        assert_eq!(general_full.admit(1001, false, 32), Err(Refusal::GeneralFull));
+        assert_eq!(general_full.admit(0, true, 32), Ok(()));
+        let full = open(MAX_CONNECTIONS, &[]);
+        assert_eq!(full.admit(0, true, 32), Err(Refusal::Full));
+        // privileged peers have no per-user cap
+        assert_eq!(open(100, &[(0, 100)]).admit(0, true, 32), Ok(()));
+    }
+
+    #[test]
+    fn slots_are_given_back_when_dropped() {
+        let slots = Slots::new(2);
+        let a = slots.take(7, false).unwrap();
+        let b = slots.take(7, false).unwrap();
+        assert!(matches!(slots.take(7, false), Err(Refusal::PerUser { .. })));
+        drop(a);
+        let c = slots.take(7, false).unwrap();
+        drop((b, c));
+        let open = slots.open.lock().unwrap();
+        assert_eq!((open.total, open.by_uid.len()), (0, 0));
+    }
+
+    #[test]
+    fn refusals_name_their_reason() {
+        let text = |r: Refusal| serde_json::to_string(&r.reply()).unwrap();
+        assert!(text(Refusal::PerUser { uid: 65534, limit: 32 }).contains("uid 65534 already has 32 connections"));
+        assert!(text(Refusal::GeneralFull).contains("without privileges"));
+        assert!(text(Refusal::Full).contains("\"busy\""));
+    }
+
+    #[test]
+    fn accept_backoff_doubles_up_to_a_second_and_resets() {
+        let mut backoff = AcceptBackoff::new("test");
+        let e = std::io::Error::from_raw_os_error(24);
+        let delays: Vec<u128> = (0..7).map(|_| backoff.failed(&e).as_millis()).collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000]);
+        backoff.succeeded();
+        assert_eq!(backoff.failed(&e), Duration::from_millis(50));
+    }
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, _peer: Peer, _request: Request) -> Reply {
+            Reply::ok("pong")
+        }
+    }
+
+    /// Serves `Echo` with `limits` on a fresh socket; returns a connected client.
+    async fn client(limits: Limits) -> (tempfile::TempDir, UnixStream) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = bind(&path, None).unwrap();
+        tokio::spawn(serve(listener, Arc::new(Echo), limits, std::future::pending()));
+        (dir, UnixStream::connect(&path).await.unwrap())
+    }
+
+    /// Replies read until the server closes the connection.
+    async fn replies(stream: UnixStream, requests: usize, every: Duration) -> usize {
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        let mut count = 0;
+        for _ in 0..requests {
+            let _ = write.write_all(b"{\"v\":1,\"op\":\"status\"}\n").await;
+            match tokio::time::timeout(Duration::from_secs(5), lines.next_line()).await {
+                Ok(Ok(Some(_))) => count += 1,
+                _ => break,
+            }
+            tokio::time::sleep(every).await;
+        }
+        count
+    }
+
+    #[tokio::test]
+    async fn a_connection_closes_after_its_request_cap() {
+        let limits = Limits {
+            max_requests: 3,
+            ..Limits::default()
+        };
+        let (_dir, stream) = client(limits).await;
+        assert_eq!(replies(stream, 10, Duration::ZERO).await, 3);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closes_at_the_end_of_its_lifetime() {
+        let limits = Limits {
+            lifetime: Duration::from_millis(600),
+            ..Limits::default()
+        };
+        let (_dir, stream) = client(limits).await;
+        // One request every 200 ms: a few are answered, then the connection is closed.
+        let answered = replies(stream, 50, Duration::from_millis(200)).await;
+        assert!((1..50).contains(&answered), "{answered}");
     }
 }

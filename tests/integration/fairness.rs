@@ -103,7 +103,12 @@ impl Holder {
     /// and waits for the report of how many were served.
     fn start(socket: &Path, uid: u32, count: usize) -> Holder {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "fairness::hold_connections_child", "--ignored", "--nocapture"])
+            .args([
+                "--exact",
+                "fairness::hold_connections_child",
+                "--ignored",
+                "--nocapture",
+            ])
             .args(["--test-threads", "1"])
             .env(HOLD_SOCKET, socket)
             .env(HOLD_COUNT, count.to_string())
@@ -234,9 +239,7 @@ fn cpu_time(pid: i32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
     let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap() as u64;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap().unwrap() as u64;
     Duration::from_millis(ticks * 1000 / per_second)
 }
 
