@@ -269,10 +269,10 @@ impl RefusalLog {
             return;
         }
         let message = refusal.reply().error.map(|e| e.message).unwrap_or_default();
-        tracing::warn!(
-            "refusing a connection: {message} ({} more refused since the last message)",
-            self.quiet
-        );
+        match self.quiet {
+            0 => tracing::warn!("refusing a connection: {message}"),
+            n => tracing::warn!("refusing a connection: {message} ({n} more refused since the last message)"),
+        }
         self.last = Some(Instant::now());
         self.quiet = 0;
     }
