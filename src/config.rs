@@ -52,6 +52,8 @@ pub struct Config {
     pub audit_rotation: crate::audit::Rotation,
     /// Where to serve Prometheus metrics; `None`: not at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How the socket's connections are shared (`[limits]`); read at start only.
+    pub limits: crate::api::server::Limits,
 }
 
 /// The group that owns the socket.
@@ -312,6 +314,8 @@ struct RawConfig {
     lockdown: RawLockdown,
     #[serde(default)]
     access: RawAccess,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -351,6 +355,61 @@ struct RawAccess {
     requesters: Vec<String>,
     #[serde(default)]
     viewers: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections_per_user: Option<i64>,
+    max_requests_per_connection: Option<i64>,
+    connection_lifetime: Option<String>,
+}
+
+/// `[limits]`: each key checked against its range; a missing key keeps the default.
+fn validate_limits(raw: RawLimits, problems: &mut Vec<String>) -> crate::api::server::Limits {
+    use crate::api::server::{Limits, GENERAL_CONNECTIONS};
+    let defaults = Limits::default();
+    let mut number = |field: &str, value: Option<i64>, most: i64, default: u64| match value {
+        None => default,
+        Some(n) if (1..=most).contains(&n) => n as u64,
+        Some(n) => {
+            problems.push(format!("limits.{field}: must be between 1 and {most}, got {n}"));
+            default
+        }
+    };
+    let per_user = number(
+        "max_connections_per_user",
+        raw.max_connections_per_user,
+        GENERAL_CONNECTIONS as i64,
+        defaults.per_user as u64,
+    ) as usize;
+    let max_requests = number(
+        "max_requests_per_connection",
+        raw.max_requests_per_connection,
+        u32::MAX as i64,
+        defaults.max_requests.into(),
+    ) as u32;
+    let lifetime = match raw.connection_lifetime {
+        None => defaults.lifetime,
+        Some(text) => match crate::duration::parse(&text) {
+            Ok(d) if (Duration::from_secs(1)..=MAX_DURATION_LIMIT).contains(&d) => d,
+            Ok(_) => {
+                problems.push(format!(
+                    "limits.connection_lifetime: must be between 1s and 24h, got {text:?}"
+                ));
+                defaults.lifetime
+            }
+            Err(e) => {
+                problems.push(format!("limits.connection_lifetime: {e}, got {text:?}"));
+                defaults.lifetime
+            }
+        },
+    };
+    Limits {
+        per_user,
+        max_requests,
+        lifetime,
+    }
 }
 
 /// Looks up a group id by name; injected so validation can be tested without `/etc/group`.
@@ -535,6 +594,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         access,
         audit_rotation,
         metrics_listen,
+        limits: validate_limits(raw.limits, problems),
     }
 }
 
@@ -988,6 +1048,53 @@ mod tests {
         for (text, expected) in cases {
             let message = first_problem(text);
             assert!(message.starts_with("/etc/jitd/jitd.toml: "), "{message}");
+            assert!(
+                message.contains(expected),
+                "{text:?}\n  gave {message}\n  wanted {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_parse_and_bad_ones_are_named() {
+        let c = parse(
+            "[limits]\nmax_connections_per_user = 8\nmax_requests_per_connection = 50\nconnection_lifetime = \"2m\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            crate::api::server::Limits {
+                per_user: 8,
+                max_requests: 50,
+                lifetime: Duration::from_secs(120)
+            }
+        );
+        assert_eq!(parse("").unwrap().limits, crate::api::server::Limits::default());
+        let cases = [
+            (
+                "max_connections_per_user = 0",
+                "limits.max_connections_per_user: must be between 1 and 448, got 0",
+            ),
+            (
+                "max_connections_per_user = 449",
+                "limits.max_connections_per_user: must be between 1 and 448, got 449",
+            ),
+            (
+                "max_requests_per_connection = -1",
+                "limits.max_requests_per_connection: must be between 1 and 4294967295, got -1",
+            ),
+            (
+                "connection_lifetime = \"0s\"",
+                "limits.connection_lifetime: must be between 1s and 24h, got \"0s\"",
+            ),
+            (
+                "connection_lifetime = \"soon\"",
+                "limits.connection_lifetime: not a duration",
+            ),
+            ("max_connections = 10", "unknown field `max_connections`"),
+        ];
+        for (text, expected) in cases {
+            let message = first_problem(&format!("[limits]\n{text}"));
             assert!(
                 message.contains(expected),
                 "{text:?}\n  gave {message}\n  wanted {expected}"

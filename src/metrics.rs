@@ -1,9 +1,10 @@
 //! Prometheus metrics (opt-in, `metrics_listen`): requests by outcome and reason, live
 //! grants, grant durations, drift repairs, nftables transaction latency, audit write
-//! failures and connections refused by the limit, served in the text exposition format.
+//! failures and connections refused by the limit, served in the text exposition format
+//! by a small HTTP server with its own connection cap and timeouts.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -14,6 +15,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 /// Labels of `jitd_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,28 +137,46 @@ impl Metrics {
     }
 }
 
+/// The most metrics connections served at once; further ones wait in the kernel's
+/// backlog (jitd does not accept them) until a slot frees.
+pub const MAX_METRICS_CONNECTIONS: usize = 16;
+/// How long a metrics client has to send its request, and then to take the reply.
+pub const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `GET /metrics` on `listener` until the task is dropped.
+///
+/// At most [`MAX_METRICS_CONNECTIONS`] at once, each closed if its request does not
+/// arrive within [`METRICS_TIMEOUT`]; after a failed accept (out of file descriptors:
+/// EMFILE, ENFILE) it backs off instead of retrying at once, logging once per burst.
 pub async fn serve(listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
+    let mut backoff = crate::api::server::AcceptBackoff::new("metrics");
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) => {
+                tokio::time::sleep(backoff.failed(&e)).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream)).await;
+            let _slot = slot;
+            let _ = answer(stream).await;
         });
     }
 }
 
+/// Reads the request head (up to 8 KiB, within [`METRICS_TIMEOUT`]) and answers it.
 async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
+    let request = tokio::time::timeout(METRICS_TIMEOUT, read_head(&mut stream))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let response = if request.starts_with(b"GET /metrics ") {
         let body = metrics().render();
         format!(
@@ -170,8 +190,26 @@ async fn answer(mut stream: TcpStream) -> std::io::Result<()> {
             body.len()
         )
     };
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let reply = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(METRICS_TIMEOUT, reply)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+}
+
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    Ok(request)
 }
 
 /// Binds the metrics listener.

@@ -159,6 +159,20 @@ impl<F: Firewall> Daemon<F> {
 }
 
 impl<F: Firewall> Handler for Daemon<F> {
+    /// Root and admins may use the connections reserved for them.
+    async fn privileged(&self, peer: Peer) -> bool {
+        if peer.uid == 0 {
+            return true;
+        }
+        let access = self.lock().config.access.clone();
+        tokio::task::spawn_blocking(move || {
+            let caller = Caller::resolve(peer.uid, peer.gid);
+            crate::policy::role_of(&access, &caller) == Some(crate::policy::Role::Admin)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     async fn handle(&self, peer: Peer, request: Request) -> Reply {
         let caller = tokio::task::spawn_blocking(move || Caller::resolve(peer.uid, peer.gid))
             .await
@@ -262,6 +276,7 @@ pub async fn run<F: Firewall>(
 ) -> Result<(), StartError> {
     let socket = config.socket.clone();
     let metrics_listen = config.metrics_listen;
+    let limits = config.limits;
     let gid = config.socket_group.as_ref().map(|g| g.gid);
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
@@ -315,7 +330,7 @@ pub async fn run<F: Firewall>(
     }
     systemd::ready(&ports);
     let failed = tokio::select! {
-        _ = server::serve(listener, daemon.clone(), shutdown) => None,
+        _ = server::serve(listener, daemon.clone(), limits, shutdown) => None,
         Some(ended) = tasks.join_next() => Some(task_failure(ended, &stopping_tx)),
     };
     systemd::stopping();

@@ -3,6 +3,7 @@
 
 mod audit_trail;
 mod config_checks;
+mod fairness;
 mod faults;
 mod grants;
 mod lockdown;
