@@ -430,9 +430,7 @@ fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
     )];
     syn.extend(interfaces());
     syn.push(eq(locked_key(), s("@locked")));
-    syn.push(Statement::Jump(JumpTarget {
-        target: SYN_CHAIN.into(),
-    }));
+    syn.push(jump(SYN_CHAIN));
     let mut rules = vec![
         vec![eq(meta(MetaKey::Iif), s("lo")), Statement::Accept(None)],
         syn,
@@ -611,7 +609,77 @@ mod tests {
         assert_eq!(chain["add"]["chain"]["hook"], "input");
         assert_eq!(chain["add"]["chain"]["policy"], "accept");
         let rules = cmds.iter().filter(|c| c["add"]["rule"].is_object()).count();
-        assert_eq!(rules, 10);
+        assert_eq!(rules, 23);
+    }
+
+    fn rules_of(batch: &Nftables, chain: &str) -> Vec<String> {
+        commands(batch)
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_syn_to_a_locked_port_is_judged_before_conntrack() {
+        let input = rules_of(&replace_table(&spec(), &[]), CHAIN);
+        let syn = input
+            .iter()
+            .position(|r| r.contains(r#"{"jump":{"target":"syn_check"}}"#));
+        let established = input.iter().position(|r| r.contains("established"));
+        assert_eq!(syn, Some(1), "{input:?}");
+        assert!(established > syn, "{input:?}");
+        assert!(
+            input[1].contains(r#"["fin","syn","rst","ack"]"#),
+            "ECE and CWR are masked off"
+        );
+        assert!(input[1].contains("@locked"));
+        let check = rules_of(&replace_table(&spec(), &[]), SYN_CHAIN);
+        assert_eq!(check.len(), 7, "{check:?}");
+        assert!(check[0].contains("@exempt4") && check[1].contains("@exempt6"));
+        assert!(check[6].contains("counter") && check[6].contains("drop"), "{check:?}");
+    }
+
+    #[test]
+    fn grant_rules_mark_the_connections_they_admit() {
+        let batch = replace_table(&spec(), &[]);
+        let mark = format!(r#"{{"|":[{{"ct":{{"key":"mark"}}}},{GRANT_CT_MARK}]}}"#);
+        let check = rules_of(&batch, SYN_CHAIN);
+        assert_eq!(check.iter().filter(|r| r.contains(&mark)).count(), 4, "{check:?}");
+        let input = rules_of(&batch, CHAIN);
+        let udp_grants: Vec<_> = input.iter().filter(|r| r.contains("@grants")).collect();
+        assert_eq!(udp_grants.len(), 4);
+        assert!(udp_grants
+            .iter()
+            .all(|r| r.contains(&mark) && r.contains(r#""right":"udp""#)));
+    }
+
+    #[test]
+    fn cut_sessions_are_checked_in_both_directions_and_reset() {
+        let batch = replace_table(&spec(), &[]);
+        let input = rules_of(&batch, CHAIN);
+        assert!(input[2].contains(r#""direction""#) && input[2].contains(r#"{"jump":{"target":"cut"}}"#));
+        assert_eq!(input[4], r#"[{"jump":{"target":"cut"}}]"#);
+        let cut = rules_of(&batch, CUT_CHAIN);
+        assert_eq!(cut.len(), 4);
+        assert!(cut[0].contains("tcp reset") && cut[0].contains("@cut4"), "{cut:?}");
+        assert!(cut[3].contains("@cut6") && cut[3].contains("drop"), "{cut:?}");
+        let key = |source: &str, transport| CutKey {
+            source: source.parse().unwrap(),
+            transport,
+            source_port: 40001,
+            port: 22,
+        };
+        let add = cut_sessions(&[key("10.0.0.1", Transport::Tcp), key("fd00::1", Transport::Udp)]).unwrap();
+        let text = serde_json::to_string(&add).unwrap();
+        assert!(
+            text.contains(
+                r#""name":"cut4","elem":[{"elem":{"val":{"concat":["10.0.0.1","tcp",40001,22]},"timeout":600"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"{"concat":["fd00::1","udp",40001,22]}"#), "{text}");
+        assert!(cut_sessions(&[]).is_none());
     }
 
     #[test]

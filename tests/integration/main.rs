@@ -5,6 +5,7 @@ mod audit_trail;
 mod faults;
 mod grants;
 mod lockdown;
+mod network_attacks;
 mod protocol;
 mod service;
 mod util;
