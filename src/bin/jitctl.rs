@@ -95,13 +95,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Command::Revoke { id, source, port } => {
-            let revoked: RevokedReply = call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
+        Command::Revoke {
+            id,
+            source,
+            port,
+            terminate,
+        } => {
+            let request = RevokeRequest {
+                id,
+                source,
+                port,
+                terminate,
+            };
+            let revoked: RevokedReply = call(socket, &Request::Revoke(request)).await?;
             if cli.json {
                 print_json(&revoked);
             } else {
                 for g in &revoked.revoked {
                     println!("revoked: id {} closed {}/{} for {}", g.id, g.port, g.protocol, g.source);
+                }
+                if terminate {
+                    println!("terminated {} session(s)", revoked.terminated.len());
+                }
+                for session in &revoked.terminated {
+                    println!("terminated: {session}");
                 }
             }
         }

@@ -392,7 +392,32 @@ impl<F: Firewall> Daemon<F> {
             .collect();
         st.changed();
         self.expiry_changed.notify_one();
-        Reply::ok(RevokedReply { revoked })
+        let mut terminated = Vec::new();
+        if request.terminate {
+            // h4: cut the sessions these grants admitted, and say so in the audit log
+            let result = crate::firewall::conntrack::terminate(&self.firewall, &keys).await;
+            let (outcome, wall) = (if result.is_ok() { Outcome::Done } else { Outcome::Failed }, Utc::now());
+            let records: Vec<AuditRecord> = targets
+                .iter()
+                .map(|g| {
+                    let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Terminate, outcome);
+                    r.reason = Some(match &result {
+                        Ok(cut) => crate::firewall::conntrack::summary(cut, &g.keys()),
+                        Err(e) => format!("cutting its sessions failed: {e}"),
+                    });
+                    r
+                })
+                .collect();
+            let logged = st.record(&records);
+            match result {
+                Ok(cut) => terminated = cut.iter().map(ToString::to_string).collect(),
+                Err(e) => return Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")),
+            }
+            if let Err(e) = logged {
+                return Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}"));
+            }
+        }
+        Reply::ok(RevokedReply { revoked, terminated })
     }
 
     fn refuse_revoke(&self, st: &mut State, caller: &Caller, request: &RevokeRequest, denial: Denial) -> Reply {

@@ -145,3 +145,78 @@ fn a_revoked_client_cannot_reconnect_from_its_old_4_tuple_after_a_stray_ack() {
 fn an_expired_client_cannot_reconnect_with_an_ecn_syn_after_a_stray_ack() {
     reconnect_after_stray_ack(GrantEnd::Expired, true);
 }
+
+/// The local port of a client's connection, as the host sees it.
+fn client_port(stream: &TcpStream) -> u16 {
+    stream.local_addr().unwrap().port()
+}
+
+#[test]
+fn terminate_cuts_exactly_the_sessions_the_revoked_grant_admitted() {
+    // A fresh namespace: this session is open before jitd first starts.
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let mut before = connect(&net.a, HOST_A4, 22).expect("connect before jitd");
+    assert!(exchange(&mut before, b"early"));
+    let setup = Setup::new(POLICY);
+    let jitd = setup.start(&net.host);
+    for source in [A4, B4] {
+        jitd.ctl_json(&["request", "--port", "22", "--source", source, "--duration", "1h"]);
+    }
+    let mut a1 = connect(&net.a, HOST_A4, 22).expect("a's first session");
+    let mut a2 = connect(&net.a, HOST_A4, 22).expect("a's second session");
+    let mut b1 = connect(&net.b, HOST_B4, 22).expect("b's session");
+    for s in [&mut a1, &mut a2, &mut b1, &mut before] {
+        assert!(exchange(s, b"granted"));
+    }
+    // revoke without --terminate leaves b's session alone (the default)
+    let plain = jitd.ctl_json(&["revoke", "--source", B4]);
+    assert_eq!(plain["terminated"], serde_json::Value::Null, "{plain}");
+    assert!(exchange(&mut b1, b"outlives its grant"));
+    let reply = jitd.ctl_json(&["revoke", "--terminate", "--source", A4]);
+    let cut: Vec<String> = serde_json::from_value(reply["terminated"].clone()).unwrap();
+    assert_eq!(cut.len(), 2, "a's two sessions are cut: {reply}");
+    for s in [&a1, &a2] {
+        let entry = format!("tcp {A4}:{} -> {HOST_A4}:22", client_port(s));
+        assert!(cut.contains(&entry), "{entry} in {cut:?}");
+    }
+    for (name, s) in [("a1", &mut a1), ("a2", &mut a2)] {
+        assert!(
+            wait_for(Duration::from_secs(10), || !exchange(s, b"after terminate")),
+            "{name} stops exchanging data"
+        );
+    }
+    assert!(exchange(&mut b1, b"b is not a"), "b's session is not cut");
+    assert!(exchange(&mut before, b"pre-jitd"), "the session older than jitd is not cut");
+    assert!(!can_connect(&net.a, HOST_A4, 22), "a's grant is gone");
+    let terminated: Vec<_> = setup
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "terminate")
+        .collect();
+    assert_eq!(terminated.len(), 1, "{terminated:?}");
+    assert_eq!(terminated[0]["outcome"], "done");
+    assert_eq!(terminated[0]["source"], A4);
+    let reason = terminated[0]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("terminated 2 session(s): "), "{reason}");
+    assert!(reason.contains(&format!("{A4}:{}", client_port(&a1))), "{reason}");
+}
+
+#[test]
+fn a_tampered_syn_check_chain_is_repaired() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new(POLICY);
+    let jitd = setup.start(&net.host);
+    let out = net.nft(&["flush", "chain", "inet", "jitd", "syn_check"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        wait_for(Duration::from_secs(20), || net.ruleset().contains("counter packets")
+            && net.ruleset().contains("@grants6_net ct mark set")
+            && !can_connect(&net.a, HOST_A4, 22)),
+        "jitd restores syn_check: {}\n{}",
+        net.ruleset(),
+        jitd.log_text()
+    );
+    assert!(setup.audit().iter().any(|r| r["action"] == "repair"));
+}
