@@ -267,7 +267,7 @@ mod tests {
         let sessions = [
             session("10.77.1.2", 40001, 22, marked),
             session("10.77.1.2", 40002, 22, GRANT_CT_MARK),
-            session("10.77.1.2", 40003, 22, 0x7),     // not admitted by a grant
+            session("10.77.1.2", 40003, 22, 0x7),      // not admitted by a grant
             session("10.77.1.2", 40004, 3389, marked), // another port
             session("10.77.2.2", 40005, 22, marked),   // another source
         ];
@@ -319,10 +319,7 @@ mod tests {
             };
             assert_eq!(parse_session(&object), Some(s));
         }
-        let icmp = Object {
-            kind: 0,
-            attrs: vec![],
-        };
+        let icmp = Object { kind: 0, attrs: vec![] };
         assert_eq!(parse_session(&icmp), None);
     }
 }

@@ -187,7 +187,10 @@ fn terminate_cuts_exactly_the_sessions_the_revoked_grant_admitted() {
         );
     }
     assert!(exchange(&mut b1, b"b is not a"), "b's session is not cut");
-    assert!(exchange(&mut before, b"pre-jitd"), "the session older than jitd is not cut");
+    assert!(
+        exchange(&mut before, b"pre-jitd"),
+        "the session older than jitd is not cut"
+    );
     assert!(!can_connect(&net.a, HOST_A4, 22), "a's grant is gone");
     let terminated: Vec<_> = setup
         .audit()
