@@ -82,6 +82,10 @@ pub struct RevokeRequest {
     /// With `source`: only grants on this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Also cut the sessions these grants admitted (their conntrack entries), for
+    /// incident response; by default established sessions outlive their grant.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminate: bool,
 }
 
 /// A reply line: `{"v":1,"ok":true,"result":{..}}` or `{"v":1,"ok":false,"error":{..}}`.
@@ -284,6 +288,9 @@ pub struct GrantedReply {
 pub struct RevokedReply {
     /// The grants that were ended.
     pub revoked: Vec<GrantInfo>,
+    /// With `terminate`: the sessions cut, as `tcp 192.0.2.7:40022 -> 198.51.100.1:22`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub terminated: Vec<String>,
 }
 
 /// Result of `audit`.

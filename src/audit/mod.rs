@@ -40,6 +40,8 @@ pub enum Action {
     Reload,
     /// jitd found its table changed by someone else and restored it.
     Repair,
+    /// The sessions a revoked grant admitted were cut (`revoke --terminate`).
+    Terminate,
 }
 
 /// How it ended.

@@ -100,8 +100,19 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let granted: GrantedReply = call(socket, &Request::Request(request)).await?;
             emit(json, &granted, print_granted)
         }
-        Command::Revoke { id, source, port } => {
-            let revoked: RevokedReply = call(socket, &Request::Revoke(RevokeRequest { id, source, port })).await?;
+        Command::Revoke {
+            id,
+            source,
+            port,
+            terminate,
+        } => {
+            let request = RevokeRequest {
+                id,
+                source,
+                port,
+                terminate,
+            };
+            let revoked: RevokedReply = call(socket, &Request::Revoke(request)).await?;
             emit(json, &revoked, print_revoked)
         }
         Command::Audit {
@@ -252,6 +263,9 @@ fn print_revoked(out: &mut dyn Write, revoked: &RevokedReply) -> io::Result<()> 
             g.protocol,
             escape_for_terminal(&g.source)
         )?;
+    }
+    for session in &revoked.terminated {
+        writeln!(out, "terminated: {}", escape_for_terminal(session))?;
     }
     Ok(())
 }

@@ -65,6 +65,10 @@ pub enum Command {
         /// With --source: only the grant on this port.
         #[arg(short, long, requires = "source")]
         port: Option<u16>,
+        /// Also cut the sessions the grants admitted (their conntrack entries); by
+        /// default established sessions outlive the grant.
+        #[arg(long)]
+        terminate: bool,
     },
     /// Read the audit log: every approval, denial (with the reason), expiry and revocation.
     #[command(args_conflicts_with_subcommands = true)]

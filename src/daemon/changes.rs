@@ -63,7 +63,7 @@ impl<F: Firewall> Daemon<F> {
             let mut st = self.lock();
             plan_revoke(&mut st, caller, &request, now)
         };
-        let (tx, revoked) = match planned {
+        let (tx, revoked, targets) = match planned {
             Ok(planned) => planned,
             Err(refusal) => {
                 let (denial, record) = *refusal;
@@ -78,11 +78,44 @@ impl<F: Firewall> Daemon<F> {
                 for g in &revoked {
                     tracing::info!(grant = g.id, user = %caller.name, "grant revoked");
                 }
-                Reply::ok(RevokedReply { revoked })
+                let terminated = if request.terminate {
+                    match self.terminate(caller, &targets, pings).await {
+                        Ok(cut) => cut,
+                        Err(reply) => return reply,
+                    }
+                } else {
+                    Vec::new()
+                };
+                Reply::ok(RevokedReply { revoked, terminated })
             }
             Err(super::commit::TxError::Audit(e)) => Reply::error("audit_failed", format!("revoke refused: {e}")),
             Err(e) => Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}")),
         }
+    }
+
+    /// Cuts the sessions the revoked `grants` admitted and records what was cut, one
+    /// record per grant (the cut is done first: the records say what it found).
+    async fn terminate(&self, caller: &Caller, grants: &[Grant], pings: &mut Pings) -> Result<Vec<String>, Reply> {
+        let keys: Vec<_> = grants.iter().flat_map(Grant::keys).collect();
+        let result = answering(pings, crate::firewall::conntrack::terminate(&self.firewall, &keys)).await;
+        let outcome = if result.is_ok() { Outcome::Done } else { Outcome::Failed };
+        let wall = Utc::now();
+        let records = grants
+            .iter()
+            .map(|g| {
+                let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Terminate, outcome);
+                r.reason = Some(match &result {
+                    Ok(cut) => crate::firewall::conntrack::summary(cut, &g.keys()),
+                    Err(e) => format!("cutting its sessions failed: {e}"),
+                });
+                r
+            })
+            .collect();
+        let logged = self.execute(Tx::records(records), pings).await;
+        let cut =
+            result.map_err(|e| Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")))?;
+        logged.map_err(|e| Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}")))?;
+        Ok(cut.iter().map(ToString::to_string).collect())
     }
 
     /// Re-reads the policy file as `caller` (admins only). An invalid policy changes
@@ -279,7 +312,7 @@ fn plan_revoke(
     caller: &Caller,
     request: &RevokeRequest,
     now: Instant,
-) -> Result<(Tx, Vec<crate::api::protocol::GrantInfo>), Refusal> {
+) -> Result<(Tx, Vec<crate::api::protocol::GrantInfo>, Vec<Grant>), Refusal> {
     let refuse = |d: Denial| {
         let mut r = AuditRecord::new(
             Utc::now(),
@@ -338,9 +371,9 @@ fn plan_revoke(
     let mut tx = Tx::records(Vec::new());
     let mut footprint = Footprint::default();
     let mut revoked = Vec::new();
-    for g in targets {
+    for g in &targets {
         let mut r = grant_record(
-            &g,
+            g,
             wall,
             Some(caller.uid),
             &caller.name,
@@ -350,7 +383,7 @@ fn plan_revoke(
         r.reason = Some(format!("revoked by {}", caller.name));
         tx.failed.push(failure_of(&r));
         tx.records.push(r);
-        footprint.touch(&st.book, &g, now);
+        footprint.touch(&st.book, g, now);
         if let Some((grant, deadline)) = st.book.remove(g.id) {
             revoked.push(grant_info(&grant, deadline.saturating_duration_since(now)));
             tx.undo.removed.push((grant, deadline));
@@ -358,7 +391,7 @@ fn plan_revoke(
     }
     tx.kernel = footprint.change(&st.book, now);
     tx.touched = footprint.into_touched();
-    Ok((tx, revoked))
+    Ok((tx, revoked, targets))
 }
 
 /// Books a new policy: the grants it no longer allows end, the table is replaced.

@@ -3,6 +3,7 @@
 //! or the `nft` program where the library cannot be loaded), [`RecordingFirewall`] in
 //! unit tests. Reading back goes over nfnetlink ([`netlink`], [`kernel`]).
 
+pub mod conntrack;
 pub mod kernel;
 pub mod libnft;
 pub mod monitor;

@@ -2,7 +2,9 @@
 //! GETRULE, GETSET, GETSETELEM). `nft list` fetches every set element and prints it as
 //! text or JSON, which takes seconds at 100,000 grants; a dump takes milliseconds.
 //!
-//! Writes stay with `nft` (the nftables crate's JSON batches): this module only reads.
+//! Writes stay with `nft` (the nftables crate's JSON batches): this module only reads
+//! nftables. [`Reader::request_to`] also speaks to other nfnetlink subsystems
+//! (ctnetlink, for [`super::conntrack`]).
 
 use std::io;
 
@@ -135,15 +137,28 @@ impl Reader {
     /// Sends one request and collects every object of the answer. `Ok(None)` when the
     /// kernel answers ENOENT (no such table or set).
     pub fn request(&mut self, msg: u16, dump: bool, attrs: &[(u16, Vec<u8>)]) -> io::Result<Option<Vec<Object>>> {
+        self.request_to(NFNL_SUBSYS_NFTABLES, msg, NFPROTO_INET, dump, attrs)
+    }
+
+    /// Like [`Reader::request`], to another nfnetlink subsystem (e.g. ctnetlink) and
+    /// with the nfgenmsg family `family`.
+    pub fn request_to(
+        &mut self,
+        subsys: u16,
+        msg: u16,
+        family: u8,
+        dump: bool,
+        attrs: &[(u16, Vec<u8>)],
+    ) -> io::Result<Option<Vec<Object>>> {
         self.seq = self.seq.wrapping_add(1);
-        let mut payload = vec![NFPROTO_INET, 0, 0, 0];
+        let mut payload = vec![family, 0, 0, 0];
         for (kind, value) in attrs {
             put_attr(&mut payload, *kind, value);
         }
         let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { NLM_F_ACK };
         let mut packet = Vec::with_capacity(HDR + payload.len());
         packet.extend_from_slice(&((HDR + payload.len()) as u32).to_ne_bytes());
-        packet.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        packet.extend_from_slice(&((subsys << 8) | msg).to_ne_bytes());
         packet.extend_from_slice(&flags.to_ne_bytes());
         packet.extend_from_slice(&self.seq.to_ne_bytes());
         packet.extend_from_slice(&0u32.to_ne_bytes());

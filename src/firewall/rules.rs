@@ -6,19 +6,41 @@
 //!   set locked                       inet_proto . inet_service
 //!   set grants4 / grants6            addr . inet_proto . inet_service   (timeout)
 //!   set grants4_net / grants6_net    prefix . inet_proto . inet_service (interval, timeout)
+//!   set cut4 / cut6                  addr . inet_proto . sport . dport  (timeout): terminated sessions
 //!   chain input  (filter hook input priority -10; policy accept)
 //!     iif "lo" accept
+//!     tcp flags & (fin|syn|rst|ack) == syn [iifname {..}] meta l4proto . th dport @locked jump syn_check
+//!     ct direction reply jump cut
 //!     ct state established,related accept
+//!     jump cut
 //!     ip saddr @exempt4 accept ; ip6 saddr @exempt6 accept
-//!     ip saddr . meta l4proto . th dport @grants4 accept   (and the three other grant sets)
-//!     [iifname {..}] tcp flags & (fin|syn|rst|ack) == syn  meta l4proto . th dport @locked counter drop
+//!     meta l4proto udp ip saddr . meta l4proto . th dport @grants4 ct mark set ct mark | 0x01000000 accept   (x4)
 //!     [iifname {..}] meta l4proto udp ct state new  meta l4proto . th dport @locked counter drop
+//!   chain syn_check                  a new TCP connection to a locked port
+//!     ip saddr @exempt4 accept ; ip6 saddr @exempt6 accept
+//!     ip saddr . meta l4proto . th dport @grants4 ct mark set ct mark | 0x01000000 accept   (x4)
+//!     counter drop
+//!   chain cut                        sessions `jitctl revoke --terminate` cut
+//!     meta l4proto tcp ip saddr . meta l4proto . th sport . th dport @cut4 reject with tcp reset
+//!     ip saddr . meta l4proto . th sport . th dport @cut4 drop             (and the same for ip6)
 //! ```
 //!
-//! Only a bare TCP SYN (a new connection attempt) is dropped. A TCP session that was
-//! open before the lockdown, on a host where conntrack was not tracking it yet, shows
-//! up as an unknown flow whose next packet is an ACK; conntrack picks it up as "new",
-//! so a `ct state new drop` would cut it. Matching the SYN keeps it alive.
+//! A TCP SYN to a locked port is judged before conntrack is asked: whatever state
+//! conntrack gives it (a stray ACK on an old 4-tuple can make a fresh SYN look
+//! "established"), it needs an exempt source or a live grant. The flags mask ignores
+//! ECE and CWR, so an ECN setup SYN (SYN|ECE|CWR) counts as a new connection too.
+//! Every other TCP packet is let through: a session that was open before the lockdown,
+//! on a host where conntrack was not tracking it yet, shows up as an unknown flow whose
+//! next packet is an ACK; conntrack picks it up as "new", so a `ct state new drop`
+//! would cut it. The fast path of an established session costs two failed compares
+//! (the SYN test, the direction test) before `ct state established` accepts it.
+//!
+//! A grant's accept rule sets bit [`GRANT_CT_MARK`] of the connection's ct mark, so
+//! that `revoke --terminate` cuts exactly the sessions grants admitted
+//! ([`super::conntrack`]). A terminated session's 4-tuple goes into `cut4`/`cut6`:
+//! once its conntrack entry is deleted, its next packet is picked up as a new flow
+//! (client to host: not established, reaches the second `jump cut`) or, when the host
+//! spoke first, as the reply direction of a new flow (caught by the first one).
 //!
 //! Grants are set elements with a timeout, so the kernel removes them on its own: a
 //! dead daemon never leaves a port open.
@@ -33,7 +55,7 @@ use nftables::expr::{
     BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
 };
 use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
-use nftables::stmt::{Counter, Match, Operator, Statement};
+use nftables::stmt::{Counter, JumpTarget, Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::config::{Config, Transport};
@@ -44,6 +66,15 @@ pub const TABLE: &str = "jitd";
 pub const CHAIN: &str = "input";
 /// Priority of the input chain: just before the usual `filter` (0) chains.
 pub const CHAIN_PRIORITY: i32 = -10;
+/// The regular chain that judges a new TCP connection to a locked port.
+pub const SYN_CHAIN: &str = "syn_check";
+/// The regular chain that stops the sessions `revoke --terminate` cut.
+pub const CUT_CHAIN: &str = "cut";
+/// The ct mark bit a grant's accept rule sets on the connection it admits (the other
+/// bits are left as they are). `revoke --terminate` cuts only connections with it.
+pub const GRANT_CT_MARK: u32 = 0x0100_0000;
+/// How long a terminated session's 4-tuple stays in `cut4`/`cut6`.
+pub const CUT_TIMEOUT: Duration = Duration::from_secs(600);
 const FAMILY: NfFamily = NfFamily::INet;
 
 /// What the lockdown consists of, independent of any grant.
@@ -110,6 +141,61 @@ pub fn grant_set(source: &IpNet) -> &'static str {
 /// All four grant sets, in rule order.
 pub const GRANT_SETS: [&str; 4] = ["grants4", "grants4_net", "grants6", "grants6_net"];
 
+/// The two sets of terminated sessions.
+pub const CUT_SETS: [&str; 2] = ["cut4", "cut6"];
+
+/// One session `revoke --terminate` cuts: the client's address and port, the
+/// transport and the (locked) port it reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CutKey {
+    /// The client's address.
+    pub source: std::net::IpAddr,
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// The client's port.
+    pub source_port: u16,
+    /// The port on this host.
+    pub port: u16,
+}
+
+/// A batch that puts `sessions` into the cut sets for [`CUT_TIMEOUT`]; `None` when
+/// there are none.
+pub fn cut_sessions(sessions: &[CutKey]) -> Option<Nftables<'static>> {
+    if sessions.is_empty() {
+        return None;
+    }
+    let mut batch = Batch::new();
+    for set in CUT_SETS {
+        let elems: Vec<_> = sessions
+            .iter()
+            .filter(|k| (set == "cut4") == k.source.is_ipv4())
+            .map(|k| {
+                let key = concat(vec![
+                    Expression::String(k.source.to_string().into()),
+                    s(k.transport.name()),
+                    Expression::Number(u32::from(k.source_port)),
+                    Expression::Number(u32::from(k.port)),
+                ]);
+                timed(key, CUT_TIMEOUT)
+            })
+            .collect();
+        if !elems.is_empty() {
+            batch.add(element(set, elems));
+        }
+    }
+    Some(batch.to_nftables())
+}
+
+fn timed(key: Expression<'static>, timeout: Duration) -> Expression<'static> {
+    Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
+        val: Box::new(key),
+        timeout: Some(timeout_secs(timeout)),
+        expires: None,
+        comment: None,
+        counter: None,
+    }))
+}
+
 /// A batch that replaces jitd's table whole (or creates it): the lockdown plus the
 /// given live grants, in one transaction, so the ports are never open in between.
 pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'static> {
@@ -121,12 +207,14 @@ pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'
     for set in sets() {
         batch.add(NfListObject::Set(Box::new(set)));
     }
-    batch.add(NfListObject::Chain(input_chain()));
-    for expr in chain_rules(spec) {
+    for chain in [CHAIN, SYN_CHAIN, CUT_CHAIN] {
+        batch.add(NfListObject::Chain(chain_named(chain)));
+    }
+    for (chain, expr) in chain_rules(spec) {
         batch.add(NfListObject::Rule(Rule {
             family: FAMILY,
             table: TABLE.into(),
-            chain: CHAIN.into(),
+            chain: chain.into(),
             expr: expr.into(),
             handle: None,
             index: None,
@@ -189,15 +277,7 @@ fn add_grant_elements(batch: &mut Batch<'static>, grants: &[GrantElement]) {
         let elems: Vec<_> = grants
             .iter()
             .filter(|g| grant_set(&g.key.source) == set)
-            .map(|g| {
-                Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
-                    val: Box::new(grant_key_expr(&g.key)),
-                    timeout: Some(timeout_secs(g.timeout)),
-                    expires: None,
-                    comment: None,
-                    counter: None,
-                }))
-            })
+            .map(|g| timed(grant_key_expr(&g.key), g.timeout))
             .collect();
         if !elems.is_empty() {
             batch.add(element(set, elems));
@@ -245,18 +325,20 @@ fn table() -> Table<'static> {
     }
 }
 
-fn input_chain() -> Chain<'static> {
+/// The base chain `input`, or one of the regular chains it jumps to.
+fn chain_named(name: &'static str) -> Chain<'static> {
+    let base = name == CHAIN;
     Chain {
         family: FAMILY,
         table: TABLE.into(),
-        name: CHAIN.into(),
+        name: name.into(),
         newname: None,
         handle: None,
-        _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Input),
-        prio: Some(CHAIN_PRIORITY),
+        _type: base.then_some(NfChainType::Filter),
+        hook: base.then_some(NfHook::Input),
+        prio: base.then_some(CHAIN_PRIORITY),
         dev: None,
-        policy: Some(NfChainPolicy::Accept),
+        policy: base.then_some(NfChainPolicy::Accept),
     }
 }
 
@@ -264,6 +346,14 @@ fn sets() -> Vec<Set<'static>> {
     let addr4 = SetType::Ipv4Addr;
     let addr6 = SetType::Ipv6Addr;
     let key = |addr| SetTypeValue::Concatenated(Cow::Owned(vec![addr, SetType::InetProto, SetType::InetService]));
+    let cut = |addr| {
+        SetTypeValue::Concatenated(Cow::Owned(vec![
+            addr,
+            SetType::InetProto,
+            SetType::InetService,
+            SetType::InetService,
+        ]))
+    };
     vec![
         set("exempt4", SetTypeValue::Single(addr4), &[SetFlag::Interval]),
         set("exempt6", SetTypeValue::Single(addr6), &[SetFlag::Interval]),
@@ -276,6 +366,8 @@ fn sets() -> Vec<Set<'static>> {
         set("grants4_net", key(addr4), &[SetFlag::Interval, SetFlag::Timeout]),
         set("grants6", key(addr6), &[SetFlag::Timeout]),
         set("grants6_net", key(addr6), &[SetFlag::Interval, SetFlag::Timeout]),
+        set("cut4", cut(addr4), &[SetFlag::Timeout]),
+        set("cut6", cut(addr6), &[SetFlag::Timeout]),
     ]
 }
 
@@ -305,33 +397,20 @@ fn element(set: &str, elems: Vec<Expression<'static>>) -> NfListObject<'static> 
     })
 }
 
-/// The statements of each rule of the input chain, in order.
-fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
-    let accept = || Statement::Accept(None);
-    let mut rules = vec![
-        vec![eq(meta(MetaKey::Iif), s("lo")), accept()],
-        vec![
-            Statement::Match(Match {
-                left: ct("state"),
-                right: Expression::List(vec![s("established"), s("related")]),
-                op: Operator::IN,
-            }),
-            accept(),
-        ],
-        vec![eq(payload("ip", "saddr"), s("@exempt4")), accept()],
-        vec![eq(payload("ip6", "saddr"), s("@exempt6")), accept()],
-    ];
-    for set in GRANT_SETS {
-        let family = if set.starts_with("grants4") { "ip" } else { "ip6" };
-        let key = concat(vec![
-            payload(family, "saddr"),
-            meta(MetaKey::L4proto),
-            payload("th", "dport"),
-        ]);
-        rules.push(vec![eq(key, s(&format!("@{set}"))), accept()]);
-    }
-    let locked_key = || concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]);
-    let interfaces = || -> Vec<Statement<'static>> {
+type RuleBody = Vec<Statement<'static>>;
+
+/// Every rule of the table: its chain and its statements, in order.
+fn chain_rules(spec: &LockdownSpec) -> Vec<(&'static str, RuleBody)> {
+    let mut rules: Vec<(&'static str, RuleBody)> = input_rules(spec).into_iter().map(|r| (CHAIN, r)).collect();
+    rules.extend(syn_check_rules().into_iter().map(|r| (SYN_CHAIN, r)));
+    rules.extend(cut_rules().into_iter().map(|r| (CUT_CHAIN, r)));
+    rules
+}
+
+/// The base chain: lo, new TCP connections to locked ports, cut sessions, conntrack,
+/// then UDP.
+fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
+    let interfaces = || -> RuleBody {
         if spec.interfaces.is_empty() {
             return Vec::new();
         }
@@ -341,21 +420,38 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
             Expression::Named(NamedExpression::Set(names)),
         )]
     };
-    let counter_drop = || vec![Statement::Counter(Counter::Anonymous(None)), Statement::Drop(None)];
-    // TCP: drop only a bare SYN, the first packet of a new connection.
-    let mut tcp = interfaces();
-    tcp.push(eq(meta(MetaKey::L4proto), s("tcp")));
-    tcp.push(eq(
+    // A new TCP connection: SYN set, FIN, RST and ACK clear (ECE and CWR ignored).
+    let mut syn = vec![eq(
         Expression::BinaryOperation(Box::new(BinaryOperation::AND(
             payload("tcp", "flags"),
             Expression::List(vec![s("fin"), s("syn"), s("rst"), s("ack")]),
         ))),
         s("syn"),
-    ));
-    tcp.push(eq(locked_key(), s("@locked")));
-    tcp.extend(counter_drop());
-    rules.push(tcp);
-    // UDP has no handshake: drop what conntrack has not seen before.
+    )];
+    syn.extend(interfaces());
+    syn.push(eq(locked_key(), s("@locked")));
+    syn.push(jump(SYN_CHAIN));
+    let mut rules = vec![
+        vec![eq(meta(MetaKey::Iif), s("lo")), Statement::Accept(None)],
+        syn,
+        vec![eq(ct("direction"), s("reply")), jump(CUT_CHAIN)],
+        vec![
+            Statement::Match(Match {
+                left: ct("state"),
+                right: Expression::List(vec![s("established"), s("related")]),
+                op: Operator::IN,
+            }),
+            Statement::Accept(None),
+        ],
+        vec![jump(CUT_CHAIN)],
+    ];
+    rules.extend(exempt_rules());
+    // UDP has no handshake: a grant admits what conntrack has not seen before...
+    for mut grant in grant_rules() {
+        grant.insert(0, eq(meta(MetaKey::L4proto), s("udp")));
+        rules.push(grant);
+    }
+    // ... and the rest of it is dropped.
     let mut udp = interfaces();
     udp.push(eq(meta(MetaKey::L4proto), s("udp")));
     udp.push(Statement::Match(Match {
@@ -367,6 +463,83 @@ fn chain_rules(spec: &LockdownSpec) -> Vec<Vec<Statement<'static>>> {
     udp.extend(counter_drop());
     rules.push(udp);
     rules
+}
+
+/// A new TCP connection to a locked port: exempt sources and grants pass, the rest is
+/// dropped, whatever conntrack thinks of it.
+fn syn_check_rules() -> Vec<RuleBody> {
+    let mut rules = exempt_rules();
+    rules.extend(grant_rules());
+    rules.push(counter_drop());
+    rules
+}
+
+/// Sessions in the cut sets: TCP gets a reset (the client learns at once), the rest
+/// is dropped.
+fn cut_rules() -> Vec<RuleBody> {
+    let mut rules = Vec::new();
+    for (set, family) in [("@cut4", "ip"), ("@cut6", "ip6")] {
+        let key = || {
+            concat(vec![
+                payload(family, "saddr"),
+                meta(MetaKey::L4proto),
+                payload("th", "sport"),
+                payload("th", "dport"),
+            ])
+        };
+        rules.push(vec![
+            eq(meta(MetaKey::L4proto), s("tcp")),
+            eq(key(), s(set)),
+            Statement::Reject(Some(Reject::new(Some(RejectType::TCPReset), None))),
+        ]);
+        rules.push(vec![eq(key(), s(set)), Statement::Drop(None)]);
+    }
+    rules
+}
+
+fn exempt_rules() -> Vec<RuleBody> {
+    vec![
+        vec![eq(payload("ip", "saddr"), s("@exempt4")), Statement::Accept(None)],
+        vec![eq(payload("ip6", "saddr"), s("@exempt6")), Statement::Accept(None)],
+    ]
+}
+
+/// One rule per grant set: a match marks the connection as admitted by a grant.
+fn grant_rules() -> Vec<RuleBody> {
+    GRANT_SETS
+        .iter()
+        .map(|set| {
+            let family = if set.starts_with("grants4") { "ip" } else { "ip6" };
+            let key = concat(vec![
+                payload(family, "saddr"),
+                meta(MetaKey::L4proto),
+                payload("th", "dport"),
+            ]);
+            vec![
+                eq(key, s(&format!("@{set}"))),
+                Statement::Mangle(Mangle {
+                    key: ct("mark"),
+                    value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                        ct("mark"),
+                        Expression::Number(GRANT_CT_MARK),
+                    ]))),
+                }),
+                Statement::Accept(None),
+            ]
+        })
+        .collect()
+}
+
+fn locked_key() -> Expression<'static> {
+    concat(vec![meta(MetaKey::L4proto), payload("th", "dport")])
+}
+
+fn counter_drop() -> RuleBody {
+    vec![Statement::Counter(Counter::Anonymous(None)), Statement::Drop(None)]
+}
+
+fn jump(chain: &'static str) -> Statement<'static> {
+    Statement::Jump(JumpTarget { target: chain.into() })
 }
 
 fn s(text: &str) -> Expression<'static> {
@@ -436,7 +609,77 @@ mod tests {
         assert_eq!(chain["add"]["chain"]["hook"], "input");
         assert_eq!(chain["add"]["chain"]["policy"], "accept");
         let rules = cmds.iter().filter(|c| c["add"]["rule"].is_object()).count();
-        assert_eq!(rules, 10);
+        assert_eq!(rules, 23);
+    }
+
+    fn rules_of(batch: &Nftables, chain: &str) -> Vec<String> {
+        commands(batch)
+            .iter()
+            .filter(|c| c["add"]["rule"]["chain"] == chain)
+            .map(|c| c["add"]["rule"]["expr"].to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_syn_to_a_locked_port_is_judged_before_conntrack() {
+        let input = rules_of(&replace_table(&spec(), &[]), CHAIN);
+        let syn = input
+            .iter()
+            .position(|r| r.contains(r#"{"jump":{"target":"syn_check"}}"#));
+        let established = input.iter().position(|r| r.contains("established"));
+        assert_eq!(syn, Some(1), "{input:?}");
+        assert!(established > syn, "{input:?}");
+        assert!(
+            input[1].contains(r#"["fin","syn","rst","ack"]"#),
+            "ECE and CWR are masked off"
+        );
+        assert!(input[1].contains("@locked"));
+        let check = rules_of(&replace_table(&spec(), &[]), SYN_CHAIN);
+        assert_eq!(check.len(), 7, "{check:?}");
+        assert!(check[0].contains("@exempt4") && check[1].contains("@exempt6"));
+        assert!(check[6].contains("counter") && check[6].contains("drop"), "{check:?}");
+    }
+
+    #[test]
+    fn grant_rules_mark_the_connections_they_admit() {
+        let batch = replace_table(&spec(), &[]);
+        let mark = format!(r#"{{"|":[{{"ct":{{"key":"mark"}}}},{GRANT_CT_MARK}]}}"#);
+        let check = rules_of(&batch, SYN_CHAIN);
+        assert_eq!(check.iter().filter(|r| r.contains(&mark)).count(), 4, "{check:?}");
+        let input = rules_of(&batch, CHAIN);
+        let udp_grants: Vec<_> = input.iter().filter(|r| r.contains("@grants")).collect();
+        assert_eq!(udp_grants.len(), 4);
+        assert!(udp_grants
+            .iter()
+            .all(|r| r.contains(&mark) && r.contains(r#""right":"udp""#)));
+    }
+
+    #[test]
+    fn cut_sessions_are_checked_in_both_directions_and_reset() {
+        let batch = replace_table(&spec(), &[]);
+        let input = rules_of(&batch, CHAIN);
+        assert!(input[2].contains(r#""direction""#) && input[2].contains(r#"{"jump":{"target":"cut"}}"#));
+        assert_eq!(input[4], r#"[{"jump":{"target":"cut"}}]"#);
+        let cut = rules_of(&batch, CUT_CHAIN);
+        assert_eq!(cut.len(), 4);
+        assert!(cut[0].contains("tcp reset") && cut[0].contains("@cut4"), "{cut:?}");
+        assert!(cut[3].contains("@cut6") && cut[3].contains("drop"), "{cut:?}");
+        let key = |source: &str, transport| CutKey {
+            source: source.parse().unwrap(),
+            transport,
+            source_port: 40001,
+            port: 22,
+        };
+        let add = cut_sessions(&[key("10.0.0.1", Transport::Tcp), key("fd00::1", Transport::Udp)]).unwrap();
+        let text = serde_json::to_string(&add).unwrap();
+        assert!(
+            text.contains(
+                r#""name":"cut4","elem":[{"elem":{"val":{"concat":["10.0.0.1","tcp",40001,22]},"timeout":600"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"{"concat":["fd00::1","udp",40001,22]}"#), "{text}");
+        assert!(cut_sessions(&[]).is_none());
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod fairness;
 mod faults;
 mod grants;
 mod lockdown;
+mod network_attacks;
 mod output;
 mod protocol;
 mod service;

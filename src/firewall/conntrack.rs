@@ -1,0 +1,325 @@
+//! Cuts the sessions grants admitted (`jitctl revoke --terminate`). It owns the
+//! ctnetlink side: the conntrack entries that carry [`GRANT_CT_MARK`] (set by a grant's
+//! accept rule, see [`super::rules`]) are dumped, those from a grant's source to its
+//! port and transport are chosen (pure: [`admitted_by`]), their 4-tuples go into the
+//! cut sets in one nftables batch, and then their entries are deleted.
+//!
+//! The order matters: once an entry is deleted, the session's next packet is picked up
+//! by conntrack as a new flow, and only the cut sets stop it; so they are filled first.
+//! Sessions of exempt sources, sessions open before jitd started and sessions of other
+//! grants carry no mark or do not match, and are left alone.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::netlink::{parse_attrs, put_attr, Object, Reader};
+use super::rules::{self, CutKey, GrantKey, GRANT_CT_MARK};
+use super::{Firewall, FirewallError};
+use crate::config::Transport;
+
+/// The nfnetlink subsystem of conntrack (ctnetlink).
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_GET: u16 = 1;
+const IPCTNL_MSG_CT_DELETE: u16 = 2;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const NLA_F_NESTED: u16 = 0x8000;
+
+/// Attribute numbers of linux/netfilter/nfnetlink_conntrack.h.
+mod cta {
+    pub const TUPLE_ORIG: u16 = 1;
+    pub const MARK: u16 = 8;
+    pub const MARK_MASK: u16 = 21;
+    pub const TUPLE_IP: u16 = 1;
+    pub const TUPLE_PROTO: u16 = 2;
+    pub const IP_V4_SRC: u16 = 1;
+    pub const IP_V4_DST: u16 = 2;
+    pub const IP_V6_SRC: u16 = 3;
+    pub const IP_V6_DST: u16 = 4;
+    pub const PROTO_NUM: u16 = 1;
+    pub const PROTO_SRC_PORT: u16 = 2;
+    pub const PROTO_DST_PORT: u16 = 3;
+}
+
+/// One tracked session, in its original direction (client to this host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Session {
+    /// TCP or UDP.
+    pub transport: Transport,
+    /// The client's address.
+    pub source: IpAddr,
+    /// The client's port.
+    pub source_port: u16,
+    /// This host's address.
+    pub destination: IpAddr,
+    /// This host's port.
+    pub port: u16,
+    /// The entry's ct mark.
+    pub mark: u32,
+}
+
+impl Session {
+    /// What the cut sets hold for it.
+    pub fn cut_key(&self) -> CutKey {
+        CutKey {
+            source: self.source,
+            transport: self.transport,
+            source_port: self.source_port,
+            port: self.port,
+        }
+    }
+}
+
+impl std::fmt::Display for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (src, dst) = (
+            std::net::SocketAddr::new(self.source, self.source_port),
+            std::net::SocketAddr::new(self.destination, self.port),
+        );
+        write!(f, "{} {src} -> {dst}", self.transport.name())
+    }
+}
+
+/// The sessions among `sessions` that one of `keys` admitted: marked by a grant rule,
+/// from inside the grant's source, to its port, over its transport.
+pub fn admitted_by(sessions: &[Session], keys: &[GrantKey]) -> Vec<Session> {
+    let mut chosen: Vec<Session> = sessions
+        .iter()
+        .filter(|s| s.mark & GRANT_CT_MARK != 0)
+        .filter(|s| {
+            keys.iter()
+                .any(|k| k.source.contains(&s.source) && k.port == s.port && k.transport == s.transport)
+        })
+        .copied()
+        .collect();
+    chosen.sort();
+    chosen.dedup();
+    chosen
+}
+
+/// The audit reason for the sessions of `keys` among those cut.
+pub fn summary(cut: &[Session], keys: &[GrantKey]) -> String {
+    let mine = admitted_by(cut, keys);
+    if mine.is_empty() {
+        return "terminated no session: none open".to_string();
+    }
+    let list: Vec<String> = mine.iter().map(Session::to_string).collect();
+    format!("terminated {} session(s): {}", mine.len(), list.join(", "))
+}
+
+/// Cuts every session `keys` admitted: cut-set elements first (one batch through
+/// `firewall`), then the conntrack entries. Returns the sessions cut.
+pub async fn terminate<F: Firewall>(firewall: &F, keys: &[GrantKey]) -> Result<Vec<Session>, FirewallError> {
+    let sessions = blocking(dump_marked).await?;
+    let chosen = admitted_by(&sessions, keys);
+    let cut: Vec<CutKey> = chosen.iter().map(Session::cut_key).collect();
+    if let Some(batch) = rules::cut_sessions(&cut) {
+        firewall.apply(&batch).await?;
+    }
+    let doomed = chosen.clone();
+    blocking(move || delete_entries(&doomed)).await?;
+    Ok(chosen)
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, FirewallError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| FirewallError::Output(e.to_string()))?
+        .map_err(|e| FirewallError::Output(format!("conntrack over netlink: {e}")))
+}
+
+/// Every conntrack entry (IPv4 and IPv6) whose mark has [`GRANT_CT_MARK`]; the kernel
+/// filters on the mark.
+fn dump_marked() -> io::Result<Vec<Session>> {
+    let mut reader = Reader::open()?;
+    let filter = [
+        (cta::MARK, GRANT_CT_MARK.to_be_bytes().to_vec()),
+        (cta::MARK_MASK, GRANT_CT_MARK.to_be_bytes().to_vec()),
+    ];
+    let mut sessions = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        let objects = reader
+            .request_to(NFNL_SUBSYS_CTNETLINK, IPCTNL_MSG_CT_GET, family, true, &filter)?
+            .unwrap_or_default();
+        sessions.extend(objects.iter().filter_map(parse_session));
+    }
+    Ok(sessions)
+}
+
+fn delete_entries(sessions: &[Session]) -> io::Result<()> {
+    let mut reader = Reader::open()?;
+    for s in sessions {
+        let family = if s.source.is_ipv4() { AF_INET } else { AF_INET6 };
+        // Ok(None): the entry was gone already (it timed out or was closed)
+        reader.request_to(
+            NFNL_SUBSYS_CTNETLINK,
+            IPCTNL_MSG_CT_DELETE,
+            family,
+            false,
+            &[(cta::TUPLE_ORIG | NLA_F_NESTED, tuple(s))],
+        )?;
+    }
+    Ok(())
+}
+
+/// A session's original tuple as the nested CTA_TUPLE_ORIG payload.
+fn tuple(s: &Session) -> Vec<u8> {
+    let mut ip = Vec::new();
+    match (s.source, s.destination) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            put_attr(&mut ip, cta::IP_V4_SRC, &src.octets());
+            put_attr(&mut ip, cta::IP_V4_DST, &dst.octets());
+        }
+        (src, dst) => {
+            put_attr(&mut ip, cta::IP_V6_SRC, &v6(src).octets());
+            put_attr(&mut ip, cta::IP_V6_DST, &v6(dst).octets());
+        }
+    }
+    let mut proto = Vec::new();
+    put_attr(&mut proto, cta::PROTO_NUM, &[protocol_number(s.transport)]);
+    put_attr(&mut proto, cta::PROTO_SRC_PORT, &s.source_port.to_be_bytes());
+    put_attr(&mut proto, cta::PROTO_DST_PORT, &s.port.to_be_bytes());
+    let mut tuple = Vec::new();
+    put_attr(&mut tuple, cta::TUPLE_IP | NLA_F_NESTED, &ip);
+    put_attr(&mut tuple, cta::TUPLE_PROTO | NLA_F_NESTED, &proto);
+    tuple
+}
+
+fn v6(addr: IpAddr) -> Ipv6Addr {
+    match addr {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(a) => a.to_ipv6_mapped(),
+    }
+}
+
+fn protocol_number(transport: Transport) -> u8 {
+    match transport {
+        Transport::Tcp => 6,
+        Transport::Udp => 17,
+    }
+}
+
+/// A conntrack entry of a dump as a [`Session`]; `None` for other protocols or
+/// malformed entries.
+pub fn parse_session(object: &Object) -> Option<Session> {
+    let orig = parse_attrs(object.get(cta::TUPLE_ORIG)?);
+    let nested = |kind| orig.iter().find(|a| a.kind == kind).map(|a| parse_attrs(&a.value));
+    let ip = nested(cta::TUPLE_IP)?;
+    let proto = nested(cta::TUPLE_PROTO)?;
+    let field = |attrs: &[super::netlink::Attr], kind| attrs.iter().find(|a| a.kind == kind).map(|a| a.value.clone());
+    let addr = |v4, v6| -> Option<IpAddr> {
+        if let Some(b) = field(&ip, v4) {
+            return Some(IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b.as_slice()).ok()?)));
+        }
+        let b = field(&ip, v6)?;
+        Some(IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b.as_slice()).ok()?)))
+    };
+    let port = |kind| -> Option<u16> { Some(u16::from_be_bytes(field(&proto, kind)?.try_into().ok()?)) };
+    let transport = match field(&proto, cta::PROTO_NUM)?.first()? {
+        6 => Transport::Tcp,
+        17 => Transport::Udp,
+        _ => return None,
+    };
+    let mark = object
+        .get(cta::MARK)
+        .and_then(|m| <[u8; 4]>::try_from(m).ok())
+        .map_or(0, u32::from_be_bytes);
+    Some(Session {
+        transport,
+        source: addr(cta::IP_V4_SRC, cta::IP_V6_SRC)?,
+        source_port: port(cta::PROTO_SRC_PORT)?,
+        destination: addr(cta::IP_V4_DST, cta::IP_V6_DST)?,
+        port: port(cta::PROTO_DST_PORT)?,
+        mark,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_prefix;
+    use crate::firewall::netlink::Attr;
+
+    fn session(source: &str, sport: u16, port: u16, mark: u32) -> Session {
+        Session {
+            transport: Transport::Tcp,
+            source: source.parse().unwrap(),
+            source_port: sport,
+            destination: "10.77.1.1".parse().unwrap(),
+            port,
+            mark,
+        }
+    }
+
+    fn key(source: &str, port: u16) -> GrantKey {
+        GrantKey {
+            source: parse_prefix(source).unwrap(),
+            transport: Transport::Tcp,
+            port,
+        }
+    }
+
+    #[test]
+    fn only_marked_sessions_from_the_grant_to_its_port_are_chosen() {
+        let marked = GRANT_CT_MARK | 0x7;
+        let sessions = [
+            session("10.77.1.2", 40001, 22, marked),
+            session("10.77.1.2", 40002, 22, GRANT_CT_MARK),
+            session("10.77.1.2", 40003, 22, 0x7),      // not admitted by a grant
+            session("10.77.1.2", 40004, 3389, marked), // another port
+            session("10.77.2.2", 40005, 22, marked),   // another source
+        ];
+        let chosen = admitted_by(&sessions, &[key("10.77.1.2", 22)]);
+        assert_eq!(chosen, sessions[..2].to_vec());
+        let prefix = admitted_by(&sessions, &[key("10.77.0.0/16", 22)]);
+        assert_eq!(prefix.len(), 3);
+        let mut udp = key("10.77.1.2", 22);
+        udp.transport = Transport::Udp;
+        assert!(admitted_by(&sessions, &[udp]).is_empty());
+    }
+
+    #[test]
+    fn the_summary_lists_the_sessions_of_a_grant() {
+        let cut = [session("10.77.1.2", 40001, 22, GRANT_CT_MARK)];
+        assert_eq!(
+            summary(&cut, &[key("10.77.1.2", 22)]),
+            "terminated 1 session(s): tcp 10.77.1.2:40001 -> 10.77.1.1:22"
+        );
+        assert_eq!(
+            summary(&cut, &[key("10.77.1.9", 22)]),
+            "terminated no session: none open"
+        );
+    }
+
+    #[test]
+    fn a_tuple_round_trips_through_the_dump_format() {
+        for s in [
+            session("10.77.1.2", 40001, 22, GRANT_CT_MARK),
+            Session {
+                transport: Transport::Udp,
+                source: "fd00:77:1::2".parse().unwrap(),
+                destination: "fd00:77:1::1".parse().unwrap(),
+                ..session("10.77.1.2", 5353, 3389, 0)
+            },
+        ] {
+            let object = Object {
+                kind: 0,
+                attrs: vec![
+                    Attr {
+                        kind: cta::TUPLE_ORIG,
+                        value: tuple(&s),
+                    },
+                    Attr {
+                        kind: cta::MARK,
+                        value: s.mark.to_be_bytes().to_vec(),
+                    },
+                ],
+            };
+            assert_eq!(parse_session(&object), Some(s));
+        }
+        let icmp = Object { kind: 0, attrs: vec![] };
+        assert_eq!(parse_session(&icmp), None);
+    }
+}
