@@ -445,7 +445,7 @@ impl<F: Firewall> Daemon<F> {
                 .map_err(|d| Reply::error(&d.code, d.message))?;
             st.config.state_dir.clone()
         };
-        tokio::task::spawn_blocking(move || audit::chain::verify(&audit::files(&dir)))
+        tokio::task::spawn_blocking(move || audit::chain::verify_dir(&dir))
             .await
             .map_err(|e| Reply::error("internal", e.to_string()))?
             .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
