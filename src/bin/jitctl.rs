@@ -6,7 +6,7 @@ use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
+    AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
     PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::{enum_text, AuditFilter};
@@ -140,26 +140,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             user,
             port,
             format,
+            limit,
+            cursor,
         } => {
-            let reply: AuditReply = call(
-                socket,
-                &Request::Audit(AuditFilter {
+            let query = AuditQuery {
+                filter: AuditFilter {
                     since,
                     until,
                     user,
                     port,
-                }),
-            )
-            .await?;
-            for w in &reply.warnings {
-                eprintln!("jitctl: warning: {w}");
-            }
-            match if cli.json { Format::Json } else { format } {
-                Format::Json => print_json(&reply.records),
-                Format::Csv => jitd::audit::write_csv(&reply.records, std::io::stdout().lock())
-                    .map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?,
-                Format::Table => print_audit(&reply),
-            }
+                },
+                limit: limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                cursor,
+            };
+            let format = if cli.json { Format::Json } else { format };
+            audit_pages(socket, query, format).await?;
         }
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
@@ -189,6 +184,75 @@ fn ssh_client_address() -> Result<String, Failure> {
     }
     eprintln!("jitctl: using your SSH client address {addr} as --source (from SSH_CONNECTION)");
     Ok(addr)
+}
+
+/// The page size jitctl asks for when it reads every record.
+const PAGE: usize = 1000;
+
+/// Prints the audit records a query asks for. With `--limit` or `--cursor`: one page,
+/// and the cursor to go on from (JSON: the reply with its `next_cursor`). Without: every
+/// record, fetched and printed page by page so that memory stays bounded (JSON: one
+/// array; CSV: one header).
+async fn audit_pages(socket: &std::path::Path, mut query: AuditQuery, format: Format) -> Result<(), Failure> {
+    let one_page = query.limit.is_some() || query.cursor.is_some();
+    if !one_page {
+        query.limit = Some(PAGE);
+    }
+    let mut first = true;
+    loop {
+        let reply: AuditReply = call(socket, &Request::Audit(query.clone())).await?;
+        for w in &reply.warnings {
+            eprintln!("jitctl: warning: {w}");
+        }
+        match format {
+            Format::Json if one_page => print_json(&reply),
+            Format::Json => print_json_items(&reply.records, first, reply.next_cursor.is_none()),
+            Format::Csv => print_csv(&reply, first)?,
+            Format::Table => print_audit(&reply),
+        }
+        first = false;
+        match reply.next_cursor {
+            Some(next) if !one_page => query.cursor = Some(next),
+            Some(next) if format != Format::Json => {
+                eprintln!("jitctl: more records: go on with --cursor {next}");
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Part of one JSON array printed across pages.
+fn print_json_items(records: &[jitd::audit::AuditRecord], first: bool, last: bool) {
+    let mut out = String::new();
+    if first {
+        out.push('[');
+    }
+    for (i, r) in records.iter().enumerate() {
+        if !(first && i == 0) {
+            out.push(',');
+        }
+        out.push_str("\n  ");
+        out.push_str(&serde_json::to_string(r).expect("records serialize"));
+    }
+    if last {
+        out.push_str("\n]");
+    }
+    if !out.is_empty() {
+        println!("{out}");
+    }
+}
+
+/// One page as CSV; the header row only on the first.
+fn print_csv(reply: &AuditReply, first: bool) -> Result<(), Failure> {
+    let mut buf = Vec::new();
+    jitd::audit::write_csv(&reply.records, &mut buf).map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?;
+    let body = match first {
+        true => &buf[..],
+        false => buf.iter().position(|b| *b == b'\n').map_or(&buf[..], |at| &buf[at + 1..]),
+    };
+    std::io::Write::write_all(&mut std::io::stdout().lock(), body)
+        .map_err(|e| Failure::Usage(format!("writing CSV: {e}")))
 }
 
 fn print_json(value: &impl serde::Serialize) {

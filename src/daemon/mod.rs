@@ -13,10 +13,10 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::api::protocol::{
-    AuditReply, GrantInfo, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply, StatusReply,
+    AuditQuery, AuditReply, GrantInfo, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply, StatusReply,
 };
 use crate::api::server::{self, Handler, Peer};
-use crate::audit::{self, Action, AuditFilter, AuditLog, AuditRecord, Outcome};
+use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::{format_prefix, parse_prefix, AllowedSources, Config, OnStop};
 use crate::firewall::kernel::{self, Fingerprint, KernelGrants};
 use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
@@ -85,6 +85,8 @@ struct State {
     /// Counts jitd's own changes to grants or the kernel, so that a check that read the
     /// kernel without the lock can tell whether its reading is still comparable.
     generation: u64,
+    /// Which refusals are audited in full and which only counted (H3).
+    refusals: audit::limit::RefusalLimiter,
 }
 
 impl State {
@@ -223,6 +225,7 @@ impl<F: Firewall> Daemon<F> {
             baseline,
             dirty: false,
             generation: 0,
+            refusals: Default::default(),
         };
         save_grants(&state);
         let (queue, inbox) = tokio::sync::mpsc::channel(4 * requests::MAX_BATCH);
@@ -256,7 +259,9 @@ impl<F: Firewall> Daemon<F> {
             ));
         }
         save_grants(&st);
-        if let Err(e) = st.record(&[record]) {
+        let mut records = st.refusals.flush(Utc::now());
+        records.push(record);
+        if let Err(e) = st.record(&records) {
             tracing::error!("{e}");
         }
     }
@@ -451,20 +456,35 @@ impl<F: Firewall> Daemon<F> {
             .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
     }
 
-    async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
+    async fn audit_query(&self, caller: &Caller, q: AuditQuery) -> Result<AuditReply, Reply> {
+        use audit::query::{self as aq, Cursor};
+        static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(aq::MAX_CONCURRENT);
         let path = {
             let st = self.state.lock().await;
             policy::require_role(&st.config.access, caller, Role::Viewer, "read the audit log")
                 .map_err(|d| Reply::error(&d.code, d.message))?;
             st.config.state_dir.clone()
         };
-        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_all(&path))
-            .await
-            .map_err(|e| Reply::error("internal", e.to_string()))?
-            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        let cursor = q.cursor.as_deref().map(Cursor::parse).transpose();
+        let cursor = cursor.map_err(|e| Reply::error("invalid_argument", e))?;
+        if q.limit == Some(0) {
+            return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0"));
+        }
+        let permit = RUNNING.try_acquire().map_err(|_| {
+            Reply::error("busy", format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT))
+        })?;
+        let limit = q.limit.unwrap_or(aq::MAX_LIMIT);
+        let page = tokio::task::spawn_blocking(move || {
+            let _permit = permit; // held until the reading ends, even if the client left
+            aq::query(&path, &q.filter, cursor.as_ref(), limit)
+        })
+        .await
+        .map_err(|e| Reply::error("internal", e.to_string()))?
+        .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
         Ok(AuditReply {
-            records: records.into_iter().filter(|r| filter.matches(r)).collect(),
-            warnings,
+            records: page.records,
+            warnings: page.warnings,
+            next_cursor: page.next.map(|c| c.encode()),
         })
     }
 }
@@ -485,7 +505,7 @@ impl<F: Firewall> Handler for Daemon<F> {
             },
             Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(&caller, r).await,
-            Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
+            Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
             Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => {
                 let path = {

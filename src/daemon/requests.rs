@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::{grant_info, grant_record, Daemon, State};
 use crate::api::protocol::{GrantRequest, GrantedReply, Reply, MAX_JUSTIFICATION_CHARS};
+use crate::audit::limit::Admit;
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::config::{format_prefix, parse_prefix, Protocol};
 use crate::firewall::rules::{GrantElement, GrantKey};
@@ -90,7 +91,7 @@ impl<F: Firewall> Daemon<F> {
         let mut st = self.state.lock().await;
         let locked = Instant::now();
         let mut changes = Changes::default();
-        let mut records = Vec::new();
+        let mut records = st.refusals.due_summaries(wall);
         let decided: Vec<Decided> = batch
             .iter()
             .map(|p| decide_one(&mut st, &mut changes, &mut records, p, now, wall))
@@ -198,9 +199,11 @@ fn decide_one(
     let news = match check(st, caller, request, wall) {
         Ok(news) => news,
         Err(denial) => {
-            let mut r = request_record(request, wall, caller);
-            r.reason = Some(format!("{}: {}", denial.code, denial.message));
-            records.push(r);
+            if st.refusals.admit(caller.uid, &caller.name, &denial.code, wall) == Admit::Record {
+                let mut r = request_record(request, wall, caller);
+                r.reason = Some(format!("{}: {}", denial.code, denial.message));
+                records.push(r);
+            }
             return Decided::Denied(denial);
         }
     };
