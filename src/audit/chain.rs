@@ -109,10 +109,18 @@ pub fn verify_dir(state_dir: &Path) -> std::io::Result<Verdict> {
     let mut n = 0u64;
     walk(&files, &mut verdict, |hash, file, line| {
         n += 1;
-        if anchor.as_ref().and_then(|a| a.head.as_ref()).is_some_and(|h| h.hash == hash) {
+        if anchor
+            .as_ref()
+            .and_then(|a| a.head.as_ref())
+            .is_some_and(|h| h.hash == hash)
+        {
             head_at = Some(n);
         }
-        if anchor.as_ref().and_then(|a| a.tail.as_ref()).is_some_and(|t| t.hash == hash) {
+        if anchor
+            .as_ref()
+            .and_then(|a| a.tail.as_ref())
+            .is_some_and(|t| t.hash == hash)
+        {
             tail_at = Some(n);
         }
         last = Some((file.to_path_buf(), line));
@@ -151,7 +159,9 @@ fn check_anchor(
     if let Some(d) = anchor.damage.first() {
         return Some(format!("records damage found by jitd when it opened the log: {d}"));
     }
-    let start = files.first().map_or("no audit file".to_string(), |f| format!("{}:1", f.display()));
+    let start = files
+        .first()
+        .map_or("no audit file".to_string(), |f| format!("{}:1", f.display()));
     let end = last.map_or("no record".to_string(), |(f, l)| format!("{}:{l}", f.display()));
     if let (Some(h), None) = (&anchor.head, head_at) {
         return Some(format!(
@@ -240,7 +250,10 @@ enum Line {
     /// garbage still breaks the link of the record after it).
     Torn,
     Bad(&'static str),
-    Good { hash: String, starts_late: bool },
+    Good {
+        hash: String,
+        starts_late: bool,
+    },
 }
 
 fn check_line(line: &[u8], prev: Option<&str>) -> Line {

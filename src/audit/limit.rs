@@ -174,10 +174,7 @@ fn summary(uid: Option<u32>, b: &Bucket, now: DateTime<Utc>) -> AuditRecord {
         None => "further uids (too many to track one by one)".to_string(),
     };
     let codes: Vec<String> = b.codes.iter().map(|(c, n)| format!("{c} x{n}")).collect();
-    let at = |t: Option<DateTime<Utc>>| {
-        t.unwrap_or(now)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    };
+    let at = |t: Option<DateTime<Utc>>| t.unwrap_or(now).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     let actor = if uid.is_some() { b.name.as_str() } else { "others" };
     let mut r = AuditRecord::new(now, uid, actor, Action::Request, Outcome::Suppressed);
     r.reason = Some(format!(
@@ -224,7 +221,11 @@ mod tests {
         );
         assert!(reason.ends_with("codes: forbidden x7"), "{reason}");
         assert_eq!(l.next_due(), None, "closed");
-        assert_eq!(l.admit(1001, "mallory", "forbidden", t(61)), Admit::Record, "a new interval");
+        assert_eq!(
+            l.admit(1001, "mallory", "forbidden", t(61)),
+            Admit::Record,
+            "a new interval"
+        );
     }
 
     #[test]
@@ -240,13 +241,25 @@ mod tests {
     fn uids_are_limited_apart_and_codes_counted_each() {
         let mut l = limiter(1, 10);
         for i in 0..4 {
-            l.admit(1001, "mallory", if i % 2 == 0 { "forbidden" } else { "invalid_argument" }, t(i));
+            l.admit(
+                1001,
+                "mallory",
+                if i % 2 == 0 { "forbidden" } else { "invalid_argument" },
+                t(i),
+            );
         }
-        assert_eq!(l.admit(1002, "bob", "forbidden", t(5)), Admit::Record, "bob has his own budget");
+        assert_eq!(
+            l.admit(1002, "bob", "forbidden", t(5)),
+            Admit::Record,
+            "bob has his own budget"
+        );
         let s = l.due_summaries(t(100));
         assert_eq!(s.len(), 1);
         assert!(
-            s[0].reason.as_deref().unwrap().ends_with("codes: forbidden x1, invalid_argument x2"),
+            s[0].reason
+                .as_deref()
+                .unwrap()
+                .ends_with("codes: forbidden x1, invalid_argument x2"),
             "{:?}",
             s[0].reason
         );
@@ -265,7 +278,11 @@ mod tests {
         assert_eq!(s.len(), 4, "three uids and the others");
         let others = s.iter().find(|r| r.actor_uid.is_none()).unwrap();
         assert!(
-            others.reason.as_deref().unwrap().starts_with("4985 refusal(s) from further uids"),
+            others
+                .reason
+                .as_deref()
+                .unwrap()
+                .starts_with("4985 refusal(s) from further uids"),
             "997 uids x 5, none in full: {:?}",
             others.reason
         );

@@ -450,7 +450,11 @@ fn open_anchor(state_dir: &Path, last_hash: Option<&str>) -> std::io::Result<(an
             t.hash,
             t.seq
         ));
-        tracing::error!("{}: {}", anchor::path(state_dir).display(), a.damage.last().expect("noted"));
+        tracing::error!(
+            "{}: {}",
+            anchor::path(state_dir).display(),
+            a.damage.last().expect("noted")
+        );
     }
     match loaded {
         Err(e) => {
@@ -676,7 +680,11 @@ mod tests {
     }
 
     fn problem(dir: &Path) -> String {
-        chain::verify_dir(dir).unwrap().broken.map(|b| b.problem).unwrap_or_default()
+        chain::verify_dir(dir)
+            .unwrap()
+            .broken
+            .map(|b| b.problem)
+            .unwrap_or_default()
     }
 
     #[test]
@@ -693,7 +701,11 @@ mod tests {
         );
         let v = chain::verify_dir(dir.path()).unwrap();
         assert_eq!(v.broken, None, "{v:?}");
-        assert!(v.notes.iter().any(|n| n.starts_with("rotation removed ")), "{:?}", v.notes);
+        assert!(
+            v.notes.iter().any(|n| n.starts_with("rotation removed ")),
+            "{:?}",
+            v.notes
+        );
         let a = anchor::load(dir.path()).unwrap().unwrap();
         assert_eq!(a.tail.unwrap().seq, a.removed_records + records.len() as u64);
     }
@@ -703,14 +715,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         rotated_log(dir.path());
         std::fs::remove_file(dir.path().join("audit.jsonl.2")).unwrap();
-        assert!(problem(dir.path()).contains("cut from the start"), "{}", problem(dir.path()));
+        assert!(
+            problem(dir.path()).contains("cut from the start"),
+            "{}",
+            problem(dir.path())
+        );
         // the first line of the oldest file removed
         let dir = tempfile::tempdir().unwrap();
         rotated_log(dir.path());
         let oldest = dir.path().join("audit.jsonl.2");
         let text = std::fs::read_to_string(&oldest).unwrap();
         std::fs::write(&oldest, text.split_once('\n').unwrap().1).unwrap();
-        assert!(problem(dir.path()).contains("cut from the start"), "{}", problem(dir.path()));
+        assert!(
+            problem(dir.path()).contains("cut from the start"),
+            "{}",
+            problem(dir.path())
+        );
     }
 
     #[test]
@@ -722,7 +742,11 @@ mod tests {
         let mut lines: Vec<&str> = text.lines().collect();
         lines.pop();
         std::fs::write(dir.path().join(AUDIT_FILE), lines.join("\n") + "\n").unwrap();
-        assert!(problem(dir.path()).contains("cut from the end"), "{}", problem(dir.path()));
+        assert!(
+            problem(dir.path()).contains("cut from the end"),
+            "{}",
+            problem(dir.path())
+        );
         // jitd restarts on the cut log and writes on: the damage stays on record
         let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
         log.append(&[record(30, "bob", 22)]).unwrap();

@@ -105,7 +105,10 @@ pub fn query(state_dir: &Path, filter: &AuditFilter, cursor: Option<&Cursor>, li
             let record = match serde_json::from_slice::<AuditRecord>(line) {
                 Ok(r) => r,
                 Err(e) => {
-                    warn(&mut page.warnings, format!("{}: skipped unreadable record at byte {at}: {e}", path.display()));
+                    warn(
+                        &mut page.warnings,
+                        format!("{}: skipped unreadable record at byte {at}: {e}", path.display()),
+                    );
                     continue;
                 }
             };
@@ -133,7 +136,9 @@ pub fn query(state_dir: &Path, filter: &AuditFilter, cursor: Option<&Cursor>, li
 /// (rotation renames files, it does not change them), then scans for the hash.
 fn locate(files: &[PathBuf], c: &Cursor) -> std::io::Result<Option<(usize, u64)>> {
     let hinted = files.iter().position(|f| file_name(f) == c.file);
-    let order = hinted.into_iter().chain((0..files.len()).rev().filter(|i| Some(*i) != hinted));
+    let order = hinted
+        .into_iter()
+        .chain((0..files.len()).rev().filter(|i| Some(*i) != hinted));
     for i in order {
         if let Some(next) = line_at(&files[i], c.offset, &c.hash)? {
             return Ok(Some((i, next)));
@@ -156,9 +161,7 @@ fn line_at(path: &Path, offset: u64, hash: &str) -> std::io::Result<Option<u64>>
     let mut scan = Scan::open(path, offset)?;
     let mut ignored = Vec::new();
     Ok(match scan.next_line(true, &mut ignored)? {
-        Some((at, line)) if at == offset && chain::claimed_hash(line) == Some(hash) => {
-            Some(at + line.len() as u64 + 1)
-        }
+        Some((at, line)) if at == offset && chain::claimed_hash(line) == Some(hash) => Some(at + line.len() as u64 + 1),
         _ => None,
     })
 }
@@ -207,7 +210,10 @@ impl Scan {
             }
             if self.buf.last() != Some(&b'\n') {
                 if !newest {
-                    warn(warnings, format!("{}: skipped an incomplete last line at byte {at}", self.path.display()));
+                    warn(
+                        warnings,
+                        format!("{}: skipped an incomplete last line at byte {at}", self.path.display()),
+                    );
                 }
                 return Ok(None);
             }
@@ -273,7 +279,14 @@ mod tests {
     #[test]
     fn pages_cover_every_match_once_in_order_across_rotated_files() {
         let dir = tempfile::tempdir().unwrap();
-        log(dir.path(), 100, Rotation { max_bytes: 2000, keep: 50 });
+        log(
+            dir.path(),
+            100,
+            Rotation {
+                max_bytes: 2000,
+                keep: 50,
+            },
+        );
         assert!(files(dir.path()).len() > 5);
         let (all, pages) = page_all(dir.path(), &AuditFilter::default(), 7);
         assert_eq!(all, (0..100).collect::<Vec<u64>>());
@@ -289,7 +302,10 @@ mod tests {
     #[test]
     fn a_cursor_survives_rotation_between_pages() {
         let dir = tempfile::tempdir().unwrap();
-        let rotation = Rotation { max_bytes: 2000, keep: 50 };
+        let rotation = Rotation {
+            max_bytes: 2000,
+            keep: 50,
+        };
         let mut log = log(dir.path(), 20, rotation);
         let first = query(dir.path(), &AuditFilter::default(), None, 5).unwrap();
         let cursor = first.next.unwrap();
@@ -301,7 +317,10 @@ mod tests {
         assert_eq!(got, vec![5, 6, 7, 8, 9]);
         assert!(next.warnings.is_empty());
         // the hint's offset is wrong too (an edited cursor): found by its hash
-        let moved = Cursor { offset: 3, ..cursor.clone() };
+        let moved = Cursor {
+            offset: 3,
+            ..cursor.clone()
+        };
         let again = query(dir.path(), &AuditFilter::default(), Some(&moved), 1).unwrap();
         assert_eq!(again.records[0].duration_secs, Some(5));
     }
@@ -309,8 +328,18 @@ mod tests {
     #[test]
     fn a_cursor_rotated_away_says_so_and_starts_over() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = log(dir.path(), 10, Rotation { max_bytes: 1500, keep: 1 });
-        let cursor = query(dir.path(), &AuditFilter::default(), None, 1).unwrap().next.unwrap();
+        let mut log = log(
+            dir.path(),
+            10,
+            Rotation {
+                max_bytes: 1500,
+                keep: 1,
+            },
+        );
+        let cursor = query(dir.path(), &AuditFilter::default(), None, 1)
+            .unwrap()
+            .next
+            .unwrap();
         for i in 10..40 {
             log.append(&[record(i)]).unwrap();
         }

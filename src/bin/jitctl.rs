@@ -6,8 +6,8 @@ use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply, StatusReply,
-    PROTOCOL_ERROR_CODES,
+    AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, ReloadReply, Request, RevokeRequest, RevokedReply,
+    StatusReply, PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
@@ -249,7 +249,10 @@ fn print_csv(reply: &AuditReply, first: bool) -> Result<(), Failure> {
     jitd::audit::write_csv(&reply.records, &mut buf).map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?;
     let body = match first {
         true => &buf[..],
-        false => buf.iter().position(|b| *b == b'\n').map_or(&buf[..], |at| &buf[at + 1..]),
+        false => buf
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(&buf[..], |at| &buf[at + 1..]),
     };
     std::io::Write::write_all(&mut std::io::stdout().lock(), body)
         .map_err(|e| Failure::Usage(format!("writing CSV: {e}")))

@@ -13,7 +13,8 @@ use tokio::sync::{Mutex, Notify};
 use tokio::time::Instant;
 
 use crate::api::protocol::{
-    AuditQuery, AuditReply, GrantInfo, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply, StatusReply,
+    AuditQuery, AuditReply, GrantInfo, PortStatus, ReloadReply, Reply, Request, RevokeRequest, RevokedReply,
+    StatusReply,
 };
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
@@ -471,7 +472,10 @@ impl<F: Firewall> Daemon<F> {
             return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0"));
         }
         let permit = RUNNING.try_acquire().map_err(|_| {
-            Reply::error("busy", format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT))
+            Reply::error(
+                "busy",
+                format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT),
+            )
         })?;
         let limit = q.limit.unwrap_or(aq::MAX_LIMIT);
         let page = tokio::task::spawn_blocking(move || {
