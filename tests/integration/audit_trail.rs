@@ -288,18 +288,6 @@ fn verify_catches_records_cut_from_the_end_or_the_start_across_rotation() {
     assert!(dir.join("audit.jsonl.3").exists(), "rotated");
     let (code, text) = verify(&jitd);
     assert_eq!(code, Some(0), "{text}");
-    assert!(
-        all_records(&dir).iter().any(|r| r["action"] == "rotate"
-            && r["reason"]
-                .as_str()
-                .unwrap()
-                .starts_with("rotation deleted audit.jsonl.3")),
-        "rotation states what it deleted: {:?}",
-        all_records(&dir)
-            .iter()
-            .map(|r| r["reason"].clone())
-            .collect::<Vec<_>>()
-    );
     let newest = ["audit.jsonl", "audit.jsonl.1"]
         .iter()
         .map(|f| dir.join(f))
@@ -336,4 +324,16 @@ fn verify_catches_records_cut_from_the_end_or_the_start_across_rotation() {
     let (code, text) = attack(&oldest, &|l| l[1] = l[1].replace("\"port", "\"p0rt"));
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("audit.jsonl.3:2 was changed"), "{text}");
+    assert!(
+        all_records(&dir).iter().any(|r| r["action"] == "rotate"
+            && r["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("rotation deleted audit.jsonl.3")),
+        "rotation states what it deleted: {:?}",
+        all_records(&dir)
+            .iter()
+            .map(|r| r["reason"].clone())
+            .collect::<Vec<_>>()
+    );
 }
