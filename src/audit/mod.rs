@@ -780,6 +780,31 @@ mod tests {
         assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
     }
 
+    /// What the anchor costs per append: `cargo test --release --lib anchor_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn anchor_cost() {
+        let dir = tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        let n = 2000;
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            log.append(&[record(i % 60, "bob", 22)]).unwrap();
+        }
+        let append = start.elapsed() / n;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            anchor::save(dir.path(), &log.anchor, false).unwrap();
+        }
+        let save = start.elapsed() / n;
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            anchor::save(dir.path(), &log.anchor, true).unwrap();
+        }
+        let durable = start.elapsed() / 200;
+        println!("append with anchor {append:?}; of it anchor save {save:?}; a synced anchor save {durable:?}");
+    }
+
     #[test]
     fn filters_combine() {
         let r = record(30, "bob", 22);
