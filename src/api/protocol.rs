@@ -41,8 +41,8 @@ pub enum Request {
     Request(GrantRequest),
     /// End grants early.
     Revoke(RevokeRequest),
-    /// Read the audit log.
-    Audit(AuditFilter),
+    /// Read the audit log, one page at a time.
+    Audit(AuditQuery),
     /// Walk the audit log's hash chain.
     AuditVerify,
     /// Re-read the policy file.
@@ -67,6 +67,21 @@ pub struct GrantRequest {
     /// Why (free text, recorded in the audit log).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub justification: Option<String>,
+}
+
+/// Arguments of `audit`: a filter, and which page.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Which records.
+    #[serde(flatten)]
+    pub filter: AuditFilter,
+    /// The most records in the reply (default and cap: 10,000, see
+    /// [`crate::audit::query::MAX_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Go on after the page that returned this `next_cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// Arguments of `revoke`: a grant id, or a source (and optionally a port).
@@ -298,8 +313,12 @@ pub struct RevokedReply {
 pub struct AuditReply {
     /// Matching records, oldest first.
     pub records: Vec<AuditRecord>,
-    /// Lines that could not be read.
+    /// Lines that could not be read, a cursor rotated away.
     pub warnings: Vec<String>,
+    /// Present when the page ended at its limit: ask again with this `cursor` for the
+    /// next page (which may be empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Result of `reload`.
@@ -333,10 +352,15 @@ mod tests {
                 id: Some(4),
                 ..Default::default()
             }),
-            Request::Audit(AuditFilter {
-                port: Some(22),
-                ..Default::default()
+            Request::Audit(AuditQuery {
+                filter: AuditFilter {
+                    port: Some(22),
+                    ..Default::default()
+                },
+                limit: Some(50),
+                cursor: Some(format!("v1:{}:audit.jsonl:0", "0".repeat(64))),
             }),
+            Request::Audit(AuditQuery::default()),
         ];
         for r in requests {
             let line = encode_request(&r);
@@ -344,6 +368,17 @@ mod tests {
             assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
         }
         assert_eq!(decode_request(br#"{"v":1,"op":"status"}"#).unwrap(), Request::Status);
+        // an older client's audit request, without paging fields
+        assert_eq!(
+            decode_request(br#"{"v":1,"op":"audit","user":"bob"}"#).unwrap(),
+            Request::Audit(AuditQuery {
+                filter: AuditFilter {
+                    user: Some("bob".into()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+        );
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! flushed to disk (fsync) before a decision is answered, hash-chained ([`chain`]),
 //! rotated by size (`audit.jsonl.1` is the newest rotated file); queries and CSV export.
 
+pub mod anchor;
 pub mod chain;
 pub mod export;
 
 pub use export::{write_csv, CSV_HEADER};
+pub mod limit;
+pub mod query;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -42,6 +45,8 @@ pub enum Action {
     Repair,
     /// The sessions a revoked grant admitted were cut (`revoke --terminate`).
     Terminate,
+    /// Rotation deleted the oldest audit file; `reason` says what it held.
+    Rotate,
 }
 
 /// How it ended.
@@ -64,6 +69,9 @@ pub enum Outcome {
     Done,
     /// Drift found and the table restored.
     Repaired,
+    /// Refusals counted but not recorded one by one (see [`limit`]); `reason` says
+    /// how many, between when, with which codes.
+    Suppressed,
 }
 
 /// One decision or event.
@@ -206,11 +214,17 @@ pub struct AuditLog {
     len: u64,
     last_hash: String,
     rotation: Rotation,
+    /// The chain's ends as last written to `audit.anchor`.
+    anchor: anchor::Anchor,
+    /// The newest record's position in the chain since its first record (1-based).
+    seq: u64,
 }
 
 impl AuditLog {
     /// Opens (creating, mode 0600) the audit log in `state_dir`. A torn last line left
     /// by a crash is closed with a newline so that the next record starts on its own line.
+    /// The anchor is read (or, for a log without one, created from the files); a log
+    /// that ends before the anchored tail is noted as damage in the anchor.
     pub fn open(state_dir: &Path, rotation: Rotation) -> Result<AuditLog, AuditError> {
         use std::io::{Read, Seek, SeekFrom};
         use std::os::unix::fs::OpenOptionsExt;
@@ -250,6 +264,7 @@ impl AuditLog {
                 break;
             }
         }
+        let (anchor, seq) = open_anchor(state_dir, last_hash.as_deref()).map_err(fail)?;
         let last_hash = last_hash.unwrap_or_else(|| chain::GENESIS.to_string());
         Ok(AuditLog {
             dir: state_dir.to_path_buf(),
@@ -258,6 +273,8 @@ impl AuditLog {
             len,
             last_hash,
             rotation,
+            anchor,
+            seq,
         })
     }
 
@@ -275,8 +292,21 @@ impl AuditLog {
     /// they are on disk. Returns whether the file was rotated afterwards (the next
     /// record starts a new `audit.jsonl`).
     pub fn append(&mut self, records: &[AuditRecord]) -> Result<bool, AuditError> {
+        self.write_sealed(records)?;
+        if self.len <= self.rotation.max_bytes {
+            return Ok(false);
+        }
+        let path = self.path.clone();
+        self.rotate().map_err(|source| AuditError { path, source })?;
+        Ok(true)
+    }
+
+    /// Seals `records` into the chain, writes and syncs them, then moves the anchor's
+    /// tail (without fsync: a tail older than the log is fine, see [`anchor`]).
+    fn write_sealed(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
         let mut buf = Vec::new();
         let mut last = self.last_hash.clone();
+        let mut first = None;
         for record in records {
             let mut record = record.clone();
             record.prev = Some(last);
@@ -285,6 +315,7 @@ impl AuditLog {
             let (line, hash) = chain::seal(&unsealed);
             buf.extend_from_slice(&line);
             buf.push(b'\n');
+            first.get_or_insert_with(|| hash.clone());
             last = hash;
         }
         let fail = |source| AuditError {
@@ -295,20 +326,41 @@ impl AuditLog {
         self.file.sync_data().map_err(fail)?;
         self.len += buf.len() as u64;
         self.last_hash = last;
-        if self.len <= self.rotation.max_bytes {
-            return Ok(false);
+        let Some(first) = first else { return Ok(()) };
+        let new_head = self.anchor.head.is_none();
+        if new_head {
+            self.anchor.head = Some(anchor::Mark {
+                hash: first,
+                seq: self.seq + 1,
+            });
         }
-        let path = self.path.clone();
-        self.rotate().map_err(|source| AuditError { path, source })?;
-        Ok(true)
+        self.seq += records.len() as u64;
+        self.anchor.tail = Some(anchor::Mark {
+            hash: self.last_hash.clone(),
+            seq: self.seq,
+        });
+        // The records are on disk and stand; an anchor that lags behind is accepted
+        // by verify, so a failure here is reported, not fatal.
+        if let Err(e) = anchor::save(&self.dir, &self.anchor, new_head) {
+            tracing::error!("cannot update {}: {e}", anchor::path(&self.dir).display());
+        }
+        Ok(())
     }
 
     /// `audit.jsonl` becomes `audit.jsonl.1` (older ones move up, the oldest beyond
-    /// `keep` is deleted) and a new, empty `audit.jsonl` continues the chain.
+    /// `keep` is deleted) and a new `audit.jsonl` continues the chain. When a file is
+    /// deleted, the anchor's head moves first (synced), and the new file starts with a
+    /// `rotate` record stating what was removed.
     fn rotate(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
-        let numbered = |n: usize| self.dir.join(format!("{AUDIT_FILE}.{n}"));
-        let _ = std::fs::remove_file(numbered(self.rotation.keep));
+        let dir = self.dir.clone();
+        let numbered = |n: usize| dir.join(format!("{AUDIT_FILE}.{n}"));
+        let oldest = numbered(self.rotation.keep);
+        let removed = match oldest.exists() {
+            true => Some(self.move_head_past(&oldest)?),
+            false => None,
+        };
+        let _ = std::fs::remove_file(&oldest);
         for n in (1..self.rotation.keep).rev() {
             if numbered(n).exists() {
                 std::fs::rename(numbered(n), numbered(n + 1))?;
@@ -329,8 +381,110 @@ impl AuditLog {
             self.path.display(),
             numbered(1).display()
         );
+        if let Some(summary) = removed {
+            let record = self.rotate_record(&oldest, &summary);
+            self.write_sealed(&[record]).map_err(|e| e.source)?;
+        }
         Ok(())
     }
+
+    /// Before `oldest` is deleted: the anchor's head moves to the first record after it
+    /// and counts what goes, synced. Returns what `oldest` holds.
+    fn move_head_past(&mut self, oldest: &Path) -> std::io::Result<chain::FileSummary> {
+        let summary = chain::summarize(oldest)?;
+        let next = files(&self.dir)
+            .into_iter()
+            .skip_while(|f| f != oldest)
+            .skip(1)
+            .find_map(|f| chain::first_hash(&f).transpose())
+            .transpose()?;
+        let head_seq = self.anchor.head.as_ref().map_or(1, |h| h.seq);
+        self.anchor.head = next.map(|hash| anchor::Mark {
+            hash,
+            seq: head_seq + summary.records,
+        });
+        self.anchor.removed_files += 1;
+        self.anchor.removed_records += summary.records;
+        self.anchor.removed_bytes += summary.bytes;
+        anchor::save(&self.dir, &self.anchor, true)?;
+        Ok(summary)
+    }
+
+    fn rotate_record(&self, oldest: &Path, s: &chain::FileSummary) -> AuditRecord {
+        let mut r = AuditRecord::new(Utc::now(), None, "jitd", Action::Rotate, Outcome::Done);
+        let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        r.reason = Some(format!(
+            "rotation deleted {}: {} record(s), {} bytes, from {} to {}, first hash {}, last hash {}; {} file(s), {} record(s) removed by rotation so far",
+            oldest.file_name().unwrap_or_default().to_string_lossy(),
+            s.records,
+            s.bytes,
+            text(&s.first_time),
+            text(&s.last_time),
+            text(&s.first_hash),
+            text(&s.last_hash),
+            self.anchor.removed_files,
+            self.anchor.removed_records
+        ));
+        r
+    }
+}
+
+/// Reads the anchor of `state_dir` and the newest record's position, given the log's
+/// newest hash. A missing or unreadable anchor is rebuilt from the files (an unreadable
+/// one is noted as damage); a log that ends before the anchored tail is noted as damage.
+fn open_anchor(state_dir: &Path, last_hash: Option<&str>) -> std::io::Result<(anchor::Anchor, u64)> {
+    let loaded = anchor::load(state_dir);
+    let mut a = match &loaded {
+        Ok(Some(a)) => a.clone(),
+        _ => anchor::Anchor::default(),
+    };
+    if let Some(t) = a.tail.as_ref().filter(|t| Some(t.hash.as_str()) == last_hash) {
+        return Ok((a.clone(), t.seq));
+    }
+    // The tail lags (a crash before the anchor was rewritten), is gone (records cut
+    // from the end), or there is no anchor: count.
+    let head = a.head.as_ref().map(|h| h.hash.clone());
+    let tail = a.tail.as_ref().map(|t| t.hash.clone());
+    let (total, found) = chain::positions(&files(state_dir), &[head.as_deref(), tail.as_deref()])?;
+    let seq = match (&a.head, found[0]) {
+        (Some(h), Some(at)) => h.seq - 1 + (total - at + 1),
+        _ => a.removed_records + total,
+    };
+    if let (Some(t), None) = (&a.tail, found[1]) {
+        a.note_damage(format!(
+            "at {} the log ended at record #{seq} but the anchor's newest record was {} (#{}): records were cut from the end while jitd was not running",
+            Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            t.hash,
+            t.seq
+        ));
+        tracing::error!(
+            "{}: {}",
+            anchor::path(state_dir).display(),
+            a.damage.last().expect("noted")
+        );
+    }
+    match loaded {
+        Err(e) => {
+            tracing::error!("{e}; a new anchor is made from the audit files");
+            a.note_damage(format!("the anchor could not be read and was rebuilt: {e}"));
+        }
+        Ok(None) if total > 0 => {
+            tracing::warn!("the audit log has no anchor yet; one is made from the audit files");
+        }
+        _ => {}
+    }
+    if a.head.is_none() {
+        a.head = chain::first_hash_of(&files(state_dir))?.map(|hash| anchor::Mark {
+            hash,
+            seq: a.removed_records + 1,
+        });
+    }
+    a.tail = last_hash.map(|h| anchor::Mark {
+        hash: h.to_string(),
+        seq,
+    });
+    anchor::save(state_dir, &a, true)?;
+    Ok((a, seq))
 }
 
 /// The records of an audit file, and a note for each line that could not be read
@@ -473,6 +627,147 @@ mod tests {
             "the start was rotated away: {:?}",
             verdict.notes
         );
+    }
+
+    fn rotated_log(dir: &Path) -> AuditLog {
+        let mut log = AuditLog::open(
+            dir,
+            Rotation {
+                max_bytes: 600,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        for i in 0..12 {
+            log.append(&[record(i, "bob", 22)]).unwrap();
+        }
+        log
+    }
+
+    fn problem(dir: &Path) -> String {
+        chain::verify_dir(dir)
+            .unwrap()
+            .broken
+            .map(|b| b.problem)
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn rotation_states_what_it_deleted_and_the_anchor_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        rotated_log(dir.path());
+        let (records, _) = read_all(dir.path()).unwrap();
+        let rotations: Vec<&AuditRecord> = records.iter().filter(|r| r.action == Action::Rotate).collect();
+        assert!(!rotations.is_empty());
+        let reason = rotations[0].reason.as_deref().unwrap();
+        assert!(
+            reason.starts_with("rotation deleted audit.jsonl.2: ") && reason.contains("first hash "),
+            "{reason}"
+        );
+        let v = chain::verify_dir(dir.path()).unwrap();
+        assert_eq!(v.broken, None, "{v:?}");
+        assert!(
+            v.notes.iter().any(|n| n.starts_with("rotation removed ")),
+            "{:?}",
+            v.notes
+        );
+        let a = anchor::load(dir.path()).unwrap().unwrap();
+        assert_eq!(a.tail.unwrap().seq, a.removed_records + records.len() as u64);
+    }
+
+    #[test]
+    fn verify_finds_records_cut_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        rotated_log(dir.path());
+        std::fs::remove_file(dir.path().join("audit.jsonl.2")).unwrap();
+        assert!(
+            problem(dir.path()).contains("cut from the start"),
+            "{}",
+            problem(dir.path())
+        );
+        // the first line of the oldest file removed
+        let dir = tempfile::tempdir().unwrap();
+        rotated_log(dir.path());
+        let oldest = dir.path().join("audit.jsonl.2");
+        let text = std::fs::read_to_string(&oldest).unwrap();
+        std::fs::write(&oldest, text.split_once('\n').unwrap().1).unwrap();
+        assert!(
+            problem(dir.path()).contains("cut from the start"),
+            "{}",
+            problem(dir.path())
+        );
+    }
+
+    #[test]
+    fn verify_finds_records_cut_from_the_end_even_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rotated_log(dir.path());
+        drop(log);
+        let text = std::fs::read_to_string(dir.path().join(AUDIT_FILE)).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.pop();
+        std::fs::write(dir.path().join(AUDIT_FILE), lines.join("\n") + "\n").unwrap();
+        assert!(
+            problem(dir.path()).contains("cut from the end"),
+            "{}",
+            problem(dir.path())
+        );
+        // jitd restarts on the cut log and writes on: the damage stays on record
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(30, "bob", 22)]).unwrap();
+        assert!(
+            problem(dir.path()).contains("cut from the end while jitd was not running"),
+            "{}",
+            problem(dir.path())
+        );
+    }
+
+    #[test]
+    fn a_tail_older_than_the_log_is_fine_and_a_missing_anchor_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(1, "bob", 22)]).unwrap();
+        let lagging = std::fs::read(anchor::path(dir.path())).unwrap();
+        log.append(&[record(2, "bob", 22), record(3, "bob", 22)]).unwrap();
+        std::fs::write(anchor::path(dir.path()), &lagging).unwrap();
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
+        // reopened after such a crash, the count is right again
+        drop(log);
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(4, "bob", 22)]).unwrap();
+        assert_eq!(anchor::load(dir.path()).unwrap().unwrap().tail.unwrap().seq, 4);
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
+        std::fs::remove_file(anchor::path(dir.path())).unwrap();
+        assert!(problem(dir.path()).contains("is missing"), "{}", problem(dir.path()));
+        // an old log without an anchor gets one when jitd opens it
+        drop(log);
+        AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
+    }
+
+    /// What the anchor costs per append: `cargo test --release --lib anchor_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn anchor_cost() {
+        let dir = tempfile::tempdir_in(std::env::current_dir().unwrap()).unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        let n = 2000;
+        let start = std::time::Instant::now();
+        for i in 0..n {
+            log.append(&[record(i % 60, "bob", 22)]).unwrap();
+        }
+        let append = start.elapsed() / n;
+        let start = std::time::Instant::now();
+        for _ in 0..n {
+            anchor::save(dir.path(), &log.anchor, false).unwrap();
+        }
+        let save = start.elapsed() / n;
+        let start = std::time::Instant::now();
+        for _ in 0..200 {
+            anchor::save(dir.path(), &log.anchor, true).unwrap();
+        }
+        let durable = start.elapsed() / 200;
+        println!("append with anchor {append:?}; of it anchor save {save:?}; a synced anchor save {durable:?}");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request, RevokeRequest, RevokedReply,
-    StatusReply, PROTOCOL_ERROR_CODES,
+    AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request, RevokeRequest,
+    RevokedReply, StatusReply, PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
@@ -126,15 +126,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             user,
             port,
             format,
+            limit,
+            cursor,
         } => {
-            let filter = AuditFilter {
-                since,
-                until,
-                user,
-                port,
+            let query = AuditQuery {
+                filter: AuditFilter {
+                    since,
+                    until,
+                    user,
+                    port,
+                },
+                limit: limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+                cursor,
             };
-            let reply: AuditReply = call(socket, &Request::Audit(filter)).await?;
-            audit(&reply, if json { Format::Json } else { format })
+            let format = if json { Format::Json } else { format };
+            audit_pages(socket, query, format).await
         }
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
@@ -268,6 +274,91 @@ fn print_revoked(out: &mut dyn Write, revoked: &RevokedReply) -> io::Result<()> 
         writeln!(out, "terminated: {}", escape_for_terminal(session))?;
     }
     Ok(())
+}
+
+/// The page size jitctl asks for when it reads every record.
+const PAGE: usize = 1000;
+
+/// Prints the audit records a query asks for. With `--limit` or `--cursor`: one page,
+/// and the cursor to go on from (JSON: the reply with its `next_cursor`). Without: every
+/// record, fetched and printed page by page so that memory stays bounded (JSON: one
+/// array; CSV: one header).
+async fn audit_pages(socket: &std::path::Path, mut query: AuditQuery, format: Format) -> Result<(), Failure> {
+    let one_page = query.limit.is_some() || query.cursor.is_some();
+    if !one_page {
+        query.limit = Some(PAGE);
+    }
+    let mut first = true;
+    loop {
+        let reply: AuditReply = call(socket, &Request::Audit(query.clone())).await?;
+        match format {
+            Format::Json if one_page => {
+                for w in &reply.warnings {
+                    say(&format!("jitctl: warning: {w}"));
+                }
+                to_stdout(|out| write_json(out, &reply))?
+            }
+            Format::Json => {
+                for w in &reply.warnings {
+                    say(&format!("jitctl: warning: {w}"));
+                }
+                print_json_items(&reply.records, first, reply.next_cursor.is_none())?
+            }
+            Format::Csv if !first => {
+                for w in &reply.warnings {
+                    say(&format!("jitctl: warning: {w}"));
+                }
+                print_csv_rows(&reply)?
+            }
+            _ => audit(&reply, format)?,
+        }
+        first = false;
+        match reply.next_cursor {
+            Some(next) if !one_page => query.cursor = Some(next),
+            Some(next) if format != Format::Json => {
+                say(&format!(
+                    "jitctl: more records: go on with --cursor {}",
+                    escape_for_terminal(&next)
+                ));
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Part of one JSON array printed across pages (hidden characters written as
+/// `\uXXXX`, as for every JSON jitctl prints).
+fn print_json_items(records: &[jitd::audit::AuditRecord], first: bool, last: bool) -> Result<(), Failure> {
+    let mut text = String::new();
+    if first {
+        text.push('[');
+    }
+    for (i, r) in records.iter().enumerate() {
+        if !(first && i == 0) {
+            text.push(',');
+        }
+        text.push_str("\n  ");
+        text.push_str(&serde_json::to_string(r).expect("records serialize"));
+    }
+    if last {
+        text.push_str("\n]");
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    to_stdout(|out| writeln!(out, "{}", escape_json_output(&text)))
+}
+
+/// One later page as CSV rows, without the header row.
+fn print_csv_rows(reply: &AuditReply) -> Result<(), Failure> {
+    let mut buf = Vec::new();
+    jitd::audit::write_csv(&reply.records, &mut buf).map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?;
+    let body = buf
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(&buf[..], |at| &buf[at + 1..]);
+    to_stdout(|out| out.write_all(body))
 }
 
 fn both_times(t: DateTime<Utc>) -> String {

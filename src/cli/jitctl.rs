@@ -90,6 +90,13 @@ pub enum Command {
         /// Output format; --json is the same as --format json.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// Show one page of at most N records (jitd caps a page at 10000) and the
+        /// cursor to go on from; default: every record, fetched page by page.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+        /// Go on after the page that printed this cursor.
+        #[arg(long, value_name = "CURSOR")]
+        cursor: Option<String>,
     },
     /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
     Reload,

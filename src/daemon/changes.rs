@@ -289,8 +289,10 @@ impl<F: Firewall> Daemon<F> {
         };
         let mut failed = failure_of(&record);
         failed.reason = Some("on_stop = unlock, but removing the lockdown failed: ".into());
+        let mut records = self.lock().refusals.flush(Utc::now());
+        records.push(record);
         let tx = Tx {
-            records: vec![record],
+            records,
             kernel,
             undo: Default::default(),
             failed: vec![failed],

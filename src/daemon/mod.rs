@@ -68,6 +68,8 @@ struct State {
     settled: u64,
     /// What each recent transaction touched (`None`: the whole table).
     recent: VecDeque<(u64, Option<Touched>)>,
+    /// Which refusals are audited in full and which only counted.
+    refusals: crate::audit::limit::RefusalLimiter,
 }
 
 impl State {
@@ -187,7 +189,7 @@ impl<F: Firewall> Handler for Daemon<F> {
                 .map_or_else(|d| Reply::error(&d.code, d.message), Reply::ok),
             Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
-            Request::Audit(filter) => self.audit_query(&caller, filter).await.map_or_else(|r| r, Reply::ok),
+            Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
             Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => match self.reload_as(&caller).await {
                 Ok(r) => Reply::ok(r),

@@ -5,8 +5,8 @@ use chrono::Utc;
 use tokio::time::Instant;
 
 use super::{grant_info, Daemon};
-use crate::api::protocol::{AuditReply, PortStatus, Reply, StatusReply};
-use crate::audit::{self, AuditFilter};
+use crate::api::protocol::{AuditQuery, AuditReply, PortStatus, Reply, StatusReply};
+use crate::audit;
 use crate::config::{format_prefix, AllowedSources};
 use crate::firewall::Firewall;
 use crate::identity::Caller;
@@ -68,21 +68,39 @@ impl<F: Firewall> Daemon<F> {
 
     pub(super) async fn audit_verify(&self, caller: &Caller) -> Result<audit::chain::Verdict, Reply> {
         let dir = self.viewer_dir(caller, "verify the audit log")?;
-        tokio::task::spawn_blocking(move || audit::chain::verify(&audit::files(&dir)))
+        tokio::task::spawn_blocking(move || audit::chain::verify_dir(&dir))
             .await
             .map_err(|e| Reply::error("internal", e.to_string()))?
             .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
     }
 
-    pub(super) async fn audit_query(&self, caller: &Caller, filter: AuditFilter) -> Result<AuditReply, Reply> {
+    pub(super) async fn audit_query(&self, caller: &Caller, q: AuditQuery) -> Result<AuditReply, Reply> {
+        use audit::query::{self as aq, Cursor};
+        static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(aq::MAX_CONCURRENT);
         let path = self.viewer_dir(caller, "read the audit log")?;
-        let (records, warnings) = tokio::task::spawn_blocking(move || audit::read_all(&path))
-            .await
-            .map_err(|e| Reply::error("internal", e.to_string()))?
-            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        let cursor = q.cursor.as_deref().map(Cursor::parse).transpose();
+        let cursor = cursor.map_err(|e| Reply::error("invalid_argument", e))?;
+        if q.limit == Some(0) {
+            return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0"));
+        }
+        let permit = RUNNING.try_acquire().map_err(|_| {
+            Reply::error(
+                "busy",
+                format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT),
+            )
+        })?;
+        let limit = q.limit.unwrap_or(aq::MAX_LIMIT);
+        let page = tokio::task::spawn_blocking(move || {
+            let _permit = permit; // held until the reading ends, even if the client left
+            aq::query(&path, &q.filter, cursor.as_ref(), limit)
+        })
+        .await
+        .map_err(|e| Reply::error("internal", e.to_string()))?
+        .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
         Ok(AuditReply {
-            records: records.into_iter().filter(|r| filter.matches(r)).collect(),
-            warnings,
+            records: page.records,
+            warnings: page.warnings,
+            next_cursor: page.next.map(|c| c.encode()),
         })
     }
 }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use super::commit::{Footprint, Job, Pending, Tx, TxError};
 use super::{failure_of, grant_info, grant_record, Daemon, State};
 use crate::api::protocol::{GrantRequest, GrantedReply, Reply, MAX_JUSTIFICATION_CHARS};
+use crate::audit::limit::Admit;
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::config::{format_prefix, parse_prefix};
 use crate::firewall::Firewall;
@@ -108,7 +109,7 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
 
 /// Decides every request of the batch in order and books the approvals.
 fn plan(st: &mut State, batch: &[Pending], now: Instant, wall: DateTime<Utc>) -> (Tx, Vec<Decided>) {
-    let mut tx = Tx::records(Vec::new());
+    let mut tx = Tx::records(st.refusals.due_summaries(wall));
     let mut footprint = Footprint::default();
     let decided = batch
         .iter()
@@ -133,9 +134,12 @@ fn decide_one(
     let (news, role) = match check(st, caller, request, wall) {
         Ok(ok) => ok,
         Err(denial) => {
-            let mut r = refusal_record(request, wall, caller);
-            r.reason = Some(format!("{}: {}", denial.code, denial.message));
-            tx.records.push(r);
+            // a flood of refusals is counted, not recorded one by one
+            if st.refusals.admit(caller.uid, &caller.name, &denial.code, wall) == Admit::Record {
+                let mut r = refusal_record(request, wall, caller);
+                r.reason = Some(format!("{}: {}", denial.code, denial.message));
+                tx.records.push(r);
+            }
             return Decided::Denied(denial);
         }
     };

@@ -125,6 +125,7 @@ impl<F: Firewall> Daemon<F> {
             begun: 0,
             settled: 0,
             recent: Default::default(),
+            refusals: Default::default(),
         };
         let daemon = Arc::new(Daemon {
             firewall,
