@@ -13,8 +13,7 @@ use tokio::time::Instant;
 
 use super::commit::KERNEL_ROUNDING;
 use super::State;
-use crate::config::format_prefix;
-use crate::firewall::kernel::KernelTable;
+use crate::firewall::kernel::{describe, KernelTable};
 use crate::firewall::rules::{GrantElement, GrantKey, TABLE};
 use crate::grants::Touched;
 
@@ -123,13 +122,4 @@ pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, n
     }
     f.notes.sort();
     f
-}
-
-fn describe(key: &GrantKey) -> String {
-    format!(
-        "{} . {} . {}",
-        format_prefix(&key.source),
-        key.transport.name(),
-        key.port
-    )
 }

@@ -212,7 +212,8 @@ pub fn find_drift(
     findings
 }
 
-fn describe(key: &GrantKey) -> String {
+/// A grant element as text: `SOURCE . TRANSPORT . PORT`.
+pub fn describe(key: &GrantKey) -> String {
     format!(
         "{} . {} . {}",
         format_prefix(&key.source),
