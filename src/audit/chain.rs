@@ -389,15 +389,48 @@ fn time_of(line: &[u8]) -> Option<String> {
 
 /// The hash of the last sealed record in `file`, to continue the chain after a restart.
 pub fn last_hash(file: &Path) -> std::io::Result<Option<String>> {
-    let text = match std::fs::read(file) {
-        Ok(t) => t,
+    Ok(last_record(file)?.map(|(hash, _)| hash))
+}
+
+/// The hash of the last sealed record in `file` and the offset just after its line,
+/// reading only as much of the file's end as it takes.
+pub fn last_record(file: &Path) -> std::io::Result<Option<(String, u64)>> {
+    use std::os::unix::fs::FileExt;
+    let f = match std::fs::File::open(file) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    Ok(text
-        .split(|b| *b == b'\n')
-        .rev()
-        .find_map(|l| claimed_hash(l).map(str::to_string)))
+    let len = f.metadata()?.len();
+    let mut window = 64 * 1024u64;
+    loop {
+        let from = len.saturating_sub(window);
+        let mut buf = vec![0u8; (len - from) as usize];
+        f.read_exact_at(&mut buf, from)?;
+        // lines wholly inside the window (the first is partial unless it starts the file)
+        let mut end = buf.len();
+        let mut lines = buf.split(|b| *b == b'\n').rev();
+        if buf.last() == Some(&b'\n') {
+            lines.next();
+        } else if let Some(torn) = lines.next() {
+            end -= torn.len();
+        }
+        let mut count = lines.clone().count();
+        for line in lines {
+            count -= 1;
+            if count == 0 && from > 0 {
+                break;
+            }
+            if let Some(h) = claimed_hash(line) {
+                return Ok(Some((h.to_string(), from + end as u64)));
+            }
+            end -= line.len() + 1;
+        }
+        if from == 0 {
+            return Ok(None);
+        }
+        window *= 2;
+    }
 }
 
 #[cfg(test)]

@@ -5,8 +5,10 @@
 pub mod anchor;
 pub mod chain;
 pub mod export;
+pub mod journal;
 
 pub use export::{write_csv, CSV_HEADER};
+pub use journal::{Batch, Position};
 pub mod limit;
 pub mod query;
 
@@ -47,6 +49,9 @@ pub enum Action {
     Terminate,
     /// Rotation deleted the oldest audit file; `reason` says what it held.
     Rotate,
+    /// At start, jitd cut an incomplete write (a torn line, an unfinished batch) from
+    /// the end of the log; `reason` says how much and where the cut bytes were kept.
+    Recover,
 }
 
 /// How it ended.
@@ -108,6 +113,10 @@ pub struct AuditRecord {
     /// The grant concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+    /// The transaction this record was written with, when it had several records: a
+    /// reader applies a batch only when all its records are there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
     /// SHA-256 of the record before this one ([`chain::GENESIS`] for the first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev: Option<String>,
@@ -138,6 +147,7 @@ impl AuditRecord {
             duration_secs: None,
             justification: None,
             grant_id: None,
+            batch: None,
             prev: None,
             hash: None,
         }
@@ -213,6 +223,10 @@ pub struct AuditLog {
     file: File,
     len: u64,
     last_hash: String,
+    /// Where the newest record ends: the file's name and the offset after its line.
+    last_at: (String, u64),
+    /// A failed append may have left bytes after `len` that are not yet removed.
+    unclean: bool,
     rotation: Rotation,
     /// The chain's ends as last written to `audit.anchor`.
     anchor: anchor::Anchor,
@@ -220,62 +234,149 @@ pub struct AuditLog {
     seq: u64,
 }
 
+/// Opens (creating, mode 0600, never through a link) an audit file for appending.
+fn open_append(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// What [`AuditLog::open`] cut from the end of the log.
+struct Cut {
+    bytes: u64,
+    lines: usize,
+    kept_in: PathBuf,
+}
+
+/// Cuts an incomplete write (a torn last line, an unfinished batch) from the end of
+/// `file`, keeping the cut bytes in `audit.jsonl.torn-<time>` (synced first).
+fn cut_torn_tail(state_dir: &Path, file: &File) -> std::io::Result<Option<Cut>> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let len = file.metadata()?.len();
+    let end = journal::whole_end(file, len)?;
+    if end == len {
+        return Ok(None);
+    }
+    let mut torn = vec![0u8; (len - end) as usize];
+    file.read_exact_at(&mut torn, end)?;
+    let kept_in = state_dir.join(format!(
+        "{AUDIT_FILE}.torn-{}",
+        Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
+    ));
+    let mut side = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&kept_in)?;
+    side.write_all(&torn)?;
+    side.sync_all()?;
+    file.set_len(end)?;
+    file.sync_all()?;
+    File::open(state_dir)?.sync_all()?;
+    let lines = torn.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+    Ok(Some(Cut {
+        bytes: len - end,
+        lines,
+        kept_in,
+    }))
+}
+
+/// Seals `records` after `last` as one batch starting at chain position `first_seq`:
+/// the bytes to write, where each line ends in them, and the first and last hash.
+fn seal_batch(records: &[AuditRecord], last: &str, first_seq: u64) -> (Vec<u8>, Vec<usize>, String, String) {
+    let mut buf = Vec::new();
+    let mut ends = Vec::new();
+    let mut last = last.to_string();
+    let mut first = None;
+    let of = u32::try_from(records.len()).unwrap_or(u32::MAX);
+    for (i, record) in records.iter().enumerate() {
+        let mut record = record.clone();
+        record.batch = (of > 1).then_some(Batch {
+            id: first_seq,
+            n: i as u32 + 1,
+            of,
+        });
+        record.prev = Some(last);
+        record.hash = None;
+        let unsealed = serde_json::to_vec(&record).expect("audit records serialize");
+        let (line, hash) = chain::seal(&unsealed);
+        buf.extend_from_slice(&line);
+        buf.push(b'\n');
+        ends.push(buf.len());
+        first.get_or_insert_with(|| hash.clone());
+        last = hash;
+    }
+    (buf, ends, first.unwrap_or_else(|| last.clone()), last)
+}
+
 impl AuditLog {
-    /// Opens (creating, mode 0600) the audit log in `state_dir`. A torn last line left
-    /// by a crash is closed with a newline so that the next record starts on its own line.
-    /// The anchor is read (or, for a log without one, created from the files); a log
-    /// that ends before the anchored tail is noted as damage in the anchor.
+    /// Opens (creating, mode 0600) the audit log in `state_dir`. An incomplete write left
+    /// by a crash at the end (a torn last line, the records of an unfinished batch) is
+    /// cut off, the cut bytes kept in `audit.jsonl.torn-<time>`, and a `recover` record
+    /// says so. The anchor is read (or, for a log without one, created from the files);
+    /// a log that ends before the anchored tail is noted as damage in the anchor.
     pub fn open(state_dir: &Path, rotation: Rotation) -> Result<AuditLog, AuditError> {
-        use std::io::{Read, Seek, SeekFrom};
-        use std::os::unix::fs::OpenOptionsExt;
         let path = state_dir.join(AUDIT_FILE);
         let fail = |source| AuditError {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(fail)?;
-        let len = file.metadata().map_err(fail)?.len();
-        if len > 0 {
-            let mut last = [0u8; 1];
-            file.seek(SeekFrom::Start(len - 1))
-                .and_then(|_| file.read_exact(&mut last))
-                .map_err(fail)?;
-            if last[0] != b'\n' {
-                tracing::warn!(
-                    "{}: the last record is incomplete (torn by a crash?); it is kept and skipped when reading",
-                    path.display()
-                );
-                file.write_all(b"\n").and_then(|_| file.sync_data()).map_err(fail)?;
-            }
-        }
+        let file = open_append(&path).map_err(fail)?;
+        let cut = cut_torn_tail(state_dir, &file).map_err(fail)?;
         let len = file.metadata().map_err(fail)?.len();
         // The chain goes on from the newest sealed record, in this file or a rotated one.
-        let mut last_hash = None;
+        let mut last = None;
         for f in files(state_dir).iter().rev() {
-            if let Some(h) = chain::last_hash(f).map_err(fail)? {
-                last_hash = Some(h);
+            if let Some((hash, end)) = chain::last_record(f).map_err(fail)? {
+                let name = f.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                last = Some((hash, (name, end)));
                 break;
             }
         }
-        let (anchor, seq) = open_anchor(state_dir, last_hash.as_deref()).map_err(fail)?;
-        let last_hash = last_hash.unwrap_or_else(|| chain::GENESIS.to_string());
-        Ok(AuditLog {
+        let (anchor, seq) = open_anchor(state_dir, last.as_ref().map(|l| l.0.as_str())).map_err(fail)?;
+        let (last_hash, last_at) = last.unwrap_or_else(|| (chain::GENESIS.to_string(), (AUDIT_FILE.to_string(), 0)));
+        let mut log = AuditLog {
             dir: state_dir.to_path_buf(),
             path,
             file,
             len,
             last_hash,
+            last_at,
+            unclean: false,
             rotation,
             anchor,
             seq,
-        })
+        };
+        if let Some(cut) = cut {
+            log.record_cut(&cut)?;
+        }
+        Ok(log)
+    }
+
+    /// Says in the log what [`cut_torn_tail`] cut.
+    fn record_cut(&mut self, cut: &Cut) -> Result<(), AuditError> {
+        tracing::warn!(
+            "{}: the last write was incomplete (torn by a crash?): cut {} byte(s), {} line(s), kept in {}",
+            self.path.display(),
+            cut.bytes,
+            cut.lines,
+            cut.kept_in.display()
+        );
+        let mut r = AuditRecord::new(Utc::now(), None, "jitd", Action::Recover, Outcome::Done);
+        r.reason = Some(format!(
+            "cut an incomplete write from the end of {} at start ({} byte(s), {} line(s): a torn record or the records of a transaction that did not finish, never answered); the cut bytes are kept in {}",
+            AUDIT_FILE,
+            cut.bytes,
+            cut.lines,
+            cut.kept_in.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        self.append(&[r]).map(|_| ())
     }
 
     /// The file's path.
@@ -288,45 +389,87 @@ impl AuditLog {
         &self.last_hash
     }
 
-    /// Appends `records` as one write, each sealed into the hash chain, and waits until
-    /// they are on disk. Returns whether the file was rotated afterwards (the next
-    /// record starts a new `audit.jsonl`).
+    /// Where the newest record ends, for a checkpoint that covers everything written.
+    pub fn position(&self) -> Position {
+        Position {
+            file: self.last_at.0.clone(),
+            offset: self.last_at.1,
+            hash: self.last_hash.clone(),
+        }
+    }
+
+    /// Appends `records` as one write, each sealed into the hash chain and marked as one
+    /// batch, and waits until they are on disk. Returns whether the file was rotated
+    /// afterwards (the next record starts a new `audit.jsonl`). A failed write is cut
+    /// back off the file: the log ends with the last good record, and the next append
+    /// starts clean.
     pub fn append(&mut self, records: &[AuditRecord]) -> Result<bool, AuditError> {
         self.write_sealed(records)?;
         if self.len <= self.rotation.max_bytes {
             return Ok(false);
         }
-        let path = self.path.clone();
-        self.rotate().map_err(|source| AuditError { path, source })?;
-        Ok(true)
+        // The records are on disk and stand: a failed rotation must not undo them.
+        match self.rotate() {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                tracing::error!("cannot rotate {}: {e}; writing on to it", self.path.display());
+                Ok(false)
+            }
+        }
+    }
+
+    /// Truncates the file back to its last good length when a failed append may have
+    /// left part of its bytes behind.
+    fn clean_tail(&mut self) -> Result<(), AuditError> {
+        if !self.unclean {
+            return Ok(());
+        }
+        self.file
+            .set_len(self.len)
+            .and_then(|_| self.file.sync_data())
+            .map_err(|source| AuditError {
+                path: self.path.clone(),
+                source,
+            })?;
+        self.unclean = false;
+        Ok(())
+    }
+
+    /// Test hook (debug builds): writes the first record of `records` whole and half of
+    /// the second, synced, as a crash in the middle of a batch leaves them.
+    #[cfg(debug_assertions)]
+    pub fn write_torn(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
+        let (buf, ends, _, _) = seal_batch(records, &self.last_hash, self.seq + 1);
+        let cut = match ends.as_slice() {
+            [first, second, ..] => first + (second - first) / 2,
+            _ => buf.len() / 2,
+        };
+        self.file.write_all(&buf[..cut])?;
+        self.file.sync_data()
     }
 
     /// Seals `records` into the chain, writes and syncs them, then moves the anchor's
     /// tail (without fsync: a tail older than the log is fine, see [`anchor`]).
     fn write_sealed(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
-        let mut buf = Vec::new();
-        let mut last = self.last_hash.clone();
-        let mut first = None;
-        for record in records {
-            let mut record = record.clone();
-            record.prev = Some(last);
-            record.hash = None;
-            let unsealed = serde_json::to_vec(&record).expect("audit records serialize");
-            let (line, hash) = chain::seal(&unsealed);
-            buf.extend_from_slice(&line);
-            buf.push(b'\n');
-            first.get_or_insert_with(|| hash.clone());
-            last = hash;
+        if records.is_empty() {
+            return Ok(());
         }
-        let fail = |source| AuditError {
-            path: self.path.clone(),
-            source,
-        };
-        self.file.write_all(&buf).map_err(fail)?;
-        self.file.sync_data().map_err(fail)?;
+        self.clean_tail()?;
+        let (buf, _, first, last) = seal_batch(records, &self.last_hash, self.seq + 1);
+        let written = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
+        if let Err(source) = written {
+            self.unclean = true;
+            if let Err(e) = self.clean_tail() {
+                tracing::error!("{e}; the partial write is cut before the next one");
+            }
+            return Err(AuditError {
+                path: self.path.clone(),
+                source,
+            });
+        }
         self.len += buf.len() as u64;
         self.last_hash = last;
-        let Some(first) = first else { return Ok(()) };
+        self.last_at = (AUDIT_FILE.to_string(), self.len);
         let new_head = self.anchor.head.is_none();
         if new_head {
             self.anchor.head = Some(anchor::Mark {
@@ -352,7 +495,6 @@ impl AuditLog {
     /// deleted, the anchor's head moves first (synced), and the new file starts with a
     /// `rotate` record stating what was removed.
     fn rotate(&mut self) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.dir.clone();
         let numbered = |n: usize| dir.join(format!("{AUDIT_FILE}.{n}"));
         let oldest = numbered(self.rotation.keep);
@@ -367,13 +509,8 @@ impl AuditLog {
             }
         }
         std::fs::rename(&self.path, numbered(1))?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&self.path)?;
+        self.last_at.0 = format!("{AUDIT_FILE}.1");
+        self.file = open_append(&self.path)?;
         File::open(&self.dir)?.sync_all()?;
         self.len = 0;
         tracing::info!(
@@ -490,24 +627,39 @@ fn open_anchor(state_dir: &Path, last_hash: Option<&str>) -> std::io::Result<(an
 /// The records of an audit file, and a note for each line that could not be read
 /// (a torn last line after a crash is reported, never fatal).
 pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<String>)> {
-    let file = match File::open(path) {
+    read_records_from(path, 0).map(|(records, problems, _)| (records, problems))
+}
+
+/// Like [`read_records`], from byte `offset` on (the start of a line); also returns how
+/// many bytes were read.
+pub fn read_records_from(path: &Path, offset: u64) -> std::io::Result<(Vec<AuditRecord>, Vec<String>, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new(), 0)),
         Err(e) => return Err(e),
     };
+    file.seek(SeekFrom::Start(offset))?;
     let mut records = Vec::new();
     let mut problems = Vec::new();
+    let mut bytes = 0u64;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line?;
+        bytes += line.len() as u64 + 1;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
             Ok(r) => records.push(r),
-            Err(e) => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
+            Err(e) if offset == 0 => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
+            Err(e) => problems.push(format!(
+                "{}: line {} after byte {offset}: skipped unreadable record: {e}",
+                path.display(),
+                i + 1
+            )),
         }
     }
-    Ok((records, problems))
+    Ok((records, problems, bytes))
 }
 
 /// Which records a query wants; every set field must match.
@@ -564,10 +716,11 @@ mod tests {
     }
 
     #[test]
-    fn appended_records_read_back_and_a_torn_line_is_skipped() {
+    fn appended_records_read_back_as_one_batch_and_a_torn_line_is_cut_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
         log.append(&[record(1, "bob", 22), record(2, "alice", 3389)]).unwrap();
+        let whole = std::fs::read(log.path()).unwrap();
         // a crash in the middle of a write leaves half a line
         std::fs::OpenOptions::new()
             .append(true)
@@ -577,25 +730,85 @@ mod tests {
             .unwrap();
         let (records, problems) = read_records(log.path()).unwrap();
         assert_eq!(records[1].prev, records[0].hash, "chained");
+        assert_eq!(
+            records.iter().map(|r| r.batch).collect::<Vec<_>>(),
+            vec![Some(Batch { id: 1, n: 1, of: 2 }), Some(Batch { id: 1, n: 2, of: 2 })]
+        );
         let unsealed: Vec<AuditRecord> = records
             .into_iter()
             .map(|r| AuditRecord {
                 prev: None,
                 hash: None,
+                batch: None,
                 ..r
             })
             .collect();
         assert_eq!(unsealed, vec![record(1, "bob", 22), record(2, "alice", 3389)]);
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("audit.jsonl:3: skipped"), "{problems:?}");
-        // reopened after the crash: the next record starts on a line of its own and
-        // continues the chain
+        // reopened after the crash: the torn bytes are cut (kept aside), a record says
+        // so, and the chain goes on
         let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        assert!(std::fs::read(log.path()).unwrap().starts_with(&whole));
+        let kept: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains("audit.jsonl.torn-"))
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read(&kept[0]).unwrap(), b"{\"time\":\"2026-");
         log.append(&[record(3, "carol", 22)]).unwrap();
-        let (records, _) = read_records(log.path()).unwrap();
-        assert_eq!(records.len(), 3);
-        assert_eq!(records[2].prev, records[1].hash);
-        assert_eq!(chain::verify(&files(dir.path())).unwrap().broken, None);
+        let (records, problems) = read_records(log.path()).unwrap();
+        assert_eq!(problems, Vec::<String>::new());
+        assert_eq!(records.len(), 4);
+        assert_eq!(records[2].action, Action::Recover);
+        assert!(records[2].reason.as_deref().unwrap().contains("14 byte(s)"), "{:?}", records[2]);
+        assert_eq!(records[3].prev, records[2].hash);
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
+    }
+
+    #[test]
+    fn an_unfinished_batch_is_cut_whole_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(1, "bob", 22)]).unwrap();
+        let whole = std::fs::read(log.path()).unwrap();
+        log.write_torn(&[record(2, "bob", 22), record(3, "alice", 22), record(4, "carol", 22)])
+            .unwrap();
+        drop(log);
+        let log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        let (records, problems) = read_records(log.path()).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(std::fs::read(log.path()).unwrap().starts_with(&whole));
+        let actions: Vec<Action> = records.iter().map(|r| r.action).collect();
+        assert_eq!(actions, vec![Action::Request, Action::Recover]);
+        assert!(records[1].reason.as_deref().unwrap().contains("2 line(s)"));
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
+    }
+
+    #[test]
+    fn a_failed_append_is_cut_back_and_the_next_one_is_clean() {
+        // /dev/full fails every write with ENOSPC, as a full disk does
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(dir.path(), Rotation::default()).unwrap();
+        log.append(&[record(1, "bob", 22)]).unwrap();
+        let good = log.last_hash().to_string();
+        let len = log.len;
+        // a write that got half its bytes out, then failed (and so did cutting them
+        // back: /dev/full cannot be truncated); the next append cuts them first
+        log.file.write_all(b"{\"time\":\"half").unwrap();
+        let real = std::mem::replace(&mut log.file, File::options().write(true).open("/dev/full").unwrap());
+        let err = log.append(&[record(2, "bob", 22)]).unwrap_err();
+        assert_eq!(err.source.raw_os_error(), Some(nix::libc::ENOSPC), "{err}");
+        assert_eq!(log.last_hash(), good, "the chain head stays at the last good record");
+        log.file = real;
+        log.append(&[record(3, "bob", 22)]).unwrap();
+        let (records, problems) = read_records(log.path()).unwrap();
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].prev.as_deref(), Some(good.as_str()));
+        assert!(log.len > len);
+        assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
     }
 
     #[test]
