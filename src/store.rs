@@ -2,8 +2,12 @@
 //! back. Written atomically: temporary file, fsync, rename, fsync of the directory.
 //!
 //! The snapshot is a checkpoint, written at most once a second and at stop; the audit
-//! log, fsync'ed before every answer, is the journal. A restart loads the snapshot and
-//! replays the audit records written after the one whose hash is `audit_hash` ([`replay`]).
+//! log, fsync'ed before every answer, is the journal. The snapshot names the place in the
+//! journal it covers (`position`) and sums up the history before it ([`History`]), so a
+//! restart loads the snapshot and reads only the records after that place; when the place
+//! is not found it reads the whole history and replays the records written after the one
+//! whose hash is `audit_hash`. Either way [`replay`] applies a transaction's records only
+//! when all of them are there.
 //!
 //! It also owns the trust in `state_dir` itself ([`prepare_state_dir`]): jitd uses it only
 //! when it is a real directory owned by jitd's own uid and writable by nobody else, and
@@ -15,8 +19,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::{AuditRecord, Position};
 use crate::grants::{Grant, GrantId};
 
 /// The snapshot file's name inside `state_dir`.
@@ -40,6 +48,71 @@ pub struct Snapshot {
     /// table in the kernel is still exactly jitd's.
     #[serde(default)]
     pub fingerprint: Vec<String>,
+    /// Where in the journal the last record the snapshot includes ends; `None` in an
+    /// older snapshot, or when it was taken without one (start-up then reads it all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
+    /// What start-up needs from the history up to `position`.
+    #[serde(default)]
+    pub history: History,
+}
+
+/// The sum of the journal up to a checkpoint that start-up needs besides the grants:
+/// recent use of each port (for `status`), the newest record's time (to tell a wall
+/// clock that went backwards) and the highest grant id ever handed out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    /// Per port: approvals counted by minute (unix minute → count), the last access
+    /// and who it was.
+    #[serde(default)]
+    pub usage: BTreeMap<u16, PortUse>,
+    /// The newest record's time.
+    #[serde(default)]
+    pub newest: Option<DateTime<Utc>>,
+    /// The highest grant id in the journal.
+    #[serde(default)]
+    pub max_grant_id: GrantId,
+}
+
+/// Recent use of one port, as [`History`] keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortUse {
+    /// Approvals per unix minute, within the window [`History::note`] was given.
+    #[serde(default)]
+    pub approvals: BTreeMap<i64, u32>,
+    /// The last approval's time.
+    #[serde(default)]
+    pub last_access: Option<DateTime<Utc>>,
+    /// The last approval's requester.
+    #[serde(default)]
+    pub last_user: Option<String>,
+}
+
+impl History {
+    /// Adds `records` (oldest first); approvals before `since` are not counted and
+    /// counts older than it are dropped.
+    pub fn note(&mut self, records: &[AuditRecord], since: DateTime<Utc>) {
+        use crate::audit::{Action, Outcome};
+        for r in records {
+            self.newest = self.newest.max(Some(r.time));
+            self.max_grant_id = self.max_grant_id.max(r.grant_id.unwrap_or(0));
+            if (r.action, r.outcome) != (Action::Request, Outcome::Approved) {
+                continue;
+            }
+            for port in &r.ports {
+                let u = self.usage.entry(*port).or_default();
+                if r.time >= since {
+                    *u.approvals.entry(r.time.timestamp().div_euclid(60)).or_default() += 1;
+                }
+                u.last_access = Some(r.time);
+                u.last_user = Some(r.actor.clone());
+            }
+        }
+        let first_minute = since.timestamp().div_euclid(60);
+        for u in self.usage.values_mut() {
+            u.approvals = u.approvals.split_off(&first_minute);
+        }
+    }
 }
 
 /// The records written after the snapshot: those after the one whose hash it names
@@ -54,12 +127,46 @@ pub fn journal<'r>(snapshot: &Snapshot, records: &'r [crate::audit::AuditRecord]
     }
 }
 
+/// The records of whole transactions: a run of records of one batch counts only when
+/// all its records are there, in order (a record without a batch is a batch of one).
+/// Returns them and how many records of unfinished batches were left out.
+pub fn whole_batches(records: &[AuditRecord]) -> (Vec<&AuditRecord>, usize) {
+    let mut whole = Vec::with_capacity(records.len());
+    let mut left_out = 0;
+    let mut i = 0;
+    while i < records.len() {
+        let Some(b) = records[i].batch else {
+            whole.push(&records[i]);
+            i += 1;
+            continue;
+        };
+        let run = records[i..]
+            .iter()
+            .take(b.of as usize)
+            .enumerate()
+            .take_while(|(k, r)| {
+                r.batch
+                    .is_some_and(|rb| rb.id == b.id && rb.of == b.of && rb.n as usize == k + 1)
+            })
+            .count();
+        if b.n == 1 && run == b.of as usize {
+            whole.extend(&records[i..i + run]);
+        } else {
+            left_out += run.max(1);
+        }
+        i += run.max(1);
+    }
+    (whole, left_out)
+}
+
 /// Brings a snapshot up to date with audit records written after it: approvals add
 /// grants; expiries, replacements and revocations end them; a `failed` record undoes
 /// the record of the same grant and action before it (its transaction did not take
-/// effect: an approval is withdrawn, an end is taken back).
-pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
+/// effect: an approval is withdrawn, an end is taken back). The records of a batch
+/// count only when the whole batch is there; returns how many were left out.
+pub fn replay(snapshot: &mut Snapshot, records: &[AuditRecord]) -> usize {
     use crate::audit::{Action, Outcome};
+    let (records, left_out) = whole_batches(records);
     let mut ended: std::collections::HashMap<GrantId, Grant> = std::collections::HashMap::new();
     for r in records {
         let Some(id) = r.grant_id else { continue };
@@ -90,6 +197,7 @@ pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
         }
     }
     snapshot.grants.sort_by_key(|g| g.id);
+    left_out
 }
 
 /// The grant an approval record describes, if it is complete.
@@ -284,6 +392,12 @@ mod tests {
             audit_hash: "ab".repeat(32),
             lockdown: "spec".into(),
             fingerprint: vec!["obj 3".into()],
+            position: Some(Position {
+                file: "audit.jsonl".into(),
+                offset: 1234,
+                hash: "cd".repeat(32),
+            }),
+            history: History::default(),
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);
@@ -336,6 +450,63 @@ mod tests {
         assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
+    }
+
+    #[test]
+    fn a_batch_counts_whole_or_not_at_all_and_old_records_are_batches_of_one() {
+        use crate::audit::{Action, AuditRecord, Batch, Outcome};
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z").unwrap().to_utc();
+        let approved = |id: u64, batch: Option<(u64, u32, u32)>| {
+            let mut r = AuditRecord::new(t, Some(1001), "bob", Action::Request, Outcome::Approved);
+            r.grant_id = Some(id);
+            r.source = Some(format!("192.0.2.{id}"));
+            r.ports = vec![22];
+            r.protocol = Some(crate::config::Protocol::Tcp);
+            r.duration_secs = Some(60);
+            r.batch = batch.map(|(id, n, of)| Batch { id, n, of });
+            r
+        };
+        let mut superseded = AuditRecord::new(t, None, "jitd", Action::Supersede, Outcome::Superseded);
+        superseded.grant_id = Some(1);
+        superseded.batch = Some(Batch { id: 2, n: 1, of: 2 });
+        let mut snapshot = Snapshot::default();
+        let left_out = replay(
+            &mut snapshot,
+            &[
+                approved(1, None),
+                superseded,
+                approved(2, Some((2, 2, 2))),
+                approved(3, Some((4, 1, 3))),
+                approved(4, Some((4, 2, 3))),
+                // the third record of batch 4 never made it; batch 7 lost its first
+                approved(6, Some((7, 2, 2))),
+                approved(8, None),
+            ],
+        );
+        let ids: Vec<u64> = snapshot.grants.iter().map(|g| g.id).collect();
+        assert_eq!(ids, vec![2, 8]);
+        assert_eq!(left_out, 3);
+    }
+
+    #[test]
+    fn history_counts_recent_approvals_per_minute_and_keeps_the_last_use() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let t = |m: i64| {
+            chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z").unwrap().to_utc() + chrono::Duration::minutes(m)
+        };
+        let approved = |m: i64, user: &str, id: u64| {
+            let mut r = AuditRecord::new(t(m), Some(1001), user, Action::Request, Outcome::Approved);
+            r.ports = vec![22];
+            r.grant_id = Some(id);
+            r
+        };
+        let mut h = History::default();
+        h.note(&[approved(0, "bob", 3), approved(5, "bob", 4)], t(0));
+        h.note(&[approved(5, "alice", 9), AuditRecord::new(t(6), None, "jitd", Action::Stop, Outcome::Done)], t(1));
+        let u = &h.usage[&22];
+        assert_eq!(u.approvals.values().sum::<u32>(), 2, "the one before the window is dropped");
+        assert_eq!((u.last_access, u.last_user.as_deref()), (Some(t(5)), Some("alice")));
+        assert_eq!((h.newest, h.max_grant_id), (Some(t(6)), 9));
     }
 
     fn facts(is_dir: bool, is_symlink: bool, uid: u32, mode: u32) -> DirFacts {

@@ -208,12 +208,14 @@ async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, Firewal
 }
 
 fn snapshot_of(st: &State) -> store::Snapshot {
+    // the writer adds the journal position and history it covers (store::Snapshot docs)
     store::Snapshot {
         next_id: st.book.next_id(),
         grants: st.book.iter().cloned().collect(),
         audit_hash: st.audit_hash.clone(),
         lockdown: format!("{:?}", LockdownSpec::from_config(&st.config)),
         fingerprint: st.baseline.clone(),
+        ..Default::default()
     }
 }
 

@@ -90,26 +90,23 @@ impl<F: Firewall> Daemon<F> {
         let dir_claim = claim_state_dir(&config.state_dir)?;
         let log = AuditLog::open(&config.state_dir, config.audit_rotation)?;
         let audit_hash = log.last_hash().to_string();
-        let (history, problems) = audit::read_all(&config.state_dir).map_err(StartError::AuditRead)?;
-        for p in problems {
-            tracing::warn!("{p}");
-        }
         let mut saved = load_checkpoint(&config.state_dir)?;
-        let journal = store::journal(&saved, &history);
-        store::replay(&mut saved, journal);
-        let first_id = history
-            .iter()
-            .filter_map(|r| r.grant_id)
-            .max()
-            .map_or(1, |m| m + 1)
-            .max(saved.next_id);
-        let clock_sane = wall_clock_sane(&history);
-        let usage = usage_from_history(&history);
-        drop(history);
-        let writer = Writer::start(log, config.state_dir.clone()).map_err(|source| StartError::StateDir {
-            path: config.state_dir.display().to_string(),
-            source,
-        })?;
+        let (journal, history) = read_journal(&config.state_dir, &saved)?;
+        let left_out = store::replay(&mut saved, &journal);
+        if left_out > 0 {
+            tracing::warn!(
+                "{left_out} audit record(s) of transaction(s) that did not finish were not replayed (never answered)"
+            );
+        }
+        drop(journal);
+        let first_id = (history.max_grant_id + 1).max(saved.next_id);
+        let clock_sane = wall_clock_sane(history.newest);
+        let usage = usage_from(&history);
+        let writer =
+            Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
+                path: config.state_dir.display().to_string(),
+                source,
+            })?;
         let intact = kernel_table
             .as_ref()
             .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);
@@ -279,8 +276,9 @@ struct Restore {
 
 /// How long a saved grant still has. With jitd's table in the kernel (a crash or a
 /// restart), the kernel's own timers say; after a reboot, the wall clock does, and only
-/// when it is not behind the audit log. Never more than the grant was approved for, nor
-/// than its port now allows. `None`: it has ended.
+/// when it is not behind the audit log. Never past the grant's own `expires_at` (when
+/// the wall clock can be trusted), more than it was approved for, nor more than its port
+/// now allows. `None`: it has ended.
 fn time_left(
     grant: &Grant,
     kernel: Option<&KernelGrants>,
@@ -305,7 +303,12 @@ fn time_left(
             .min()
             .flatten()
     });
-    let by_wall = clock_sane.then(|| (grant.expires_at - wall).to_std().ok()).flatten();
+    // A grant past its own end has ended, whatever timer the kernel holds for its
+    // address (another grant's element may cover it for longer).
+    let by_wall = match clock_sane {
+        true => Some((grant.expires_at - wall).to_std().ok()?),
+        false => None,
+    };
     let left = match by_kernel {
         Some(kernel_left) => kernel_left?.min(by_wall.unwrap_or(Duration::MAX)),
         None => by_wall?,
@@ -321,8 +324,8 @@ fn time_left(
 
 /// Whether the wall clock is at or after the newest audit record (a clock that went
 /// backwards cannot be trusted to say how long a grant has left).
-fn wall_clock_sane(history: &[AuditRecord]) -> bool {
-    let Some(newest) = history.iter().map(|r| r.time).max() else {
+fn wall_clock_sane(newest: Option<DateTime<Utc>>) -> bool {
+    let Some(newest) = newest else {
         return true;
     };
     let now = Utc::now();
@@ -408,23 +411,70 @@ fn claim_state_dir(dir: &Path) -> Result<std::fs::File, StartError> {
     }
 }
 
-fn usage_from_history(history: &[AuditRecord]) -> HashMap<u16, PortUsage> {
-    let since = Utc::now() - USAGE_WINDOW;
-    let mut usage: HashMap<u16, PortUsage> = HashMap::new();
-    for r in history
+/// Recent use of each port, for `status`, from the history's per-minute counts.
+fn usage_from(history: &store::History) -> HashMap<u16, PortUsage> {
+    history
+        .usage
         .iter()
-        .filter(|r| r.action == Action::Request && r.outcome == Outcome::Approved)
-    {
-        for port in &r.ports {
-            let u = usage.entry(*port).or_default();
-            if r.time >= since {
-                u.approvals.push_back(r.time);
+        .map(|(port, u)| {
+            let approvals = u
+                .approvals
+                .iter()
+                .flat_map(|(minute, n)| {
+                    let at = DateTime::from_timestamp(minute * 60, 0).unwrap_or_default();
+                    std::iter::repeat_n(at, *n as usize)
+                })
+                .collect();
+            let usage = PortUsage {
+                approvals,
+                last_access: u.last_access,
+                last_user: u.last_user.clone(),
+            };
+            (*port, usage)
+        })
+        .collect()
+}
+
+/// The journal after the checkpoint `saved`, and the sum of the whole history. Reads
+/// only from the checkpoint's position when it is found in the journal; otherwise (an
+/// older checkpoint, none, or a position rotated away or changed) the whole history.
+fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>, store::History), StartError> {
+    let window = Utc::now() - USAGE_WINDOW;
+    if let Some(pos) = &saved.position {
+        match audit::journal::read_since(dir, pos) {
+            Ok(Some(since)) => {
+                for p in &since.problems {
+                    tracing::warn!("{p}");
+                }
+                tracing::info!(
+                    "read {} byte(s) of the audit journal after the checkpoint ({} record(s) since {} at byte {})",
+                    since.bytes,
+                    since.records.len(),
+                    pos.file,
+                    pos.offset
+                );
+                let mut history = saved.history.clone();
+                history.note(&since.records, window);
+                return Ok((since.records, history));
             }
-            u.last_access = Some(r.time);
-            u.last_user = Some(r.actor.clone());
+            Ok(None) => tracing::warn!(
+                "the checkpoint's place in the audit journal (record {} ending at byte {} of {}) is not there (rotated away or changed): reading the whole history",
+                pos.hash,
+                pos.offset,
+                pos.file
+            ),
+            Err(e) => tracing::warn!("cannot read the audit journal after the checkpoint: {e}; reading the whole history"),
         }
     }
-    usage
+    let (all, problems) = audit::read_all(dir).map_err(StartError::AuditRead)?;
+    for p in problems {
+        tracing::warn!("{p}");
+    }
+    tracing::info!("read the whole audit history: {} record(s)", all.len());
+    let mut history = store::History::default();
+    history.note(&all, window);
+    let journal = store::journal(saved, &all).to_vec();
+    Ok((journal, history))
 }
 
 /// Checks `lockdown.interfaces` against the host's interfaces over rtnetlink.
@@ -442,5 +492,57 @@ pub async fn check_interfaces(config: &Config) -> anyhow::Result<()> {
             problems,
         }
         .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        let text = "state_dir = \"/nonexistent\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n";
+        Config::parse(Path::new("/t/jitd.toml"), text, &|_| None).unwrap()
+    }
+
+    fn grant(granted: DateTime<Utc>, secs: i64) -> Grant {
+        Grant {
+            id: 2,
+            source: crate::config::parse_prefix("192.0.2.7").unwrap(),
+            port: 22,
+            protocol: crate::config::Protocol::Tcp,
+            requester: "bob".into(),
+            requester_uid: 1001,
+            justification: None,
+            granted_at: granted,
+            expires_at: granted + chrono::Duration::seconds(secs),
+        }
+    }
+
+    #[test]
+    fn a_grant_never_outlives_its_own_end_whatever_timer_the_kernel_holds() {
+        let wall = Utc::now();
+        // a 4 s grant approved 5 s ago; the kernel holds 55 s for the same address (the
+        // element of a longer grant it was to replace)
+        let short = grant(wall - chrono::Duration::seconds(5), 4);
+        let held: KernelGrants = short.keys().into_iter().map(|k| (k, Duration::from_secs(55))).collect();
+        assert_eq!(time_left(&short, Some(&held), &config(), wall, true), None);
+        // still running: the smaller of the kernel's timer and its own end
+        let running = grant(wall - chrono::Duration::seconds(1), 4);
+        let left = time_left(&running, Some(&held), &config(), wall, true).unwrap();
+        assert!(left <= Duration::from_secs(3), "{left:?}");
+        // after a reboot (no kernel timers), the wall clock alone
+        let left = time_left(&running, None, &config(), wall, true).unwrap();
+        assert!(left <= Duration::from_secs(3), "{left:?}");
+    }
+
+    #[test]
+    fn usage_comes_back_from_the_history_sum() {
+        let mut history = store::History::default();
+        let mut r = AuditRecord::new(Utc::now(), Some(1001), "bob", Action::Request, Outcome::Approved);
+        r.ports = vec![22];
+        history.note(&[r.clone(), r], Utc::now() - USAGE_WINDOW);
+        let usage = usage_from(&history);
+        assert_eq!(usage[&22].approvals.len(), 2);
+        assert_eq!(usage[&22].last_user.as_deref(), Some("bob"));
     }
 }

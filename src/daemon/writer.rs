@@ -2,6 +2,10 @@
 //! fsync never runs on the async runtime's workers and no lock is held across it. The
 //! committer hands it records and waits for the acknowledgement; checkpoints are
 //! written in the same order as the records they follow.
+//!
+//! Because it sees every record written, the writer also keeps the sum of the history
+//! ([`store::History`]) and stamps each checkpoint with the journal position it covers,
+//! so a restart reads only the journal after it.
 
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -9,7 +13,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 use crate::audit::{AuditError, AuditLog, AuditRecord};
-use crate::store::{self, Snapshot};
+use crate::store::{self, History, Snapshot};
 
 /// What a successful append reports back.
 #[derive(Debug, Clone)]
@@ -41,23 +45,24 @@ impl std::fmt::Debug for Task {
 }
 
 impl Writer {
-    /// Starts the writer thread with the opened audit log and the state directory.
-    pub fn start(mut log: AuditLog, state_dir: PathBuf) -> std::io::Result<Writer> {
+    /// Starts the writer thread with the opened audit log, the state directory and the
+    /// sum of the history written so far.
+    pub fn start(mut log: AuditLog, state_dir: PathBuf, mut history: History) -> std::io::Result<Writer> {
         let (tasks, inbox) = mpsc::channel::<Task>();
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             for task in inbox {
                 match task {
                     Task::Append(records, ack) => {
-                        let result = log.append(&records).map(|rotated| Appended {
-                            last_hash: log.last_hash().to_string(),
-                            rotated,
-                        });
-                        if result.is_err() {
-                            crate::metrics::metrics().audit_write_failures.inc();
-                        }
+                        let result = append(&mut log, &mut history, &records);
                         let _ = ack.send(result);
                     }
-                    Task::Checkpoint(snapshot) => {
+                    Task::Checkpoint(mut snapshot) => {
+                        // The committer takes a checkpoint between transactions: it covers
+                        // the journal up to here exactly when its hash is the newest.
+                        if snapshot.audit_hash == log.last_hash() {
+                            snapshot.position = Some(log.position());
+                            snapshot.history = history.clone();
+                        }
                         if let Err(e) = store::save(&state_dir, &snapshot) {
                             tracing::error!("{e}");
                         }
@@ -75,7 +80,7 @@ impl Writer {
         Ok(Writer { tasks })
     }
 
-    /// Appends `records` (one write, one fsync) and waits until they are on disk.
+    /// Appends `records` (one write, one fsync, one batch) and waits until they are on disk.
     pub async fn append(&self, records: Vec<AuditRecord>) -> Result<Appended, AuditError> {
         let (ack, done) = oneshot::channel();
         let gone = || AuditError {
@@ -108,4 +113,28 @@ impl Writer {
         let _ = self.tasks.send(Task::Stall(until));
         release
     }
+}
+
+/// Appends one batch and adds it to the history sum.
+fn append(log: &mut AuditLog, history: &mut History, records: &[AuditRecord]) -> Result<Appended, AuditError> {
+    #[cfg(debug_assertions)]
+    if records.len() > 1 && super::fault::injected("audit-torn-batch") {
+        // a crash in the middle of a batch: one record whole, the next torn
+        tracing::error!("injected fault: audit-torn-batch");
+        if let Err(e) = log.write_torn(records) {
+            tracing::error!("{e}");
+        }
+        std::process::abort();
+    }
+    let result = log.append(records).map(|rotated| Appended {
+        last_hash: log.last_hash().to_string(),
+        rotated,
+    });
+    match &result {
+        Ok(_) => history.note(records, chrono::Utc::now() - super::USAGE_WINDOW),
+        Err(_) => {
+            crate::metrics::metrics().audit_write_failures.inc();
+        }
+    }
+    result
 }
