@@ -6,6 +6,7 @@ mod config_checks;
 mod fairness;
 mod faults;
 mod grants;
+mod journal;
 mod lockdown;
 mod network_attacks;
 mod output;

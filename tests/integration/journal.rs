@@ -1,0 +1,237 @@
+//! The audit journal is all-or-nothing: a crash in the middle of a transaction's write,
+//! a full disk, and a restart with a long history, proven with real kills, a real
+//! tmpfs and real connections.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::*;
+
+const POLICY: &str = "[[ports]]\nport = 22\n[[ports]]\nport = 3389\n";
+
+fn grant_ids(jitd: &Jitd) -> Vec<u64> {
+    let status = jitd.ctl_json(&["status"]);
+    status["grants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_u64().unwrap())
+        .collect()
+}
+
+fn request(jitd: &Jitd, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--json", "request"];
+    all.extend_from_slice(args);
+    jitd.ctl(&all)
+}
+
+fn granted_id(out: &std::process::Output) -> u64 {
+    assert!(out.status.success(), "{}", text(out));
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["grants"][0]["id"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Every line of the audit file is a whole JSON record, and `audit verify` is clean.
+fn assert_whole_and_verified(setup: &Setup, jitd: &Jitd) {
+    for line in setup.audit_lines() {
+        assert!(
+            serde_json::from_str::<Value>(&line).is_ok(),
+            "a torn or glued line in the audit file: {line:?}"
+        );
+    }
+    let out = jitd.ctl(&["audit", "verify"]);
+    assert!(out.status.success(), "audit verify: {}", text(&out));
+}
+
+fn torn_files(state_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("audit.jsonl.torn-"))
+        .collect()
+}
+
+/// Waits until jitd's process is gone (it aborted), then reaps it.
+fn wait_gone(jitd: Jitd) {
+    let pid = jitd.pid();
+    let gone = wait_for(Duration::from_secs(15), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "))
+    });
+    assert!(gone, "jitd did not die: {}", jitd.log_text());
+    jitd.kill();
+}
+
+#[test]
+fn a_crash_in_the_middle_of_a_transaction_restores_none_of_it_and_all_that_was_answered() {
+    let net = Net::new();
+    for port in [22, 3389] {
+        serve_echo(&net.host, port);
+    }
+    let setup = Setup::new(POLICY);
+    let jitd = setup.spawn(&net.host, &[("JITD_FAULTS", "audit-torn-batch")]);
+    assert!(
+        wait_for(Duration::from_secs(15), || jitd.ctl(&["status"]).status.success()),
+        "{}",
+        jitd.log_text()
+    );
+    // answered: one grant (a transaction of one record)
+    let answered = granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"]));
+    assert!(can_connect(&net.a, HOST_A4, 22));
+    // never answered: a 4 s grant on two ports that supersedes it; jitd dies after the
+    // first record of the transaction and half of the second
+    let started = Instant::now();
+    let out = request(
+        &jitd,
+        &["--port", "22", "--port", "3389", "--source", A4, "--duration", "4s"],
+    );
+    assert!(!out.status.success(), "the torn request was not answered: {}", text(&out));
+    wait_gone(jitd);
+    // restart past the torn grant's end, while the answered grant's timer still runs
+    std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()));
+    let jitd = setup.start(&net.host);
+    assert_eq!(grant_ids(&jitd), vec![answered], "{}", jitd.log_text());
+    assert!(can_connect(&net.a, HOST_A4, 22), "the answered grant is live again");
+    assert!(!can_connect(&net.a, HOST_A4, 3389), "nothing of the torn transaction");
+    assert_whole_and_verified(&setup, &jitd);
+    let kept = torn_files(&setup.state_dir());
+    assert_eq!(kept.len(), 1, "the cut bytes are kept aside");
+    assert!(!std::fs::read(&kept[0]).unwrap().is_empty());
+    let recover: Vec<Value> = setup
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "recover")
+        .collect();
+    assert_eq!(recover.len(), 1, "the cut is on record");
+    assert!(recover[0]["reason"].as_str().unwrap().contains("audit.jsonl.torn-"));
+}
+
+/// A small tmpfs mounted over a directory; unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", text(&out));
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Fills it with `filler` until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![b'x'; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(b"x").is_ok() {}
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_requests_and_leaves_no_partial_record_behind() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new(POLICY);
+    let disk = Tmpfs::mount(&setup.state_dir(), "256k");
+    let jitd = setup.start(&net.host);
+    granted_id(&request(&jitd, &["--port", "22", "--source", A6, "--duration", "1h"]));
+    let filler = disk.fill();
+    // the audit file's last page may still take a record or two: ask until refused
+    let mut refused = None;
+    for i in 0..40 {
+        let out = request(&jitd, &["--port", "22", "--source", &format!("192.0.2.{}", i + 1), "--duration", "1h"]);
+        if !out.status.success() {
+            refused = Some(out);
+            break;
+        }
+    }
+    let refused = refused.expect("a request is refused once the disk is full");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("audit"),
+        "the refusal says the audit log cannot be written: {}",
+        text(&refused)
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 22));
+    // space comes back: the next request is approved, and survives a crash
+    std::fs::remove_file(filler).unwrap();
+    let approved = granted_id(&request(&jitd, &["--port", "22", "--source", B4, "--duration", "1h"]));
+    assert!(can_connect(&net.b, HOST_B4, 22));
+    jitd.kill();
+    let jitd = setup.start(&net.host);
+    assert!(grant_ids(&jitd).contains(&approved), "{}", jitd.log_text());
+    assert!(can_connect(&net.b, HOST_B4, 22), "the grant approved after the full disk is live again");
+    assert_whole_and_verified(&setup, &jitd);
+    drop(jitd);
+    drop(disk);
+}
+
+#[test]
+fn start_up_reads_only_the_journal_after_the_checkpoint() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    // a small audit file size, so that the history spans several rotated files
+    let setup = Setup::new(&format!("audit_max_bytes = 4096\naudit_keep = 50\n{POLICY}"));
+    let jitd = setup.start(&net.host);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let source = format!("198.51.100.{}", i + 1);
+        ids.push(granted_id(&request(&jitd, &["--port", "3389", "--source", &source, "--duration", "1h"])));
+    }
+    // the checkpoint catches up (once a second), then one more grant is only in the journal
+    let checkpoint = setup.state_dir().join("grants.json");
+    assert!(wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&checkpoint).is_ok_and(|t| t.contains(&format!("\"id\":{}", ids[59])))
+    }));
+    ids.push(granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"])));
+    jitd.kill();
+    let history: u64 = std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    let rotated = std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("audit.jsonl."))
+        .count();
+    assert!(rotated >= 3, "the history spans {rotated} rotated file(s)");
+    let jitd = setup.start(&net.host);
+    let log = jitd.log_text();
+    let read: u64 = log
+        .lines()
+        .find_map(|l| {
+            let at = l.find("read ")?;
+            let rest = &l[at + 5..];
+            rest.contains("byte(s) of the audit journal after the checkpoint")
+                .then(|| rest.split_whitespace().next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("start-up did not read from the checkpoint on: {log}"));
+    assert!(
+        read * 4 < history,
+        "start-up read {read} of {history} bytes of history"
+    );
+    let mut restored = grant_ids(&jitd);
+    restored.sort_unstable();
+    assert_eq!(restored, ids, "every grant is back");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant only in the journal is live again");
+    assert_whole_and_verified(&setup, &jitd);
+}
