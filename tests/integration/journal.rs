@@ -235,3 +235,162 @@ fn start_up_reads_only_the_journal_after_the_checkpoint() {
     assert!(can_connect(&net.a, HOST_A4, 22), "the grant only in the journal is live again");
     assert_whole_and_verified(&setup, &jitd);
 }
+
+/// An approval as its requester saw it.
+#[derive(Debug, Clone)]
+struct Answered {
+    id: u64,
+    expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Requests from one client until `stop`; returns the approvals it was answered.
+fn load(socket: PathBuf, seed: u64, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Vec<Answered> {
+    let mut answered = Vec::new();
+    let mut n = seed;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let source = format!("198.51.{}.{}", 100 + (n >> 40) % 2, 1 + (n >> 20) % 60);
+        let port = if n % 3 == 0 { "3389" } else { "22" };
+        let duration = ["3s", "20s", "1h"][((n >> 8) % 3) as usize];
+        let args = ["--json", "request", "--port", port, "--source", &source, "--duration", duration];
+        let out = jitctl(&socket, &args, None);
+        if !out.status.success() {
+            continue;
+        }
+        if let Ok(reply) = serde_json::from_slice::<Value>(&out.stdout) {
+            for g in reply["grants"].as_array().into_iter().flatten() {
+                answered.push(Answered {
+                    id: g["id"].as_u64().unwrap(),
+                    expires_at: serde_json::from_value(g["expires_at"].clone()).unwrap(),
+                });
+            }
+        }
+    }
+    answered
+}
+
+/// `(source, port)` of the grant elements in the kernel with more than `min_left` left.
+fn kernel_elements(net: &Net, min_left: u64) -> std::collections::BTreeSet<(String, u64)> {
+    let mut found = std::collections::BTreeSet::new();
+    for set in ["grants4", "grants4_net"] {
+        let out = net.nft(&["-j", "list", "set", "inet", "jitd", set]);
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        for item in json["nftables"].as_array().into_iter().flatten() {
+            for e in item["set"]["elem"].as_array().into_iter().flatten() {
+                let left = e["elem"]["expires"].as_u64().unwrap_or(u64::MAX);
+                let concat = &e["elem"]["val"]["concat"];
+                let (Some(source), Some(port)) = (concat[0].as_str(), concat.as_array().and_then(|c| c.last()?.as_u64()))
+                else {
+                    continue;
+                };
+                if left > min_left {
+                    found.insert((source.to_string(), port));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Checks the invariants after a restart; the violation, if any.
+fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> Result<(), String> {
+    let mut on_record = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(setup.state_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name == "audit.jsonl" || name.strip_prefix("audit.jsonl.").is_some_and(|n| n.parse::<u32>().is_ok()) {
+            for line in std::fs::read_to_string(&path).unwrap().lines() {
+                let r: Value = serde_json::from_str(line).map_err(|e| format!("{name}: a torn line {line:?}: {e}"))?;
+                if r["outcome"] == "approved" {
+                    on_record.insert(r["grant_id"].as_u64().unwrap_or_default());
+                }
+            }
+        }
+    }
+    if let Some(a) = answered.iter().find(|a| !on_record.contains(&a.id)) {
+        return Err(format!("grant {} was answered approved but has no audit record", a.id));
+    }
+    let out = jitd.ctl(&["audit", "verify"]);
+    if !out.status.success() {
+        return Err(format!("audit verify failed: {}", text(&out)));
+    }
+    let now = chrono::Utc::now();
+    let status = jitd.ctl_json(&["status"]);
+    let mut listed = std::collections::BTreeSet::new();
+    for g in status["grants"].as_array().into_iter().flatten() {
+        let expires: chrono::DateTime<chrono::Utc> = serde_json::from_value(g["expires_at"].clone()).unwrap();
+        if expires + chrono::Duration::seconds(2) < now {
+            return Err(format!("grant {} is open past its expires_at {expires}", g["id"]));
+        }
+        if let Some(a) = answered.iter().find(|a| a.id == g["id"].as_u64().unwrap()) {
+            if expires > a.expires_at + chrono::Duration::seconds(1) {
+                return Err(format!("grant {} was restored to {expires}, past the {} it was approved for", a.id, a.expires_at));
+            }
+        }
+        if g["remaining_secs"].as_u64().unwrap_or_default() > 4 {
+            listed.insert((g["source"].as_str().unwrap().to_string(), g["port"].as_u64().unwrap()));
+        }
+    }
+    let held = kernel_elements(net, 4);
+    let stray: Vec<_> = held.difference(&listed).collect();
+    let missing: Vec<_> = listed.difference(&held).collect();
+    // an element's timeout is rounded and a grant's remaining time truncated: only
+    // those with several seconds left on both sides are compared
+    let kernel_soon = kernel_elements(net, 0);
+    let missing: Vec<_> = missing.into_iter().filter(|m| !kernel_soon.contains(m)).collect();
+    let listed_any: std::collections::BTreeSet<(String, u64)> = status["grants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|g| (g["source"].as_str().unwrap().to_string(), g["port"].as_u64().unwrap()))
+        .collect();
+    let stray: Vec<_> = stray.into_iter().filter(|s| !listed_any.contains(s)).collect();
+    if !stray.is_empty() || !missing.is_empty() {
+        return Err(format!(
+            "the kernel's elements do not match jitctl status: in the kernel only {stray:?}, in status only {missing:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The crash soak: jitd under request load from several clients, SIGKILLed at random
+/// moments and restarted, the invariants checked after every restart. Run by
+/// `scripts/crash-soak [CYCLES]` (`JITD_SOAK_CYCLES`, default 20).
+#[test]
+#[ignore]
+fn crash_soak() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let cycles: u32 = std::env::var("JITD_SOAK_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(20);
+    let net = Net::new();
+    let setup = Setup::new(&format!("audit_max_bytes = 65536\naudit_keep = 1000\n{POLICY}"));
+    let mut answered: Vec<Answered> = Vec::new();
+    let mut seed = std::process::id() as u64 ^ chrono::Utc::now().timestamp_millis() as u64;
+    for cycle in 1..=cycles {
+        let jitd = setup.start(&net.host);
+        if let Err(violation) = soak_check(&setup, &net, &jitd, &answered) {
+            panic!("crash soak: cycle {cycle}: {violation}\njitd's log:\n{}", jitd.log_text());
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..4)
+            .map(|c| {
+                let (socket, stop) = (setup.socket(), stop.clone());
+                let seed = seed.wrapping_add(c * 7919);
+                std::thread::spawn(move || load(socket, seed, stop))
+            })
+            .collect();
+        seed = seed.wrapping_mul(2862933555777941757).wrapping_add(3037000493);
+        std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 1300));
+        jitd.kill();
+        stop.store(true, Ordering::SeqCst);
+        for c in clients {
+            answered.extend(c.join().unwrap());
+        }
+        eprintln!("crash soak: cycle {cycle}/{cycles}: killed; {} approval(s) answered so far", answered.len());
+    }
+    let jitd = setup.start(&net.host);
+    if let Err(violation) = soak_check(&setup, &net, &jitd, &answered) {
+        panic!("crash soak: after the last cycle: {violation}\njitd's log:\n{}", jitd.log_text());
+    }
+    eprintln!("crash soak: {cycles} cycle(s), {} approval(s), no violation", answered.len());
+}
