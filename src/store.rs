@@ -455,7 +455,9 @@ mod tests {
     #[test]
     fn a_batch_counts_whole_or_not_at_all_and_old_records_are_batches_of_one() {
         use crate::audit::{Action, AuditRecord, Batch, Outcome};
-        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z").unwrap().to_utc();
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
         let approved = |id: u64, batch: Option<(u64, u32, u32)>| {
             let mut r = AuditRecord::new(t, Some(1001), "bob", Action::Request, Outcome::Approved);
             r.grant_id = Some(id);
@@ -492,7 +494,10 @@ mod tests {
     fn history_counts_recent_approvals_per_minute_and_keeps_the_last_use() {
         use crate::audit::{Action, AuditRecord, Outcome};
         let t = |m: i64| {
-            chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z").unwrap().to_utc() + chrono::Duration::minutes(m)
+            chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+                .unwrap()
+                .to_utc()
+                + chrono::Duration::minutes(m)
         };
         let approved = |m: i64, user: &str, id: u64| {
             let mut r = AuditRecord::new(t(m), Some(1001), user, Action::Request, Outcome::Approved);
@@ -502,9 +507,19 @@ mod tests {
         };
         let mut h = History::default();
         h.note(&[approved(0, "bob", 3), approved(5, "bob", 4)], t(0));
-        h.note(&[approved(5, "alice", 9), AuditRecord::new(t(6), None, "jitd", Action::Stop, Outcome::Done)], t(1));
+        h.note(
+            &[
+                approved(5, "alice", 9),
+                AuditRecord::new(t(6), None, "jitd", Action::Stop, Outcome::Done),
+            ],
+            t(1),
+        );
         let u = &h.usage[&22];
-        assert_eq!(u.approvals.values().sum::<u32>(), 2, "the one before the window is dropped");
+        assert_eq!(
+            u.approvals.values().sum::<u32>(),
+            2,
+            "the one before the window is dropped"
+        );
         assert_eq!((u.last_access, u.last_user.as_deref()), (Some(t(5)), Some("alice")));
         assert_eq!((h.newest, h.max_grant_id), (Some(t(6)), 9));
     }

@@ -253,4 +253,47 @@ mod tests {
         let torn = &line(1, None)[..50];
         assert_eq!(cut_point(&torn.as_bytes()[5..], false), Cut::NeedMore);
     }
+
+    fn record(i: u32) -> AuditRecord {
+        let mut r = AuditRecord::new(
+            chrono::Utc::now(),
+            Some(1001),
+            "bob",
+            super::super::Action::Request,
+            super::super::Outcome::Approved,
+        );
+        r.grant_id = Some(u64::from(i));
+        r
+    }
+
+    #[test]
+    fn reading_since_a_position_finds_it_across_rotation_and_refuses_one_that_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rotation = super::super::Rotation {
+            max_bytes: 900,
+            keep: 50,
+        };
+        let mut log = super::super::AuditLog::open(dir.path(), rotation).unwrap();
+        log.append(&[record(1), record(2)]).unwrap();
+        let pos = log.position();
+        for i in 3..12 {
+            log.append(&[record(i)]).unwrap();
+        }
+        assert!(super::super::files(dir.path()).len() > 2, "rotated since the position");
+        let since = read_since(dir.path(), &pos).unwrap().expect("found in a rotated file");
+        let ids: Vec<u64> = since.records.iter().filter_map(|r| r.grant_id).collect();
+        assert_eq!(ids, (3..12).collect::<Vec<u64>>());
+        assert!(since.bytes > 0);
+        // a hash that is not where the position says: the caller reads everything
+        let wrong = Position {
+            hash: "ab".repeat(32),
+            ..pos.clone()
+        };
+        assert!(read_since(dir.path(), &wrong).unwrap().is_none());
+        let off = Position {
+            offset: pos.offset - 1,
+            ..pos
+        };
+        assert!(read_since(dir.path(), &off).unwrap().is_none());
+    }
 }

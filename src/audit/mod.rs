@@ -264,10 +264,7 @@ fn cut_torn_tail(state_dir: &Path, file: &File) -> std::io::Result<Option<Cut>> 
     }
     let mut torn = vec![0u8; (len - end) as usize];
     file.read_exact_at(&mut torn, end)?;
-    let kept_in = state_dir.join(format!(
-        "{AUDIT_FILE}.torn-{}",
-        Utc::now().format("%Y%m%dT%H%M%S%.6fZ")
-    ));
+    let kept_in = state_dir.join(format!("{AUDIT_FILE}.torn-{}", Utc::now().format("%Y%m%dT%H%M%S%.6fZ")));
     let mut side = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -651,7 +648,9 @@ pub fn read_records_from(path: &Path, offset: u64) -> std::io::Result<(Vec<Audit
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
             Ok(r) => records.push(r),
-            Err(e) if offset == 0 => problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1)),
+            Err(e) if offset == 0 => {
+                problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1))
+            }
             Err(e) => problems.push(format!(
                 "{}: line {} after byte {offset}: skipped unreadable record: {e}",
                 path.display(),
@@ -762,7 +761,11 @@ mod tests {
         assert_eq!(problems, Vec::<String>::new());
         assert_eq!(records.len(), 4);
         assert_eq!(records[2].action, Action::Recover);
-        assert!(records[2].reason.as_deref().unwrap().contains("14 byte(s)"), "{:?}", records[2]);
+        assert!(
+            records[2].reason.as_deref().unwrap().contains("14 byte(s)"),
+            "{:?}",
+            records[2]
+        );
         assert_eq!(records[3].prev, records[2].hash);
         assert_eq!(chain::verify_dir(dir.path()).unwrap().broken, None);
     }

@@ -102,11 +102,10 @@ impl<F: Firewall> Daemon<F> {
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
         let usage = usage_from(&history);
-        let writer =
-            Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
-                path: config.state_dir.display().to_string(),
-                source,
-            })?;
+        let writer = Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
+            path: config.state_dir.display().to_string(),
+            source,
+        })?;
         let intact = kernel_table
             .as_ref()
             .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);

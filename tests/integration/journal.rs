@@ -88,7 +88,11 @@ fn a_crash_in_the_middle_of_a_transaction_restores_none_of_it_and_all_that_was_a
         &jitd,
         &["--port", "22", "--port", "3389", "--source", A4, "--duration", "4s"],
     );
-    assert!(!out.status.success(), "the torn request was not answered: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "the torn request was not answered: {}",
+        text(&out)
+    );
     wait_gone(jitd);
     // restart past the torn grant's end, while the answered grant's timer still runs
     std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()));
@@ -100,11 +104,7 @@ fn a_crash_in_the_middle_of_a_transaction_restores_none_of_it_and_all_that_was_a
     let kept = torn_files(&setup.state_dir());
     assert_eq!(kept.len(), 1, "the cut bytes are kept aside");
     assert!(!std::fs::read(&kept[0]).unwrap().is_empty());
-    let recover: Vec<Value> = setup
-        .audit()
-        .into_iter()
-        .filter(|r| r["action"] == "recover")
-        .collect();
+    let recover: Vec<Value> = setup.audit().into_iter().filter(|r| r["action"] == "recover").collect();
     assert_eq!(recover.len(), 1, "the cut is on record");
     assert!(recover[0]["reason"].as_str().unwrap().contains("audit.jsonl.torn-"));
 }
@@ -158,7 +158,17 @@ fn a_full_disk_refuses_requests_and_leaves_no_partial_record_behind() {
     // the audit file's last page may still take a record or two: ask until refused
     let mut refused = None;
     for i in 0..40 {
-        let out = request(&jitd, &["--port", "22", "--source", &format!("192.0.2.{}", i + 1), "--duration", "1h"]);
+        let out = request(
+            &jitd,
+            &[
+                "--port",
+                "22",
+                "--source",
+                &format!("192.0.2.{}", i + 1),
+                "--duration",
+                "1h",
+            ],
+        );
         if !out.status.success() {
             refused = Some(out);
             break;
@@ -178,7 +188,10 @@ fn a_full_disk_refuses_requests_and_leaves_no_partial_record_behind() {
     jitd.kill();
     let jitd = setup.start(&net.host);
     assert!(grant_ids(&jitd).contains(&approved), "{}", jitd.log_text());
-    assert!(can_connect(&net.b, HOST_B4, 22), "the grant approved after the full disk is live again");
+    assert!(
+        can_connect(&net.b, HOST_B4, 22),
+        "the grant approved after the full disk is live again"
+    );
     assert_whole_and_verified(&setup, &jitd);
     drop(jitd);
     drop(disk);
@@ -194,14 +207,20 @@ fn start_up_reads_only_the_journal_after_the_checkpoint() {
     let mut ids = Vec::new();
     for i in 0..60 {
         let source = format!("198.51.100.{}", i + 1);
-        ids.push(granted_id(&request(&jitd, &["--port", "3389", "--source", &source, "--duration", "1h"])));
+        ids.push(granted_id(&request(
+            &jitd,
+            &["--port", "3389", "--source", &source, "--duration", "1h"],
+        )));
     }
     // the checkpoint catches up (once a second), then one more grant is only in the journal
     let checkpoint = setup.state_dir().join("grants.json");
     assert!(wait_for(Duration::from_secs(10), || {
         std::fs::read_to_string(&checkpoint).is_ok_and(|t| t.contains(&format!("\"id\":{}", ids[59])))
     }));
-    ids.push(granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"])));
+    ids.push(granted_id(&request(
+        &jitd,
+        &["--port", "22", "--source", A4, "--duration", "1h"],
+    )));
     jitd.kill();
     let history: u64 = std::fs::read_dir(setup.state_dir())
         .unwrap()
@@ -211,7 +230,13 @@ fn start_up_reads_only_the_journal_after_the_checkpoint() {
         .sum();
     let rotated = std::fs::read_dir(setup.state_dir())
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("audit.jsonl."))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("audit.jsonl.")
+        })
         .count();
     assert!(rotated >= 3, "the history spans {rotated} rotated file(s)");
     let jitd = setup.start(&net.host);
@@ -225,14 +250,14 @@ fn start_up_reads_only_the_journal_after_the_checkpoint() {
                 .then(|| rest.split_whitespace().next()?.parse().ok())?
         })
         .unwrap_or_else(|| panic!("start-up did not read from the checkpoint on: {log}"));
-    assert!(
-        read * 4 < history,
-        "start-up read {read} of {history} bytes of history"
-    );
+    assert!(read * 4 < history, "start-up read {read} of {history} bytes of history");
     let mut restored = grant_ids(&jitd);
     restored.sort_unstable();
     assert_eq!(restored, ids, "every grant is back");
-    assert!(can_connect(&net.a, HOST_A4, 22), "the grant only in the journal is live again");
+    assert!(
+        can_connect(&net.a, HOST_A4, 22),
+        "the grant only in the journal is live again"
+    );
     assert_whole_and_verified(&setup, &jitd);
 }
 
@@ -252,7 +277,16 @@ fn load(socket: PathBuf, seed: u64, stop: std::sync::Arc<std::sync::atomic::Atom
         let source = format!("198.51.{}.{}", 100 + (n >> 40) % 2, 1 + (n >> 20) % 60);
         let port = if n % 3 == 0 { "3389" } else { "22" };
         let duration = ["3s", "20s", "1h"][((n >> 8) % 3) as usize];
-        let args = ["--json", "request", "--port", port, "--source", &source, "--duration", duration];
+        let args = [
+            "--json",
+            "request",
+            "--port",
+            port,
+            "--source",
+            &source,
+            "--duration",
+            duration,
+        ];
         let out = jitctl(&socket, &args, None);
         if !out.status.success() {
             continue;
@@ -279,7 +313,8 @@ fn kernel_elements(net: &Net, min_left: u64) -> std::collections::BTreeSet<(Stri
             for e in item["set"]["elem"].as_array().into_iter().flatten() {
                 let left = e["elem"]["expires"].as_u64().unwrap_or(u64::MAX);
                 let concat = &e["elem"]["val"]["concat"];
-                let (Some(source), Some(port)) = (concat[0].as_str(), concat.as_array().and_then(|c| c.last()?.as_u64()))
+                let (Some(source), Some(port)) =
+                    (concat[0].as_str(), concat.as_array().and_then(|c| c.last()?.as_u64()))
                 else {
                     continue;
                 };
@@ -298,7 +333,11 @@ fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> R
     for entry in std::fs::read_dir(setup.state_dir()).unwrap() {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name == "audit.jsonl" || name.strip_prefix("audit.jsonl.").is_some_and(|n| n.parse::<u32>().is_ok()) {
+        if name == "audit.jsonl"
+            || name
+                .strip_prefix("audit.jsonl.")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        {
             for line in std::fs::read_to_string(&path).unwrap().lines() {
                 let r: Value = serde_json::from_str(line).map_err(|e| format!("{name}: a torn line {line:?}: {e}"))?;
                 if r["outcome"] == "approved" {
@@ -324,7 +363,10 @@ fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> R
         }
         if let Some(a) = answered.iter().find(|a| a.id == g["id"].as_u64().unwrap()) {
             if expires > a.expires_at + chrono::Duration::seconds(1) {
-                return Err(format!("grant {} was restored to {expires}, past the {} it was approved for", a.id, a.expires_at));
+                return Err(format!(
+                    "grant {} was restored to {expires}, past the {} it was approved for",
+                    a.id, a.expires_at
+                ));
             }
         }
         if g["remaining_secs"].as_u64().unwrap_or_default() > 4 {
@@ -361,7 +403,10 @@ fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> R
 fn crash_soak() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let cycles: u32 = std::env::var("JITD_SOAK_CYCLES").ok().and_then(|c| c.parse().ok()).unwrap_or(20);
+    let cycles: u32 = std::env::var("JITD_SOAK_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(20);
     let net = Net::new();
     let setup = Setup::new(&format!("audit_max_bytes = 65536\naudit_keep = 1000\n{POLICY}"));
     let mut answered: Vec<Answered> = Vec::new();
@@ -369,7 +414,10 @@ fn crash_soak() {
     for cycle in 1..=cycles {
         let jitd = setup.start(&net.host);
         if let Err(violation) = soak_check(&setup, &net, &jitd, &answered) {
-            panic!("crash soak: cycle {cycle}: {violation}\njitd's log:\n{}", jitd.log_text());
+            panic!(
+                "crash soak: cycle {cycle}: {violation}\njitd's log:\n{}",
+                jitd.log_text()
+            );
         }
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..4)
@@ -386,11 +434,20 @@ fn crash_soak() {
         for c in clients {
             answered.extend(c.join().unwrap());
         }
-        eprintln!("crash soak: cycle {cycle}/{cycles}: killed; {} approval(s) answered so far", answered.len());
+        eprintln!(
+            "crash soak: cycle {cycle}/{cycles}: killed; {} approval(s) answered so far",
+            answered.len()
+        );
     }
     let jitd = setup.start(&net.host);
     if let Err(violation) = soak_check(&setup, &net, &jitd, &answered) {
-        panic!("crash soak: after the last cycle: {violation}\njitd's log:\n{}", jitd.log_text());
+        panic!(
+            "crash soak: after the last cycle: {violation}\njitd's log:\n{}",
+            jitd.log_text()
+        );
     }
-    eprintln!("crash soak: {cycles} cycle(s), {} approval(s), no violation", answered.len());
+    eprintln!(
+        "crash soak: {cycles} cycle(s), {} approval(s), no violation",
+        answered.len()
+    );
 }
