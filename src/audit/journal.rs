@@ -52,15 +52,17 @@ pub enum Cut {
     NeedMore,
 }
 
-/// Whether `line` is a sealed, readable record; its batch if so.
+/// Whether `line` is whole (valid JSON: a torn write never is); its batch if so. A
+/// whole line jitd did not write is left for `audit verify` to report, never cut.
 fn whole_record(line: &[u8]) -> Option<Option<Batch>> {
-    chain::claimed_hash(line)?;
-    serde_json::from_slice::<AuditRecord>(line).ok().map(|r| r.batch)
+    let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+    Some(value.get("batch").and_then(|b| serde_json::from_value(b.clone()).ok()))
 }
 
 /// Finds where the whole records end in `tail`, the last bytes of an audit file
-/// (`from_start`: the whole file). Cut are: a last line without its newline, lines that
-/// are not sealed readable records, and the records of a batch that did not finish.
+/// (`from_start`: the whole file). Cut are: a last line without its newline, lines at
+/// the end that are not JSON (torn, or sealed with a newline by an older jitd), and the
+/// records of a batch that did not finish.
 pub fn cut_point(tail: &[u8], from_start: bool) -> Cut {
     let line_start = |end: usize| tail[..end].iter().rposition(|b| *b == b'\n').map(|i| i + 1);
     // the end of the last complete line
