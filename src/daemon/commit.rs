@@ -84,6 +84,8 @@ impl Undo {
         }
         for (grant, deadline) in self.removed.into_iter().rev() {
             if !self.inserted.contains(&grant.id) {
+                // a grant changed in place (clamped) is put back as it was
+                st.book.remove(grant.id);
                 st.book.restore(grant, deadline);
             }
         }
