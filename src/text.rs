@@ -352,14 +352,25 @@ mod tests {
         assert_eq!(show_stored("a\x1b\\b"), r"a\u{1b}\\b");
         let raw_after = format!("{UNCHECKED_MARK}\x1b[2J");
         assert_eq!(show_stored(&raw_after), format!("{UNCHECKED_MARK}\\u{{1b}}[2J"));
-        for bad in [r"\q", r"\u{zz}", r"\u{}", r"\u{1234567}", r"\", r"\[cut: x]", r"\[cut: the original had 3 characters]x"] {
+        for bad in [
+            r"\q",
+            r"\u{zz}",
+            r"\u{}",
+            r"\u{1234567}",
+            r"\",
+            r"\[cut: x]",
+            r"\[cut: the original had 3 characters]x",
+        ] {
             let s = format!("{UNCHECKED_MARK}{bad}");
             assert_eq!(show_stored(&s), escape_for_terminal(&s), "{bad}");
         }
         // the head before the mark is escaped all the same
         let s = format!("\x1b {UNCHECKED_MARK}ok");
         assert_eq!(show_stored(&s), format!(r"\u{{1b}} {UNCHECKED_MARK}ok"));
-        assert_eq!(has_format_chars(&show_stored(&format!("{UNCHECKED_MARK}{}", '\u{202e}'))), None);
+        assert_eq!(
+            has_format_chars(&show_stored(&format!("{UNCHECKED_MARK}{}", '\u{202e}'))),
+            None
+        );
     }
 
     #[test]

@@ -138,11 +138,19 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
-    /// Cuts the sessions the revoked `grants` admitted and records what was cut, one
-    /// record per grant (the cut is done first: the records say what it found).
+    /// Cuts the sessions the revoked `grants` admitted (but not those a live grant
+    /// still allows) and records what was cut, one record per grant (the cut is done
+    /// first: the records say what it found).
     async fn terminate(&self, caller: &Caller, grants: &[Grant], pings: &mut Pings) -> Result<Vec<String>, Reply> {
+        use crate::firewall::conntrack;
         let keys: Vec<_> = grants.iter().flat_map(Grant::keys).collect();
-        let result = answering(pings, crate::firewall::conntrack::terminate(&self.firewall, &keys)).await;
+        let live: Vec<_> = self.lock().book.iter().flat_map(Grant::keys).collect();
+        let result = answering(pings, conntrack::terminate(&self.firewall, &keys, &live)).await;
+        if let Ok(done) = &result {
+            self.lock()
+                .cuts
+                .note(done.cut.iter().map(conntrack::Session::cut_key), Instant::now());
+        }
         let outcome = if result.is_ok() { Outcome::Done } else { Outcome::Failed };
         let wall = Utc::now();
         let records = grants
@@ -150,17 +158,17 @@ impl<F: Firewall> Daemon<F> {
             .map(|g| {
                 let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Terminate, outcome);
                 r.reason = Some(match &result {
-                    Ok(cut) => crate::firewall::conntrack::summary(cut, &g.keys()),
+                    Ok(done) => conntrack::summary(done, &g.keys()),
                     Err(e) => format!("cutting its sessions failed: {e}"),
                 });
                 r
             })
             .collect();
         let logged = self.execute(Tx::records(records), pings).await;
-        let cut =
+        let done =
             result.map_err(|e| Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")))?;
         logged.map_err(|e| Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}")))?;
-        Ok(cut.iter().map(ToString::to_string).collect())
+        Ok(done.cut.iter().map(ToString::to_string).collect())
     }
 
     /// Re-reads the policy file as `caller` (admins only). An invalid policy changes
@@ -310,7 +318,10 @@ impl<F: Firewall> Daemon<F> {
     pub(super) async fn commit_expiry(&self, pings: &mut Pings) {
         let (ended, summaries) = {
             let mut st = self.lock();
-            (st.book.pop_expired(Instant::now()), st.refusals.due_summaries(Utc::now()))
+            (
+                st.book.pop_expired(Instant::now()),
+                st.refusals.due_summaries(Utc::now()),
+            )
         };
         if ended.is_empty() && summaries.is_empty() {
             return;
@@ -508,7 +519,12 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
 }
 
 /// The live grants `config` no longer allows as they are, with what becomes of them.
-fn recheck_book(book: &grants::GrantBook, config: &Config, now: Instant, wall: DateTime<Utc>) -> Vec<(GrantId, Verdict)> {
+fn recheck_book(
+    book: &grants::GrantBook,
+    config: &Config,
+    now: Instant,
+    wall: DateTime<Utc>,
+) -> Vec<(GrantId, Verdict)> {
     let mut callers: HashMap<u32, Caller> = HashMap::new();
     book.iter()
         .filter_map(|g| {
@@ -588,9 +604,15 @@ mod tests {
             "policy changed: source 10.1.2.3 is no longer in allowed_sources of port 22/tcp"
         );
         let why = ends(&format!("{PORT22}[access]\nrequesters = [\"uid:4243\"]\n"), 4242);
-        assert_eq!(why, "policy changed: 4242 (uid 4242) no longer holds the requester role");
+        assert_eq!(
+            why,
+            "policy changed: 4242 (uid 4242) no longer holds the requester role"
+        );
         let why = ends(&PORT22.replace("3h", "1m"), 0);
-        assert!(why.starts_with("policy changed: max_duration of port 22/tcp is now"), "{why}");
+        assert!(
+            why.starts_with("policy changed: max_duration of port 22/tcp is now"),
+            "{why}"
+        );
     }
 
     #[test]
@@ -602,7 +624,10 @@ mod tests {
         match recheck(&c, &g, &who(0), 176 * MIN, wall) {
             Verdict::Clamp(left, why) => {
                 assert_eq!(left, 6 * MIN);
-                assert!(why.starts_with("policy changed: max_duration of port 22/tcp is now 10m"), "{why}");
+                assert!(
+                    why.starts_with("policy changed: max_duration of port 22/tcp is now 10m"),
+                    "{why}"
+                );
             }
             other => panic!("{other:?}"),
         }

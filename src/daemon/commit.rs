@@ -325,7 +325,11 @@ impl<F: Firewall> Daemon<F> {
         match change {
             KernelChange::None => Ok(()),
             KernelChange::Remove => self.firewall.apply(&rules::remove_table()).await,
-            KernelChange::Replace(spec, elements) => self.firewall.apply(&rules::replace_table(spec, elements)).await,
+            KernelChange::Replace(spec, elements) => {
+                let cuts = self.lock().cuts.live(Instant::now());
+                let batch = rules::replace_table_with_cuts(spec, elements, &cuts);
+                self.firewall.apply(&batch).await
+            }
             KernelChange::Grants { remove, add } => {
                 let Some(batch) = rules::change_grants(remove, add) else {
                     return Ok(());

@@ -14,9 +14,9 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::changes::{self, Verdict};
 use super::commit::{self, KernelChange, Tx};
 use super::writer::Writer;
-use super::changes::{self, Verdict};
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
@@ -127,6 +127,7 @@ impl<F: Firewall> Daemon<F> {
             settled: 0,
             recent: Default::default(),
             refusals: Default::default(),
+            cuts: Default::default(),
         };
         let daemon = Arc::new(Daemon {
             firewall,
@@ -190,7 +191,14 @@ impl<F: Firewall> Daemon<F> {
         let mut callers = HashMap::new();
         for mut grant in restore.saved {
             let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, restore.clock_sane) else {
-                let mut r = grant_record(&grant, grant.expires_at.min(wall), None, "jitd", Action::Expire, Outcome::Expired);
+                let mut r = grant_record(
+                    &grant,
+                    grant.expires_at.min(wall),
+                    None,
+                    "jitd",
+                    Action::Expire,
+                    Outcome::Expired,
+                );
                 r.reason = Some("ended while jitd was not running".into());
                 records.push(r);
                 continue;
@@ -277,12 +285,7 @@ struct Restore {
 /// restart), the kernel's own timers say; after a reboot, the wall clock does, and only
 /// when it is not behind the audit log. Never more than the grant was approved for (the
 /// policy's limits are [`changes::recheck`]'s business). `None`: it has ended.
-fn time_left(
-    grant: &Grant,
-    kernel: Option<&KernelGrants>,
-    wall: DateTime<Utc>,
-    clock_sane: bool,
-) -> Option<Duration> {
+fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, clock_sane: bool) -> Option<Duration> {
     let by_kernel = kernel.map(|held| {
         grant
             .keys()

@@ -237,7 +237,10 @@ async fn a_restart_under_a_stricter_policy_clamps_what_it_allows_for_less() {
     let config = Config::parse(&dir.path().join("jitd.toml"), &text, &|_| None).unwrap();
     let (again, _) = Daemon::start(config, RecordingFirewall::default()).await.unwrap();
     let left = again.lock().book.remaining(1, tokio::time::Instant::now()).unwrap();
-    assert!(left <= Duration::from_secs(600), "a 50 min grant is cut to the new 10 min: {left:?}");
+    assert!(
+        left <= Duration::from_secs(600),
+        "a 50 min grant is cut to the new 10 min: {left:?}"
+    );
     let last = records(dir.path()).into_iter().rev().nth(1).unwrap();
     assert_eq!((last.action, last.outcome), (Action::Start, Outcome::Done));
     assert!(last.reason.unwrap().starts_with("policy changed"));
