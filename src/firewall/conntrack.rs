@@ -372,7 +372,7 @@ mod tests {
         // the /24 is revoked; the /32 of .2 on port 22 is still live
         let revoked = [key("10.77.1.0/24", 22), key("10.77.1.0/24", 3389)];
         let done = to_cut(&sessions, &revoked, &[key("10.77.1.2", 22)]);
-        assert_eq!(done.cut, vec![sessions[1], sessions[2]]);
+        assert_eq!(done.cut, vec![sessions[2], sessions[1]], "sorted");
         assert_eq!(done.kept, vec![sessions[0]]);
         assert_eq!(
             summary(&done, &revoked[..1]),
