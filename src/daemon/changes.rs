@@ -480,7 +480,11 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
             continue;
         };
         let (outcome, why) = match verdict {
-            Verdict::Keep(_) => unreachable!("only changes are listed"),
+            Verdict::Keep(_) => {
+                // not listed by recheck_book; put back as it was, should it ever be
+                st.book.restore(grant, deadline);
+                continue;
+            }
             Verdict::End(why) => {
                 ended.push(id);
                 (Outcome::Revoked, why)
