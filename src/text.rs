@@ -9,7 +9,10 @@
 //!   characters, the BOM, ...) and the line and paragraph separators U+2028/U+2029
 //!   become visible escapes, so no escape sequence reaches a terminal and no hidden
 //!   character reorders or hides what is shown.
-//! - [`escape_capped`]: the same, cut to a length, marked as cut.
+//! - [`escape_capped`]: the same, cut to a length, marked as cut; [`unchecked`]: a
+//!   caller's input that failed its checks, escaped, capped and marked for storing.
+//! - [`show_stored`]: stored text shown escaped once: what jitd stored escaped already
+//!   (after [`UNCHECKED_MARK`]) is not escaped a second time.
 //! - [`has_format_chars`]: the first such character, for refusing input at the door.
 //! - [`csv_cell`]: a cell a spreadsheet will not run as a formula.
 //! - [`escape_json_output`]: serialized JSON with the same characters as `\uXXXX`.
@@ -100,6 +103,75 @@ pub fn escape_capped(s: &str, max_chars: usize) -> String {
     out
 }
 
+/// The label that marks a copy of a caller's input that did not pass its checks, as
+/// jitd stores it: escaped already ([`escape_capped`]), so the log holds no raw byte.
+pub const UNCHECKED_MARK: &str = "(unchecked input, escaped) ";
+
+/// The longest copy of a caller's unchecked input that goes into the audit log, in
+/// escaped characters.
+pub const UNCHECKED_CHARS: usize = 80;
+
+/// A caller's input that did not pass the checks, as it may be stored: escaped, cut
+/// short and marked with [`UNCHECKED_MARK`]. [`show_stored`] shows it as it is.
+pub fn unchecked(text: &str) -> String {
+    format!("{UNCHECKED_MARK}{}", escape_capped(text, UNCHECKED_CHARS))
+}
+
+/// Stored text (an audit field, a message from jitd) made safe to show, escaped once:
+/// like [`escape_for_terminal`], except that the part after an [`UNCHECKED_MARK`], which
+/// jitd stored escaped already, is shown as it is when it is well-formed escaped text
+/// (no hidden character, every backslash starting an escape of the module's table or
+/// the cut marker). Anything else, a hand-made record say, is escaped as usual: nothing
+/// hidden is ever shown raw.
+pub fn show_stored(s: &str) -> Cow<'_, str> {
+    let Some(at) = s.find(UNCHECKED_MARK) else {
+        return escape_for_terminal(s);
+    };
+    let (head, rest) = s.split_at(at + UNCHECKED_MARK.len());
+    if !is_escaped_text(rest) {
+        return escape_for_terminal(s);
+    }
+    match escape_for_terminal(head) {
+        Cow::Borrowed(_) => Cow::Borrowed(s),
+        Cow::Owned(head) => Cow::Owned(head + rest),
+    }
+}
+
+/// Whether `s` reads as the output of [`escape_capped`]: no hidden character, and each
+/// backslash starts `\\`, `\n`, `\r`, `\t`, `\u{HEX}` or, at the very end, the cut marker.
+fn is_escaped_text(s: &str) -> bool {
+    if has_format_chars(s).is_some() {
+        return false;
+    }
+    let mut rest = s;
+    while let Some(at) = rest.find('\\') {
+        let after = &rest[at + 1..];
+        let len = match after.chars().next() {
+            Some('\\' | 'n' | 'r' | 't') => 1,
+            Some('u') => match after.find('}') {
+                Some(end) if after.starts_with("u{") && (3..=8).contains(&end) => {
+                    if !after[2..end].chars().all(|c| c.is_ascii_hexdigit()) {
+                        return false;
+                    }
+                    end + 1
+                }
+                _ => return false,
+            },
+            Some('[') => return is_cut_marker(after),
+            _ => return false,
+        };
+        rest = &after[len..];
+    }
+    true
+}
+
+/// Whether `s` is exactly `[cut: the original had N characters]`.
+fn is_cut_marker(s: &str) -> bool {
+    s.strip_prefix("[cut: the original had ")
+        .and_then(|r| r.strip_suffix(" characters]"))
+        .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+}
+
 /// The first character of `s` that [`escape_for_terminal`] would hide behind an escape
 /// (a control character, a Unicode format character (Cf) or U+2028/U+2029), if any;
 /// the backslash, which is merely doubled, does not count.
@@ -112,13 +184,13 @@ pub fn has_format_chars(s: &str) -> Option<char> {
 /// programs fold to the ASCII ones.
 const FORMULA_STARTS: [char; 10] = ['=', '+', '-', '@', '\t', '\r', '＝', '＋', '－', '＠'];
 
-/// A CSV cell for `s`: [`escape_for_terminal`] of it, and if `s` starts (after any
+/// A CSV cell for `s`: [`show_stored`] of it (escaped once), and if `s` starts (after any
 /// spaces) with `=`, `+`, `-`, `@`, a tab or a carriage return (or the full-width
 /// `＝＋－＠`), prefixed with a single quote `'` so that spreadsheets take it as text
 /// (OWASP's advice against CSV injection). Quoting of commas and quotes is left to the
 /// CSV writer.
 pub fn csv_cell(s: &str) -> Cow<'_, str> {
-    let escaped = escape_for_terminal(s);
+    let escaped = show_stored(s);
     let first = s.trim_start_matches([' ', '\u{a0}', '\u{3000}']).chars().next();
     match first {
         Some(c) if FORMULA_STARTS.contains(&c) => Cow::Owned(format!("'{escaped}")),
@@ -259,6 +331,46 @@ mod tests {
         assert!(capped.ends_with(r"\[cut: the original had 1000 characters]"));
         assert!(capped.chars().count() <= 100 + 56);
         assert_eq!(has_format_chars(&capped), None);
+    }
+
+    #[test]
+    fn stored_unchecked_input_is_shown_escaped_once() {
+        let stored = unchecked("10.0.0.1\x1b[2J\\x\u{202e}");
+        assert_eq!(stored, r"(unchecked input, escaped) 10.0.0.1\u{1b}[2J\\x\u{202e}");
+        assert_eq!(show_stored(&stored), stored, "not escaped a second time");
+        let reason = format!("invalid_argument: source: not an address, got {stored}");
+        assert_eq!(show_stored(&reason), reason);
+        let long = unchecked(&"\x1b".repeat(100));
+        assert!(long.ends_with(r"\[cut: the original had 100 characters]"), "{long}");
+        assert_eq!(show_stored(&long), long);
+        assert_eq!(csv_cell(&stored), stored);
+    }
+
+    #[test]
+    fn stored_text_that_is_not_well_formed_is_escaped_as_usual() {
+        // raw text, and text after the mark that jitd cannot have written
+        assert_eq!(show_stored("a\x1b\\b"), r"a\u{1b}\\b");
+        let raw_after = format!("{UNCHECKED_MARK}\x1b[2J");
+        assert_eq!(show_stored(&raw_after), format!("{UNCHECKED_MARK}\\u{{1b}}[2J"));
+        for bad in [
+            r"\q",
+            r"\u{zz}",
+            r"\u{}",
+            r"\u{1234567}",
+            r"\",
+            r"\[cut: x]",
+            r"\[cut: the original had 3 characters]x",
+        ] {
+            let s = format!("{UNCHECKED_MARK}{bad}");
+            assert_eq!(show_stored(&s), escape_for_terminal(&s), "{bad}");
+        }
+        // the head before the mark is escaped all the same
+        let s = format!("\x1b {UNCHECKED_MARK}ok");
+        assert_eq!(show_stored(&s), format!(r"\u{{1b}} {UNCHECKED_MARK}ok"));
+        assert_eq!(
+            has_format_chars(&show_stored(&format!("{UNCHECKED_MARK}{}", '\u{202e}'))),
+            None
+        );
     }
 
     #[test]

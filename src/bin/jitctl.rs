@@ -14,7 +14,7 @@ use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
 use jitd::cli::table;
-use jitd::text::{escape_for_terminal, escape_json_output};
+use jitd::text::{escape_for_terminal, escape_json_output, show_stored};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -69,10 +69,10 @@ impl From<std::io::Error> for Failure {
     }
 }
 
-/// One line on stderr, escaped (messages from jitd can quote what a caller sent); a
-/// closed stderr is ignored rather than a panic.
+/// One line on stderr, escaped once (messages from jitd can quote what a caller sent,
+/// escaped already); a closed stderr is ignored rather than a panic.
 fn say(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{}", escape_for_terminal(line));
+    let _ = writeln!(std::io::stderr(), "{}", show_stored(line));
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {

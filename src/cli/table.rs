@@ -1,8 +1,9 @@
 //! Aligned text tables for `jitctl`'s human output. Every cell is escaped with
-//! [`crate::text::escape_for_terminal`] here, in the one place tables are drawn, so no
+//! [`crate::text::show_stored`] here (once: what jitd stored escaped already is not
+//! escaped again), in the one place tables are drawn, so no
 //! caller-supplied text (a source, a justification, a reason) reaches a terminal raw.
 
-use crate::text::escape_for_terminal;
+use crate::text::show_stored;
 
 /// `headers` and `rows` as left-aligned columns two spaces apart, one line per row
 /// (each ending in `\n`, trailing spaces trimmed); cells are escaped for the terminal
@@ -10,7 +11,7 @@ use crate::text::escape_for_terminal;
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let escaped: Vec<Vec<String>> = rows
         .iter()
-        .map(|row| row.iter().map(|c| escape_for_terminal(c).into_owned()).collect())
+        .map(|row| row.iter().map(|c| show_stored(c).into_owned()).collect())
         .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in &escaped {

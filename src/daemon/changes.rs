@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -14,7 +15,7 @@ use super::drift::{self, Checked};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{parse_prefix, Config, OnStop};
+use crate::config::{format_prefix, parse_prefix, Config, OnStop};
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::Firewall;
 use crate::grants::{self, Grant, GrantId};
@@ -23,26 +24,70 @@ use crate::policy::{self, Denial, Role};
 
 type Pings = mpsc::Receiver<oneshot::Sender<()>>;
 
-/// Whether a live grant is still allowed by `config`: its port protected with its
-/// protocol, its source allowed, its approved duration within the port's maximum, and
-/// its requester still holding the requester role. `Err` says why not.
-pub(super) fn still_allowed(config: &Config, grant: &Grant, requester: &Caller) -> Result<(), String> {
-    let fits = config.ports.iter().any(|p| {
-        p.port == grant.port
-            && p.protocol == grant.protocol
-            && p.allowed_sources.contains(&grant.source)
-            && grant.approved_duration() <= p.max_duration
-    });
-    if !fits {
-        return Err("policy changed: the port's policy no longer allows this grant".into());
+/// What the current policy makes of a live grant ([`recheck`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Still allowed as it is, for the time it has left.
+    Keep(Duration),
+    /// Allowed, but only for this much longer (the port's `max_duration` shrank);
+    /// the reason starts with "policy changed".
+    Clamp(Duration, String),
+    /// No longer allowed; the reason starts with "policy changed".
+    End(String),
+}
+
+/// Re-checks a live grant with `left` to run against `config`, as a reload and a
+/// restart do: its port still protected with its protocol, its source still allowed,
+/// its requester still holding the requester role, and its whole length (from
+/// `granted_at`, by the wall clock `wall`) within the port's `max_duration`. A grant
+/// that ran longer than that already ends; one that would run longer is clamped.
+pub(super) fn recheck(
+    config: &Config,
+    grant: &Grant,
+    requester: &Caller,
+    left: Duration,
+    wall: DateTime<Utc>,
+) -> Verdict {
+    let port = format!("port {}/{}", grant.port, grant.protocol);
+    let policies: Vec<_> = config
+        .port_policies(grant.port)
+        .filter(|p| p.protocol == grant.protocol)
+        .collect();
+    if policies.is_empty() {
+        return Verdict::End(format!("policy changed: {port} is no longer protected"));
     }
-    match policy::role_of(&config.access, requester) {
-        Some(role) if role >= Role::Requester => Ok(()),
-        _ => Err(format!(
+    let Some(max) = policies
+        .iter()
+        .filter(|p| p.allowed_sources.contains(&grant.source))
+        .map(|p| p.max_duration)
+        .max()
+    else {
+        return Verdict::End(format!(
+            "policy changed: source {} is no longer in allowed_sources of {port}",
+            format_prefix(&grant.source)
+        ));
+    };
+    if !matches!(policy::role_of(&config.access, requester), Some(r) if r >= Role::Requester) {
+        return Verdict::End(format!(
             "policy changed: {} (uid {}) no longer holds the requester role",
             requester.name, requester.uid
-        )),
+        ));
     }
+    let ran = (wall - grant.granted_at).to_std().unwrap_or_default();
+    let allowed = max.saturating_sub(ran);
+    let shown = crate::duration::format(max);
+    if allowed.is_zero() {
+        return Verdict::End(format!(
+            "policy changed: max_duration of {port} is now {shown}, and the grant has run that long already"
+        ));
+    }
+    if left > allowed {
+        return Verdict::Clamp(
+            allowed,
+            format!("policy changed: max_duration of {port} is now {shown}; the grant now ends {shown} after it began"),
+        );
+    }
+    Verdict::Keep(left)
 }
 
 impl<F: Firewall> Daemon<F> {
@@ -93,11 +138,19 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
-    /// Cuts the sessions the revoked `grants` admitted and records what was cut, one
-    /// record per grant (the cut is done first: the records say what it found).
+    /// Cuts the sessions the revoked `grants` admitted (but not those a live grant
+    /// still allows) and records what was cut, one record per grant (the cut is done
+    /// first: the records say what it found).
     async fn terminate(&self, caller: &Caller, grants: &[Grant], pings: &mut Pings) -> Result<Vec<String>, Reply> {
+        use crate::firewall::conntrack;
         let keys: Vec<_> = grants.iter().flat_map(Grant::keys).collect();
-        let result = answering(pings, crate::firewall::conntrack::terminate(&self.firewall, &keys)).await;
+        let live: Vec<_> = self.lock().book.iter().flat_map(Grant::keys).collect();
+        let result = answering(pings, conntrack::terminate(&self.firewall, &keys, &live)).await;
+        if let Ok(done) = &result {
+            self.lock()
+                .cuts
+                .note(done.cut.iter().map(conntrack::Session::cut_key), Instant::now());
+        }
         let outcome = if result.is_ok() { Outcome::Done } else { Outcome::Failed };
         let wall = Utc::now();
         let records = grants
@@ -105,17 +158,17 @@ impl<F: Firewall> Daemon<F> {
             .map(|g| {
                 let mut r = grant_record(g, wall, Some(caller.uid), &caller.name, Action::Terminate, outcome);
                 r.reason = Some(match &result {
-                    Ok(cut) => crate::firewall::conntrack::summary(cut, &g.keys()),
+                    Ok(done) => conntrack::summary(done, &g.keys()),
                     Err(e) => format!("cutting its sessions failed: {e}"),
                 });
                 r
             })
             .collect();
         let logged = self.execute(Tx::records(records), pings).await;
-        let cut =
+        let done =
             result.map_err(|e| Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")))?;
         logged.map_err(|e| Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}")))?;
-        Ok(cut.iter().map(ToString::to_string).collect())
+        Ok(done.cut.iter().map(ToString::to_string).collect())
     }
 
     /// Re-reads the policy file as `caller` (admins only). An invalid policy changes
@@ -246,14 +299,34 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
-    /// Books and records every grant whose time is up. The kernel drops their elements
-    /// by itself at the same moment (their timeouts), so nothing is sent to it.
+    /// When the expiry timer must next wake: the next grant deadline or the end of the
+    /// next refusal-counting interval, whichever is first.
+    pub(super) fn next_wake(&self) -> Option<Instant> {
+        let st = self.lock();
+        let summary = st.refusals.next_due().map(|due| {
+            // a few milliseconds late, so that the interval has surely ended
+            let wait = (due - Utc::now()).to_std().unwrap_or_default();
+            Instant::now() + wait + Duration::from_millis(10)
+        });
+        [st.book.next_deadline(), summary].into_iter().flatten().min()
+    }
+
+    /// Books and records every grant whose time is up, and writes the summaries of
+    /// refusal intervals that have ended (so they are on record on time even if nobody
+    /// asks again). The kernel drops the grants' elements by itself at the same moment
+    /// (their timeouts), so nothing is sent to it.
     pub(super) async fn commit_expiry(&self, pings: &mut Pings) {
-        let ended = self.lock().book.pop_expired(Instant::now());
-        if ended.is_empty() {
+        let (ended, summaries) = {
+            let mut st = self.lock();
+            (
+                st.book.pop_expired(Instant::now()),
+                st.refusals.due_summaries(Utc::now()),
+            )
+        };
+        if ended.is_empty() && summaries.is_empty() {
             return;
         }
-        let records: Vec<AuditRecord> = ended
+        let mut records: Vec<AuditRecord> = ended
             .iter()
             .map(|g| {
                 let mut r = grant_record(g, g.expires_at, None, "jitd", Action::Expire, Outcome::Expired);
@@ -261,6 +334,7 @@ impl<F: Firewall> Daemon<F> {
                 r
             })
             .collect();
+        records.extend(summaries);
         for g in &ended {
             tracing::info!(grant = g.id, port = g.port, "grant expired");
         }
@@ -324,10 +398,7 @@ fn plan_revoke(
             Outcome::Denied,
         );
         r.grant_id = request.id;
-        r.source = request.source.as_deref().map(|s| match parse_prefix(s) {
-            Ok(net) => crate::config::format_prefix(&net),
-            Err(_) => format!("(unchecked input, escaped) {}", crate::text::escape_capped(s, 80)),
-        });
+        r.source = request.source.as_deref().map(super::requests::recorded_source);
         r.ports = request.port.into_iter().collect();
         r.reason = Some(format!("{}: {}", d.code, d.message));
         Box::new((d, Some(r)))
@@ -396,37 +467,41 @@ fn plan_revoke(
     Ok((tx, revoked, targets))
 }
 
-/// Books a new policy: the grants it no longer allows end, the table is replaced.
+/// Books a new policy: the grants it no longer allows end, those it allows for less
+/// time are clamped, the table is replaced.
 fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx, Vec<GrantId>) {
     let now = Instant::now();
     let wall = Utc::now();
-    let mut callers: HashMap<u32, Caller> = HashMap::new();
-    let ending: Vec<(GrantId, String)> = st
-        .book
-        .iter()
-        .filter_map(|g| {
-            let requester = callers
-                .entry(g.requester_uid)
-                .or_insert_with(|| Caller::resolve_uid(g.requester_uid));
-            still_allowed(&new_config, g, requester).err().map(|why| (g.id, why))
-        })
-        .collect();
+    let verdicts = recheck_book(&st.book, &new_config, now, wall);
     let mut tx = Tx::records(Vec::new());
-    for (id, why) in &ending {
-        if let Some((grant, deadline)) = st.book.remove(*id) {
-            let mut r = grant_record(
-                &grant,
-                wall,
-                Some(actor.uid),
-                &actor.name,
-                Action::Reload,
-                Outcome::Revoked,
-            );
-            r.reason = Some(why.clone());
-            tx.failed.push(failure_of(&r));
-            tx.records.push(r);
-            tx.undo.removed.push((grant, deadline));
-        }
+    let mut ended = Vec::new();
+    for (id, verdict) in verdicts {
+        let Some((grant, deadline)) = st.book.remove(id) else {
+            continue;
+        };
+        let (outcome, why) = match verdict {
+            Verdict::Keep(_) => {
+                // not listed by recheck_book; put back as it was, should it ever be
+                st.book.restore(grant, deadline);
+                continue;
+            }
+            Verdict::End(why) => {
+                ended.push(id);
+                (Outcome::Revoked, why)
+            }
+            Verdict::Clamp(left, why) => {
+                let mut clamped = grant.clone();
+                clamped.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                st.book.restore(clamped, now + left);
+                (Outcome::Done, why)
+            }
+        };
+        let booked = st.book.get(id).unwrap_or(&grant);
+        let mut r = grant_record(booked, wall, Some(actor.uid), &actor.name, Action::Reload, outcome);
+        r.reason = Some(why);
+        tx.failed.push(failure_of(&r));
+        tx.records.push(r);
+        tx.undo.removed.push((grant, deadline));
     }
     let mut done = AuditRecord::new(wall, Some(actor.uid), &actor.name, Action::Reload, Outcome::Done);
     done.ports = new_config.ports.iter().map(|p| p.port).collect();
@@ -444,5 +519,123 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
         grants::timed(&st.book.elements(now), now),
     );
     tx.undo.config = Some(Box::new(std::mem::replace(&mut st.config, new_config)));
-    (tx, ending.into_iter().map(|(id, _)| id).collect())
+    (tx, ended)
+}
+
+/// The live grants `config` no longer allows as they are, with what becomes of them.
+fn recheck_book(
+    book: &grants::GrantBook,
+    config: &Config,
+    now: Instant,
+    wall: DateTime<Utc>,
+) -> Vec<(GrantId, Verdict)> {
+    let mut callers: HashMap<u32, Caller> = HashMap::new();
+    book.iter()
+        .filter_map(|g| {
+            let requester = callers
+                .entry(g.requester_uid)
+                .or_insert_with(|| Caller::resolve_uid(g.requester_uid));
+            let left = book.remaining(g.id, now).unwrap_or_default();
+            match recheck(config, g, requester, left, wall) {
+                Verdict::Keep(_) => None,
+                changed => Some((g.id, changed)),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(body: &str) -> Config {
+        let text = format!("state_dir = \"/nonexistent\"\n{body}");
+        Config::parse(Path::new("/etc/jitd/jitd.toml"), &text, &|_| None).unwrap()
+    }
+
+    const PORT22: &str = "[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.0/8\"]\nmax_duration = \"3h\"\n";
+
+    fn grant(ran: Duration, approved: Duration, wall: DateTime<Utc>) -> Grant {
+        let granted_at = wall - chrono::Duration::from_std(ran).unwrap();
+        Grant {
+            id: 7,
+            source: "10.1.2.3/32".parse().unwrap(),
+            port: 22,
+            protocol: crate::config::Protocol::Tcp,
+            requester: "4242".into(),
+            requester_uid: 4242,
+            justification: None,
+            granted_at,
+            expires_at: granted_at + chrono::Duration::from_std(approved).unwrap(),
+        }
+    }
+
+    fn who(uid: u32) -> Caller {
+        Caller {
+            uid,
+            name: uid.to_string(),
+            groups: Vec::new(),
+        }
+    }
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_grant_the_policy_still_allows_is_kept_as_it_is() {
+        let wall = Utc::now();
+        let c = config(&format!("{PORT22}[access]\nrequesters = [\"uid:4242\"]\n"));
+        let g = grant(MIN, 180 * MIN, wall);
+        assert_eq!(recheck(&c, &g, &who(4242), 179 * MIN, wall), Verdict::Keep(179 * MIN));
+    }
+
+    #[test]
+    fn each_tightening_ends_the_grant_with_its_reason() {
+        let wall = Utc::now();
+        let g = grant(MIN, 180 * MIN, wall);
+        let ends = |body: &str, uid: u32| match recheck(&config(body), &g, &who(uid), 179 * MIN, wall) {
+            Verdict::End(why) => why,
+            other => panic!("{body}: {other:?}"),
+        };
+        let roles = "[access]\nrequesters = [\"uid:4242\"]\n";
+        let why = ends(&format!("[[ports]]\nport = 3389\n{roles}"), 4242);
+        assert_eq!(why, "policy changed: port 22/tcp is no longer protected");
+        let why = ends(
+            &format!("[[ports]]\nport = 22\nallowed_sources = [\"192.168.0.0/16\"]\n{roles}"),
+            4242,
+        );
+        assert_eq!(
+            why,
+            "policy changed: source 10.1.2.3 is no longer in allowed_sources of port 22/tcp"
+        );
+        let why = ends(&format!("{PORT22}[access]\nrequesters = [\"uid:4243\"]\n"), 4242);
+        assert_eq!(
+            why,
+            "policy changed: 4242 (uid 4242) no longer holds the requester role"
+        );
+        let why = ends(&PORT22.replace("3h", "1m"), 0);
+        assert!(
+            why.starts_with("policy changed: max_duration of port 22/tcp is now"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_shorter_maximum_clamps_the_grant_to_its_whole_length() {
+        let wall = Utc::now();
+        let c = config(&PORT22.replace("3h", "10m"));
+        // ran 4 minutes of 3 hours: 6 minutes are left under a 10 minute maximum
+        let g = grant(4 * MIN, 180 * MIN, wall);
+        match recheck(&c, &g, &who(0), 176 * MIN, wall) {
+            Verdict::Clamp(left, why) => {
+                assert_eq!(left, 6 * MIN);
+                assert!(
+                    why.starts_with("policy changed: max_duration of port 22/tcp is now 10m"),
+                    "{why}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // less time left than the maximum allows: kept as it is
+        assert_eq!(recheck(&c, &g, &who(0), 5 * MIN, wall), Verdict::Keep(5 * MIN));
+    }
 }

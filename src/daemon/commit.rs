@@ -84,6 +84,8 @@ impl Undo {
         }
         for (grant, deadline) in self.removed.into_iter().rev() {
             if !self.inserted.contains(&grant.id) {
+                // a grant changed in place (clamped) is put back as it was
+                st.book.remove(grant.id);
                 st.book.restore(grant, deadline);
             }
         }
@@ -323,7 +325,11 @@ impl<F: Firewall> Daemon<F> {
         match change {
             KernelChange::None => Ok(()),
             KernelChange::Remove => self.firewall.apply(&rules::remove_table()).await,
-            KernelChange::Replace(spec, elements) => self.firewall.apply(&rules::replace_table(spec, elements)).await,
+            KernelChange::Replace(spec, elements) => {
+                let cuts = self.lock().cuts.live(Instant::now());
+                let batch = rules::replace_table_with_cuts(spec, elements, &cuts);
+                self.firewall.apply(&batch).await
+            }
             KernelChange::Grants { remove, add } => {
                 let Some(batch) = rules::change_grants(remove, add) else {
                     return Ok(());

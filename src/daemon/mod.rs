@@ -70,6 +70,8 @@ struct State {
     recent: VecDeque<(u64, Option<Touched>)>,
     /// Which refusals are audited in full and which only counted.
     refusals: crate::audit::limit::RefusalLimiter,
+    /// Sessions `revoke --terminate` cut, put back whenever the table is rebuilt.
+    cuts: crate::firewall::conntrack::CutMemory,
 }
 
 impl State {

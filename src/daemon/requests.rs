@@ -19,9 +19,6 @@ use crate::grants::{Grant, GrantId, NewGrant};
 use crate::identity::Caller;
 use crate::policy::{self, AccessRequest, Denial, Role};
 
-/// The longest copy of a caller's unchecked input that goes into the audit log.
-const UNCHECKED_CHARS: usize = 80;
-
 /// What became of one request while its batch was decided.
 enum Decided {
     Denied(Denial),
@@ -263,13 +260,18 @@ fn is_format_char(c: char) -> bool {
     crate::text::has_format_chars(c.encode_utf8(&mut [0; 4])).is_some()
 }
 
-/// A caller's input that did not pass the checks, as it may be recorded: escaped and
-/// cut short, and marked as such.
+/// A caller's input that did not pass the checks, as it may be recorded.
 fn unchecked(text: &str) -> String {
-    format!(
-        "(unchecked input, escaped) {}",
-        crate::text::escape_capped(text, UNCHECKED_CHARS)
-    )
+    crate::text::unchecked(text)
+}
+
+/// A source as an audit record holds it: the prefix when `text` is one, else an
+/// escaped, capped copy marked as unchecked ([`crate::text::unchecked`]).
+pub(super) fn recorded_source(text: &str) -> String {
+    match parse_prefix(text) {
+        Ok(net) => format_prefix(&net),
+        Err(_) => unchecked(text),
+    }
 }
 
 /// The record of a refused request: only values that passed their checks are stored
@@ -277,10 +279,7 @@ fn unchecked(text: &str) -> String {
 fn refusal_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
     let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
     r.ports = request.ports.iter().copied().take(16).collect();
-    r.source = Some(match parse_prefix(&request.source) {
-        Ok(net) => format_prefix(&net),
-        Err(_) => unchecked(&request.source),
-    });
+    r.source = Some(recorded_source(&request.source));
     r.duration_secs = request
         .duration_secs
         .or_else(|| request.until.map(|u| (u - time).num_seconds().max(0) as u64));

@@ -14,9 +14,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use super::changes::{self, Verdict};
 use super::commit::{self, KernelChange, Tx};
 use super::writer::Writer;
-use super::{changes, describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
+use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
 use crate::firewall::kernel::{KernelGrants, KernelTable};
@@ -122,6 +123,7 @@ impl<F: Firewall> Daemon<F> {
             settled: 0,
             recent: Default::default(),
             refusals: Default::default(),
+            cuts: Default::default(),
         };
         let daemon = Arc::new(Daemon {
             firewall,
@@ -183,32 +185,34 @@ impl<F: Firewall> Daemon<F> {
         let mut st = self.lock();
         let config = st.config.clone();
         let mut callers = HashMap::new();
-        for grant in restore.saved {
-            let left = time_left(&grant, kernel_grants.as_ref(), &config, wall, restore.clock_sane);
-            let verdict = left
-                .ok_or("ended while jitd was not running".to_string())
-                .and_then(|left| {
-                    let caller = callers
-                        .entry(grant.requester_uid)
-                        .or_insert_with(|| crate::identity::Caller::resolve_uid(grant.requester_uid));
-                    changes::still_allowed(&config, &grant, caller).map(|()| left)
-                });
-            match verdict {
-                Ok(left) => {
+        for mut grant in restore.saved {
+            let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, restore.clock_sane) else {
+                let mut r = grant_record(
+                    &grant,
+                    grant.expires_at.min(wall),
+                    None,
+                    "jitd",
+                    Action::Expire,
+                    Outcome::Expired,
+                );
+                r.reason = Some("ended while jitd was not running".into());
+                records.push(r);
+                continue;
+            };
+            let caller = callers
+                .entry(grant.requester_uid)
+                .or_insert_with(|| crate::identity::Caller::resolve_uid(grant.requester_uid));
+            match changes::recheck(&config, &grant, caller, left, wall) {
+                Verdict::Keep(left) => st.book.restore(grant, now + left),
+                Verdict::Clamp(left, why) => {
+                    grant.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                    let mut r = grant_record(&grant, wall, None, "jitd", Action::Start, Outcome::Done);
+                    r.reason = Some(why);
+                    records.push(r);
                     st.book.restore(grant, now + left);
                 }
-                Err(why) => {
-                    let (action, outcome) = if why.starts_with("ended") {
-                        (Action::Expire, Outcome::Expired)
-                    } else {
-                        (Action::Revoke, Outcome::Revoked)
-                    };
-                    let end = if why.starts_with("ended") {
-                        grant.expires_at.min(wall)
-                    } else {
-                        wall
-                    };
-                    let mut r = grant_record(&grant, end, None, "jitd", action, outcome);
+                Verdict::End(why) => {
+                    let mut r = grant_record(&grant, wall, None, "jitd", Action::Revoke, Outcome::Revoked);
                     r.reason = Some(why);
                     records.push(r);
                 }
@@ -276,15 +280,9 @@ struct Restore {
 /// How long a saved grant still has. With jitd's table in the kernel (a crash or a
 /// restart), the kernel's own timers say; after a reboot, the wall clock does, and only
 /// when it is not behind the audit log. Never past the grant's own `expires_at` (when
-/// the wall clock can be trusted), more than it was approved for, nor more than its port
-/// now allows. `None`: it has ended.
-fn time_left(
-    grant: &Grant,
-    kernel: Option<&KernelGrants>,
-    config: &Config,
-    wall: DateTime<Utc>,
-    clock_sane: bool,
-) -> Option<Duration> {
+/// the wall clock can be trusted) nor more than it was approved for (the policy's limits
+/// are [`changes::recheck`]'s business). `None`: it has ended.
+fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, clock_sane: bool) -> Option<Duration> {
     let by_kernel = kernel.map(|held| {
         grant
             .keys()
@@ -312,12 +310,7 @@ fn time_left(
         Some(kernel_left) => kernel_left?.min(by_wall.unwrap_or(Duration::MAX)),
         None => by_wall?,
     };
-    let max = config
-        .port_policies(grant.port)
-        .map(|p| p.max_duration)
-        .max()
-        .unwrap_or_default();
-    let left = left.min(grant.approved_duration()).min(max);
+    let left = left.min(grant.approved_duration());
     (!left.is_zero()).then_some(left)
 }
 
@@ -498,11 +491,6 @@ pub async fn check_interfaces(config: &Config) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn config() -> Config {
-        let text = "state_dir = \"/nonexistent\"\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n";
-        Config::parse(Path::new("/t/jitd.toml"), text, &|_| None).unwrap()
-    }
-
     fn grant(granted: DateTime<Utc>, secs: i64) -> Grant {
         Grant {
             id: 2,
@@ -524,13 +512,13 @@ mod tests {
         // element of a longer grant it was to replace)
         let short = grant(wall - chrono::Duration::seconds(5), 4);
         let held: KernelGrants = short.keys().into_iter().map(|k| (k, Duration::from_secs(55))).collect();
-        assert_eq!(time_left(&short, Some(&held), &config(), wall, true), None);
+        assert_eq!(time_left(&short, Some(&held), wall, true), None);
         // still running: the smaller of the kernel's timer and its own end
         let running = grant(wall - chrono::Duration::seconds(1), 4);
-        let left = time_left(&running, Some(&held), &config(), wall, true).unwrap();
+        let left = time_left(&running, Some(&held), wall, true).unwrap();
         assert!(left <= Duration::from_secs(3), "{left:?}");
         // after a reboot (no kernel timers), the wall clock alone
-        let left = time_left(&running, None, &config(), wall, true).unwrap();
+        let left = time_left(&running, None, wall, true).unwrap();
         assert!(left <= Duration::from_secs(3), "{left:?}");
     }
 

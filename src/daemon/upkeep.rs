@@ -33,7 +33,7 @@ async fn stopped(stopping: &mut Stopping) {
 pub async fn run_expiry<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopping) -> Result<(), String> {
     loop {
         let notified = daemon.expiry_changed.notified();
-        let next = daemon.lock().book.next_deadline();
+        let next = daemon.next_wake();
         tokio::select! {
             _ = stopped(&mut stopping) => return Ok(()),
             _ = notified => continue,

@@ -1,8 +1,11 @@
 //! Cuts the sessions grants admitted (`jitctl revoke --terminate`). It owns the
 //! ctnetlink side: the conntrack entries that carry [`GRANT_CT_MARK`] (set by a grant's
 //! accept rule, see [`super::rules`]) are dumped, those from a grant's source to its
-//! port and transport are chosen (pure: [`admitted_by`]), their 4-tuples go into the
-//! cut sets in one nftables batch, and then their entries are deleted.
+//! port and transport are chosen (pure: [`admitted_by`]), less those a grant still live
+//! allows ([`to_cut`]: with overlapping grants, the kernel cannot tell which of them
+//! admitted a session, and the live one would admit it again), their 4-tuples go into
+//! the cut sets in one nftables batch, and then their entries are deleted. jitd
+//! remembers the cuts ([`CutMemory`]) so that a table it rebuilds holds them again.
 //!
 //! The order matters: once an entry is deleted, the session's next packet is picked up
 //! by conntrack as a new flow, and only the cut sets stop it; so they are filled first.
@@ -97,28 +100,91 @@ pub fn admitted_by(sessions: &[Session], keys: &[GrantKey]) -> Vec<Session> {
     chosen
 }
 
-/// The audit reason for the sessions of `keys` among those cut.
-pub fn summary(cut: &[Session], keys: &[GrantKey]) -> String {
-    let mine = admitted_by(cut, keys);
-    if mine.is_empty() {
-        return "terminated no session: none open".to_string();
-    }
-    let list: Vec<String> = mine.iter().map(Session::to_string).collect();
-    format!("terminated {} session(s): {}", mine.len(), list.join(", "))
+/// What `revoke --terminate` did: the sessions it cut, and those it left open because
+/// a grant still live allows them (overlapping grants: a session from an address two
+/// grants cover was admitted by both, and the one still live admits it again).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Terminated {
+    /// Cut: in the cut sets, their conntrack entries deleted.
+    pub cut: Vec<Session>,
+    /// Left open: a live grant still allows them.
+    pub kept: Vec<Session>,
 }
 
-/// Cuts every session `keys` admitted: cut-set elements first (one batch through
-/// `firewall`), then the conntrack entries. Returns the sessions cut.
-pub async fn terminate<F: Firewall>(firewall: &F, keys: &[GrantKey]) -> Result<Vec<Session>, FirewallError> {
+/// Splits the sessions the revoked grants' `keys` admitted into those to cut and those
+/// a `live` grant still allows (pure).
+pub fn to_cut(sessions: &[Session], keys: &[GrantKey], live: &[GrantKey]) -> Terminated {
+    let (kept, cut) = admitted_by(sessions, keys)
+        .into_iter()
+        .partition(|s| !admitted_by(std::slice::from_ref(s), live).is_empty());
+    Terminated { cut, kept }
+}
+
+/// The audit reason for the sessions of `keys` among those cut and kept.
+pub fn summary(done: &Terminated, keys: &[GrantKey]) -> String {
+    let list = |sessions: &[Session]| {
+        let mine = admitted_by(sessions, keys);
+        let text: Vec<String> = mine.iter().map(Session::to_string).collect();
+        (mine.len(), text.join(", "))
+    };
+    let (cut, cut_list) = list(&done.cut);
+    let (kept, kept_list) = list(&done.kept);
+    let mut text = if cut == 0 {
+        "terminated no session: none open".to_string()
+    } else {
+        format!("terminated {cut} session(s): {cut_list}")
+    };
+    if kept > 0 {
+        text.push_str(&format!(
+            "; kept {kept} session(s) another live grant still allows: {kept_list}"
+        ));
+    }
+    text
+}
+
+/// Cuts every session `keys` admitted that no `live` grant still allows: cut-set
+/// elements first (one batch through `firewall`), then the conntrack entries.
+pub async fn terminate<F: Firewall>(
+    firewall: &F,
+    keys: &[GrantKey],
+    live: &[GrantKey],
+) -> Result<Terminated, FirewallError> {
     let sessions = blocking(dump_marked).await?;
-    let chosen = admitted_by(&sessions, keys);
-    let cut: Vec<CutKey> = chosen.iter().map(Session::cut_key).collect();
+    let done = to_cut(&sessions, keys, live);
+    let cut: Vec<CutKey> = done.cut.iter().map(Session::cut_key).collect();
     if let Some(batch) = rules::cut_sessions(&cut) {
         firewall.apply(&batch).await?;
     }
-    let doomed = chosen.clone();
+    let doomed = done.cut.clone();
     blocking(move || delete_entries(&doomed)).await?;
-    Ok(chosen)
+    Ok(done)
+}
+
+/// The sessions jitd cut and until when their 4-tuples stay in the cut sets, so that
+/// a table jitd rebuilds (a drift repair, a reload) holds them again.
+#[derive(Debug, Clone, Default)]
+pub struct CutMemory {
+    until: Vec<(CutKey, tokio::time::Instant)>,
+}
+
+impl CutMemory {
+    /// Notes `keys` as cut at `now`, for [`rules::CUT_TIMEOUT`].
+    pub fn note(&mut self, keys: impl IntoIterator<Item = CutKey>, now: tokio::time::Instant) {
+        self.until.retain(|(_, end)| *end > now);
+        for key in keys {
+            self.until.retain(|(k, _)| *k != key);
+            self.until.push((key, now + rules::CUT_TIMEOUT));
+        }
+    }
+
+    /// The cuts still in force at `now`, with the time each has left.
+    pub fn live(&self, now: tokio::time::Instant) -> Vec<(CutKey, std::time::Duration)> {
+        self.until
+            .iter()
+            .filter(|(_, end)| *end > now)
+            .map(|(k, end)| (*k, *end - now))
+            .collect()
+    }
 }
 
 async fn blocking<T: Send + 'static>(
@@ -282,7 +348,10 @@ mod tests {
 
     #[test]
     fn the_summary_lists_the_sessions_of_a_grant() {
-        let cut = [session("10.77.1.2", 40001, 22, GRANT_CT_MARK)];
+        let cut = Terminated {
+            cut: vec![session("10.77.1.2", 40001, 22, GRANT_CT_MARK)],
+            kept: Vec::new(),
+        };
         assert_eq!(
             summary(&cut, &[key("10.77.1.2", 22)]),
             "terminated 1 session(s): tcp 10.77.1.2:40001 -> 10.77.1.1:22"
@@ -291,6 +360,43 @@ mod tests {
             summary(&cut, &[key("10.77.1.9", 22)]),
             "terminated no session: none open"
         );
+    }
+
+    #[test]
+    fn sessions_a_live_grant_still_allows_are_kept() {
+        let sessions = [
+            session("10.77.1.2", 40001, 22, GRANT_CT_MARK),
+            session("10.77.1.3", 40002, 22, GRANT_CT_MARK),
+            session("10.77.1.2", 40003, 3389, GRANT_CT_MARK),
+        ];
+        // the /24 is revoked; the /32 of .2 on port 22 is still live
+        let revoked = [key("10.77.1.0/24", 22), key("10.77.1.0/24", 3389)];
+        let done = to_cut(&sessions, &revoked, &[key("10.77.1.2", 22)]);
+        assert_eq!(done.cut, vec![sessions[2], sessions[1]], "sorted");
+        assert_eq!(done.kept, vec![sessions[0]]);
+        assert_eq!(
+            summary(&done, &revoked[..1]),
+            "terminated 1 session(s): tcp 10.77.1.3:40002 -> 10.77.1.1:22; \
+             kept 1 session(s) another live grant still allows: tcp 10.77.1.2:40001 -> 10.77.1.1:22"
+        );
+        let all = to_cut(&sessions, &revoked, &[]);
+        assert_eq!((all.cut.len(), all.kept.len()), (3, 0));
+    }
+
+    #[test]
+    fn cuts_are_remembered_for_their_timeout() {
+        let now = tokio::time::Instant::now();
+        let mut memory = CutMemory::default();
+        let k = session("10.77.1.2", 40001, 22, 0).cut_key();
+        memory.note([k], now);
+        memory.note([k], now + std::time::Duration::from_secs(5));
+        assert_eq!(
+            memory.live(now + std::time::Duration::from_secs(5)),
+            vec![(k, rules::CUT_TIMEOUT)]
+        );
+        assert!(memory
+            .live(now + rules::CUT_TIMEOUT + std::time::Duration::from_secs(5))
+            .is_empty());
     }
 
     #[test]

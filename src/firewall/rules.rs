@@ -165,25 +165,31 @@ pub fn cut_sessions(sessions: &[CutKey]) -> Option<Nftables<'static>> {
         return None;
     }
     let mut batch = Batch::new();
+    let timed: Vec<(CutKey, Duration)> = sessions.iter().map(|k| (*k, CUT_TIMEOUT)).collect();
+    add_cut_elements(&mut batch, &timed);
+    Some(batch.to_nftables())
+}
+
+/// Adds `cuts` to the cut sets of `batch`, each for the time it has left.
+fn add_cut_elements(batch: &mut Batch<'static>, cuts: &[(CutKey, Duration)]) {
     for set in CUT_SETS {
-        let elems: Vec<_> = sessions
+        let elems: Vec<_> = cuts
             .iter()
-            .filter(|k| (set == "cut4") == k.source.is_ipv4())
-            .map(|k| {
+            .filter(|(k, _)| (set == "cut4") == k.source.is_ipv4())
+            .map(|(k, left)| {
                 let key = concat(vec![
                     Expression::String(k.source.to_string().into()),
                     s(k.transport.name()),
                     Expression::Number(u32::from(k.source_port)),
                     Expression::Number(u32::from(k.port)),
                 ]);
-                timed(key, CUT_TIMEOUT)
+                timed(key, *left)
             })
             .collect();
         if !elems.is_empty() {
             batch.add(element(set, elems));
         }
     }
-    Some(batch.to_nftables())
 }
 
 fn timed(key: Expression<'static>, timeout: Duration) -> Expression<'static> {
@@ -199,6 +205,17 @@ fn timed(key: Expression<'static>, timeout: Duration) -> Expression<'static> {
 /// A batch that replaces jitd's table whole (or creates it): the lockdown plus the
 /// given live grants, in one transaction, so the ports are never open in between.
 pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'static> {
+    replace_table_with_cuts(spec, grants, &[])
+}
+
+/// [`replace_table`], with the sessions still cut (each with the time it has left) put
+/// back into the cut sets in the same transaction: a rebuilt table never lets a cut
+/// session resume.
+pub fn replace_table_with_cuts(
+    spec: &LockdownSpec,
+    grants: &[GrantElement],
+    cuts: &[(CutKey, Duration)],
+) -> Nftables<'static> {
     let mut batch = Batch::new();
     // `add` is a no-op when the table exists, so the `delete` never fails.
     batch.add(NfListObject::Table(table()));
@@ -240,6 +257,7 @@ pub fn replace_table(spec: &LockdownSpec, grants: &[GrantElement]) -> Nftables<'
         batch.add(element("locked", locked));
     }
     add_grant_elements(&mut batch, grants);
+    add_cut_elements(&mut batch, cuts);
     batch.to_nftables()
 }
 
@@ -680,6 +698,15 @@ mod tests {
         );
         assert!(text.contains(r#"{"concat":["fd00::1","udp",40001,22]}"#), "{text}");
         assert!(cut_sessions(&[]).is_none());
+        // a rebuilt table holds the cuts still in force, for the time they have left
+        let cuts = [(key("10.0.0.1", Transport::Tcp), Duration::from_millis(41_500))];
+        let rebuilt = serde_json::to_string(&replace_table_with_cuts(&spec(), &[], &cuts)).unwrap();
+        assert!(
+            rebuilt.contains(
+                r#""name":"cut4","elem":[{"elem":{"val":{"concat":["10.0.0.1","tcp",40001,22]},"timeout":42"#
+            ),
+            "{rebuilt}"
+        );
     }
 
     #[test]

@@ -11,5 +11,6 @@ mod lockdown;
 mod network_attacks;
 mod output;
 mod protocol;
+mod recheck;
 mod service;
 mod util;
