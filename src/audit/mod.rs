@@ -47,6 +47,8 @@ pub enum Action {
     Terminate,
     /// Rotation deleted the oldest audit file; `reason` says what it held.
     Rotate,
+    /// The wall clock stepped against the monotonic clock; `reason` says by how much.
+    Clock,
 }
 
 /// How it ended.
