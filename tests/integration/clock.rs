@@ -18,11 +18,20 @@ const POLICY: &str = "[[ports]]\nport = 22\nmax_duration = \"1h\"\n[[ports]]\npo
 /// libfaketime, as the Debian/Ubuntu package installs it.
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
+/// The path of libfaketime, which must be there (else the clock would silently be true).
+fn libfaketime() -> String {
+    assert!(
+        Path::new(LIBFAKETIME).exists(),
+        "{LIBFAKETIME} is missing: install the packages faketime and libfaketime (scripts/install-deps)"
+    );
+    LIBFAKETIME.into()
+}
+
 /// The environment that skews only the wall clock of a process: the offset is read from
 /// `file` on every call, so writing the file makes the clock jump.
 fn skewed(file: &Path) -> Vec<(&'static str, String)> {
     vec![
-        ("LD_PRELOAD", LIBFAKETIME.into()),
+        ("LD_PRELOAD", libfaketime()),
         ("FAKETIME_TIMESTAMP_FILE", file.display().to_string()),
         ("FAKETIME_NO_CACHE", "1".into()),
         // the monotonic clock (and with it jitd's deadlines) stays true
@@ -83,7 +92,7 @@ fn after_a_reboot_under_a_slow_wall_clock_nothing_is_restored_and_it_is_said_lou
     assert!(out.status.success(), "{}", text(&out));
     // ... and the wall clock comes back an hour slow
     let slow = vec![
-        ("LD_PRELOAD", LIBFAKETIME.to_string()),
+        ("LD_PRELOAD", libfaketime()),
         ("FAKETIME", "-1h".to_string()),
         ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
     ];
