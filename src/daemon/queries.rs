@@ -24,6 +24,9 @@ impl<F: Firewall> Daemon<F> {
     /// time the lock is held are bounded by [`MAX_STATUS_LIMIT`], however many grants
     /// there are.
     pub(super) fn status(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
+        let mut st = self.lock();
+        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
+            .map_err(|d| Reply::error(&d.code, d.message))?;
         let after = q.cursor.as_deref().map(StatusCursor::parse).transpose();
         let after = after.map_err(|e| Reply::error("invalid_argument", e))?;
         let limit = match q.limit {
@@ -31,9 +34,6 @@ impl<F: Firewall> Daemon<F> {
             Some(n) => n.min(MAX_STATUS_LIMIT),
             None => MAX_STATUS_LIMIT,
         };
-        let mut st = self.lock();
-        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
-            .map_err(|d| Reply::error(&d.code, d.message))?;
         // one instant and one wall-clock reading for the whole page: every expires_at
         // is that `now` plus the time left by the monotonic clock
         let now = Instant::now();
