@@ -35,8 +35,8 @@ pub struct Envelope {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// Ports, policy, live grants and recent use.
-    Status,
+    /// Ports, policy, recent use, and one page of the live grants.
+    Status(StatusQuery),
     /// Ask for access.
     Request(GrantRequest),
     /// End grants early.
@@ -82,6 +82,50 @@ pub struct AuditQuery {
     /// Go on after the page that returned this `next_cursor`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+}
+
+/// Arguments of `status`: which page of the live grants. An older client's bare
+/// `{"v":1,"op":"status"}` asks for the first page of the default size.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    /// The most grants in the reply (default and cap: [`MAX_STATUS_LIMIT`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    /// Go on after the page that returned this `next_cursor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// The most grants one `status` reply carries (and the page size when none is asked).
+pub const MAX_STATUS_LIMIT: usize = 10_000;
+
+/// Where a `status` page ends: grants are listed in id order, and the next page starts
+/// after the last id shown. Grants that begin meanwhile have higher ids (they appear on
+/// a later page); grants that end meanwhile are simply not shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusCursor(pub GrantId);
+
+impl StatusCursor {
+    const PREFIX: &'static str = "s1:";
+
+    /// The cursor as sent in `next_cursor`.
+    pub fn encode(self) -> String {
+        format!("{}{}", Self::PREFIX, self.0)
+    }
+
+    /// Reads a `cursor` field; the error names the field and the value.
+    pub fn parse(text: &str) -> Result<StatusCursor, String> {
+        text.strip_prefix(Self::PREFIX)
+            .and_then(|id| id.parse().ok())
+            .map(StatusCursor)
+            .ok_or_else(|| {
+                format!(
+                    "cursor: not a status cursor from jitd (s1:<grant id>), got {}",
+                    crate::text::escape_capped(text, 80)
+                )
+            })
+    }
 }
 
 /// Arguments of `revoke`: a grant id, or a source (and optionally a port).
@@ -208,15 +252,22 @@ pub fn encode_request(request: &Request) -> Vec<u8> {
     line
 }
 
-/// Result of `status`.
+/// Result of `status`: the whole header and one page of the live grants.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
     /// jitd's version.
     pub version: String,
     /// The protected ports and their recent use.
     pub ports: Vec<PortStatus>,
-    /// The live grants.
+    /// The live grants of this page, in id order.
     pub grants: Vec<GrantInfo>,
+    /// Present when the page ended at its limit: ask again with this `cursor` for the
+    /// next page (which may be empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// jitd's wall clock as it answered, and what it noticed about it.
+    #[serde(default)]
+    pub clock: ClockStatus,
     /// Sources the lockdown never applies to.
     pub exempt_sources: Vec<String>,
     /// Interfaces the lockdown applies to (empty: all).
@@ -228,6 +279,32 @@ pub struct StatusReply {
     /// Counters since jitd started (the same as its metrics).
     #[serde(default)]
     pub health: Health,
+}
+
+/// jitd's wall clock as `status` saw it. Grants end by the monotonic clock (jitd's
+/// deadlines, the kernel's element timeouts); wall-clock times in a reply are derived
+/// from it: a grant's `expires_at` is `now` + its `remaining_secs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockStatus {
+    /// jitd's wall clock when it built the reply.
+    pub now: DateTime<Utc>,
+    /// Steps of the wall clock against the monotonic clock seen since jitd started.
+    pub jumps: u64,
+    /// The latest of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_jump: Option<ClockJump>,
+    /// At start the wall clock was behind the newest audit record, so no grant was
+    /// restored without the kernel's timers.
+    pub behind_audit_at_start: bool,
+}
+
+/// A step of the wall clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockJump {
+    /// When it was noticed, by the wall clock after the step.
+    pub at: DateTime<Utc>,
+    /// How far it stepped, in seconds: positive forward, negative back.
+    pub by_secs: i64,
 }
 
 /// Counters since jitd started, as `jitctl status` shows them.
@@ -283,9 +360,11 @@ pub struct GrantInfo {
     pub justification: Option<String>,
     /// When it was approved.
     pub granted_at: DateTime<Utc>,
-    /// When it ends.
+    /// When it ends, by jitd's wall clock as it answered: that clock's `now` plus
+    /// `remaining_secs` (so never in the past while time is left, whatever the wall
+    /// clock did since the grant began).
     pub expires_at: DateTime<Utc>,
-    /// Seconds left.
+    /// Seconds left, by the monotonic clock that enforces the grant.
     pub remaining_secs: u64,
 }
 
@@ -339,7 +418,11 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         let requests = [
-            Request::Status,
+            Request::Status(StatusQuery::default()),
+            Request::Status(StatusQuery {
+                limit: Some(2),
+                cursor: Some(StatusCursor(7).encode()),
+            }),
             Request::Reload,
             Request::Request(GrantRequest {
                 ports: vec![22],
@@ -367,7 +450,11 @@ mod tests {
             assert_eq!(line.last(), Some(&b'\n'));
             assert_eq!(decode_request(&line[..line.len() - 1]).unwrap(), r);
         }
-        assert_eq!(decode_request(br#"{"v":1,"op":"status"}"#).unwrap(), Request::Status);
+        // an older client's status request, without paging fields
+        assert_eq!(
+            decode_request(br#"{"v":1,"op":"status"}"#).unwrap(),
+            Request::Status(StatusQuery::default())
+        );
         // an older client's audit request, without paging fields
         assert_eq!(
             decode_request(br#"{"v":1,"op":"audit","user":"bob"}"#).unwrap(),
@@ -390,5 +477,15 @@ mod tests {
         assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), "malformed");
         assert_eq!(code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#), "malformed");
         assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), "too_large");
+        assert_eq!(code(br#"{"v":1,"op":"status","limt":2}"#), "malformed");
+    }
+
+    #[test]
+    fn status_cursors_round_trip_and_others_are_refused_by_name() {
+        assert_eq!(StatusCursor::parse(&StatusCursor(42).encode()), Ok(StatusCursor(42)));
+        for bad in ["", "42", "s1:", "s1:-1", "s1:x", "v1:0:audit.jsonl:0"] {
+            let e = StatusCursor::parse(bad).unwrap_err();
+            assert!(e.starts_with("cursor: "), "{e}");
+        }
     }
 }

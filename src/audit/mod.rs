@@ -52,6 +52,8 @@ pub enum Action {
     /// At start, jitd cut an incomplete write (a torn line, an unfinished batch) from
     /// the end of the log; `reason` says how much and where the cut bytes were kept.
     Recover,
+    /// The wall clock stepped against the monotonic clock; `reason` says by how much.
+    Clock,
 }
 
 /// How it ended.

@@ -7,8 +7,8 @@ use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request, RevokeRequest,
-    RevokedReply, StatusReply, PROTOCOL_ERROR_CODES,
+    AuditQuery, AuditReply, ClockStatus, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request,
+    RevokeRequest, RevokedReply, StatusQuery, StatusReply, PROTOCOL_ERROR_CODES,
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
@@ -79,10 +79,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let socket = cli.socket.as_path();
     let json = cli.json;
     match cli.command {
-        Command::Status => {
-            let status: StatusReply = call(socket, &Request::Status).await?;
-            emit(json, &status, print_status)
-        }
+        Command::Status => status_pages(socket, json).await,
         Command::Request {
             ports,
             source,
@@ -375,7 +372,108 @@ fn short_time(t: Option<DateTime<Utc>>) -> String {
     })
 }
 
-fn print_status(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
+/// How many grants jitctl asks for per `status` page.
+const STATUS_PAGE: usize = 1000;
+
+/// `jitctl status`: fetches the grants page by page and prints each page as it comes
+/// (the header with the first), so neither jitd nor jitctl holds every grant at once.
+/// JSON: one object, its `grants` array written across pages.
+async fn status_pages(socket: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let mut query = StatusQuery {
+        limit: Some(STATUS_PAGE),
+        cursor: None,
+    };
+    let mut listed = 0;
+    let mut columns = None;
+    loop {
+        let page: StatusReply = call(socket, &Request::Status(query.clone())).await?;
+        let (first, last) = (query.cursor.is_none(), page.next_cursor.is_none());
+        if json {
+            print_status_json(&page, first, listed, last)?;
+        } else {
+            to_stdout(|out| print_status_page(out, &page, first, &mut columns))?;
+            if last && listed + page.grants.len() == 0 {
+                to_stdout(|out| writeln!(out, "No active grants."))?;
+            }
+        }
+        listed += page.grants.len();
+        match page.next_cursor {
+            Some(next) => query.cursor = Some(next),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// One page of `status` as JSON: with the first, the object's other fields and the
+/// opening of `grants`; then the page's grants, one per line; with the last, the close.
+fn print_status_json(page: &StatusReply, first: bool, listed: usize, last: bool) -> Result<(), Failure> {
+    let mut text = String::new();
+    if first {
+        let mut head = serde_json::to_value(page).expect("replies serialize");
+        let fields = head.as_object_mut().expect("an object");
+        fields.remove("grants");
+        fields.remove("next_cursor");
+        let head = serde_json::to_string_pretty(&head).expect("values serialize");
+        // `{ ... }` without its closing brace, then the array the pages fill
+        text.push_str(head.trim_end().trim_end_matches('}').trim_end());
+        text.push_str(",\n  \"grants\": [");
+    }
+    for (i, g) in page.grants.iter().enumerate() {
+        if listed + i > 0 {
+            text.push(',');
+        }
+        text.push_str("\n    ");
+        text.push_str(&serde_json::to_string(g).expect("grants serialize"));
+    }
+    if last {
+        text.push_str(if listed + page.grants.len() > 0 {
+            "\n  ]\n}"
+        } else {
+            "]\n}"
+        });
+    }
+    if text.is_empty() {
+        return Ok(());
+    }
+    to_stdout(|out| writeln!(out, "{}", escape_json_output(&text)))
+}
+
+fn print_status_page(
+    out: &mut dyn Write,
+    page: &StatusReply,
+    first: bool,
+    columns: &mut Option<table::Columns>,
+) -> io::Result<()> {
+    if first {
+        print_status_head(out, page)?;
+    }
+    if page.grants.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = page.grants.iter().map(grant_row).collect();
+    let headers = [
+        "ID",
+        "SOURCE",
+        "PORT",
+        "PROTO",
+        "REQUESTER",
+        "TIME LEFT",
+        "JUSTIFICATION",
+    ];
+    let columns = match columns {
+        Some(c) => c,
+        None => {
+            writeln!(out, "Active grants")?;
+            let fitted = columns.insert(table::Columns::fit(&headers, &rows));
+            out.write_all(fitted.header(&headers).as_bytes())?;
+            fitted
+        }
+    };
+    out.write_all(columns.rows(&rows).as_bytes())
+}
+
+/// The ports, policy, health and clock notes `status` shows above the grants.
+fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
     let esc = |t: &str| escape_for_terminal(t).into_owned();
     writeln!(
         out,
@@ -412,22 +510,29 @@ fn print_status(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         "Since start: {} approved, {} denied, {} failed; {} drift repair(s); {} audit write failure(s); {} connection(s) refused by the limit",
         h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
     )?;
-    writeln!(out)?;
-    if s.grants.is_empty() {
-        return writeln!(out, "No active grants.");
+    print_clock_notes(out, &s.clock)?;
+    writeln!(out)
+}
+
+/// What jitd noticed about its wall clock, when anything.
+fn print_clock_notes(out: &mut dyn Write, c: &ClockStatus) -> io::Result<()> {
+    if let Some(jump) = &c.last_jump {
+        let size = jitd::duration::format(std::time::Duration::from_secs(jump.by_secs.unsigned_abs()));
+        writeln!(
+            out,
+            "Note: the wall clock jumped {} {size} at {} ({} jump(s) since jitd started); grants end on the kernel's timers: TIME LEFT is the truth, end times are jitd's clock now + time left",
+            if jump.by_secs < 0 { "back" } else { "forward" },
+            both_times(jump.at),
+            c.jumps,
+        )?;
     }
-    writeln!(out, "Active grants")?;
-    let rows: Vec<Vec<String>> = s.grants.iter().map(grant_row).collect();
-    let headers = [
-        "ID",
-        "SOURCE",
-        "PORT",
-        "PROTO",
-        "REQUESTER",
-        "TIME LEFT",
-        "JUSTIFICATION",
-    ];
-    out.write_all(table::render(&headers, &rows).as_bytes())
+    if c.behind_audit_at_start {
+        writeln!(
+            out,
+            "Note: at start the wall clock was behind the audit log; no grant was restored without the kernel's timers"
+        )?;
+    }
+    Ok(())
 }
 
 fn port_row(p: &PortStatus) -> Vec<String> {

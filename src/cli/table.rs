@@ -9,27 +9,50 @@ use crate::text::show_stored;
 /// (each ending in `\n`, trailing spaces trimmed); cells are escaped for the terminal
 /// and columns are as wide as their widest escaped cell, in characters.
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let escaped: Vec<Vec<String>> = rows
-        .iter()
-        .map(|row| row.iter().map(|c| show_stored(c).into_owned()).collect())
-        .collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in &escaped {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(padded.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(headers);
-    for row in &escaped {
-        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
-    }
+    let columns = Columns::fit(headers, rows);
+    let mut out = columns.header(headers);
+    out.push_str(&columns.rows(rows));
     out
+}
+
+/// Column widths for a table printed as its rows arrive (`jitctl status` page by
+/// page): fitted to the headers and the first rows; a later, wider cell makes only its
+/// own row wider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Columns {
+    widths: Vec<usize>,
+}
+
+impl Columns {
+    /// Widths that fit `headers` and `rows` (escaped).
+    pub fn fit(headers: &[&str], rows: &[Vec<String>]) -> Columns {
+        let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+        for row in rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(show_stored(cell).chars().count());
+            }
+        }
+        Columns { widths }
+    }
+
+    /// The header line.
+    pub fn header(&self, headers: &[&str]) -> String {
+        self.line(headers.iter().map(|h| h.to_string()))
+    }
+
+    /// The lines of `rows`, their cells escaped.
+    pub fn rows(&self, rows: &[Vec<String>]) -> String {
+        rows.iter()
+            .map(|row| self.line(row.iter().map(|c| show_stored(c).into_owned())))
+            .collect()
+    }
+
+    fn line(&self, cells: impl Iterator<Item = String>) -> String {
+        let padded: Vec<String> = cells.zip(&self.widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let mut line = padded.join("  ").trim_end().to_string();
+        line.push('\n');
+        line
+    }
 }
 
 #[cfg(test)]
@@ -48,6 +71,19 @@ mod tests {
              1   203.0.113.7  ok\n\
              22  \\u{1b}[2J    x\\u{202e}y\n"
         );
+    }
+
+    #[test]
+    fn later_rows_keep_the_first_rows_widths() {
+        let first = vec![vec!["1".to_string(), "10.0.0.1".to_string()]];
+        let columns = Columns::fit(&["ID", "SOURCE"], &first);
+        assert_eq!(columns.header(&["ID", "SOURCE"]), "ID  SOURCE\n");
+        assert_eq!(columns.rows(&first), "1   10.0.0.1\n");
+        let later = vec![
+            vec!["2".to_string(), "10.0.0.2".to_string()],
+            vec!["1000".to_string(), "\x1b".to_string()],
+        ];
+        assert_eq!(columns.rows(&later), "2   10.0.0.2\n1000  \\u{1b}\n");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub(super) enum Job {
     Repair(String, Observed, oneshot::Sender<super::drift::Checked>),
     Expire,
     Checkpoint,
+    /// Records that change nothing else (a wall-clock jump).
+    Record(Vec<AuditRecord>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -222,6 +224,9 @@ async fn run<F: Firewall>(
             }
             Job::Expire => daemon.commit_expiry(&mut pings).await,
             Job::Checkpoint => daemon.checkpoint_if_dirty(false),
+            Job::Record(records) => {
+                let _ = daemon.execute(Tx::records(records), &mut pings).await;
+            }
             Job::Stop(ack) => {
                 daemon.commit_stop(&mut pings).await;
                 let _ = ack.send(());

@@ -9,6 +9,7 @@
 //! fsync the records, applies one nftables batch ([`crate::firewall`]) → the reply.
 
 mod changes;
+mod clock;
 mod commit;
 mod drift;
 mod fault;
@@ -126,6 +127,8 @@ pub struct Daemon<F: Firewall> {
     pings: mpsc::Sender<oneshot::Sender<()>>,
     writer: writer::Writer,
     expiry_changed: Notify,
+    /// The wall clock, watched for jumps.
+    clock: clock::WallClock,
     #[allow(dead_code)]
     claims: start::Claims,
 }
@@ -186,9 +189,7 @@ impl<F: Firewall> Handler for Daemon<F> {
                 groups: Vec::new(),
             });
         match request {
-            Request::Status => self
-                .status(&caller)
-                .map_or_else(|d| Reply::error(&d.code, d.message), Reply::ok),
+            Request::Status(q) => self.status(&caller, &q).map_or_else(|r| r, Reply::ok),
             Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
@@ -230,18 +231,10 @@ fn describe_ports(config: &Config) -> String {
         .join(", ")
 }
 
+/// A grant as a reply shows it, its end derived from the wall clock now (see
+/// [`queries::grant_info_at`]).
 fn grant_info(g: &Grant, remaining: Duration) -> GrantInfo {
-    GrantInfo {
-        id: g.id,
-        source: format_prefix(&g.source),
-        port: g.port,
-        protocol: g.protocol,
-        requester: g.requester.clone(),
-        justification: g.justification.clone(),
-        granted_at: g.granted_at,
-        expires_at: g.expires_at,
-        remaining_secs: remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0),
-    }
+    queries::grant_info_at(g, remaining, Utc::now())
 }
 
 fn grant_record(
@@ -307,6 +300,7 @@ pub async fn run<F: Firewall>(
         "drift monitor",
         upkeep::watch_drift(daemon.clone(), stopping.clone()),
     ));
+    tasks.spawn(named("clock watch", clock::watch(daemon.clone(), stopping.clone())));
     tasks.spawn(named(
         "checkpoints",
         upkeep::checkpoints(daemon.clone(), stopping.clone()),

@@ -1,56 +1,59 @@
 //! Read-only questions: status, audit queries, audit verification. They take the state
 //! lock only to copy what they show, and read the audit files on blocking threads.
 
-use chrono::Utc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use tokio::time::Instant;
 
-use super::{grant_info, Daemon};
-use crate::api::protocol::{AuditQuery, AuditReply, PortStatus, Reply, StatusReply};
+use super::Daemon;
+use crate::api::protocol::{
+    AuditQuery, AuditReply, GrantInfo, PortStatus, Reply, StatusCursor, StatusQuery, StatusReply, MAX_STATUS_LIMIT,
+};
 use crate::audit;
 use crate::config::{format_prefix, AllowedSources};
 use crate::firewall::Firewall;
+use crate::grants::Grant;
 use crate::identity::Caller;
-use crate::policy::{self, Denial, Role};
+use crate::policy::{self, Role};
 
 impl<F: Firewall> Daemon<F> {
-    pub(super) fn status(&self, caller: &Caller) -> Result<StatusReply, Denial> {
+    /// The header (ports, policy, health, the clock) and one page of the live grants,
+    /// in id order after `q.cursor`. A page is built under the state lock in time
+    /// proportional to its size (the book is ordered by id), so a reply's size and the
+    /// time the lock is held are bounded by [`MAX_STATUS_LIMIT`], however many grants
+    /// there are.
+    pub(super) fn status(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
         let mut st = self.lock();
-        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")?;
+        let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
+            .map_err(|d| Reply::error(&d.code, d.message))?;
+        let after = q.cursor.as_deref().map(StatusCursor::parse).transpose();
+        let after = after.map_err(|e| Reply::error("invalid_argument", e))?;
+        let limit = match q.limit {
+            Some(0) => return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0")),
+            Some(n) => n.min(MAX_STATUS_LIMIT),
+            None => MAX_STATUS_LIMIT,
+        };
+        // one instant and one wall-clock reading for the whole page: every expires_at
+        // is that `now` plus the time left by the monotonic clock
         let now = Instant::now();
         let wall = Utc::now();
-        let super::State {
-            config, book, usage, ..
-        } = &mut *st;
-        let ports = config
-            .ports
-            .iter()
-            .map(|p| {
-                let u = usage.entry(p.port).or_default();
-                while u.approvals.front().is_some_and(|t| *t < wall - super::USAGE_WINDOW) {
-                    u.approvals.pop_front();
-                }
-                PortStatus {
-                    port: p.port,
-                    protocol: p.protocol,
-                    allowed_sources: match &p.allowed_sources {
-                        AllowedSources::Any => vec!["any".into()],
-                        AllowedSources::Prefixes(list) => list.iter().map(format_prefix).collect(),
-                    },
-                    max_duration_secs: p.max_duration.as_secs(),
-                    approved_last_7d: u.approvals.len() as u64,
-                    last_access: u.last_access,
-                    last_user: u.last_user.clone(),
-                }
-            })
+        let ports = port_statuses(&mut st, wall);
+        let book = &st.book;
+        let mut grants: Vec<GrantInfo> = book
+            .iter_after(after.map(|c| c.0))
+            .take(limit)
+            .map(|g| grant_info_at(g, book.remaining(g.id, now).unwrap_or_default(), wall))
             .collect();
-        let grants = book
-            .iter()
-            .map(|g| grant_info(g, book.remaining(g.id, now).unwrap_or_default()))
-            .collect();
+        grants.shrink_to_fit();
+        let next_cursor = (grants.len() == limit).then(|| StatusCursor(grants[limit - 1].id).encode());
+        let config = &st.config;
         Ok(StatusReply {
             version: env!("CARGO_PKG_VERSION").into(),
             ports,
             grants,
+            next_cursor,
+            clock: self.clock.status(wall),
             exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
             interfaces: config.lockdown.interfaces.clone(),
             on_stop: audit::enum_text(&config.on_stop),
@@ -102,6 +105,53 @@ impl<F: Firewall> Daemon<F> {
             warnings: page.warnings,
             next_cursor: page.next.map(|c| c.encode()),
         })
+    }
+}
+
+/// The protected ports and their use in the last [`super::USAGE_WINDOW`] (older
+/// approvals are forgotten on the way).
+fn port_statuses(st: &mut super::State, wall: DateTime<Utc>) -> Vec<PortStatus> {
+    let super::State { config, usage, .. } = st;
+    config
+        .ports
+        .iter()
+        .map(|p| {
+            let u = usage.entry(p.port).or_default();
+            while u.approvals.front().is_some_and(|t| *t < wall - super::USAGE_WINDOW) {
+                u.approvals.pop_front();
+            }
+            PortStatus {
+                port: p.port,
+                protocol: p.protocol,
+                allowed_sources: match &p.allowed_sources {
+                    AllowedSources::Any => vec!["any".into()],
+                    AllowedSources::Prefixes(list) => list.iter().map(format_prefix).collect(),
+                },
+                max_duration_secs: p.max_duration.as_secs(),
+                approved_last_7d: u.approvals.len() as u64,
+                last_access: u.last_access,
+                last_user: u.last_user.clone(),
+            }
+        })
+        .collect()
+}
+
+/// A grant as replies show it, at wall-clock time `wall`: its end is `wall` plus the
+/// time it has left by the monotonic clock (whole seconds, rounded up), so it is in
+/// jitd's current frame whatever the wall clock did since the grant began.
+pub(super) fn grant_info_at(g: &Grant, remaining: Duration, wall: DateTime<Utc>) -> GrantInfo {
+    let remaining_secs = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
+    let left = TimeDelta::try_seconds(i64::try_from(remaining_secs).unwrap_or(i64::MAX));
+    GrantInfo {
+        id: g.id,
+        source: format_prefix(&g.source),
+        port: g.port,
+        protocol: g.protocol,
+        requester: g.requester.clone(),
+        justification: g.justification.clone(),
+        granted_at: g.granted_at,
+        expires_at: left.and_then(|l| wall.checked_add_signed(l)).unwrap_or(g.expires_at),
+        remaining_secs,
     }
 }
 

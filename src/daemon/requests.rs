@@ -203,9 +203,9 @@ fn check(
     let duration = match (request.duration_secs, request.until) {
         (Some(secs), None) => Duration::from_secs(secs),
         (None, Some(until)) => {
-            let left = (until - wall)
-                .to_std()
-                .map_err(|_| Denial::new("duration_invalid", format!("until {until} is in the past")))?;
+            // jitd's own wall clock judges `until` (the caller's may differ); from here
+            // on the grant lasts a duration, enforced by the monotonic clock
+            let left = (until - wall).to_std().map_err(|_| until_past(until, wall))?;
             // whole seconds, rounded up: the grant ends at or just after `until`
             Duration::from_secs(left.as_secs() + u64::from(left.subsec_nanos() > 0))
         }
@@ -237,6 +237,20 @@ fn check(
         })
         .collect();
     Ok((news, role))
+}
+
+/// The refusal of an `until` that has passed by jitd's wall clock, naming both times
+/// (a client whose clock disagrees with jitd's sees why).
+fn until_past(until: DateTime<Utc>, wall: DateTime<Utc>) -> Denial {
+    let secs = chrono::SecondsFormat::Secs;
+    Denial::new(
+        "duration_invalid",
+        format!(
+            "until: {} is in the past by jitd's wall clock (now {}); jitd judges --until by its own clock, --duration needs no clock",
+            until.to_rfc3339_opts(secs, true),
+            wall.to_rfc3339_opts(secs, true)
+        ),
+    )
 }
 
 /// Refuses justifications that are too long or carry control or Unicode format

@@ -132,6 +132,7 @@ impl<F: Firewall> Daemon<F> {
             pings,
             writer,
             expiry_changed: Notify::new(),
+            clock: super::clock::WallClock::new(!clock_sane),
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {

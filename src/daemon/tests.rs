@@ -262,7 +262,7 @@ async fn a_stalled_disk_holds_requests_but_not_the_watchdog_or_status() {
         "the committer still answers pings"
     );
     assert!(
-        d.status(&Caller::resolve(0, 0)).is_ok(),
+        d.status(&Caller::resolve(0, 0), &Default::default()).is_ok(),
         "status does not wait for the disk"
     );
     drop(release);

@@ -212,6 +212,14 @@ impl GrantBook {
         self.entries.values().map(|e| &e.grant)
     }
 
+    /// The live grants with ids above `after` (all of them without), in id order: a
+    /// page of `status` starts here without walking the grants before it.
+    pub fn iter_after(&self, after: Option<GrantId>) -> impl Iterator<Item = &Grant> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        self.entries.range((from, Unbounded)).map(|(_, e)| &e.grant)
+    }
+
     /// The grant with this id.
     pub fn get(&self, id: GrantId) -> Option<&Grant> {
         self.entries.get(&id).map(|e| &e.grant)

@@ -2,6 +2,7 @@
 //! namespaces with real TCP/UDP peers. Needs root (namespaces, nftables).
 
 mod audit_trail;
+mod clock;
 mod config_checks;
 mod fairness;
 mod faults;

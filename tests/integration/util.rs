@@ -483,7 +483,8 @@ pub fn jitctl(socket: &Path, args: &[&str], user: Option<(u32, u32)>) -> Output 
     output_within(cmd, Duration::from_secs(30))
 }
 
-fn output_within(mut cmd: Command, timeout: Duration) -> Output {
+/// Runs `cmd` to completion, killing it and failing the test after `timeout`.
+pub fn output_within(mut cmd: Command, timeout: Duration) -> Output {
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
