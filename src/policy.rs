@@ -6,8 +6,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{format_prefix, Access, Config, PortPolicy, Principal};
-use crate::identity::Caller;
+use crate::config::{Access, Config, PortPolicy};
+use crate::domain::{format_prefix, Caller, Principal};
 
 /// What a caller may do; each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -203,7 +203,7 @@ pub fn check_source_width(entry: &PortPolicy, source: &IpNet) -> Result<(), Deni
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
     use std::path::Path;
 
     fn config() -> Config {

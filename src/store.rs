@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::grants::{Grant, GrantId};
+use crate::domain::GrantId;
+use crate::grants::Grant;
 
 /// The snapshot file's name inside `state_dir`.
 pub const GRANTS_FILE: &str = "grants.json";
@@ -94,7 +95,7 @@ pub fn replay(snapshot: &mut Snapshot, records: &[crate::audit::AuditRecord]) {
 
 /// The grant an approval record describes, if it is complete.
 fn approved_grant(r: &crate::audit::AuditRecord, id: GrantId) -> Option<Grant> {
-    let source = r.source.as_deref().and_then(|s| crate::config::parse_prefix(s).ok())?;
+    let source = r.source.as_deref().and_then(|s| crate::domain::parse_prefix(s).ok())?;
     let secs = i64::try_from(r.duration_secs?).ok()?;
     Some(Grant {
         id,
@@ -304,7 +305,7 @@ mod tests {
             r.grant_id = Some(id);
             r.source = Some(source.into());
             r.ports = vec![22];
-            r.protocol = Some(crate::config::Protocol::Tcp);
+            r.protocol = Some(crate::domain::Protocol::Tcp);
             r.duration_secs = Some(3600);
             r
         };

@@ -7,8 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditFilter, AuditRecord};
-use crate::config::Protocol;
-use crate::grants::GrantId;
+use crate::domain::{GrantId, Protocol};
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

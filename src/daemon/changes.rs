@@ -14,11 +14,11 @@ use super::drift::{self, Checked};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{parse_prefix, Config, OnStop};
+use crate::config::{Config, OnStop};
+use crate::domain::{parse_prefix, Caller, GrantId};
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::Firewall;
-use crate::grants::{self, Grant, GrantId};
-use crate::identity::Caller;
+use crate::grants::{self, Grant};
 use crate::policy::{self, Denial, Role};
 
 type Pings = mpsc::Receiver<oneshot::Sender<()>>;
@@ -325,7 +325,7 @@ fn plan_revoke(
         );
         r.grant_id = request.id;
         r.source = request.source.as_deref().map(|s| match parse_prefix(s) {
-            Ok(net) => crate::config::format_prefix(&net),
+            Ok(net) => crate::domain::format_prefix(&net),
             Err(_) => format!("(unchecked input, escaped) {}", crate::text::escape_capped(s, 80)),
         });
         r.ports = request.port.into_iter().collect();

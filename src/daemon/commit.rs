@@ -22,12 +22,12 @@ use tokio::time::Instant;
 use super::{Daemon, State};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest};
 use crate::audit::{AuditError, AuditRecord};
-use crate::config::{Config, Protocol};
+use crate::config::Config;
+use crate::domain::{Caller, GrantElement, GrantId, GrantKey, Protocol};
 use crate::firewall::kernel::KernelTable;
-use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
+use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{self, Grant, GrantBook, GrantId, Placed, Touched};
-use crate::identity::Caller;
+use crate::grants::{self, Grant, GrantBook, Placed, Touched};
 use ipnet::IpNet;
 
 /// The most requests one transaction carries.

@@ -13,8 +13,9 @@ use tokio::time::Instant;
 
 use super::commit::KERNEL_ROUNDING;
 use super::State;
+use crate::domain::{GrantElement, GrantKey};
 use crate::firewall::kernel::{describe, KernelTable};
-use crate::firewall::rules::{GrantElement, GrantKey, TABLE};
+use crate::firewall::rules::TABLE;
 use crate::grants::Touched;
 
 /// The outcome of one drift check.

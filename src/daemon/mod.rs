@@ -29,12 +29,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::api::protocol::{GrantInfo, Reply, Request};
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{format_prefix, Config};
+use crate::config::Config;
+use crate::domain::{format_prefix, Caller};
 use crate::firewall::kernel::Fingerprint;
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{Grant, GrantBook, Touched};
-use crate::identity::Caller;
 use crate::store;
 
 pub use start::{check_interfaces, StartError};

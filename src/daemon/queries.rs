@@ -7,9 +7,9 @@ use tokio::time::Instant;
 use super::{grant_info, Daemon};
 use crate::api::protocol::{AuditQuery, AuditReply, PortStatus, Reply, StatusReply};
 use crate::audit;
-use crate::config::{format_prefix, AllowedSources};
+use crate::config::AllowedSources;
+use crate::domain::{format_prefix, Caller};
 use crate::firewall::Firewall;
-use crate::identity::Caller;
 use crate::policy::{self, Denial, Role};
 
 impl<F: Firewall> Daemon<F> {

@@ -13,10 +13,9 @@ use super::{failure_of, grant_info, grant_record, Daemon, State};
 use crate::api::protocol::{GrantRequest, GrantedReply, Reply, MAX_JUSTIFICATION_CHARS};
 use crate::audit::limit::Admit;
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{format_prefix, parse_prefix};
+use crate::domain::{format_prefix, parse_prefix, Caller, GrantId};
 use crate::firewall::Firewall;
-use crate::grants::{Grant, GrantId, NewGrant};
-use crate::identity::Caller;
+use crate::grants::{Grant, NewGrant};
 use crate::policy::{self, AccessRequest, Denial, Role};
 
 /// The longest copy of a caller's unchecked input that goes into the audit log.

@@ -19,8 +19,9 @@ use super::writer::Writer;
 use super::{changes, describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
+use crate::domain::GrantKey;
 use crate::firewall::kernel::{KernelGrants, KernelTable};
-use crate::firewall::rules::{self, GrantKey, LockdownSpec};
+use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{self, Grant, GrantBook};
 use crate::store;
@@ -194,7 +195,7 @@ impl<F: Firewall> Daemon<F> {
                 .and_then(|left| {
                     let caller = callers
                         .entry(grant.requester_uid)
-                        .or_insert_with(|| crate::identity::Caller::resolve_uid(grant.requester_uid));
+                        .or_insert_with(|| crate::domain::Caller::resolve_uid(grant.requester_uid));
                     changes::still_allowed(&config, &grant, caller).map(|()| left)
                 });
             match verdict {

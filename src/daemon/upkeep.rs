@@ -11,8 +11,8 @@ use tokio::sync::{oneshot, watch};
 use super::commit::{Job, Observed};
 use super::drift::Checked;
 use super::Daemon;
+use crate::domain::Caller;
 use crate::firewall::{monitor, Firewall};
-use crate::identity::Caller;
 
 /// How often jitd compares the kernel with its view even without a change event.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
