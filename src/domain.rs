@@ -160,6 +160,115 @@ pub struct Caller {
     pub groups: Vec<String>,
 }
 
+/// Declares [`ErrorCode`] with each variant's wire spelling, once.
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = $wire:literal, )*) => {
+        /// Why an operation was refused or failed, as the protocol's `error.code` spells
+        /// it (snake_case). A code this build does not know (from a newer jitd) decodes
+        /// as [`ErrorCode::Other`] with its text kept.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+            /// A code this build does not know, as received.
+            Other(String),
+        }
+
+        impl ErrorCode {
+            /// The wire spelling, e.g. `source_not_allowed`.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $( ErrorCode::$variant => $wire, )*
+                    ErrorCode::Other(text) => text,
+                }
+            }
+
+            /// The code spelled `text` on the wire; unknown ones are kept as [`ErrorCode::Other`].
+            pub fn from_wire(text: &str) -> ErrorCode {
+                match text {
+                    $( $wire => ErrorCode::$variant, )*
+                    other => ErrorCode::Other(other.to_string()),
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The caller's role does not allow the operation.
+    NotAuthorized = "not_authorized",
+    /// A requested port is not in the policy.
+    PortNotProtected = "port_not_protected",
+    /// The source is `/0` or wider than the port's `widest_prefix`.
+    SourceTooWide = "source_too_wide",
+    /// The source is not inside the port's `allowed_sources`.
+    SourceNotAllowed = "source_not_allowed",
+    /// Zero duration, or `until` in the past.
+    DurationInvalid = "duration_invalid",
+    /// Longer than the port's `max_duration`.
+    DurationTooLong = "duration_too_long",
+    /// A field is malformed.
+    InvalidArgument = "invalid_argument",
+    /// `revoke` matched no live grant.
+    NotFound = "not_found",
+    /// `reload`: the new policy is invalid; the old one stays.
+    InvalidConfig = "invalid_config",
+    /// The audit record could not be written, so nothing was done.
+    AuditFailed = "audit_failed",
+    /// nftables refused the change; nothing was changed.
+    FirewallFailed = "firewall_failed",
+    /// `revoke --terminate`: the grants are revoked, their sessions not cut.
+    TerminateFailed = "terminate_failed",
+    /// Anything else.
+    Internal = "internal",
+    /// Protocol error: not UTF-8, not JSON, no `v`, unknown `op` or field.
+    Malformed = "malformed",
+    /// Protocol error: a protocol version this jitd does not speak.
+    UnsupportedVersion = "unsupported_version",
+    /// Protocol error: the request line is too long.
+    TooLarge = "too_large",
+    /// Protocol error: the request line did not arrive in time.
+    Timeout = "timeout",
+    /// Protocol error: jitd serves as many connections as it will.
+    Busy = "busy",
+    /// Protocol error: jitd is stopping.
+    ShuttingDown = "shutting_down",
+}
+
+impl ErrorCode {
+    /// Whether this is a problem with the message or with jitd rather than a refusal of a
+    /// valid request (jitctl exits 2 for these, 1 for refusals).
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Malformed
+                | ErrorCode::TooLarge
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::Timeout
+                | ErrorCode::Busy
+                | ErrorCode::ShuttingDown
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ErrorCode, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(ErrorCode::from_wire(&text))
+    }
+}
+
 /// Parses an IPv4/IPv6 address (a /32 or /128) or a CIDR prefix without host bits.
 pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
     if let Ok(addr) = text.parse::<IpAddr>() {
@@ -209,5 +318,21 @@ mod tests {
         assert!(Protocol::Tcp.overlaps(Protocol::Any));
         assert!(!Protocol::Tcp.overlaps(Protocol::Udp));
         assert_eq!(Principal::parse("group:ops").unwrap().to_string(), "group:ops");
+    }
+
+    #[test]
+    fn error_codes_keep_their_wire_spelling_and_unknown_ones_survive() {
+        let json = serde_json::to_string(&ErrorCode::SourceNotAllowed).unwrap();
+        assert_eq!(json, "\"source_not_allowed\"");
+        assert_eq!(
+            serde_json::from_str::<ErrorCode>(&json).unwrap(),
+            ErrorCode::SourceNotAllowed
+        );
+        let newer: ErrorCode = serde_json::from_str("\"quota_exceeded\"").unwrap();
+        assert_eq!(newer, ErrorCode::Other("quota_exceeded".into()));
+        assert_eq!(newer.to_string(), "quota_exceeded");
+        assert!(!newer.is_protocol_error());
+        assert!(ErrorCode::Busy.is_protocol_error());
+        assert!(!ErrorCode::FirewallFailed.is_protocol_error());
     }
 }

@@ -37,6 +37,7 @@ use tokio::task::JoinSet;
 
 use super::protocol::{decode_request, Reply, Request, MAX_REQUEST_BYTES, READ_TIMEOUT};
 use crate::config::{Limits, GENERAL_CONNECTIONS, MAX_CONNECTIONS};
+use crate::domain::ErrorCode;
 
 /// How long the accept loop waits for [`Handler::privileged`] before treating the
 /// peer as unprivileged.
@@ -95,7 +96,7 @@ impl Refusal {
             ),
             Refusal::Full => format!("jitd is serving {MAX_CONNECTIONS} connections; try again"),
         };
-        Reply::error("busy", message)
+        Reply::error(ErrorCode::Busy, message)
     }
 }
 
@@ -401,7 +402,7 @@ async fn drain(listener: UnixListener, mut connections: JoinSet<()>, stopping_tx
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn shutting_down() -> Reply {
-    Reply::error("shutting_down", "jitd is stopping; try again when it is back")
+    Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back")
 }
 
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
@@ -479,14 +480,14 @@ async fn next_line(
     let read = tokio::time::timeout(READ_TIMEOUT.min(left), limited.read_until(b'\n', &mut line)).await;
     match read {
         Err(_) if left < READ_TIMEOUT => Next::Refuse(Reply::error(
-            "timeout",
+            ErrorCode::Timeout,
             format!(
                 "the connection is {}s old, the most jitd allows; reconnect",
                 lifetime.as_secs()
             ),
         )),
         Err(_) => Next::Refuse(Reply::error(
-            "timeout",
+            ErrorCode::Timeout,
             format!("no complete request within {}s", READ_TIMEOUT.as_secs()),
         )),
         Ok(Err(e)) => {
@@ -501,7 +502,7 @@ async fn next_line(
             }
             if !complete && line.len() > MAX_REQUEST_BYTES {
                 let message = format!("request is larger than {MAX_REQUEST_BYTES} bytes");
-                return Next::Refuse(Reply::error("too_large", message));
+                return Next::Refuse(Reply::error(ErrorCode::TooLarge, message));
             }
             Next::Line(line, complete)
         }

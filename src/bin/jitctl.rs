@@ -8,7 +8,7 @@ use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
     AuditQuery, AuditReply, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request, RevokeRequest,
-    RevokedReply, StatusReply, PROTOCOL_ERROR_CODES,
+    RevokedReply, StatusReply,
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
@@ -55,7 +55,7 @@ enum Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         match &e {
-            ClientError::Refused(body) if !PROTOCOL_ERROR_CODES.contains(&body.code.as_str()) => {
+            ClientError::Refused(body) if !body.code.is_protocol_error() => {
                 Failure::Refused(format!("{} ({})", body.message, body.code))
             }
             _ => Failure::Usage(e.to_string()),

@@ -15,7 +15,7 @@ use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::config::{Config, OnStop};
-use crate::domain::{parse_prefix, Caller, GrantId};
+use crate::domain::{parse_prefix, Caller, ErrorCode, GrantId};
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::Firewall;
 use crate::grants::{self, Grant};
@@ -50,11 +50,11 @@ impl<F: Firewall> Daemon<F> {
     pub(super) async fn revoke(&self, caller: Caller, request: RevokeRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
         if !self.submit(Job::Revoke(caller, request, reply)).await {
-            return Reply::error("shutting_down", "jitd is stopping; try again when it is back");
+            return Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back");
         }
         answer
             .await
-            .unwrap_or_else(|_| Reply::error("internal", "the revocation was dropped; nothing changed"))
+            .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the revocation was dropped; nothing changed"))
     }
 
     pub(super) async fn commit_revoke(&self, caller: &Caller, request: RevokeRequest, pings: &mut Pings) -> Reply {
@@ -68,8 +68,8 @@ impl<F: Firewall> Daemon<F> {
             Err(refusal) => {
                 let (denial, record) = *refusal;
                 return match self.execute(Tx::records(record.into_iter().collect()), pings).await {
-                    Ok(()) => Reply::error(&denial.code, denial.message),
-                    Err(e) => Reply::error("audit_failed", format!("revoke refused: {e}")),
+                    Ok(()) => Reply::error(denial.code, denial.message),
+                    Err(e) => Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}")),
                 };
             }
         };
@@ -88,8 +88,13 @@ impl<F: Firewall> Daemon<F> {
                 };
                 Reply::ok(RevokedReply { revoked, terminated })
             }
-            Err(super::commit::TxError::Audit(e)) => Reply::error("audit_failed", format!("revoke refused: {e}")),
-            Err(e) => Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}")),
+            Err(super::commit::TxError::Audit(e)) => {
+                Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}"))
+            }
+            Err(e) => Reply::error(
+                ErrorCode::FirewallFailed,
+                format!("revoke failed, the grants stay: {e}"),
+            ),
         }
     }
 
@@ -112,9 +117,13 @@ impl<F: Firewall> Daemon<F> {
             })
             .collect();
         let logged = self.execute(Tx::records(records), pings).await;
-        let cut =
-            result.map_err(|e| Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")))?;
-        logged.map_err(|e| Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}")))?;
+        let cut = result.map_err(|e| {
+            Reply::error(
+                ErrorCode::TerminateFailed,
+                format!("grants revoked, sessions not cut: {e}"),
+            )
+        })?;
+        logged.map_err(|e| Reply::error(ErrorCode::AuditFailed, format!("sessions cut, but not recorded: {e}")))?;
         Ok(cut.iter().map(ToString::to_string).collect())
     }
 
@@ -126,7 +135,7 @@ impl<F: Firewall> Daemon<F> {
             (st.config.access.clone(), st.config.path.clone())
         };
         policy::require_role(&access, caller, Role::Admin, "reload the policy")
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            .map_err(|d| Reply::error(d.code, d.message))?;
         self.reload(&path, caller).await
     }
 
@@ -135,7 +144,7 @@ impl<F: Firewall> Daemon<F> {
     pub async fn reload(&self, path: &Path, actor: &Caller) -> Result<ReloadReply, Reply> {
         let invalid = |e: String| {
             Reply::error(
-                "invalid_config",
+                ErrorCode::InvalidConfig,
                 format!("policy not reloaded, jitd keeps the old one: {e}"),
             )
         };
@@ -153,13 +162,16 @@ impl<F: Firewall> Daemon<F> {
             .await
         {
             return Err(Reply::error(
-                "shutting_down",
+                ErrorCode::ShuttingDown,
                 "jitd is stopping; try again when it is back",
             ));
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Reply::error("internal", "the reload was dropped; nothing changed")))
+        answer.await.unwrap_or_else(|_| {
+            Err(Reply::error(
+                ErrorCode::Internal,
+                "the reload was dropped; nothing changed",
+            ))
+        })
     }
 
     pub(super) async fn commit_reload(
@@ -183,11 +195,12 @@ impl<F: Firewall> Daemon<F> {
                 tracing::info!(ended = ended.len(), "policy reloaded");
                 Ok(ReloadReply { ended })
             }
-            Err(super::commit::TxError::Audit(e)) => {
-                Err(Reply::error("audit_failed", format!("policy not reloaded: {e}")))
-            }
+            Err(super::commit::TxError::Audit(e)) => Err(Reply::error(
+                ErrorCode::AuditFailed,
+                format!("policy not reloaded: {e}"),
+            )),
             Err(e) => Err(Reply::error(
-                "firewall_failed",
+                ErrorCode::FirewallFailed,
                 format!("policy not reloaded, jitd keeps the old one: {e}"),
             )),
         }
@@ -338,10 +351,10 @@ fn plan_revoke(
         .as_deref()
         .map(parse_prefix)
         .transpose()
-        .map_err(|e| refuse(Denial::new("invalid_argument", format!("source: {e}"))))?;
+        .map_err(|e| refuse(Denial::new(ErrorCode::InvalidArgument, format!("source: {e}"))))?;
     if request.id.is_none() && source.is_none() {
         return Err(Box::new((
-            Denial::new("invalid_argument", "revoke needs a grant id or a source"),
+            Denial::new(ErrorCode::InvalidArgument, "revoke needs a grant id or a source"),
             None,
         )));
     }
@@ -356,12 +369,15 @@ fn plan_revoke(
         .cloned()
         .collect();
     if targets.is_empty() {
-        return Err(Box::new((Denial::new("not_found", "no live grant matches"), None)));
+        return Err(Box::new((
+            Denial::new(ErrorCode::NotFound, "no live grant matches"),
+            None,
+        )));
     }
     if role < Role::Admin {
         if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
             return Err(refuse(Denial::new(
-                "not_authorized",
+                ErrorCode::NotAuthorized,
                 format!(
                     "grant {} belongs to {}; only admins may revoke others' grants",
                     g.id, g.requester

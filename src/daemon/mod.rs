@@ -186,7 +186,7 @@ impl<F: Firewall> Handler for Daemon<F> {
         match request {
             Request::Status => self
                 .status(&caller)
-                .map_or_else(|d| Reply::error(&d.code, d.message), Reply::ok),
+                .map_or_else(|d| Reply::error(d.code, d.message), Reply::ok),
             Request::Request(r) => self.request(caller, r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),

@@ -8,7 +8,7 @@ use super::{grant_info, Daemon};
 use crate::api::protocol::{AuditQuery, AuditReply, PortStatus, Reply, StatusReply};
 use crate::audit;
 use crate::config::AllowedSources;
-use crate::domain::{format_prefix, Caller};
+use crate::domain::{format_prefix, Caller, ErrorCode};
 use crate::firewall::Firewall;
 use crate::policy::{self, Denial, Role};
 
@@ -62,7 +62,7 @@ impl<F: Firewall> Daemon<F> {
     fn viewer_dir(&self, caller: &Caller, what: &str) -> Result<std::path::PathBuf, Reply> {
         let st = self.lock();
         policy::require_role(&st.config.access, caller, Role::Viewer, what)
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            .map_err(|d| Reply::error(d.code, d.message))?;
         Ok(st.config.state_dir.clone())
     }
 
@@ -70,8 +70,8 @@ impl<F: Firewall> Daemon<F> {
         let dir = self.viewer_dir(caller, "verify the audit log")?;
         tokio::task::spawn_blocking(move || audit::chain::verify_dir(&dir))
             .await
-            .map_err(|e| Reply::error("internal", e.to_string()))?
-            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
+            .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| Reply::error(ErrorCode::Internal, format!("cannot read the audit log: {e}")))
     }
 
     pub(super) async fn audit_query(&self, caller: &Caller, q: AuditQuery) -> Result<AuditReply, Reply> {
@@ -79,13 +79,16 @@ impl<F: Firewall> Daemon<F> {
         static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(aq::MAX_CONCURRENT);
         let path = self.viewer_dir(caller, "read the audit log")?;
         let cursor = q.cursor.as_deref().map(Cursor::parse).transpose();
-        let cursor = cursor.map_err(|e| Reply::error("invalid_argument", e))?;
+        let cursor = cursor.map_err(|e| Reply::error(ErrorCode::InvalidArgument, e))?;
         if q.limit == Some(0) {
-            return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0"));
+            return Err(Reply::error(
+                ErrorCode::InvalidArgument,
+                "limit: must be at least 1, got 0",
+            ));
         }
         let permit = RUNNING.try_acquire().map_err(|_| {
             Reply::error(
-                "busy",
+                ErrorCode::Busy,
                 format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT),
             )
         })?;
@@ -95,8 +98,8 @@ impl<F: Firewall> Daemon<F> {
             aq::query(&path, &q.filter, cursor.as_ref(), limit)
         })
         .await
-        .map_err(|e| Reply::error("internal", e.to_string()))?
-        .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| Reply::error(ErrorCode::Internal, format!("cannot read the audit log: {e}")))?;
         Ok(AuditReply {
             records: page.records,
             warnings: page.warnings,
