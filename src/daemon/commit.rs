@@ -329,7 +329,7 @@ impl<F: Firewall> Daemon<F> {
                     return Ok(());
                 };
                 match self.firewall.apply(&batch).await {
-                    Err(FirewallError::Rejected(msg)) if !remove.is_empty() && is_missing(&msg) => {
+                    Err(FirewallError::Missing(_)) if !remove.is_empty() => {
                         for key in remove {
                             if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
                                 let _ = self.firewall.apply(&one).await;
@@ -367,11 +367,6 @@ impl<F: Firewall> Daemon<F> {
             std::process::exit(1)
         })
     }
-}
-
-/// Whether nftables refused because an element was already gone.
-fn is_missing(message: &str) -> bool {
-    message.contains("No such file or directory")
 }
 
 /// How long elements of grants that just ended may linger in the kernel (its timeouts

@@ -131,7 +131,7 @@ impl LibNft {
                         .filter(|l| !l.is_empty())
                         .collect::<Vec<_>>()
                         .join("; ");
-                    Err(FirewallError::Rejected(if message.is_empty() {
+                    Err(FirewallError::refused(if message.is_empty() {
                         format!("libnftables returned {rc}")
                     } else {
                         message
