@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::commit::{answering, Footprint, Job, KernelChange, Observed, Tx};
-use super::drift::{self, Checked};
+use super::drift::{self, Checked, DriftCause};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
@@ -209,7 +209,7 @@ impl<F: Firewall> Daemon<F> {
     /// Compares what the kernel showed with jitd's view and repairs only what differs,
     /// as one transaction. Elements jitd changed itself since the reading began are
     /// left out of the comparison; a reading from before a whole-table change is stale.
-    pub(super) async fn commit_repair(&self, cause: &str, observed: Observed, pings: &mut Pings) -> Checked {
+    pub(super) async fn commit_repair(&self, cause: &DriftCause, observed: Observed, pings: &mut Pings) -> Checked {
         let now = Instant::now();
         let plan = {
             let st = self.lock();
@@ -220,7 +220,7 @@ impl<F: Firewall> Daemon<F> {
             if findings.is_empty() {
                 return Checked::Clean;
             }
-            let kernel = if findings.structure {
+            let kernel = if findings.needs_new_table() {
                 KernelChange::Replace(
                     LockdownSpec::from_config(&st.config),
                     grants::timed(&st.book.elements(now), now),

@@ -52,7 +52,11 @@ pub(super) enum Job {
     Request(Pending),
     Revoke(Caller, RevokeRequest, oneshot::Sender<Reply>),
     Reload(Box<Config>, Caller, oneshot::Sender<Result<ReloadReply, Reply>>),
-    Repair(String, Observed, oneshot::Sender<super::drift::Checked>),
+    Repair(
+        super::drift::DriftCause,
+        Observed,
+        oneshot::Sender<super::drift::Checked>,
+    ),
     Expire,
     Checkpoint,
     Stop(oneshot::Sender<()>),
