@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditFilter, AuditRecord};
+use crate::config::OnStop;
 use crate::domain::{ErrorCode, GrantId, Protocol};
+use crate::policy::Role;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -215,10 +217,10 @@ pub struct StatusReply {
     pub exempt_sources: Vec<String>,
     /// Interfaces the lockdown applies to (empty: all).
     pub interfaces: Vec<String>,
-    /// What stopping jitd does.
-    pub on_stop: String,
-    /// The role the caller holds.
-    pub your_role: String,
+    /// What stopping jitd does (`keep-locked` or `unlock`).
+    pub on_stop: OnStop,
+    /// The role the caller holds (`viewer`, `requester` or `admin`).
+    pub your_role: Role,
     /// Counters since jitd started (the same as its metrics).
     #[serde(default)]
     pub health: Health,
@@ -387,5 +389,22 @@ mod tests {
             ErrorCode::Malformed
         );
         assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn status_names_on_stop_and_role_as_before() {
+        let line = r#"{"version":"0.1.0","ports":[],"grants":[],"exempt_sources":[],"interfaces":[],"on_stop":"keep-locked","your_role":"requester"}"#;
+        let status: StatusReply = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (status.on_stop, status.your_role),
+            (OnStop::KeepLocked, Role::Requester)
+        );
+        let text = serde_json::to_string(&StatusReply {
+            on_stop: OnStop::Unlock,
+            your_role: Role::Admin,
+            ..status
+        })
+        .unwrap();
+        assert!(text.contains(r#""on_stop":"unlock","your_role":"admin""#), "{text}");
     }
 }

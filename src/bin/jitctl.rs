@@ -381,8 +381,8 @@ fn print_status(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         out,
         "Protected ports (jitd {}, on stop: {}, your role: {})",
         esc(&s.version),
-        esc(&s.on_stop),
-        esc(&s.your_role)
+        esc(&enum_text(&s.on_stop)),
+        esc(&enum_text(&s.your_role))
     )?;
     let rows: Vec<Vec<String>> = s.ports.iter().map(port_row).collect();
     out.write_all(

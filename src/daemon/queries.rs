@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::{grant_info, Daemon};
 use crate::api::protocol::{AuditQuery, AuditReply, PortStatus, Reply, StatusReply};
-use crate::audit;
+use crate::audit::{self, Outcome};
 use crate::config::AllowedSources;
 use crate::domain::{format_prefix, Caller, ErrorCode};
 use crate::firewall::Firewall;
@@ -53,8 +53,8 @@ impl<F: Firewall> Daemon<F> {
             grants,
             exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
             interfaces: config.lockdown.interfaces.clone(),
-            on_stop: audit::enum_text(&config.on_stop),
-            your_role: audit::enum_text(&role),
+            on_stop: config.on_stop,
+            your_role: role,
             health: health(),
         })
     }
@@ -112,9 +112,9 @@ impl<F: Firewall> Daemon<F> {
 fn health() -> crate::api::protocol::Health {
     let m = crate::metrics::metrics();
     crate::api::protocol::Health {
-        requests_approved: m.requests_with("approved"),
-        requests_denied: m.requests_with("denied"),
-        requests_failed: m.requests_with("failed"),
+        requests_approved: m.requests_with(Outcome::Approved),
+        requests_denied: m.requests_with(Outcome::Denied),
+        requests_failed: m.requests_with(Outcome::Failed),
         drift_repairs: m.drift_repairs.get(),
         audit_write_failures: m.audit_write_failures.get(),
         refused_connections: m.refused_connections.get(),

@@ -73,15 +73,15 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
     let m = crate::metrics::metrics();
     match (decided, failure) {
         (_, Some(TxError::Audit(e))) => {
-            m.request("failed", ErrorCode::AuditFailed.as_str());
+            m.request(Outcome::Failed, Some(&ErrorCode::AuditFailed));
             Reply::error(ErrorCode::AuditFailed, format!("request refused: {e}"))
         }
         (Decided::Denied(denial), _) => {
-            m.request("denied", denial.code.as_str());
+            m.request(Outcome::Denied, Some(&denial.code));
             Reply::error(denial.code, denial.message)
         }
         (Decided::Approved { .. }, Some(e)) => {
-            m.request("failed", ErrorCode::FirewallFailed.as_str());
+            m.request(Outcome::Failed, Some(&ErrorCode::FirewallFailed));
             Reply::error(
                 ErrorCode::FirewallFailed,
                 format!("request approved but not applied, nothing changed: {e}"),
@@ -95,7 +95,7 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
             },
             None,
         ) => {
-            m.request("approved", "");
+            m.request(Outcome::Approved, None);
             m.grant_duration.observe(duration.as_secs_f64());
             for g in &grants {
                 tracing::info!(grant = g.id, user = %g.requester, source = %format_prefix(&g.source), port = g.port, until = %g.expires_at, "access granted");
