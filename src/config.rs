@@ -444,14 +444,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
             None
         }
     });
-    let on_stop = match raw.on_stop.as_deref() {
-        None | Some("keep-locked") => OnStop::KeepLocked,
-        Some("unlock") => OnStop::Unlock,
-        Some(other) => {
-            problems.push(format!("on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"));
-            OnStop::KeepLocked
-        }
-    };
+    let on_stop = validate_on_stop(raw.on_stop.as_deref(), problems);
     let socket = raw.socket.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
     if !socket.is_absolute() {
         problems.push(format!(
@@ -486,40 +479,8 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         requesters: parse_principals("access.requesters", &raw.access.requesters, problems),
         viewers: parse_principals("access.viewers", &raw.access.viewers, problems),
     };
-    let defaults = Rotation::default();
-    let audit_rotation = Rotation {
-        max_bytes: match raw.audit_max_bytes {
-            None => defaults.max_bytes,
-            Some(n) if (MIN_AUDIT_BYTES..=i64::MAX).contains(&n) => n as u64,
-            Some(n) => {
-                problems.push(format!(
-                    "audit_max_bytes: must be at least {MIN_AUDIT_BYTES} (bytes), got {n}"
-                ));
-                defaults.max_bytes
-            }
-        },
-        keep: match raw.audit_keep {
-            None => defaults.keep,
-            Some(n) if (1..=1000).contains(&n) => n as usize,
-            Some(n) => {
-                problems.push(format!(
-                    "audit_keep: must be between 1 and 1000 (rotated files kept), got {n}"
-                ));
-                defaults.keep
-            }
-        },
-    };
-    let metrics_listen = raw.metrics_listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() || raw.metrics_allow_remote => Some(addr),
-        Ok(_) => {
-            problems.push(format!("metrics_listen: a non-loopback address shows jitd's metrics to the network; set metrics_allow_remote = true to mean it, got {text:?}"));
-            None
-        }
-        Err(_) => {
-            problems.push(format!("metrics_listen: must be an address and port such as \"127.0.0.1:9839\", got {text:?}"));
-            None
-        }
-    });
+    let audit_rotation = validate_rotation(raw.audit_max_bytes, raw.audit_keep, problems);
+    let metrics_listen = validate_metrics(raw.metrics_listen, raw.metrics_allow_remote, problems);
     Config {
         path: path.to_path_buf(),
         socket,
@@ -533,6 +494,61 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         metrics_listen,
         limits: validate_limits(raw.limits, problems),
     }
+}
+
+fn validate_on_stop(raw: Option<&str>, problems: &mut Vec<String>) -> OnStop {
+    match raw {
+        None | Some("keep-locked") => OnStop::KeepLocked,
+        Some("unlock") => OnStop::Unlock,
+        Some(other) => {
+            problems.push(format!("on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"));
+            OnStop::KeepLocked
+        }
+    }
+}
+
+fn validate_rotation(max_bytes: Option<i64>, keep: Option<i64>, problems: &mut Vec<String>) -> Rotation {
+    let defaults = Rotation::default();
+    Rotation {
+        max_bytes: match max_bytes {
+            None => defaults.max_bytes,
+            Some(n) if (MIN_AUDIT_BYTES..=i64::MAX).contains(&n) => n as u64,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_max_bytes: must be at least {MIN_AUDIT_BYTES} (bytes), got {n}"
+                ));
+                defaults.max_bytes
+            }
+        },
+        keep: match keep {
+            None => defaults.keep,
+            Some(n) if (1..=1000).contains(&n) => n as usize,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_keep: must be between 1 and 1000 (rotated files kept), got {n}"
+                ));
+                defaults.keep
+            }
+        },
+    }
+}
+
+fn validate_metrics(
+    listen: Option<String>,
+    allow_remote: bool,
+    problems: &mut Vec<String>,
+) -> Option<std::net::SocketAddr> {
+    listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || allow_remote => Some(addr),
+        Ok(_) => {
+            problems.push(format!("metrics_listen: a non-loopback address shows jitd's metrics to the network; set metrics_allow_remote = true to mean it, got {text:?}"));
+            None
+        }
+        Err(_) => {
+            problems.push(format!("metrics_listen: must be an address and port such as \"127.0.0.1:9839\", got {text:?}"));
+            None
+        }
+    })
 }
 
 fn default_ports() -> Vec<PortPolicy> {
@@ -574,44 +590,8 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
                 Protocol::Tcp
             }),
         };
-        let allowed_sources = match raw.allowed_sources {
-            None => AllowedSources::Any,
-            Some(list) if list.iter().any(|s| s == "any") => {
-                if list.len() > 1 {
-                    problems.push(format!(
-                        "{}: \"any\" already allows every source; list it alone, got {list:?}",
-                        field("allowed_sources")
-                    ));
-                }
-                AllowedSources::Any
-            }
-            Some(list) if list.is_empty() => {
-                problems.push(format!(
-                    "{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes",
-                    field("allowed_sources")
-                ));
-                AllowedSources::Prefixes(Vec::new())
-            }
-            Some(list) => AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, problems)),
-        };
-        let max_duration = match raw.max_duration.as_deref() {
-            None => DEFAULT_MAX_DURATION,
-            Some(text) => match crate::duration::parse(text) {
-                Ok(d) if d.as_secs() == 0 => {
-                    problems.push(format!("{}: must be at least 1s, got {text:?}", field("max_duration")));
-                    d
-                }
-                Ok(d) if d > MAX_DURATION_LIMIT => {
-                    problems.push(format!("{}: must be at most 24h, got {text:?}", field("max_duration")));
-                    d
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    problems.push(format!("{}: {e}, got {text:?}", field("max_duration")));
-                    DEFAULT_MAX_DURATION
-                }
-            },
-        };
+        let allowed_sources = validate_allowed_sources(&field("allowed_sources"), raw.allowed_sources, problems);
+        let max_duration = validate_max_duration(&field("max_duration"), raw.max_duration.as_deref(), problems);
         let widest_prefix = validate_widest_prefix(&field("widest_prefix"), raw.widest_prefix, problems);
         if problems.len() > before {
             continue;
@@ -637,6 +617,52 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
         });
     }
     ports
+}
+
+/// `ports[i].allowed_sources`: `["any"]` alone, or a non-empty list of prefixes.
+fn validate_allowed_sources(field: &str, raw: Option<Vec<String>>, problems: &mut Vec<String>) -> AllowedSources {
+    match raw {
+        None => AllowedSources::Any,
+        Some(list) if list.iter().any(|s| s == "any") => {
+            if list.len() > 1 {
+                problems.push(format!(
+                    "{}: \"any\" already allows every source; list it alone, got {list:?}",
+                    field
+                ));
+            }
+            AllowedSources::Any
+        }
+        Some(list) if list.is_empty() => {
+            problems.push(format!(
+                "{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes",
+                field
+            ));
+            AllowedSources::Prefixes(Vec::new())
+        }
+        Some(list) => AllowedSources::Prefixes(parse_prefixes(field, &list, problems)),
+    }
+}
+
+/// `ports[i].max_duration`: between 1s and 24h; absent: the default.
+fn validate_max_duration(field: &str, raw: Option<&str>, problems: &mut Vec<String>) -> Duration {
+    match raw {
+        None => DEFAULT_MAX_DURATION,
+        Some(text) => match crate::duration::parse(text) {
+            Ok(d) if d.as_secs() == 0 => {
+                problems.push(format!("{field}: must be at least 1s, got {text:?}"));
+                d
+            }
+            Ok(d) if d > MAX_DURATION_LIMIT => {
+                problems.push(format!("{field}: must be at most 24h, got {text:?}"));
+                d
+            }
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("{field}: {e}, got {text:?}"));
+                DEFAULT_MAX_DURATION
+            }
+        },
+    }
 }
 
 fn validate_widest_prefix(field: &str, raw: Option<RawWidestPrefix>, problems: &mut Vec<String>) -> WidestPrefix {

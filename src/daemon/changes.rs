@@ -328,24 +328,50 @@ fn plan_revoke(
     request: &RevokeRequest,
     now: Instant,
 ) -> Result<(Tx, Vec<crate::api::protocol::GrantInfo>, Vec<Grant>), Refusal> {
-    let refuse = |d: Denial| {
-        let mut r = AuditRecord::new(
-            Utc::now(),
-            Some(caller.uid),
-            &caller.name,
-            Action::Revoke,
-            Outcome::Denied,
-        );
-        r.grant_id = request.id;
-        r.source = request.source.as_deref().map(|s| match parse_prefix(s) {
-            Ok(net) => crate::domain::format_prefix(&net),
-            Err(_) => format!("(unchecked input, escaped) {}", crate::text::escape_capped(s, 80)),
-        });
-        r.ports = request.port.into_iter().collect();
-        r.reason = Some(format!("{}: {}", d.code, d.message));
-        Box::new((d, Some(r)))
-    };
+    let refuse = |d: Denial| revoke_refusal(caller, request, d);
     let role = policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants").map_err(refuse)?;
+    let targets = revoke_targets(st, request, refuse)?;
+    if role < Role::Admin {
+        if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
+            return Err(refuse(Denial::new(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "grant {} belongs to {}; only admins may revoke others' grants",
+                    g.id, g.requester
+                ),
+            )));
+        }
+    }
+    let (tx, revoked) = book_revoke(st, caller, &targets, now);
+    Ok((tx, revoked, targets))
+}
+
+/// A refused revocation, with the record that audits it.
+fn revoke_refusal(caller: &Caller, request: &RevokeRequest, d: Denial) -> Refusal {
+    let mut r = AuditRecord::new(
+        Utc::now(),
+        Some(caller.uid),
+        &caller.name,
+        Action::Revoke,
+        Outcome::Denied,
+    );
+    r.grant_id = request.id;
+    r.source = request.source.as_deref().map(|s| match parse_prefix(s) {
+        Ok(net) => crate::domain::format_prefix(&net),
+        Err(_) => format!("(unchecked input, escaped) {}", crate::text::escape_capped(s, 80)),
+    });
+    r.ports = request.port.into_iter().collect();
+    r.reason = Some(format!("{}: {}", d.code, d.message));
+    Box::new((d, Some(r)))
+}
+
+/// The live grants a revocation names; a bad source is refused with `refuse` (audited),
+/// nothing named or nothing found without a record.
+fn revoke_targets(
+    st: &super::State,
+    request: &RevokeRequest,
+    refuse: impl Fn(Denial) -> Refusal,
+) -> Result<Vec<Grant>, Refusal> {
     let source = request
         .source
         .as_deref()
@@ -374,22 +400,21 @@ fn plan_revoke(
             None,
         )));
     }
-    if role < Role::Admin {
-        if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
-            return Err(refuse(Denial::new(
-                ErrorCode::NotAuthorized,
-                format!(
-                    "grant {} belongs to {}; only admins may revoke others' grants",
-                    g.id, g.requester
-                ),
-            )));
-        }
-    }
+    Ok(targets)
+}
+
+/// Books the end of `targets`: the transaction and the grants as the reply shows them.
+fn book_revoke(
+    st: &mut super::State,
+    caller: &Caller,
+    targets: &[Grant],
+    now: Instant,
+) -> (Tx, Vec<crate::api::protocol::GrantInfo>) {
     let wall = Utc::now();
     let mut tx = Tx::records(Vec::new());
     let mut footprint = Footprint::default();
     let mut revoked = Vec::new();
-    for g in &targets {
+    for g in targets {
         let mut r = grant_record(
             g,
             wall,
@@ -409,7 +434,7 @@ fn plan_revoke(
     }
     tx.kernel = footprint.change(&st.book, now);
     tx.touched = footprint.into_touched();
-    Ok((tx, revoked, targets))
+    (tx, revoked)
 }
 
 /// Books a new policy: the grants it no longer allows end, the table is replaced.
