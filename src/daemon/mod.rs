@@ -293,42 +293,9 @@ pub async fn run<F: Firewall>(
     }
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(named(
-        "committer",
-        async move { committer.await.map_err(|e| e.to_string()) },
-    ));
-    tasks.spawn(named("expiry", upkeep::run_expiry(daemon.clone(), stopping.clone())));
-    tasks.spawn(named(
-        "drift monitor",
-        upkeep::watch_drift(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named(
-        "checkpoints",
-        upkeep::checkpoints(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named(
-        "SIGHUP handler",
-        upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named(
-        "watchdog",
-        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
-    ));
+    let mut tasks = spawn_tasks(&daemon, committer, &stopping);
     if let Some(addr) = metrics_listen {
-        let listener = crate::metrics::bind(addr).await.map_err(|source| StartError::Socket {
-            path: format!("metrics_listen {addr}"),
-            source,
-        })?;
-        tracing::info!("serving metrics on http://{addr}/metrics");
-        let mut stop = stopping.clone();
-        tasks.spawn(named("metrics server", async move {
-            tokio::select! {
-                _ = crate::metrics::serve(listener) => {}
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            Ok(())
-        }));
+        tasks.spawn(named("metrics server", serve_metrics(addr, stopping.clone()).await?));
     }
     systemd::ready(&ports);
     let failed = tokio::select! {
@@ -353,6 +320,58 @@ pub async fn run<F: Firewall>(
 }
 
 type TaskResult = Result<(), String>;
+
+type Tasks = tokio::task::JoinSet<(&'static str, TaskResult)>;
+
+/// Starts the committer and the upkeep tasks; any of them ending before the stop is fatal.
+fn spawn_tasks<F: Firewall>(
+    daemon: &std::sync::Arc<Daemon<F>>,
+    committer: tokio::task::JoinHandle<()>,
+    stopping: &upkeep::Stopping,
+) -> Tasks {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(named(
+        "committer",
+        async move { committer.await.map_err(|e| e.to_string()) },
+    ));
+    tasks.spawn(named("expiry", upkeep::run_expiry(daemon.clone(), stopping.clone())));
+    tasks.spawn(named(
+        "drift monitor",
+        upkeep::watch_drift(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named(
+        "checkpoints",
+        upkeep::checkpoints(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named(
+        "SIGHUP handler",
+        upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named(
+        "watchdog",
+        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
+    ));
+    tasks
+}
+
+/// Binds `metrics_listen` (an error stops the start) and returns the task serving it.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    mut stop: upkeep::Stopping,
+) -> Result<impl Future<Output = TaskResult>, StartError> {
+    let listener = crate::metrics::bind(addr).await.map_err(|source| StartError::Socket {
+        path: format!("metrics_listen {addr}"),
+        source,
+    })?;
+    tracing::info!("serving metrics on http://{addr}/metrics");
+    Ok(async move {
+        tokio::select! {
+            _ = crate::metrics::serve(listener) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        Ok(())
+    })
+}
 
 async fn named(name: &'static str, task: impl Future<Output = TaskResult>) -> (&'static str, TaskResult) {
     (name, task.await)

@@ -23,7 +23,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How many times a check is retried when jitd's own whole-table change overtook it.
 const STALE_RETRIES: usize = 3;
 
-type Stopping = watch::Receiver<bool>;
+pub(super) type Stopping = watch::Receiver<bool>;
 
 async fn stopped(stopping: &mut Stopping) {
     let _ = stopping.wait_for(|s| *s).await;
