@@ -25,6 +25,13 @@
 //! - [`cli`]: the command lines of jitd and jitctl (clap).
 //! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
 //!
+//! One request's walk: `jitctl` ([`api::client`]) → [`api::server`] (peer credentials)
+//! → [`daemon`] (routing; the caller via [`identity`]) → the committer in
+//! `daemon/commit.rs` ([`policy`], [`grants`]) → the audit writer in `daemon/writer.rs`
+//! ([`audit`]) → one nftables batch ([`firewall::rules`], applied by
+//! [`firewall::libnft`] or [`firewall::nft`]) → the reply. The steps are listed in
+//! [`daemon`]'s documentation.
+//!
 //! # Dependencies
 //! The pure core sits at the bottom and knows nothing of the effects above it:
 //!

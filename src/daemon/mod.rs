@@ -4,9 +4,20 @@
 //! ([`start`]), read-only questions ([`queries`]), upkeep timers ([`upkeep`]), drift
 //! checks ([`drift`]) and systemd glue ([`systemd`]) have their own modules.
 //!
-//! One request, end to end: `jitctl` → [`crate::api::server`] (peer credentials) →
-//! [`Daemon::handle`] → [`requests`] queues it → [`commit`] decides, has [`writer`]
-//! fsync the records, applies one nftables batch ([`crate::firewall`]) → the reply.
+//! One request, end to end, file by file:
+//! 1. `src/bin/jitctl.rs` sends it with [`crate::api::client::call`], one JSON line
+//!    ([`crate::api::protocol`]);
+//! 2. `src/api/server.rs` reads the line, takes the peer's uid and gid (SO_PEERCRED)
+//!    and calls [`Daemon::handle`] (this file), which resolves the caller
+//!    (`src/identity.rs`) and routes the request;
+//! 3. `requests.rs` queues it for the committer ([`commit`], `commit.rs`), which
+//!    decides it under the state lock ([`crate::policy::check_request`],
+//!    [`crate::grants::GrantBook`]) and builds one transaction;
+//! 4. `writer.rs` appends and fsyncs its audit records ([`crate::audit::AuditLog`]);
+//! 5. `commit.rs` applies one nftables batch ([`crate::firewall::rules`] builds it,
+//!    `src/firewall/libnft.rs` or `nft.rs` applies it); on failure it undoes the booking
+//!    and audits that;
+//! 6. the reply goes back the same way, as one JSON line.
 
 mod changes;
 mod commit;
