@@ -3,12 +3,13 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use crate::domain::{format_prefix, parse_prefix, Principal, Protocol};
 
 /// Where jitd looks for its policy unless told otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/jitd/jitd.toml";
@@ -28,6 +29,52 @@ pub const DEFAULT_PORTS: [u16; 4] = [22, 3389, 5985, 5986];
 pub const WIDE_IPV4_PREFIX: u8 = 8;
 /// IPv6 prefixes shorter than this in `allowed_sources` or `exempt_sources` are warned about.
 pub const WIDE_IPV6_PREFIX: u8 = 32;
+
+/// The most connections served at once; more are told `busy` and closed.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Slots of [`MAX_CONNECTIONS`] only privileged peers may take.
+pub const RESERVED_CONNECTIONS: usize = 64;
+/// Slots open to every peer: the rest.
+pub const GENERAL_CONNECTIONS: usize = MAX_CONNECTIONS - RESERVED_CONNECTIONS;
+
+/// When the audit log is rotated and how many rotated files are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Rotate once the current file is larger than this.
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1` .. `audit.jsonl.N`); older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_bytes: 64 * 1024 * 1024,
+            keep: 10,
+        }
+    }
+}
+
+/// Per-connection limits of the socket (`[limits]` in the policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections one unprivileged uid may hold at once (1..=[`GENERAL_CONNECTIONS`]).
+    pub per_user: usize,
+    /// Replies after which a connection is closed.
+    pub max_requests: u32,
+    /// Age after which a connection is closed (once its current request is answered).
+    pub lifetime: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            per_user: 32,
+            max_requests: 1000,
+            lifetime: Duration::from_secs(600),
+        }
+    }
+}
 
 /// A validated policy: every value checked, every name resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,11 +96,11 @@ pub struct Config {
     /// Who may do what.
     pub access: Access,
     /// When the audit log is rotated.
-    pub audit_rotation: crate::audit::Rotation,
+    pub audit_rotation: Rotation,
     /// Where to serve Prometheus metrics; `None`: not at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How the socket's connections are shared (`[limits]`); read at start only.
-    pub limits: crate::api::server::Limits,
+    pub limits: Limits,
 }
 
 /// The group that owns the socket.
@@ -73,73 +120,6 @@ pub enum OnStop {
     KeepLocked,
     /// Remove jitd's table: the ports open again.
     Unlock,
-}
-
-/// Transport protocol of a protected port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP only.
-    Tcp,
-    /// UDP only.
-    Udp,
-    /// Both TCP and UDP.
-    Any,
-}
-
-impl Protocol {
-    /// The concrete transport protocols this covers.
-    pub fn transports(self) -> &'static [Transport] {
-        match self {
-            Protocol::Tcp => &[Transport::Tcp],
-            Protocol::Udp => &[Transport::Udp],
-            Protocol::Any => &[Transport::Tcp, Transport::Udp],
-        }
-    }
-
-    /// Whether two entries for the same port would protect the same traffic.
-    pub fn overlaps(self, other: Protocol) -> bool {
-        self == other || self == Protocol::Any || other == Protocol::Any
-    }
-
-    fn parse(text: &str) -> Option<Protocol> {
-        match text {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "any" => Some(Protocol::Any),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Any => "any",
-        })
-    }
-}
-
-/// A concrete transport protocol, as nftables matches it (`meta l4proto`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Transport {
-    /// The nftables name of the protocol.
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        }
-    }
 }
 
 /// Which sources a port may be opened for.
@@ -222,48 +202,6 @@ pub struct Lockdown {
     pub exempt_sources: Vec<IpNet>,
     /// Lock only traffic arriving on these interfaces; empty: every interface.
     pub interfaces: Vec<String>,
-}
-
-/// A user, group or uid named in `[access]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Principal {
-    /// `user:NAME`.
-    User(String),
-    /// `group:NAME`.
-    Group(String),
-    /// `uid:N`.
-    Uid(u32),
-}
-
-impl Principal {
-    /// Parses `user:NAME`, `group:NAME` or `uid:N`.
-    pub fn parse(text: &str) -> Result<Principal, String> {
-        let (kind, value) = text
-            .split_once(':')
-            .ok_or_else(|| "must be \"user:NAME\", \"group:NAME\" or \"uid:N\"".to_string())?;
-        if value.is_empty() {
-            return Err("the name after the colon is empty".into());
-        }
-        match kind {
-            "user" => Ok(Principal::User(value.to_string())),
-            "group" => Ok(Principal::Group(value.to_string())),
-            "uid" => value
-                .parse()
-                .map(Principal::Uid)
-                .map_err(|_| "uid must be a number".to_string()),
-            _ => Err("must start with \"user:\", \"group:\" or \"uid:\"".into()),
-        }
-    }
-}
-
-impl fmt::Display for Principal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Principal::User(n) => write!(f, "user:{n}"),
-            Principal::Group(n) => write!(f, "group:{n}"),
-            Principal::Uid(n) => write!(f, "uid:{n}"),
-        }
-    }
 }
 
 /// The three roles of `[access]`; root is always an admin.
@@ -366,8 +304,7 @@ struct RawLimits {
 }
 
 /// `[limits]`: each key checked against its range; a missing key keeps the default.
-fn validate_limits(raw: RawLimits, problems: &mut Vec<String>) -> crate::api::server::Limits {
-    use crate::api::server::{Limits, GENERAL_CONNECTIONS};
+fn validate_limits(raw: RawLimits, problems: &mut Vec<String>) -> Limits {
     let defaults = Limits::default();
     let mut number = |field: &str, value: Option<i64>, most: i64, default: u64| match value {
         None => default,
@@ -507,14 +444,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
             None
         }
     });
-    let on_stop = match raw.on_stop.as_deref() {
-        None | Some("keep-locked") => OnStop::KeepLocked,
-        Some("unlock") => OnStop::Unlock,
-        Some(other) => {
-            problems.push(format!("on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"));
-            OnStop::KeepLocked
-        }
-    };
+    let on_stop = validate_on_stop(raw.on_stop.as_deref(), problems);
     let socket = raw.socket.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into());
     if !socket.is_absolute() {
         problems.push(format!(
@@ -549,40 +479,8 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         requesters: parse_principals("access.requesters", &raw.access.requesters, problems),
         viewers: parse_principals("access.viewers", &raw.access.viewers, problems),
     };
-    let defaults = crate::audit::Rotation::default();
-    let audit_rotation = crate::audit::Rotation {
-        max_bytes: match raw.audit_max_bytes {
-            None => defaults.max_bytes,
-            Some(n) if (MIN_AUDIT_BYTES..=i64::MAX).contains(&n) => n as u64,
-            Some(n) => {
-                problems.push(format!(
-                    "audit_max_bytes: must be at least {MIN_AUDIT_BYTES} (bytes), got {n}"
-                ));
-                defaults.max_bytes
-            }
-        },
-        keep: match raw.audit_keep {
-            None => defaults.keep,
-            Some(n) if (1..=1000).contains(&n) => n as usize,
-            Some(n) => {
-                problems.push(format!(
-                    "audit_keep: must be between 1 and 1000 (rotated files kept), got {n}"
-                ));
-                defaults.keep
-            }
-        },
-    };
-    let metrics_listen = raw.metrics_listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
-        Ok(addr) if addr.ip().is_loopback() || raw.metrics_allow_remote => Some(addr),
-        Ok(_) => {
-            problems.push(format!("metrics_listen: a non-loopback address shows jitd's metrics to the network; set metrics_allow_remote = true to mean it, got {text:?}"));
-            None
-        }
-        Err(_) => {
-            problems.push(format!("metrics_listen: must be an address and port such as \"127.0.0.1:9839\", got {text:?}"));
-            None
-        }
-    });
+    let audit_rotation = validate_rotation(raw.audit_max_bytes, raw.audit_keep, problems);
+    let metrics_listen = validate_metrics(raw.metrics_listen, raw.metrics_allow_remote, problems);
     Config {
         path: path.to_path_buf(),
         socket,
@@ -596,6 +494,61 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         metrics_listen,
         limits: validate_limits(raw.limits, problems),
     }
+}
+
+fn validate_on_stop(raw: Option<&str>, problems: &mut Vec<String>) -> OnStop {
+    match raw {
+        None | Some("keep-locked") => OnStop::KeepLocked,
+        Some("unlock") => OnStop::Unlock,
+        Some(other) => {
+            problems.push(format!("on_stop: must be \"keep-locked\" or \"unlock\", got {other:?}"));
+            OnStop::KeepLocked
+        }
+    }
+}
+
+fn validate_rotation(max_bytes: Option<i64>, keep: Option<i64>, problems: &mut Vec<String>) -> Rotation {
+    let defaults = Rotation::default();
+    Rotation {
+        max_bytes: match max_bytes {
+            None => defaults.max_bytes,
+            Some(n) if (MIN_AUDIT_BYTES..=i64::MAX).contains(&n) => n as u64,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_max_bytes: must be at least {MIN_AUDIT_BYTES} (bytes), got {n}"
+                ));
+                defaults.max_bytes
+            }
+        },
+        keep: match keep {
+            None => defaults.keep,
+            Some(n) if (1..=1000).contains(&n) => n as usize,
+            Some(n) => {
+                problems.push(format!(
+                    "audit_keep: must be between 1 and 1000 (rotated files kept), got {n}"
+                ));
+                defaults.keep
+            }
+        },
+    }
+}
+
+fn validate_metrics(
+    listen: Option<String>,
+    allow_remote: bool,
+    problems: &mut Vec<String>,
+) -> Option<std::net::SocketAddr> {
+    listen.and_then(|text| match text.parse::<std::net::SocketAddr>() {
+        Ok(addr) if addr.ip().is_loopback() || allow_remote => Some(addr),
+        Ok(_) => {
+            problems.push(format!("metrics_listen: a non-loopback address shows jitd's metrics to the network; set metrics_allow_remote = true to mean it, got {text:?}"));
+            None
+        }
+        Err(_) => {
+            problems.push(format!("metrics_listen: must be an address and port such as \"127.0.0.1:9839\", got {text:?}"));
+            None
+        }
+    })
 }
 
 fn default_ports() -> Vec<PortPolicy> {
@@ -637,44 +590,8 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
                 Protocol::Tcp
             }),
         };
-        let allowed_sources = match raw.allowed_sources {
-            None => AllowedSources::Any,
-            Some(list) if list.iter().any(|s| s == "any") => {
-                if list.len() > 1 {
-                    problems.push(format!(
-                        "{}: \"any\" already allows every source; list it alone, got {list:?}",
-                        field("allowed_sources")
-                    ));
-                }
-                AllowedSources::Any
-            }
-            Some(list) if list.is_empty() => {
-                problems.push(format!(
-                    "{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes",
-                    field("allowed_sources")
-                ));
-                AllowedSources::Prefixes(Vec::new())
-            }
-            Some(list) => AllowedSources::Prefixes(parse_prefixes(&field("allowed_sources"), &list, problems)),
-        };
-        let max_duration = match raw.max_duration.as_deref() {
-            None => DEFAULT_MAX_DURATION,
-            Some(text) => match crate::duration::parse(text) {
-                Ok(d) if d.as_secs() == 0 => {
-                    problems.push(format!("{}: must be at least 1s, got {text:?}", field("max_duration")));
-                    d
-                }
-                Ok(d) if d > MAX_DURATION_LIMIT => {
-                    problems.push(format!("{}: must be at most 24h, got {text:?}", field("max_duration")));
-                    d
-                }
-                Ok(d) => d,
-                Err(e) => {
-                    problems.push(format!("{}: {e}, got {text:?}", field("max_duration")));
-                    DEFAULT_MAX_DURATION
-                }
-            },
-        };
+        let allowed_sources = validate_allowed_sources(&field("allowed_sources"), raw.allowed_sources, problems);
+        let max_duration = validate_max_duration(&field("max_duration"), raw.max_duration.as_deref(), problems);
         let widest_prefix = validate_widest_prefix(&field("widest_prefix"), raw.widest_prefix, problems);
         if problems.len() > before {
             continue;
@@ -700,6 +617,52 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
         });
     }
     ports
+}
+
+/// `ports[i].allowed_sources`: `["any"]` alone, or a non-empty list of prefixes.
+fn validate_allowed_sources(field: &str, raw: Option<Vec<String>>, problems: &mut Vec<String>) -> AllowedSources {
+    match raw {
+        None => AllowedSources::Any,
+        Some(list) if list.iter().any(|s| s == "any") => {
+            if list.len() > 1 {
+                problems.push(format!(
+                    "{}: \"any\" already allows every source; list it alone, got {list:?}",
+                    field
+                ));
+            }
+            AllowedSources::Any
+        }
+        Some(list) if list.is_empty() => {
+            problems.push(format!(
+                "{}: is empty, so nobody could ever be granted this port; write [\"any\"] or list prefixes",
+                field
+            ));
+            AllowedSources::Prefixes(Vec::new())
+        }
+        Some(list) => AllowedSources::Prefixes(parse_prefixes(field, &list, problems)),
+    }
+}
+
+/// `ports[i].max_duration`: between 1s and 24h; absent: the default.
+fn validate_max_duration(field: &str, raw: Option<&str>, problems: &mut Vec<String>) -> Duration {
+    match raw {
+        None => DEFAULT_MAX_DURATION,
+        Some(text) => match crate::duration::parse(text) {
+            Ok(d) if d.as_secs() == 0 => {
+                problems.push(format!("{field}: must be at least 1s, got {text:?}"));
+                d
+            }
+            Ok(d) if d > MAX_DURATION_LIMIT => {
+                problems.push(format!("{field}: must be at most 24h, got {text:?}"));
+                d
+            }
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("{field}: {e}, got {text:?}"));
+                DEFAULT_MAX_DURATION
+            }
+        },
+    }
 }
 
 fn validate_widest_prefix(field: &str, raw: Option<RawWidestPrefix>, problems: &mut Vec<String>) -> WidestPrefix {
@@ -834,29 +797,6 @@ fn share(prefix: &IpNet) -> String {
         0 => format!("all of the {family} Internet"),
         n if n < 64 => format!("1/{} of the {family} Internet", 1u64 << n),
         n => format!("1/2^{n} of the {family} Internet"),
-    }
-}
-
-/// Parses an IPv4/IPv6 address (a /32 or /128) or a CIDR prefix without host bits.
-pub fn parse_prefix(text: &str) -> Result<IpNet, String> {
-    if let Ok(addr) = text.parse::<IpAddr>() {
-        return Ok(IpNet::from(addr));
-    }
-    let net: IpNet = text.parse().map_err(|_| {
-        "not an IP address or CIDR prefix (e.g. 203.0.113.7, 198.51.100.0/24, 2001:db8::/32)".to_string()
-    })?;
-    if net.trunc() != net {
-        return Err(format!("has host bits set; did you mean {}?", net.trunc()));
-    }
-    Ok(net)
-}
-
-/// Formats a prefix the way people write it: a single address without `/32` or `/128`.
-pub fn format_prefix(net: &IpNet) -> String {
-    if net.prefix_len() == net.max_prefix_len() {
-        net.addr().to_string()
-    } else {
-        net.to_string()
     }
 }
 
@@ -1063,13 +1003,13 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.limits,
-            crate::api::server::Limits {
+            Limits {
                 per_user: 8,
                 max_requests: 50,
                 lifetime: Duration::from_secs(120)
             }
         );
-        assert_eq!(parse("").unwrap().limits, crate::api::server::Limits::default());
+        assert_eq!(parse("").unwrap().limits, Limits::default());
         let cases = [
             (
                 "max_connections_per_user = 0",

@@ -1,18 +1,8 @@
 //! Who is asking: a socket peer's uid and gid (SO_PEERCRED) resolved to a user name and
-//! the groups that user belongs to.
+//! the groups that user belongs to. The [`Caller`] value itself is in [`crate::domain`];
+//! this module is the look-up in the system's user and group databases.
 
-use serde::{Deserialize, Serialize};
-
-/// A caller as the policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Caller {
-    /// Numeric user id from the kernel.
-    pub uid: u32,
-    /// User name, or the uid as text when the user database has no entry.
-    pub name: String,
-    /// Names of the user's primary and supplementary groups.
-    pub groups: Vec<String>,
-}
+use crate::domain::Caller;
 
 impl Caller {
     /// Resolves a uid alone (a grant's requester, re-checked at reload or restart): the

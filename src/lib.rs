@@ -6,6 +6,8 @@
 //! kernel timeout, so the kernel closes it even if jitd dies; every decision is audited.
 //!
 //! # Layout
+//! - [`domain`]: the shared vocabulary: protocol, transport, port, source prefixes,
+//!   grant id, grant key and element, caller and principal. Depends on nothing here.
 //! - [`config`]: the TOML policy, validated into ready-to-use values.
 //! - [`duration`]: `90s` / `1h30m` / `PT3H` parsing.
 //! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
@@ -22,12 +24,39 @@
 //!   CSV formula neutralisation).
 //! - [`cli`]: the command lines of jitd and jitctl (clap).
 //! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
+//!
+//! One request's walk: `jitctl` ([`api::client`]) → [`api::server`] (peer credentials)
+//! → [`daemon`] (routing; the caller via [`identity`]) → the committer in
+//! `daemon/commit.rs` ([`policy`], [`grants`]) → the audit writer in `daemon/writer.rs`
+//! ([`audit`]) → one nftables batch ([`firewall::rules`], applied by
+//! [`firewall::libnft`] or [`firewall::nft`]) → the reply. The steps are listed in
+//! [`daemon`]'s documentation.
+//!
+//! # Dependencies
+//! The pure core sits at the bottom and knows nothing of the effects above it:
+//!
+//! ```text
+//! domain                                   (nothing)
+//! duration, text                           (nothing)
+//! config   -> domain, duration             (settings types: Rotation, Limits live here)
+//! policy   -> config, domain, duration     (pure decisions)
+//! grants   -> domain                       (pure bookkeeping)
+//! identity -> domain                       (user and group look-ups)
+//! audit    -> config, domain, text         (the log on disk)
+//! store    -> audit, domain, grants        (grants.json, replay)
+//! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
+//! api      -> audit, config, domain, metrics
+//! daemon   -> everything above
+//! ```
+//!
+//! (`metrics` and `api::server` still share the accept back-off in both directions.)
 
 pub mod api;
 pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod domain;
 pub mod duration;
 pub mod firewall;
 pub mod grants;

@@ -17,6 +17,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::audit::{enum_text, Outcome};
+use crate::domain::ErrorCode;
+
 /// Labels of `jitd_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -103,12 +106,12 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts one request's outcome.
-    pub fn request(&self, outcome: &str, reason: &str) {
+    /// Counts one request's outcome (approved, denied or failed) and why (no code when approved).
+    pub fn request(&self, outcome: Outcome, reason: Option<&ErrorCode>) {
         self.requests
             .get_or_create(&RequestLabels {
-                outcome: outcome.into(),
-                reason: reason.into(),
+                outcome: enum_text(&outcome),
+                reason: reason.map_or_else(String::new, |code| code.to_string()),
             })
             .inc();
     }
@@ -119,9 +122,9 @@ impl Metrics {
     }
 
     /// Requests counted with `outcome`, whatever the reason.
-    pub fn requests_with(&self, outcome: &str) -> u64 {
+    pub fn requests_with(&self, outcome: Outcome) -> u64 {
         // Family has no iteration API; the text form is the source of truth.
-        let needle = format!("jitd_requests_total{{outcome=\"{outcome}\"");
+        let needle = format!("jitd_requests_total{{outcome=\"{}\"", enum_text(&outcome));
         self.render()
             .lines()
             .filter(|l| l.starts_with(&needle))

@@ -6,8 +6,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{format_prefix, Access, Config, PortPolicy, Principal};
-use crate::identity::Caller;
+use crate::config::{Access, Config, PortPolicy};
+use crate::domain::{format_prefix, Caller, ErrorCode, Principal};
 
 /// What a caller may do; each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -49,16 +49,16 @@ pub fn role_of(access: &Access, caller: &Caller) -> Option<Role> {
 #[error("{message}")]
 pub struct Denial {
     /// Machine-readable reason, e.g. `source_not_allowed`.
-    pub code: String,
+    pub code: ErrorCode,
     /// What was wrong, naming the value.
     pub message: String,
 }
 
 impl Denial {
     /// A denial with `code` and `message`.
-    pub fn new(code: &str, message: impl Into<String>) -> Denial {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Denial {
         Denial {
-            code: code.into(),
+            code,
             message: message.into(),
         }
     }
@@ -69,7 +69,7 @@ pub fn require_role(access: &Access, caller: &Caller, needed: Role, what: &str) 
     match role_of(access, caller) {
         Some(role) if role >= needed => Ok(role),
         held => Err(Denial::new(
-            "not_authorized",
+            ErrorCode::NotAuthorized,
             format!(
                 "user {} (uid {}) may not {what}: it needs the {} role, and the policy gives {}",
                 caller.name,
@@ -121,7 +121,7 @@ pub fn check_request<'c>(
                     .map(|p| format!("{}/{}", p.port, p.protocol))
                     .collect();
                 return Err(Denial::new(
-                    "port_not_protected",
+                    ErrorCode::PortNotProtected,
                     format!(
                         "port {port} is not protected by the policy (protected: {})",
                         protected.join(", ")
@@ -140,7 +140,7 @@ pub fn check_request<'c>(
         check_source_width(entry, &request.source)?;
         if !entry.allowed_sources.contains(&request.source) {
             return Err(Denial::new(
-                "source_not_allowed",
+                ErrorCode::SourceNotAllowed,
                 format!(
                     "source {} is not allowed on port {}/{} (allowed: {})",
                     format_prefix(&request.source),
@@ -152,12 +152,12 @@ pub fn check_request<'c>(
         }
     }
     if request.duration.is_zero() {
-        return Err(Denial::new("duration_invalid", "duration must be at least 1s"));
+        return Err(Denial::new(ErrorCode::DurationInvalid, "duration must be at least 1s"));
     }
     for entry in &entries {
         if request.duration > entry.max_duration {
             return Err(Denial::new(
-                "duration_too_long",
+                ErrorCode::DurationTooLong,
                 format!(
                     "duration {} exceeds the maximum of {} for port {}/{}",
                     crate::duration::format(request.duration),
@@ -181,7 +181,7 @@ pub fn check_source_width(entry: &PortPolicy, source: &IpNet) -> Result<(), Deni
     };
     if source.prefix_len() == 0 {
         return Err(Denial::new(
-            "source_too_wide",
+            ErrorCode::SourceTooWide,
             format!(
                 "source {source} is the whole {family} Internet; port {}/{} opens for at most a /{widest}",
                 entry.port, entry.protocol
@@ -190,7 +190,7 @@ pub fn check_source_width(entry: &PortPolicy, source: &IpNet) -> Result<(), Deni
     }
     if source.prefix_len() < widest {
         return Err(Denial::new(
-            "source_too_wide",
+            ErrorCode::SourceTooWide,
             format!(
                 "source {source} is wider than port {}/{} allows: at most a /{widest} for {family} (widest_prefix)",
                 entry.port, entry.protocol
@@ -203,7 +203,7 @@ pub fn check_source_width(entry: &PortPolicy, source: &IpNet) -> Result<(), Deni
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
     use std::path::Path;
 
     fn config() -> Config {
@@ -277,20 +277,26 @@ mod tests {
         // who comes before what
         assert_eq!(
             code(&caller(1002, "victor", &[]), request(&[9999], "192.0.2.1", 0)),
-            "not_authorized"
+            ErrorCode::NotAuthorized
         );
-        assert_eq!(code(&ops, request(&[9999], "192.0.2.1", 0)), "port_not_protected");
-        assert_eq!(code(&ops, request(&[22], "0.0.0.0/0", 0)), "source_too_wide");
-        assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), "source_not_allowed");
-        assert_eq!(code(&ops, request(&[22], "203.0.0.0/16", 60)), "source_not_allowed");
-        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), "duration_invalid");
+        assert_eq!(
+            code(&ops, request(&[9999], "192.0.2.1", 0)),
+            ErrorCode::PortNotProtected
+        );
+        assert_eq!(code(&ops, request(&[22], "0.0.0.0/0", 0)), ErrorCode::SourceTooWide);
+        assert_eq!(code(&ops, request(&[22], "192.0.2.1", 0)), ErrorCode::SourceNotAllowed);
+        assert_eq!(
+            code(&ops, request(&[22], "203.0.0.0/16", 60)),
+            ErrorCode::SourceNotAllowed
+        );
+        assert_eq!(code(&ops, request(&[22], "203.0.113.7", 0)), ErrorCode::DurationInvalid);
         assert_eq!(
             code(&ops, request(&[22], "203.0.113.7", 2 * 3600 + 1)),
-            "duration_too_long"
+            ErrorCode::DurationTooLong
         );
         assert_eq!(
             code(&ops, request(&[22, 3389], "203.0.113.7", 2 * 3600)),
-            "duration_too_long"
+            ErrorCode::DurationTooLong
         );
     }
 
@@ -314,7 +320,7 @@ mod tests {
             "2001:db8::/31",
             "8000::/1",
         ] {
-            assert_eq!(verdict(wide).unwrap_err().code, "source_too_wide", "{wide}");
+            assert_eq!(verdict(wide).unwrap_err().code, ErrorCode::SourceTooWide, "{wide}");
         }
         for fine in [
             "10.1.0.0/16",
@@ -328,7 +334,7 @@ mod tests {
         // every port asked for is checked, the default (all ports) too
         assert_eq!(
             check_request(&c, &who, &request(&[], "::/0", 60)).unwrap_err().code,
-            "source_too_wide"
+            ErrorCode::SourceTooWide
         );
     }
 
@@ -337,12 +343,12 @@ mod tests {
         let c = open_config("widest_prefix = { ipv4 = 24, ipv6 = 1 }");
         let who = caller(1500, "carol", &[]);
         let verdict = |source: &str| check_request(&c, &who, &request(&[22], source, 60)).map(|_| ());
-        assert_eq!(verdict("10.1.0.0/16").unwrap_err().code, "source_too_wide");
+        assert_eq!(verdict("10.1.0.0/16").unwrap_err().code, ErrorCode::SourceTooWide);
         assert_eq!(verdict("10.1.2.0/24"), Ok(()));
         assert_eq!(verdict("8000::/1"), Ok(()));
         assert_eq!(
             verdict("::/0").unwrap_err().code,
-            "source_too_wide",
+            ErrorCode::SourceTooWide,
             "never the whole Internet"
         );
     }

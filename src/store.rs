@@ -25,7 +25,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditRecord, Position};
-use crate::grants::{Grant, GrantId};
+use crate::domain::GrantId;
+use crate::grants::Grant;
 
 /// The snapshot file's name inside `state_dir`.
 pub const GRANTS_FILE: &str = "grants.json";
@@ -202,7 +203,7 @@ pub fn replay(snapshot: &mut Snapshot, records: &[AuditRecord]) -> usize {
 
 /// The grant an approval record describes, if it is complete.
 fn approved_grant(r: &crate::audit::AuditRecord, id: GrantId) -> Option<Grant> {
-    let source = r.source.as_deref().and_then(|s| crate::config::parse_prefix(s).ok())?;
+    let source = r.source.as_deref().and_then(|s| crate::domain::parse_prefix(s).ok())?;
     let secs = i64::try_from(r.duration_secs?).ok()?;
     Some(Grant {
         id,
@@ -418,7 +419,7 @@ mod tests {
             r.grant_id = Some(id);
             r.source = Some(source.into());
             r.ports = vec![22];
-            r.protocol = Some(crate::config::Protocol::Tcp);
+            r.protocol = Some(crate::domain::Protocol::Tcp);
             r.duration_secs = Some(3600);
             r
         };
@@ -463,7 +464,7 @@ mod tests {
             r.grant_id = Some(id);
             r.source = Some(format!("192.0.2.{id}"));
             r.ports = vec![22];
-            r.protocol = Some(crate::config::Protocol::Tcp);
+            r.protocol = Some(crate::domain::Protocol::Tcp);
             r.duration_secs = Some(60);
             r.batch = batch.map(|(id, n, of)| Batch { id, n, of });
             r

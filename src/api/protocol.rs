@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{AuditFilter, AuditRecord};
-use crate::config::Protocol;
-use crate::grants::GrantId;
+use crate::config::OnStop;
+use crate::domain::{ErrorCode, GrantId, Protocol};
+use crate::policy::Role;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -174,13 +175,13 @@ impl Reply {
     }
 
     /// A refusal or error with a machine-readable `code` and a human `message`.
-    pub fn error(code: &str, message: impl Into<String>) -> Reply {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
         Reply {
             v: PROTOCOL_VERSION,
             ok: false,
             result: None,
             error: Some(ErrorBody {
-                code: code.into(),
+                code,
                 message: message.into(),
             }),
         }
@@ -194,22 +195,12 @@ impl Reply {
     }
 }
 
-/// Error codes that are not refusals of a valid request but problems with the message
-/// itself or with jitd; jitctl exits 2 for these.
-pub const PROTOCOL_ERROR_CODES: [&str; 6] = [
-    "malformed",
-    "too_large",
-    "unsupported_version",
-    "timeout",
-    "busy",
-    "shutting_down",
-];
-
 /// What went wrong: `code` for scripts, `message` for people.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Stable code: a denial reason (`source_not_allowed`, ...) or a protocol error (`malformed`, ...).
-    pub code: String,
+    /// Stable code: a denial reason (`source_not_allowed`, ...) or a protocol error
+    /// (`malformed`, ..., see [`ErrorCode::is_protocol_error`]).
+    pub code: ErrorCode,
     /// A sentence naming the value at fault.
     pub message: String,
 }
@@ -218,27 +209,32 @@ pub struct ErrorBody {
 pub fn decode_request(line: &[u8]) -> Result<Request, Reply> {
     if line.len() > MAX_REQUEST_BYTES {
         return Err(Reply::error(
-            "too_large",
+            ErrorCode::TooLarge,
             format!("request is larger than {MAX_REQUEST_BYTES} bytes"),
         ));
     }
-    let text =
-        std::str::from_utf8(line).map_err(|e| Reply::error("malformed", format!("request is not UTF-8: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| Reply::error("malformed", format!("request is not JSON: {e}")))?;
+    let text = std::str::from_utf8(line)
+        .map_err(|e| Reply::error(ErrorCode::Malformed, format!("request is not UTF-8: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Reply::error(ErrorCode::Malformed, format!("request is not JSON: {e}")))?;
     match value.get("v").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
         Some(v) => {
             return Err(Reply::error(
-                "unsupported_version",
+                ErrorCode::UnsupportedVersion,
                 format!("protocol version {v} is not supported; this jitd speaks {PROTOCOL_VERSION}"),
             ))
         }
-        None => return Err(Reply::error("malformed", "request has no protocol version \"v\"")),
+        None => {
+            return Err(Reply::error(
+                ErrorCode::Malformed,
+                "request has no protocol version \"v\"",
+            ))
+        }
     }
     serde_json::from_value::<Envelope>(value)
         .map(|e| e.request)
-        .map_err(|e| Reply::error("malformed", format!("invalid request: {e}")))
+        .map_err(|e| Reply::error(ErrorCode::Malformed, format!("invalid request: {e}")))
 }
 
 /// Encodes a request as one line, newline included.
@@ -272,10 +268,10 @@ pub struct StatusReply {
     pub exempt_sources: Vec<String>,
     /// Interfaces the lockdown applies to (empty: all).
     pub interfaces: Vec<String>,
-    /// What stopping jitd does.
-    pub on_stop: String,
-    /// The role the caller holds.
-    pub your_role: String,
+    /// What stopping jitd does (`keep-locked` or `unlock`).
+    pub on_stop: OnStop,
+    /// The role the caller holds (`viewer`, `requester` or `admin`).
+    pub your_role: Role,
     /// Counters since jitd started (the same as its metrics).
     #[serde(default)]
     pub health: Health,
@@ -411,7 +407,7 @@ pub struct ReloadReply {
 mod tests {
     use super::*;
 
-    fn code(line: &[u8]) -> String {
+    fn code(line: &[u8]) -> ErrorCode {
         decode_request(line).unwrap_err().error.unwrap().code
     }
 
@@ -470,14 +466,17 @@ mod tests {
 
     #[test]
     fn bad_lines_get_a_code() {
-        assert_eq!(code(b"\xff\xfe"), "malformed");
-        assert_eq!(code(b"hello"), "malformed");
-        assert_eq!(code(br#"{"op":"status"}"#), "malformed");
-        assert_eq!(code(br#"{"v":2,"op":"status"}"#), "unsupported_version");
-        assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), "malformed");
-        assert_eq!(code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#), "malformed");
-        assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), "too_large");
-        assert_eq!(code(br#"{"v":1,"op":"status","limt":2}"#), "malformed");
+        assert_eq!(code(b"\xff\xfe"), ErrorCode::Malformed);
+        assert_eq!(code(b"hello"), ErrorCode::Malformed);
+        assert_eq!(code(br#"{"op":"status"}"#), ErrorCode::Malformed);
+        assert_eq!(code(br#"{"v":2,"op":"status"}"#), ErrorCode::UnsupportedVersion);
+        assert_eq!(code(br#"{"v":1,"op":"format_disk"}"#), ErrorCode::Malformed);
+        assert_eq!(
+            code(br#"{"v":1,"op":"request","source":"x","bogus":1}"#),
+            ErrorCode::Malformed
+        );
+        assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), ErrorCode::TooLarge);
+        assert_eq!(code(br#"{"v":1,"op":"status","limt":2}"#), ErrorCode::Malformed);
     }
 
     #[test]
@@ -487,5 +486,22 @@ mod tests {
             let e = StatusCursor::parse(bad).unwrap_err();
             assert!(e.starts_with("cursor: "), "{e}");
         }
+    }
+
+    #[test]
+    fn status_names_on_stop_and_role_as_before() {
+        let line = r#"{"version":"0.1.0","ports":[],"grants":[],"exempt_sources":[],"interfaces":[],"on_stop":"keep-locked","your_role":"requester"}"#;
+        let status: StatusReply = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (status.on_stop, status.your_role),
+            (OnStop::KeepLocked, Role::Requester)
+        );
+        let text = serde_json::to_string(&StatusReply {
+            on_stop: OnStop::Unlock,
+            your_role: Role::Admin,
+            ..status
+        })
+        .unwrap();
+        assert!(text.contains(r#""on_stop":"unlock","your_role":"admin""#), "{text}");
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! # Connection slots
 //! jitd serves at most [`MAX_CONNECTIONS`] (512) connections at once. The last
-//! [`RESERVED_CONNECTIONS`] (64) of them are a reserve that only privileged peers
+//! [`RESERVED_CONNECTIONS`](crate::config::RESERVED_CONNECTIONS) (64) of them are a reserve that only privileged peers
 //! ([`Handler::privileged`]: root, and whoever the daemon adds) may take, so a flood
 //! of unprivileged connections never locks out the administrators. Of the general
 //! pool (the other 448), one uid may hold at most [`Limits::per_user`] (32 by
@@ -36,37 +36,12 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::protocol::{decode_request, Reply, Request, MAX_REQUEST_BYTES, READ_TIMEOUT};
+use crate::config::{Limits, GENERAL_CONNECTIONS, MAX_CONNECTIONS};
+use crate::domain::ErrorCode;
 
-/// The most connections served at once; more are told `busy` and closed.
-pub const MAX_CONNECTIONS: usize = 512;
-/// Slots of [`MAX_CONNECTIONS`] only privileged peers may take.
-pub const RESERVED_CONNECTIONS: usize = 64;
-/// Slots open to every peer: the rest.
-pub const GENERAL_CONNECTIONS: usize = MAX_CONNECTIONS - RESERVED_CONNECTIONS;
 /// How long the accept loop waits for [`Handler::privileged`] before treating the
 /// peer as unprivileged.
 pub const PRIVILEGE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Per-connection limits of the socket (`[limits]` in the policy).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Connections one unprivileged uid may hold at once (1..=[`GENERAL_CONNECTIONS`]).
-    pub per_user: usize,
-    /// Replies after which a connection is closed.
-    pub max_requests: u32,
-    /// Age after which a connection is closed (once its current request is answered).
-    pub lifetime: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Limits {
-        Limits {
-            per_user: 32,
-            max_requests: 1000,
-            lifetime: Duration::from_secs(600),
-        }
-    }
-}
 
 /// A connected peer as the kernel reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +96,7 @@ impl Refusal {
             ),
             Refusal::Full => format!("jitd is serving {MAX_CONNECTIONS} connections; try again"),
         };
-        Reply::error("busy", message)
+        Reply::error(ErrorCode::Busy, message)
     }
 }
 
@@ -427,7 +402,7 @@ async fn drain(listener: UnixListener, mut connections: JoinSet<()>, stopping_tx
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn shutting_down() -> Reply {
-    Reply::error("shutting_down", "jitd is stopping; try again when it is back")
+    Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back")
 }
 
 async fn stopped(stopping: &mut watch::Receiver<bool>) {
@@ -505,14 +480,14 @@ async fn next_line(
     let read = tokio::time::timeout(READ_TIMEOUT.min(left), limited.read_until(b'\n', &mut line)).await;
     match read {
         Err(_) if left < READ_TIMEOUT => Next::Refuse(Reply::error(
-            "timeout",
+            ErrorCode::Timeout,
             format!(
                 "the connection is {}s old, the most jitd allows; reconnect",
                 lifetime.as_secs()
             ),
         )),
         Err(_) => Next::Refuse(Reply::error(
-            "timeout",
+            ErrorCode::Timeout,
             format!("no complete request within {}s", READ_TIMEOUT.as_secs()),
         )),
         Ok(Err(e)) => {
@@ -527,7 +502,7 @@ async fn next_line(
             }
             if !complete && line.len() > MAX_REQUEST_BYTES {
                 let message = format!("request is larger than {MAX_REQUEST_BYTES} bytes");
-                return Next::Refuse(Reply::error("too_large", message));
+                return Next::Refuse(Reply::error(ErrorCode::TooLarge, message));
             }
             Next::Line(line, complete)
         }

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Protocol;
-use crate::grants::GrantId;
+use crate::config::Rotation;
+use crate::domain::{GrantId, Protocol};
 
 /// The audit file's name inside `state_dir`.
 pub const AUDIT_FILE: &str = "audit.jsonl";
@@ -152,24 +152,6 @@ impl AuditRecord {
             batch: None,
             prev: None,
             hash: None,
-        }
-    }
-}
-
-/// When the audit log is rotated and how many rotated files are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rotation {
-    /// Rotate once the current file is larger than this.
-    pub max_bytes: u64,
-    /// Rotated files kept (`audit.jsonl.1` .. `audit.jsonl.N`); older ones are deleted.
-    pub keep: usize,
-}
-
-impl Default for Rotation {
-    fn default() -> Self {
-        Rotation {
-            max_bytes: 64 * 1024 * 1024,
-            keep: 10,
         }
     }
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
     AuditQuery, AuditReply, ClockStatus, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request,
-    RevokeRequest, RevokedReply, StatusQuery, StatusReply, PROTOCOL_ERROR_CODES,
+    RevokeRequest, RevokedReply, StatusQuery, StatusReply,
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
@@ -55,7 +55,7 @@ enum Failure {
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
         match &e {
-            ClientError::Refused(body) if !PROTOCOL_ERROR_CODES.contains(&body.code.as_str()) => {
+            ClientError::Refused(body) if !body.code.is_protocol_error() => {
                 Failure::Refused(format!("{} ({})", body.message, body.code))
             }
             _ => Failure::Usage(e.to_string()),
@@ -479,8 +479,8 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         out,
         "Protected ports (jitd {}, on stop: {}, your role: {})",
         esc(&s.version),
-        esc(&s.on_stop),
-        esc(&s.your_role)
+        esc(&enum_text(&s.on_stop)),
+        esc(&enum_text(&s.your_role))
     )?;
     let rows: Vec<Vec<String>> = s.ports.iter().map(port_row).collect();
     out.write_all(

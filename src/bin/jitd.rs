@@ -99,7 +99,7 @@ async fn check_config(config: &Config) -> anyhow::Result<()> {
     writeln!(out, "{}", serde_json::to_string_pretty(&batch)?)?;
     match checked {
         Ok(()) => writeln!(out, "# the kernel accepts it (nft --check); nothing was changed")?,
-        Err(e @ FirewallError::Rejected(_)) => {
+        Err(e @ (FirewallError::Rejected(_) | FirewallError::Missing(_))) => {
             out.flush()?;
             return Err(anyhow::Error::new(e).context(
                 "the kernel rejects this batch (nft --check): jitd could not lock the ports with this policy",

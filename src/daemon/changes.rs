@@ -11,15 +11,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::commit::{answering, Footprint, Job, KernelChange, Observed, Tx};
-use super::drift::{self, Checked};
+use super::drift::{self, Checked, DriftCause};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{format_prefix, parse_prefix, Config, OnStop};
+use crate::config::{Config, OnStop};
+use crate::domain::{format_prefix, parse_prefix, Caller, ErrorCode, GrantId};
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::Firewall;
-use crate::grants::{self, Grant, GrantId};
-use crate::identity::Caller;
+use crate::grants::{self, Grant};
 use crate::policy::{self, Denial, Role};
 
 type Pings = mpsc::Receiver<oneshot::Sender<()>>;
@@ -95,11 +95,11 @@ impl<F: Firewall> Daemon<F> {
     pub(super) async fn revoke(&self, caller: Caller, request: RevokeRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
         if !self.submit(Job::Revoke(caller, request, reply)).await {
-            return Reply::error("shutting_down", "jitd is stopping; try again when it is back");
+            return Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back");
         }
         answer
             .await
-            .unwrap_or_else(|_| Reply::error("internal", "the revocation was dropped; nothing changed"))
+            .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the revocation was dropped; nothing changed"))
     }
 
     pub(super) async fn commit_revoke(&self, caller: &Caller, request: RevokeRequest, pings: &mut Pings) -> Reply {
@@ -113,8 +113,8 @@ impl<F: Firewall> Daemon<F> {
             Err(refusal) => {
                 let (denial, record) = *refusal;
                 return match self.execute(Tx::records(record.into_iter().collect()), pings).await {
-                    Ok(()) => Reply::error(&denial.code, denial.message),
-                    Err(e) => Reply::error("audit_failed", format!("revoke refused: {e}")),
+                    Ok(()) => Reply::error(denial.code, denial.message),
+                    Err(e) => Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}")),
                 };
             }
         };
@@ -133,8 +133,13 @@ impl<F: Firewall> Daemon<F> {
                 };
                 Reply::ok(RevokedReply { revoked, terminated })
             }
-            Err(super::commit::TxError::Audit(e)) => Reply::error("audit_failed", format!("revoke refused: {e}")),
-            Err(e) => Reply::error("firewall_failed", format!("revoke failed, the grants stay: {e}")),
+            Err(super::commit::TxError::Audit(e)) => {
+                Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}"))
+            }
+            Err(e) => Reply::error(
+                ErrorCode::FirewallFailed,
+                format!("revoke failed, the grants stay: {e}"),
+            ),
         }
     }
 
@@ -165,9 +170,13 @@ impl<F: Firewall> Daemon<F> {
             })
             .collect();
         let logged = self.execute(Tx::records(records), pings).await;
-        let done =
-            result.map_err(|e| Reply::error("terminate_failed", format!("grants revoked, sessions not cut: {e}")))?;
-        logged.map_err(|e| Reply::error("audit_failed", format!("sessions cut, but not recorded: {e}")))?;
+        let done = result.map_err(|e| {
+            Reply::error(
+                ErrorCode::TerminateFailed,
+                format!("grants revoked, sessions not cut: {e}"),
+            )
+        })?;
+        logged.map_err(|e| Reply::error(ErrorCode::AuditFailed, format!("sessions cut, but not recorded: {e}")))?;
         Ok(done.cut.iter().map(ToString::to_string).collect())
     }
 
@@ -179,7 +188,7 @@ impl<F: Firewall> Daemon<F> {
             (st.config.access.clone(), st.config.path.clone())
         };
         policy::require_role(&access, caller, Role::Admin, "reload the policy")
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            .map_err(|d| Reply::error(d.code, d.message))?;
         self.reload(&path, caller).await
     }
 
@@ -188,7 +197,7 @@ impl<F: Firewall> Daemon<F> {
     pub async fn reload(&self, path: &Path, actor: &Caller) -> Result<ReloadReply, Reply> {
         let invalid = |e: String| {
             Reply::error(
-                "invalid_config",
+                ErrorCode::InvalidConfig,
                 format!("policy not reloaded, jitd keeps the old one: {e}"),
             )
         };
@@ -206,13 +215,16 @@ impl<F: Firewall> Daemon<F> {
             .await
         {
             return Err(Reply::error(
-                "shutting_down",
+                ErrorCode::ShuttingDown,
                 "jitd is stopping; try again when it is back",
             ));
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Reply::error("internal", "the reload was dropped; nothing changed")))
+        answer.await.unwrap_or_else(|_| {
+            Err(Reply::error(
+                ErrorCode::Internal,
+                "the reload was dropped; nothing changed",
+            ))
+        })
     }
 
     pub(super) async fn commit_reload(
@@ -236,11 +248,12 @@ impl<F: Firewall> Daemon<F> {
                 tracing::info!(ended = ended.len(), "policy reloaded");
                 Ok(ReloadReply { ended })
             }
-            Err(super::commit::TxError::Audit(e)) => {
-                Err(Reply::error("audit_failed", format!("policy not reloaded: {e}")))
-            }
+            Err(super::commit::TxError::Audit(e)) => Err(Reply::error(
+                ErrorCode::AuditFailed,
+                format!("policy not reloaded: {e}"),
+            )),
             Err(e) => Err(Reply::error(
-                "firewall_failed",
+                ErrorCode::FirewallFailed,
                 format!("policy not reloaded, jitd keeps the old one: {e}"),
             )),
         }
@@ -249,7 +262,7 @@ impl<F: Firewall> Daemon<F> {
     /// Compares what the kernel showed with jitd's view and repairs only what differs,
     /// as one transaction. Elements jitd changed itself since the reading began are
     /// left out of the comparison; a reading from before a whole-table change is stale.
-    pub(super) async fn commit_repair(&self, cause: &str, observed: Observed, pings: &mut Pings) -> Checked {
+    pub(super) async fn commit_repair(&self, cause: &DriftCause, observed: Observed, pings: &mut Pings) -> Checked {
         let now = Instant::now();
         let plan = {
             let st = self.lock();
@@ -260,7 +273,7 @@ impl<F: Firewall> Daemon<F> {
             if findings.is_empty() {
                 return Checked::Clean;
             }
-            let kernel = if findings.structure {
+            let kernel = if findings.needs_new_table() {
                 KernelChange::Replace(
                     LockdownSpec::from_config(&st.config),
                     grants::timed(&st.book.elements(now), now),
@@ -389,30 +402,56 @@ fn plan_revoke(
     request: &RevokeRequest,
     now: Instant,
 ) -> Result<(Tx, Vec<crate::api::protocol::GrantInfo>, Vec<Grant>), Refusal> {
-    let refuse = |d: Denial| {
-        let mut r = AuditRecord::new(
-            Utc::now(),
-            Some(caller.uid),
-            &caller.name,
-            Action::Revoke,
-            Outcome::Denied,
-        );
-        r.grant_id = request.id;
-        r.source = request.source.as_deref().map(super::requests::recorded_source);
-        r.ports = request.port.into_iter().collect();
-        r.reason = Some(format!("{}: {}", d.code, d.message));
-        Box::new((d, Some(r)))
-    };
+    let refuse = |d: Denial| revoke_refusal(caller, request, d);
     let role = policy::require_role(&st.config.access, caller, Role::Requester, "revoke grants").map_err(refuse)?;
+    let targets = revoke_targets(st, request, refuse)?;
+    if role < Role::Admin {
+        if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
+            return Err(refuse(Denial::new(
+                ErrorCode::NotAuthorized,
+                format!(
+                    "grant {} belongs to {}; only admins may revoke others' grants",
+                    g.id, g.requester
+                ),
+            )));
+        }
+    }
+    let (tx, revoked) = book_revoke(st, caller, &targets, now);
+    Ok((tx, revoked, targets))
+}
+
+/// A refused revocation, with the record that audits it.
+fn revoke_refusal(caller: &Caller, request: &RevokeRequest, d: Denial) -> Refusal {
+    let mut r = AuditRecord::new(
+        Utc::now(),
+        Some(caller.uid),
+        &caller.name,
+        Action::Revoke,
+        Outcome::Denied,
+    );
+    r.grant_id = request.id;
+    r.source = request.source.as_deref().map(super::requests::recorded_source);
+    r.ports = request.port.into_iter().collect();
+    r.reason = Some(format!("{}: {}", d.code, d.message));
+    Box::new((d, Some(r)))
+}
+
+/// The live grants a revocation names; a bad source is refused with `refuse` (audited),
+/// nothing named or nothing found without a record.
+fn revoke_targets(
+    st: &super::State,
+    request: &RevokeRequest,
+    refuse: impl Fn(Denial) -> Refusal,
+) -> Result<Vec<Grant>, Refusal> {
     let source = request
         .source
         .as_deref()
         .map(parse_prefix)
         .transpose()
-        .map_err(|e| refuse(Denial::new("invalid_argument", format!("source: {e}"))))?;
+        .map_err(|e| refuse(Denial::new(ErrorCode::InvalidArgument, format!("source: {e}"))))?;
     if request.id.is_none() && source.is_none() {
         return Err(Box::new((
-            Denial::new("invalid_argument", "revoke needs a grant id or a source"),
+            Denial::new(ErrorCode::InvalidArgument, "revoke needs a grant id or a source"),
             None,
         )));
     }
@@ -427,24 +466,26 @@ fn plan_revoke(
         .cloned()
         .collect();
     if targets.is_empty() {
-        return Err(Box::new((Denial::new("not_found", "no live grant matches"), None)));
+        return Err(Box::new((
+            Denial::new(ErrorCode::NotFound, "no live grant matches"),
+            None,
+        )));
     }
-    if role < Role::Admin {
-        if let Some(g) = targets.iter().find(|g| g.requester_uid != caller.uid) {
-            return Err(refuse(Denial::new(
-                "not_authorized",
-                format!(
-                    "grant {} belongs to {}; only admins may revoke others' grants",
-                    g.id, g.requester
-                ),
-            )));
-        }
-    }
+    Ok(targets)
+}
+
+/// Books the end of `targets`: the transaction and the grants as the reply shows them.
+fn book_revoke(
+    st: &mut super::State,
+    caller: &Caller,
+    targets: &[Grant],
+    now: Instant,
+) -> (Tx, Vec<crate::api::protocol::GrantInfo>) {
     let wall = Utc::now();
     let mut tx = Tx::records(Vec::new());
     let mut footprint = Footprint::default();
     let mut revoked = Vec::new();
-    for g in &targets {
+    for g in targets {
         let mut r = grant_record(
             g,
             wall,
@@ -464,7 +505,7 @@ fn plan_revoke(
     }
     tx.kernel = footprint.change(&st.book, now);
     tx.touched = footprint.into_touched();
-    Ok((tx, revoked, targets))
+    (tx, revoked)
 }
 
 /// Books a new policy: the grants it no longer allows end, those it allows for less
@@ -561,7 +602,7 @@ mod tests {
             id: 7,
             source: "10.1.2.3/32".parse().unwrap(),
             port: 22,
-            protocol: crate::config::Protocol::Tcp,
+            protocol: crate::domain::Protocol::Tcp,
             requester: "4242".into(),
             requester_uid: 4242,
             justification: None,

@@ -22,12 +22,12 @@ use tokio::time::Instant;
 use super::{Daemon, State};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest};
 use crate::audit::{AuditError, AuditRecord};
-use crate::config::{Config, Protocol};
+use crate::config::Config;
+use crate::domain::{Caller, GrantElement, GrantId, GrantKey, Protocol};
 use crate::firewall::kernel::KernelTable;
-use crate::firewall::rules::{self, GrantElement, GrantKey, LockdownSpec};
+use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
-use crate::grants::{self, Grant, GrantBook, GrantId, Placed, Touched};
-use crate::identity::Caller;
+use crate::grants::{self, Grant, GrantBook, Placed, Touched};
 use ipnet::IpNet;
 
 /// The most requests one transaction carries.
@@ -52,7 +52,11 @@ pub(super) enum Job {
     Request(Pending),
     Revoke(Caller, RevokeRequest, oneshot::Sender<Reply>),
     Reload(Box<Config>, Caller, oneshot::Sender<Result<ReloadReply, Reply>>),
-    Repair(String, Observed, oneshot::Sender<super::drift::Checked>),
+    Repair(
+        super::drift::DriftCause,
+        Observed,
+        oneshot::Sender<super::drift::Checked>,
+    ),
     Expire,
     Checkpoint,
     /// Records that change nothing else (a wall-clock jump).
@@ -340,7 +344,7 @@ impl<F: Firewall> Daemon<F> {
                     return Ok(());
                 };
                 match self.firewall.apply(&batch).await {
-                    Err(FirewallError::Rejected(msg)) if !remove.is_empty() && is_missing(&msg) => {
+                    Err(FirewallError::Missing(_)) if !remove.is_empty() => {
                         for key in remove {
                             if let Some(one) = rules::change_grants(std::slice::from_ref(key), &[]) {
                                 let _ = self.firewall.apply(&one).await;
@@ -378,11 +382,6 @@ impl<F: Firewall> Daemon<F> {
             std::process::exit(1)
         })
     }
-}
-
-/// Whether nftables refused because an element was already gone.
-fn is_missing(message: &str) -> bool {
-    message.contains("No such file or directory")
 }
 
 /// How long elements of grants that just ended may linger in the kernel (its timeouts

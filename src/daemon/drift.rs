@@ -8,13 +8,16 @@
 //! for the kernel's rounding and is not drift.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::commit::KERNEL_ROUNDING;
 use super::State;
+use crate::domain::{GrantElement, GrantKey};
 use crate::firewall::kernel::{describe, KernelTable};
-use crate::firewall::rules::{GrantElement, GrantKey, TABLE};
+use crate::firewall::rules::TABLE;
 use crate::grants::Touched;
 
 /// The outcome of one drift check.
@@ -30,17 +33,96 @@ pub enum Checked {
     Failed(String),
 }
 
+/// Why the kernel was read and compared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriftCause {
+    /// The check every [`super::upkeep::RECONCILE_EVERY`].
+    Periodic,
+    /// Another process changed jitd's table (an nftables change event).
+    ChangedBy {
+        /// Its name as the kernel reported it; empty when unknown.
+        process: String,
+        /// Its process id.
+        pid: u32,
+    },
+}
+
+impl fmt::Display for DriftCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DriftCause::Periodic => f.write_str("periodic check"),
+            DriftCause::ChangedBy { process, pid } => {
+                let process = if process.is_empty() { "?" } else { process };
+                write!(f, "nftables changed by {process} (pid {pid})")
+            }
+        }
+    }
+}
+
+/// One difference between the kernel's table and what jitd enforces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    /// jitd's table is not in the kernel.
+    TableMissing,
+    /// The chain, rules, `locked` or `exempt` sets differ from what jitd applied.
+    LockdownDiffers,
+    /// A grant set holds an element jitd cannot have written (set and key, as text).
+    Unexpected(String),
+    /// A grant element with no grant behind it.
+    Orphan(GrantKey),
+    /// A grant element that outlasts its grant.
+    Outlasts {
+        /// The element.
+        key: GrantKey,
+        /// What the kernel has left of it.
+        left: Duration,
+        /// What its grant has left.
+        want: Duration,
+    },
+    /// A live grant's element is not in the kernel.
+    ElementMissing(GrantKey),
+}
+
+impl Finding {
+    /// Whether this needs the table replaced whole rather than elements fixed.
+    pub fn needs_new_table(&self) -> bool {
+        matches!(
+            self,
+            Finding::TableMissing | Finding::LockdownDiffers | Finding::Unexpected(_)
+        )
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Finding::TableMissing => write!(f, "table inet {TABLE} is missing"),
+            Finding::LockdownDiffers => {
+                f.write_str("the lockdown (chain, rules, locked or exempt sets) differs from what jitd applied")
+            }
+            Finding::Unexpected(element) => write!(f, "unexpected element in {element}"),
+            Finding::Orphan(key) => write!(f, "element {} with no grant behind it", describe(key)),
+            Finding::Outlasts { key, left, want } => write!(
+                f,
+                "element {} lasts {}s, its grant only {}s",
+                describe(key),
+                left.as_secs(),
+                want.as_secs()
+            ),
+            Finding::ElementMissing(key) => write!(f, "grant element {} is missing", describe(key)),
+        }
+    }
+}
+
 /// What differs, and how to set it right.
 #[derive(Debug, Default)]
 pub struct Findings {
-    /// The lockdown differs (or the table is gone): replace the table whole.
-    pub structure: bool,
     /// Grant elements to delete.
     pub remove: Vec<GrantKey>,
     /// Grant elements to (re-)add.
     pub add: Vec<GrantElement>,
-    /// One sentence per finding.
-    pub notes: Vec<String>,
+    /// What was found, ordered by its description.
+    pub found: Vec<Finding>,
     /// The grant elements concerned.
     pub touched: Touched,
 }
@@ -48,15 +130,21 @@ pub struct Findings {
 impl Findings {
     /// Whether nothing differs.
     pub fn is_empty(&self) -> bool {
-        self.notes.is_empty()
+        self.found.is_empty()
+    }
+
+    /// Whether the lockdown differs (or the table is gone): replace the table whole.
+    pub fn needs_new_table(&self) -> bool {
+        self.found.iter().any(Finding::needs_new_table)
     }
 
     /// The findings as one line for the log and the audit record.
     pub fn describe(&self) -> String {
         const SHOWN: usize = 10;
-        let mut text = self.notes.iter().take(SHOWN).cloned().collect::<Vec<_>>().join("; ");
-        if self.notes.len() > SHOWN {
-            text.push_str(&format!("; and {} more", self.notes.len() - SHOWN));
+        let shown: Vec<String> = self.found.iter().take(SHOWN).map(Finding::to_string).collect();
+        let mut text = shown.join("; ");
+        if self.found.len() > SHOWN {
+            text.push_str(&format!("; and {} more", self.found.len() - SHOWN));
         }
         text
     }
@@ -66,39 +154,30 @@ impl Findings {
 pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, now: Instant) -> Findings {
     let mut f = Findings::default();
     let Some(table) = table else {
-        f.structure = true;
-        f.notes.push(format!("table inet {TABLE} is missing"));
+        f.found.push(Finding::TableMissing);
         return f;
     };
     if table.fingerprint() != st.baseline {
-        f.structure = true;
-        f.notes
-            .push("the lockdown (chain, rules, locked or exempt sets) differs from what jitd applied".into());
+        f.found.push(Finding::LockdownDiffers);
     }
     let (held, foreign) = table.grants();
-    if !foreign.is_empty() {
-        f.structure = true;
-        f.notes
-            .extend(foreign.into_iter().map(|x| format!("unexpected element in {x}")));
-    }
+    f.found.extend(foreign.into_iter().map(Finding::Unexpected));
     let expected: HashMap<GrantKey, Instant> = st.book.elements(now).into_iter().collect();
     for (key, left) in held.iter().filter(|(k, _)| !skip.covers(k)) {
         let want = expected.get(key).map(|d| d.saturating_duration_since(now));
         match want {
             None if *left <= KERNEL_ROUNDING => {} // a grant that just ended
             None => {
-                f.notes
-                    .push(format!("element {} with no grant behind it", describe(key)));
+                f.found.push(Finding::Orphan(*key));
                 f.remove.push(*key);
                 f.touched.add_key(key);
             }
             Some(want) if *left > want + KERNEL_ROUNDING => {
-                f.notes.push(format!(
-                    "element {} lasts {}s, its grant only {}s",
-                    describe(key),
-                    left.as_secs(),
-                    want.as_secs()
-                ));
+                f.found.push(Finding::Outlasts {
+                    key: *key,
+                    left: *left,
+                    want,
+                });
                 f.remove.push(*key);
                 f.add.push(GrantElement {
                     key: *key,
@@ -112,7 +191,7 @@ pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, n
     for (key, deadline) in expected.iter().filter(|(k, _)| !skip.covers(k)) {
         let want = deadline.saturating_duration_since(now);
         if want > KERNEL_ROUNDING && !held.contains_key(key) {
-            f.notes.push(format!("grant element {} is missing", describe(key)));
+            f.found.push(Finding::ElementMissing(*key));
             f.add.push(GrantElement {
                 key: *key,
                 timeout: want,
@@ -120,6 +199,49 @@ pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, n
             f.touched.add_key(key);
         }
     }
-    f.notes.sort();
+    f.found.sort_by_cached_key(Finding::to_string);
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{parse_prefix, Transport};
+
+    #[test]
+    fn causes_and_findings_read_as_before() {
+        assert_eq!(DriftCause::Periodic.to_string(), "periodic check");
+        let by = |process: &str| DriftCause::ChangedBy {
+            process: process.into(),
+            pid: 42,
+        };
+        assert_eq!(by("nft").to_string(), "nftables changed by nft (pid 42)");
+        assert_eq!(by("").to_string(), "nftables changed by ? (pid 42)");
+        let key = GrantKey {
+            source: parse_prefix("192.0.2.7").unwrap(),
+            transport: Transport::Tcp,
+            port: 22,
+        };
+        let f = Findings {
+            found: vec![
+                Finding::ElementMissing(key),
+                Finding::Outlasts {
+                    key,
+                    left: Duration::from_secs(90),
+                    want: Duration::from_secs(30),
+                },
+            ],
+            ..Findings::default()
+        };
+        assert!(!f.needs_new_table());
+        assert_eq!(
+            f.describe(),
+            format!(
+                "grant element {0} is missing; element {0} lasts 90s, its grant only 30s",
+                describe(&key)
+            )
+        );
+        assert!(Finding::Unexpected("grants4: key 00".into()).needs_new_table());
+        assert_eq!(Finding::TableMissing.to_string(), "table inet jitd is missing");
+    }
 }

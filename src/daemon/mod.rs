@@ -4,9 +4,20 @@
 //! ([`start`]), read-only questions ([`queries`]), upkeep timers ([`upkeep`]), drift
 //! checks ([`drift`]) and systemd glue ([`systemd`]) have their own modules.
 //!
-//! One request, end to end: `jitctl` → [`crate::api::server`] (peer credentials) →
-//! [`Daemon::handle`] → [`requests`] queues it → [`commit`] decides, has [`writer`]
-//! fsync the records, applies one nftables batch ([`crate::firewall`]) → the reply.
+//! One request, end to end, file by file:
+//! 1. `src/bin/jitctl.rs` sends it with [`crate::api::client::call`], one JSON line
+//!    ([`crate::api::protocol`]);
+//! 2. `src/api/server.rs` reads the line, takes the peer's uid and gid (SO_PEERCRED)
+//!    and calls [`Daemon::handle`] (this file), which resolves the caller
+//!    (`src/identity.rs`) and routes the request;
+//! 3. `requests.rs` queues it for the committer ([`commit`], `commit.rs`), which
+//!    decides it under the state lock ([`crate::policy::check_request`],
+//!    [`crate::grants::GrantBook`]) and builds one transaction;
+//! 4. `writer.rs` appends and fsyncs its audit records ([`crate::audit::AuditLog`]);
+//! 5. `commit.rs` applies one nftables batch ([`crate::firewall::rules`] builds it,
+//!    `src/firewall/libnft.rs` or `nft.rs` applies it); on failure it undoes the booking
+//!    and audits that;
+//! 6. the reply goes back the same way, as one JSON line.
 
 mod changes;
 mod clock;
@@ -30,12 +41,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use crate::api::protocol::{GrantInfo, Reply, Request};
 use crate::api::server::{self, Handler, Peer};
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{format_prefix, Config};
+use crate::config::Config;
+use crate::domain::{format_prefix, Caller};
 use crate::firewall::kernel::Fingerprint;
 use crate::firewall::rules::LockdownSpec;
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{Grant, GrantBook, Touched};
-use crate::identity::Caller;
 use crate::store;
 
 pub use start::{check_interfaces, StartError};
@@ -290,43 +301,9 @@ pub async fn run<F: Firewall>(
     }
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(named(
-        "committer",
-        async move { committer.await.map_err(|e| e.to_string()) },
-    ));
-    tasks.spawn(named("expiry", upkeep::run_expiry(daemon.clone(), stopping.clone())));
-    tasks.spawn(named(
-        "drift monitor",
-        upkeep::watch_drift(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named("clock watch", clock::watch(daemon.clone(), stopping.clone())));
-    tasks.spawn(named(
-        "checkpoints",
-        upkeep::checkpoints(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named(
-        "SIGHUP handler",
-        upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
-    ));
-    tasks.spawn(named(
-        "watchdog",
-        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
-    ));
+    let mut tasks = spawn_tasks(&daemon, committer, &stopping);
     if let Some(addr) = metrics_listen {
-        let listener = crate::metrics::bind(addr).await.map_err(|source| StartError::Socket {
-            path: format!("metrics_listen {addr}"),
-            source,
-        })?;
-        tracing::info!("serving metrics on http://{addr}/metrics");
-        let mut stop = stopping.clone();
-        tasks.spawn(named("metrics server", async move {
-            tokio::select! {
-                _ = crate::metrics::serve(listener) => {}
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            Ok(())
-        }));
+        tasks.spawn(named("metrics server", serve_metrics(addr, stopping.clone()).await?));
     }
     systemd::ready(&ports);
     let failed = tokio::select! {
@@ -351,6 +328,59 @@ pub async fn run<F: Firewall>(
 }
 
 type TaskResult = Result<(), String>;
+
+type Tasks = tokio::task::JoinSet<(&'static str, TaskResult)>;
+
+/// Starts the committer and the upkeep tasks; any of them ending before the stop is fatal.
+fn spawn_tasks<F: Firewall>(
+    daemon: &std::sync::Arc<Daemon<F>>,
+    committer: tokio::task::JoinHandle<()>,
+    stopping: &upkeep::Stopping,
+) -> Tasks {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(named(
+        "committer",
+        async move { committer.await.map_err(|e| e.to_string()) },
+    ));
+    tasks.spawn(named("expiry", upkeep::run_expiry(daemon.clone(), stopping.clone())));
+    tasks.spawn(named(
+        "drift monitor",
+        upkeep::watch_drift(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named("clock watch", clock::watch(daemon.clone(), stopping.clone())));
+    tasks.spawn(named(
+        "checkpoints",
+        upkeep::checkpoints(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named(
+        "SIGHUP handler",
+        upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
+    ));
+    tasks.spawn(named(
+        "watchdog",
+        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
+    ));
+    tasks
+}
+
+/// Binds `metrics_listen` (an error stops the start) and returns the task serving it.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    mut stop: upkeep::Stopping,
+) -> Result<impl Future<Output = TaskResult>, StartError> {
+    let listener = crate::metrics::bind(addr).await.map_err(|source| StartError::Socket {
+        path: format!("metrics_listen {addr}"),
+        source,
+    })?;
+    tracing::info!("serving metrics on http://{addr}/metrics");
+    Ok(async move {
+        tokio::select! {
+            _ = crate::metrics::serve(listener) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        Ok(())
+    })
+}
 
 async fn named(name: &'static str, task: impl Future<Output = TaskResult>) -> (&'static str, TaskResult) {
     (name, task.await)

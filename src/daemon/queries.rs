@@ -10,11 +10,11 @@ use super::Daemon;
 use crate::api::protocol::{
     AuditQuery, AuditReply, GrantInfo, PortStatus, Reply, StatusCursor, StatusQuery, StatusReply, MAX_STATUS_LIMIT,
 };
-use crate::audit;
-use crate::config::{format_prefix, AllowedSources};
+use crate::audit::{self, Outcome};
+use crate::config::AllowedSources;
+use crate::domain::{format_prefix, Caller, ErrorCode};
 use crate::firewall::Firewall;
 use crate::grants::Grant;
-use crate::identity::Caller;
 use crate::policy::{self, Role};
 
 impl<F: Firewall> Daemon<F> {
@@ -26,11 +26,16 @@ impl<F: Firewall> Daemon<F> {
     pub(super) fn status(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
         let mut st = self.lock();
         let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            .map_err(|d| Reply::error(d.code, d.message))?;
         let after = q.cursor.as_deref().map(StatusCursor::parse).transpose();
-        let after = after.map_err(|e| Reply::error("invalid_argument", e))?;
+        let after = after.map_err(|e| Reply::error(ErrorCode::InvalidArgument, e))?;
         let limit = match q.limit {
-            Some(0) => return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0")),
+            Some(0) => {
+                return Err(Reply::error(
+                    ErrorCode::InvalidArgument,
+                    "limit: must be at least 1, got 0",
+                ))
+            }
             Some(n) => n.min(MAX_STATUS_LIMIT),
             None => MAX_STATUS_LIMIT,
         };
@@ -56,8 +61,8 @@ impl<F: Firewall> Daemon<F> {
             clock: self.clock.status(wall),
             exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
             interfaces: config.lockdown.interfaces.clone(),
-            on_stop: audit::enum_text(&config.on_stop),
-            your_role: audit::enum_text(&role),
+            on_stop: config.on_stop,
+            your_role: role,
             health: health(),
         })
     }
@@ -65,7 +70,7 @@ impl<F: Firewall> Daemon<F> {
     fn viewer_dir(&self, caller: &Caller, what: &str) -> Result<std::path::PathBuf, Reply> {
         let st = self.lock();
         policy::require_role(&st.config.access, caller, Role::Viewer, what)
-            .map_err(|d| Reply::error(&d.code, d.message))?;
+            .map_err(|d| Reply::error(d.code, d.message))?;
         Ok(st.config.state_dir.clone())
     }
 
@@ -73,8 +78,8 @@ impl<F: Firewall> Daemon<F> {
         let dir = self.viewer_dir(caller, "verify the audit log")?;
         tokio::task::spawn_blocking(move || audit::chain::verify_dir(&dir))
             .await
-            .map_err(|e| Reply::error("internal", e.to_string()))?
-            .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))
+            .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| Reply::error(ErrorCode::Internal, format!("cannot read the audit log: {e}")))
     }
 
     pub(super) async fn audit_query(&self, caller: &Caller, q: AuditQuery) -> Result<AuditReply, Reply> {
@@ -82,13 +87,16 @@ impl<F: Firewall> Daemon<F> {
         static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(aq::MAX_CONCURRENT);
         let path = self.viewer_dir(caller, "read the audit log")?;
         let cursor = q.cursor.as_deref().map(Cursor::parse).transpose();
-        let cursor = cursor.map_err(|e| Reply::error("invalid_argument", e))?;
+        let cursor = cursor.map_err(|e| Reply::error(ErrorCode::InvalidArgument, e))?;
         if q.limit == Some(0) {
-            return Err(Reply::error("invalid_argument", "limit: must be at least 1, got 0"));
+            return Err(Reply::error(
+                ErrorCode::InvalidArgument,
+                "limit: must be at least 1, got 0",
+            ));
         }
         let permit = RUNNING.try_acquire().map_err(|_| {
             Reply::error(
-                "busy",
+                ErrorCode::Busy,
                 format!("{} audit queries are running; try again shortly", aq::MAX_CONCURRENT),
             )
         })?;
@@ -98,8 +106,8 @@ impl<F: Firewall> Daemon<F> {
             aq::query(&path, &q.filter, cursor.as_ref(), limit)
         })
         .await
-        .map_err(|e| Reply::error("internal", e.to_string()))?
-        .map_err(|e| Reply::error("internal", format!("cannot read the audit log: {e}")))?;
+        .map_err(|e| Reply::error(ErrorCode::Internal, e.to_string()))?
+        .map_err(|e| Reply::error(ErrorCode::Internal, format!("cannot read the audit log: {e}")))?;
         Ok(AuditReply {
             records: page.records,
             warnings: page.warnings,
@@ -159,9 +167,9 @@ pub(super) fn grant_info_at(g: &Grant, remaining: Duration, wall: DateTime<Utc>)
 fn health() -> crate::api::protocol::Health {
     let m = crate::metrics::metrics();
     crate::api::protocol::Health {
-        requests_approved: m.requests_with("approved"),
-        requests_denied: m.requests_with("denied"),
-        requests_failed: m.requests_with("failed"),
+        requests_approved: m.requests_with(Outcome::Approved),
+        requests_denied: m.requests_with(Outcome::Denied),
+        requests_failed: m.requests_with(Outcome::Failed),
         drift_repairs: m.drift_repairs.get(),
         audit_write_failures: m.audit_write_failures.get(),
         refused_connections: m.refused_connections.get(),

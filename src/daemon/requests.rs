@@ -13,10 +13,9 @@ use super::{failure_of, grant_info, grant_record, Daemon, State};
 use crate::api::protocol::{GrantRequest, GrantedReply, Reply, MAX_JUSTIFICATION_CHARS};
 use crate::audit::limit::Admit;
 use crate::audit::{Action, AuditRecord, Outcome};
-use crate::config::{format_prefix, parse_prefix};
+use crate::domain::{format_prefix, parse_prefix, Caller, ErrorCode, GrantId};
 use crate::firewall::Firewall;
-use crate::grants::{Grant, GrantId, NewGrant};
-use crate::identity::Caller;
+use crate::grants::{Grant, NewGrant};
 use crate::policy::{self, AccessRequest, Denial, Role};
 
 /// What became of one request while its batch was decided.
@@ -34,11 +33,11 @@ impl<F: Firewall> Daemon<F> {
     pub(super) async fn request(&self, caller: Caller, request: GrantRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
         if !self.submit(Job::Request(Pending { caller, request, reply })).await {
-            return Reply::error("shutting_down", "jitd is stopping; try again when it is back");
+            return Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back");
         }
         answer
             .await
-            .unwrap_or_else(|_| Reply::error("internal", "the request was dropped; nothing was granted"))
+            .unwrap_or_else(|_| Reply::error(ErrorCode::Internal, "the request was dropped; nothing was granted"))
     }
 
     /// Decides, audits and applies a batch of requests as one transaction.
@@ -71,17 +70,17 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
     let m = crate::metrics::metrics();
     match (decided, failure) {
         (_, Some(TxError::Audit(e))) => {
-            m.request("failed", "audit_failed");
-            Reply::error("audit_failed", format!("request refused: {e}"))
+            m.request(Outcome::Failed, Some(&ErrorCode::AuditFailed));
+            Reply::error(ErrorCode::AuditFailed, format!("request refused: {e}"))
         }
         (Decided::Denied(denial), _) => {
-            m.request("denied", &denial.code);
-            Reply::error(&denial.code, denial.message)
+            m.request(Outcome::Denied, Some(&denial.code));
+            Reply::error(denial.code, denial.message)
         }
         (Decided::Approved { .. }, Some(e)) => {
-            m.request("failed", "firewall_failed");
+            m.request(Outcome::Failed, Some(&ErrorCode::FirewallFailed));
             Reply::error(
-                "firewall_failed",
+                ErrorCode::FirewallFailed,
                 format!("request approved but not applied, nothing changed: {e}"),
             )
         }
@@ -93,7 +92,7 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
             },
             None,
         ) => {
-            m.request("approved", "");
+            m.request(Outcome::Approved, None);
             m.grant_duration.observe(duration.as_secs_f64());
             for g in &grants {
                 tracing::info!(grant = g.id, user = %g.requester, source = %format_prefix(&g.source), port = g.port, until = %g.expires_at, "access granted");
@@ -132,7 +131,7 @@ fn decide_one(
         Ok(ok) => ok,
         Err(denial) => {
             // a flood of refusals is counted, not recorded one by one
-            if st.refusals.admit(caller.uid, &caller.name, &denial.code, wall) == Admit::Record {
+            if st.refusals.admit(caller.uid, &caller.name, denial.code.as_str(), wall) == Admit::Record {
                 let mut r = refusal_record(request, wall, caller);
                 r.reason = Some(format!("{}: {}", denial.code, denial.message));
                 tx.records.push(r);
@@ -196,7 +195,7 @@ fn check(
     let role = policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
     let source = parse_prefix(&request.source).map_err(|e| {
         Denial::new(
-            "invalid_argument",
+            ErrorCode::InvalidArgument,
             format!("source: {e}, got {}", unchecked(&request.source)),
         )
     })?;
@@ -211,7 +210,7 @@ fn check(
         }
         _ => {
             return Err(Denial::new(
-                "invalid_argument",
+                ErrorCode::InvalidArgument,
                 "give exactly one of duration_secs and until",
             ))
         }
@@ -244,7 +243,7 @@ fn check(
 fn until_past(until: DateTime<Utc>, wall: DateTime<Utc>) -> Denial {
     let secs = chrono::SecondsFormat::Secs;
     Denial::new(
-        "duration_invalid",
+        ErrorCode::DurationInvalid,
         format!(
             "until: {} is in the past by jitd's wall clock (now {}); jitd judges --until by its own clock, --duration needs no clock",
             until.to_rfc3339_opts(secs, true),
@@ -260,7 +259,7 @@ fn check_justification(j: &str) -> Result<(), Denial> {
     let bad = j.chars().find(|c| c.is_control() || is_format_char(*c));
     if j.chars().count() > MAX_JUSTIFICATION_CHARS || bad.is_some() {
         return Err(Denial::new(
-            "invalid_argument",
+            ErrorCode::InvalidArgument,
             format!(
                 "justification: at most {MAX_JUSTIFICATION_CHARS} characters, no control or format characters{}",
                 bad.map(|c| format!(", got U+{:04X}", c as u32)).unwrap_or_default()

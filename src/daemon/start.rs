@@ -20,8 +20,9 @@ use super::writer::Writer;
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
+use crate::domain::GrantKey;
 use crate::firewall::kernel::{KernelGrants, KernelTable};
-use crate::firewall::rules::{self, GrantKey, LockdownSpec};
+use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
 use crate::grants::{self, Grant, GrantBook};
 use crate::store;
@@ -202,7 +203,7 @@ impl<F: Firewall> Daemon<F> {
             };
             let caller = callers
                 .entry(grant.requester_uid)
-                .or_insert_with(|| crate::identity::Caller::resolve_uid(grant.requester_uid));
+                .or_insert_with(|| crate::domain::Caller::resolve_uid(grant.requester_uid));
             match changes::recheck(&config, &grant, caller, left, wall) {
                 Verdict::Keep(left) => st.book.restore(grant, now + left),
                 Verdict::Clamp(left, why) => {
@@ -495,9 +496,9 @@ mod tests {
     fn grant(granted: DateTime<Utc>, secs: i64) -> Grant {
         Grant {
             id: 2,
-            source: crate::config::parse_prefix("192.0.2.7").unwrap(),
+            source: crate::domain::parse_prefix("192.0.2.7").unwrap(),
             port: 22,
-            protocol: crate::config::Protocol::Tcp,
+            protocol: crate::domain::Protocol::Tcp,
             requester: "bob".into(),
             requester_uid: 1001,
             justification: None,

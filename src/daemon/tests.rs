@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::*;
 use crate::api::protocol::{GrantRequest, RevokeRequest};
 use crate::audit;
+use crate::domain::ErrorCode;
 use crate::firewall::RecordingFirewall;
 
 pub(super) async fn daemon(dir: &Path) -> Arc<Daemon<RecordingFirewall>> {
@@ -73,7 +74,7 @@ async fn a_grant_the_firewall_refuses_is_not_granted_and_says_so() {
     *d.firewall.fail_with.lock().unwrap() = Some("Error: Could not process rule: No buffer space available".into());
     let reply = d.handle(root(), ask(60)).await;
     let error = reply.error.unwrap();
-    assert_eq!(error.code, "firewall_failed");
+    assert_eq!(error.code, ErrorCode::FirewallFailed);
     assert!(error.message.contains("No buffer space available"), "{}", error.message);
     assert!(d.lock().book.is_empty());
     assert_eq!(
@@ -96,7 +97,7 @@ async fn a_revocation_the_firewall_refuses_is_undone_in_the_book_and_the_journal
         ..Default::default()
     });
     let reply = d.handle(root(), revoke).await;
-    assert_eq!(reply.error.unwrap().code, "firewall_failed");
+    assert_eq!(reply.error.unwrap().code, ErrorCode::FirewallFailed);
     assert_eq!(d.lock().book.len(), 1, "the grant stays");
     let last: Vec<(Action, Outcome)> = records(dir.path()).iter().map(|r| (r.action, r.outcome)).collect();
     assert_eq!(
@@ -120,7 +121,7 @@ async fn a_failed_reload_keeps_the_old_policy_and_its_grants() {
     std::fs::write(dir.path().join("jitd.toml"), text).unwrap();
     *d.firewall.fail_with.lock().unwrap() = Some("Error: boom".into());
     let reply = d.handle(root(), Request::Reload).await;
-    assert_eq!(reply.error.unwrap().code, "firewall_failed");
+    assert_eq!(reply.error.unwrap().code, ErrorCode::FirewallFailed);
     assert_eq!(d.config().ports[0].port, 22, "the old policy stays");
     assert_eq!(d.lock().book.len(), 1, "and its grant");
     *d.firewall.fail_with.lock().unwrap() = None;
@@ -285,7 +286,10 @@ async fn a_refused_request_does_not_store_the_callers_raw_bytes() {
         until: None,
         justification: Some("ok\u{202e}txt.exe".into()),
     });
-    assert_eq!(d.handle(nobody, request).await.error.unwrap().code, "not_authorized");
+    assert_eq!(
+        d.handle(nobody, request).await.error.unwrap().code,
+        ErrorCode::NotAuthorized
+    );
     let line = std::fs::read_to_string(dir.path().join(audit::AUDIT_FILE)).unwrap();
     assert!(!line.contains("\\u001b"), "no ESC, even JSON-escaped: {line}");
     assert!(!line.contains('\u{202e}') && !line.contains("\\u202e"), "{line}");

@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use super::commit::{Job, Observed};
-use super::drift::Checked;
+use super::drift::{Checked, DriftCause};
 use super::Daemon;
+use crate::domain::Caller;
 use crate::firewall::{monitor, Firewall};
-use crate::identity::Caller;
 
 /// How often jitd compares the kernel with its view even without a change event.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(10);
@@ -23,7 +23,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How many times a check is retried when jitd's own whole-table change overtook it.
 const STALE_RETRIES: usize = 3;
 
-type Stopping = watch::Receiver<bool>;
+pub(super) type Stopping = watch::Receiver<bool>;
 
 async fn stopped(stopping: &mut Stopping) {
     let _ = stopping.wait_for(|s| *s).await;
@@ -72,11 +72,11 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
     loop {
         let cause = tokio::select! {
             _ = stopped(&mut stopping) => return Ok(()),
-            _ = tick.tick() => "periodic check".to_string(),
+            _ = tick.tick() => DriftCause::Periodic,
             event = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => match event {
                 None => return Err("the nftables monitor stopped".into()),
                 Some(g) if g.pid != 0 && daemon.firewall.made_by_us(g.pid) => continue,
-                Some(g) => format!("nftables changed by {} (pid {})", if g.process.is_empty() { "?" } else { &g.process }, g.pid),
+                Some(g) => DriftCause::ChangedBy { process: g.process, pid: g.pid },
             },
         };
         if let Some(rx) = events.as_mut() {
@@ -93,7 +93,7 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
 impl<F: Firewall> Daemon<F> {
     /// Reads the kernel (holding nothing) and has the committer compare and repair.
     /// Returns `false` when the committer has stopped.
-    pub async fn check_drift(&self, cause: &str) -> bool {
+    pub async fn check_drift(&self, cause: &DriftCause) -> bool {
         for _ in 0..STALE_RETRIES {
             let settled = self.lock().settled;
             let table = match self.firewall.read_table(true).await {
@@ -105,7 +105,7 @@ impl<F: Firewall> Daemon<F> {
             };
             let (reply, answer) = oneshot::channel();
             if !self
-                .submit(Job::Repair(cause.to_string(), Observed { table, settled }, reply))
+                .submit(Job::Repair(cause.clone(), Observed { table, settled }, reply))
                 .await
             {
                 return false;

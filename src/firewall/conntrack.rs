@@ -16,9 +16,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::netlink::{parse_attrs, put_attr, Object, Reader};
-use super::rules::{self, CutKey, GrantKey, GRANT_CT_MARK};
+use super::rules::{self, CutKey, GRANT_CT_MARK};
 use super::{Firewall, FirewallError};
-use crate::config::Transport;
+use crate::domain::{GrantKey, Transport};
 
 /// The nfnetlink subsystem of conntrack (ctnetlink).
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
@@ -305,7 +305,7 @@ pub fn parse_session(object: &Object) -> Option<Session> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
     use crate::firewall::netlink::Attr;
 
     fn session(source: &str, sport: u16, port: u16, mark: u32) -> Session {

@@ -8,8 +8,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::netlink::{attr, msg, parse_attrs, Attr, Object, RawElement};
-use super::rules::{GrantKey, GRANT_SETS};
-use crate::config::{format_prefix, Transport};
+use super::rules::GRANT_SETS;
+use crate::domain::{format_prefix, GrantKey, Transport};
 
 /// The sets whose elements are part of the lockdown itself (compared byte for byte).
 pub const LOCKDOWN_SETS: [&str; 3] = ["exempt4", "exempt6", "locked"];
@@ -225,7 +225,7 @@ pub fn describe(key: &GrantKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
 
     fn key4(addr: [u8; 4], proto: u8, port: u16) -> Vec<u8> {
         let mut k = addr.to_vec();

@@ -56,39 +56,96 @@ impl std::fmt::Debug for LibNft {
     }
 }
 
+/// Why libnftables could not be used (jitd then runs the `nft` program instead).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The library could not be opened.
+    #[error("cannot load {path}: {source}")]
+    Open {
+        /// The file asked for.
+        path: String,
+        /// What the loader said.
+        source: libloading::Error,
+    },
+    /// The library has no such function.
+    #[error("{path} lacks {symbol}: {source}")]
+    MissingSymbol {
+        /// The library.
+        path: String,
+        /// The function's name.
+        symbol: &'static str,
+        /// What the loader said.
+        source: libloading::Error,
+    },
+    /// The library names the function, but its address is null.
+    #[error("{path}: {symbol} is a null symbol")]
+    NullSymbol {
+        /// The library.
+        path: String,
+        /// The function's name.
+        symbol: &'static str,
+    },
+    /// A libnftables call failed while the context was being set up.
+    #[error("{path}: {call} failed")]
+    Call {
+        /// The library.
+        path: String,
+        /// The function that failed.
+        call: &'static str,
+    },
+}
+
+/// Looks up `name` (NUL-terminated) as a function of type `T`; a missing or null symbol
+/// is an error naming it.
+///
+/// # Safety
+/// `T` must be the function's true type (from libnftables.h), and the returned pointer
+/// must not be called after `library` is dropped.
+unsafe fn function<T: Copy>(library: &libloading::Library, path: &str, name: &'static str) -> Result<T, LoadError> {
+    let symbol = name.trim_end_matches('\0');
+    // Option<fn> has the size of a pointer, and a null address reads as None.
+    let found = library
+        .get::<Option<T>>(name.as_bytes())
+        .map_err(|source| LoadError::MissingSymbol {
+            path: path.to_string(),
+            symbol,
+            source,
+        })?;
+    (*found).ok_or_else(|| LoadError::NullSymbol {
+        path: path.to_string(),
+        symbol,
+    })
+}
+
 impl LibNft {
     /// Loads libnftables from `path` and creates a context that buffers its output.
-    pub fn load(path: &str) -> Result<LibNft, String> {
-        // SAFETY: loading libnftables runs its (trivial) initialisers; the symbols are
-        // looked up with the signatures of libnftables.h.
+    pub fn load(path: &str) -> Result<LibNft, LoadError> {
+        // SAFETY: loading libnftables runs its (trivial) initialisers; every function is
+        // looked up with its signature from libnftables.h, and the library is kept in the
+        // context as long as the functions are.
         unsafe {
-            let library = libloading::Library::new(path).map_err(|e| format!("cannot load {path}: {e}"))?;
-            let symbol = |name: &[u8]| -> Result<*const c_void, String> {
-                library
-                    .get::<*const c_void>(name)
-                    .map(|s| *s)
-                    .map_err(|e| format!("{path} lacks {}: {e}", String::from_utf8_lossy(name)))
-            };
-            let new: New = std::mem::transmute(symbol(b"nft_ctx_new\0")?);
-            let free: Free = std::mem::transmute(symbol(b"nft_ctx_free\0")?);
-            let buffer_output: Flag = std::mem::transmute(symbol(b"nft_ctx_buffer_output\0")?);
-            let buffer_error: Flag = std::mem::transmute(symbol(b"nft_ctx_buffer_error\0")?);
-            let dry_run: DryRun = std::mem::transmute(symbol(b"nft_ctx_set_dry_run\0")?);
-            let run: Run = std::mem::transmute(symbol(b"nft_run_cmd_from_buffer\0")?);
-            let error_buffer: ErrorBuffer = std::mem::transmute(symbol(b"nft_ctx_get_error_buffer\0")?);
-            let ctx = new(0);
-            if ctx.is_null() {
-                return Err(format!("{path}: nft_ctx_new failed"));
-            }
-            buffer_output(ctx);
-            buffer_error(ctx);
+            let library = libloading::Library::new(path).map_err(|source| LoadError::Open {
+                path: path.to_string(),
+                source,
+            })?;
+            let new: New = function(&library, path, "nft_ctx_new\0")?;
+            let free: Free = function(&library, path, "nft_ctx_free\0")?;
+            let buffer_output: Flag = function(&library, path, "nft_ctx_buffer_output\0")?;
+            let buffer_error: Flag = function(&library, path, "nft_ctx_buffer_error\0")?;
+            let dry_run: DryRun = function(&library, path, "nft_ctx_set_dry_run\0")?;
+            let run: Run = function(&library, path, "nft_run_cmd_from_buffer\0")?;
+            let error_buffer: ErrorBuffer = function(&library, path, "nft_ctx_get_error_buffer\0")?;
+            let output_flags: SetFlags = function(&library, path, "nft_ctx_output_set_flags\0")?;
             // Input is JSON: libnftables up to 1.0.6 takes that from the JSON output flag
             // (as `nft -j` sets it), later versions also from an input flag.
-            let output_flags: SetFlags = std::mem::transmute(symbol(b"nft_ctx_output_set_flags\0")?);
-            output_flags(ctx, NFT_CTX_OUTPUT_JSON);
-            if let Ok(input_flags) = symbol(b"nft_ctx_input_set_flags\0") {
-                let input_flags: SetFlags = std::mem::transmute(input_flags);
-                input_flags(ctx, NFT_CTX_INPUT_JSON);
+            let input_flags = function::<SetFlags>(&library, path, "nft_ctx_input_set_flags\0").ok();
+            let ctx = new(0);
+            let failed = |call| LoadError::Call {
+                path: path.to_string(),
+                call,
+            };
+            if ctx.is_null() {
+                return Err(failed("nft_ctx_new"));
             }
             let context = Context {
                 ctx,
@@ -98,6 +155,17 @@ impl LibNft {
                 error_buffer,
                 _library: library,
             };
+            // from here on, dropping `context` frees ctx
+            if buffer_output(context.ctx) != 0 {
+                return Err(failed("nft_ctx_buffer_output"));
+            }
+            if buffer_error(context.ctx) != 0 {
+                return Err(failed("nft_ctx_buffer_error"));
+            }
+            output_flags(context.ctx, NFT_CTX_OUTPUT_JSON);
+            if let Some(input_flags) = input_flags {
+                input_flags(context.ctx, NFT_CTX_INPUT_JSON);
+            }
             Ok(LibNft {
                 context: Arc::new(Mutex::new(context)),
             })
@@ -131,7 +199,7 @@ impl LibNft {
                         .filter(|l| !l.is_empty())
                         .collect::<Vec<_>>()
                         .join("; ");
-                    Err(FirewallError::Rejected(if message.is_empty() {
+                    Err(FirewallError::refused(if message.is_empty() {
                         format!("libnftables returned {rc}")
                     } else {
                         message
@@ -160,5 +228,97 @@ impl Firewall for LibNft {
     fn made_by_us(&self, pid: u32) -> bool {
         // The kernel names the thread that committed: any thread of this process.
         pid == std::process::id() || std::path::Path::new(&format!("/proc/self/task/{pid}")).exists()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for libnftables with every function jitd uses; `-DNULL_NEW` or
+    /// `-DBUFFER_FAILS` breaks one of them.
+    const FAKE: &str = r#"
+        static int ctx;
+        #ifdef NULL_NEW
+        __asm__(".globl nft_ctx_new\n.set nft_ctx_new, 0\n");
+        #else
+        void *nft_ctx_new(unsigned flags) { return &ctx; }
+        #endif
+        void nft_ctx_free(void *c) {}
+        #ifdef BUFFER_FAILS
+        int nft_ctx_buffer_output(void *c) { return -1; }
+        #else
+        int nft_ctx_buffer_output(void *c) { return 0; }
+        #endif
+        int nft_ctx_buffer_error(void *c) { return 0; }
+        void nft_ctx_set_dry_run(void *c, _Bool d) {}
+        int nft_run_cmd_from_buffer(void *c, const char *b) { return 0; }
+        const char *nft_ctx_get_error_buffer(void *c) { return ""; }
+        void nft_ctx_output_set_flags(void *c, unsigned f) {}
+    "#;
+
+    /// Builds the fake library with `cc` (the linker Rust uses here anyway).
+    fn fake(dir: &tempfile::TempDir, variant: &str) -> String {
+        let source = dir.path().join("fake.c");
+        std::fs::write(&source, FAKE).unwrap();
+        let library = dir.path().join(format!("libfake-{variant}.so"));
+        let status = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", &format!("-D{variant}"), "-o"])
+            .arg(&library)
+            .arg(&source)
+            .status()
+            .expect("cc runs");
+        assert!(status.success(), "cc failed");
+        library.display().to_string()
+    }
+
+    #[test]
+    fn a_library_without_libnftables_functions_is_refused_naming_the_first() {
+        let err = LibNft::load("libc.so.6").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::MissingSymbol {
+                    symbol: "nft_ctx_new",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("libc.so.6 lacks nft_ctx_new: "), "{err}");
+    }
+
+    #[test]
+    fn a_null_symbol_is_an_error_not_a_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LibNft::load(&fake(&dir, "NULL_NEW")).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::NullSymbol {
+                    symbol: "nft_ctx_new",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().ends_with("nft_ctx_new is a null symbol"), "{err}");
+    }
+
+    #[test]
+    fn a_failing_buffer_call_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = LibNft::load(&fake(&dir, "BUFFER_FAILS")).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LoadError::Call {
+                    call: "nft_ctx_buffer_output",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(LibNft::load(&fake(&dir, "NOTHING_BROKEN")).is_ok());
     }
 }

@@ -30,12 +30,29 @@ pub enum FirewallError {
     /// `nft` ran and refused the batch.
     #[error("nft refused the change: {0}")]
     Rejected(String),
+    /// `nft` refused the batch because something it names does not exist (ENOENT): a
+    /// set element being deleted that the kernel already dropped, a missing table.
+    #[error("nft refused the change: {0}")]
+    Missing(String),
     /// `nft` did not answer in time.
     #[error("nft did not answer within {0:?}")]
     Timeout(std::time::Duration),
     /// `nft` printed something jitd could not read.
     #[error("cannot read nft's output: {0}")]
     Output(String),
+}
+
+impl FirewallError {
+    /// nftables' refusal of a batch, `message` as it printed it: [`FirewallError::Missing`]
+    /// when it reports ENOENT, else [`FirewallError::Rejected`]. The one place jitd reads
+    /// nftables' text (its library and program report errno only as `strerror` text).
+    pub fn refused(message: String) -> FirewallError {
+        if message.contains(nix::errno::Errno::ENOENT.desc()) {
+            FirewallError::Missing(message)
+        } else {
+            FirewallError::Rejected(message)
+        }
+    }
 }
 
 /// Applies nftables batches, each as one atomic transaction.
@@ -69,7 +86,7 @@ pub struct RecordingFirewall {
 impl Firewall for RecordingFirewall {
     async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
         if let Some(message) = self.fail_with.lock().unwrap().clone() {
-            return Err(FirewallError::Rejected(message));
+            return Err(FirewallError::refused(message));
         }
         let value = serde_json::to_value(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         self.applied.lock().unwrap().push(value);
@@ -78,7 +95,7 @@ impl Firewall for RecordingFirewall {
 
     async fn check(&self, _batch: &Nftables<'_>) -> Result<(), FirewallError> {
         match self.fail_with.lock().unwrap().clone() {
-            Some(message) => Err(FirewallError::Rejected(message)),
+            Some(message) => Err(FirewallError::refused(message)),
             None => Ok(()),
         }
     }
@@ -146,5 +163,25 @@ impl Firewall for SystemFirewall {
             SystemFirewall::Library(f) => f.made_by_us(pid),
             SystemFirewall::Program(f) => f.made_by_us(pid),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_naming_enoent_is_missing_and_others_are_rejected() {
+        let gone = "Error: Could not process rule: No such file or directory; delete element inet jitd grants4 { 192.0.2.7 . tcp . 22 }";
+        assert!(matches!(FirewallError::refused(gone.into()), FirewallError::Missing(m) if m == gone));
+        let full = "Error: Could not process rule: No buffer space available";
+        assert!(matches!(
+            FirewallError::refused(full.into()),
+            FirewallError::Rejected(_)
+        ));
+        assert_eq!(
+            FirewallError::refused(gone.into()).to_string(),
+            format!("nft refused the change: {gone}")
+        );
     }
 }

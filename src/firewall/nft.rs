@@ -90,7 +90,7 @@ impl NftCli {
         if output.status.success() {
             Ok(())
         } else {
-            Err(FirewallError::Rejected(stderr_message(&output)))
+            Err(FirewallError::refused(stderr_message(&output)))
         }
     }
 }

@@ -58,7 +58,8 @@ use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFla
 use nftables::stmt::{Counter, JumpTarget, Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use crate::config::{Config, Transport};
+use crate::config::Config;
+use crate::domain::{GrantElement, GrantKey, Transport};
 
 /// The name of the one table jitd owns (family `inet`).
 pub const TABLE: &str = "jitd";
@@ -104,26 +105,6 @@ impl LockdownSpec {
             interfaces: config.lockdown.interfaces.clone(),
         }
     }
-}
-
-/// What the kernel matches for one grant: a source, a transport and a port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct GrantKey {
-    /// Address (/32, /128) or prefix.
-    pub source: IpNet,
-    /// TCP or UDP.
-    pub transport: Transport,
-    /// Destination port.
-    pub port: u16,
-}
-
-/// A grant as a set element: its key and the time the kernel keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GrantElement {
-    /// What it matches.
-    pub key: GrantKey,
-    /// How long the kernel keeps it; rounded up to whole seconds, at least one.
-    pub timeout: Duration,
 }
 
 /// The grant set an element belongs in: single addresses go to hash sets (fast,
@@ -598,7 +579,7 @@ fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'stati
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
     use serde_json::Value;
 
     fn spec() -> LockdownSpec {

@@ -18,11 +18,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::config::{Protocol, Transport};
-use crate::firewall::rules::{GrantElement, GrantKey};
-
-/// A grant's identifier, unique across restarts (never reused).
-pub type GrantId = u64;
+use crate::domain::{GrantElement, GrantId, GrantKey, Protocol, Transport};
 
 /// An open port for one source until a deadline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,7 +460,7 @@ fn group_of(key: &GrantKey) -> NetGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_prefix;
+    use crate::domain::parse_prefix;
 
     fn add(book: &mut GrantBook, new: NewGrant, now: Instant, wall: DateTime<Utc>) -> Grant {
         let id = book.allocate_id();

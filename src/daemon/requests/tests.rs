@@ -73,7 +73,7 @@ async fn a_failed_batch_is_undone_whole() {
     let (_ping_tx, mut pings) = mpsc::channel(1);
     d.commit_requests(batch, &mut pings).await;
     for answer in answers {
-        assert_eq!(answer.await.unwrap().error.unwrap().code, "firewall_failed");
+        assert_eq!(answer.await.unwrap().error.unwrap().code, ErrorCode::FirewallFailed);
     }
     let after: Vec<Grant> = d.lock().book.iter().cloned().collect();
     assert_eq!(after, before, "the replaced grant is back, the new ones are gone");
