@@ -20,7 +20,7 @@ use super::writer::Writer;
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
-use crate::domain::GrantKey;
+use crate::domain::{GrantElement, GrantKey};
 use crate::firewall::kernel::{KernelGrants, KernelTable};
 use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
@@ -79,28 +79,12 @@ impl<F: Firewall> Daemon<F> {
         firewall: F,
     ) -> Result<(Arc<Daemon<F>>, tokio::task::JoinHandle<()>), StartError> {
         let spec = LockdownSpec::from_config(&config);
-        let kernel_table = firewall.read_table(true).await?;
-        if kernel_table.is_none() {
-            // A reboot (or a first start): lock before trusting anything on disk.
-            firewall.apply(&rules::replace_table(&spec, &[])).await?;
-            tracing::info!(
-                "no lockdown in the kernel: locked {} before reading any state",
-                describe_ports(&config)
-            );
-        }
+        let kernel_table = lock_first(&firewall, &spec, &config).await?;
         store::prepare_state_dir(&config.state_dir)?;
         let dir_claim = claim_state_dir(&config.state_dir)?;
         let log = AuditLog::open(&config.state_dir, config.audit_rotation)?;
         let audit_hash = log.last_hash().to_string();
-        let mut saved = load_checkpoint(&config.state_dir)?;
-        let (journal, history) = read_journal(&config.state_dir, &saved)?;
-        let left_out = store::replay(&mut saved, &journal);
-        if left_out > 0 {
-            tracing::warn!(
-                "{left_out} audit record(s) of transaction(s) that did not finish were not replayed (never answered)"
-            );
-        }
-        drop(journal);
+        let (saved, history) = read_saved(&config.state_dir)?;
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
         let usage = usage_from(&history);
@@ -221,52 +205,101 @@ impl<F: Firewall> Daemon<F> {
             }
         }
         let elements = grants::timed(&st.book.elements(now), now);
-        let kernel = match (&restore.kernel, restore.intact) {
-            // locked a moment ago, empty: only the grants go in
-            (None, _) if elements.is_empty() => KernelChange::None,
-            (None, _) => KernelChange::Grants {
-                remove: Vec::new(),
-                add: elements,
-            },
-            (Some(table), true) => {
-                tracing::info!(
-                    "the lockdown in the kernel is intact; kept it and brought only the grant elements in line"
-                );
-                // The kernel still enforces this very lockdown with its own timers (a
-                // crash or restart, same policy): bring only the grant elements in line.
-                let held = table.grants().0;
-                let wanted: HashMap<GrantKey, Duration> = elements.iter().map(|e| (e.key, e.timeout)).collect();
-                // an element that lasts longer than its grants now may is set again
-                let stale = |k: &GrantKey| {
-                    wanted
-                        .get(k)
-                        .is_none_or(|want| held.get(k).is_some_and(|h| *h > *want + commit::KERNEL_ROUNDING))
-                };
-                let remove: Vec<GrantKey> = held.keys().filter(|k| stale(k)).copied().collect();
-                let add = elements
-                    .iter()
-                    .filter(|e| !held.contains_key(&e.key) || stale(&e.key))
-                    .copied()
-                    .collect();
-                KernelChange::Grants { remove, add }
-            }
-            _ => KernelChange::Replace(LockdownSpec::from_config(&config), elements),
-        };
-        let mut start = AuditRecord::new(wall, None, "jitd", Action::Start, Outcome::Done);
-        start.ports = config.ports.iter().map(|p| p.port).collect();
-        start.reason = Some(format!(
-            "locked {}; {} grant(s) restored{}",
-            describe_ports(&config),
-            st.book.len(),
-            if restore.clock_sane {
-                ""
-            } else {
-                "; the wall clock is behind the audit log, nothing restored without the kernel's timers"
-            }
-        ));
+        let kernel = restore_change(restore.kernel.as_ref(), restore.intact, elements, &config);
+        let start = start_record(&config, st.book.len(), restore.clock_sane, wall);
         records.push(start);
         (records, kernel, st.book.len())
     }
+}
+
+/// The kernel change that brings the restored grants in: only the grant elements when
+/// the lockdown in the kernel is intact (a crash or restart under the same policy), a
+/// whole new table when it differs, only the elements after a fresh lockdown.
+fn restore_change(
+    kernel: Option<&KernelTable>,
+    intact: bool,
+    elements: Vec<GrantElement>,
+    config: &Config,
+) -> KernelChange {
+    match (kernel, intact) {
+        // locked a moment ago, empty: only the grants go in
+        (None, _) if elements.is_empty() => KernelChange::None,
+        (None, _) => KernelChange::Grants {
+            remove: Vec::new(),
+            add: elements,
+        },
+        (Some(table), true) => {
+            tracing::info!("the lockdown in the kernel is intact; kept it and brought only the grant elements in line");
+            // The kernel still enforces this very lockdown with its own timers (a
+            // crash or restart, same policy): bring only the grant elements in line.
+            let held = table.grants().0;
+            let wanted: HashMap<GrantKey, Duration> = elements.iter().map(|e| (e.key, e.timeout)).collect();
+            // an element that lasts longer than its grants now may is set again
+            let stale = |k: &GrantKey| {
+                wanted
+                    .get(k)
+                    .is_none_or(|want| held.get(k).is_some_and(|h| *h > *want + commit::KERNEL_ROUNDING))
+            };
+            let remove: Vec<GrantKey> = held.keys().filter(|k| stale(k)).copied().collect();
+            let add = elements
+                .iter()
+                .filter(|e| !held.contains_key(&e.key) || stale(&e.key))
+                .copied()
+                .collect();
+            KernelChange::Grants { remove, add }
+        }
+        _ => KernelChange::Replace(LockdownSpec::from_config(config), elements),
+    }
+}
+
+/// The `start` record: what is locked, how many grants came back, and whether the wall
+/// clock could be trusted.
+fn start_record(config: &Config, restored: usize, clock_sane: bool, wall: DateTime<Utc>) -> AuditRecord {
+    let mut start = AuditRecord::new(wall, None, "jitd", Action::Start, Outcome::Done);
+    start.ports = config.ports.iter().map(|p| p.port).collect();
+    start.reason = Some(format!(
+        "locked {}; {} grant(s) restored{}",
+        describe_ports(config),
+        restored,
+        if clock_sane {
+            ""
+        } else {
+            "; the wall clock is behind the audit log, nothing restored without the kernel's timers"
+        }
+    ));
+    start
+}
+
+/// Reads jitd's table from the kernel; when there is none (a reboot, a first start),
+/// locks the ports before anything on disk is trusted.
+async fn lock_first<F: Firewall>(
+    firewall: &F,
+    spec: &LockdownSpec,
+    config: &Config,
+) -> Result<Option<KernelTable>, StartError> {
+    let kernel_table = firewall.read_table(true).await?;
+    if kernel_table.is_none() {
+        firewall.apply(&rules::replace_table(spec, &[])).await?;
+        tracing::info!(
+            "no lockdown in the kernel: locked {} before reading any state",
+            describe_ports(config)
+        );
+    }
+    Ok(kernel_table)
+}
+
+/// The saved grants: the checkpoint with the journal since it replayed onto it (whole
+/// transactions only), and the history summary.
+fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), StartError> {
+    let mut saved = load_checkpoint(state_dir)?;
+    let (journal, history) = read_journal(state_dir, &saved)?;
+    let left_out = store::replay(&mut saved, &journal);
+    if left_out > 0 {
+        tracing::warn!(
+            "{left_out} audit record(s) of transaction(s) that did not finish were not replayed (never answered)"
+        );
+    }
+    Ok((saved, history))
 }
 
 /// What start-up found to restore from.
