@@ -18,6 +18,7 @@
 //! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
 //! - [`identity`]: socket peers resolved to users and groups.
 //! - [`metrics`]: Prometheus metrics, opt-in.
+//! - [`accept`]: back-off after failed `accept` calls (socket and metrics listeners).
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`store`]: the live grants on disk, for restarts.
 //! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
@@ -37,7 +38,7 @@
 //!
 //! ```text
 //! domain                                   (nothing)
-//! duration, text                           (nothing)
+//! duration, text, accept                   (nothing)
 //! config   -> domain, duration             (settings types: Rotation, Limits live here)
 //! policy   -> config, domain, duration     (pure decisions)
 //! grants   -> domain                       (pure bookkeeping)
@@ -49,8 +50,8 @@
 //! daemon   -> everything above
 //! ```
 //!
-//! (`metrics` and `api::server` still share the accept back-off in both directions.)
 
+pub mod accept;
 pub mod api;
 pub mod audit;
 pub mod cli;

@@ -153,7 +153,7 @@ pub const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 /// EMFILE, ENFILE) it backs off instead of retrying at once, logging once per burst.
 pub async fn serve(listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_METRICS_CONNECTIONS));
-    let mut backoff = crate::api::server::AcceptBackoff::new("metrics");
+    let mut backoff = crate::accept::AcceptBackoff::new("metrics");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;

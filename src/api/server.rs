@@ -174,59 +174,6 @@ impl Drop for Slot {
     }
 }
 
-/// Backoff after failed `accept` calls (EMFILE, ENFILE, ENOMEM...): instead of
-/// retrying at once and spinning, wait 50 ms, doubling up to 1 s, and log once per
-/// burst of failures rather than once per failure.
-#[derive(Debug)]
-pub(crate) struct AcceptBackoff {
-    what: &'static str,
-    delay: Option<Duration>,
-    failures: u64,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(50);
-    const MOST: Duration = Duration::from_secs(1);
-
-    /// A backoff for the listener described by `what` ("socket", "metrics").
-    pub(crate) fn new(what: &'static str) -> AcceptBackoff {
-        AcceptBackoff {
-            what,
-            delay: None,
-            failures: 0,
-        }
-    }
-
-    /// Notes a failed accept; returns how long to wait before the next one.
-    pub(crate) fn failed(&mut self, error: &std::io::Error) -> Duration {
-        self.failures += 1;
-        let delay = match self.delay {
-            None => {
-                tracing::warn!(
-                    "accepting a {} connection failed: {error}; backing off (not logged again until accepting works)",
-                    self.what
-                );
-                Self::FIRST
-            }
-            Some(d) => (d * 2).min(Self::MOST),
-        };
-        self.delay = Some(delay);
-        delay
-    }
-
-    /// Notes a successful accept, ending a burst of failures.
-    pub(crate) fn succeeded(&mut self) {
-        if self.delay.take().is_some() {
-            tracing::info!(
-                "accepting {} connections again after {} failed attempt(s)",
-                self.what,
-                self.failures
-            );
-            self.failures = 0;
-        }
-    }
-}
-
 /// Logs refused connections at most once per interval, with a count of the rest.
 #[derive(Debug, Default)]
 struct RefusalLog {
@@ -287,7 +234,7 @@ pub async fn serve<H: Handler>(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Slots::new(limits.per_user);
-    let mut backoff = AcceptBackoff::new("socket");
+    let mut backoff = crate::accept::AcceptBackoff::new("socket");
     let mut refusals = RefusalLog::default();
     let (stopping_tx, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
@@ -561,16 +508,6 @@ mod tests {
         assert!(text(Refusal::PerUser { uid: 65534, limit: 32 }).contains("uid 65534 already has 32 connections"));
         assert!(text(Refusal::GeneralFull).contains("without privileges"));
         assert!(text(Refusal::Full).contains("\"busy\""));
-    }
-
-    #[test]
-    fn accept_backoff_doubles_up_to_a_second_and_resets() {
-        let mut backoff = AcceptBackoff::new("test");
-        let e = std::io::Error::from_raw_os_error(24);
-        let delays: Vec<u128> = (0..7).map(|_| backoff.failed(&e).as_millis()).collect();
-        assert_eq!(delays, [50, 100, 200, 400, 800, 1000, 1000]);
-        backoff.succeeded();
-        assert_eq!(backoff.failed(&e), Duration::from_millis(50));
     }
 
     struct Echo;
