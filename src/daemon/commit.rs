@@ -265,6 +265,7 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
+        answering(pings, super::fault::held("apply-stall")).await;
         let whole = matches!(kernel, KernelChange::Replace(..) | KernelChange::Remove);
         self.lock().begin(touched, whole);
         let applied = answering(pings, self.apply(&kernel)).await;

@@ -11,7 +11,7 @@
 mod changes;
 mod commit;
 mod drift;
-mod fault;
+pub(crate) mod fault;
 mod queries;
 mod requests;
 mod start;

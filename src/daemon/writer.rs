@@ -48,6 +48,7 @@ impl Writer {
             for task in inbox {
                 match task {
                     Task::Append(records, ack) => {
+                        super::fault::hold("writer-stall");
                         let result = log.append(&records).map(|rotated| Appended {
                             last_hash: log.last_hash().to_string(),
                             rotated,

@@ -3,6 +3,7 @@
 
 mod audit_trail;
 mod config_checks;
+mod core;
 mod fairness;
 mod faults;
 mod grants;
