@@ -167,7 +167,10 @@ impl Backoff {
             Checked::Clean => *self = Backoff::default(),
             Checked::Stale => {}
             Checked::Repaired(_) | Checked::Failed(_) => {
-                if self.last.is_some_and(|last| now.saturating_duration_since(last) > STREAK_GAP) {
+                if self
+                    .last
+                    .is_some_and(|last| now.saturating_duration_since(last) > STREAK_GAP)
+                {
                     *self = Backoff::default();
                 }
                 self.repairs += 1;
@@ -384,7 +387,10 @@ mod tests {
             b.note(&repaired(), start + Duration::from_secs(2 + i));
         }
         assert!(!b.delay().is_zero());
-        b.note(&repaired(), start + Duration::from_secs(9) + STREAK_GAP + Duration::from_secs(1));
+        b.note(
+            &repaired(),
+            start + Duration::from_secs(9) + STREAK_GAP + Duration::from_secs(1),
+        );
         assert!(b.delay().is_zero(), "a repair long after the last one starts afresh");
     }
 }

@@ -161,5 +161,7 @@ fn refused<'a>(batch: &Nftables<'a>) -> Nftables<'a> {
         name: "jitd-injected-fault-no-such-table".into(),
         handle: None,
     }))));
-    Nftables { objects: objects.into() }
+    Nftables {
+        objects: objects.into(),
+    }
 }
