@@ -276,6 +276,7 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
+        answering(pings, super::fault::held("apply-stall")).await;
         let whole = matches!(kernel, KernelChange::Replace(..) | KernelChange::Remove);
         self.lock().begin(touched, whole);
         let applied = answering(pings, self.apply(&kernel)).await;
@@ -304,7 +305,7 @@ impl<F: Firewall> Daemon<F> {
         }
         if matches!(kernel, KernelChange::Replace(..)) {
             match answering(pings, super::read_baseline(&self.firewall)).await {
-                Ok(b) => self.lock().baseline = b,
+                Ok(b) => self.adopt_baseline(b, undo.config.is_none()),
                 Err(e) => tracing::error!("cannot read back the table just applied: {e}"),
             }
         }
@@ -314,6 +315,20 @@ impl<F: Firewall> Daemon<F> {
         drop(st);
         self.expiry_changed.notify_one();
         Ok(())
+    }
+
+    /// Takes the table read back right after a replacement as the baseline. When the
+    /// lockdown itself did not change (`same_lockdown`: a repair) the reading must match
+    /// the baseline it replaced; if it does not, another process changed the table
+    /// between the batch and the reading, and adopting it would make that change look
+    /// like jitd's own: the old baseline stays, so the next check repairs it.
+    fn adopt_baseline(&self, read: super::Fingerprint, same_lockdown: bool) {
+        let mut st = self.lock();
+        if same_lockdown && !st.baseline.is_empty() && read != st.baseline {
+            tracing::warn!("jitd's table changed again right after jitd replaced it; it is checked again");
+            return;
+        }
+        st.baseline = read;
     }
 
     fn appended(&self, appended: super::writer::Appended) {

@@ -45,6 +45,14 @@ pub enum DriftCause {
         /// Its process id.
         pid: u32,
     },
+    /// A check while repairs keep being undone (checks back off): the cause, and the
+    /// streak so far as people read it.
+    Contested {
+        /// What triggered this check.
+        cause: Box<DriftCause>,
+        /// `drift repaired N times in Ts, ...`.
+        streak: String,
+    },
 }
 
 impl fmt::Display for DriftCause {
@@ -55,6 +63,7 @@ impl fmt::Display for DriftCause {
                 let process = if process.is_empty() { "?" } else { process };
                 write!(f, "nftables changed by {process} (pid {pid})")
             }
+            DriftCause::Contested { cause, streak } => write!(f, "{cause}; {streak}"),
         }
     }
 }

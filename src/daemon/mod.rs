@@ -23,7 +23,7 @@ mod changes;
 mod clock;
 mod commit;
 mod drift;
-mod fault;
+pub(crate) mod fault;
 mod queries;
 mod requests;
 mod start;

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use super::commit::{Job, Observed};
 use super::drift::{Checked, DriftCause};
-use super::Daemon;
+use super::{fault, Daemon};
 use crate::domain::Caller;
 use crate::firewall::{monitor, Firewall};
 
@@ -58,17 +59,14 @@ pub async fn run_expiry<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopp
 }
 
 /// Checks the kernel whenever a transaction touches jitd's table (not jitd's own),
-/// and every [`RECONCILE_EVERY`] in any case.
+/// and every [`RECONCILE_EVERY`] in any case. When repairs keep being undone, checks
+/// back off ([`Backoff`]) rather than fight another process in a tight loop.
 pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopping) -> Result<(), String> {
-    let mut events = match monitor::watch() {
-        Ok(rx) => Some(rx),
-        Err(e) => {
-            tracing::warn!("cannot listen to nftables changes ({e}); checking every {RECONCILE_EVERY:?} only");
-            None
-        }
-    };
-    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let every = fault::period("JITD_RECONCILE_MS", RECONCILE_EVERY);
+    let mut events = listen(every);
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backoff = Backoff::default();
     loop {
         let cause = tokio::select! {
             _ = stopped(&mut stopping) => return Ok(()),
@@ -80,27 +78,134 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
             },
         };
         if let Some(rx) = events.as_mut() {
-            // gather the rest of a burst, then read once
-            tokio::time::sleep(DEBOUNCE).await;
-            while rx.try_recv().is_ok() {}
+            gather(rx, DEBOUNCE).await;
         }
-        if !daemon.check_drift(&cause).await {
-            return committer_gone(&stopping);
+        let delay = backoff.delay();
+        if !delay.is_zero() {
+            tokio::select! {
+                _ = stopped(&mut stopping) => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            if let Some(rx) = events.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
         }
+        let cause = match backoff.describe(Instant::now()) {
+            Some(streak) => DriftCause::Contested {
+                cause: Box::new(cause),
+                streak,
+            },
+            None => cause,
+        };
+        match daemon.check_drift(&cause).await {
+            Some(checked) => backoff.note(&checked, Instant::now()),
+            None => return committer_gone(&stopping),
+        }
+    }
+}
+
+/// Subscribes to nftables change events, unless that fails (or the `no-monitor` fault
+/// is injected): then only the periodic check remains.
+fn listen(every: Duration) -> Option<mpsc::UnboundedReceiver<monitor::Generation>> {
+    if fault::injected("no-monitor") {
+        tracing::warn!("injected fault no-monitor: checking every {every:?} only");
+        return None;
+    }
+    match monitor::watch() {
+        Ok(rx) => Some(rx),
+        Err(e) => {
+            tracing::warn!("cannot listen to nftables changes ({e}); checking every {every:?} only");
+            None
+        }
+    }
+}
+
+/// Gathers the rest of a burst of change events: waits `wait`, then takes every event
+/// that came meanwhile, so that the kernel is read once per burst. Returns how many.
+async fn gather<T>(rx: &mut mpsc::UnboundedReceiver<T>, wait: Duration) -> usize {
+    tokio::time::sleep(wait).await;
+    let mut more = 0;
+    while rx.try_recv().is_ok() {
+        more += 1;
+    }
+    more
+}
+
+/// Repairs in a row that are made at once; after them checks are delayed.
+const FREE_REPAIRS: u32 = 5;
+/// The first delay once repairs keep being undone; it doubles with each repair.
+const FIRST_DELAY: Duration = Duration::from_millis(250);
+/// The longest a check is delayed: how long another process's change may last.
+pub const MAX_DELAY: Duration = Duration::from_secs(30);
+/// A repair this long after the previous one starts afresh.
+const STREAK_GAP: Duration = Duration::from_secs(60);
+
+/// Back-off of drift checks while another process keeps undoing jitd's table: after
+/// [`FREE_REPAIRS`] repairs in a row each further check waits twice as long as the
+/// last (from [`FIRST_DELAY`] up to [`MAX_DELAY`]); a clean check, or no repair for
+/// [`STREAK_GAP`], ends it. Pure: the caller passes the time.
+#[derive(Debug, Default, Clone)]
+pub struct Backoff {
+    /// Repairs (or failed repairs) in the current streak.
+    repairs: u32,
+    /// When the first and the latest of them were made.
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl Backoff {
+    /// How long to wait before the next check.
+    pub fn delay(&self) -> Duration {
+        let Some(over) = self.repairs.checked_sub(FREE_REPAIRS) else {
+            return Duration::ZERO;
+        };
+        FIRST_DELAY
+            .checked_mul(1u32.checked_shl(over).unwrap_or(u32::MAX))
+            .map_or(MAX_DELAY, |d| d.min(MAX_DELAY))
+    }
+
+    /// Notes the outcome of a check made at `now`.
+    pub fn note(&mut self, checked: &Checked, now: Instant) {
+        match checked {
+            Checked::Clean => *self = Backoff::default(),
+            Checked::Stale => {}
+            Checked::Repaired(_) | Checked::Failed(_) => {
+                if self
+                    .last
+                    .is_some_and(|last| now.saturating_duration_since(last) > STREAK_GAP)
+                {
+                    *self = Backoff::default();
+                }
+                self.repairs += 1;
+                self.first.get_or_insert(now);
+                self.last = Some(now);
+            }
+        }
+    }
+
+    /// While checks are delayed: what the next repair's record adds to its cause.
+    pub fn describe(&self, now: Instant) -> Option<String> {
+        let first = self.first.filter(|_| self.repairs >= FREE_REPAIRS)?;
+        Some(format!(
+            "drift repaired {} times in {}s, another process keeps changing the table; checked after {}",
+            self.repairs,
+            now.saturating_duration_since(first).as_secs(),
+            humantime::format_duration(self.delay())
+        ))
     }
 }
 
 impl<F: Firewall> Daemon<F> {
     /// Reads the kernel (holding nothing) and has the committer compare and repair.
-    /// Returns `false` when the committer has stopped.
-    pub async fn check_drift(&self, cause: &DriftCause) -> bool {
+    /// Returns `None` when the committer has stopped.
+    pub async fn check_drift(&self, cause: &DriftCause) -> Option<Checked> {
         for _ in 0..STALE_RETRIES {
             let settled = self.lock().settled;
             let table = match self.firewall.read_table(true).await {
                 Ok(table) => table,
                 Err(e) => {
                     tracing::error!("cannot read the kernel's ruleset to check it: {e}");
-                    return true;
+                    return Some(Checked::Failed(e.to_string()));
                 }
             };
             let (reply, answer) = oneshot::channel();
@@ -108,15 +213,15 @@ impl<F: Firewall> Daemon<F> {
                 .submit(Job::Repair(cause.clone(), Observed { table, settled }, reply))
                 .await
             {
-                return false;
+                return None;
             }
             match answer.await {
                 Ok(Checked::Stale) => continue,
-                Ok(_) => return true,
-                Err(_) => return false,
+                Ok(checked) => return Some(checked),
+                Err(_) => return None,
             }
         }
-        true
+        Some(Checked::Stale)
     }
 }
 
@@ -162,5 +267,133 @@ fn committer_gone(stopping: &Stopping) -> Result<(), String> {
         Ok(())
     } else {
         Err("the committer is gone".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::tests::{ask, ask_for, daemon, root};
+    use crate::daemon::Handler;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_grant_made_later_expires_at_its_own_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        let (_stop, stopping) = watch::channel(false);
+        let expiry = tokio::spawn(run_expiry(d.clone(), stopping));
+        assert!(unpaused(d.handle(root(), ask(600))).await.ok);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // the timer sleeps until 600 s; this grant must wake it earlier
+        assert!(unpaused(d.handle(root(), ask_for("192.0.2.8", 10))).await.ok);
+        tokio::time::sleep(Duration::from_millis(9_900)).await;
+        assert_eq!(d.lock().book.len(), 2, "not before its deadline");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            wait(|| d.lock().book.len() == 1).await,
+            "the 10 s grant ended at its deadline"
+        );
+        tokio::time::sleep(Duration::from_secs(585)).await;
+        assert_eq!(d.lock().book.len(), 1, "the 600 s one lives on");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(wait(|| d.lock().book.is_empty()).await, "and then ends too");
+        expiry.abort();
+    }
+
+    /// Runs `work` with the clock running: while a request waits for the writer thread
+    /// (real time), a paused clock would jump to the next timer, the expiry's.
+    async fn unpaused<T>(work: impl std::future::Future<Output = T>) -> T {
+        tokio::time::resume();
+        let out = work.await;
+        tokio::time::pause();
+        out
+    }
+
+    /// Polls `check` for up to 2 s of real time (the writer is a real thread).
+    async fn wait(mut check: impl FnMut() -> bool) -> bool {
+        for _ in 0..400 {
+            if check() {
+                return true;
+            }
+            unpaused(tokio::time::sleep(Duration::from_millis(5))).await;
+        }
+        check()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_change_events_is_read_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sender = tokio::spawn(async move {
+            for i in 0..10u32 {
+                tx.send(i).unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // one more, well after the window: it starts the next round
+            tokio::time::sleep(DEBOUNCE * 5).await;
+            tx.send(99).unwrap();
+        });
+        assert_eq!(rx.recv().await, Some(0), "the first event starts the window");
+        let started = Instant::now();
+        assert_eq!(gather(&mut rx, DEBOUNCE).await, 9, "the rest of the burst");
+        assert_eq!(started.elapsed(), DEBOUNCE, "gathered for the debounce window");
+        assert_eq!(rx.recv().await, Some(99), "a later event is a new round");
+        sender.await.unwrap();
+    }
+
+    fn repaired() -> Checked {
+        Checked::Repaired("element … is missing".into())
+    }
+
+    #[test]
+    fn the_back_off_grows_to_its_cap_and_says_why() {
+        let start = Instant::now();
+        let mut b = Backoff::default();
+        let mut delays = Vec::new();
+        for i in 0..16u64 {
+            delays.push(b.delay());
+            b.note(&repaired(), start + Duration::from_secs(i));
+        }
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(
+            delays[..12],
+            [0, 0, 0, 0, 0, 250, 500, 1000, 2000, 4000, 8000, 16_000].map(ms),
+            "five repairs at once, then doubling"
+        );
+        assert_eq!(delays[12..], [MAX_DELAY; 4], "capped");
+        let note = b.describe(start + Duration::from_secs(20)).unwrap();
+        assert_eq!(
+            note,
+            "drift repaired 16 times in 20s, another process keeps changing the table; checked after 30s"
+        );
+        assert_eq!(b.delay(), MAX_DELAY, "no overflow however long the fight");
+        for _ in 0..100 {
+            b.note(&Checked::Failed("nft refused".into()), start + Duration::from_secs(21));
+        }
+        assert_eq!(b.delay(), MAX_DELAY, "failed repairs count too, still capped");
+    }
+
+    #[test]
+    fn the_back_off_resets_on_a_clean_check_or_after_a_quiet_spell() {
+        let start = Instant::now();
+        let mut b = Backoff::default();
+        assert_eq!(b.describe(start), None, "nothing to say at first");
+        for i in 0..8 {
+            b.note(&repaired(), start + Duration::from_millis(i * 100));
+        }
+        assert!(!b.delay().is_zero());
+        b.note(&Checked::Stale, start + Duration::from_secs(1));
+        assert!(!b.delay().is_zero(), "a stale reading says nothing");
+        b.note(&Checked::Clean, start + Duration::from_secs(1));
+        assert!(b.delay().is_zero(), "clean: back to repairing at once");
+        assert_eq!(b.describe(start + Duration::from_secs(1)), None);
+        for i in 0..8 {
+            b.note(&repaired(), start + Duration::from_secs(2 + i));
+        }
+        assert!(!b.delay().is_zero());
+        b.note(
+            &repaired(),
+            start + Duration::from_secs(9) + STREAK_GAP + Duration::from_secs(1),
+        );
+        assert!(b.delay().is_zero(), "a repair long after the last one starts afresh");
     }
 }

@@ -53,6 +53,7 @@ impl Writer {
             for task in inbox {
                 match task {
                     Task::Append(records, ack) => {
+                        super::fault::hold("writer-stall");
                         let result = append(&mut log, &mut history, &records);
                         let _ = ack.send(result);
                     }

@@ -139,6 +139,8 @@ impl SystemFirewall {
 impl Firewall for SystemFirewall {
     async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
         let started = std::time::Instant::now();
+        let poisoned = crate::daemon::fault::injected("nft-refuse").then(|| refused(batch));
+        let batch = poisoned.as_ref().unwrap_or(batch);
         let result = match self {
             SystemFirewall::Library(f) => f.apply(batch).await,
             SystemFirewall::Program(f) => f.apply(batch).await,
@@ -163,6 +165,21 @@ impl Firewall for SystemFirewall {
             SystemFirewall::Library(f) => f.made_by_us(pid),
             SystemFirewall::Program(f) => f.made_by_us(pid),
         }
+    }
+}
+
+/// Test hook (`JITD_FAULTS=nft-refuse`): `batch` plus a command the kernel refuses (the
+/// deletion of a table that does not exist), so that the whole batch fails.
+fn refused<'a>(batch: &Nftables<'a>) -> Nftables<'a> {
+    use nftables::schema::{NfCmd, NfListObject, NfObject, Table};
+    let mut objects = batch.objects.to_vec();
+    objects.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(Table {
+        family: nftables::types::NfFamily::INet,
+        name: "jitd-injected-fault-no-such-table".into(),
+        handle: None,
+    }))));
+    Nftables {
+        objects: objects.into(),
     }
 }
 

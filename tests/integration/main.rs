@@ -4,6 +4,7 @@
 mod audit_trail;
 mod clock;
 mod config_checks;
+mod core;
 mod fairness;
 mod faults;
 mod grants;

@@ -128,7 +128,7 @@ fn beyond_the_connection_limit_clients_are_told_busy() {
     );
     drop(held);
     assert!(
-        wait_for(Duration::from_secs(5), || jitd.ctl(&["status"]).status.success()),
+        wait_for(Duration::from_secs(20), || jitd.ctl(&["status"]).status.success()),
         "served again once they close"
     );
 }

@@ -94,14 +94,14 @@ fn the_binaries_explain_themselves() {
 
 #[test]
 fn the_unit_file_is_valid_and_hardened() {
-    let Ok(out) = std::process::Command::new("systemd-analyze")
+    // No silent skip: CI installs systemd-analyze (scripts/install-deps, .ci/run).
+    let out = std::process::Command::new("systemd-analyze")
         .args(["security", "--offline=true", "systemd/jitd.service"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-    else {
-        eprintln!("systemd-analyze not installed; skipping");
-        return;
-    };
+        .unwrap_or_else(|e| {
+            panic!("cannot run systemd-analyze ({e}): install the systemd package (scripts/install-deps does)")
+        });
     let report = String::from_utf8_lossy(&out.stdout);
     let level: f64 = report
         .lines()
@@ -196,7 +196,7 @@ fn jitd_runs_as_an_unprivileged_user_with_only_cap_net_admin() {
     let out = net.nft(&["flush", "ruleset"]);
     assert!(out.status.success());
     assert!(
-        wait_for(Duration::from_secs(3), || !can_connect(&net.b, HOST_B4, 22)),
+        wait_for(Duration::from_secs(20), || !can_connect(&net.b, HOST_B4, 22)),
         "drift repaired without root: {}",
         log_text()
     );

@@ -369,7 +369,12 @@ impl Setup {
 
     /// Starts jitd in `ns` and waits until it answers on its socket.
     pub fn start(&self, ns: &str) -> Jitd {
-        let mut jitd = self.spawn(ns, &[]);
+        self.start_with(ns, &[])
+    }
+
+    /// Like [`Setup::start`], with extra environment variables (faults, test knobs).
+    pub fn start_with(&self, ns: &str, envs: &[(&str, &str)]) -> Jitd {
+        let mut jitd = self.spawn(ns, envs);
         let ready = wait_for(Duration::from_secs(15), || {
             if let Some(status) = jitd.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("jitd exited early with {status}: {}", jitd.log_text());
@@ -440,6 +445,24 @@ impl Jitd {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `timeout` for jitd to exit by itself (no signal), panicking with its
+    /// log if it does not.
+    pub fn wait_exit(mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let exited = wait_for(timeout, || child.try_wait().unwrap().is_some());
+        if !exited {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("jitd still running after {timeout:?}: {}", self.log_text());
+        }
+        child.wait().unwrap()
+    }
+
+    /// Whether jitd is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
     }
 
     /// Kills jitd with SIGKILL and reaps it.
