@@ -268,7 +268,13 @@ impl<F: Firewall> Daemon<F> {
         } = tx;
         if !records.is_empty() {
             match answering(pings, self.writer.append(records)).await {
-                Ok(appended) => self.appended(appended),
+                Ok(appended) => {
+                    self.appended(appended);
+                    if let Some(newest) = undo.inserted.iter().max() {
+                        let mut st = self.lock();
+                        st.recorded = st.recorded.max(*newest);
+                    }
+                }
                 Err(e) => {
                     tracing::error!("{e}; the change is refused");
                     undo.apply(&mut self.lock());

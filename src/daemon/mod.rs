@@ -84,6 +84,9 @@ struct State {
     refusals: crate::audit::limit::RefusalLimiter,
     /// Sessions `revoke --terminate` cut, put back whenever the table is rebuilt.
     cuts: crate::firewall::conntrack::CutMemory,
+    /// The highest grant id whose approval is on disk: `status` shows no grant above it
+    /// (booked, but its record not yet written, it may still be refused).
+    recorded: crate::domain::GrantId,
 }
 
 impl State {

@@ -47,6 +47,7 @@ impl<F: Firewall> Daemon<F> {
         let book = &st.book;
         let mut grants: Vec<GrantInfo> = book
             .iter_after(after.map(|c| c.0))
+            .take_while(|g| g.id <= st.recorded)
             .take(limit)
             .map(|g| grant_info_at(g, book.remaining(g.id, now).unwrap_or_default(), wall))
             .collect();

@@ -109,6 +109,7 @@ impl<F: Firewall> Daemon<F> {
             recent: Default::default(),
             refusals: Default::default(),
             cuts: Default::default(),
+            recorded: first_id.saturating_sub(1),
         };
         let daemon = Arc::new(Daemon {
             firewall,
