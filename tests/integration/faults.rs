@@ -24,16 +24,6 @@ fn grant(jitd: &Jitd, port: &str, source: &str, duration: &str) -> u64 {
     reply["grants"][0]["id"].as_u64().unwrap()
 }
 
-fn grant_ids(jitd: &Jitd) -> Vec<u64> {
-    let status = jitd.ctl_json(&["status"]);
-    status["grants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["id"].as_u64().unwrap())
-        .collect()
-}
-
 fn records(setup: &Setup, action: &str) -> Vec<Value> {
     setup.audit().into_iter().filter(|r| r["action"] == action).collect()
 }
@@ -106,7 +96,7 @@ fn a_restart_puts_live_grants_back_records_ended_ones_and_never_opens_the_ports(
         !prober.ever_opened(),
         "the port never opened to others during the restart"
     );
-    assert_eq!(grant_ids(&jitd), vec![long], "only the live grant is back");
+    assert_eq!(jitd.grant_ids(), vec![long], "only the live grant is back");
     assert!(can_connect(&net.a, HOST_A4, 22), "the restored grant works");
     assert!(!can_connect(&net.a, HOST_A4, 3389), "the ended one stays closed");
     let expired = records(&setup, "expire");
@@ -151,7 +141,7 @@ fn a_restart_after_kill_9_takes_the_kernels_remaining_time() {
     assert!(can_connect(&net.a, HOST_A4, 22));
     assert!(wait_for(Duration::from_secs(15), || !can_connect(&net.a, HOST_A4, 22)));
     assert!(
-        wait_for(Duration::from_secs(10), || grant_ids(&jitd).is_empty()),
+        wait_for(Duration::from_secs(10), || jitd.grant_ids().is_empty()),
         "status agrees with the kernel"
     );
 }
@@ -271,12 +261,12 @@ fn reload_applies_a_valid_policy_and_keeps_the_old_one_on_error() {
         text(&out)
     );
     assert!(!can_connect(&net.b, HOST_B4, 3389), "old policy still locks 3389");
-    assert_eq!(grant_ids(&jitd), vec![on22, on3389]);
+    assert_eq!(jitd.grant_ids(), vec![on22, on3389]);
     // a valid one that no longer protects 3389: its grant ends, 22's stays
     setup.write_policy("[[ports]]\nport = 22\n");
     let reply = jitd.ctl_json(&["reload"]);
     assert_eq!(reply["ended"], serde_json::json!([on3389]));
-    assert_eq!(grant_ids(&jitd), vec![on22]);
+    assert_eq!(jitd.grant_ids(), vec![on22]);
     assert!(can_connect(&net.b, HOST_B4, 3389), "3389 is no longer protected");
     assert!(!can_connect(&net.b, HOST_B4, 22));
     assert!(
@@ -473,7 +463,7 @@ fn a_grant_that_cannot_be_audited_is_refused() {
         text(&out)
     );
     assert!(!can_connect(&net.a, HOST_A4, 22), "refused means closed");
-    assert_eq!(grant_ids(&jitd), Vec::<u64>::new());
+    assert_eq!(jitd.grant_ids(), Vec::<u64>::new());
     // space again: requests work again
     std::fs::remove_file(&filler).unwrap();
     grant(&jitd, "22", A4, "1h");
@@ -530,7 +520,7 @@ fn every_reported_approval_is_on_disk_after_kill_9_and_a_torn_line_is_cut() {
         "{}",
         text(&out)
     );
-    let restored = grant_ids(&jitd);
+    let restored = jitd.grant_ids();
     for id in &approved {
         assert!(
             restored.contains(id),

@@ -228,24 +228,7 @@ fn grants_belong_to_their_requester() {
         "socket_group = \"nogroup\"\n{POLICY}requesters = [\"uid:4001\", \"uid:4002\"]\n"
     ));
     let jitd = setup.start(&net.host);
-    let ask = |uid: u32, source: &str, duration: &str| {
-        let out = jitd.ctl_as(
-            uid,
-            65534,
-            &[
-                "--json",
-                "request",
-                "--port",
-                "22",
-                "--source",
-                source,
-                "--duration",
-                duration,
-            ],
-        );
-        assert!(out.status.success(), "{}", text(&out));
-        serde_json::from_slice::<Value>(&out.stdout).unwrap()
-    };
+    let ask = |uid: u32, source: &str, duration: &str| jitd.request_as(uid, "22", source, duration);
     ask(4001, A4, "10m");
     // 4002 asks for the same source and port for one second: 4001's grant stays
     let reply = ask(4002, A4, "1s");

@@ -12,16 +12,6 @@ use crate::util::*;
 
 const POLICY: &str = "[[ports]]\nport = 22\n[[ports]]\nport = 3389\n";
 
-fn grant_ids(jitd: &Jitd) -> Vec<u64> {
-    let status = jitd.ctl_json(&["status"]);
-    status["grants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["id"].as_u64().unwrap())
-        .collect()
-}
-
 fn request(jitd: &Jitd, args: &[&str]) -> std::process::Output {
     let mut all = vec!["--json", "request"];
     all.extend_from_slice(args);
@@ -97,7 +87,7 @@ fn a_crash_in_the_middle_of_a_transaction_restores_none_of_it_and_all_that_was_a
     // restart past the torn grant's end, while the answered grant's timer still runs
     std::thread::sleep(Duration::from_secs(5).saturating_sub(started.elapsed()));
     let jitd = setup.start(&net.host);
-    assert_eq!(grant_ids(&jitd), vec![answered], "{}", jitd.log_text());
+    assert_eq!(jitd.grant_ids(), vec![answered], "{}", jitd.log_text());
     assert!(can_connect(&net.a, HOST_A4, 22), "the answered grant is live again");
     assert!(!can_connect(&net.a, HOST_A4, 3389), "nothing of the torn transaction");
     assert_whole_and_verified(&setup, &jitd);
@@ -187,7 +177,7 @@ fn a_full_disk_refuses_requests_and_leaves_no_partial_record_behind() {
     assert!(can_connect(&net.b, HOST_B4, 22));
     jitd.kill();
     let jitd = setup.start(&net.host);
-    assert!(grant_ids(&jitd).contains(&approved), "{}", jitd.log_text());
+    assert!(jitd.grant_ids().contains(&approved), "{}", jitd.log_text());
     assert!(
         can_connect(&net.b, HOST_B4, 22),
         "the grant approved after the full disk is live again"
@@ -251,7 +241,7 @@ fn start_up_reads_only_the_journal_after_the_checkpoint() {
         })
         .unwrap_or_else(|| panic!("start-up did not read from the checkpoint on: {log}"));
     assert!(read * 4 < history, "start-up read {read} of {history} bytes of history");
-    let mut restored = grant_ids(&jitd);
+    let mut restored = jitd.grant_ids();
     restored.sort_unstable();
     assert_eq!(restored, ids, "every grant is back");
     assert!(

@@ -30,23 +30,9 @@ const ROLE: &str = "requesters = [\"uid:4242\"]";
 
 /// Requests port 22 for `source` as uid 4242 for `duration`; returns the grant id.
 fn grant_as_requester(jitd: &Jitd, source: &str, duration: &str) -> u64 {
-    let out = jitd.ctl_as(
-        REQUESTER,
-        NOGROUP,
-        &[
-            "--json",
-            "request",
-            "--port",
-            "22",
-            "--source",
-            source,
-            "--duration",
-            duration,
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
-    reply["grants"][0]["id"].as_u64().unwrap()
+    jitd.request_as(REQUESTER, "22", source, duration)["grants"][0]["id"]
+        .as_u64()
+        .unwrap()
 }
 
 fn grants(jitd: &Jitd) -> Vec<Value> {

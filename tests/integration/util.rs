@@ -417,6 +417,35 @@ impl Jitd {
         serde_json::from_slice(&out.stdout).expect("jitctl --json prints JSON")
     }
 
+    /// The ids of the live grants, as `jitctl status` lists them.
+    pub fn grant_ids(&self) -> Vec<u64> {
+        let status = self.ctl_json(&["status"]);
+        status["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_u64().unwrap())
+            .collect()
+    }
+
+    /// Requests `port` for `source` for `duration` as `uid` (group 65534); the reply,
+    /// which must be a success.
+    pub fn request_as(&self, uid: u32, port: &str, source: &str, duration: &str) -> serde_json::Value {
+        let args = [
+            "--json",
+            "request",
+            "--port",
+            port,
+            "--source",
+            source,
+            "--duration",
+            duration,
+        ];
+        let out = self.ctl_as(uid, 65534, &args);
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
     /// jitd's pid.
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
