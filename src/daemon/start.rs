@@ -107,7 +107,7 @@ impl<F: Firewall> Daemon<F> {
             begun: 0,
             settled: 0,
             recent: Default::default(),
-            refusals: Default::default(),
+            refusals: refusal_limiter(),
             cuts: Default::default(),
             recorded: first_id.saturating_sub(1),
         };
@@ -301,6 +301,16 @@ fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), Sta
         );
     }
     Ok((saved, history))
+}
+
+/// The refusal limiter: 20 refusals per uid per minute in full. Debug builds take the
+/// interval from `JITD_REFUSAL_INTERVAL_MS`, so tests need not wait a minute.
+fn refusal_limiter() -> crate::audit::limit::RefusalLimiter {
+    let mut limits = crate::audit::limit::Limits::default();
+    let default = limits.interval.to_std().unwrap_or(Duration::from_secs(60));
+    let interval = super::fault::period("JITD_REFUSAL_INTERVAL_MS", default);
+    limits.interval = chrono::TimeDelta::from_std(interval).unwrap_or(limits.interval);
+    crate::audit::limit::RefusalLimiter::new(limits)
 }
 
 /// What start-up found to restore from.
