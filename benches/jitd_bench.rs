@@ -1,6 +1,7 @@
 //! jitd's benchmark: what a grant costs, how far jitd scales, what the lockdown costs
-//! the packet path compared with no firewall and with a one-rule-per-grant chain, and
-//! how soon an expired grant refuses new connections.
+//! the packet path compared with no firewall and with a one-rule-per-grant chain, how
+//! soon an expired grant refuses new connections, what a busy nftables neighbour costs
+//! requests, and how long repair, status and restart take with many live grants.
 //!
 //! `scripts/bench` (cargo bench) runs it in full; under `cargo test` it runs a small
 //! smoke version (N = 1,000, a few hundred requests) and checks its own JSON.
@@ -14,6 +15,8 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -28,6 +31,13 @@ struct Plan {
     packet_grants: Vec<usize>,
     connections: usize,
     expiry_secs: Vec<u64>,
+    /// Live grants for the quiet-vs-neighbour runs; the largest also gets the
+    /// repair, status and restart figures.
+    neighbour_n: Vec<usize>,
+    /// Quiet and neighbour blocks alternate this many times each.
+    blocks: usize,
+    /// Sequential requests per block.
+    per_block: usize,
     out: PathBuf,
 }
 
@@ -44,6 +54,9 @@ fn plan() -> Plan {
             packet_grants: vec![0, 1_000, 100_000],
             connections: 3000,
             expiry_secs: vec![1, 2, 3, 4, 5],
+            neighbour_n: vec![20_000, 100_000],
+            blocks: 5,
+            per_block: 400,
             out: target.join("results.json"),
         }
     } else {
@@ -56,6 +69,9 @@ fn plan() -> Plan {
             packet_grants: vec![0, 1_000],
             connections: 200,
             expiry_secs: vec![1],
+            neighbour_n: vec![1_000],
+            blocks: 2,
+            per_block: 40,
             out: target.join("smoke.json"),
         }
     }
@@ -73,12 +89,17 @@ fn main() {
             ("scale", bench_scale),
             ("packet_path", bench_packet_path),
             ("expiry", bench_expiry),
+            ("neighbour", bench_neighbour),
         ] {
             if wanted(name) {
                 results[name] = run(&plan);
             }
         }
         println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        if wanted("neighbour") {
+            print_neighbour(&results["neighbour"]);
+            check_neighbour(&results["neighbour"]);
+        }
         return;
     }
     let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
@@ -86,11 +107,13 @@ fn main() {
     results["scale"] = bench_scale(&plan);
     results["packet_path"] = bench_packet_path(&plan);
     results["expiry"] = bench_expiry(&plan);
+    results["neighbour"] = bench_neighbour(&plan);
     print_table(&results);
     std::fs::create_dir_all(plan.out.parent().unwrap()).unwrap();
     std::fs::write(&plan.out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
     check_shape(&std::fs::read(&plan.out).unwrap());
     println!("\nwritten to {}", plan.out.display());
+    check_neighbour(&results["neighbour"]);
 }
 
 /// The JSON must parse back and hold every figure (what the smoke run asserts).
@@ -110,10 +133,53 @@ fn check_shape(bytes: &[u8]) {
         "/packet_path/0/ratio_p50",
         "/expiry/mean_ms",
         "/expiry/max_ms",
+        "/neighbour/0/n",
+        "/neighbour/0/quiet/p50_ms",
+        "/neighbour/0/quiet/p99_ms",
+        "/neighbour/0/neighbour/p50_ms",
+        "/neighbour/0/neighbour/p99_ms",
+        "/neighbour/0/neighbour/commits_per_s",
+        "/neighbour/0/ratio_p50",
+        "/neighbour/0/ratio_p99",
+        "/neighbour/0/repairs_during_run",
+        "/neighbour/0/kernel_reads_for_neighbour",
+        "/neighbour/0/large/repair_element_s",
+        "/neighbour/0/large/repair_rule_s",
+        "/neighbour/0/large/status_json_s",
+        "/neighbour/0/large/status_rss_mb_peak",
+        "/neighbour/0/large/stop_s",
+        "/neighbour/0/large/restart_ready_s",
+        "/neighbour/0/large/restart_answers_s",
     ] {
         assert!(
             v.pointer(path).is_some_and(Value::is_number),
             "results lack the number {path}"
+        );
+    }
+    assert!(
+        v.pointer("/neighbour/0/neighbour_table_untouched")
+            .is_some_and(Value::is_boolean),
+        "results lack neighbour_table_untouched"
+    );
+}
+
+/// What the neighbour runs must show whatever the timings: the neighbour's table is
+/// as it was, jitd filed no repair and read the kernel for none of its commits.
+/// Checked after the results are written, so a failing run still leaves its figures.
+fn check_neighbour(rows: &Value) {
+    for row in rows.as_array().expect("neighbour rows") {
+        let n = &row["n"];
+        assert_eq!(
+            row["neighbour_table_untouched"], true,
+            "N = {n}: the neighbour's table changed"
+        );
+        assert_eq!(
+            row["repairs_during_run"], 0,
+            "N = {n}: jitd filed a repair during the neighbour run"
+        );
+        assert_eq!(
+            row["kernel_reads_for_neighbour"], 0,
+            "N = {n}: jitd read the kernel for the neighbour's commits"
         );
     }
 }
@@ -392,6 +458,307 @@ fn bench_expiry(plan: &Plan) -> Value {
     json!({"grants_s": plan.expiry_secs, "delays_ms": delays, "mean_ms": mean, "max_ms": max})
 }
 
+/// How often the neighbour commits to its own table.
+const NEIGHBOUR_HZ: u32 = 50;
+
+/// The neighbour's table: a set, and a rule that uses it, so a listing shows both.
+const NEIGHBOUR_TABLE: &str = "table inet neighbour {\n set blocked { type ipv4_addr; }\n chain input {\n  type filter hook input priority 10; policy accept;\n  ip saddr @blocked counter drop\n }\n}\n";
+
+/// Another firewall manager on the same host (Docker, fail2ban): a separate `nft -i`
+/// process in the host namespace that, while active, commits [`NEIGHBOUR_HZ`] times a
+/// second to `inet neighbour`, each commit adding and deleting one element.
+struct Neighbour {
+    child: std::process::Child,
+    active: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Neighbour {
+    fn start(net: &Net) -> Neighbour {
+        nft_script(net, NEIGHBOUR_TABLE);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &net.host, "nft", "-i"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nft -i");
+        let mut stdin = child.stdin.take().unwrap();
+        let (active, done, commits) = Default::default();
+        let (a, d, c): (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU64>) =
+            (Arc::clone(&active), Arc::clone(&done), Arc::clone(&commits));
+        let writer = std::thread::spawn(move || {
+            let period = Duration::from_secs(1) / NEIGHBOUR_HZ;
+            let mut next = Instant::now();
+            while !d.load(Ordering::SeqCst) {
+                if a.load(Ordering::SeqCst) {
+                    let i = c.fetch_add(1, Ordering::SeqCst) % 250 + 1;
+                    let line = format!(
+                        "add element inet neighbour blocked {{ 192.0.2.{i} }}; delete element inet neighbour blocked {{ 192.0.2.{i} }}\n"
+                    );
+                    stdin.write_all(line.as_bytes()).expect("the neighbour's nft -i runs");
+                }
+                next += period;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+        Neighbour {
+            child,
+            active,
+            done,
+            commits,
+            writer: Some(writer),
+        }
+    }
+
+    fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::SeqCst);
+    }
+
+    /// The neighbour's pid as the kernel reports it (`ip netns exec` execs nft).
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it; returns how many commits it made. Fails if any of them failed.
+    fn finish(self) -> u64 {
+        let Neighbour {
+            child,
+            done,
+            commits,
+            writer,
+            ..
+        } = self;
+        done.store(true, Ordering::SeqCst);
+        // the writer owns nft's stdin: when it ends, nft reads EOF and exits
+        writer.expect("running").join().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.stderr.is_empty(),
+            "the neighbour's commits failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        commits.load(Ordering::SeqCst)
+    }
+}
+
+/// Loads an nft script in the host namespace.
+fn nft_script(net: &Net, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.host, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nft -f -");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nft -f -: {}", text(&out));
+}
+
+/// The neighbour's table as `nft list table` prints it.
+fn neighbour_listing(net: &Net) -> String {
+    let out = net.nft(&["list", "table", "inet", "neighbour"]);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// How many `repair` records jitd's audit files hold.
+fn repair_records(setup: &Setup) -> usize {
+    std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .matches("\"action\":\"repair\"")
+                .count()
+        })
+        .sum()
+}
+
+fn summary(times: &mut [Duration]) -> Value {
+    times.sort();
+    json!({"requests": times.len(), "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99), "max_ms": percentile(times, 1.0)})
+}
+
+/// For each N: N live grants, then sequential requests in alternating quiet and
+/// neighbour blocks (so load from elsewhere on the machine falls on both alike); the
+/// largest N also gets the repair, status and restart figures.
+fn bench_neighbour(plan: &Plan) -> Value {
+    let largest = plan.neighbour_n.iter().copied().max().unwrap_or(0);
+    let rows = plan.neighbour_n.iter().map(|&n| neighbour_row(plan, n, n == largest));
+    Value::Array(rows.collect())
+}
+
+fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    let jitd = setup.start(&net.host);
+    let socket = setup.socket();
+    let neighbour = Neighbour::start(&net);
+    load(&socket, 0, n, 16, 24 * 3600);
+    let before = neighbour_listing(&net);
+    let repairs_before = repair_records(&setup);
+    let (mut quiet, mut busy) = (Vec::new(), Vec::new());
+    let mut next = n;
+    let mut busy_time = Duration::ZERO;
+    for _ in 0..plan.blocks {
+        quiet.extend(load(&socket, next, plan.per_block, 1, 3600).0);
+        next += plan.per_block;
+        neighbour.set_active(true);
+        // let it run a moment first, so the block sees a neighbour in full swing
+        std::thread::sleep(Duration::from_millis(200));
+        let (times, wall) = load(&socket, next, plan.per_block, 1, 3600);
+        neighbour.set_active(false);
+        busy.extend(times);
+        busy_time += wall + Duration::from_millis(200);
+        next += plan.per_block;
+    }
+    let pid = neighbour.pid();
+    let commits = neighbour.finish();
+    // a reaction would come within the debounce; give it ample time
+    std::thread::sleep(Duration::from_millis(500));
+    let untouched = neighbour_listing(&net) == before;
+    let repairs = repair_records(&setup) - repairs_before;
+    let reads = jitd
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("reading the kernel") && l.contains(&format!("(pid {pid})")))
+        .count();
+    let (quiet, busy) = (summary(&mut quiet), summary(&mut busy));
+    let ratio = |key: &str| busy[key].as_f64().unwrap() / quiet[key].as_f64().unwrap();
+    let mut row = json!({"n": n, "quiet": quiet, "ratio_p50": ratio("p50_ms"), "ratio_p99": ratio("p99_ms"),
+        "neighbour_table_untouched": untouched, "repairs_during_run": repairs, "kernel_reads_for_neighbour": reads});
+    row["neighbour"] = busy;
+    row["neighbour"]["commits"] = json!(commits);
+    row["neighbour"]["commits_per_s"] = json!(commits as f64 / busy_time.as_secs_f64());
+    if large {
+        row["large"] = large_figures(&net, &setup, jitd, next);
+    }
+    row
+}
+
+/// Repair, status and restart with `live` grants in place (sources 0..live).
+fn large_figures(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> Value {
+    let repair_element_s = repair_element(net);
+    let repair_rule_s = repair_rule(net);
+    let rss_before = rss_mb(jitd.pid());
+    let (status_json_s, rss_peak, listed) = status_with_rss(&jitd);
+    assert_eq!(listed, Some(live), "status lists every live grant");
+    let (stop_s, restart_ready_s, restart_answers_s) = restart(net, setup, jitd, live);
+    json!({"grants": live, "repair_element_s": repair_element_s, "repair_rule_s": repair_rule_s,
+        "status_json_s": status_json_s, "status_rss_mb_before": rss_before, "status_rss_mb_peak": rss_peak,
+        "stop_s": stop_s, "restart_ready_s": restart_ready_s, "restart_answers_s": restart_answers_s})
+}
+
+/// Polls the kernel (every 10 ms, up to 60 s) until `check` holds; the time it took.
+fn until_kernel(what: &str, mut check: impl FnMut() -> bool) -> f64 {
+    let start = Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "jitd did not repair {what} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    start.elapsed().as_secs_f64()
+}
+
+/// Deletes the first grant's element behind jitd's back; seconds until it is back.
+fn repair_element(net: &Net) -> f64 {
+    let element = format!("{{ {} . tcp . 22 }}", source(0));
+    let out = net.nft(&["delete", "element", "inet", "jitd", "grants4", &element]);
+    assert!(out.status.success(), "{}", text(&out));
+    until_kernel("a deleted element", || {
+        net.nft(&["get", "element", "inet", "jitd", "grants4", &element])
+            .status
+            .success()
+    })
+}
+
+/// The rules of jitd's input chain: (text, handle).
+fn input_rules(net: &Net) -> Vec<(String, String)> {
+    let out = net.nft(&["-a", "list", "chain", "inet", "jitd", "input"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("hook input") && !l.trim_start().starts_with("chain"))
+        .filter_map(|l| l.split_once(" # handle "))
+        .map(|(rule, handle)| (rule.trim().to_string(), handle.to_string()))
+        .collect()
+}
+
+/// Deletes the last rule of jitd's input chain; seconds until the chain is whole again
+/// (the same rules in the same order; a repair may give them new handles).
+fn repair_rule(net: &Net) -> f64 {
+    let texts = |rules: Vec<(String, String)>| rules.into_iter().map(|(t, _)| t).collect::<Vec<_>>();
+    let rules = input_rules(net);
+    let (_, last) = rules.last().expect("jitd's input chain has rules").clone();
+    let whole = texts(rules);
+    let out = net.nft(&["delete", "rule", "inet", "jitd", "input", "handle", &last]);
+    assert!(out.status.success(), "{}", text(&out));
+    until_kernel("a deleted rule", || texts(input_rules(net)) == whole)
+}
+
+/// `jitctl --json status`: wall time, jitd's peak RSS while it ran (sampled every
+/// 5 ms), and how many grants it listed (if the reply has a `grants` array).
+fn status_with_rss(jitd: &Jitd) -> (f64, f64, Option<usize>) {
+    let pid = jitd.pid();
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&running);
+    let sampler = std::thread::spawn(move || {
+        let mut peak = rss_mb(pid);
+        while flag.load(Ordering::SeqCst) {
+            peak = peak.max(rss_mb(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let start = Instant::now();
+    let out = jitd.ctl(&["--json", "status"]);
+    let took = start.elapsed().as_secs_f64();
+    running.store(false, Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["grants"].as_array().map(Vec::len));
+    (took, peak, listed)
+}
+
+/// SIGTERM, then a new jitd: seconds to exit, to READY=1 and to answering `status`
+/// with all `live` grants.
+fn restart(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> (f64, f64, f64) {
+    let start = Instant::now();
+    let status = jitd.stop(Duration::from_secs(60));
+    let stop_s = start.elapsed().as_secs_f64();
+    assert!(status.success(), "jitd exits cleanly on SIGTERM: {status}");
+    let notify_path = setup.dir.path().join("notify-restart.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let start = Instant::now();
+    let jitd = setup.spawn(&net.host, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut buf = [0u8; 512];
+    loop {
+        let got = notify.recv(&mut buf).expect("READY=1 from the restarted jitd");
+        if String::from_utf8_lossy(&buf[..got]).contains("READY=1") {
+            break;
+        }
+    }
+    let ready_s = start.elapsed().as_secs_f64();
+    assert!(wait_for(Duration::from_secs(60), || jitd
+        .ctl(&["status"])
+        .status
+        .success()));
+    let answers_s = start.elapsed().as_secs_f64();
+    let back = jitd.ctl_json(&["status"])["grants"].as_array().map(Vec::len);
+    assert_eq!(back, Some(live), "every grant is back after the restart");
+    (stop_s, ready_s, answers_s)
+}
+
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let m = &r["machine"];
@@ -453,4 +820,48 @@ fn print_table(r: &Value) {
         f(&e["max_ms"]),
         e["grants_s"]
     );
+    print_neighbour(&r["neighbour"]);
+}
+
+fn print_neighbour(rows: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\n5. Requests with a neighbour committing to its own table (sequential, alternating blocks)\n   {:>7}  {:>15}  {:>15}  {:>15}  {:>9}  {:>9}  {:>10}  {:>7}  {:>12}",
+        "N", "quiet p50/p99", "neigh. p50/p99", "neigh. commits/s", "p50 ratio", "p99 ratio", "untouched", "repairs", "kernel reads"
+    );
+    for row in rows.as_array().unwrap() {
+        let (q, b) = (&row["quiet"], &row["neighbour"]);
+        println!(
+            "   {:>7}  {:>7.2}/{:<7.2}  {:>7.2}/{:<7.2}  {:>16.1}  {:>9.2}  {:>9.2}  {:>10}  {:>7}  {:>12}",
+            row["n"].as_u64().unwrap_or(0),
+            f(&q["p50_ms"]),
+            f(&q["p99_ms"]),
+            f(&b["p50_ms"]),
+            f(&b["p99_ms"]),
+            f(&b["commits_per_s"]),
+            f(&row["ratio_p50"]),
+            f(&row["ratio_p99"]),
+            row["neighbour_table_untouched"],
+            row["repairs_during_run"],
+            row["kernel_reads_for_neighbour"]
+        );
+    }
+    for row in rows.as_array().unwrap() {
+        let l = &row["large"];
+        if l.is_null() {
+            continue;
+        }
+        println!(
+            "\n6. With {} live grants\n   repair of a deleted element {:.3} s, of a deleted rule {:.3} s\n   status --json {:.3} s, jitd RSS {:.1} MB before, {:.1} MB peak during it\n   restart: SIGTERM to exit {:.2} s, new jitd to READY=1 {:.2} s, to answering {:.2} s",
+            l["grants"],
+            f(&l["repair_element_s"]),
+            f(&l["repair_rule_s"]),
+            f(&l["status_json_s"]),
+            f(&l["status_rss_mb_before"]),
+            f(&l["status_rss_mb_peak"]),
+            f(&l["stop_s"]),
+            f(&l["restart_ready_s"]),
+            f(&l["restart_answers_s"])
+        );
+    }
 }

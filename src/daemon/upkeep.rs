@@ -84,6 +84,7 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
             tokio::time::sleep(DEBOUNCE).await;
             while rx.try_recv().is_ok() {}
         }
+        tracing::debug!("reading the kernel to check for drift: {cause}");
         if !daemon.check_drift(&cause).await {
             return committer_gone(&stopping);
         }
