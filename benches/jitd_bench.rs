@@ -628,6 +628,7 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
         busy_time += wall + Duration::from_millis(200);
         next += plan.per_block;
     }
+    let rss_installed = rss_mb(jitd.pid());
     let pid = neighbour.pid();
     let commits = neighbour.finish();
     // a reaction would come within the debounce; give it ample time
@@ -646,6 +647,7 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
     row["neighbour"] = busy;
     row["neighbour"]["commits"] = json!(commits);
     row["neighbour"]["commits_per_s"] = json!(commits as f64 / busy_time.as_secs_f64());
+    row["rss_mb"] = json!(rss_installed);
     if large {
         row["large"] = large_figures(&net, &setup, jitd, next);
     }
