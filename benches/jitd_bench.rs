@@ -154,6 +154,7 @@ fn check_shape(bytes: &[u8]) {
         "/neighbour/0/repairs_during_run",
         "/neighbour/0/kernel_reads_for_neighbour",
         "/neighbour/0/large/repair_element_s",
+        "/neighbour/0/large/request_max_ms_during_repair",
         "/neighbour/0/large/repair_rule_s",
         "/neighbour/0/large/status_json_s",
         "/neighbour/0/large/status_rss_mb_peak",
@@ -656,13 +657,15 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
 
 /// Repair, status and restart with `live` grants in place (sources 0..live).
 fn large_figures(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> Value {
-    let repair_element_s = repair_element(net);
+    let (repair_element_s, slowest_ms, made) = repair_element(net, &setup.socket(), live);
+    let live = live + made;
     let repair_rule_s = repair_rule(net);
     let rss_before = rss_mb(jitd.pid());
     let (status_json_s, rss_peak, listed) = status_with_rss(&jitd);
     assert_eq!(listed, Some(live), "status lists every live grant");
     let (stop_s, restart_ready_s, restart_answers_s) = restart(net, setup, jitd, live);
-    json!({"grants": live, "repair_element_s": repair_element_s, "repair_rule_s": repair_rule_s,
+    json!({"grants": live, "repair_element_s": repair_element_s, "requests_during_repair": made,
+        "request_max_ms_during_repair": slowest_ms, "repair_rule_s": repair_rule_s,
         "status_json_s": status_json_s, "status_rss_mb_before": rss_before, "status_rss_mb_peak": rss_peak,
         "stop_s": stop_s, "restart_ready_s": restart_ready_s, "restart_answers_s": restart_answers_s})
 }
@@ -680,16 +683,31 @@ fn until_kernel(what: &str, mut check: impl FnMut() -> bool) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Deletes the first grant's element behind jitd's back; seconds until it is back.
-fn repair_element(net: &Net) -> f64 {
+/// Deletes the first grant's element behind jitd's back; seconds until it is back,
+/// and the slowest of the requests made meanwhile (sources from `first` on, one at a
+/// time) with how many there were: whether the repair held the request path.
+fn repair_element(net: &Net, socket: &Path, first: usize) -> (f64, f64, usize) {
     let element = format!("{{ {} . tcp . 22 }}", source(0));
+    let repaired = Arc::new(AtomicBool::new(false));
     let out = net.nft(&["delete", "element", "inet", "jitd", "grants4", &element]);
     assert!(out.status.success(), "{}", text(&out));
-    until_kernel("a deleted element", || {
+    let (flag, socket) = (Arc::clone(&repaired), socket.to_path_buf());
+    let requests = std::thread::spawn(move || {
+        let mut times = Vec::new();
+        while !flag.load(Ordering::SeqCst) {
+            times.push(timed_request(&socket, &source(first + times.len()), 3600));
+        }
+        times
+    });
+    let took = until_kernel("a deleted element", || {
         net.nft(&["get", "element", "inet", "jitd", "grants4", &element])
             .status
             .success()
-    })
+    });
+    repaired.store(true, Ordering::SeqCst);
+    let times = requests.join().unwrap();
+    let slowest = times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+    (took, slowest, times.len())
 }
 
 /// The rules of jitd's input chain: (text, handle).
@@ -864,9 +882,11 @@ fn print_neighbour(rows: &Value) {
             continue;
         }
         println!(
-            "\n6. With {} live grants\n   repair of a deleted element {:.3} s, of a deleted rule {:.3} s\n   status --json {:.3} s, jitd RSS {:.1} MB before, {:.1} MB peak during it\n   restart: SIGTERM to exit {:.2} s, new jitd to READY=1 {:.2} s, to answering {:.2} s",
+            "\n6. With {} live grants\n   repair of a deleted element {:.3} s ({} requests meanwhile, slowest {:.1} ms), of a deleted rule {:.3} s\n   status --json {:.3} s, jitd RSS {:.1} MB before, {:.1} MB peak during it\n   restart: SIGTERM to exit {:.2} s, new jitd to READY=1 {:.2} s, to answering {:.2} s",
             l["grants"],
             f(&l["repair_element_s"]),
+            l["requests_during_repair"],
+            f(&l["request_max_ms_during_repair"]),
             f(&l["repair_rule_s"]),
             f(&l["status_json_s"]),
             f(&l["status_rss_mb_before"]),
