@@ -153,17 +153,27 @@ fn check_shape(bytes: &[u8]) {
         "/neighbour/0/ratio_p99",
         "/neighbour/0/repairs_during_run",
         "/neighbour/0/kernel_reads_for_neighbour",
-        "/neighbour/0/large/repair_element_s",
-        "/neighbour/0/large/request_max_ms_during_repair",
-        "/neighbour/0/large/repair_rule_s",
-        "/neighbour/0/large/status_json_s",
-        "/neighbour/0/large/status_rss_mb_peak",
-        "/neighbour/0/large/stop_s",
-        "/neighbour/0/large/restart_ready_s",
-        "/neighbour/0/large/restart_answers_s",
     ] {
         assert!(
             v.pointer(path).is_some_and(Value::is_number),
+            "results lack the number {path}"
+        );
+    }
+    // the largest N (the last row) has the repair, status and restart figures
+    let last = v["neighbour"].as_array().map_or(0, Vec::len).saturating_sub(1);
+    for key in [
+        "repair_element_s",
+        "request_max_ms_during_repair",
+        "repair_rule_s",
+        "status_json_s",
+        "status_rss_mb_peak",
+        "stop_s",
+        "restart_ready_s",
+        "restart_answers_s",
+    ] {
+        let path = format!("/neighbour/{last}/large/{key}");
+        assert!(
+            v.pointer(&path).is_some_and(Value::is_number),
             "results lack the number {path}"
         );
     }
@@ -576,19 +586,27 @@ fn neighbour_listing(net: &Net) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// How many `repair` records jitd's audit files hold.
-fn repair_records(setup: &Setup) -> usize {
-    std::fs::read_dir(setup.state_dir())
+/// The `repair` records jitd's audit files hold, as JSON lines.
+fn repair_records(setup: &Setup) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(setup.state_dir())
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("audit"))
-        .map(|e| {
-            std::fs::read_to_string(e.path())
-                .unwrap_or_default()
-                .matches("\"action\":\"repair\"")
-                .count()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("audit")))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains("\"action\":\"repair\""))
+                .map(str::to_string)
+                .collect();
+            lines
         })
-        .sum()
+        .collect()
 }
 
 fn summary(times: &mut [Duration]) -> Value {
@@ -635,7 +653,10 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
     // a reaction would come within the debounce; give it ample time
     std::thread::sleep(Duration::from_millis(500));
     let untouched = neighbour_listing(&net) == before;
-    let repairs = repair_records(&setup) - repairs_before;
+    let repairs: Vec<String> = repair_records(&setup)
+        .into_iter()
+        .filter(|r| !repairs_before.contains(r))
+        .collect();
     let reads = jitd
         .log_text()
         .lines()
@@ -644,11 +665,17 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
     let (quiet, busy) = (summary(&mut quiet), summary(&mut busy));
     let ratio = |key: &str| busy[key].as_f64().unwrap() / quiet[key].as_f64().unwrap();
     let mut row = json!({"n": n, "quiet": quiet, "ratio_p50": ratio("p50_ms"), "ratio_p99": ratio("p99_ms"),
-        "neighbour_table_untouched": untouched, "repairs_during_run": repairs, "kernel_reads_for_neighbour": reads});
+        "neighbour_table_untouched": untouched, "repairs_during_run": repairs.len(), "kernel_reads_for_neighbour": reads});
     row["neighbour"] = busy;
     row["neighbour"]["commits"] = json!(commits);
     row["neighbour"]["commits_per_s"] = json!(commits as f64 / busy_time.as_secs_f64());
     row["rss_mb"] = json!(rss_installed);
+    // what jitd said it found, if it repaired anything (the check below then fails)
+    row["repair_reasons"] = repairs
+        .iter()
+        .take(5)
+        .map(|r| serde_json::from_str::<Value>(r).map_or(Value::Null, |v| v["reason"].clone()))
+        .collect();
     if large {
         row["large"] = large_figures(&net, &setup, jitd, next);
     }
@@ -875,6 +902,11 @@ fn print_neighbour(rows: &Value) {
             row["repairs_during_run"],
             row["kernel_reads_for_neighbour"]
         );
+    }
+    for row in rows.as_array().unwrap() {
+        for reason in row["repair_reasons"].as_array().into_iter().flatten() {
+            println!("   N = {}: jitd repaired: {}", row["n"], reason.as_str().unwrap_or("?"));
+        }
     }
     for row in rows.as_array().unwrap() {
         let l = &row["large"];
