@@ -629,6 +629,9 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
     let jitd = setup.start(&net.host);
     let socket = setup.socket();
     let neighbour = Neighbour::start(&net);
+    if large {
+        serve_echo(&net.host, 22);
+    }
     load(&socket, 0, n, 16, 24 * 3600);
     let before = neighbour_listing(&net);
     let repairs_before = repair_records(&setup);
@@ -684,8 +687,13 @@ fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
 
 /// Repair, status and restart with `live` grants in place (sources 0..live).
 fn large_figures(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> Value {
+    timed_request(&setup.socket(), A4, 3600);
+    assert!(
+        until_connects(net, "client a's grant") < 1.0,
+        "client a connects with its grant"
+    );
     let (repair_element_s, slowest_ms, made) = repair_element(net, &setup.socket(), live);
-    let live = live + made;
+    let live = live + 1 + made;
     let repair_rule_s = repair_rule(net);
     let rss_before = rss_mb(jitd.pid());
     let (status_json_s, rss_peak, listed) = status_with_rss(&jitd);
@@ -697,27 +705,35 @@ fn large_figures(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> Value {
         "stop_s": stop_s, "restart_ready_s": restart_ready_s, "restart_answers_s": restart_answers_s})
 }
 
-/// Polls the kernel (every 10 ms, up to 60 s) until `check` holds; the time it took.
-fn until_kernel(what: &str, mut check: impl FnMut() -> bool) -> f64 {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "jitd did not repair {what} within 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    start.elapsed().as_secs_f64()
+/// Seconds until client a can open a new connection to the host's port 22 again
+/// (a fresh attempt every 10 ms, each given 100 ms), up to 120 s.
+fn until_connects(net: &Net, what: &str) -> f64 {
+    let target = SocketAddr::new(HOST_A4.parse::<IpAddr>().unwrap(), 22);
+    in_ns(&net.a, || {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+                reset_on_close(&s);
+                return start.elapsed().as_secs_f64();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "jitd did not repair {what} within 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
 }
 
-/// Deletes the first grant's element behind jitd's back; seconds until it is back,
-/// and the slowest of the requests made meanwhile (sources from `first` on, one at a
-/// time) with how many there were: whether the repair held the request path.
+/// Deletes client a's grant element behind jitd's back; seconds until a connects
+/// again, and the slowest of the requests made meanwhile (sources from `first` on, one
+/// at a time) with how many there were: whether the repair held the request path.
+/// (Polling with `nft get element` would not do: nft 1.0.6 fetches the whole set.)
 fn repair_element(net: &Net, socket: &Path, first: usize) -> (f64, f64, usize) {
-    let element = format!("{{ {} . tcp . 22 }}", source(0));
-    let repaired = Arc::new(AtomicBool::new(false));
+    let element = format!("{{ {A4} . tcp . 22 }}");
     let out = net.nft(&["delete", "element", "inet", "jitd", "grants4", &element]);
     assert!(out.status.success(), "{}", text(&out));
+    let repaired = Arc::new(AtomicBool::new(false));
     let (flag, socket) = (Arc::clone(&repaired), socket.to_path_buf());
     let requests = std::thread::spawn(move || {
         let mut times = Vec::new();
@@ -726,38 +742,27 @@ fn repair_element(net: &Net, socket: &Path, first: usize) -> (f64, f64, usize) {
         }
         times
     });
-    let took = until_kernel("a deleted element", || {
-        net.nft(&["get", "element", "inet", "jitd", "grants4", &element])
-            .status
-            .success()
-    });
+    let took = until_connects(net, "a deleted element");
     repaired.store(true, Ordering::SeqCst);
     let times = requests.join().unwrap();
     let slowest = times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0);
     (took, slowest, times.len())
 }
 
-/// The rules of jitd's input chain: (text, handle).
-fn input_rules(net: &Net) -> Vec<(String, String)> {
-    let out = net.nft(&["-a", "list", "chain", "inet", "jitd", "input"]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.contains("hook input") && !l.trim_start().starts_with("chain"))
-        .filter_map(|l| l.split_once(" # handle "))
-        .map(|(rule, handle)| (rule.trim().to_string(), handle.to_string()))
-        .collect()
-}
-
-/// Deletes the last rule of jitd's input chain; seconds until the chain is whole again
-/// (the same rules in the same order; a repair may give them new handles).
+/// Deletes the syn_check rule that admits IPv4 grants; seconds until client a
+/// connects again (jitd replaces the whole table when its structure changed).
 fn repair_rule(net: &Net) -> f64 {
-    let texts = |rules: Vec<(String, String)>| rules.into_iter().map(|(t, _)| t).collect::<Vec<_>>();
-    let rules = input_rules(net);
-    let (_, last) = rules.last().expect("jitd's input chain has rules").clone();
-    let whole = texts(rules);
-    let out = net.nft(&["delete", "rule", "inet", "jitd", "input", "handle", &last]);
+    let out = net.nft(&["-t", "-a", "list", "chain", "inet", "jitd", "syn_check"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ip saddr . meta l4proto . th dport @grants4 "))
+        .and_then(|l| l.split("# handle ").nth(1))
+        .unwrap_or_else(|| panic!("no grants4 rule in syn_check: {listing}"))
+        .to_string();
+    let out = net.nft(&["delete", "rule", "inet", "jitd", "syn_check", "handle", &handle]);
     assert!(out.status.success(), "{}", text(&out));
-    until_kernel("a deleted rule", || texts(input_rules(net)) == whole)
+    until_connects(net, "a deleted rule")
 }
 
 /// `jitctl --json status`: wall time, jitd's peak RSS while it ran (sampled every

@@ -217,4 +217,37 @@ mod tests {
         let checked = answer.await.unwrap();
         assert!(matches!(checked, Checked::Clean), "{checked:?}");
     }
+
+    /// An element put back gets the time its grant has left now, not as of the reading
+    /// (else it outlasts the grant by the reading's delay, and is "repaired" again at
+    /// every check).
+    #[tokio::test]
+    async fn an_element_put_back_lasts_no_longer_than_its_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        assert!(d.handle(root(), ask(600)).await.ok);
+        let table = KernelTable {
+            objects: Vec::new(),
+            elements: Default::default(),
+        };
+        let (reply, answer) = oneshot::channel();
+        let observed = Observed {
+            table: Some(table),
+            settled: d.lock().settled,
+            read_at: Instant::now() - Duration::from_secs(5),
+        };
+        assert!(d.submit(Job::Repair("test".into(), observed, reply)).await);
+        let checked = answer.await.unwrap();
+        assert!(matches!(checked, Checked::Repaired(_)), "{checked:?}");
+        let batch = d.firewall.applied.lock().unwrap().last().cloned().unwrap().to_string();
+        let timeout: u64 = batch
+            .split("\"timeout\":")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("a timed element in {batch}"));
+        assert!(
+            timeout <= 600,
+            "put back for {timeout}s, the grant has at most 600s left"
+        );
+    }
 }
