@@ -1,6 +1,7 @@
 //! jitd's benchmark: what a grant costs, how far jitd scales, what the lockdown costs
-//! the packet path compared with no firewall and with a one-rule-per-grant chain, and
-//! how soon an expired grant refuses new connections.
+//! the packet path compared with no firewall and with a one-rule-per-grant chain, how
+//! soon an expired grant refuses new connections, what a busy nftables neighbour costs
+//! requests, and how long repair, status and restart take with many live grants.
 //!
 //! `scripts/bench` (cargo bench) runs it in full; under `cargo test` it runs a small
 //! smoke version (N = 1,000, a few hundred requests) and checks its own JSON.
@@ -14,6 +15,8 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -28,11 +31,28 @@ struct Plan {
     packet_grants: Vec<usize>,
     connections: usize,
     expiry_secs: Vec<u64>,
+    /// Live grants for the quiet-vs-neighbour runs; the largest also gets the
+    /// repair, status and restart figures.
+    neighbour_n: Vec<usize>,
+    /// Quiet and neighbour blocks alternate this many times each.
+    blocks: usize,
+    /// Sequential requests per block.
+    per_block: usize,
     out: PathBuf,
 }
 
 fn plan() -> Plan {
     let full = std::env::args().any(|a| a == "--bench");
+    // JITD_BENCH_NEIGHBOUR_N=20000 runs the neighbour section at other sizes
+    let neighbour_n = std::env::var("JITD_BENCH_NEIGHBOUR_N").ok().map(|v| {
+        v.split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("JITD_BENCH_NEIGHBOUR_N: comma-separated numbers")
+            })
+            .collect::<Vec<usize>>()
+    });
     let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     if full {
         Plan {
@@ -44,6 +64,9 @@ fn plan() -> Plan {
             packet_grants: vec![0, 1_000, 100_000],
             connections: 3000,
             expiry_secs: vec![1, 2, 3, 4, 5],
+            neighbour_n: neighbour_n.unwrap_or(vec![20_000, 100_000]),
+            blocks: 5,
+            per_block: 400,
             out: target.join("results.json"),
         }
     } else {
@@ -56,6 +79,9 @@ fn plan() -> Plan {
             packet_grants: vec![0, 1_000],
             connections: 200,
             expiry_secs: vec![1],
+            neighbour_n: neighbour_n.unwrap_or(vec![1_000]),
+            blocks: 2,
+            per_block: 40,
             out: target.join("smoke.json"),
         }
     }
@@ -73,12 +99,17 @@ fn main() {
             ("scale", bench_scale),
             ("packet_path", bench_packet_path),
             ("expiry", bench_expiry),
+            ("neighbour", bench_neighbour),
         ] {
             if wanted(name) {
                 results[name] = run(&plan);
             }
         }
         println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        if wanted("neighbour") {
+            print_neighbour(&results["neighbour"]);
+            check_neighbour(&results["neighbour"]);
+        }
         return;
     }
     let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
@@ -86,11 +117,13 @@ fn main() {
     results["scale"] = bench_scale(&plan);
     results["packet_path"] = bench_packet_path(&plan);
     results["expiry"] = bench_expiry(&plan);
+    results["neighbour"] = bench_neighbour(&plan);
     print_table(&results);
     std::fs::create_dir_all(plan.out.parent().unwrap()).unwrap();
     std::fs::write(&plan.out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
     check_shape(&std::fs::read(&plan.out).unwrap());
     println!("\nwritten to {}", plan.out.display());
+    check_neighbour(&results["neighbour"]);
 }
 
 /// The JSON must parse back and hold every figure (what the smoke run asserts).
@@ -110,10 +143,64 @@ fn check_shape(bytes: &[u8]) {
         "/packet_path/0/ratio_p50",
         "/expiry/mean_ms",
         "/expiry/max_ms",
+        "/neighbour/0/n",
+        "/neighbour/0/quiet/p50_ms",
+        "/neighbour/0/quiet/p99_ms",
+        "/neighbour/0/neighbour/p50_ms",
+        "/neighbour/0/neighbour/p99_ms",
+        "/neighbour/0/neighbour/commits_per_s",
+        "/neighbour/0/ratio_p50",
+        "/neighbour/0/ratio_p99",
+        "/neighbour/0/repairs_during_run",
+        "/neighbour/0/kernel_reads_for_neighbour",
     ] {
         assert!(
             v.pointer(path).is_some_and(Value::is_number),
             "results lack the number {path}"
+        );
+    }
+    // the largest N (the last row) has the repair, status and restart figures
+    let last = v["neighbour"].as_array().map_or(0, Vec::len).saturating_sub(1);
+    for key in [
+        "repair_element_s",
+        "request_max_ms_during_repair",
+        "repair_rule_s",
+        "status_json_s",
+        "status_rss_mb_peak",
+        "stop_s",
+        "restart_ready_s",
+        "restart_answers_s",
+    ] {
+        let path = format!("/neighbour/{last}/large/{key}");
+        assert!(
+            v.pointer(&path).is_some_and(Value::is_number),
+            "results lack the number {path}"
+        );
+    }
+    assert!(
+        v.pointer("/neighbour/0/neighbour_table_untouched")
+            .is_some_and(Value::is_boolean),
+        "results lack neighbour_table_untouched"
+    );
+}
+
+/// What the neighbour runs must show whatever the timings: the neighbour's table is
+/// as it was, jitd filed no repair and read the kernel for none of its commits.
+/// Checked after the results are written, so a failing run still leaves its figures.
+fn check_neighbour(rows: &Value) {
+    for row in rows.as_array().expect("neighbour rows") {
+        let n = &row["n"];
+        assert_eq!(
+            row["neighbour_table_untouched"], true,
+            "N = {n}: the neighbour's table changed"
+        );
+        assert_eq!(
+            row["repairs_during_run"], 0,
+            "N = {n}: jitd filed a repair during the neighbour run"
+        );
+        assert_eq!(
+            row["kernel_reads_for_neighbour"], 0,
+            "N = {n}: jitd read the kernel for the neighbour's commits"
         );
     }
 }
@@ -392,6 +479,348 @@ fn bench_expiry(plan: &Plan) -> Value {
     json!({"grants_s": plan.expiry_secs, "delays_ms": delays, "mean_ms": mean, "max_ms": max})
 }
 
+/// How often the neighbour commits to its own table.
+const NEIGHBOUR_HZ: u32 = 50;
+
+/// The neighbour's table: a set, and a rule that uses it, so a listing shows both.
+const NEIGHBOUR_TABLE: &str = "table inet neighbour {\n set blocked { type ipv4_addr; }\n chain input {\n  type filter hook input priority 10; policy accept;\n  ip saddr @blocked counter drop\n }\n}\n";
+
+/// Another firewall manager on the same host (Docker, fail2ban): a separate `nft -i`
+/// process in the host namespace that, while active, commits [`NEIGHBOUR_HZ`] times a
+/// second to `inet neighbour`, each commit adding and deleting one element.
+struct Neighbour {
+    child: std::process::Child,
+    active: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Neighbour {
+    fn start(net: &Net) -> Neighbour {
+        nft_script(net, NEIGHBOUR_TABLE);
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &net.host, "nft", "-i"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn nft -i");
+        let mut stdin = child.stdin.take().unwrap();
+        let (active, done, commits) = Default::default();
+        let (a, d, c): (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicU64>) =
+            (Arc::clone(&active), Arc::clone(&done), Arc::clone(&commits));
+        let writer = std::thread::spawn(move || {
+            let period = Duration::from_secs(1) / NEIGHBOUR_HZ;
+            let mut next = Instant::now();
+            while !d.load(Ordering::SeqCst) {
+                if a.load(Ordering::SeqCst) {
+                    let i = c.fetch_add(1, Ordering::SeqCst) % 250 + 1;
+                    let line = format!(
+                        "add element inet neighbour blocked {{ 192.0.2.{i} }}; delete element inet neighbour blocked {{ 192.0.2.{i} }}\n"
+                    );
+                    stdin.write_all(line.as_bytes()).expect("the neighbour's nft -i runs");
+                }
+                next += period;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        });
+        Neighbour {
+            child,
+            active,
+            done,
+            commits,
+            writer: Some(writer),
+        }
+    }
+
+    fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::SeqCst);
+    }
+
+    /// The neighbour's pid as the kernel reports it (`ip netns exec` execs nft).
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops it; returns how many commits it made. Fails if any of them failed.
+    fn finish(self) -> u64 {
+        let Neighbour {
+            child,
+            done,
+            commits,
+            writer,
+            ..
+        } = self;
+        done.store(true, Ordering::SeqCst);
+        // the writer owns nft's stdin: when it ends, nft reads EOF and exits
+        writer.expect("running").join().unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.stderr.is_empty(),
+            "the neighbour's commits failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        commits.load(Ordering::SeqCst)
+    }
+}
+
+/// Loads an nft script in the host namespace.
+fn nft_script(net: &Net, script: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.host, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn nft -f -");
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nft -f -: {}", text(&out));
+}
+
+/// The neighbour's table as `nft list table` prints it.
+fn neighbour_listing(net: &Net) -> String {
+    let out = net.nft(&["list", "table", "inet", "neighbour"]);
+    assert!(out.status.success(), "{}", text(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The `repair` records jitd's audit files hold, as JSON lines.
+fn repair_records(setup: &Setup) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("audit")))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .flat_map(|p| {
+            let text = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.contains("\"action\":\"repair\""))
+                .map(str::to_string)
+                .collect();
+            lines
+        })
+        .collect()
+}
+
+fn summary(times: &mut [Duration]) -> Value {
+    times.sort();
+    json!({"requests": times.len(), "p50_ms": percentile(times, 0.5), "p99_ms": percentile(times, 0.99), "max_ms": percentile(times, 1.0)})
+}
+
+/// For each N: N live grants, then sequential requests in alternating quiet and
+/// neighbour blocks (so load from elsewhere on the machine falls on both alike); the
+/// largest N also gets the repair, status and restart figures.
+fn bench_neighbour(plan: &Plan) -> Value {
+    let largest = plan.neighbour_n.iter().copied().max().unwrap_or(0);
+    let rows = plan.neighbour_n.iter().map(|&n| neighbour_row(plan, n, n == largest));
+    Value::Array(rows.collect())
+}
+
+fn neighbour_row(plan: &Plan, n: usize, large: bool) -> Value {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    let jitd = setup.start(&net.host);
+    let socket = setup.socket();
+    let neighbour = Neighbour::start(&net);
+    if large {
+        serve_echo(&net.host, 22);
+    }
+    load(&socket, 0, n, 16, 24 * 3600);
+    let before = neighbour_listing(&net);
+    let repairs_before = repair_records(&setup);
+    let (mut quiet, mut busy) = (Vec::new(), Vec::new());
+    let mut next = n;
+    let mut busy_time = Duration::ZERO;
+    for _ in 0..plan.blocks {
+        quiet.extend(load(&socket, next, plan.per_block, 1, 3600).0);
+        next += plan.per_block;
+        neighbour.set_active(true);
+        // let it run a moment first, so the block sees a neighbour in full swing
+        std::thread::sleep(Duration::from_millis(200));
+        let (times, wall) = load(&socket, next, plan.per_block, 1, 3600);
+        neighbour.set_active(false);
+        busy.extend(times);
+        busy_time += wall + Duration::from_millis(200);
+        next += plan.per_block;
+    }
+    let rss_installed = rss_mb(jitd.pid());
+    let pid = neighbour.pid();
+    let commits = neighbour.finish();
+    // a reaction would come within the debounce; give it ample time
+    std::thread::sleep(Duration::from_millis(500));
+    let untouched = neighbour_listing(&net) == before;
+    let repairs: Vec<String> = repair_records(&setup)
+        .into_iter()
+        .filter(|r| !repairs_before.contains(r))
+        .collect();
+    let reads = jitd
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("reading the kernel") && l.contains(&format!("(pid {pid})")))
+        .count();
+    let (quiet, busy) = (summary(&mut quiet), summary(&mut busy));
+    let ratio = |key: &str| busy[key].as_f64().unwrap() / quiet[key].as_f64().unwrap();
+    let mut row = json!({"n": n, "quiet": quiet, "ratio_p50": ratio("p50_ms"), "ratio_p99": ratio("p99_ms"),
+        "neighbour_table_untouched": untouched, "repairs_during_run": repairs.len(), "kernel_reads_for_neighbour": reads});
+    row["neighbour"] = busy;
+    row["neighbour"]["commits"] = json!(commits);
+    row["neighbour"]["commits_per_s"] = json!(commits as f64 / busy_time.as_secs_f64());
+    row["rss_mb"] = json!(rss_installed);
+    // what jitd said it found, if it repaired anything (the check below then fails)
+    row["repair_reasons"] = repairs
+        .iter()
+        .take(5)
+        .map(|r| serde_json::from_str::<Value>(r).map_or(Value::Null, |v| v["reason"].clone()))
+        .collect();
+    if large {
+        row["large"] = large_figures(&net, &setup, jitd, next);
+    }
+    row
+}
+
+/// Repair, status and restart with `live` grants in place (sources 0..live).
+fn large_figures(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> Value {
+    timed_request(&setup.socket(), A4, 3600);
+    assert!(
+        until_connects(net, "client a's grant") < 1.0,
+        "client a connects with its grant"
+    );
+    let (repair_element_s, slowest_ms, made) = repair_element(net, &setup.socket(), live);
+    let live = live + 1 + made;
+    let repair_rule_s = repair_rule(net);
+    let rss_before = rss_mb(jitd.pid());
+    let (status_json_s, rss_peak, listed) = status_with_rss(&jitd);
+    assert_eq!(listed, Some(live), "status lists every live grant");
+    let (stop_s, restart_ready_s, restart_answers_s) = restart(net, setup, jitd, live);
+    json!({"grants": live, "repair_element_s": repair_element_s, "requests_during_repair": made,
+        "request_max_ms_during_repair": slowest_ms, "repair_rule_s": repair_rule_s,
+        "status_json_s": status_json_s, "status_rss_mb_before": rss_before, "status_rss_mb_peak": rss_peak,
+        "stop_s": stop_s, "restart_ready_s": restart_ready_s, "restart_answers_s": restart_answers_s})
+}
+
+/// Seconds until client a can open a new connection to the host's port 22 again
+/// (a fresh attempt every 10 ms, each given 100 ms), up to 120 s.
+fn until_connects(net: &Net, what: &str) -> f64 {
+    let target = SocketAddr::new(HOST_A4.parse::<IpAddr>().unwrap(), 22);
+    in_ns(&net.a, || {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+                reset_on_close(&s);
+                return start.elapsed().as_secs_f64();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "jitd did not repair {what} within 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// Deletes client a's grant element behind jitd's back; seconds until a connects
+/// again, and the slowest of the requests made meanwhile (sources from `first` on, one
+/// at a time) with how many there were: whether the repair held the request path.
+/// (Polling with `nft get element` would not do: nft 1.0.6 fetches the whole set.)
+fn repair_element(net: &Net, socket: &Path, first: usize) -> (f64, f64, usize) {
+    let element = format!("{{ {A4} . tcp . 22 }}");
+    let out = net.nft(&["delete", "element", "inet", "jitd", "grants4", &element]);
+    assert!(out.status.success(), "{}", text(&out));
+    let repaired = Arc::new(AtomicBool::new(false));
+    let (flag, socket) = (Arc::clone(&repaired), socket.to_path_buf());
+    let requests = std::thread::spawn(move || {
+        let mut times = Vec::new();
+        while !flag.load(Ordering::SeqCst) {
+            times.push(timed_request(&socket, &source(first + times.len()), 3600));
+        }
+        times
+    });
+    let took = until_connects(net, "a deleted element");
+    repaired.store(true, Ordering::SeqCst);
+    let times = requests.join().unwrap();
+    let slowest = times.iter().max().map_or(0.0, |t| t.as_secs_f64() * 1000.0);
+    (took, slowest, times.len())
+}
+
+/// Deletes the syn_check rule that admits IPv4 grants; seconds until client a
+/// connects again (jitd replaces the whole table when its structure changed).
+fn repair_rule(net: &Net) -> f64 {
+    let out = net.nft(&["-t", "-a", "list", "chain", "inet", "jitd", "syn_check"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ip saddr . meta l4proto . th dport @grants4 "))
+        .and_then(|l| l.split("# handle ").nth(1))
+        .unwrap_or_else(|| panic!("no grants4 rule in syn_check: {listing}"))
+        .to_string();
+    let out = net.nft(&["delete", "rule", "inet", "jitd", "syn_check", "handle", &handle]);
+    assert!(out.status.success(), "{}", text(&out));
+    until_connects(net, "a deleted rule")
+}
+
+/// `jitctl --json status`: wall time, jitd's peak RSS while it ran (sampled every
+/// 5 ms), and how many grants it listed (if the reply has a `grants` array).
+fn status_with_rss(jitd: &Jitd) -> (f64, f64, Option<usize>) {
+    let pid = jitd.pid();
+    let running = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&running);
+    let sampler = std::thread::spawn(move || {
+        let mut peak = rss_mb(pid);
+        while flag.load(Ordering::SeqCst) {
+            peak = peak.max(rss_mb(pid));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        peak
+    });
+    let start = Instant::now();
+    let out = jitd.ctl(&["--json", "status"]);
+    let took = start.elapsed().as_secs_f64();
+    running.store(false, Ordering::SeqCst);
+    let peak = sampler.join().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["grants"].as_array().map(Vec::len));
+    (took, peak, listed)
+}
+
+/// SIGTERM, then a new jitd: seconds to exit, to READY=1 and to granting a new
+/// request; then checks all `live` grants came back.
+fn restart(net: &Net, setup: &Setup, jitd: Jitd, live: usize) -> (f64, f64, f64) {
+    let start = Instant::now();
+    let status = jitd.stop(Duration::from_secs(60));
+    let stop_s = start.elapsed().as_secs_f64();
+    assert!(status.success(), "jitd exits cleanly on SIGTERM: {status}");
+    let notify_path = setup.dir.path().join("notify-restart.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let start = Instant::now();
+    let jitd = setup.spawn(&net.host, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut buf = [0u8; 512];
+    loop {
+        let got = notify.recv(&mut buf).expect("READY=1 from the restarted jitd");
+        if String::from_utf8_lossy(&buf[..got]).contains("READY=1") {
+            break;
+        }
+    }
+    let ready_s = start.elapsed().as_secs_f64();
+    // answering: a new request granted (`status` would time the listing of every grant)
+    let socket = setup.socket();
+    assert!(wait_for(Duration::from_secs(60), || UnixStream::connect(&socket).is_ok()));
+    timed_request(&socket, &source(live), 3600);
+    let answers_s = start.elapsed().as_secs_f64();
+    let back = jitd.ctl_json(&["status"])["grants"].as_array().map(Vec::len);
+    assert_eq!(back, Some(live + 1), "every grant is back after the restart");
+    (stop_s, ready_s, answers_s)
+}
+
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let m = &r["machine"];
@@ -453,4 +882,55 @@ fn print_table(r: &Value) {
         f(&e["max_ms"]),
         e["grants_s"]
     );
+    print_neighbour(&r["neighbour"]);
+}
+
+fn print_neighbour(rows: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "\n5. Requests with a neighbour committing to its own table (sequential, alternating blocks)\n   {:>7}  {:>15}  {:>15}  {:>15}  {:>9}  {:>9}  {:>10}  {:>7}  {:>12}",
+        "N", "quiet p50/p99", "neigh. p50/p99", "neigh. commits/s", "p50 ratio", "p99 ratio", "untouched", "repairs", "kernel reads"
+    );
+    for row in rows.as_array().unwrap() {
+        let (q, b) = (&row["quiet"], &row["neighbour"]);
+        println!(
+            "   {:>7}  {:>7.2}/{:<7.2}  {:>7.2}/{:<7.2}  {:>16.1}  {:>9.2}  {:>9.2}  {:>10}  {:>7}  {:>12}",
+            row["n"].as_u64().unwrap_or(0),
+            f(&q["p50_ms"]),
+            f(&q["p99_ms"]),
+            f(&b["p50_ms"]),
+            f(&b["p99_ms"]),
+            f(&b["commits_per_s"]),
+            f(&row["ratio_p50"]),
+            f(&row["ratio_p99"]),
+            row["neighbour_table_untouched"],
+            row["repairs_during_run"],
+            row["kernel_reads_for_neighbour"]
+        );
+    }
+    for row in rows.as_array().unwrap() {
+        for reason in row["repair_reasons"].as_array().into_iter().flatten() {
+            println!("   N = {}: jitd repaired: {}", row["n"], reason.as_str().unwrap_or("?"));
+        }
+    }
+    for row in rows.as_array().unwrap() {
+        let l = &row["large"];
+        if l.is_null() {
+            continue;
+        }
+        println!(
+            "\n6. With {} live grants\n   repair of a deleted element {:.3} s ({} requests meanwhile, slowest {:.1} ms), of a deleted rule {:.3} s\n   status --json {:.3} s, jitd RSS {:.1} MB before, {:.1} MB peak during it\n   restart: SIGTERM to exit {:.2} s, new jitd to READY=1 {:.2} s, to answering {:.2} s",
+            l["grants"],
+            f(&l["repair_element_s"]),
+            l["requests_during_repair"],
+            f(&l["request_max_ms_during_repair"]),
+            f(&l["repair_rule_s"]),
+            f(&l["status_json_s"]),
+            f(&l["status_rss_mb_before"]),
+            f(&l["status_rss_mb_peak"]),
+            f(&l["stop_s"]),
+            f(&l["restart_ready_s"]),
+            f(&l["restart_answers_s"])
+        );
+    }
 }

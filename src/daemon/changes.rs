@@ -269,7 +269,7 @@ impl<F: Firewall> Daemon<F> {
             let Some(skip) = st.touched_since(observed.settled) else {
                 return Checked::Stale;
             };
-            let findings = drift::compare(&st, observed.table.as_ref(), &skip, now);
+            let findings = drift::compare(&st, observed.table.as_ref(), &skip, observed.read_at, now);
             if findings.is_empty() {
                 return Checked::Clean;
             }

@@ -45,6 +45,10 @@ pub(super) struct Pending {
 pub(super) struct Observed {
     pub table: Option<KernelTable>,
     pub settled: u64,
+    /// When the reading began: the kernel's time left on each element is compared with
+    /// the grants' time left at this moment, not when the committer gets to it (at
+    /// 100,000 elements on a busy host that can be seconds later).
+    pub read_at: tokio::time::Instant,
 }
 
 /// A change (or a question) for the committer.

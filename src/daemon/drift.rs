@@ -159,8 +159,16 @@ impl Findings {
     }
 }
 
-/// Compares the kernel's table with the state, skipping the elements in `skip`.
-pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, now: Instant) -> Findings {
+/// Compares the kernel's table, as read from `read_at` on, with the state, skipping the
+/// elements in `skip`. Times left are compared as of `read_at` (the kernel's are from
+/// its reading); elements put back get the time left as of `now`.
+pub(super) fn compare(
+    st: &State,
+    table: Option<&KernelTable>,
+    skip: &Touched,
+    read_at: Instant,
+    now: Instant,
+) -> Findings {
     let mut f = Findings::default();
     let Some(table) = table else {
         f.found.push(Finding::TableMissing);
@@ -171,26 +179,25 @@ pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, n
     }
     let (held, foreign) = table.grants();
     f.found.extend(foreign.into_iter().map(Finding::Unexpected));
-    let expected: HashMap<GrantKey, Instant> = st.book.elements(now).into_iter().collect();
+    let expected: HashMap<GrantKey, Instant> = st.book.elements(read_at).into_iter().collect();
     for (key, left) in held.iter().filter(|(k, _)| !skip.covers(k)) {
-        let want = expected.get(key).map(|d| d.saturating_duration_since(now));
-        match want {
+        match expected.get(key) {
             None if *left <= KERNEL_ROUNDING => {} // a grant that just ended
             None => {
                 f.found.push(Finding::Orphan(*key));
                 f.remove.push(*key);
                 f.touched.add_key(key);
             }
-            Some(want) if *left > want + KERNEL_ROUNDING => {
+            Some(deadline) if *left > deadline.saturating_duration_since(read_at) + KERNEL_ROUNDING => {
                 f.found.push(Finding::Outlasts {
                     key: *key,
                     left: *left,
-                    want,
+                    want: deadline.saturating_duration_since(read_at),
                 });
                 f.remove.push(*key);
                 f.add.push(GrantElement {
                     key: *key,
-                    timeout: want,
+                    timeout: deadline.saturating_duration_since(now),
                 });
                 f.touched.add_key(key);
             }
@@ -198,12 +205,12 @@ pub(super) fn compare(st: &State, table: Option<&KernelTable>, skip: &Touched, n
         }
     }
     for (key, deadline) in expected.iter().filter(|(k, _)| !skip.covers(k)) {
-        let want = deadline.saturating_duration_since(now);
+        let want = deadline.saturating_duration_since(read_at);
         if want > KERNEL_ROUNDING && !held.contains_key(key) {
             f.found.push(Finding::ElementMissing(*key));
             f.add.push(GrantElement {
                 key: *key,
-                timeout: want,
+                timeout: deadline.saturating_duration_since(now),
             });
             f.touched.add_key(key);
         }

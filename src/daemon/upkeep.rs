@@ -97,6 +97,7 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
             },
             None => cause,
         };
+        tracing::debug!("reading the kernel to check for drift: {cause}");
         match daemon.check_drift(&cause).await {
             Some(checked) => backoff.note(&checked, Instant::now()),
             None => return committer_gone(&stopping),
@@ -201,6 +202,7 @@ impl<F: Firewall> Daemon<F> {
     pub async fn check_drift(&self, cause: &DriftCause) -> Option<Checked> {
         for _ in 0..STALE_RETRIES {
             let settled = self.lock().settled;
+            let read_at = tokio::time::Instant::now();
             let table = match self.firewall.read_table(true).await {
                 Ok(table) => table,
                 Err(e) => {
@@ -210,7 +212,15 @@ impl<F: Firewall> Daemon<F> {
             };
             let (reply, answer) = oneshot::channel();
             if !self
-                .submit(Job::Repair(cause.clone(), Observed { table, settled }, reply))
+                .submit(Job::Repair(
+                    cause.clone(),
+                    Observed {
+                        table,
+                        settled,
+                        read_at,
+                    },
+                    reply,
+                ))
                 .await
             {
                 return None;
@@ -275,6 +285,8 @@ mod tests {
     use super::*;
     use crate::daemon::tests::{ask, ask_for, daemon, root};
     use crate::daemon::Handler;
+    use crate::firewall::kernel::KernelTable;
+    use crate::firewall::netlink::RawElement;
 
     #[tokio::test(start_paused = true)]
     async fn a_shorter_grant_made_later_expires_at_its_own_deadline() {
@@ -395,5 +407,71 @@ mod tests {
             start + Duration::from_secs(9) + STREAK_GAP + Duration::from_secs(1),
         );
         assert!(b.delay().is_zero(), "a repair long after the last one starts afresh");
+    }
+
+    /// At 100,000 elements on a busy host a reading reaches the committer seconds after
+    /// it began; the kernel's times left are as of the reading, so they must not look
+    /// longer than the grants' (which made jitd "repair" every element).
+    #[tokio::test]
+    async fn a_slow_reading_is_compared_as_of_when_it_began() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        assert!(d.handle(root(), ask(600)).await.ok);
+        let read_at = Instant::now() - Duration::from_secs(5);
+        let (_, deadline) = d.lock().book.elements(Instant::now())[0];
+        // 192.0.2.7 . tcp . 22, each field padded to 4 bytes, as the kernel showed it
+        let element = RawElement {
+            key: vec![192, 0, 2, 7, 6, 0, 0, 0, 0, 22, 0, 0],
+            key_end: None,
+            flags: 0,
+            expires_ms: Some((deadline - read_at).as_millis() as u64),
+        };
+        let table = KernelTable {
+            objects: Vec::new(),
+            elements: [("grants4".to_string(), vec![element])].into(),
+        };
+        let settled = d.lock().settled;
+        let (reply, answer) = oneshot::channel();
+        let observed = Observed {
+            table: Some(table),
+            settled,
+            read_at,
+        };
+        assert!(d.submit(Job::Repair(DriftCause::Periodic, observed, reply)).await);
+        let checked = answer.await.unwrap();
+        assert!(matches!(checked, Checked::Clean), "{checked:?}");
+    }
+
+    /// An element put back gets the time its grant has left now, not as of the reading
+    /// (else it outlasts the grant by the reading's delay, and is "repaired" again at
+    /// every check).
+    #[tokio::test]
+    async fn an_element_put_back_lasts_no_longer_than_its_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        assert!(d.handle(root(), ask(600)).await.ok);
+        let table = KernelTable {
+            objects: Vec::new(),
+            elements: Default::default(),
+        };
+        let (reply, answer) = oneshot::channel();
+        let observed = Observed {
+            table: Some(table),
+            settled: d.lock().settled,
+            read_at: Instant::now() - Duration::from_secs(5),
+        };
+        assert!(d.submit(Job::Repair(DriftCause::Periodic, observed, reply)).await);
+        let checked = answer.await.unwrap();
+        assert!(matches!(checked, Checked::Repaired(_)), "{checked:?}");
+        let batch = d.firewall.applied.lock().unwrap().last().cloned().unwrap().to_string();
+        let timeout: u64 = batch
+            .split("\"timeout\":")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("a timed element in {batch}"));
+        assert!(
+            timeout <= 600,
+            "put back for {timeout}s, the grant has at most 600s left"
+        );
     }
 }
