@@ -20,6 +20,7 @@ use std::time::Duration;
 const POLL: Duration = Duration::from_millis(20);
 
 /// One entry of `JITD_FAULTS`: a fault's name and, optionally, the file that arms it.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Fault {
     name: String,
@@ -27,6 +28,7 @@ struct Fault {
 }
 
 /// Reads `name[:trigger][,…]`; empty entries are ignored.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 fn parse(spec: &str) -> Vec<Fault> {
     spec.split(',')
         .map(str::trim)
