@@ -68,7 +68,7 @@ pub enum StartError {
 
 /// Held for as long as the daemon lives: the claim on the state directory.
 pub(super) struct Claims {
-    _state_dir: std::fs::File,
+    _state_dir: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl<F: Firewall> Daemon<F> {
@@ -423,7 +423,7 @@ pub(super) fn claim_table() -> Result<UnixListener, StartError> {
 }
 
 /// One jitd per state_dir: an exclusive lock on `state_dir/jitd.lock`.
-fn claim_state_dir(dir: &Path) -> Result<std::fs::File, StartError> {
+fn claim_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StartError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("jitd.lock");
     let fail = |source| StartError::StateDir {
@@ -439,7 +439,8 @@ fn claim_state_dir(dir: &Path) -> Result<std::fs::File, StartError> {
         .open(&path)
         .map_err(fail)?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(locked) => Ok(locked.unlock().map_err(|(_, e)| fail(e.into()))?),
+        // held (the lock lives as long as the returned value) until jitd exits
+        Ok(locked) => Ok(locked),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(StartError::AlreadyRunning(format!(
             "another jitd already uses state_dir {} (it holds {}); refusing to start a second one",
             dir.display(),

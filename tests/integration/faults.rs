@@ -1,8 +1,6 @@
 //! jitd's bad days: crashes, restarts, tampering, reloads, missing pieces. Proven from
 //! outside: connecting or failing to connect, exit codes, audit content.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -26,32 +24,6 @@ fn grant(jitd: &Jitd, port: &str, source: &str, duration: &str) -> u64 {
 
 fn records(setup: &Setup, action: &str) -> Vec<Value> {
     setup.audit().into_iter().filter(|r| r["action"] == action).collect()
-}
-
-/// Probes `ns -> ip:port` in a loop until stopped; records whether it ever got through.
-struct Prober {
-    stop: Arc<AtomicBool>,
-    handle: std::thread::JoinHandle<bool>,
-}
-
-impl Prober {
-    fn start(ns: &str, ip: &'static str, port: u16) -> Prober {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ns, flag) = (ns.to_string(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            let mut opened = false;
-            while !flag.load(Ordering::SeqCst) {
-                opened |= can_connect(&ns, ip, port);
-            }
-            opened
-        });
-        Prober { stop, handle }
-    }
-
-    fn ever_opened(self) -> bool {
-        self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().unwrap()
-    }
 }
 
 #[test]

@@ -15,4 +15,5 @@ mod output;
 mod protocol;
 mod recheck;
 mod service;
+mod start_trust;
 mod util;

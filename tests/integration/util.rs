@@ -565,3 +565,31 @@ pub fn text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     )
 }
+
+/// Probes `ns -> ip:port` in a loop until stopped; records whether it ever got through.
+pub struct Prober {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<bool>,
+}
+
+impl Prober {
+    /// Starts probing.
+    pub fn start(ns: &str, ip: &'static str, port: u16) -> Prober {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ns, flag) = (ns.to_string(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut opened = false;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                opened |= can_connect(&ns, ip, port);
+            }
+            opened
+        });
+        Prober { stop, handle }
+    }
+
+    /// Stops probing; whether any probe got through.
+    pub fn ever_opened(self) -> bool {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
