@@ -108,34 +108,7 @@ pub fn check_request<'c>(
     request: &AccessRequest,
 ) -> Result<Vec<&'c PortPolicy>, Denial> {
     require_role(&config.access, caller, Role::Requester, "request access")?;
-    let entries: Vec<&PortPolicy> = if request.ports.is_empty() {
-        config.ports.iter().collect()
-    } else {
-        let mut entries = Vec::new();
-        for &port in &request.ports {
-            let found: Vec<&PortPolicy> = config.port_policies(port).collect();
-            if found.is_empty() {
-                let protected: Vec<String> = config
-                    .ports
-                    .iter()
-                    .map(|p| format!("{}/{}", p.port, p.protocol))
-                    .collect();
-                return Err(Denial::new(
-                    ErrorCode::PortNotProtected,
-                    format!(
-                        "port {port} is not protected by the policy (protected: {})",
-                        protected.join(", ")
-                    ),
-                ));
-            }
-            for entry in found {
-                if !entries.contains(&entry) {
-                    entries.push(entry);
-                }
-            }
-        }
-        entries
-    };
+    let entries = port_entries(config, &request.ports)?;
     for entry in &entries {
         check_source_width(entry, &request.source)?;
         if !entry.allowed_sources.contains(&request.source) {
@@ -166,6 +139,38 @@ pub fn check_request<'c>(
                     entry.protocol
                 ),
             ));
+        }
+    }
+    Ok(entries)
+}
+
+/// The policy entries for the ports asked for (every entry when none is named), each
+/// once; a port the policy does not protect is refused, naming the protected ones.
+fn port_entries<'c>(config: &'c Config, ports: &[u16]) -> Result<Vec<&'c PortPolicy>, Denial> {
+    if ports.is_empty() {
+        return Ok(config.ports.iter().collect());
+    }
+    let mut entries = Vec::new();
+    for &port in ports {
+        let found: Vec<&PortPolicy> = config.port_policies(port).collect();
+        if found.is_empty() {
+            let protected: Vec<String> = config
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect();
+            return Err(Denial::new(
+                ErrorCode::PortNotProtected,
+                format!(
+                    "port {port} is not protected by the policy (protected: {})",
+                    protected.join(", ")
+                ),
+            ));
+        }
+        for entry in found {
+            if !entries.contains(&entry) {
+                entries.push(entry);
+            }
         }
     }
     Ok(entries)

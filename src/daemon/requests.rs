@@ -155,21 +155,7 @@ fn decide_one(
         tx.failed.push(failure_of(&r));
         tx.records.push(r);
         for old in old {
-            let mut r = grant_record(
-                &old,
-                wall,
-                Some(caller.uid),
-                &caller.name,
-                Action::Supersede,
-                Outcome::Superseded,
-            );
-            r.reason = Some(format!("superseded by grant {id}"));
-            tx.failed.push(failure_of(&r));
-            tx.records.push(r);
-            footprint.touch(&st.book, &old, now);
-            if let Some(removed) = st.book.remove(old.id) {
-                tx.undo.removed.push(removed);
-            }
+            supersede(st, tx, footprint, &old, id, caller, now, wall);
             superseded.push(old.id);
         }
         footprint.touch_slot(&st.book, n.source, n.port, n.protocol, now);
@@ -181,6 +167,36 @@ fn decide_one(
         grants,
         superseded,
         duration,
+    }
+}
+
+/// Ends `old`, superseded by the new grant `by`: its records (and their failure
+/// mirrors), the kernel footprint, the book (undoable).
+#[allow(clippy::too_many_arguments)]
+fn supersede(
+    st: &mut State,
+    tx: &mut Tx,
+    footprint: &mut Footprint,
+    old: &Grant,
+    by: GrantId,
+    caller: &Caller,
+    now: Instant,
+    wall: DateTime<Utc>,
+) {
+    let mut r = grant_record(
+        old,
+        wall,
+        Some(caller.uid),
+        &caller.name,
+        Action::Supersede,
+        Outcome::Superseded,
+    );
+    r.reason = Some(format!("superseded by grant {by}"));
+    tx.failed.push(failure_of(&r));
+    tx.records.push(r);
+    footprint.touch(&st.book, old, now);
+    if let Some(removed) = st.book.remove(old.id) {
+        tx.undo.removed.push(removed);
     }
 }
 
