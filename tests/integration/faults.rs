@@ -199,6 +199,57 @@ fn tampering_is_noticed_at_once_repaired_and_audited() {
 }
 
 #[test]
+fn tampering_under_request_load_is_repaired_from_the_change_event() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    // no periodic backstop: each repair below must come from the change event, which
+    // under request load once waited for the 10 s check (repairs after 6-17 s)
+    let jitd = setup.start_with(&net.host, &[("JITD_RECONCILE_MS", "3600000")]);
+    grant(&jitd, "22", A4, "1h");
+    let clients = hammer(&setup.socket(), 120, 3, 600);
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded = || clients.iter().any(|c| !c.is_finished());
+    let repaired = |n: usize| wait_for(Duration::from_secs(10), || records(&setup, "repair").len() >= n);
+
+    let out = net.nft(&[
+        "insert", "rule", "inet", "jitd", "input", "tcp", "dport", "22", "accept",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(repaired(1), "no repair of the inserted rule: {}", jitd.log_text());
+    assert!(
+        wait_for(Duration::from_secs(10), || !can_connect(&net.b, HOST_B4, 22)),
+        "the inserted accept rule is gone"
+    );
+    assert!(loaded(), "the requests were still coming during the repair");
+
+    let out = net.nft(&[
+        "delete",
+        "element",
+        "inet",
+        "jitd",
+        "grants4",
+        "{ 10.77.1.2 . tcp . 22 }",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(repaired(2), "no repair of the deleted element: {}", jitd.log_text());
+    assert!(
+        wait_for(Duration::from_secs(10), || can_connect(&net.a, HOST_A4, 22)),
+        "the live grant's element is back"
+    );
+
+    for out in clients.into_iter().flat_map(|c| c.join().unwrap()) {
+        assert!(out.status.success(), "every request was served: {}", text(&out));
+    }
+    let repairs = records(&setup, "repair");
+    assert!(
+        repairs
+            .iter()
+            .all(|r| r["reason"].as_str().unwrap().contains("(nftables changed by nft (pid ")),
+        "each repair came from the change event: {repairs:?}"
+    );
+}
+
+#[test]
 fn jitds_own_changes_are_not_drift() {
     let net = Net::new();
     let setup = setup_with_servers(&net, POLICY);
