@@ -11,7 +11,9 @@
 //! - `nft-refuse`: every nftables batch gets a command the kernel refuses, so the batch
 //!   fails whole;
 //! - `no-monitor`: the drift monitor does not listen to nftables events (only the
-//!   periodic backstop checks).
+//!   periodic backstop checks);
+//! - `audit-torn-batch`: the writer writes one record and half of the next of a
+//!   multi-record transaction, then aborts jitd (a crash mid-write).
 
 use std::path::PathBuf;
 use std::time::Duration;
