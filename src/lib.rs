@@ -20,6 +20,8 @@
 //! - [`metrics`]: Prometheus metrics, opt-in.
 //! - [`accept`]: back-off after failed `accept` calls (socket and metrics listeners).
 //! - [`netif`]: the host's interfaces over rtnetlink.
+//! - [`remote`]: remote knocks, the pure part so far: the signed request, `allowed_signers`,
+//!   a packet's checks (docs/remote.md).
 //! - [`store`]: the live grants on disk, for restarts.
 //! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
 //!   CSV formula neutralisation).
@@ -65,5 +67,6 @@ pub mod identity;
 pub mod metrics;
 pub mod netif;
 pub mod policy;
+pub mod remote;
 pub mod store;
 pub mod text;
