@@ -43,6 +43,21 @@ impl AcceptBackoff {
         delay
     }
 
+    /// Takes the result of an `accept`: the connection, or (after waiting as long as
+    /// the back-off says) `None`, so that the caller tries again.
+    pub async fn take<T>(&mut self, accepted: std::io::Result<T>) -> Option<T> {
+        match accepted {
+            Ok(connection) => {
+                self.succeeded();
+                Some(connection)
+            }
+            Err(e) => {
+                tokio::time::sleep(self.failed(&e)).await;
+                None
+            }
+        }
+    }
+
     /// Notes a successful accept, ending a burst of failures.
     pub fn succeeded(&mut self) {
         if self.delay.take().is_some() {

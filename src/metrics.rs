@@ -158,15 +158,8 @@ pub async fn serve(listener: TcpListener) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.succeeded();
-                stream
-            }
-            Err(e) => {
-                tokio::time::sleep(backoff.failed(&e)).await;
-                continue;
-            }
+        let Some((stream, _)) = backoff.take(listener.accept().await).await else {
+            continue;
         };
         tokio::spawn(async move {
             let _slot = slot;

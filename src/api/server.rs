@@ -243,15 +243,9 @@ pub async fn serve<H: Handler>(
         let stream = tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    backoff.succeeded();
-                    stream
-                }
-                Err(e) => {
-                    tokio::time::sleep(backoff.failed(&e)).await;
-                    continue;
-                }
+            accepted = listener.accept() => match backoff.take(accepted).await {
+                Some((stream, _)) => stream,
+                None => continue,
             },
         };
         let Some(peer) = peer_of(&stream) else { continue };

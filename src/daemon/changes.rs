@@ -294,11 +294,8 @@ impl<F: Firewall> Daemon<F> {
         let mut failed = failure_of(&record);
         failed.reason = Some(format!("drift found ({cause}): {text}; "));
         let tx = Tx {
-            records: vec![record],
-            kernel,
-            undo: Default::default(),
-            failed: vec![failed],
             touched: findings.touched,
+            ..Tx::kernel_only(vec![record], kernel, failed)
         };
         match self.execute(tx, pings).await {
             Ok(()) => {
@@ -378,13 +375,7 @@ impl<F: Firewall> Daemon<F> {
         failed.reason = Some("on_stop = unlock, but removing the lockdown failed: ".into());
         let mut records = self.lock().refusals.flush(Utc::now());
         records.push(record);
-        let tx = Tx {
-            records,
-            kernel,
-            undo: Default::default(),
-            failed: vec![failed],
-            touched: Default::default(),
-        };
+        let tx = Tx::kernel_only(records, kernel, failed);
         if let Err(e) = self.execute(tx, pings).await {
             tracing::error!("stopping: {e}");
         }

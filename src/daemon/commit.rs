@@ -168,6 +168,18 @@ impl Tx {
             touched: Touched::default(),
         }
     }
+
+    /// A transaction that changes the kernel but not the book: its records, the
+    /// change, and what to record (`failed`) when nftables refuses it.
+    pub fn kernel_only(records: Vec<AuditRecord>, kernel: KernelChange, failed: AuditRecord) -> Tx {
+        Tx {
+            records,
+            kernel,
+            undo: Undo::default(),
+            failed: vec![failed],
+            touched: Touched::default(),
+        }
+    }
 }
 
 /// Why a transaction did not take effect; nothing of it did.

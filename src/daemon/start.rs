@@ -147,13 +147,7 @@ impl<F: Firewall> Daemon<F> {
         }
         let mut failed = AuditRecord::new(Utc::now(), None, "jitd", Action::Start, Outcome::Failed);
         failed.reason = Some("restoring the grants: ".into());
-        let tx = Tx {
-            records,
-            kernel,
-            undo: Default::default(),
-            failed: vec![failed],
-            touched: Default::default(),
-        };
+        let tx = Tx::kernel_only(records, kernel, failed);
         self.execute(tx, pings).await.map_err(|e| match e {
             commit::TxError::Audit(e) => StartError::Audit(e),
             commit::TxError::Firewall(e) => StartError::Firewall(e),
