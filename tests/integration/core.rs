@@ -52,31 +52,6 @@ fn reasons(records: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// Runs `nft ARGS` in the host namespace, asserting success.
-fn nft_ok(net: &Net, args: &[&str]) {
-    let out = net.nft(args);
-    assert!(out.status.success(), "nft {args:?}: {}", text(&out));
-}
-
-/// jitd's table as `nft list table` prints it, without the grants' running clocks.
-fn table_shape(net: &Net) -> String {
-    let out = net.nft(&["list", "table", "inet", "jitd"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let listing = String::from_utf8(out.stdout).unwrap();
-    let mut words = Vec::new();
-    let mut skip = false;
-    for word in listing.split_whitespace() {
-        if std::mem::take(&mut skip) {
-            continue;
-        }
-        skip = word == "expires";
-        if !skip {
-            words.push(word);
-        }
-    }
-    words.join(" ")
-}
-
 /// Whether the lockdown is whole: the table is there with its rules, and a client
 /// without a grant cannot reach 22.
 fn locked_for_b(net: &Net) -> bool {
@@ -187,7 +162,7 @@ fn sigterm_during_a_repair_finishes_it_before_stopping() {
     let mut jitd = setup.start_with(&net.host, &[("JITD_FAULTS", &faults)]);
     grant(&jitd, "22", A4);
     arm(&trigger);
-    nft_ok(&net, &["flush", "chain", "inet", "jitd", "input"]);
+    net.nft_ok(&["flush", "chain", "inet", "jitd", "input"]);
     assert!(
         wait_for(Duration::from_secs(20), || !records(&setup, "repair").is_empty()
             && jitd.log_text().contains("injected fault apply-stall: holding")),
@@ -232,7 +207,7 @@ fn without_libnftables_jitd_applies_changes_with_the_nft_program() {
     jitd.ctl_json(&["revoke", "--source", A4]);
     assert!(!can_connect(&net.a, HOST_A4, 22), "revoked by the nft program");
     // its own nft processes are not drift; another's change is
-    nft_ok(&net, &["flush", "chain", "inet", "jitd", "input"]);
+    net.nft_ok(&["flush", "chain", "inet", "jitd", "input"]);
     assert!(wait_for(Duration::from_secs(20), || locked_for_b(&net)));
     assert_eq!(
         records(&setup, "repair").len(),
@@ -254,7 +229,7 @@ fn a_batch_libnftables_refuses_answers_firewall_failed_and_changes_nothing() {
         jitd.log_text()
     );
     grant(&jitd, "22", A4);
-    let before = table_shape(&net);
+    let before = net.table_shape();
     arm(&trigger);
     let out = jitd.ctl(&["request", "--port", "22", "--source", B4, "--duration", "1h"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
@@ -264,7 +239,7 @@ fn a_batch_libnftables_refuses_answers_firewall_failed_and_changes_nothing() {
         stderr.contains("No such file or directory"),
         "the kernel's reason: {stderr}"
     );
-    assert_eq!(table_shape(&net), before, "the ruleset is whole and unchanged");
+    assert_eq!(net.table_shape(), before, "the ruleset is whole and unchanged");
     assert!(!can_connect(&net.b, HOST_B4, 22), "refused means closed");
     assert!(can_connect(&net.a, HOST_A4, 22), "the earlier grant is untouched");
     let status = jitd.ctl_json(&["status"]);
@@ -294,7 +269,7 @@ fn the_periodic_check_repairs_what_the_monitor_missed() {
         jitd.log_text()
     );
     grant(&jitd, "22", A4);
-    nft_ok(&net, &["flush", "chain", "inet", "jitd", "input"]);
+    net.nft_ok(&["flush", "chain", "inet", "jitd", "input"]);
     assert!(
         wait_for(Duration::from_secs(30), || locked_for_b(&net)),
         "the backstop re-locks: {}",
@@ -315,17 +290,14 @@ fn a_deleted_grant_element_is_put_back() {
     let jitd = setup.start(&net.host);
     grant(&jitd, "22", A4);
     assert!(can_connect(&net.a, HOST_A4, 22));
-    nft_ok(
-        &net,
-        &[
-            "delete",
-            "element",
-            "inet",
-            "jitd",
-            "grants4",
-            "{ 10.77.1.2 . tcp . 22 }",
-        ],
-    );
+    net.nft_ok(&[
+        "delete",
+        "element",
+        "inet",
+        "jitd",
+        "grants4",
+        "{ 10.77.1.2 . tcp . 22 }",
+    ]);
     assert!(
         wait_for(Duration::from_secs(20), || reasons(&records(&setup, "repair"))
             .iter()
@@ -352,7 +324,7 @@ fn edits_of_the_locked_and_exempt_sets_are_undone() {
         &["delete", "element", "inet", "jitd", "locked", "{ tcp . 3389 }"],
     ];
     for (i, edit) in edits.iter().enumerate() {
-        nft_ok(&net, edit);
+        net.nft_ok(edit);
         assert!(
             wait_for(Duration::from_secs(20), || records(&setup, "repair").len() > i),
             "no repair after nft {edit:?}: {}",

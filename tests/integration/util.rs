@@ -151,6 +151,36 @@ impl Net {
             .output()
             .unwrap()
     }
+
+    /// Runs `nft ARGS` in the host namespace; it must succeed.
+    pub fn nft_ok(&self, args: &[&str]) {
+        let out = self.nft(args);
+        assert!(out.status.success(), "nft {args:?}: {}", text(&out));
+    }
+
+    /// jitd's table as `nft list table` prints it, without the grants' running clocks.
+    pub fn table_shape(&self) -> String {
+        let out = self.nft(&["list", "table", "inet", "jitd"]);
+        assert!(out.status.success(), "{}", text(&out));
+        without_clocks(&String::from_utf8(out.stdout).unwrap())
+    }
+}
+
+/// An nft listing without the elements' running `expires` countdowns, so that two
+/// listings of an unchanged ruleset compare equal.
+pub fn without_clocks(listing: &str) -> String {
+    let mut words = Vec::new();
+    let mut skip = false;
+    for word in listing.split_whitespace() {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        skip = word == "expires";
+        if !skip {
+            words.push(word);
+        }
+    }
+    words.join(" ")
 }
 
 impl Drop for Net {
