@@ -185,5 +185,11 @@ mod tests {
         let mut truncated = packet.clone();
         truncated.truncate(packet.len() - 10);
         assert!(matches!(checked(&truncated, now()), Err(Refusal::Malformed(_))));
+        let mut trailing = packet.clone();
+        trailing.push(0);
+        assert_eq!(
+            checked(&trailing, now()).unwrap_err(),
+            Refusal::Malformed("bytes after the signature".into())
+        );
     }
 }
