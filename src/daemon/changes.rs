@@ -336,10 +336,16 @@ impl<F: Firewall> Daemon<F> {
         if ended.is_empty() && summaries.is_empty() {
             return;
         }
+        // A grant can end before its `expires_at`: restored after a crash that came
+        // between its audit record and its kernel change, it keeps the shorter timer the
+        // kernel held for its address. Its record is dated when it ended, never ahead of
+        // the clock (a record from the future would make the next start distrust it).
+        let wall = Utc::now();
         let mut records: Vec<AuditRecord> = ended
             .iter()
             .map(|g| {
-                let mut r = grant_record(g, g.expires_at, None, "jitd", Action::Expire, Outcome::Expired);
+                let end = g.expires_at.min(wall);
+                let mut r = grant_record(g, end, None, "jitd", Action::Expire, Outcome::Expired);
                 r.reason = Some("time is up".into());
                 r
             })
