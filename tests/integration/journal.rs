@@ -317,25 +317,56 @@ fn kernel_elements(net: &Net, min_left: u64) -> std::collections::BTreeSet<(Stri
     found
 }
 
-/// Checks the invariants after a restart; the violation, if any.
-fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> Result<(), String> {
-    let mut on_record = std::collections::HashSet::new();
-    for entry in std::fs::read_dir(setup.state_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if name == "audit.jsonl"
-            || name
-                .strip_prefix("audit.jsonl.")
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        {
-            for line in std::fs::read_to_string(&path).unwrap().lines() {
+/// The audit files (`audit.jsonl`, `audit.jsonl.N`) by name, with their inodes.
+fn audit_files(dir: &Path) -> Vec<(String, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let audit = name == "audit.jsonl"
+                || name
+                    .strip_prefix("audit.jsonl.")
+                    .is_some_and(|n| n.parse::<u32>().is_ok());
+            if !audit {
+                return None;
+            }
+            Some((name, e.metadata().ok()?.ino()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The grant ids with an `approved` record in the audit files. jitd keeps running (and
+/// may rotate, renaming every file) while they are read, so the reading is repeated
+/// until the files were the same before and after it.
+fn approvals_on_record(dir: &Path) -> Result<std::collections::HashSet<u64>, String> {
+    for _ in 0..20 {
+        let before = audit_files(dir);
+        let mut on_record = std::collections::HashSet::new();
+        for (name, _) in &before {
+            let Ok(text) = std::fs::read_to_string(dir.join(name)) else {
+                continue; // renamed meanwhile: read again
+            };
+            for line in text.lines() {
                 let r: Value = serde_json::from_str(line).map_err(|e| format!("{name}: a torn line {line:?}: {e}"))?;
                 if r["outcome"] == "approved" {
                     on_record.insert(r["grant_id"].as_u64().unwrap_or_default());
                 }
             }
         }
+        if audit_files(dir) == before {
+            return Ok(on_record);
+        }
     }
+    Err("the audit files kept changing while they were read".into())
+}
+
+/// Checks the invariants after a restart; the violation, if any.
+fn soak_check(setup: &Setup, net: &Net, jitd: &Jitd, answered: &[Answered]) -> Result<(), String> {
+    let on_record = approvals_on_record(&setup.state_dir())?;
     if let Some(a) = answered.iter().find(|a| !on_record.contains(&a.id)) {
         return Err(format!("grant {} was answered approved but has no audit record", a.id));
     }
