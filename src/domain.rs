@@ -107,7 +107,8 @@ pub struct GrantElement {
     pub timeout: Duration,
 }
 
-/// A user, group or uid named in `[access]`.
+/// A user, group or uid named in `[access]`, or the principal of an SSH key that
+/// signs remote knocks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Principal {
     /// `user:NAME`.
@@ -116,14 +117,17 @@ pub enum Principal {
     Group(String),
     /// `uid:N`.
     Uid(u32),
+    /// `principal:NAME`: a principal of an `allowed_signers` line (or of an SSH
+    /// certificate its CA signed); matches only signed remote callers.
+    Ssh(String),
 }
 
 impl Principal {
-    /// Parses `user:NAME`, `group:NAME` or `uid:N`.
+    /// Parses `user:NAME`, `group:NAME`, `uid:N` or `principal:NAME`.
     pub fn parse(text: &str) -> Result<Principal, String> {
-        let (kind, value) = text
-            .split_once(':')
-            .ok_or_else(|| "must be \"user:NAME\", \"group:NAME\" or \"uid:N\"".to_string())?;
+        let (kind, value) = text.split_once(':').ok_or_else(|| {
+            "must be \"user:NAME\", \"group:NAME\", \"uid:N\" or \"principal:NAME\"".to_string()
+        })?;
         if value.is_empty() {
             return Err("the name after the colon is empty".into());
         }
@@ -134,7 +138,8 @@ impl Principal {
                 .parse()
                 .map(Principal::Uid)
                 .map_err(|_| "uid must be a number".to_string()),
-            _ => Err("must start with \"user:\", \"group:\" or \"uid:\"".into()),
+            "principal" => Ok(Principal::Ssh(value.to_string())),
+            _ => Err("must start with \"user:\", \"group:\", \"uid:\" or \"principal:\"".into()),
         }
     }
 }
@@ -145,19 +150,50 @@ impl fmt::Display for Principal {
             Principal::User(n) => write!(f, "user:{n}"),
             Principal::Group(n) => write!(f, "group:{n}"),
             Principal::Uid(n) => write!(f, "uid:{n}"),
+            Principal::Ssh(n) => write!(f, "principal:{n}"),
         }
     }
 }
 
-/// A caller as the policy sees it.
+/// The uid of a caller that is not a local user (a signed remote knock): `(uid_t)-1`,
+/// which no process can have, so SO_PEERCRED never reports it.
+pub const REMOTE_UID: u32 = u32::MAX;
+
+/// A caller as the policy sees it: a local user (from the socket's peer credentials) or
+/// the signer of a remote knock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
-    /// Numeric user id from the kernel.
+    /// Numeric user id from the kernel; [`REMOTE_UID`] for a signed remote caller.
     pub uid: u32,
-    /// User name, or the uid as text when the user database has no entry.
+    /// User name, or the uid as text when the user database has no entry; for a signed
+    /// caller its first principal.
     pub name: String,
-    /// Names of the user's primary and supplementary groups.
+    /// Names of the user's primary and supplementary groups (none for a signed caller).
     pub groups: Vec<String>,
+    /// For a signed remote caller: who signed, with what key, from where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<SignedBy>,
+}
+
+/// Who signed a remote knock, as its checks established it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedBy {
+    /// The principals the `allowed_signers` line (or the certificate) vouches for.
+    pub principals: Vec<String>,
+    /// The signing key's SHA-256 fingerprint (`ssh-keygen -l`).
+    pub fingerprint: String,
+}
+
+impl Caller {
+    /// A signed remote caller: no uid, no groups, known by its principals only.
+    pub fn signed(signer: SignedBy) -> Caller {
+        Caller {
+            uid: REMOTE_UID,
+            name: signer.principals.first().cloned().unwrap_or_else(|| "-".into()),
+            groups: Vec::new(),
+            signer: Some(signer),
+        }
+    }
 }
 
 /// Declares [`ErrorCode`] with each variant's wire spelling, once.

@@ -15,8 +15,25 @@ impl Caller {
                 uid,
                 name: uid.to_string(),
                 groups: Vec::new(),
+                signer: None,
             },
         }
+    }
+
+    /// The requester of `grant`, as reload and restart re-check it: a signed remote
+    /// requester by the principals its key vouched for, a local one by uid; `cache`
+    /// saves looking the same uid up again.
+    pub fn requester_of(grant: &crate::grants::Grant, cache: &mut std::collections::HashMap<u32, Caller>) -> Caller {
+        if grant.requester_uid == crate::domain::REMOTE_UID {
+            return Caller::signed(crate::domain::SignedBy {
+                principals: grant.principals.clone(),
+                fingerprint: String::new(),
+            });
+        }
+        cache
+            .entry(grant.requester_uid)
+            .or_insert_with(|| Caller::resolve_uid(grant.requester_uid))
+            .clone()
     }
 
     /// Resolves `uid`/`gid` (from SO_PEERCRED) with the system's user and group databases.
@@ -38,6 +55,11 @@ impl Caller {
             .into_iter()
             .filter_map(|g| Group::from_gid(g).ok().flatten().map(|g| g.name))
             .collect();
-        Caller { uid, name, groups }
+        Caller {
+            uid,
+            name,
+            groups,
+            signer: None,
+        }
     }
 }

@@ -21,18 +21,22 @@ pub enum Role {
     Admin,
 }
 
-/// The highest role `caller` holds under `access`; root is always admin.
+/// The highest role `caller` holds under `access`; root is always admin. A local caller
+/// is matched by `user:`, `group:` and `uid:` entries, a signed remote caller only by
+/// `principal:` entries (so a key whose principal is "root" is not root).
 pub fn role_of(access: &Access, caller: &Caller) -> Option<Role> {
-    if caller.uid == 0 {
-        return Some(Role::Admin);
-    }
     let named = |list: &[Principal]| {
-        list.iter().any(|p| match p {
-            Principal::User(n) => *n == caller.name,
-            Principal::Group(n) => caller.groups.iter().any(|g| g == n),
-            Principal::Uid(u) => *u == caller.uid,
+        list.iter().any(|p| match (p, &caller.signer) {
+            (Principal::Ssh(n), Some(signer)) => signer.principals.iter().any(|s| s == n),
+            (_, Some(_)) | (Principal::Ssh(_), None) => false,
+            (Principal::User(n), None) => *n == caller.name,
+            (Principal::Group(n), None) => caller.groups.iter().any(|g| g == n),
+            (Principal::Uid(u), None) => *u == caller.uid,
         })
     };
+    if caller.uid == 0 && caller.signer.is_none() {
+        return Some(Role::Admin);
+    }
     if named(&access.admins) {
         Some(Role::Admin)
     } else if named(&access.requesters) {
@@ -238,6 +242,7 @@ mod tests {
             uid,
             name: name.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            signer: None,
         }
     }
 

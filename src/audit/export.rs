@@ -8,7 +8,7 @@ use super::{enum_text, AuditRecord};
 use crate::text::csv_cell;
 
 /// The CSV columns, in order (the header row).
-pub const CSV_HEADER: [&str; 12] = [
+pub const CSV_HEADER: [&str; 15] = [
     "time",
     "actor_uid",
     "actor",
@@ -21,11 +21,14 @@ pub const CSV_HEADER: [&str; 12] = [
     "duration_secs",
     "justification",
     "grant_id",
+    "principals",
+    "key",
+    "peer",
 ];
 
 /// The cells of `record` in [`CSV_HEADER`] order, before neutralisation; ports are
 /// space-separated, missing values empty.
-fn raw_cells(r: &AuditRecord) -> [String; 12] {
+fn raw_cells(r: &AuditRecord) -> [String; 15] {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
     [
@@ -41,6 +44,9 @@ fn raw_cells(r: &AuditRecord) -> [String; 12] {
         opt(r.duration_secs.map(|d| d.to_string())),
         opt(r.justification.clone()),
         opt(r.grant_id.map(|g| g.to_string())),
+        r.principals.join(" "),
+        opt(r.key.clone()),
+        opt(r.peer.clone()),
     ]
 }
 
@@ -89,7 +95,7 @@ mod tests {
         assert_eq!(lines.next().unwrap(), CSV_HEADER.join(","));
         assert_eq!(
             lines.next().unwrap(),
-            r#"2026-11-25T10:01:00Z,1001,bob,request,approved,,22,,203.0.113.7,,"ticket, ""4711""",3"#
+            r#"2026-11-25T10:01:00Z,1001,bob,request,approved,,22,,203.0.113.7,,"ticket, ""4711""",3,,,"#
         );
     }
 

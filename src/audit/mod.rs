@@ -54,6 +54,10 @@ pub enum Action {
     Recover,
     /// The wall clock stepped against the monotonic clock; `reason` says by how much.
     Clock,
+    /// A remote knock was dropped before it reached the policy (malformed, outside the
+    /// time window, for another host, an unknown key, a bad signature, a replay);
+    /// `reason` says which. Knocks that reach the policy are `request` records.
+    Knock,
 }
 
 /// How it ended.
@@ -115,6 +119,19 @@ pub struct AuditRecord {
     /// The grant concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+    /// A signed remote knock: the principals its key vouched for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    /// A signed remote knock: the signing key's SHA-256 fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A remote knock: the address and port the packet came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// A remote knock: its nonce (hex), so that after a restart it is still refused
+    /// as a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
     /// The transaction this record was written with, when it had several records: a
     /// reader applies a batch only when all its records are there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,6 +166,10 @@ impl AuditRecord {
             duration_secs: None,
             justification: None,
             grant_id: None,
+            principals: Vec::new(),
+            key: None,
+            peer: None,
+            nonce: None,
             batch: None,
             prev: None,
             hash: None,

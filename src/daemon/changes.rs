@@ -68,10 +68,11 @@ pub(super) fn recheck(
         ));
     };
     if !matches!(policy::role_of(&config.access, requester), Some(r) if r >= Role::Requester) {
-        return Verdict::End(format!(
-            "policy changed: {} (uid {}) no longer holds the requester role",
-            requester.name, requester.uid
-        ));
+        let who = match &requester.signer {
+            Some(s) => format!("the knock's signer (principals {})", s.principals.join(",")),
+            None => format!("{} (uid {})", requester.name, requester.uid),
+        };
+        return Verdict::End(format!("policy changed: {who} no longer holds the requester role"));
     }
     let ran = (wall - grant.granted_at).to_std().unwrap_or_default();
     let allowed = max.saturating_sub(ran);
@@ -570,11 +571,9 @@ fn recheck_book(
     let mut callers: HashMap<u32, Caller> = HashMap::new();
     book.iter()
         .filter_map(|g| {
-            let requester = callers
-                .entry(g.requester_uid)
-                .or_insert_with(|| Caller::resolve_uid(g.requester_uid));
+            let requester = Caller::requester_of(g, &mut callers);
             let left = book.remaining(g.id, now).unwrap_or_default();
-            match recheck(config, g, requester, left, wall) {
+            match recheck(config, g, &requester, left, wall) {
                 Verdict::Keep(_) => None,
                 changed => Some((g.id, changed)),
             }
@@ -602,6 +601,7 @@ mod tests {
             protocol: crate::domain::Protocol::Tcp,
             requester: "4242".into(),
             requester_uid: 4242,
+            principals: Vec::new(),
             justification: None,
             granted_at,
             expires_at: granted_at + chrono::Duration::from_std(approved).unwrap(),
@@ -613,6 +613,7 @@ mod tests {
             uid,
             name: uid.to_string(),
             groups: Vec::new(),
+            signer: None,
         }
     }
 

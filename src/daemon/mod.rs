@@ -201,6 +201,7 @@ impl<F: Firewall> Handler for Daemon<F> {
                 uid: peer.uid,
                 name: peer.uid.to_string(),
                 groups: Vec::new(),
+                signer: None,
             });
         match request {
             Request::Status(q) => self.status(&caller, &q).map_or_else(|r| r, Reply::ok),

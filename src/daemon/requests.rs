@@ -247,6 +247,7 @@ fn check(
             protocol: p.protocol,
             requester: caller.name.clone(),
             requester_uid: caller.uid,
+            principals: caller.signer.as_ref().map(|s| s.principals.clone()).unwrap_or_default(),
             justification: request.justification.clone(),
             duration,
         })

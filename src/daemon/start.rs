@@ -180,10 +180,8 @@ impl<F: Firewall> Daemon<F> {
                 records.push(r);
                 continue;
             };
-            let caller = callers
-                .entry(grant.requester_uid)
-                .or_insert_with(|| crate::domain::Caller::resolve_uid(grant.requester_uid));
-            match changes::recheck(&config, &grant, caller, left, wall) {
+            let caller = crate::domain::Caller::requester_of(&grant, &mut callers);
+            match changes::recheck(&config, &grant, &caller, left, wall) {
                 Verdict::Keep(left) => st.book.restore(grant, now + left),
                 Verdict::Clamp(left, why) => {
                     grant.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
@@ -540,6 +538,7 @@ mod tests {
             protocol: crate::domain::Protocol::Tcp,
             requester: "bob".into(),
             requester_uid: 1001,
+            principals: Vec::new(),
             justification: None,
             granted_at: granted,
             expires_at: granted + chrono::Duration::seconds(secs),

@@ -265,6 +265,7 @@ pub async fn reload_on_sighup<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping:
             uid: 0,
             name: "root (SIGHUP)".into(),
             groups: Vec::new(),
+            signer: None,
         };
         if let Err(reply) = daemon.reload(&path, &root).await {
             tracing::error!("{}", reply.error.map(|e| e.message).unwrap_or_default());

@@ -33,8 +33,12 @@ pub struct Grant {
     pub protocol: Protocol,
     /// Who asked, by name.
     pub requester: String,
-    /// Who asked, by uid.
+    /// Who asked, by uid ([`crate::domain::REMOTE_UID`] for a signed remote knock).
     pub requester_uid: u32,
+    /// For a signed remote knock: the principals its key vouched for (the policy
+    /// re-checks their role at reload and restart); empty for a local requester.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
     /// Why, as the requester said.
     pub justification: Option<String>,
     /// When it was approved.
@@ -85,6 +89,8 @@ pub struct NewGrant {
     pub requester: String,
     /// Who asked, by uid.
     pub requester_uid: u32,
+    /// The principals of a signed remote requester.
+    pub principals: Vec<String>,
     /// Why.
     pub justification: Option<String>,
     /// How long.
@@ -257,6 +263,7 @@ impl GrantBook {
             protocol: new.protocol,
             requester: new.requester,
             requester_uid: new.requester_uid,
+            principals: new.principals,
             justification: new.justification,
             granted_at: wall_now,
             expires_at,
@@ -474,6 +481,7 @@ mod tests {
             protocol: Protocol::Tcp,
             requester: "bob".into(),
             requester_uid: 1001,
+            principals: Vec::new(),
             justification: None,
             duration: Duration::from_secs(secs),
         }

@@ -17,6 +17,7 @@ fn pending(secs: u64) -> (Pending, oneshot::Receiver<Reply>) {
                 uid: 0,
                 name: "root".into(),
                 groups: vec![],
+                signer: None,
             },
             request,
             reply,
