@@ -101,6 +101,8 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How the socket's connections are shared (`[limits]`); read at start only.
     pub limits: Limits,
+    /// Remote knocks (`[remote]`); `None`: off.
+    pub remote: Option<crate::remote::settings::Remote>,
 }
 
 /// The group that owns the socket.
@@ -254,6 +256,7 @@ struct RawConfig {
     access: RawAccess,
     #[serde(default)]
     limits: RawLimits,
+    remote: Option<crate::remote::settings::RawRemote>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -493,6 +496,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         audit_rotation,
         metrics_listen,
         limits: validate_limits(raw.limits, problems),
+        remote: raw.remote.and_then(|r| crate::remote::settings::validate(r, problems)),
     }
 }
 

@@ -125,9 +125,9 @@ pub enum Principal {
 impl Principal {
     /// Parses `user:NAME`, `group:NAME`, `uid:N` or `principal:NAME`.
     pub fn parse(text: &str) -> Result<Principal, String> {
-        let (kind, value) = text.split_once(':').ok_or_else(|| {
-            "must be \"user:NAME\", \"group:NAME\", \"uid:N\" or \"principal:NAME\"".to_string()
-        })?;
+        let (kind, value) = text
+            .split_once(':')
+            .ok_or_else(|| "must be \"user:NAME\", \"group:NAME\", \"uid:N\" or \"principal:NAME\"".to_string())?;
         if value.is_empty() {
             return Err("the name after the colon is empty".into());
         }
@@ -180,8 +180,13 @@ pub struct Caller {
 pub struct SignedBy {
     /// The principals the `allowed_signers` line (or the certificate) vouches for.
     pub principals: Vec<String>,
-    /// The signing key's SHA-256 fingerprint (`ssh-keygen -l`).
+    /// The signing key's SHA-256 fingerprint (`ssh-keygen -l`); empty when rebuilt
+    /// from a stored grant.
     pub fingerprint: String,
+    /// The address and port the knock came from (`None` when rebuilt).
+    pub peer: Option<std::net::SocketAddr>,
+    /// The knock's nonce, hex (`None` when rebuilt).
+    pub nonce: Option<String>,
 }
 
 impl Caller {

@@ -28,6 +28,8 @@ impl Caller {
             return Caller::signed(crate::domain::SignedBy {
                 principals: grant.principals.clone(),
                 fingerprint: String::new(),
+                peer: None,
+                nonce: None,
             });
         }
         cache

@@ -29,6 +29,13 @@ pub struct RequestLabels {
     pub reason: String,
 }
 
+/// Labels of `jitd_knocks_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KnockLabels {
+    /// `accepted` (passed on to the policy) or why it was dropped before.
+    pub result: String,
+}
+
 /// Every metric jitd keeps.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +53,8 @@ pub struct Metrics {
     pub audit_write_failures: Counter,
     /// Socket connections refused because of the connection limit.
     pub refused_connections: Counter,
+    /// Remote knocks by what became of them before the policy.
+    pub knocks: Family<KnockLabels, Counter>,
 }
 
 /// The process's metrics.
@@ -70,6 +79,7 @@ impl Metrics {
             nft_transaction: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             audit_write_failures: Counter::default(),
             refused_connections: Counter::default(),
+            knocks: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,6 +113,11 @@ impl Metrics {
             "Socket connections refused by the connection limit",
             m.refused_connections.clone(),
         );
+        registry.register(
+            "knocks",
+            "Remote knocks: accepted (passed on to the policy) or why they were dropped",
+            m.knocks.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -112,6 +127,15 @@ impl Metrics {
             .get_or_create(&RequestLabels {
                 outcome: enum_text(&outcome),
                 reason: reason.map_or_else(String::new, |code| code.to_string()),
+            })
+            .inc();
+    }
+
+    /// Counts one knock: `accepted` or the code it was dropped with.
+    pub fn knock(&self, result: &str) {
+        self.knocks
+            .get_or_create(&KnockLabels {
+                result: result.to_string(),
             })
             .inc();
     }

@@ -25,6 +25,31 @@ pub async fn interface_names() -> std::io::Result<Vec<String>> {
     Ok(names)
 }
 
+/// The addresses of every interface now (a knock may name the host by one).
+pub async fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    use netlink_packet_route::address::AddressAttribute;
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    let task = tokio::spawn(connection);
+    let mut addrs = Vec::new();
+    let mut list = handle.address().get().execute();
+    let result = async {
+        while let Some(msg) = list.try_next().await? {
+            for attr in msg.attributes {
+                if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attr {
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+            }
+        }
+        Ok::<_, rtnetlink::Error>(())
+    }
+    .await;
+    task.abort();
+    result.map_err(|e| std::io::Error::other(format!("listing addresses over rtnetlink: {e}")))?;
+    Ok(addrs)
+}
+
 /// The configured interface names that the host does not have, as config problems.
 pub fn unknown_interfaces(configured: &[String], existing: &[String]) -> Vec<String> {
     configured

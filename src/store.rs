@@ -73,7 +73,18 @@ pub struct History {
     /// The highest grant id in the journal.
     #[serde(default)]
     pub max_grant_id: GrantId,
+    /// Nonces of remote knocks recorded within [`NONCE_MEMORY`] of the newest record,
+    /// with their record's time: start-up remembers them, so that a knock accepted
+    /// before a crash is still refused as a replay after it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nonces: BTreeMap<String, DateTime<Utc>>,
 }
+
+/// How long after its record a knock's nonce is kept: twice the widest time window (a
+/// knock is accepted at most one window after it was signed, and refused one window
+/// after that).
+pub const NONCE_MEMORY: chrono::TimeDelta =
+    chrono::TimeDelta::seconds(2 * crate::remote::settings::MAX_WINDOW.as_secs() as i64);
 
 /// Recent use of one port, as [`History`] keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +108,9 @@ impl History {
         for r in records {
             self.newest = self.newest.max(Some(r.time));
             self.max_grant_id = self.max_grant_id.max(r.grant_id.unwrap_or(0));
+            if let Some(nonce) = &r.nonce {
+                self.nonces.insert(nonce.clone(), r.time);
+            }
             if (r.action, r.outcome) != (Action::Request, Outcome::Approved) {
                 continue;
             }
@@ -108,6 +122,9 @@ impl History {
                 u.last_access = Some(r.time);
                 u.last_user = Some(r.actor.clone());
             }
+        }
+        if let Some(newest) = self.newest {
+            self.nonces.retain(|_, t| *t + NONCE_MEMORY >= newest);
         }
         let first_minute = since.timestamp().div_euclid(60);
         for u in self.usage.values_mut() {

@@ -1,11 +1,14 @@
 //! Rate limiting of refusals in the audit log, so that one user cannot flood it: per
-//! uid, the first [`Limits::full_per_interval`] refusals of an interval are recorded in
-//! full, the rest are only counted, and when the interval ends one summary record per
-//! uid says how many were suppressed and with which codes. Pure: the caller passes the
-//! clock in, and memory is bounded ([`Limits::max_uids`]; beyond it every further uid
-//! shares one "others" bucket).
+//! uid (or, for remote knocks, per source address), the first
+//! [`Limits::full_per_interval`] refusals of an interval are recorded in full, the rest
+//! are only counted, and when the interval ends one summary record per uid says how many
+//! were suppressed and with which codes. Pure: the caller passes the clock in, and
+//! memory is bounded ([`Limits::max_uids`]; beyond it every further uid shares one
+//! "others" bucket).
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::net::IpAddr;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
@@ -56,17 +59,56 @@ struct Bucket {
     codes: BTreeMap<String, u64>,
 }
 
-/// Per-uid refusal counters; see the module documentation.
+/// Whom a limiter counts refusals of: a uid (socket requests) or a source address
+/// (remote knocks).
+pub trait Subject: Copy + Eq + Hash + Ord {
+    /// The audit action of the summary records.
+    const ACTION: Action;
+    /// The uid a summary names, if any.
+    fn uid(&self) -> Option<u32>;
+    /// Who, in a summary's sentence.
+    fn describe(&self, name: &str) -> String;
+    /// The others bucket, in a summary's sentence.
+    fn others() -> &'static str;
+}
+
+impl Subject for u32 {
+    const ACTION: Action = Action::Request;
+    fn uid(&self) -> Option<u32> {
+        Some(*self)
+    }
+    fn describe(&self, name: &str) -> String {
+        format!("uid {self} ({name})")
+    }
+    fn others() -> &'static str {
+        "further uids (too many to track one by one)"
+    }
+}
+
+impl Subject for IpAddr {
+    const ACTION: Action = Action::Knock;
+    fn uid(&self) -> Option<u32> {
+        None
+    }
+    fn describe(&self, _name: &str) -> String {
+        format!("knocks from {self}")
+    }
+    fn others() -> &'static str {
+        "knocks from further sources (too many to track one by one)"
+    }
+}
+
+/// Per-uid (or per-source) refusal counters; see the module documentation.
 #[derive(Debug, Clone, Default)]
-pub struct RefusalLimiter {
+pub struct RefusalLimiter<K = u32> {
     limits: Limits,
-    buckets: HashMap<u32, Bucket>,
+    buckets: HashMap<K, Bucket>,
     others: Option<Bucket>,
 }
 
-impl RefusalLimiter {
+impl<K: Subject> RefusalLimiter<K> {
     /// A limiter with `limits`.
-    pub fn new(limits: Limits) -> RefusalLimiter {
+    pub fn new(limits: Limits) -> RefusalLimiter<K> {
         RefusalLimiter {
             limits,
             buckets: HashMap::new(),
@@ -77,7 +119,7 @@ impl RefusalLimiter {
     /// Decides whether the refusal of `uid` (`name`) with denial `code` at `now` is
     /// recorded in full or only counted. Call [`RefusalLimiter::due_summaries`] first so
     /// that an ended interval is closed before a new one starts.
-    pub fn admit(&mut self, uid: u32, name: &str, code: &str, now: DateTime<Utc>) -> Admit {
+    pub fn admit(&mut self, uid: K, name: &str, code: &str, now: DateTime<Utc>) -> Admit {
         let limits = self.limits;
         let tracked = self.buckets.len() < limits.max_uids || self.buckets.contains_key(&uid);
         let bucket = if tracked {
@@ -107,8 +149,8 @@ impl RefusalLimiter {
     /// suppressed something; buckets that did not are simply dropped.
     pub fn due_summaries(&mut self, now: DateTime<Utc>) -> Vec<AuditRecord> {
         let interval = self.limits.interval;
-        let mut due: Vec<(Option<u32>, Bucket)> = Vec::new();
-        let ended: Vec<u32> = self
+        let mut due: Vec<(Option<K>, Bucket)> = Vec::new();
+        let ended: Vec<K> = self
             .buckets
             .iter()
             .filter(|(_, b)| b.started + interval <= now)
@@ -121,7 +163,8 @@ impl RefusalLimiter {
         if self.others.as_ref().is_some_and(|b| b.started + interval <= now) {
             due.push((None, self.others.take().expect("checked")));
         }
-        due.sort_by_key(|(uid, b)| (b.started, uid.map_or(u64::MAX, u64::from)));
+        // in time order, each time's subjects in order, "others" last
+        due.sort_by_key(|(uid, b)| (b.started, uid.is_none(), *uid));
         due.into_iter()
             .filter(|(_, b)| b.suppressed > 0)
             .map(|(uid, b)| summary(uid, &b, now))
@@ -167,16 +210,23 @@ impl Bucket {
     }
 }
 
-/// The summary record of one bucket: action `request`, outcome `suppressed`.
-fn summary(uid: Option<u32>, b: &Bucket, now: DateTime<Utc>) -> AuditRecord {
-    let who = match uid {
-        Some(uid) => format!("uid {uid} ({})", b.name),
-        None => "further uids (too many to track one by one)".to_string(),
+/// The summary record of one bucket: action `request` (or `knock`), outcome
+/// `suppressed`.
+fn summary<K: Subject>(subject: Option<K>, b: &Bucket, now: DateTime<Utc>) -> AuditRecord {
+    let who = match &subject {
+        Some(s) => s.describe(&b.name),
+        None => K::others().to_string(),
     };
     let codes: Vec<String> = b.codes.iter().map(|(c, n)| format!("{c} x{n}")).collect();
     let at = |t: Option<DateTime<Utc>>| t.unwrap_or(now).to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let actor = if uid.is_some() { b.name.as_str() } else { "others" };
-    let mut r = AuditRecord::new(now, uid, actor, Action::Request, Outcome::Suppressed);
+    let actor = if subject.is_some() { b.name.as_str() } else { "others" };
+    let mut r = AuditRecord::new(
+        now,
+        subject.and_then(|s| s.uid()),
+        actor,
+        K::ACTION,
+        Outcome::Suppressed,
+    );
     r.reason = Some(format!(
         "{} refusal(s) from {who} suppressed between {} and {}, codes: {}",
         b.suppressed,

@@ -381,6 +381,7 @@ impl<F: Firewall> Daemon<F> {
         let mut failed = failure_of(&record);
         failed.reason = Some("on_stop = unlock, but removing the lockdown failed: ".into());
         let mut records = self.lock().refusals.flush(Utc::now());
+        records.extend(self.knocks.flush(Utc::now()));
         records.push(record);
         let tx = Tx::kernel_only(records, kernel, failed);
         if let Err(e) = self.execute(tx, pings).await {

@@ -24,6 +24,7 @@ mod clock;
 mod commit;
 mod drift;
 pub(crate) mod fault;
+mod knock;
 mod queries;
 mod requests;
 mod start;
@@ -143,6 +144,8 @@ pub struct Daemon<F: Firewall> {
     expiry_changed: Notify,
     /// The wall clock, watched for jumps.
     clock: clock::WallClock,
+    /// Remote knocks' nonce memory and refusal log.
+    knocks: knock::Knocks,
     #[allow(dead_code)]
     claims: start::Claims,
 }
@@ -294,8 +297,16 @@ pub async fn run<F: Firewall>(
     let gid = config.socket_group.as_ref().map(|g| g.gid);
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
+    let knock_listen = config.remote.as_ref().map(|r| r.listen);
     let _table = start::claim_table()?;
     let (daemon, committer) = Daemon::start(config, firewall).await?;
+    let knock_socket = match knock_listen {
+        Some(addr) => Some(knock::bind(addr).map_err(|source| StartError::Socket {
+            path: format!("remote.listen {addr}"),
+            source,
+        })?),
+        None => None,
+    };
     let listener = server::bind(&socket, gid).map_err(|source| StartError::Socket {
         path: socket.display().to_string(),
         source,
@@ -306,6 +317,13 @@ pub async fn run<F: Firewall>(
     tracing::info!("ports locked: {ports}; listening on {}", socket.display());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let mut tasks = spawn_tasks(&daemon, committer, &stopping);
+    if let Some(socket) = knock_socket {
+        tracing::info!("taking remote knocks on udp {}", knock_listen.expect("bound"));
+        tasks.spawn(named(
+            "knock listener",
+            knock::serve(daemon.clone(), socket, stopping.clone()),
+        ));
+    }
     if let Some(addr) = metrics_listen {
         tasks.spawn(named("metrics server", serve_metrics(addr, stopping.clone()).await?));
     }

@@ -186,7 +186,7 @@ fn supersede(
     let mut r = grant_record(
         old,
         wall,
-        Some(caller.uid),
+        actor_uid(caller),
         &caller.name,
         Action::Supersede,
         Outcome::Superseded,
@@ -290,6 +290,11 @@ fn is_format_char(c: char) -> bool {
     crate::text::has_format_chars(c.encode_utf8(&mut [0; 4])).is_some()
 }
 
+/// The uid a record names: none for a signed remote caller (it has none).
+fn actor_uid(caller: &Caller) -> Option<u32> {
+    caller.signer.is_none().then_some(caller.uid)
+}
+
 /// A caller's input that did not pass the checks, as it may be recorded.
 fn unchecked(text: &str) -> String {
     crate::text::unchecked(text)
@@ -307,7 +312,7 @@ pub(super) fn recorded_source(text: &str) -> String {
 /// The record of a refused request: only values that passed their checks are stored
 /// as such; anything else is an escaped, length-capped copy marked as unchecked.
 fn refusal_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) -> AuditRecord {
-    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Denied);
+    let mut r = AuditRecord::new(time, actor_uid(caller), &caller.name, Action::Request, Outcome::Denied);
     r.ports = request.ports.iter().copied().take(16).collect();
     r.source = Some(recorded_source(&request.source));
     r.duration_secs = request
@@ -317,7 +322,19 @@ fn refusal_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) 
         Ok(()) => j.clone(),
         Err(_) => unchecked(j),
     });
+    stamp_signer(&mut r, caller);
     r
+}
+
+/// Adds who signed a remote knock to its record: principals, key, peer and nonce (the
+/// nonce on disk keeps a replay refused after a restart).
+fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
+    if let Some(s) = &caller.signer {
+        r.principals = s.principals.clone();
+        r.key = Some(s.fingerprint.clone()).filter(|k| !k.is_empty());
+        r.peer = s.peer.map(|p| p.to_string());
+        r.nonce = s.nonce.clone();
+    }
 }
 
 /// The record of one grant of an approved request.
@@ -328,13 +345,20 @@ fn grant_request_record(
     caller: &Caller,
     time: DateTime<Utc>,
 ) -> AuditRecord {
-    let mut r = AuditRecord::new(time, Some(caller.uid), &caller.name, Action::Request, Outcome::Approved);
+    let mut r = AuditRecord::new(
+        time,
+        actor_uid(caller),
+        &caller.name,
+        Action::Request,
+        Outcome::Approved,
+    );
     r.ports = vec![grant.port];
     r.protocol = Some(grant.protocol);
     r.source = Some(format_prefix(&grant.source));
     r.duration_secs = Some(grant.duration.as_secs());
     r.justification = request.justification.clone();
     r.grant_id = Some(id);
+    stamp_signer(&mut r, caller);
     r
 }
 

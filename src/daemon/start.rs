@@ -88,6 +88,7 @@ impl<F: Firewall> Daemon<F> {
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
         let usage = usage_from(&history);
+        let knocks = super::knock::Knocks::new(&history.nonces, refusal_interval());
         let writer = Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
@@ -119,6 +120,7 @@ impl<F: Firewall> Daemon<F> {
             writer,
             expiry_changed: Notify::new(),
             clock: super::clock::WallClock::new(!clock_sane),
+            knocks,
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {
@@ -295,14 +297,23 @@ fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), Sta
     Ok((saved, history))
 }
 
-/// The refusal limiter: 20 refusals per uid per minute in full. Debug builds take the
-/// interval from `JITD_REFUSAL_INTERVAL_MS`, so tests need not wait a minute.
+/// The refusal limiter: 20 refusals per uid per [`refusal_interval`] in full.
 fn refusal_limiter() -> crate::audit::limit::RefusalLimiter {
-    let mut limits = crate::audit::limit::Limits::default();
-    let default = limits.interval.to_std().unwrap_or(Duration::from_secs(60));
-    let interval = super::fault::period("JITD_REFUSAL_INTERVAL_MS", default);
-    limits.interval = chrono::TimeDelta::from_std(interval).unwrap_or(limits.interval);
-    crate::audit::limit::RefusalLimiter::new(limits)
+    crate::audit::limit::RefusalLimiter::new(crate::audit::limit::Limits {
+        interval: refusal_interval(),
+        ..Default::default()
+    })
+}
+
+/// A minute; debug builds take it from `JITD_REFUSAL_INTERVAL_MS`, so tests need not
+/// wait a minute.
+fn refusal_interval() -> chrono::TimeDelta {
+    let default = crate::audit::limit::Limits::default().interval;
+    let interval = super::fault::period(
+        "JITD_REFUSAL_INTERVAL_MS",
+        default.to_std().unwrap_or(Duration::from_secs(60)),
+    );
+    chrono::TimeDelta::from_std(interval).unwrap_or(default)
 }
 
 /// What start-up found to restore from.

@@ -77,6 +77,10 @@ pub const GRANT_CT_MARK: u32 = 0x0100_0000;
 /// How long a terminated session's 4-tuple stays in `cut4`/`cut6`.
 pub const CUT_TIMEOUT: Duration = Duration::from_secs(600);
 const FAMILY: NfFamily = NfFamily::INet;
+/// Knock packets a second one source may send before the kernel drops them.
+pub const KNOCK_RATE: u32 = 10;
+/// Knock packets one source may send at once.
+pub const KNOCK_BURST: u32 = 20;
 
 /// What the lockdown consists of, independent of any grant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +91,8 @@ pub struct LockdownSpec {
     pub exempt: Vec<IpNet>,
     /// Interfaces the lockdown applies to; empty: all.
     pub interfaces: Vec<String>,
+    /// The UDP port remote knocks arrive on, rate-limited per source by the kernel.
+    pub knock_port: Option<u16>,
 }
 
 impl LockdownSpec {
@@ -103,6 +109,7 @@ impl LockdownSpec {
             // overlapping prefixes cannot share an interval set: merge them first
             exempt: IpNet::aggregate(&config.lockdown.exempt_sources),
             interfaces: config.lockdown.interfaces.clone(),
+            knock_port: config.remote.as_ref().map(|r| r.listen.port()),
         }
     }
 }
@@ -444,6 +451,7 @@ fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
         ],
         vec![jump(CUT_CHAIN)],
     ];
+    rules.splice(1..1, knock_meter_rules(spec.knock_port));
     rules.extend(exempt_rules());
     // UDP has no handshake: a grant admits what conntrack has not seen before...
     for mut grant in grant_rules() {
@@ -462,6 +470,37 @@ fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
     udp.extend(counter_drop());
     rules.push(udp);
     rules
+}
+
+/// Knocks beyond [`KNOCK_RATE`] a second (burst [`KNOCK_BURST`]) from one source are
+/// dropped in the kernel (meters `knock4`/`knock6`, dynamic sets of bounded size), so a
+/// flood from one address never reaches jitd's socket.
+fn knock_meter_rules(port: Option<u16>) -> Vec<RuleBody> {
+    let Some(port) = port else { return Vec::new() };
+    [("knock4", "ipv4", "ip"), ("knock6", "ipv6", "ip6")]
+        .into_iter()
+        .map(|(name, nfproto, family)| {
+            let mut rule = vec![
+                eq(meta(MetaKey::Nfproto), s(nfproto)),
+                eq(meta(MetaKey::L4proto), s("udp")),
+                eq(payload("th", "dport"), Expression::Number(u32::from(port))),
+                Statement::Meter(nftables::stmt::Meter {
+                    name: name.into(),
+                    key: payload(family, "saddr"),
+                    stmt: Box::new(Statement::Limit(nftables::stmt::Limit {
+                        rate: KNOCK_RATE,
+                        rate_unit: None,
+                        per: Some("second".into()),
+                        burst: Some(KNOCK_BURST),
+                        burst_unit: None,
+                        inv: Some(true),
+                    })),
+                }),
+            ];
+            rule.extend(counter_drop());
+            rule
+        })
+        .collect()
 }
 
 /// A new TCP connection to a locked port: exempt sources and grants pass, the rest is
@@ -587,6 +626,7 @@ mod tests {
             locked: vec![(Transport::Tcp, 22), (Transport::Udp, 3389)],
             exempt: vec![parse_prefix("10.9.0.0/16").unwrap(), parse_prefix("fd00::/8").unwrap()],
             interfaces: vec![],
+            knock_port: None,
         }
     }
 

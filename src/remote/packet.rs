@@ -69,16 +69,28 @@ pub fn frame(request: &str, armoured_signature: &str) -> Result<Vec<u8>, String>
     Ok(out)
 }
 
-/// Checks a datagram against `signers`, for a host called any of `names`, at `now`,
-/// accepting signatures made within `window` of it. Replay (the nonce) is the caller's
-/// business: it holds the memory of nonces seen.
-pub fn check(
+/// A knock that passed every cheap check: what remains is the signature.
+#[derive(Debug, Clone)]
+pub struct Screened {
+    /// The request as signed (its nonce is checked before the signature).
+    pub request: KnockRequest,
+    /// The signing key's fingerprint.
+    pub fingerprint: String,
+    text: String,
+    sig: SshSig,
+    signer: Signer,
+}
+
+/// The cheap checks of a datagram, against `signers`, for a host called any of
+/// `names`, at `now`, accepting signatures made within `window` of it: size, framing,
+/// grammar, time, host, a known key. No signature is verified here.
+pub fn screen(
     packet: &[u8],
     signers: &[Signer],
     names: &[String],
     now: DateTime<Utc>,
     window: TimeDelta,
-) -> Result<Verified, Refusal> {
+) -> Result<Screened, Refusal> {
     let malformed = |why: &str| Refusal::Malformed(why.to_string());
     if packet.len() > MAX_PACKET {
         return Err(malformed("larger than a knock"));
@@ -108,16 +120,72 @@ pub fn check(
     let signer = signers
         .iter()
         .find(|s| !s.cert_authority && s.key.key_data() == key.key_data() && s.allows(NAMESPACE, now))
-        .ok_or_else(|| Refusal::UnknownKey(fingerprint.clone()))?;
+        .ok_or_else(|| Refusal::UnknownKey(fingerprint.clone()))?
+        .clone();
+    Ok(Screened {
+        request,
+        fingerprint,
+        text: text.to_string(),
+        sig,
+        signer,
+    })
+}
+
+/// Verifies the signature of a screened knock (the costly part).
+pub fn verify(screened: Screened, _now: DateTime<Utc>) -> Result<Verified, Refusal> {
+    let Screened {
+        request,
+        fingerprint,
+        text,
+        sig,
+        signer,
+    } = screened;
     signer
         .key
         .verify(NAMESPACE, text.as_bytes(), &sig)
         .map_err(|e| Refusal::BadSignature(format!("{fingerprint}: {e}")))?;
     Ok(Verified {
         request,
-        principals: signer.principals.clone(),
+        principals: signer.principals,
         fingerprint,
     })
+}
+
+/// Checks a datagram: [`screen`], then [`verify`]. Replay (the nonce) is the caller's
+/// business: it holds the memory of nonces seen.
+pub fn check(
+    packet: &[u8],
+    signers: &[Signer],
+    names: &[String],
+    now: DateTime<Utc>,
+    window: TimeDelta,
+) -> Result<Verified, Refusal> {
+    verify(screen(packet, signers, names, now, window)?, now)
+}
+
+impl Refusal {
+    /// The refusal's code in audit records and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::Malformed(_) => "malformed",
+            Refusal::OutsideWindow { .. } => "outside_window",
+            Refusal::OtherHost(_) => "other_host",
+            Refusal::UnknownKey(_) => "unknown_key",
+            Refusal::BadSignature(_) => "bad_signature",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Malformed(why) => write!(f, "not a well-formed knock: {why}"),
+            Refusal::OutsideWindow { signed } => write!(f, "signed at {signed}, outside the time window"),
+            Refusal::OtherHost(host) => write!(f, "for another host: {host}"),
+            Refusal::UnknownKey(fp) => write!(f, "key {fp} is not in allowed_signers (for knocks, now)"),
+            Refusal::BadSignature(why) => write!(f, "the signature does not verify: {why}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,464 @@
+//! Remote knocks: one UDP packet, signed by the requester's SSH key with the real
+//! `ssh-keygen -Y sign`, opens a port for the address it came from. Proven by
+//! connecting from client namespaces; replays, strangers, other hosts, stale times and
+//! floods open nothing, and nothing ever answers.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use jitd::remote::packet;
+use jitd::remote::request::{KnockRequest, Length};
+use serde_json::Value;
+
+use crate::util::*;
+
+/// The knock port of these tests.
+pub const KNOCK_PORT: u16 = 62222;
+/// What the knocks call the host.
+pub const HOST_NAME: &str = "web1.test";
+
+/// An SSH key made by `ssh-keygen` for one test.
+pub struct Key {
+    /// The private key file (no passphrase).
+    pub path: PathBuf,
+    /// The public key line.
+    pub public: String,
+}
+
+impl Key {
+    /// Makes a key of `kind` (`ssh-keygen -t`) named `name` in `dir`.
+    pub fn new(dir: &Path, name: &str, kind: &[&str]) -> Key {
+        let path = dir.join(name);
+        let out = Command::new("ssh-keygen")
+            .args(kind)
+            .args(["-q", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .output()
+            .expect("run ssh-keygen");
+        assert!(out.status.success(), "ssh-keygen: {}", text(&out));
+        let public = std::fs::read_to_string(path.with_extension("pub"))
+            .or_else(|_| std::fs::read_to_string(format!("{}.pub", path.display())))
+            .unwrap();
+        Key {
+            path,
+            public: public.trim().to_string(),
+        }
+    }
+
+    /// Signs `message` as `ssh-keygen -Y sign -n NAMESPACE` does; the armoured SSHSIG.
+    pub fn sign(&self, message: &str, namespace: &str) -> String {
+        let mut child = Command::new("ssh-keygen")
+            .args(["-Y", "sign", "-n", namespace, "-f"])
+            .arg(&self.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run ssh-keygen -Y sign");
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(message.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "ssh-keygen -Y sign: {}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// What a knock asks, before it is signed.
+#[derive(Clone)]
+pub struct Ask {
+    /// The `host` line.
+    pub host: String,
+    /// Ports.
+    pub ports: Vec<u16>,
+    /// Seconds.
+    pub secs: u64,
+    /// A signed source.
+    pub source: Option<&'static str>,
+    /// The signing time.
+    pub time: DateTime<Utc>,
+}
+
+impl Ask {
+    /// Port 22 for 10 minutes, for [`HOST_NAME`], signed now.
+    pub fn port22() -> Ask {
+        Ask {
+            host: HOST_NAME.into(),
+            ports: vec![22],
+            secs: 600,
+            source: None,
+            time: Utc::now(),
+        }
+    }
+}
+
+static NONCES: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh nonce (unique within the test run).
+fn nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    let t = Utc::now().timestamp_nanos_opt().unwrap_or(0) as u64;
+    n[..8].copy_from_slice(&t.to_be_bytes());
+    n[8..12].copy_from_slice(&std::process::id().to_be_bytes());
+    n[12..].copy_from_slice(&(NONCES.fetch_add(1, Ordering::SeqCst) as u32).to_be_bytes());
+    n
+}
+
+/// A knock packet for `ask`, signed by `key` in `namespace`.
+pub fn packet_in(key: &Key, ask: &Ask, namespace: &str) -> Vec<u8> {
+    let request = KnockRequest {
+        host: ask.host.clone(),
+        ports: ask.ports.clone(),
+        length: Length::Duration(ask.secs),
+        source: ask.source.map(|s| jitd::domain::parse_prefix(s).unwrap()),
+        justification: Some("INC-1234".into()),
+        time: DateTime::from_timestamp(ask.time.timestamp(), 0).unwrap(),
+        nonce: nonce(),
+    }
+    .encode();
+    packet::frame(&request, &key.sign(&request, namespace)).unwrap()
+}
+
+/// A knock packet for `ask` signed by `key` for knocks.
+pub fn packet(key: &Key, ask: &Ask) -> Vec<u8> {
+    packet_in(key, ask, jitd::remote::NAMESPACE)
+}
+
+/// Sends `packet` from namespace `ns` to `ip`'s knock port; whether anything came back
+/// within a moment (data, or an ICMP error surfacing as a refused connection).
+pub fn send(ns: &str, ip: &str, packet: &[u8]) -> bool {
+    let target = SocketAddr::new(ip.parse().unwrap(), KNOCK_PORT);
+    let socket = in_ns(ns, || {
+        let any = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        UdpSocket::bind(any).unwrap()
+    });
+    socket.connect(target).unwrap();
+    socket.send(packet).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut buf = [0u8; 64];
+    !matches!(socket.recv(&mut buf), Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+/// A policy taking knocks with `signers` (allowed_signers lines), plus `extra` TOML.
+pub fn knock_setup(signers: &str, extra: &str) -> Setup {
+    let setup = Setup::new("");
+    let file = setup.dir.path().join("allowed_signers");
+    std::fs::write(&file, signers).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    setup.write_policy(&format!(
+        r#"
+[[ports]]
+port = 22
+allowed_sources = ["10.77.0.0/16", "fd00:77::/32"]
+[access]
+requesters = ["principal:alice", "principal:bob"]
+viewers = ["uid:65534"]
+[remote]
+listen = "[::]:{KNOCK_PORT}"
+names = ["{HOST_NAME}"]
+allowed_signers = "{}"
+{extra}
+"#,
+        file.display()
+    ));
+    setup
+}
+
+/// Keys for alice (ed25519), bob (ECDSA) and carol (ed25519, no role), and the
+/// allowed_signers lines for all three.
+fn keys(dir: &Path) -> (Key, Key, Key, String) {
+    let alice = Key::new(dir, "alice", &["-t", "ed25519"]);
+    let bob = Key::new(dir, "bob", &["-t", "ecdsa", "-b", "256"]);
+    let carol = Key::new(dir, "carol", &["-t", "ed25519"]);
+    let signers = format!(
+        "alice {}\nbob namespaces=\"knock@jitd\" {}\ncarol {}\n",
+        alice.public, bob.public, carol.public
+    );
+    (alice, bob, carol, signers)
+}
+
+fn knock_records(setup: &Setup) -> Vec<Value> {
+    setup.audit().into_iter().filter(|r| r["action"] == "knock").collect()
+}
+
+fn opens(ns: &str, ip: &str) -> bool {
+    wait_for(Duration::from_secs(10), || can_connect(ns, ip, 22))
+}
+
+#[test]
+fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, bob, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "");
+    let jitd = setup.start(&net.host);
+    assert!(!can_connect(&net.a, HOST_A4, 22), "locked before the knock");
+
+    assert!(
+        !send(&net.a, HOST_A4, &packet(&alice, &Ask::port22())),
+        "a knock is never answered"
+    );
+    assert!(
+        opens(&net.a, HOST_A4),
+        "alice's knock opens 22 for a: {}",
+        jitd.log_text()
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 22), "not for b");
+
+    // bob's ECDSA key, over IPv6, from b
+    let host_b6 = "fd00:77:2::1";
+    assert!(!can_connect(&net.b, host_b6, 22));
+    send(&net.b, host_b6, &packet(&bob, &Ask::port22()));
+    assert!(opens(&net.b, host_b6), "bob's knock opens 22 for b over IPv6");
+
+    let approved: Vec<Value> = setup
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .collect();
+    assert_eq!(approved.len(), 2, "{approved:?}");
+    assert_eq!(approved[0]["actor"], "alice");
+    assert_eq!(approved[0]["principals"], serde_json::json!(["alice"]));
+    assert_eq!(approved[0]["source"], A4);
+    assert!(approved[0]["key"].as_str().unwrap().starts_with("SHA256:"));
+    assert!(approved[0]["peer"].as_str().unwrap().starts_with("10.77.1.2:"));
+    assert_eq!(approved[0]["nonce"].as_str().unwrap().len(), 32);
+    assert!(
+        approved[0].get("actor_uid").is_none_or(Value::is_null),
+        "a knock has no uid"
+    );
+    assert_eq!(approved[1]["source"], B6);
+    let status = jitd.ctl_json(&["status"]);
+    assert_eq!(status["grants"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, _, carol, signers) = keys(keydir.path());
+    let mallory = Key::new(keydir.path(), "mallory", &["-t", "ed25519"]);
+    let setup = knock_setup(&signers, "");
+    // refusals beyond the first few per source are summarised after this interval
+    let jitd = setup.start_with(&net.host, &[("JITD_REFUSAL_INTERVAL_MS", "2000")]);
+    let host_b4 = HOST_B4;
+
+    let first = packet(&alice, &Ask::port22());
+    send(&net.a, HOST_A4, &first);
+    assert!(opens(&net.a, HOST_A4));
+    // the same packet again, from b (captured and re-sent) and from a after a revoke
+    assert!(!send(&net.b, host_b4, &first));
+    let id = jitd.grant_ids()[0].to_string();
+    assert!(jitd.ctl(&["revoke", &id]).status.success());
+    assert!(!send(&net.a, HOST_A4, &first));
+    let mut refused = vec![
+        // for another host
+        packet(
+            &alice,
+            &Ask {
+                host: "web2.test".into(),
+                ..Ask::port22()
+            },
+        ),
+        // signed two minutes ago, and two minutes ahead
+        packet(
+            &alice,
+            &Ask {
+                time: Utc::now() - chrono::TimeDelta::seconds(120),
+                ..Ask::port22()
+            },
+        ),
+        packet(
+            &alice,
+            &Ask {
+                time: Utc::now() + chrono::TimeDelta::seconds(120),
+                ..Ask::port22()
+            },
+        ),
+        // a key not in allowed_signers
+        packet(&mallory, &Ask::port22()),
+        // alice's key, signing for git
+        packet_in(&alice, &Ask::port22(), "git"),
+        // carol's key is allowed to sign, but carol holds no role
+        packet(&carol, &Ask::port22()),
+    ];
+    // a changed byte in the signed request (the duration)
+    let mut changed = packet(&alice, &Ask::port22());
+    let at = changed.windows(4).position(|w| w == b"600\n").unwrap();
+    changed[at] = b'9';
+    refused.push(changed);
+    refused.push(b"garbage".to_vec());
+    for p in &refused {
+        assert!(!send(&net.a, HOST_A4, p), "never answered");
+        assert!(!send(&net.b, host_b4, p), "never answered");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!can_connect(&net.a, HOST_A4, 22), "nothing reopened a");
+    assert!(!can_connect(&net.b, host_b4, 22), "nothing opened b");
+
+    // each refusal is on record: in full, or counted in its source's summary
+    let ok = wait_for(Duration::from_secs(15), || {
+        let records = knock_records(&setup);
+        let text: Vec<&str> = records.iter().map(|r| r["reason"].as_str().unwrap()).collect();
+        [
+            "replay",
+            "other_host",
+            "outside_window",
+            "unknown_key",
+            "bad_signature",
+            "malformed",
+        ]
+        .iter()
+        .all(|c| {
+            text.iter()
+                .any(|x| x.starts_with(&format!("{c}:")) || x.contains(&format!("{c} x")))
+        })
+    });
+    assert!(ok, "each refusal audited: {:#?}", knock_records(&setup));
+    let carol_denied = setup
+        .audit()
+        .into_iter()
+        .any(|r| r["action"] == "request" && r["outcome"] == "denied" && r["actor"] == "carol");
+    assert!(carol_denied, "carol's knock reached the policy and was denied");
+    let replay_from_b = knock_records(&setup)
+        .into_iter()
+        .find(|r| r["reason"].as_str().unwrap().starts_with("replay") && r["source"] == B4)
+        .expect("the replay from b is audited with b's address");
+    assert!(replay_from_b["peer"].as_str().unwrap().starts_with("10.77.2.2:"));
+    assert_eq!(jitd.grant_ids().len(), 0);
+}
+
+#[test]
+fn a_knock_accepted_before_a_crash_is_still_a_replay_after_it() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, _, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "");
+    let jitd = setup.start(&net.host);
+    let knock = packet(&alice, &Ask::port22());
+    send(&net.a, HOST_A4, &knock);
+    assert!(opens(&net.a, HOST_A4));
+    jitd.kill();
+    let _jitd = setup.start(&net.host);
+    let host_b4 = HOST_B4;
+    send(&net.b, host_b4, &knock);
+    let audited = wait_for(Duration::from_secs(10), || {
+        knock_records(&setup)
+            .iter()
+            .any(|r| r["source"] == B4 && r["reason"].as_str().unwrap().starts_with("replay"))
+    });
+    assert!(
+        audited,
+        "the replay after the restart is refused: {:#?}",
+        knock_records(&setup)
+    );
+    assert!(!can_connect(&net.b, host_b4, 22));
+}
+
+#[test]
+fn a_host_that_requires_a_signed_source_opens_only_for_it() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, _, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "require_source = true");
+    let jitd = setup.start(&net.host);
+    let host_b4 = HOST_B4;
+    send(&net.a, HOST_A4, &packet(&alice, &Ask::port22()));
+    let refused = wait_for(Duration::from_secs(10), || {
+        knock_records(&setup)
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().starts_with("source_required") && r["actor"] == "alice")
+    });
+    assert!(refused, "{}", jitd.log_text());
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+    // sent from a, signed for b: opens for b only
+    let ask = Ask {
+        source: Some(B4),
+        ..Ask::port22()
+    };
+    send(&net.a, HOST_A4, &packet(&alice, &ask));
+    assert!(opens(&net.b, host_b4));
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+}
+
+#[test]
+fn a_flood_of_garbage_and_strangers_does_not_stop_a_real_knock() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, _, _, signers) = keys(keydir.path());
+    let mallory = Key::new(keydir.path(), "mallory", &["-t", "ed25519"]);
+    let setup = knock_setup(&signers, "");
+    let jitd = setup.start(&net.host);
+    let stranger = packet(&mallory, &Ask::port22());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooder = {
+        let (ns, stop) = (net.b.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let socket = in_ns(&ns, || UdpSocket::bind("0.0.0.0:0").unwrap());
+            let target: SocketAddr = format!("10.77.2.1:{KNOCK_PORT}").parse().unwrap();
+            let mut sent = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let _ = socket.send_to(b"JITDKNK1garbage", target);
+                let _ = socket.send_to(&stranger, target);
+                sent += 2;
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    send(&net.a, HOST_A4, &packet(&alice, &Ask::port22()));
+    let opened = opens(&net.a, HOST_A4);
+    stop.store(true, Ordering::SeqCst);
+    let sent = flooder.join().unwrap();
+    assert!(
+        opened,
+        "the real knock opened during a flood of {sent} packets: {}",
+        jitd.log_text()
+    );
+    // the socket path kept working and the audit log stayed small
+    assert!(jitd.ctl(&["status"]).status.success());
+    let records = knock_records(&setup).len();
+    assert!(records < 200, "{records} knock records for {sent} flood packets");
+    assert!(sent > 1000, "the flood was a flood: {sent}");
+    // most of it was dropped by the kernel's per-source meter, before jitd's socket
+    let ruleset = net.ruleset();
+    let meter = ruleset
+        .lines()
+        .find(|l| l.contains("meter knock4"))
+        .expect("the knock meter rule");
+    let dropped: u64 = meter
+        .split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(dropped > sent / 2, "the kernel dropped {dropped} of {sent}: {meter}");
+    // the meter's entries are the kernel's business, not drift of jitd's table
+    let repairs = setup.audit().into_iter().filter(|r| r["action"] == "repair").count();
+    assert_eq!(repairs, 0, "{}", jitd.log_text());
+}
+
+#[test]
+fn an_allowed_signers_file_others_can_write_is_refused() {
+    let net = Net::new();
+    let keydir = tempfile::tempdir().unwrap();
+    let (_, _, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "");
+    let file = setup.dir.path().join("allowed_signers");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o664)).unwrap();
+    let out = setup.run_jitd(&net.host, &["--check-config"]);
+    assert!(!out.status.success());
+    let err = text(&out);
+    assert!(
+        err.contains("remote.allowed_signers") && err.contains("writable by group or others"),
+        "{err}"
+    );
+}
