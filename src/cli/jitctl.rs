@@ -12,11 +12,12 @@ use crate::config::DEFAULT_SOCKET_PATH;
 /// and read the audit trail.
 ///
 /// jitd knows who you are from the socket (your uid and groups); what you may do comes
-/// from the [access] section of its policy.
+/// from the [access] section of its policy. From another machine, `jitctl knock` asks a
+/// host's jitd with one UDP packet signed by your SSH key.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed), 2 usage or connection error."
+    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed; for knock: the port did not open in time), 2 usage or connection error."
 )]
 pub struct Cli {
     /// jitd's control socket.

@@ -9,6 +9,7 @@ mod fairness;
 mod faults;
 mod grants;
 mod journal;
+mod knock_client;
 mod lockdown;
 mod network_attacks;
 mod output;
