@@ -111,10 +111,13 @@ impl Report {
         }
     }
 
+    /// The key as people read it: its path or the agent's comment for it can hold
+    /// anything (a forwarded agent's comments are someone else's text), so escaped.
     fn signed_by(&self) -> String {
+        let key = crate::text::escape_for_terminal(&self.key);
         match &self.key_fingerprint {
-            Some(fp) => format!("{fp} ({})", self.key),
-            None => self.key.clone(),
+            Some(fp) => format!("{fp} ({key})"),
+            None => key.into_owned(),
         }
     }
 
@@ -255,5 +258,18 @@ mod tests {
         let mut r = report(&[(500, true)], None);
         r.sent("192.0.2.7:62222".parse().unwrap(), Utc::now());
         assert!(r.human().contains("nothing to wait for (a UDP port"), "{}", r.human());
+    }
+
+    #[test]
+    fn a_key_comment_reaches_the_terminal_escaped() {
+        let mut r = report(&[(22, false)], None);
+        r.key = "ssh-agent: a\u{1b}[2J\u{202e}b".into();
+        r.sent("192.0.2.7:62222".parse().unwrap(), Utc::now());
+        let shown = r.human();
+        assert!(!shown.contains('\u{1b}') && !shown.contains('\u{202e}'), "{shown:?}");
+        assert!(shown.contains(r"ssh-agent: a\u{1b}[2J\u{202e}b"), "{shown}");
+        r.waited(22, &Waited::default());
+        let why = r.not_opened(Duration::from_secs(1)).unwrap();
+        assert!(!why.contains('\u{1b}'), "{why:?}");
     }
 }

@@ -118,23 +118,21 @@ impl Drop for PrivateDir {
 /// error) reach the user's terminal as they come.
 pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String> {
     let message = dir.write("request", request)?;
-    let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-Y", "sign", "-n", NAMESPACE, "-f"]);
-    match key {
-        Key::Given(path) | Key::Default(path) => cmd.arg(path),
-        // the key is in the agent, and only there: -U says so
-        Key::Agent(line) => cmd.arg(dir.write("agent-key.pub", &format!("{line}\n"))?).arg("-U"),
+    let (key_file, agent_only) = match key {
+        Key::Given(path) | Key::Default(path) => (path.clone(), false),
+        Key::Agent(line) => (dir.write("agent-key.pub", &format!("{line}\n"))?, true),
     };
     // the message is a file, so stdin stays free for a passphrase prompt; without a
     // terminal there is nobody to ask, and ssh-keygen must not read one from a pipe
-    let stdin = if std::io::stdin().is_terminal() {
-        Stdio::inherit()
-    } else {
-        Stdio::null()
-    };
+    let terminal = std::io::stdin().is_terminal();
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-Y", "sign", "-n", NAMESPACE, "-f"]).arg(key_file);
+    if agent_only {
+        cmd.arg("-U"); // the key is in the agent, and only there
+    }
     let mut child = cmd
         .arg(&message)
-        .stdin(stdin)
+        .stdin(if terminal { Stdio::inherit() } else { Stdio::null() })
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -147,8 +145,12 @@ pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String
     pass_on(child.stderr.take().expect("piped"));
     let status = child.wait().map_err(|e| format!("ssh-keygen: {e}"))?;
     if !status.success() {
+        let hint = match terminal {
+            true => "",
+            false => "; without a terminal no passphrase can be asked: add the key to ssh-agent (ssh-add) first",
+        };
         return Err(format!(
-            "ssh-keygen could not sign with {} ({status}; its messages are above)",
+            "ssh-keygen could not sign with {} ({status}; its messages are above){hint}",
             key.describe()
         ));
     }
