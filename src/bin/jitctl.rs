@@ -1,4 +1,5 @@
-//! `jitctl`: asks jitd for just-in-time access, shows status and reads the audit log.
+//! `jitctl`: asks jitd for just-in-time access, shows status and reads the audit log;
+//! `jitctl knock` asks a host's jitd from another machine.
 
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
@@ -32,6 +33,10 @@ fn main() -> ExitCode {
             say(&format!("jitctl: {message}"));
             ExitCode::from(2)
         }
+        Err(Failure::NotOpened(message)) => {
+            say(&format!("jitctl: {message}"));
+            ExitCode::from(1)
+        }
         // The reader went away (`jitctl audit | head -1`): what it wanted was printed.
         // Like ripgrep and the classic Unix filters (which die of SIGPIPE), stop quietly;
         // unlike them, exit 0, as ripgrep does, since nothing went wrong for the user.
@@ -48,6 +53,8 @@ fn main() -> ExitCode {
 enum Failure {
     Refused(String),
     Usage(String),
+    /// A knock was sent but the port did not open in time.
+    NotOpened(String),
     /// Writing to stdout failed.
     Output(std::io::Error),
 }
@@ -139,6 +146,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let format = if json { Format::Json } else { format };
             audit_pages(socket, query, format).await
         }
+        Command::Knock(args) => knock(&args, json).await,
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
             emit(json, &reply, |out, r| {
@@ -149,6 +157,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             })
         }
+    }
+}
+
+/// `jitctl knock`: the report on stdout (JSON or a line), exit 1 with the reason on
+/// stderr when the port did not open in time.
+async fn knock(args: &jitd::cli::jitctl::KnockArgs, json: bool) -> Result<(), Failure> {
+    let report = jitd::cli::knock::run(args).await.map_err(Failure::Usage)?;
+    emit(json, &report, |out, r| out.write_all(r.human().as_bytes()))?;
+    match report.not_opened(args.wait_timeout) {
+        Some(why) => Err(Failure::NotOpened(why)),
+        None => Ok(()),
     }
 }
 

@@ -12,11 +12,12 @@ use crate::config::DEFAULT_SOCKET_PATH;
 /// and read the audit trail.
 ///
 /// jitd knows who you are from the socket (your uid and groups); what you may do comes
-/// from the [access] section of its policy.
+/// from the [access] section of its policy. From another machine, `jitctl knock` asks a
+/// host's jitd with one UDP packet signed by your SSH key.
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed), 2 usage or connection error."
+    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed; for knock: the port did not open in time), 2 usage or connection error."
 )]
 pub struct Cli {
     /// jitd's control socket.
@@ -100,6 +101,53 @@ pub enum Command {
     },
     /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
     Reload,
+    /// Ask a host from anywhere: send one UDP packet, signed with your SSH key, that
+    /// asks the host's jitd to open ports for the address it comes from.
+    #[command(
+        after_help = "The packet is signed by `ssh-keygen -Y sign -n knock@jitd`: whatever ssh itself would use works (ssh-agent, a key file, a FIDO2 security key, an OpenSSH certificate). Key: --key, else the host's `key` in hosts.toml, else ssh-agent's first key, else ~/.ssh/id_ed25519, id_ecdsa, id_ecdsa_sk, id_ed25519_sk, id_rsa.\n\nThe host never answers a knock (refused or accepted): jitctl waits for the first TCP port to accept a connection.\n\nDefaults per host: $XDG_CONFIG_HOME/jitctl/hosts.toml (~/.config/jitctl/hosts.toml); flags override it.\n\nExit status: 0 the port opened (or the knock was sent, with --no-wait), 1 it did not open in time, 2 usage or local error.\n\nExamples:\n  jitctl knock web1.example.org --port 22 --duration 1h --justification \"INC-1234\"\n  jitctl knock [2001:db8::7]:62223 --port 3389 --until 2026-12-01T17:00:00Z --key ~/.ssh/id_ed25519_sk.pub\n  jitctl knock 192.0.2.7 --port 22 --duration 30m --source 198.51.100.7 --no-wait"
+    )]
+    Knock(KnockArgs),
+}
+
+/// `jitctl knock`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KnockArgs {
+    /// The host: a name or an address; HOST:PORT (or [IPv6]:PORT) knocks on another UDP port than 62222.
+    #[arg(value_name = "HOST[:PORT]")]
+    pub host: String,
+    /// Port to open (repeat for several): 22, or 500/udp for a UDP port (asked for the same way, not waited for). Default: the host's `ports` in hosts.toml.
+    #[arg(short, long = "port", value_name = "PORT", value_parser = crate::cli::knock::PortSpec::parse)]
+    pub ports: Vec<crate::cli::knock::PortSpec>,
+    /// How long: "90s", "2h", "1h30m" or ISO 8601 "PT2H". Default: the host's `duration` in hosts.toml.
+    #[arg(short, long, value_parser = parse_duration, conflicts_with = "until")]
+    pub duration: Option<std::time::Duration>,
+    /// Until when: RFC 3339, e.g. 2026-12-01T17:00:00Z.
+    #[arg(short, long, value_parser = parse_time)]
+    pub until: Option<DateTime<Utc>>,
+    /// Why you need access (recorded in the host's audit log; sent in clear text).
+    #[arg(short, long)]
+    pub justification: Option<String>,
+    /// Sign this source address or prefix instead of "the address the packet comes from".
+    #[arg(short, long, value_name = "ADDR")]
+    pub source: Option<String>,
+    /// The key to sign with: a private key file, or a public key (or certificate) whose private half is in ssh-agent.
+    #[arg(short, long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Send the knock and exit without waiting for the port to open.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for the port to open.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub wait_timeout: std::time::Duration,
+    /// Sign the request and show it and the packet's size, but send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Knock over IPv4 only.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+    /// Knock over IPv6 only.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
 }
 
 #[derive(Debug, Subcommand)]

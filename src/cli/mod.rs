@@ -4,4 +4,5 @@
 
 pub mod jitctl;
 pub mod jitd;
+pub mod knock;
 pub mod table;

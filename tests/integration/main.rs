@@ -10,6 +10,7 @@ mod faults;
 mod grants;
 mod journal;
 mod knock;
+mod knock_client;
 mod lockdown;
 mod network_attacks;
 mod output;
