@@ -462,3 +462,107 @@ fn an_allowed_signers_file_others_can_write_is_refused() {
         "{err}"
     );
 }
+
+/// A client namespace behind client `a`, which routes and masquerades for it: the host
+/// sees its packets come from a's address. Removed on drop.
+struct BehindNat {
+    ns: String,
+}
+
+impl BehindNat {
+    /// `ns` behind `router` (a namespace of `net` whose host-facing interface is `c0`).
+    fn new(router: &str) -> BehindNat {
+        let ns = format!("{router}-nat");
+        let run = |args: &[&str]| {
+            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}", text(&out));
+        };
+        run(&["ip", "netns", "add", &ns]);
+        let nat = BehindNat { ns: ns.clone() };
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        run(&[
+            "ip", "-n", router, "link", "add", "r-c", "type", "veth", "peer", "name", "n0", "netns", &ns,
+        ]);
+        run(&["ip", "-n", router, "addr", "add", "10.88.0.1/24", "dev", "r-c"]);
+        run(&["ip", "-n", router, "link", "set", "r-c", "up"]);
+        run(&["ip", "-n", &ns, "addr", "add", "10.88.0.2/24", "dev", "n0"]);
+        run(&["ip", "-n", &ns, "link", "set", "n0", "up"]);
+        run(&["ip", "-n", &ns, "route", "add", "default", "via", "10.88.0.1"]);
+        run(&["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for rule in [
+            "add table ip nat",
+            "add chain ip nat post { type nat hook postrouting priority 100 ; }",
+            "add rule ip nat post oifname c0 masquerade",
+        ] {
+            run(&["ip", "netns", "exec", router, "nft", rule]);
+        }
+        nat
+    }
+}
+
+impl Drop for BehindNat {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+#[test]
+fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, _, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "");
+    let jitd = setup.start(&net.host);
+    let nat = BehindNat::new(&net.a);
+    assert!(!can_connect(&nat.ns, HOST_A4, 22), "locked before the knock");
+
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &nat.ns,
+        env!("CARGO_BIN_EXE_jitctl"),
+        "--json",
+        "knock",
+        HOST_A4,
+    ])
+    .args([
+        "--port",
+        "22",
+        "--duration",
+        "10m",
+        "--justification",
+        "INC-1234",
+        "--key",
+    ])
+    .arg(&alice.path)
+    .env("HOME", keydir.path())
+    .env_remove("XDG_CONFIG_HOME")
+    .env_remove("SSH_AUTH_SOCK")
+    .stdin(Stdio::null());
+    let out = output_within(cmd, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "jitctl knock: {}\n{}",
+        text(&out),
+        jitd.log_text()
+    );
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(reply["opened"], true, "{reply}");
+
+    // the grant is for the router's address: the client connects through it
+    assert!(can_connect(&nat.ns, HOST_A4, 22));
+    let approved = setup
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .expect("an approval");
+    assert_eq!(approved["source"], A4, "the router's address");
+    assert_eq!(approved["justification"], "INC-1234");
+    assert_eq!(
+        approved["key"], reply["key_fingerprint"],
+        "jitctl names the key the host audits"
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 22), "and for nobody else");
+}
