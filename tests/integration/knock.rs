@@ -345,7 +345,9 @@ fn a_knock_accepted_before_a_crash_is_still_a_replay_after_it() {
     send(&net.a, HOST_A4, &knock);
     assert!(opens(&net.a, HOST_A4));
     jitd.kill();
-    let _jitd = setup.start(&net.host);
+    let jitd = setup.start(&net.host);
+    assert!(can_connect(&net.a, HOST_A4, 22), "the knock's grant was restored");
+    assert_eq!(jitd.grant_ids().len(), 1, "{}", jitd.log_text());
     let host_b4 = HOST_B4;
     send(&net.b, host_b4, &knock);
     let audited = wait_for(Duration::from_secs(10), || {
@@ -565,4 +567,49 @@ fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
         "jitctl names the key the host audits"
     );
     assert!(!can_connect(&net.b, HOST_B4, 22), "and for nobody else");
+}
+
+#[test]
+fn a_reload_applies_new_signers_and_ends_grants_of_principals_that_lost_their_role() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let (alice, bob, _, signers) = keys(keydir.path());
+    let setup = knock_setup(&signers, "");
+    let jitd = setup.start(&net.host);
+    send(&net.a, HOST_A4, &packet(&alice, &Ask::port22()));
+    assert!(opens(&net.a, HOST_A4));
+
+    // bob's key leaves allowed_signers; alice's principal leaves [access]
+    let file = setup.dir.path().join("allowed_signers");
+    let without_bob: String = signers
+        .lines()
+        .filter(|l| !l.starts_with("bob "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&file, without_bob).unwrap();
+    let policy = std::fs::read_to_string(setup.policy()).unwrap();
+    std::fs::write(setup.policy(), policy.replace("\"principal:alice\", ", "")).unwrap();
+    let reload = jitd.ctl_json(&["reload"]);
+    assert_eq!(reload["ended"].as_array().unwrap().len(), 1, "{reload}");
+    assert!(!can_connect(&net.a, HOST_A4, 22), "alice's grant ended with her role");
+    let ended = setup
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "reload" && r["outcome"] == "revoked")
+        .expect("the ended grant is audited");
+    assert!(
+        ended["reason"].as_str().unwrap().contains("principals alice"),
+        "{ended}"
+    );
+
+    // within a moment bob's knocks are from an unknown key
+    let refused = wait_for(Duration::from_secs(10), || {
+        send(&net.b, HOST_B4, &packet(&bob, &Ask::port22()));
+        knock_records(&setup)
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().starts_with("unknown_key"))
+    });
+    assert!(refused, "{:#?}", knock_records(&setup));
+    assert!(!can_connect(&net.b, HOST_B4, 22));
 }
