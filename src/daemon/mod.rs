@@ -302,7 +302,9 @@ pub async fn run<F: Firewall>(
     let (daemon, committer) = Daemon::start(config, firewall).await?;
     let knock_socket = match knock_listen {
         Some(addr) => Some(knock::bind(addr).map_err(|source| StartError::Socket {
-            path: format!("remote.listen {addr}"),
+            path: format!(
+                "remote.listen {addr} (under systemd the unit needs AF_INET/AF_INET6 and IPAddressAllow: see the comments in jitd.service)"
+            ),
             source,
         })?),
         None => None,
