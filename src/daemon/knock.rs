@@ -98,8 +98,10 @@ impl Knocks {
             return;
         }
         tracing::debug!(%peer, code, "knock refused: {reason}");
-        let actor = signer.and_then(|(p, _)| p.first()).map_or("-", String::as_str);
-        let mut r = AuditRecord::new(now, None, actor, Action::Knock, Outcome::Denied);
+        let actor = signer
+            .and_then(|(p, _)| p.first())
+            .map_or_else(|| "-".to_string(), |p| format!("principal:{p}"));
+        let mut r = AuditRecord::new(now, None, &actor, Action::Knock, Outcome::Denied);
         r.reason = Some(format!("{code}: {}", crate::text::escape_capped(reason, MAX_REASON)));
         r.source = Some(peer.ip().to_string());
         r.peer = Some(peer.to_string());

@@ -221,7 +221,7 @@ fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
         .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
         .collect();
     assert_eq!(approved.len(), 2, "{approved:?}");
-    assert_eq!(approved[0]["actor"], "alice");
+    assert_eq!(approved[0]["actor"], "principal:alice");
     assert_eq!(approved[0]["principals"], serde_json::json!(["alice"]));
     assert_eq!(approved[0]["source"], A4);
     assert!(approved[0]["key"].as_str().unwrap().starts_with("SHA256:"));
@@ -323,7 +323,7 @@ fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
     let carol_denied = setup
         .audit()
         .into_iter()
-        .any(|r| r["action"] == "request" && r["outcome"] == "denied" && r["actor"] == "carol");
+        .any(|r| r["action"] == "request" && r["outcome"] == "denied" && r["actor"] == "principal:carol");
     assert!(carol_denied, "carol's knock reached the policy and was denied");
     let replay_from_b = knock_records(&setup)
         .into_iter()
@@ -376,7 +376,7 @@ fn a_host_that_requires_a_signed_source_opens_only_for_it() {
     let refused = wait_for(Duration::from_secs(10), || {
         knock_records(&setup)
             .iter()
-            .any(|r| r["reason"].as_str().unwrap().starts_with("source_required") && r["actor"] == "alice")
+            .any(|r| r["reason"].as_str().unwrap().starts_with("source_required") && r["actor"] == "principal:alice")
     });
     assert!(refused, "{}", jitd.log_text());
     assert!(!can_connect(&net.a, HOST_A4, 22));
