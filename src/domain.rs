@@ -187,6 +187,8 @@ pub struct SignedBy {
     pub peer: Option<std::net::SocketAddr>,
     /// The knock's nonce, hex (`None` when rebuilt).
     pub nonce: Option<String>,
+    /// The SSH certificate that signed, described (key id, serial, CA), if one did.
+    pub certificate: Option<String>,
 }
 
 impl Caller {
