@@ -194,7 +194,8 @@ fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
     serve_echo(&net.host, 22);
     let keydir = tempfile::tempdir().unwrap();
     let (alice, bob, _, signers) = keys(keydir.path());
-    let setup = knock_setup(&signers, "");
+    let rsa = Key::new(keydir.path(), "bob-rsa", &["-t", "rsa", "-b", "3072"]);
+    let setup = knock_setup(&format!("{signers}bob {}\n", rsa.public), "");
     let jitd = setup.start(&net.host);
     assert!(!can_connect(&net.a, HOST_A4, 22), "locked before the knock");
 
@@ -214,13 +215,17 @@ fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
     assert!(!can_connect(&net.b, host_b6, 22));
     send(&net.b, host_b6, &packet(&bob, &Ask::port22()));
     assert!(opens(&net.b, host_b6), "bob's knock opens 22 for b over IPv6");
+    // bob's RSA key, over IPv4, from b
+    assert!(!can_connect(&net.b, HOST_B4, 22));
+    send(&net.b, HOST_B4, &packet(&rsa, &Ask::port22()));
+    assert!(opens(&net.b, HOST_B4), "bob's RSA knock opens 22 for b over IPv4");
 
     let approved: Vec<Value> = setup
         .audit()
         .into_iter()
         .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
         .collect();
-    assert_eq!(approved.len(), 2, "{approved:?}");
+    assert_eq!(approved.len(), 3, "{approved:?}");
     assert_eq!(approved[0]["actor"], "principal:alice");
     assert_eq!(approved[0]["principals"], serde_json::json!(["alice"]));
     assert_eq!(approved[0]["source"], A4);
@@ -233,7 +238,7 @@ fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
     );
     assert_eq!(approved[1]["source"], B6);
     let status = jitd.ctl_json(&["status"]);
-    assert_eq!(status["grants"].as_array().unwrap().len(), 2);
+    assert_eq!(status["grants"].as_array().unwrap().len(), 3);
 }
 
 #[test]
@@ -612,4 +617,106 @@ fn a_reload_applies_new_signers_and_ends_grants_of_principals_that_lost_their_ro
     });
     assert!(refused, "{:#?}", knock_records(&setup));
     assert!(!can_connect(&net.b, HOST_B4, 22));
+}
+
+/// Runs the real `jitctl knock` in `ns` with `args`, signing through `agent`.
+fn jitctl_knock(ns: &str, home: &Path, agent: &crate::knock_client::Agent, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_jitctl"), "--json", "knock"])
+        .args(args)
+        .env("HOME", home)
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .env_remove("XDG_CONFIG_HOME")
+        .stdin(Stdio::null());
+    output_within(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn a_certificate_from_the_teams_ca_opens_for_its_principal_and_not_when_expired() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Key::new(dir.path(), "ca", &["-t", "ed25519"]);
+    let dave = Key::new(dir.path(), "dave", &["-t", "ed25519"]);
+    let certify = |name: &str, principal: &str, validity: &str| -> PathBuf {
+        // ssh-keygen -s writes KEY-cert.pub beside the key's public half
+        let public = dir.path().join(format!("{name}.pub"));
+        std::fs::copy(format!("{}.pub", dave.path.display()), &public).unwrap();
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca.path)
+            .args(["-I", &format!("{name}@laptop"), "-n", principal, "-V", validity])
+            .arg(&public)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -s: {}", text(&out));
+        dir.path().join(format!("{name}-cert.pub"))
+    };
+    let valid = certify("valid", "alice", "-5m:+1h");
+    let expired = certify("expired", "alice", "-2h:-1h");
+    let stranger = certify("stranger", "mallory", "-5m:+1h");
+    // the team CA vouches for alice and bob; dave's own key is in no line
+    let setup = knock_setup(&format!("alice,bob cert-authority {}\n", ca.public), "");
+    let jitd = setup.start(&net.host);
+    let agent = crate::knock_client::Agent::start(dir.path());
+    for cert in [&valid, &expired, &stranger] {
+        // ssh-add loads KEY-cert.pub beside KEY: the agent signs as the certificate
+        std::fs::copy(cert, format!("{}-cert.pub", dave.path.display())).unwrap();
+        agent.add(&dave.path);
+    }
+
+    for (cert, what) in [
+        (&expired, "an expired certificate"),
+        (&stranger, "a principal the CA line does not allow"),
+    ] {
+        let args = [
+            "10.77.1.1",
+            "--port",
+            "22",
+            "--duration",
+            "10m",
+            "--wait-timeout",
+            "2s",
+            "--key",
+        ];
+        let mut all = args.to_vec();
+        all.push(cert.to_str().unwrap());
+        let out = jitctl_knock(&net.a, dir.path(), &agent, &all);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+    }
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+    let codes: Vec<String> = knock_records(&setup)
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(codes.len(), 2, "{codes:?}");
+    assert!(codes.iter().all(|c| c.starts_with("bad_certificate")), "{codes:?}");
+
+    let out = jitctl_knock(
+        &net.a,
+        dir.path(),
+        &agent,
+        &[
+            "10.77.1.1",
+            "--port",
+            "22",
+            "--duration",
+            "10m",
+            "--key",
+            valid.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), jitd.log_text());
+    assert!(can_connect(&net.a, HOST_A4, 22));
+    let approved = setup
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .unwrap();
+    assert_eq!(approved["actor"], "principal:alice");
+    let cert = approved["certificate"].as_str().unwrap();
+    assert!(
+        cert.starts_with("key id \"valid@laptop\" serial 0 from CA SHA256:"),
+        "{cert}"
+    );
 }
