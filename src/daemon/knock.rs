@@ -120,6 +120,13 @@ impl Knocks {
         records
     }
 
+    /// Records [`Knocks::due`] gave that could not be handed on yet, first in line again.
+    fn put_back(&self, mut records: Vec<AuditRecord>) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        records.append(&mut log.pending);
+        log.pending = records;
+    }
+
     /// Every refusal record still waiting, summaries included (at the stop).
     pub fn flush(&self, now: DateTime<Utc>) -> Vec<AuditRecord> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
@@ -180,8 +187,13 @@ pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket
         if ticked {
             view = view_of(&daemon).await;
             let records = daemon.knocks.due(Utc::now());
-            if !records.is_empty() && !daemon.submit(super::Job::Record(records)).await {
-                break; // the committer has stopped
+            if !records.is_empty() {
+                // never wait on a busy committer here: the records wait for the next tick
+                match daemon.jobs.try_send(super::Job::Record(records)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) => daemon.knocks.put_back(records),
+                    Err(_) => break, // the committer has stopped
+                }
             }
         }
     }
