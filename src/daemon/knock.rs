@@ -191,7 +191,9 @@ pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket
                 // never wait on a busy committer here: the records wait for the next tick
                 match daemon.jobs.try_send(super::Job::Record(records)) {
                     Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) => daemon.knocks.put_back(records),
+                    Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) => {
+                        daemon.knocks.put_back(records)
+                    }
                     Err(_) => break, // the committer has stopped
                 }
             }
