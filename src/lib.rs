@@ -63,6 +63,7 @@ pub mod domain;
 pub mod duration;
 pub mod firewall;
 pub mod grants;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod netif;

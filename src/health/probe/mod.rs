@@ -1,0 +1,3 @@
+//! The doctor's probes (effects): the nftables ruleset ([`nft`]), ...
+
+pub mod nft;
