@@ -1,3 +1,5 @@
 //! The doctor's probes (effects): the nftables ruleset ([`nft`]), ...
 
 pub mod nft;
+pub mod owners;
+pub mod sockets;

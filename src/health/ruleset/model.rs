@@ -160,6 +160,26 @@ impl Ruleset {
         self.dormant.iter().any(|(f, t)| f == family && t == table)
     }
 
+    /// What wrote table `family name`, judged by its chains' names: `ufw`, `firewalld`,
+    /// `docker`, or `nft` (anything else: a hand-written ruleset, nftables.conf).
+    pub fn written_by(&self, family: &str, table: &str) -> &'static str {
+        let chains = || {
+            self.chains
+                .keys()
+                .filter(move |id| id.family == family && id.table == table)
+                .map(|id| id.chain.as_str())
+        };
+        if table == "firewalld" {
+            "firewalld"
+        } else if chains().any(|c| c.starts_with("ufw-") || c.starts_with("ufw6-")) {
+            "ufw"
+        } else if chains().any(|c| c.starts_with("DOCKER")) {
+            "docker"
+        } else {
+            "nft"
+        }
+    }
+
     /// The base chains, in a stable order (family, table, chain).
     pub fn base_chains(&self) -> Vec<(&ChainId, &Chain, &Base)> {
         let mut found: Vec<_> = self
