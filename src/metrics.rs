@@ -1,6 +1,6 @@
 //! Prometheus metrics (opt-in, `metrics_listen`): requests by outcome and reason, live
 //! grants, grant durations, drift repairs, nftables transaction latency, audit write
-//! failures and connections refused by the limit, served in the text exposition format
+//! failures, connections refused by the limit, and the doctor's verdict, served in the text exposition format
 //! by a small HTTP server with its own connection cap and timeouts.
 
 use std::net::SocketAddr;
@@ -46,6 +46,12 @@ pub struct Metrics {
     pub audit_write_failures: Counter,
     /// Socket connections refused because of the connection limit.
     pub refused_connections: Counter,
+    /// 1 when the doctor's last run found no problem, 0 when it did.
+    pub healthy: Gauge,
+    /// Problems (FAIL checks) the doctor's last run found.
+    pub health_problems: Gauge,
+    /// Warnings the doctor's last run found.
+    pub health_warnings: Gauge,
 }
 
 /// The process's metrics.
@@ -70,6 +76,9 @@ impl Metrics {
             nft_transaction: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             audit_write_failures: Counter::default(),
             refused_connections: Counter::default(),
+            healthy: Gauge::default(),
+            health_problems: Gauge::default(),
+            health_warnings: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -103,7 +112,31 @@ impl Metrics {
             "Socket connections refused by the connection limit",
             m.refused_connections.clone(),
         );
+        registry.register(
+            "healthy",
+            "1 when the doctor found no problem at its last run (every minute), else 0",
+            m.healthy.clone(),
+        );
+        registry.register(
+            "health_problems",
+            "Problems (FAIL checks) the doctor found at its last run",
+            m.health_problems.clone(),
+        );
+        registry.register(
+            "health_warnings",
+            "Warnings the doctor found at its last run",
+            m.health_warnings.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Sets the health gauges from the doctor's verdict.
+    pub fn health(&self, summary: &crate::health::report::HealthSummary) {
+        self.healthy.set(i64::from(summary.healthy));
+        self.health_problems
+            .set(i64::try_from(summary.problems).unwrap_or(i64::MAX));
+        self.health_warnings
+            .set(i64::try_from(summary.warnings).unwrap_or(i64::MAX));
     }
 
     /// Counts one request's outcome (approved, denied or failed) and why (no code when approved).

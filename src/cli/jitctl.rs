@@ -100,6 +100,14 @@ pub enum Command {
     },
     /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
     Reload,
+    /// Is this host healthy? Checks jitd, its table, the drift monitor, the audit log,
+    /// each protected port (does anything listen; would another table drop a granted
+    /// connection), and recommends management services to protect, with the lines to
+    /// add to jitd.toml (viewer role).
+    #[command(
+        after_help = "Exit status: 0 healthy, 1 unhealthy (a FAIL line; also when jitd is not running), 2 could not tell (no access to the socket, no viewer role, no answer).\nWith --json, the report for monitoring systems (docs/doctor.md)."
+    )]
+    Doctor,
 }
 
 #[derive(Debug, Subcommand)]

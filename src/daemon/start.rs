@@ -119,6 +119,7 @@ impl<F: Firewall> Daemon<F> {
             writer,
             expiry_changed: Notify::new(),
             clock: super::clock::WallClock::new(!clock_sane),
+            health: Default::default(),
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {

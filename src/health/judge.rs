@@ -175,7 +175,7 @@ fn port_checks(f: &Facts, port: u16, protocol: Protocol) -> Vec<Check> {
                     port,
                 })
                 .collect();
-            checks.push(reachable(rs, &probes));
+            checks.push(reachable(rs, port, transport, &probes));
         }
     }
     checks
@@ -209,11 +209,15 @@ fn listening(name: &str, on_port: &[&Listener]) -> Check {
 }
 
 /// Would a grant let a new connection through, for each family?
-fn reachable(rs: &ruleset::Ruleset, probes: &[Probe]) -> Check {
+fn reachable(rs: &ruleset::Ruleset, port: u16, transport: Transport, probes: &[Probe]) -> Check {
+    let id = format!("port.{port}/{}.reachable", transport.name());
     let Some(first) = probes.first() else {
-        return Check::new("port.reachable", Status::Ok, "no address family to check");
+        return Check::new(
+            id,
+            Status::Ok,
+            "no address others can reach this host on (only loopback or link-local): nothing to judge",
+        );
     };
-    let id = format!("port.{}/{}.reachable", first.port, first.transport.name());
     let mut found: Vec<(Probe, ChainVerdict)> = Vec::new();
     for probe in probes {
         found.extend(ruleset::judge(rs, probe).into_iter().map(|v| (*probe, v)));

@@ -84,14 +84,12 @@ fn socket_inode(fd: &Path) -> Option<u32> {
     text.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
 }
 
-/// `/proc/PID/comm`, made printable; `?` when unreadable.
+/// `/proc/PID/comm` (whatever the process chose to be called: shown escaped by
+/// jitctl, like every text); `?` when unreadable.
 fn comm(pid_dir: &Path) -> String {
     std::fs::read(pid_dir.join("comm")).map_or_else(
         |_| "?".to_string(),
-        |bytes| {
-            let text = String::from_utf8_lossy(&bytes);
-            crate::text::escape_for_terminal(text.trim_end_matches('\n')).into_owned()
-        },
+        |bytes| String::from_utf8_lossy(&bytes).trim_end_matches('\n').to_string(),
     )
 }
 
