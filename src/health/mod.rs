@@ -13,7 +13,7 @@ mod judge_audit;
 pub mod listeners;
 pub mod probe;
 mod reach_text;
-mod recommend;
+pub(crate) mod recommend;
 pub mod report;
 pub mod ruleset;
 

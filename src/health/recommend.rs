@@ -12,6 +12,10 @@ use crate::health::facts::Facts;
 use crate::health::listeners::{Exposure, Listener};
 use crate::health::report::{Check, Status};
 
+/// The most recommendations one report makes (a bound on its size: any local user can
+/// open listeners).
+pub const MAX_RECOMMENDATIONS: usize = 100;
+
 /// The recommendations, and every recommended entry together as one snippet.
 pub fn recommend(f: &Facts) -> (Vec<Check>, Option<String>) {
     let Ok(listeners) = &f.listeners else {
@@ -29,11 +33,19 @@ pub fn recommend(f: &Facts) -> (Vec<Check>, Option<String>) {
     }
     let mut checks = Vec::new();
     let mut entries = Vec::new();
-    for (port, (service, by, ls)) in found {
+    let more = found.len().saturating_sub(MAX_RECOMMENDATIONS);
+    for (port, (service, by, ls)) in found.into_iter().take(MAX_RECOMMENDATIONS) {
         let protocol = protocol_of(&ls);
         let entry = catalog::port_entry(port, protocol, &label(service, &ls));
         checks.push(check(f, port, protocol, service, by, &ls, &entry));
         entries.push(entry);
+    }
+    if more > 0 {
+        checks.push(Check::new(
+            "recommend.more",
+            Status::Fail,
+            format!("and {more} more unprotected services (only the first {MAX_RECOMMENDATIONS} are listed)"),
+        ));
     }
     if entries.is_empty() {
         return (checks, None);

@@ -242,3 +242,19 @@ fn a_protected_port_nothing_listens_on_and_unreadable_probes_warn() {
         assert_eq!(by_id(&c, id).status, Status::Warn);
     }
 }
+
+#[test]
+fn recommendations_are_capped_however_many_listeners_a_user_opens() {
+    let mut f = healthy();
+    let ls = f.listeners.as_mut().unwrap();
+    for port in 3000..3150 {
+        ls.push(listener("0.0.0.0", port, Transport::Tcp, Some("sshd")));
+    }
+    let checks = checks(&f);
+    let recs = checks.iter().filter(|c| c.id.starts_with("recommend.")).count();
+    assert_eq!(recs, super::recommend::MAX_RECOMMENDATIONS + 1);
+    assert_eq!(
+        by_id(&checks, "recommend.more").summary,
+        "and 50 more unprotected services (only the first 100 are listed)"
+    );
+}

@@ -30,17 +30,26 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `struct inet_diag_msg`.
 const MSG_LEN: usize = 72;
 
-/// Every listening socket, TCP and UDP, IPv4 and IPv6.
+/// Every listening socket, TCP and UDP, IPv4 and IPv6. A kernel without UDP or IPv6
+/// socket diagnostics (udp_diag not loaded, IPv6 disabled) gives what it has; TCP
+/// over IPv4 must answer.
 pub fn listening() -> io::Result<Vec<Listener>> {
-    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    socket.bind(&SocketAddr::new(0, 0))?;
     let mut found = Vec::new();
     let mut seq = 0;
     for family in [AF_INET, AF_INET6] {
         for (transport, state) in [(Transport::Tcp, TCP_LISTEN), (Transport::Udp, TCP_CLOSE)] {
             seq += 1;
-            socket.send_to(&request(family, transport, state, seq), &SocketAddr::new(0, 0), 0)?;
-            read_dump(&mut socket, seq, transport, &mut found)?;
+            // a fresh socket per dump: an error midway leaves nothing unread behind
+            let dumped = Socket::new(NETLINK_SOCK_DIAG).and_then(|mut socket| {
+                socket.bind(&SocketAddr::new(0, 0))?;
+                socket.send_to(&request(family, transport, state, seq), &SocketAddr::new(0, 0), 0)?;
+                read_dump(&mut socket, seq, transport, &mut found)
+            });
+            match dumped {
+                Ok(()) => {}
+                Err(e) if family == AF_INET && transport == Transport::Tcp => return Err(e),
+                Err(e) => tracing::debug!("sock_diag: no {} sockets of family {family}: {e}", transport.name()),
+            }
         }
     }
     Ok(found)

@@ -177,3 +177,101 @@ fn docker_published_ports_are_forwarded_past_the_input_hook() {
         assert!(short(&r, p).is_empty(), "{}: {:?}", p.describe(), short(&r, p));
     }
 }
+
+/// A ruleset of one inet table `t` from chain and rule objects written in short:
+/// `("input", Some(("input", "drop")))` for a base chain, rules as expression JSON.
+fn table(chains: &[(&str, Option<&str>, &[&str])]) -> Ruleset {
+    let mut objects = Vec::new();
+    for (name, policy, rules) in chains {
+        let mut chain = serde_json::json!({"family": "inet", "table": "t", "name": name, "handle": 1});
+        if let Some(policy) = policy {
+            chain["type"] = "filter".into();
+            chain["hook"] = "input".into();
+            chain["prio"] = 0.into();
+            chain["policy"] = (*policy).into();
+        }
+        objects.push(serde_json::json!({ "chain": chain }));
+        for (i, expr) in rules.iter().enumerate() {
+            let expr: serde_json::Value = serde_json::from_str(expr).unwrap();
+            objects.push(serde_json::json!({"rule": {"family": "inet", "table": "t", "chain": name, "handle": 10 + i, "expr": expr}}));
+        }
+    }
+    let mut r = Ruleset::default();
+    r.add_listing(&serde_json::to_vec(&serde_json::json!({ "nftables": objects })).unwrap())
+        .unwrap();
+    r
+}
+
+const DPORT_22: &str = r#"{"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":22}}"#;
+const SADDR: &str = r#"{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":"192.0.2.1"}}"#;
+
+#[test]
+fn goto_returns_to_the_callers_caller_and_jump_comes_back() {
+    let accept22 = format!("[{DPORT_22},{{\"accept\":null}}]");
+    // jump: the sub chain falls off its end, the base chain goes on to its policy
+    let r = table(&[
+        ("input", Some("drop"), &[r#"[{"jump":{"target":"sub"}}]"#]),
+        ("sub", None, &[]),
+    ]);
+    assert_eq!(short(&r, tcp(22, false)), ["blocked inet t input policy drop"]);
+    // goto: the sub chain's end is the base chain's end
+    let r = table(&[
+        (
+            "input",
+            Some("drop"),
+            &[r#"[{"goto":{"target":"sub"}}]"#, accept22.as_str()],
+        ),
+        ("sub", None, &[]),
+    ]);
+    assert_eq!(
+        short(&r, tcp(22, false)),
+        ["blocked inet t input policy drop"],
+        "the accept after a goto is never reached"
+    );
+    let r = table(&[
+        (
+            "input",
+            Some("drop"),
+            &[r#"[{"jump":{"target":"sub"}}]"#, accept22.as_str()],
+        ),
+        ("sub", None, &[r#"[{"return":null}]"#]),
+    ]);
+    assert!(
+        short(&r, tcp(22, false)).is_empty(),
+        "return comes back to the rule after the jump"
+    );
+}
+
+#[test]
+fn a_source_dependent_drop_is_no_finding_and_a_source_dependent_accept_restricts() {
+    let drop_some = format!("[{SADDR},{{\"drop\":null}}]");
+    let r = table(&[("input", Some("accept"), &[drop_some.as_str()])]);
+    assert!(short(&r, tcp(22, false)).is_empty(), "a blocklist is normal");
+    let accept_some = format!("[{SADDR},{{\"accept\":null}}]");
+    let r = table(&[("input", Some("drop"), &[accept_some.as_str()])]);
+    assert_eq!(
+        short(&r, tcp(22, false)),
+        ["restricted inet t input policy drop unless inet t input #10"]
+    );
+    assert_eq!(
+        short(&r, tcp(22, true)),
+        ["blocked inet t input policy drop"],
+        "ip saddr never matches IPv6"
+    );
+}
+
+#[test]
+fn chains_too_deep_to_walk_are_unknown_not_guessed() {
+    let names: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+    let jumps: Vec<String> = (0..20)
+        .map(|i| format!("[{{\"jump\":{{\"target\":\"c{}\"}}}}]", i + 1))
+        .collect();
+    let mut chains: Vec<(&str, Option<&str>, &[&str])> = Vec::new();
+    let rules: Vec<[&str; 1]> = jumps.iter().map(|j| [j.as_str()]).collect();
+    chains.push(("input", Some("drop"), &rules[0]));
+    for i in 1..20 {
+        chains.push((names[i].as_str(), None, &rules[i]));
+    }
+    let r = table(&chains);
+    assert_eq!(short(&r, tcp(22, false)), ["unknown table inet t chain input"]);
+}
