@@ -256,7 +256,7 @@ fn policy_lists_ports(path: &std::path::Path) -> Option<bool> {
 /// Runs the doctor every [`RUN_EVERY`], from start on, so that `status` and the
 /// metrics always have a recent verdict.
 pub async fn watch_health<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopping) -> Result<(), String> {
-    let mut tick = tokio::time::interval(super::fault::period("JITD_HEALTH_MS", RUN_EVERY));
+    let mut tick = tokio::time::interval(RUN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut said = String::new();
     loop {

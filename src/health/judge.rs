@@ -95,7 +95,23 @@ fn drift(f: &Facts) -> Check {
         )
         .fix("find it with `nft monitor` (each change names its process) and stop it from touching table inet jitd");
     }
-    let check = match &d.last_check {
+    let check = liveness(d);
+    match (&d.last_repair, check.status) {
+        (Some((since, what)), Status::Ok) if *since < RECENT_REPAIR => Check::new(
+            "drift",
+            Status::Warn,
+            format!("jitd repaired its table {} ago: {what}", ago(*since)),
+        )
+        .detail("someone or something changed table inet jitd; jitd put it back (audited as `repair`)")
+        .fix("see who in the audit log (jitctl audit --since 1h) and the process named there"),
+        _ => check,
+    }
+}
+
+/// Whether the drift monitor keeps checking, and its last check's outcome.
+fn liveness(d: &crate::health::facts::DriftState) -> Check {
+    let ago = |t: Duration| crate::duration::format(Duration::from_secs(t.as_secs()));
+    match &d.last_check {
         None if d.uptime <= d.max_quiet => Check::new("drift", Status::Ok, "the drift monitor is starting"),
         None => Check::new(
             "drift",
@@ -125,16 +141,6 @@ fn drift(f: &Facts) -> Check {
             Status::Ok,
             format!("the drift monitor is alive (last check {} ago)", ago(*since)),
         ),
-    };
-    match (&d.last_repair, check.status) {
-        (Some((since, what)), Status::Ok) if *since < RECENT_REPAIR => Check::new(
-            "drift",
-            Status::Warn,
-            format!("jitd repaired its table {} ago: {what}", ago(*since)),
-        )
-        .detail("someone or something changed table inet jitd; jitd put it back (audited as `repair`)")
-        .fix("see who in the audit log (jitctl audit --since 1h) and the process named there"),
-        _ => check,
     }
 }
 
