@@ -31,7 +31,7 @@ pub const VERIFY_EVERY: Duration = Duration::from_secs(600);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The doctor's state in the daemon.
-pub struct Health {
+pub struct HealthState {
     /// The last result; held while a run is under way, so runs never overlap.
     last: tokio::sync::Mutex<Option<(Instant, Arc<DoctorReport>)>>,
     /// The verdict in short, for `status`.
@@ -43,9 +43,9 @@ pub struct Health {
     started: Instant,
 }
 
-impl Default for Health {
-    fn default() -> Health {
-        Health {
+impl Default for HealthState {
+    fn default() -> HealthState {
+        HealthState {
             last: tokio::sync::Mutex::new(None),
             summary: Mutex::new(None),
             drift: Mutex::new(DriftWatch::default()),
@@ -63,7 +63,7 @@ struct DriftWatch {
     in_a_row: u32,
 }
 
-impl Health {
+impl HealthState {
     /// Notes a finished drift check (called by the drift monitor).
     pub fn drift_checked(&self, checked: &Checked) {
         let Ok(mut d) = self.drift.lock() else { return };
@@ -145,7 +145,7 @@ impl<F: Firewall> Daemon<F> {
         let (ruleset, listeners, families) = tokio::join!(
             tokio::time::timeout(PROBE_TIMEOUT, probe::nft::read_ruleset("nft")),
             tokio::time::timeout(PROBE_TIMEOUT, tokio::task::spawn_blocking(listening)),
-            probe::host::families(),
+            tokio::time::timeout(PROBE_TIMEOUT, probe::host::families()),
         );
         let ports_listed = policy_lists_ports(&config.path);
         Facts {
@@ -162,7 +162,7 @@ impl<F: Firewall> Daemon<F> {
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("reading them took too long".into()),
             },
-            families: families.unwrap_or((true, true)),
+            families: families.ok().and_then(Result::ok).unwrap_or((true, true)),
             legacy_iptables: probe::host::legacy_iptables(),
         }
     }
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn repairs_in_a_row_count_until_a_clean_check() {
-        let h = Health::default();
+        let h = HealthState::default();
         for _ in 0..5 {
             h.drift_checked(&Checked::Repaired("table inet jitd is missing".into()));
         }

@@ -145,7 +145,7 @@ pub struct Daemon<F: Firewall> {
     /// The wall clock, watched for jumps.
     clock: clock::WallClock,
     /// The doctor's last verdict and what it keeps between runs.
-    health: doctor::Health,
+    health: doctor::HealthState,
     #[allow(dead_code)]
     claims: start::Claims,
 }
