@@ -19,6 +19,7 @@
 //!    and audits that;
 //! 6. the reply goes back the same way, as one JSON line.
 
+mod approvals;
 mod changes;
 mod clock;
 mod commit;
@@ -88,6 +89,8 @@ struct State {
     /// The highest grant id whose approval is on disk: `status` shows no grant above it
     /// (booked, but its record not yet written, it may still be refused).
     recorded: crate::domain::GrantId,
+    /// Requests waiting for approval ([`approvals`]).
+    pending: crate::approval::PendingBook,
 }
 
 impl State {
@@ -216,6 +219,9 @@ impl<F: Firewall> Handler for Daemon<F> {
                 Ok(r) => Reply::ok(r),
                 Err(reply) => reply,
             },
+            Request::Approve(a) => self.decide(caller, approvals::Decision::Approve(a.id)).await,
+            Request::Deny(d) => self.decide(caller, approvals::Decision::Deny(d.id, d.reason)).await,
+            Request::Pending(q) => self.pending_status(&caller, q.id).map_or_else(|r| r, Reply::ok),
         }
     }
 }
@@ -236,6 +242,7 @@ fn snapshot_of(st: &State) -> store::Snapshot {
         audit_hash: st.audit_hash.clone(),
         lockdown: format!("{:?}", LockdownSpec::from_config(&st.config)),
         fingerprint: st.baseline.clone(),
+        pending: st.pending.iter().map(|(r, _)| r.clone()).collect(),
         ..Default::default()
     }
 }
