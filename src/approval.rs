@@ -40,6 +40,9 @@ pub struct PendingRequest {
     pub id: GrantId,
     /// Who asked, as it was when it asked.
     pub requester: Caller,
+    /// The login uid of the process that asked (see [`crate::identity::login_uid`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requester_login: Option<u32>,
     /// The ports it asked for (an empty request resolved to the protected ports).
     pub ports: Vec<u16>,
     /// The source to open for.
@@ -259,6 +262,33 @@ pub fn same_person(requester: &Caller, decider: &Caller) -> Option<String> {
     }
 }
 
+/// Why a local decider whose process has login uid `login` is the requester of
+/// `request` under another uid, if it is: the decider logged in as the requester (and
+/// became root, or another user, through sudo or su), the requester logged in as the
+/// decider, or both come from the same login.
+pub fn same_login(request: &PendingRequest, decider: &Caller, login: Option<u32>) -> Option<String> {
+    let asked = &request.requester;
+    if asked.signer.is_some() || decider.signer.is_some() {
+        return None;
+    }
+    match (request.requester_login, login) {
+        (_, Some(l)) if l == asked.uid => Some(format!(
+            "the approver's login uid is the requester's uid {l} (sudo or su)"
+        )),
+        (Some(l), _) if l == decider.uid => Some(format!(
+            "the requester's login uid is the approver's uid {l} (sudo or su)"
+        )),
+        (Some(a), Some(b)) if a == b => Some(format!("both come from the login of uid {a}")),
+        _ => None,
+    }
+}
+
+/// Why `decider` (login uid `login`) is the requester of `request` itself, if it is
+/// ([`same_person`] or [`same_login`]).
+pub fn requester_itself(request: &PendingRequest, decider: &Caller, login: Option<u32>) -> Option<String> {
+    same_person(&request.requester, decider).or_else(|| same_login(request, decider, login))
+}
+
 /// What a decider wants to do with a pending request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
@@ -268,17 +298,19 @@ pub enum Verb {
     Deny,
 }
 
-/// Checks that `decider` may `verb` request `id` (`request`, when it waits), in order:
-/// who (the approver role; for a denial, or the requester withdrawing its own), then
-/// what (the request waits), then never one's own approval. Returns the request.
+/// Checks that `decider` (whose process has login uid `login`) may `verb` request `id`
+/// (`request`, when it waits), in order: who (the approver role; for a denial, or the
+/// requester withdrawing its own), then what (the request waits), then never one's own
+/// approval ([`same_person`], [`same_login`]). Returns the request.
 pub fn check_decider<'r>(
     access: &Access,
     decider: &Caller,
+    login: Option<u32>,
     id: GrantId,
     request: Option<&'r PendingRequest>,
     verb: Verb,
 ) -> Result<&'r PendingRequest, Denial> {
-    let own = request.and_then(|r| same_person(&r.requester, decider));
+    let own = request.and_then(|r| requester_itself(r, decider, login));
     let withdrawing = verb == Verb::Deny && own.is_some();
     if !withdrawing && !may_approve(access, decider) {
         let what = match verb {
@@ -340,6 +372,7 @@ mod tests {
         PendingRequest {
             id,
             requester,
+            requester_login: None,
             ports: vec![22],
             source: "203.0.113.7/32".parse().unwrap(),
             duration_secs: 3600,
@@ -365,7 +398,7 @@ mod tests {
     fn only_approvers_and_root_approve_and_never_their_own_request() {
         let a = access();
         let bobs = request(7, local(1001, "bob"));
-        let verdict = |who: &Caller, verb| check_decider(&a, who, 7, Some(&bobs), verb).map(|r| r.id);
+        let verdict = |who: &Caller, verb| check_decider(&a, who, None, 7, Some(&bobs), verb).map(|r| r.id);
         assert_eq!(verdict(&local(1003, "carol"), Verb::Approve), Ok(7));
         assert_eq!(verdict(&local(0, "root"), Verb::Approve), Ok(7), "root always may");
         // an admin is not an approver by its role alone
@@ -385,7 +418,7 @@ mod tests {
         );
         // root's own request: root cannot approve it either
         let roots = request(8, local(0, "root"));
-        let e = check_decider(&a, &local(0, "root"), 8, Some(&roots), Verb::Approve).unwrap_err();
+        let e = check_decider(&a, &local(0, "root"), None, 8, Some(&roots), Verb::Approve).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotAuthorized);
     }
 
@@ -393,14 +426,14 @@ mod tests {
     fn a_requester_may_withdraw_its_own_request_and_others_need_the_role() {
         let a = access();
         let eves = request(9, local(1005, "eve"));
-        assert!(check_decider(&a, &local(1005, "eve"), 9, Some(&eves), Verb::Deny).is_ok());
-        assert!(check_decider(&a, &local(1003, "carol"), 9, Some(&eves), Verb::Deny).is_ok());
-        let e = check_decider(&a, &local(1006, "mallory"), 9, Some(&eves), Verb::Deny).unwrap_err();
+        assert!(check_decider(&a, &local(1005, "eve"), None, 9, Some(&eves), Verb::Deny).is_ok());
+        assert!(check_decider(&a, &local(1003, "carol"), None, 9, Some(&eves), Verb::Deny).is_ok());
+        let e = check_decider(&a, &local(1006, "mallory"), None, 9, Some(&eves), Verb::Deny).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotAuthorized);
         // who before what: an unknown id tells a stranger nothing
-        let e = check_decider(&a, &local(1006, "mallory"), 10, None, Verb::Approve).unwrap_err();
+        let e = check_decider(&a, &local(1006, "mallory"), None, 10, None, Verb::Approve).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotAuthorized);
-        let e = check_decider(&a, &local(1003, "carol"), 10, None, Verb::Approve).unwrap_err();
+        let e = check_decider(&a, &local(1003, "carol"), None, 10, None, Verb::Approve).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
     }
 
@@ -426,10 +459,51 @@ mod tests {
         // a signed approver is named by principal: dave may approve bob's knock
         let a = access();
         let knocked = request(11, knock);
-        assert!(check_decider(&a, &signed(&["dave"], "SHA256:k4"), 11, Some(&knocked), Verb::Approve).is_ok());
-        let e = check_decider(&a, &local(1001, "bob"), 11, Some(&knocked), Verb::Approve).unwrap_err();
+        assert!(check_decider(
+            &a,
+            &signed(&["dave"], "SHA256:k4"),
+            None,
+            11,
+            Some(&knocked),
+            Verb::Approve
+        )
+        .is_ok());
+        let e = check_decider(&a, &local(1001, "bob"), None, 11, Some(&knocked), Verb::Approve).unwrap_err();
         assert!(
             e.message.contains("principal bob is the local user bob"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn sudo_does_not_make_a_second_person() {
+        let a = access();
+        let mut bobs = request(7, local(1001, "bob"));
+        // bob asked, then ran `sudo jitctl approve 7`: root, but logged in as bob
+        let e = check_decider(&a, &local(0, "root"), Some(1001), 7, Some(&bobs), Verb::Approve).unwrap_err();
+        assert!(
+            e.message.contains("login uid is the requester's uid 1001"),
+            "{}",
+            e.message
+        );
+        // root logged in as carol approves bob's request: fine
+        assert!(check_decider(&a, &local(0, "root"), Some(1003), 7, Some(&bobs), Verb::Approve).is_ok());
+        // carol asked as root through sudo, and approves as herself
+        bobs.requester = local(0, "root");
+        bobs.requester_login = Some(1003);
+        let e = check_decider(&a, &local(1003, "carol"), Some(1003), 7, Some(&bobs), Verb::Approve).unwrap_err();
+        assert!(
+            e.message
+                .contains("the requester's login uid is the approver's uid 1003"),
+            "{}",
+            e.message
+        );
+        // both through sudo from the same login
+        bobs.requester = local(1004, "ops-robot");
+        let e = check_decider(&a, &local(1001, "bob"), Some(1003), 7, Some(&bobs), Verb::Approve).unwrap_err();
+        assert!(
+            e.message.contains("both come from the login of uid 1003"),
             "{}",
             e.message
         );

@@ -295,6 +295,7 @@ fn pending_request(r: &AuditRecord, id: GrantId) -> Option<PendingRequest> {
     Some(PendingRequest {
         id,
         requester,
+        requester_login: r.login_uid,
         ports: r.ports.clone(),
         source,
         duration_secs: r.duration_secs?,
@@ -556,6 +557,57 @@ mod tests {
         assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
+    }
+
+    #[test]
+    fn replaying_the_audit_brings_the_requests_waiting_for_approval_up_to_date() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let pending = |id: u64| {
+            let mut r = AuditRecord::new(t, Some(1001), "bob", Action::Request, Outcome::Pending);
+            r.request_id = Some(id);
+            r.source = Some("192.0.2.7".into());
+            r.ports = vec![22, 3389];
+            r.duration_secs = Some(3600);
+            r.times_out_at = Some(t + chrono::Duration::minutes(15));
+            r
+        };
+        let about = |id: u64, action, outcome, grant: Option<u64>| {
+            let mut r = AuditRecord::new(t, Some(1002), "carol", action, outcome);
+            r.request_id = Some(id);
+            r.grant_id = grant;
+            r
+        };
+        let mut snapshot = Snapshot::default();
+        replay(
+            &mut snapshot,
+            &[
+                pending(1),
+                pending(2),
+                pending(3),
+                pending(4),
+                pending(5),
+                about(1, Action::Approve, Outcome::Denied, None), // a refused attempt
+                about(2, Action::Approve, Outcome::Approved, None),
+                about(3, Action::Deny, Outcome::Done, None),
+                about(4, Action::Approve, Outcome::Approved, None),
+                about(4, Action::Request, Outcome::Failed, Some(6)), // its grant failed...
+                about(4, Action::Approve, Outcome::Failed, None),    // ...and so did it
+                about(5, Action::Request, Outcome::Failed, None),    // never pending
+            ],
+        );
+        let waiting: Vec<u64> = snapshot.pending.iter().map(|p| p.id).collect();
+        assert_eq!(waiting, vec![1, 4]);
+        assert_eq!(snapshot.next_id, 7, "past request 5 and grant 6");
+        let p = &snapshot.pending[0];
+        assert_eq!((p.requester.uid, p.requester.name.as_str()), (1001, "bob"));
+        assert_eq!((p.ports.clone(), p.duration_secs), (vec![22, 3389], 3600));
+        assert_eq!(p.times_out_at, t + chrono::Duration::minutes(15));
+        let mut history = History::default();
+        history.note(&[pending(9)], t);
+        assert_eq!(history.max_grant_id, 9, "request ids come from the grant counter");
     }
 
     #[test]

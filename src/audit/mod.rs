@@ -150,6 +150,10 @@ pub struct AuditRecord {
     /// A pending request: when it times out unless an approver decides first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times_out_at: Option<DateTime<Utc>>,
+    /// The login uid of the process that asked or decided, when the kernel knows one
+    /// (`/proc/PID/loginuid`: who logged in, kept across sudo and su).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_uid: Option<u32>,
     /// The transaction this record was written with, when it had several records: a
     /// reader applies a batch only when all its records are there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +195,7 @@ impl AuditRecord {
             nonce: None,
             request_id: None,
             times_out_at: None,
+            login_uid: None,
             batch: None,
             prev: None,
             hash: None,

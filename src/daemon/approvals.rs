@@ -25,35 +25,71 @@ use crate::policy::{self, AccessRequest, Denial, Role};
 
 type Pings = mpsc::Receiver<oneshot::Sender<()>>;
 
-/// What an approver decided about a pending request.
+/// What an approver decided about a pending request, from a process with login uid
+/// `login`.
 #[derive(Debug, Clone)]
-pub(super) enum Decision {
-    /// Open it.
-    Approve(GrantId),
-    /// Turn it down, for this reason.
-    Deny(GrantId, String),
+pub(super) struct Decision {
+    id: GrantId,
+    verb: Verb,
+    /// A denial's reason.
+    reason: String,
+    login: Option<u32>,
 }
 
 impl Decision {
-    fn id(&self) -> GrantId {
-        match self {
-            Decision::Approve(id) | Decision::Deny(id, _) => *id,
+    /// Approve request `id`.
+    pub fn approve(id: GrantId, login: Option<u32>) -> Decision {
+        Decision {
+            id,
+            verb: Verb::Approve,
+            reason: String::new(),
+            login,
         }
     }
 
-    fn verb(&self) -> Verb {
-        match self {
-            Decision::Approve(_) => Verb::Approve,
-            Decision::Deny(..) => Verb::Deny,
+    /// Turn request `id` down for `reason`.
+    pub fn deny(id: GrantId, reason: String, login: Option<u32>) -> Decision {
+        Decision {
+            id,
+            verb: Verb::Deny,
+            reason,
+            login,
         }
     }
 
     fn action(&self) -> Action {
-        match self {
-            Decision::Approve(_) => Action::Approve,
-            Decision::Deny(..) => Action::Deny,
+        match self.verb {
+            Verb::Approve => Action::Approve,
+            Verb::Deny => Action::Deny,
         }
     }
+
+    /// A record of this decision by `decider` about `request`.
+    fn record(
+        &self,
+        decider: &Caller,
+        request: &PendingRequest,
+        time: DateTime<Utc>,
+        outcome: Outcome,
+        why: &str,
+    ) -> AuditRecord {
+        let uid = requests::actor_uid(decider);
+        let mut r = ended_record(request, time, uid, &decider.name, self.action(), outcome, why);
+        r.login_uid = self.login;
+        r
+    }
+}
+
+/// A request that passed every check, as the request path hands it over.
+pub(super) struct Asked<'a> {
+    pub caller: &'a Caller,
+    /// The login uid of the process that asked.
+    pub login: Option<u32>,
+    pub request: &'a GrantRequest,
+    /// Its grants, one per policy entry.
+    pub news: &'a [NewGrant],
+    /// How long it may wait for its approval.
+    pub timeout: Duration,
 }
 
 /// A decision, planned under the state lock.
@@ -179,24 +215,29 @@ impl<F: Firewall> Daemon<F> {
     }
 }
 
-/// Books a request that passed every check as waiting for approval for `timeout`: its
-/// record (`request`/`pending`, and the mirror undoing it should its transaction fail).
-#[allow(clippy::too_many_arguments)]
+/// Books a request that passed every check as waiting for approval for its timeout:
+/// its record (`request`/`pending`, and the mirror undoing it should its transaction
+/// fail).
 pub(super) fn book_pending(
     st: &mut State,
     tx: &mut Tx,
-    caller: &Caller,
-    request: &GrantRequest,
-    news: &[NewGrant],
-    timeout: Duration,
+    asked: Asked<'_>,
     now: Instant,
     wall: DateTime<Utc>,
 ) -> Decided {
+    let Asked {
+        caller,
+        login,
+        request,
+        news,
+        timeout,
+    } = asked;
     let mut ports: Vec<u16> = news.iter().map(|n| n.port).collect();
     ports.dedup();
     let pending = PendingRequest {
         id: st.book.allocate_id(),
         requester: caller.clone(),
+        requester_login: login,
         ports,
         source: news[0].source,
         duration_secs: news[0].duration.as_secs(),
@@ -217,6 +258,7 @@ pub(super) fn book_pending(
         ),
     );
     r.times_out_at = Some(pending.times_out_at);
+    r.login_uid = login;
     requests::stamp_signer(&mut r, caller);
     tx.failed.push(failure_of(&r));
     tx.records.push(r);
@@ -229,24 +271,25 @@ pub(super) fn book_pending(
 /// own request), what (the request waits; a denial's reason), then, for an approval,
 /// the policy as it is now.
 fn plan_decision(st: &mut State, decider: &Caller, decision: &Decision, now: Instant, wall: DateTime<Utc>) -> Planned {
-    let id = decision.id();
+    let id = decision.id;
     // one whose time is up but not yet on record is past deciding
     let waiting = st
         .pending
         .get(id)
         .filter(|(_, deadline)| *deadline > now)
         .map(|(r, _)| r.clone());
-    let checked = approval::check_decider(&st.config.access, decider, id, waiting.as_ref(), decision.verb());
+    let access = &st.config.access;
+    let checked = approval::check_decider(access, decider, decision.login, id, waiting.as_ref(), decision.verb);
     let request = match checked {
         Ok(request) => request.clone(),
         Err(denial) => return refused(st, decider, decision, waiting.as_ref(), denial, wall),
     };
-    match decision {
-        Decision::Deny(_, reason) => match check_reason(reason) {
-            Ok(()) => plan_deny(st, decider, request, reason, wall),
+    match decision.verb {
+        Verb::Deny => match check_reason(&decision.reason) {
+            Ok(()) => plan_deny(st, decider, decision, request, wall),
             Err(denial) => refused(st, decider, decision, Some(&request), denial, wall),
         },
-        Decision::Approve(_) => plan_approve(st, decider, request, now, wall),
+        Verb::Approve => plan_approve(st, decider, decision, request, now, wall),
     }
 }
 
@@ -276,7 +319,8 @@ fn refused(
         if let Some(q) = request {
             describe_request(&mut r, q);
         }
-        r.request_id = Some(decision.id());
+        r.request_id = Some(decision.id);
+        r.login_uid = decision.login;
         r.reason = Some(format!("{}: {}", denial.code, denial.message));
         records.push(r);
     }
@@ -285,13 +329,19 @@ fn refused(
 
 /// A denial (or the requester withdrawing its own request): the request ends, nothing
 /// opens.
-fn plan_deny(st: &mut State, decider: &Caller, request: PendingRequest, reason: &str, wall: DateTime<Utc>) -> Planned {
-    let why = match approval::same_person(&request.requester, decider) {
+fn plan_deny(
+    st: &mut State,
+    decider: &Caller,
+    decision: &Decision,
+    request: PendingRequest,
+    wall: DateTime<Utc>,
+) -> Planned {
+    let reason = &decision.reason;
+    let why = match approval::requester_itself(&request, decider, decision.login) {
         Some(_) => format!("withdrawn by the requester: {reason}"),
         None => reason.to_string(),
     };
-    let uid = requests::actor_uid(decider);
-    let r = ended_record(&request, wall, uid, &decider.name, Action::Deny, Outcome::Done, &why);
+    let r = decision.record(decider, &request, wall, Outcome::Done, &why);
     let mut tx = Tx::records(vec![r]);
     if let Some(removed) = st.pending.remove(request.id) {
         tx.undo.pending_removed.push(removed);
@@ -310,6 +360,7 @@ fn plan_deny(st: &mut State, decider: &Caller, request: PendingRequest, reason: 
 fn plan_approve(
     st: &mut State,
     decider: &Caller,
+    decision: &Decision,
     request: PendingRequest,
     now: Instant,
     wall: DateTime<Utc>,
@@ -320,10 +371,9 @@ fn plan_approve(
         source: request.source,
         duration: request.duration(),
     };
-    let uid = requests::actor_uid(decider);
     let entries = match policy::check_request(&st.config, &requester, &asked) {
         Ok(entries) => entries,
-        Err(denial) => return close_changed(st, decider, request, denial, wall),
+        Err(denial) => return close_changed(st, decider, decision, request, denial, wall),
     };
     let news = requests::new_grants(
         &entries,
@@ -338,15 +388,7 @@ fn plan_approve(
         request.describe(),
         crate::duration::format(request.duration())
     );
-    let r = ended_record(
-        &request,
-        wall,
-        uid,
-        &decider.name,
-        Action::Approve,
-        Outcome::Approved,
-        &why,
-    );
+    let r = decision.record(decider, &request, wall, Outcome::Approved, &why);
     let mut tx = Tx::records(Vec::new());
     tx.failed.push(failure_of(&r));
     tx.records.push(r);
@@ -386,6 +428,7 @@ fn plan_approve(
 fn close_changed(
     st: &mut State,
     decider: &Caller,
+    decision: &Decision,
     request: PendingRequest,
     denial: Denial,
     wall: DateTime<Utc>,
@@ -394,16 +437,7 @@ fn close_changed(
         "policy changed: {}; the request is closed, nothing was opened",
         denial.message
     );
-    let uid = requests::actor_uid(decider);
-    let r = ended_record(
-        &request,
-        wall,
-        uid,
-        &decider.name,
-        Action::Approve,
-        Outcome::Revoked,
-        &why,
-    );
+    let r = decision.record(decider, &request, wall, Outcome::Revoked, &why);
     let mut tx = Tx::records(vec![r]);
     if let Some(removed) = st.pending.remove(request.id) {
         tx.undo.pending_removed.push(removed);

@@ -36,6 +36,8 @@ pub const MAX_BATCH: usize = 256;
 /// A request waiting for the committer.
 pub(super) struct Pending {
     pub caller: Caller,
+    /// The login uid of the process that asked, when known.
+    pub login: Option<u32>,
     pub request: crate::api::protocol::GrantRequest,
     pub reply: oneshot::Sender<Reply>,
 }

@@ -211,7 +211,7 @@ impl<F: Firewall> Handler for Daemon<F> {
             });
         match request {
             Request::Status(q) => self.status(&caller, &q).map_or_else(|r| r, Reply::ok),
-            Request::Request(r) => self.request(caller, r).await,
+            Request::Request(r) => self.request_as(caller, login_of(peer), r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
             Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
@@ -219,11 +219,22 @@ impl<F: Firewall> Handler for Daemon<F> {
                 Ok(r) => Reply::ok(r),
                 Err(reply) => reply,
             },
-            Request::Approve(a) => self.decide(caller, approvals::Decision::Approve(a.id)).await,
-            Request::Deny(d) => self.decide(caller, approvals::Decision::Deny(d.id, d.reason)).await,
+            Request::Approve(a) => {
+                let decision = approvals::Decision::approve(a.id, login_of(peer));
+                self.decide(caller, decision).await
+            }
+            Request::Deny(d) => {
+                let decision = approvals::Decision::deny(d.id, d.reason, login_of(peer));
+                self.decide(caller, decision).await
+            }
             Request::Pending(q) => self.pending_status(&caller, q.id).map_or_else(|r| r, Reply::ok),
         }
     }
+}
+
+/// The login uid behind a socket peer, when the kernel knows it.
+fn login_of(peer: Peer) -> Option<u32> {
+    peer.pid.and_then(crate::identity::login_uid)
 }
 
 async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, FirewallError> {

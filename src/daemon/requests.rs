@@ -33,8 +33,19 @@ pub(super) enum Decided {
 impl<F: Firewall> Daemon<F> {
     /// Queues a request for the committer and waits for its answer.
     pub(super) async fn request(&self, caller: Caller, request: GrantRequest) -> Reply {
+        self.request_as(caller, None, request).await
+    }
+
+    /// Like [`Daemon::request`], from a process whose login uid is `login`.
+    pub(super) async fn request_as(&self, caller: Caller, login: Option<u32>, request: GrantRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
-        if !self.submit(Job::Request(Pending { caller, request, reply })).await {
+        let pending = Pending {
+            caller,
+            login,
+            request,
+            reply,
+        };
+        if !self.submit(Job::Request(pending)).await {
             return Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back");
         }
         answer
@@ -148,7 +159,9 @@ fn decide_one(
     now: Instant,
     wall: DateTime<Utc>,
 ) -> Decided {
-    let Pending { caller, request, .. } = pending;
+    let Pending {
+        caller, request, login, ..
+    } = pending;
     let (news, role, approval) = match check(st, caller, request, wall) {
         Ok(ok) => ok,
         Err(denial) => return refuse(st, tx, caller, request, denial, wall),
@@ -156,7 +169,16 @@ fn decide_one(
     if let Some(timeout) = approval {
         // every check passed: only now may the request take a place among the pending
         return match st.pending.room_for(caller) {
-            Ok(()) => super::approvals::book_pending(st, tx, caller, request, &news, timeout, now, wall),
+            Ok(()) => {
+                let asked = super::approvals::Asked {
+                    caller,
+                    login: *login,
+                    request,
+                    news: &news,
+                    timeout,
+                };
+                super::approvals::book_pending(st, tx, asked, now, wall)
+            }
             Err(denial) => refuse(st, tx, caller, request, denial, wall),
         };
     }

@@ -207,6 +207,22 @@ fn a_self_approval_and_an_approval_without_the_role_are_refused_and_audited() {
         "{}",
         text(&own)
     );
+    // the requester again, through sudo: root, but its login uid is the requester's
+    let sudo = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo {BOTH} > /proc/self/loginuid && exec \"$0\" --socket \"$1\" approve {id}"
+        ))
+        .arg(env!("CARGO_BIN_EXE_jitctl"))
+        .arg(setup.socket())
+        .output()
+        .unwrap();
+    assert_eq!(sudo.status.code(), Some(1), "{}", text(&sudo));
+    assert!(
+        String::from_utf8_lossy(&sudo.stderr).contains(&format!("login uid is the requester's uid {BOTH}")),
+        "{}",
+        text(&sudo)
+    );
     let stranger = jitd.ctl_as(REQUESTER, NOGROUP, &["approve", &id.to_string()]);
     assert_eq!(stranger.status.code(), Some(1), "{}", text(&stranger));
     assert!(String::from_utf8_lossy(&stranger.stderr).contains("needs the approver role"));
@@ -237,10 +253,11 @@ fn a_self_approval_and_an_approval_without_the_role_are_refused_and_audited() {
         .filter(|r| kind(r) == ("approve", "denied"))
         .map(|r| (r["actor_uid"].clone(), r["reason"].clone()))
         .collect();
-    assert_eq!(refusals.len(), 2, "{refusals:?}");
+    assert_eq!(refusals.len(), 3, "{refusals:?}");
     assert_eq!(refusals[0].0, BOTH);
     assert!(refusals[0].1.as_str().unwrap().starts_with("not_authorized: request"));
-    assert_eq!(refusals[1].0, REQUESTER);
+    assert_eq!(refusals[1].0, 0, "root, logged in as the requester");
+    assert_eq!(refusals[2].0, REQUESTER);
     let root_refused = records_of(&setup, roots);
     assert_eq!(kind(root_refused.last().unwrap()), ("approve", "denied"));
     assert_eq!(root_refused.last().unwrap()["actor"], "root");

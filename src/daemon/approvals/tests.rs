@@ -307,6 +307,7 @@ fn a_restart_ends_the_requests_whose_time_is_up_and_keeps_the_rest_on_their_cloc
     let asked = |id: GrantId, left: i64| PendingRequest {
         id,
         requester: Caller::resolve_uid(4244),
+        requester_login: None,
         ports: vec![3389],
         source: "192.0.2.7/32".parse().unwrap(),
         duration_secs: 60,
