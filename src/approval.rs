@@ -69,12 +69,13 @@ impl PendingRequest {
         self.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
     }
 
-    /// One line naming it for messages: `request 7 (bob: 22 for 203.0.113.7)`.
+    /// One line naming it for messages: `request 7 (bob: port 22 for 203.0.113.7)`.
     pub fn describe(&self) -> String {
         format!(
-            "request {} ({}: port {} for {})",
+            "request {} ({}: {} {} for {})",
             self.id,
             self.requester.name,
+            if self.ports.len() == 1 { "port" } else { "ports" },
             self.ports_text(),
             format_prefix(&self.source)
         )

@@ -40,7 +40,7 @@ pub fn waiting_line(p: &PendingInfo) -> String {
 /// The line `jitctl request --no-wait` prints.
 pub fn queued_line(p: &PendingInfo) -> String {
     format!(
-        "pending: request {} for port {} from {} waits for approval until {}; it opens for {} from the approval (jitctl status lists it)",
+        "pending: request {} for {} from {} waits for approval until {}; it opens for {} from the approval (jitctl status lists it)",
         p.id,
         ports_text(&p.ports),
         escape_for_terminal(&p.source),
@@ -106,7 +106,7 @@ pub fn print_decision(out: &mut dyn Write, s: &PendingStatus) -> io::Result<()> 
     };
     writeln!(
         out,
-        "{head}: request {} of {} for port {} from {} (by {})",
+        "{head}: request {} of {} for {} from {} (by {})",
         r.id,
         escape_for_terminal(&r.requester),
         ports_text(&r.ports),
@@ -147,7 +147,7 @@ pub fn row(p: &PendingInfo) -> Vec<String> {
     vec![
         p.id.to_string(),
         p.requester.clone(),
-        ports_text(&p.ports),
+        p.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
         p.source.clone(),
         crate::duration::format(Duration::from_secs(p.duration_secs)),
         clock_time(p.asked_at),
@@ -156,8 +156,13 @@ pub fn row(p: &PendingInfo) -> Vec<String> {
     ]
 }
 
+/// `port 22` or `ports 22,3389`.
 fn ports_text(ports: &[u16]) -> String {
-    ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+    let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+    match ports.len() {
+        1 => format!("port {list}"),
+        _ => format!("ports {list}"),
+    }
 }
 
 /// A time as people read it on this host: `2026-11-25 14:20:05`.

@@ -183,6 +183,11 @@ impl<F: Firewall> Daemon<F> {
             st.note_use(g.port, &g.requester, wall);
         }
         tracing::info!(request = id, by = %caller.name, state = ?ended.state, "request decided");
+        if ended.state == PendingState::Approved {
+            let m = crate::metrics::metrics();
+            m.request(Outcome::Approved, None);
+            m.grant_duration.observe(ended.request.duration().as_secs_f64());
+        }
         st.pending.note_ended(*ended);
         match outcome {
             Ok(()) => Reply::ok(status),
