@@ -377,3 +377,63 @@ fn pending_requests_survive_kill_9_and_their_clock_keeps_running() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(can_connect(&net.a, HOST_A4, 22));
 }
+
+/// A knock signed for principal "4243", the name local uid 4243 goes by (it has no
+/// passwd entry): the same person, to jitd.
+#[test]
+fn a_knock_waits_for_approval_and_the_same_persons_local_user_cannot_approve_it() {
+    use crate::knock::{packet, send, Ask, Key, HOST_NAME, KNOCK_PORT};
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let key = Key::new(keydir.path(), "k4243", &["-t", "ed25519"]);
+    let setup = Setup::new("");
+    let signers = setup.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("{APPROVER} {}\n", key.public)).unwrap();
+    std::fs::set_permissions(&signers, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    setup.write_policy(&format!(
+        r#"socket_group = "nogroup"
+[[ports]]
+port = 22
+allowed_sources = ["10.77.0.0/16"]
+approvals = 1
+[access]
+requesters = ["principal:{APPROVER}"]
+approvers = ["uid:{APPROVER}", "uid:{BOTH}"]
+[remote]
+listen = "[::]:{KNOCK_PORT}"
+names = ["{HOST_NAME}"]
+allowed_signers = "{}"
+"#,
+        signers.display()
+    ));
+    let jitd = setup.start(&net.host);
+    send(&net.a, HOST_A4, &packet(&key, &Ask::port22()));
+    let listed = wait_pending(&jitd, 1);
+    assert_eq!(listed[0]["requester"], format!("principal:{APPROVER}"));
+    assert_eq!(listed[0]["source"], A4);
+    let id = listed[0]["id"].as_u64().unwrap();
+    assert!(!can_connect(&net.a, HOST_A4, 22), "the knock opens nothing by itself");
+    let own = jitd.ctl_as(APPROVER, NOGROUP, &["approve", &id.to_string()]);
+    assert_eq!(own.status.code(), Some(1), "{}", text(&own));
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains(&format!(
+            "the requester's principal {APPROVER} is the local user {APPROVER}"
+        )),
+        "{}",
+        text(&own)
+    );
+    let out = jitd.ctl_as(BOTH, NOGROUP, &["approve", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        can_connect(&net.a, HOST_A4, 22),
+        "approved: open for the knock's address"
+    );
+    let trail = records_of(&setup, id);
+    assert_eq!(kind(&trail[0]), ("request", "pending"));
+    assert_eq!(trail[0]["principals"], serde_json::json!([APPROVER.to_string()]));
+    assert!(trail[0]["key"].as_str().unwrap().starts_with("SHA256:"));
+    let grant = trail.iter().find(|r| kind(r) == ("request", "approved")).unwrap();
+    assert_eq!(grant["actor"], format!("principal:{APPROVER}"));
+    assert!(grant.get("actor_uid").is_none_or(Value::is_null), "a knock has no uid");
+}
