@@ -103,22 +103,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 justification,
             };
             let granted: GrantedReply = call(socket, &Request::Request(request)).await?;
-            match &granted.pending {
-                Some(pending) if !no_wait => await_decision(socket, pending, json).await,
-                Some(pending) => emit(json, &granted, |out, _| {
-                    writeln!(out, "{}", approvals::queued_line(pending))
-                }),
-                None => emit(json, &granted, print_granted),
-            }
+            granted_or_waiting(socket, json, &granted, no_wait).await
         }
-        Command::Approve { id } => {
-            let decided: PendingStatus = call(socket, &Request::Approve(ApproveRequest { id })).await?;
-            emit(json, &decided, approvals::print_decision)
-        }
-        Command::Deny { id, reason } => {
-            let decided: PendingStatus = call(socket, &Request::Deny(DenyRequest { id, reason })).await?;
-            emit(json, &decided, approvals::print_decision)
-        }
+        Command::Approve { id } => decide(socket, json, Request::Approve(ApproveRequest { id })).await,
+        Command::Deny { id, reason } => decide(socket, json, Request::Deny(DenyRequest { id, reason })).await,
         Command::Revoke {
             id,
             source,
@@ -173,6 +161,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
     }
+}
+
+/// Prints the grants of a request, or, when it waits for approval, waits for the
+/// decision (unless `no_wait`).
+async fn granted_or_waiting(
+    socket: &std::path::Path,
+    json: bool,
+    granted: &GrantedReply,
+    no_wait: bool,
+) -> Result<(), Failure> {
+    match &granted.pending {
+        Some(pending) if !no_wait => await_decision(socket, pending, json).await,
+        Some(pending) => emit(json, granted, |out, _| {
+            writeln!(out, "{}", approvals::queued_line(pending))
+        }),
+        None => emit(json, granted, print_granted),
+    }
+}
+
+/// `jitctl approve` and `jitctl deny`: the decision as jitd took it.
+async fn decide(socket: &std::path::Path, json: bool, request: Request) -> Result<(), Failure> {
+    let decided: PendingStatus = call(socket, &request).await?;
+    emit(json, &decided, approvals::print_decision)
 }
 
 /// Waits for the decision on a request that waits for approval, with a progress line on

@@ -370,24 +370,10 @@ fn plan_approve(
     now: Instant,
     wall: DateTime<Utc>,
 ) -> Planned {
-    let requester = current_requester(&request.requester);
-    let asked = AccessRequest {
-        ports: request.ports.clone(),
-        source: request.source,
-        duration: request.duration(),
-    };
-    let entries = match policy::check_request(&st.config, &requester, &asked) {
-        Ok(entries) => entries,
+    let (news, role) = match recheck(st, &request) {
+        Ok(ok) => ok,
         Err(denial) => return close_changed(st, decider, decision, request, denial, wall),
     };
-    let news = requests::new_grants(
-        &entries,
-        &request.requester,
-        request.source,
-        request.duration(),
-        request.justification.as_ref(),
-    );
-    let admin = policy::role_of(&st.config.access, &requester) >= Some(Role::Admin);
     let why = format!(
         "approved {}; open for {} from now",
         request.describe(),
@@ -401,8 +387,6 @@ fn plan_approve(
         tx.undo.pending_removed.push(removed);
     }
     let mut footprint = Footprint::default();
-    let role = if admin { Role::Admin } else { Role::Requester };
-    let asked_as = grant_request(&request);
     let (grants, superseded) = requests::book_grants(
         st,
         &mut tx,
@@ -410,7 +394,7 @@ fn plan_approve(
         news,
         role,
         &request.requester,
-        &asked_as,
+        &grant_request(&request),
         now,
         wall,
     );
@@ -426,6 +410,27 @@ fn plan_approve(
         superseded,
         outcome: Ok(()),
     }
+}
+
+/// Checks `request` again against the policy as it is now, for its requester as it is
+/// now: the grants it opens and the requester's role, or why it no longer may.
+fn recheck(st: &State, request: &PendingRequest) -> Result<(Vec<NewGrant>, Role), Denial> {
+    let requester = current_requester(&request.requester);
+    let asked = AccessRequest {
+        ports: request.ports.clone(),
+        source: request.source,
+        duration: request.duration(),
+    };
+    let entries = policy::check_request(&st.config, &requester, &asked)?;
+    let news = requests::new_grants(
+        &entries,
+        &request.requester,
+        request.source,
+        request.duration(),
+        request.justification.as_ref(),
+    );
+    let admin = policy::role_of(&st.config.access, &requester) >= Some(Role::Admin);
+    Ok((news, if admin { Role::Admin } else { Role::Requester }))
 }
 
 /// Closes a request the policy no longer allows (audited `approve`/`revoked`, reason
