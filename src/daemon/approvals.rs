@@ -465,16 +465,13 @@ fn close_changed(
     }
 }
 
-/// The requester as the policy sees it now: a local user looked up again (its groups
-/// may have changed), a signed caller by the principals its key vouched for.
+/// The requester as the policy sees it now: a local user looked up again by uid (its
+/// name and groups may have changed, as a reload re-checks grants), a signed caller by
+/// the principals its key vouched for.
 fn current_requester(asked: &Caller) -> Caller {
     match &asked.signer {
         Some(_) => asked.clone(),
-        None => {
-            let mut now = Caller::resolve_uid(asked.uid);
-            now.name = asked.name.clone();
-            now
-        }
+        None => Caller::resolve_uid(asked.uid),
     }
 }
 

@@ -349,3 +349,21 @@ fn a_restart_ends_the_requests_whose_time_is_up_and_keeps_the_rest_on_their_cloc
     assert_eq!(ended.len(), 1);
     assert!(st2.pending.is_empty());
 }
+
+#[tokio::test]
+async fn a_requester_who_lost_the_role_since_asking_is_not_approved() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = started(dir.path()).await;
+    let id = pending_id(&d, 4244, &[3389]).await;
+    let text = format!(
+        "state_dir = \"{}\"\n{}\n[[ports]]\nport = 22\n",
+        dir.path().display(),
+        POLICY.replace("\"uid:4242\", \"uid:4244\"", "\"uid:4242\"")
+    );
+    std::fs::write(dir.path().join("jitd.toml"), text).unwrap();
+    assert!(d.handle(root(), Request::Reload).await.ok);
+    let error = d.handle(peer(4243), approve(id)).await.error.unwrap();
+    assert_eq!(error.code, ErrorCode::NotAuthorized);
+    assert!(error.message.contains("can no longer be approved"), "{}", error.message);
+    assert!(d.lock().book.is_empty() && d.lock().pending.is_empty());
+}
