@@ -21,6 +21,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/jitd";
 pub const MAX_DURATION_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// The maximum duration of a port whose entry does not set one (Azure's default).
 pub const DEFAULT_MAX_DURATION: Duration = Duration::from_secs(3 * 3600);
+/// How long a request for a port with `approvals = 1` waits for its approval unless the
+/// port's entry says otherwise.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The smallest `audit_max_bytes` accepted.
 pub const MIN_AUDIT_BYTES: i64 = 4096;
 /// The ports protected when the policy lists none: SSH, RDP, WinRM (HTTP and HTTPS).
@@ -169,6 +172,11 @@ pub struct PortPolicy {
     pub max_duration: Duration,
     /// The widest source prefix one request may open this port for.
     pub widest_prefix: WidestPrefix,
+    /// How many people other than the requester must approve a request (0 or 1): with
+    /// 1, a request waits as pending until an approver decides (docs/protocol.md).
+    pub approvals: u8,
+    /// How long such a request waits for its approval before it times out.
+    pub approval_timeout: Duration,
 }
 
 /// The shortest prefix length a request's source may have, per address family: a
@@ -215,6 +223,9 @@ pub struct Access {
     pub requesters: Vec<Principal>,
     /// May read status and the audit log.
     pub viewers: Vec<Principal>,
+    /// May approve or deny others' requests for ports with `approvals = 1` (and read
+    /// status and the audit log). Not implied by admin; root always may.
+    pub approvers: Vec<Principal>,
 }
 
 /// Everything wrong with a policy file, each problem on its own line.
@@ -267,6 +278,8 @@ struct RawPort {
     allowed_sources: Option<Vec<String>>,
     max_duration: Option<String>,
     widest_prefix: Option<RawWidestPrefix>,
+    approvals: Option<i64>,
+    approval_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +309,8 @@ struct RawAccess {
     requesters: Vec<String>,
     #[serde(default)]
     viewers: Vec<String>,
+    #[serde(default)]
+    approvers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -481,6 +496,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         admins: parse_principals("access.admins", &raw.access.admins, problems),
         requesters: parse_principals("access.requesters", &raw.access.requesters, problems),
         viewers: parse_principals("access.viewers", &raw.access.viewers, problems),
+        approvers: parse_principals("access.approvers", &raw.access.approvers, problems),
     };
     let audit_rotation = validate_rotation(raw.audit_max_bytes, raw.audit_keep, problems);
     let metrics_listen = validate_metrics(raw.metrics_listen, raw.metrics_allow_remote, problems);
@@ -564,6 +580,8 @@ fn default_ports() -> Vec<PortPolicy> {
             allowed_sources: AllowedSources::Any,
             max_duration: DEFAULT_MAX_DURATION,
             widest_prefix: WidestPrefix::default(),
+            approvals: 0,
+            approval_timeout: DEFAULT_APPROVAL_TIMEOUT,
         })
         .collect()
 }
@@ -597,6 +615,8 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
         let allowed_sources = validate_allowed_sources(&field("allowed_sources"), raw.allowed_sources, problems);
         let max_duration = validate_max_duration(&field("max_duration"), raw.max_duration.as_deref(), problems);
         let widest_prefix = validate_widest_prefix(&field("widest_prefix"), raw.widest_prefix, problems);
+        let (approvals, approval_timeout) =
+            validate_approvals(&field(""), raw.approvals, raw.approval_timeout.as_deref(), problems);
         if problems.len() > before {
             continue;
         }
@@ -618,9 +638,53 @@ fn validate_ports(list: Vec<RawPort>, problems: &mut Vec<String>) -> Vec<PortPol
             allowed_sources,
             max_duration,
             widest_prefix,
+            approvals,
+            approval_timeout,
         });
     }
     ports
+}
+
+/// `ports[i].approvals` (0 or 1) and `ports[i].approval_timeout` (1s to 24h, only with
+/// `approvals = 1`); `prefix` is `ports[i].`.
+fn validate_approvals(
+    prefix: &str,
+    approvals: Option<i64>,
+    timeout: Option<&str>,
+    problems: &mut Vec<String>,
+) -> (u8, Duration) {
+    let approvals = match approvals {
+        None | Some(0) => 0,
+        Some(1) => 1,
+        Some(n) => {
+            problems.push(format!(
+                "{prefix}approvals: must be 0 (no approval) or 1 (one approver besides the requester); more approvers are not supported, got {n}"
+            ));
+            0
+        }
+    };
+    let field = format!("{prefix}approval_timeout");
+    let timeout = match timeout {
+        None => DEFAULT_APPROVAL_TIMEOUT,
+        Some(text) => match crate::duration::parse(text) {
+            Ok(_) if approvals == 0 => {
+                problems.push(format!(
+                    "{field}: set, but approvals is 0, so no request for this port waits for an approval; set approvals = 1 or remove it, got {text:?}"
+                ));
+                DEFAULT_APPROVAL_TIMEOUT
+            }
+            Ok(d) if (Duration::from_secs(1)..=MAX_DURATION_LIMIT).contains(&d) => d,
+            Ok(_) => {
+                problems.push(format!("{field}: must be between 1s and 24h, got {text:?}"));
+                DEFAULT_APPROVAL_TIMEOUT
+            }
+            Err(e) => {
+                problems.push(format!("{field}: {e}, got {text:?}"));
+                DEFAULT_APPROVAL_TIMEOUT
+            }
+        },
+    };
+    (approvals, timeout)
 }
 
 /// `ports[i].allowed_sources`: `["any"]` alone, or a non-empty list of prefixes.
@@ -985,6 +1049,30 @@ mod tests {
                 "lockdown.exempt_sources: exempts every IPv4 source",
             ),
             (
+                "[[ports]]\nport = 22\napprovals = 2",
+                "ports[0].approvals: must be 0 (no approval) or 1 (one approver besides the requester); more approvers are not supported, got 2",
+            ),
+            (
+                "[[ports]]\nport = 22\napprovals = -1",
+                "ports[0].approvals: must be 0 (no approval) or 1",
+            ),
+            (
+                "[[ports]]\nport = 22\napproval_timeout = \"5m\"",
+                "ports[0].approval_timeout: set, but approvals is 0",
+            ),
+            (
+                "[[ports]]\nport = 22\napprovals = 1\napproval_timeout = \"0s\"",
+                "ports[0].approval_timeout: must be between 1s and 24h, got \"0s\"",
+            ),
+            (
+                "[[ports]]\nport = 22\napprovals = 1\napproval_timeout = \"later\"",
+                "ports[0].approval_timeout: not a duration",
+            ),
+            (
+                "[access]\napprovers = [\"bob\"]",
+                "access.approvers[0]: must be \"user:NAME\"",
+            ),
+            (
                 "[lockdown]\nexempt_sources = [\"10.0.0.0/8\"]\nexempt_everything = true",
                 "lockdown.exempt_everything: is true but exempt_sources does not cover a whole address family",
             ),
@@ -1107,6 +1195,28 @@ mod tests {
             .unwrap()
             .warnings()
             .is_empty());
+    }
+
+    #[test]
+    fn approvals_default_to_none_and_their_timeout_to_15_minutes() {
+        let c = parse(
+            "[[ports]]\nport = 22\napprovals = 1\n[[ports]]\nport = 23\napprovals = 1\napproval_timeout = \"2m\"\n[[ports]]\nport = 24\n[access]\napprovers = [\"group:jit\", \"principal:alice\"]\n",
+        )
+        .unwrap();
+        let got: Vec<(u8, Duration)> = c.ports.iter().map(|p| (p.approvals, p.approval_timeout)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, DEFAULT_APPROVAL_TIMEOUT),
+                (1, Duration::from_secs(120)),
+                (0, DEFAULT_APPROVAL_TIMEOUT)
+            ]
+        );
+        assert_eq!(
+            c.access.approvers,
+            vec![Principal::Group("jit".into()), Principal::Ssh("alice".into())]
+        );
+        assert!(parse("").unwrap().ports.iter().all(|p| p.approvals == 0));
     }
 
     #[test]

@@ -251,8 +251,11 @@ error_codes! {
     DurationTooLong = "duration_too_long",
     /// A field is malformed.
     InvalidArgument = "invalid_argument",
-    /// `revoke` matched no live grant.
+    /// `revoke` matched no live grant; `approve`, `deny` or `pending` no request.
     NotFound = "not_found",
+    /// The requester already has as many requests waiting for approval as jitd keeps,
+    /// or jitd keeps as many as it will.
+    TooManyPending = "too_many_pending",
     /// `reload`: the new policy is invalid; the old one stays.
     InvalidConfig = "invalid_config",
     /// The audit record could not be written, so nothing was done.

@@ -4,6 +4,14 @@
 
 use crate::domain::Caller;
 
+/// The login uid of process `pid` (`/proc/PID/loginuid`, set by pam_loginuid when a
+/// person logs in and kept across `sudo` and `su`): the person behind a process that
+/// runs as root. `None` when unset (a daemon, cron without PAM) or unreadable.
+pub fn login_uid(pid: i32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/loginuid")).ok()?;
+    text.trim().parse().ok().filter(|uid| *uid != u32::MAX)
+}
+
 impl Caller {
     /// Resolves a uid alone (a grant's requester, re-checked at reload or restart): the
     /// user database gives the primary group; a uid with no entry has no groups.

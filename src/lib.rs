@@ -12,6 +12,8 @@
 //! - [`duration`]: `90s` / `1h30m` / `PT3H` parsing.
 //! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
 //! - [`grants`]: the live grants and their deadlines (no I/O).
+//! - [`approval`]: the two-person rule's pure part: requests waiting for an approver,
+//!   who may decide them, the same person behind two identities.
 //! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),
 //!   applied by [`firewall::nft`].
 //! - [`audit`]: the append-only audit log, queries, CSV export.
@@ -47,18 +49,20 @@
 //! config   -> domain, duration             (settings types: Rotation, Limits live here)
 //! policy   -> config, domain, duration     (pure decisions)
 //! grants   -> domain                       (pure bookkeeping)
+//! approval -> config, domain, policy     (pending requests, pure)
 //! identity -> domain                       (user and group look-ups)
 //! audit    -> config, domain, text         (the log on disk)
-//! store    -> audit, domain, grants        (grants.json, replay)
+//! store    -> approval, audit, domain, grants (grants.json, replay)
 //! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
 //! health   -> config, domain, duration, firewall (judgement pure; probe/ has the effects)
-//! api      -> audit, config, domain, health, metrics
+//! api      -> approval, audit, config, domain, health, metrics
 //! daemon   -> everything above
 //! ```
 //!
 
 pub mod accept;
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod cli;
 pub mod config;

@@ -24,16 +24,10 @@ pub enum Role {
 /// The highest role `caller` holds under `access`; root is always admin. A local caller
 /// is matched by `user:`, `group:` and `uid:` entries, a signed remote caller only by
 /// `principal:` entries (so a key whose principal is "root" is not root).
+/// An approver (`[access] approvers`) holds at least the viewer role, so that it can see
+/// what it approves.
 pub fn role_of(access: &Access, caller: &Caller) -> Option<Role> {
-    let named = |list: &[Principal]| {
-        list.iter().any(|p| match (p, &caller.signer) {
-            (Principal::Ssh(n), Some(signer)) => signer.principals.iter().any(|s| s == n),
-            (_, Some(_)) | (Principal::Ssh(_), None) => false,
-            (Principal::User(n), None) => *n == caller.name,
-            (Principal::Group(n), None) => caller.groups.iter().any(|g| g == n),
-            (Principal::Uid(u), None) => *u == caller.uid,
-        })
-    };
+    let named = |list: &[Principal]| named(list, caller);
     if caller.uid == 0 && caller.signer.is_none() {
         return Some(Role::Admin);
     }
@@ -41,11 +35,23 @@ pub fn role_of(access: &Access, caller: &Caller) -> Option<Role> {
         Some(Role::Admin)
     } else if named(&access.requesters) {
         Some(Role::Requester)
-    } else if named(&access.viewers) {
+    } else if named(&access.viewers) || named(&access.approvers) {
         Some(Role::Viewer)
     } else {
         None
     }
+}
+
+/// Whether `list` names `caller`: a local caller by `user:`, `group:` and `uid:`
+/// entries, a signed remote caller only by `principal:` entries.
+pub fn named(list: &[Principal], caller: &Caller) -> bool {
+    list.iter().any(|p| match (p, &caller.signer) {
+        (Principal::Ssh(n), Some(signer)) => signer.principals.iter().any(|s| s == n),
+        (_, Some(_)) | (Principal::Ssh(_), None) => false,
+        (Principal::User(n), None) => *n == caller.name,
+        (Principal::Group(n), None) => caller.groups.iter().any(|g| g == n),
+        (Principal::Uid(u), None) => *u == caller.uid,
+    })
 }
 
 /// Why a request was refused: a stable code for scripts and a sentence for people.

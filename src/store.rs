@@ -24,6 +24,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::approval::PendingRequest;
 use crate::audit::{AuditRecord, Position};
 use crate::domain::GrantId;
 use crate::grants::Grant;
@@ -56,6 +57,9 @@ pub struct Snapshot {
     /// What start-up needs from the history up to `position`.
     #[serde(default)]
     pub history: History,
+    /// The requests waiting for approval at the time of writing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingRequest>,
 }
 
 /// The sum of the journal up to a checkpoint that start-up needs besides the grants:
@@ -107,7 +111,9 @@ impl History {
         use crate::audit::{Action, Outcome};
         for r in records {
             self.newest = self.newest.max(Some(r.time));
-            self.max_grant_id = self.max_grant_id.max(r.grant_id.unwrap_or(0));
+            // requests waiting for approval take their ids from the same counter
+            let ids = r.grant_id.into_iter().chain(r.request_id);
+            self.max_grant_id = ids.fold(self.max_grant_id, GrantId::max);
             if let Some(nonce) = &r.nonce {
                 self.nonces.insert(nonce.clone(), r.time);
             }
@@ -185,6 +191,7 @@ pub fn whole_batches(records: &[AuditRecord]) -> (Vec<&AuditRecord>, usize) {
 pub fn replay(snapshot: &mut Snapshot, records: &[AuditRecord]) -> usize {
     use crate::audit::{Action, Outcome};
     let (records, left_out) = whole_batches(records);
+    replay_pending(snapshot, &records);
     let mut ended: std::collections::HashMap<GrantId, Grant> = std::collections::HashMap::new();
     for r in records {
         let Some(id) = r.grant_id else { continue };
@@ -216,6 +223,86 @@ pub fn replay(snapshot: &mut Snapshot, records: &[AuditRecord]) -> usize {
     }
     snapshot.grants.sort_by_key(|g| g.id);
     left_out
+}
+
+/// Brings the requests waiting for approval up to date: a `request`/`pending` record
+/// adds one; an `approve`/`approved`, `approve`/`revoked`, `deny`/`done` or
+/// `expire`/`expired` record of it ends it; an `approve`/`failed` record (the approval
+/// did not take effect) puts it back; a `request`/`failed` one (the transaction that
+/// made it failed; one without a grant id) withdraws it. Refused attempts (`approve`/`denied`, `deny`/`denied`)
+/// change nothing.
+fn replay_pending(snapshot: &mut Snapshot, records: &[&AuditRecord]) {
+    use crate::audit::{Action, Outcome};
+    let mut ended: std::collections::HashMap<GrantId, PendingRequest> = std::collections::HashMap::new();
+    for r in records {
+        let Some(id) = r.request_id else { continue };
+        snapshot.next_id = snapshot.next_id.max(id + 1);
+        let closing = matches!(
+            (r.action, r.outcome),
+            (Action::Approve, Outcome::Approved | Outcome::Revoked)
+                | (Action::Deny, Outcome::Done)
+                | (Action::Expire, Outcome::Expired)
+        );
+        match (r.action, r.outcome) {
+            (Action::Request, Outcome::Pending) => {
+                if let Some(p) = pending_request(r, id) {
+                    snapshot.pending.retain(|q| q.id != id);
+                    snapshot.pending.push(p);
+                }
+            }
+            // (the failed grants of an approval name their request too, and a grant)
+            (Action::Request, Outcome::Failed) if r.grant_id.is_none() => snapshot.pending.retain(|q| q.id != id),
+            (Action::Approve, Outcome::Failed) => {
+                if let Some(p) = ended.remove(&id) {
+                    snapshot.pending.push(p);
+                }
+            }
+            _ if closing => {
+                if let Some(at) = snapshot.pending.iter().position(|q| q.id == id) {
+                    ended.insert(id, snapshot.pending.remove(at));
+                }
+            }
+            _ => {}
+        }
+    }
+    snapshot.pending.sort_by_key(|q| q.id);
+}
+
+/// The request a `request`/`pending` record describes, if it is complete: its
+/// requester is the record's actor (a local uid, or the principals and key of a signed
+/// knock).
+fn pending_request(r: &AuditRecord, id: GrantId) -> Option<PendingRequest> {
+    let source = r.source.as_deref().and_then(|s| crate::domain::parse_prefix(s).ok())?;
+    let requester = match r.actor_uid {
+        Some(uid) => crate::domain::Caller {
+            uid,
+            name: r.actor.clone(),
+            groups: Vec::new(),
+            signer: None,
+        },
+        None => {
+            let mut caller = crate::domain::Caller::signed(crate::domain::SignedBy {
+                principals: r.principals.clone(),
+                fingerprint: r.key.clone().unwrap_or_default(),
+                peer: r.peer.as_deref().and_then(|p| p.parse().ok()),
+                nonce: r.nonce.clone(),
+                certificate: r.certificate.clone(),
+            });
+            caller.name = r.actor.clone();
+            caller
+        }
+    };
+    Some(PendingRequest {
+        id,
+        requester,
+        requester_login: r.login_uid,
+        ports: r.ports.clone(),
+        source,
+        duration_secs: r.duration_secs?,
+        justification: r.justification.clone(),
+        asked_at: r.time,
+        times_out_at: r.times_out_at?,
+    })
 }
 
 /// The grant an approval record describes, if it is complete.
@@ -417,6 +504,7 @@ mod tests {
                 hash: "cd".repeat(32),
             }),
             history: History::default(),
+            pending: Vec::new(),
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);
@@ -469,6 +557,57 @@ mod tests {
         assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
+    }
+
+    #[test]
+    fn replaying_the_audit_brings_the_requests_waiting_for_approval_up_to_date() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let t = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let pending = |id: u64| {
+            let mut r = AuditRecord::new(t, Some(1001), "bob", Action::Request, Outcome::Pending);
+            r.request_id = Some(id);
+            r.source = Some("192.0.2.7".into());
+            r.ports = vec![22, 3389];
+            r.duration_secs = Some(3600);
+            r.times_out_at = Some(t + chrono::Duration::minutes(15));
+            r
+        };
+        let about = |id: u64, action, outcome, grant: Option<u64>| {
+            let mut r = AuditRecord::new(t, Some(1002), "carol", action, outcome);
+            r.request_id = Some(id);
+            r.grant_id = grant;
+            r
+        };
+        let mut snapshot = Snapshot::default();
+        replay(
+            &mut snapshot,
+            &[
+                pending(1),
+                pending(2),
+                pending(3),
+                pending(4),
+                pending(5),
+                about(1, Action::Approve, Outcome::Denied, None), // a refused attempt
+                about(2, Action::Approve, Outcome::Approved, None),
+                about(3, Action::Deny, Outcome::Done, None),
+                about(4, Action::Approve, Outcome::Approved, None),
+                about(4, Action::Request, Outcome::Failed, Some(6)), // its grant failed...
+                about(4, Action::Approve, Outcome::Failed, None),    // ...and so did it
+                about(5, Action::Request, Outcome::Failed, None),    // never pending
+            ],
+        );
+        let waiting: Vec<u64> = snapshot.pending.iter().map(|p| p.id).collect();
+        assert_eq!(waiting, vec![1, 4]);
+        assert_eq!(snapshot.next_id, 7, "past request 5 and grant 6");
+        let p = &snapshot.pending[0];
+        assert_eq!((p.requester.uid, p.requester.name.as_str()), (1001, "bob"));
+        assert_eq!((p.ports.clone(), p.duration_secs), (vec![22, 3389], 3600));
+        assert_eq!(p.times_out_at, t + chrono::Duration::minutes(15));
+        let mut history = History::default();
+        history.note(&[pending(9)], t);
+        assert_eq!(history.max_grant_id, 9, "request ids come from the grant counter");
     }
 
     #[test]

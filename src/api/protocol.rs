@@ -50,6 +50,39 @@ pub enum Request {
     Doctor,
     /// Re-read the policy file.
     Reload,
+    /// Approve a request that waits for approval (approvers).
+    Approve(ApproveRequest),
+    /// Turn down a request that waits for approval (approvers, or its requester).
+    Deny(DenyRequest),
+    /// Where a request that waited for approval stands (what `jitctl request` polls).
+    Pending(PendingQuery),
+}
+
+/// Arguments of `approve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveRequest {
+    /// The pending request's id.
+    pub id: GrantId,
+}
+
+/// Arguments of `deny`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyRequest {
+    /// The pending request's id.
+    pub id: GrantId,
+    /// Why (recorded; at most [`MAX_JUSTIFICATION_CHARS`] characters, no control
+    /// characters).
+    pub reason: String,
+}
+
+/// Arguments of `pending`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingQuery {
+    /// The request's id, as the `request` reply's `pending.id` gave it.
+    pub id: GrantId,
 }
 
 /// Arguments of `request`.
@@ -280,6 +313,58 @@ pub struct StatusReply {
     /// The doctor's last verdict (it runs every minute); absent before its first run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub doctor: Option<crate::health::report::HealthSummary>,
+    /// The requests waiting for approval, in id order (at most
+    /// [`crate::approval::MAX_PENDING`]; on every page).
+    #[serde(default)]
+    pub pending: Vec<PendingInfo>,
+    /// Whether the caller may approve others' requests (`[access] approvers`, or root).
+    #[serde(default)]
+    pub approver: bool,
+}
+
+/// A request waiting for approval, as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInfo {
+    /// Its id (for `approve`, `deny`, `pending`).
+    pub id: GrantId,
+    /// Who asked.
+    pub requester: String,
+    /// The ports asked for.
+    pub ports: Vec<u16>,
+    /// Address or prefix to open for.
+    pub source: String,
+    /// How long the grants last, counted from the approval.
+    pub duration_secs: u64,
+    /// Why.
+    pub justification: Option<String>,
+    /// When it was asked.
+    pub asked_at: DateTime<Utc>,
+    /// When it times out: jitd's wall clock as it answered plus `remaining_secs`.
+    pub times_out_at: DateTime<Utc>,
+    /// Seconds until it times out, by the monotonic clock (0 once it ended).
+    pub remaining_secs: u64,
+}
+
+/// Result of `approve`, `deny` and `pending`: where a request that waited for approval
+/// stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingStatus {
+    /// The request.
+    pub request: PendingInfo,
+    /// `pending`, `approved`, `denied`, `expired` or `closed`.
+    pub state: crate::approval::PendingState,
+    /// Who decided (`jitd` when it timed out or was closed); absent while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// Why it was denied, timed out or closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was approved: the grants it opened that are still live.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantInfo>,
+    /// When it was approved: the grants those replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<GrantId>,
 }
 
 /// jitd's wall clock as `status` saw it. Grants end by the monotonic clock (jitd's
@@ -376,6 +461,10 @@ pub struct GrantedReply {
     pub grants: Vec<GrantInfo>,
     /// Ids of the grants these replaced.
     pub superseded: Vec<GrantId>,
+    /// When a port asked for needs an approval: the request, waiting (no grant was
+    /// opened; `grants` is empty). Poll it with `pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingInfo>,
 }
 
 /// Result of `revoke`.
@@ -446,6 +535,12 @@ mod tests {
                 cursor: Some(format!("v1:{}:audit.jsonl:0", "0".repeat(64))),
             }),
             Request::Audit(AuditQuery::default()),
+            Request::Approve(ApproveRequest { id: 7 }),
+            Request::Deny(DenyRequest {
+                id: 7,
+                reason: "not during the freeze".into(),
+            }),
+            Request::Pending(PendingQuery { id: 7 }),
         ];
         for r in requests {
             let line = encode_request(&r);
@@ -483,6 +578,15 @@ mod tests {
         );
         assert_eq!(code(&vec![b' '; MAX_REQUEST_BYTES + 1]), ErrorCode::TooLarge);
         assert_eq!(code(br#"{"v":1,"op":"status","limt":2}"#), ErrorCode::Malformed);
+        assert_eq!(
+            code(br#"{"v":1,"op":"approve","id":7,"as":"root"}"#),
+            ErrorCode::Malformed
+        );
+        assert_eq!(
+            code(br#"{"v":1,"op":"deny","id":7}"#),
+            ErrorCode::Malformed,
+            "a denial needs its reason"
+        );
     }
 
     #[test]

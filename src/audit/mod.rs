@@ -58,6 +58,11 @@ pub enum Action {
     /// time window, for another host, an unknown key, a bad signature, a replay);
     /// `reason` says which. Knocks that reach the policy are `request` records.
     Knock,
+    /// An approver approved a request that waited for approval (or tried to).
+    Approve,
+    /// An approver (or the requester) turned down a request that waited for approval
+    /// (or tried to); `reason` says why.
+    Deny,
 }
 
 /// How it ended.
@@ -83,6 +88,9 @@ pub enum Outcome {
     /// Refusals counted but not recorded one by one (see [`limit`]); `reason` says
     /// how many, between when, with which codes.
     Suppressed,
+    /// The request passed every check and waits for an approver (`request_id`,
+    /// `times_out_at`); nothing was opened.
+    Pending,
 }
 
 /// One decision or event.
@@ -135,6 +143,17 @@ pub struct AuditRecord {
     /// as a replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// A request that waited (or waits) for approval: its id, shared by every record
+    /// of its life (pending, approve, deny, expire, and the grants it opened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<GrantId>,
+    /// A pending request: when it times out unless an approver decides first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub times_out_at: Option<DateTime<Utc>>,
+    /// The login uid of the process that asked or decided, when the kernel knows one
+    /// (`/proc/PID/loginuid`: who logged in, kept across sudo and su).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_uid: Option<u32>,
     /// The transaction this record was written with, when it had several records: a
     /// reader applies a batch only when all its records are there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -174,6 +193,9 @@ impl AuditRecord {
             certificate: None,
             peer: None,
             nonce: None,
+            request_id: None,
+            times_out_at: None,
+            login_uid: None,
             batch: None,
             prev: None,
             hash: None,

@@ -8,14 +8,14 @@ use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    AuditQuery, AuditReply, ClockStatus, GrantInfo, GrantRequest, GrantedReply, PortStatus, ReloadReply, Request,
-    RevokeRequest, RevokedReply, StatusQuery, StatusReply,
+    ApproveRequest, AuditQuery, AuditReply, ClockStatus, DenyRequest, GrantInfo, GrantRequest, GrantedReply,
+    PendingStatus, PortStatus, ReloadReply, Request, RevokeRequest, RevokedReply, StatusQuery, StatusReply,
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
 use jitd::cli::doctor;
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
-use jitd::cli::table;
+use jitd::cli::{approvals, table};
 use jitd::health::report::DoctorReport;
 use jitd::text::{escape_for_terminal, escape_json_output, show_stored};
 
@@ -109,6 +109,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             duration,
             until,
             justification,
+            no_wait,
         } => {
             let request = GrantRequest {
                 ports,
@@ -118,8 +119,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 justification,
             };
             let granted: GrantedReply = call(socket, &Request::Request(request)).await?;
-            emit(json, &granted, print_granted)
+            granted_or_waiting(socket, json, &granted, no_wait).await
         }
+        Command::Approve { id } => decide(socket, json, Request::Approve(ApproveRequest { id })).await,
+        Command::Deny { id, reason } => decide(socket, json, Request::Deny(DenyRequest { id, reason })).await,
         Command::Revoke {
             id,
             source,
@@ -174,6 +177,49 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 )
             })
         }
+    }
+}
+
+/// Prints the grants of a request, or, when it waits for approval, waits for the
+/// decision (unless `no_wait`).
+async fn granted_or_waiting(
+    socket: &std::path::Path,
+    json: bool,
+    granted: &GrantedReply,
+    no_wait: bool,
+) -> Result<(), Failure> {
+    match &granted.pending {
+        Some(pending) if !no_wait => await_decision(socket, pending, json).await,
+        Some(pending) => emit(json, granted, |out, _| {
+            writeln!(out, "{}", approvals::queued_line(pending))
+        }),
+        None => emit(json, granted, print_granted),
+    }
+}
+
+/// `jitctl approve` and `jitctl deny`: the decision as jitd took it.
+async fn decide(socket: &std::path::Path, json: bool, request: Request) -> Result<(), Failure> {
+    let decided: PendingStatus = call(socket, &request).await?;
+    emit(json, &decided, approvals::print_decision)
+}
+
+/// Waits for the decision on a request that waits for approval, with a progress line on
+/// stderr; exit 0 when approved, 1 when denied, timed out or closed.
+async fn await_decision(
+    socket: &std::path::Path,
+    pending: &jitd::api::protocol::PendingInfo,
+    json: bool,
+) -> Result<(), Failure> {
+    say(&format!("jitctl: {}", approvals::waiting_line(pending)));
+    let decided = match approvals::wait(socket, pending).await {
+        Ok(decided) => decided,
+        Err(approvals::NoDecision::Refused(e)) => return Err(e.into()),
+        Err(approvals::NoDecision::GaveUp(why)) => return Err(Failure::NotOpened(why)),
+    };
+    emit(json, &decided, approvals::print_decision)?;
+    match approvals::refusal(&decided) {
+        None => Ok(()),
+        Some(why) => Err(Failure::Refused(why)),
     }
 }
 
@@ -545,10 +591,11 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
     let esc = |t: &str| escape_for_terminal(t).into_owned();
     writeln!(
         out,
-        "Protected ports (jitd {}, on stop: {}, your role: {})",
+        "Protected ports (jitd {}, on stop: {}, your role: {}{})",
         esc(&s.version),
         esc(&enum_text(&s.on_stop)),
-        esc(&enum_text(&s.your_role))
+        esc(&enum_text(&s.your_role)),
+        if s.approver { ", approver" } else { "" }
     )?;
     let rows: Vec<Vec<String>> = s.ports.iter().map(port_row).collect();
     out.write_all(
@@ -580,6 +627,14 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
     )?;
     writeln!(out, "{}", escape_for_terminal(&doctor::status_line(s.doctor.as_ref())))?;
     print_clock_notes(out, &s.clock)?;
+    if !s.pending.is_empty() {
+        writeln!(
+            out,
+            "\nWaiting for approval (jitctl approve ID, jitctl deny ID --reason ...)"
+        )?;
+        let rows: Vec<Vec<String>> = s.pending.iter().map(approvals::row).collect();
+        out.write_all(table::render(&approvals::HEADERS, &rows).as_bytes())?;
+    }
     writeln!(out)
 }
 
@@ -640,7 +695,10 @@ fn print_audit(out: &mut dyn Write, reply: &AuditReply) -> io::Result<()> {
                 enum_text(&r.outcome),
                 r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
                 r.source.clone().unwrap_or_default(),
-                r.grant_id.map(|g| g.to_string()).unwrap_or_default(),
+                r.grant_id
+                    .map(|g| g.to_string())
+                    .or_else(|| r.request_id.map(|q| format!("request {q}")))
+                    .unwrap_or_default(),
                 r.reason.clone().unwrap_or_default(),
             ]
         })

@@ -17,7 +17,7 @@ use crate::config::DEFAULT_SOCKET_PATH;
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed; for knock: the port did not open in time), 2 usage or connection error."
+    after_help = "Exit status: 0 done, 1 refused by jitd (the reason is printed; for knock: the port did not open in time), 2 usage or connection error. Request: 1 also when denied or not approved in time."
 )]
 pub struct Cli {
     /// jitd's control socket.
@@ -36,7 +36,7 @@ pub enum Command {
     Status,
     /// Open ports for a source address or prefix, for a bounded time.
     #[command(
-        after_help = "Examples:\n  jitctl request --port 22 --source 203.0.113.7 --duration 2h --justification \"ticket 4711\"\n  jitctl request --source 198.51.100.0/24 --until 2026-12-01T17:00:00Z\n  jitctl request --duration 30m        # inside an SSH session: your SSH client's address, every protected port"
+        after_help = "Examples:\n  jitctl request --port 22 --source 203.0.113.7 --duration 2h --justification \"ticket 4711\"\n  jitctl request --source 198.51.100.0/24 --until 2026-12-01T17:00:00Z\n  jitctl request --duration 30m        # inside an SSH session: your SSH client's address, every protected port\n\nA port whose policy says approvals = 1 opens only once someone else with the approver role runs `jitctl approve ID`: jitctl waits for the decision, printing a progress line, and exits 0 when approved, 1 when denied or not approved in time (with --no-wait it prints the request id and exits 0)."
     )]
     Request {
         /// Port to open (repeat for several); default: every protected port.
@@ -54,6 +54,25 @@ pub enum Command {
         /// Why you need access (recorded in the audit log).
         #[arg(short, long)]
         justification: Option<String>,
+        /// When a port needs an approval: print the pending request's id and exit (0)
+        /// instead of waiting for the decision.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Approve someone else's request that waits for approval (the approver role); it
+    /// opens for the duration asked, counted from now.
+    Approve {
+        /// The request id (from `jitctl status`).
+        id: u64,
+    },
+    /// Turn down a request that waits for approval (the approver role, or its own
+    /// requester withdrawing it).
+    Deny {
+        /// The request id (from `jitctl status`).
+        id: u64,
+        /// Why (recorded in the audit log and shown to the requester).
+        #[arg(short, long)]
+        reason: String,
     },
     /// End grants early: by id, or every grant of a source (optionally one port).
     Revoke {

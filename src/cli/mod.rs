@@ -1,7 +1,9 @@
 //! The command lines of the two binaries, as clap definitions: the binaries parse them,
 //! and `cargo run --example gen-assets` turns them into man pages and completions; and
-//! [`table`], how `jitctl` draws its tables; [`doctor`], how it shows the doctor's report.
+//! [`table`], how `jitctl` draws its tables; [`doctor`], how it shows the doctor's report;
+//! [`approvals`], how it waits for and shows approvals.
 
+pub mod approvals;
 pub mod doctor;
 pub mod jitctl;
 pub mod jitd;

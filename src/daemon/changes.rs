@@ -316,8 +316,8 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
-    /// When the expiry timer must next wake: the next grant deadline or the end of the
-    /// next refusal-counting interval, whichever is first.
+    /// When the expiry timer must next wake: the next grant deadline, the end of the
+    /// next refusal-counting interval or the next approval timeout, whichever is first.
     pub(super) fn next_wake(&self) -> Option<Instant> {
         let st = self.lock();
         let summary = st.refusals.next_due().map(|due| {
@@ -325,7 +325,10 @@ impl<F: Firewall> Daemon<F> {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait + Duration::from_millis(10)
         });
-        [st.book.next_deadline(), summary].into_iter().flatten().min()
+        [st.book.next_deadline(), summary, st.pending.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Books and records every grant whose time is up, and writes the summaries of

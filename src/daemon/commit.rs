@@ -36,6 +36,8 @@ pub const MAX_BATCH: usize = 256;
 /// A request waiting for the committer.
 pub(super) struct Pending {
     pub caller: Caller,
+    /// The login uid of the process that asked, when known.
+    pub login: Option<u32>,
     pub request: crate::api::protocol::GrantRequest,
     pub reply: oneshot::Sender<Reply>,
 }
@@ -62,6 +64,8 @@ pub(super) enum Job {
         oneshot::Sender<super::drift::Checked>,
     ),
     Expire,
+    /// An approver's decision on a request waiting for approval.
+    Decide(Caller, super::approvals::Decision, oneshot::Sender<Reply>),
     Checkpoint,
     /// Records that change nothing else (a wall-clock jump).
     Record(Vec<AuditRecord>),
@@ -85,6 +89,9 @@ pub(super) struct Undo {
     pub inserted: Vec<GrantId>,
     pub removed: Vec<(Grant, Instant)>,
     pub config: Option<Box<Config>>,
+    /// Requests booked as waiting for approval, and those taken out (decided).
+    pub pending_added: Vec<GrantId>,
+    pub pending_removed: Vec<(crate::approval::PendingRequest, Instant)>,
 }
 
 impl Undo {
@@ -101,6 +108,12 @@ impl Undo {
         }
         if let Some(config) = self.config {
             st.config = *config;
+        }
+        for id in self.pending_added {
+            st.pending.remove(id);
+        }
+        for (request, deadline) in self.pending_removed {
+            st.pending.insert(request, deadline);
         }
     }
 }
@@ -242,7 +255,13 @@ async fn run<F: Firewall>(
             Job::Repair(cause, observed, reply) => {
                 let _ = reply.send(daemon.commit_repair(&cause, observed, &mut pings).await);
             }
-            Job::Expire => daemon.commit_expiry(&mut pings).await,
+            Job::Expire => {
+                daemon.commit_expiry(&mut pings).await;
+                daemon.commit_pending_expiry(&mut pings).await;
+            }
+            Job::Decide(caller, decision, reply) => {
+                let _ = reply.send(daemon.commit_decision(&caller, decision, &mut pings).await);
+            }
             Job::Checkpoint => daemon.checkpoint_if_dirty(false),
             Job::Record(records) => {
                 let _ = daemon.execute(Tx::records(records), &mut pings).await;
@@ -286,7 +305,7 @@ impl<F: Firewall> Daemon<F> {
             match answering(pings, self.writer.append(records)).await {
                 Ok(appended) => {
                     self.appended(appended);
-                    if let Some(newest) = undo.inserted.iter().max() {
+                    if let Some(newest) = undo.inserted.iter().chain(&undo.pending_added).max() {
                         let mut st = self.lock();
                         st.recorded = st.recorded.max(*newest);
                     }

@@ -361,7 +361,15 @@ async fn submit<F: Firewall>(daemon: &Daemon<F>, v: packet::Verified, peer: Sock
     crate::metrics::metrics().knock("accepted");
     let name = caller.name.clone();
     let reply = daemon.request(caller, request).await;
+    let waits = reply
+        .result
+        .as_ref()
+        .and_then(|r| r.get("pending"))
+        .and_then(|p| p.get("id"));
     match &reply.error {
+        None if waits.is_some() => {
+            tracing::info!(%peer, principal = %name, request = %waits.expect("checked"), "knock waits for approval")
+        }
         None => tracing::info!(%peer, principal = %name, "knock approved"),
         Some(e) => tracing::info!(%peer, principal = %name, code = %e.code, "knock refused: {}", e.message),
     }

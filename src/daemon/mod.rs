@@ -19,6 +19,7 @@
 //!    and audits that;
 //! 6. the reply goes back the same way, as one JSON line.
 
+mod approvals;
 mod changes;
 mod clock;
 mod commit;
@@ -89,6 +90,8 @@ struct State {
     /// The highest grant id whose approval is on disk: `status` shows no grant above it
     /// (booked, but its record not yet written, it may still be refused).
     recorded: crate::domain::GrantId,
+    /// Requests waiting for approval ([`approvals`]).
+    pending: crate::approval::PendingBook,
 }
 
 impl State {
@@ -211,7 +214,7 @@ impl<F: Firewall> Handler for Daemon<F> {
             });
         match request {
             Request::Status(q) => self.status(&caller, &q).map_or_else(|r| r, Reply::ok),
-            Request::Request(r) => self.request(caller, r).await,
+            Request::Request(r) => self.request_as(caller, login_of(peer), r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
             Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
@@ -220,8 +223,22 @@ impl<F: Firewall> Handler for Daemon<F> {
                 Ok(r) => Reply::ok(r),
                 Err(reply) => reply,
             },
+            Request::Approve(a) => {
+                let decision = approvals::Decision::approve(a.id, login_of(peer));
+                self.decide(caller, decision).await
+            }
+            Request::Deny(d) => {
+                let decision = approvals::Decision::deny(d.id, d.reason, login_of(peer));
+                self.decide(caller, decision).await
+            }
+            Request::Pending(q) => self.pending_status(&caller, q.id).map_or_else(|r| r, Reply::ok),
         }
     }
+}
+
+/// The login uid behind a socket peer, when the kernel knows it.
+fn login_of(peer: Peer) -> Option<u32> {
+    peer.pid.and_then(crate::identity::login_uid)
 }
 
 async fn read_baseline<F: Firewall>(firewall: &F) -> Result<Fingerprint, FirewallError> {
@@ -240,6 +257,7 @@ fn snapshot_of(st: &State) -> store::Snapshot {
         audit_hash: st.audit_hash.clone(),
         lockdown: format!("{:?}", LockdownSpec::from_config(&st.config)),
         fingerprint: st.baseline.clone(),
+        pending: st.pending.iter().map(|(r, _)| r.clone()).collect(),
         ..Default::default()
     }
 }

@@ -52,6 +52,12 @@ impl<F: Firewall> Daemon<F> {
             .map(|g| grant_info_at(g, book.remaining(g.id, now).unwrap_or_default(), wall))
             .collect();
         grants.shrink_to_fit();
+        let pending = st
+            .pending
+            .iter()
+            .filter(|(r, _)| r.id <= st.recorded)
+            .map(|(r, deadline)| super::approvals::pending_info(r, deadline.saturating_duration_since(now), wall))
+            .collect();
         let next_cursor = (grants.len() == limit).then(|| StatusCursor(grants[limit - 1].id).encode());
         let config = &st.config;
         Ok(StatusReply {
@@ -66,6 +72,8 @@ impl<F: Firewall> Daemon<F> {
             your_role: role,
             health: health(),
             doctor: self.health.summary(),
+            pending,
+            approver: crate::approval::may_approve(&config.access, caller),
         })
     }
 

@@ -19,8 +19,10 @@ use crate::grants::{Grant, NewGrant};
 use crate::policy::{self, AccessRequest, Denial, Role};
 
 /// What became of one request while its batch was decided.
-enum Decided {
+pub(super) enum Decided {
     Denied(Denial),
+    /// It waits for an approver, for this long.
+    Pending(Box<crate::approval::PendingRequest>, Duration),
     Approved {
         grants: Vec<Grant>,
         superseded: Vec<GrantId>,
@@ -31,8 +33,19 @@ enum Decided {
 impl<F: Firewall> Daemon<F> {
     /// Queues a request for the committer and waits for its answer.
     pub(super) async fn request(&self, caller: Caller, request: GrantRequest) -> Reply {
+        self.request_as(caller, None, request).await
+    }
+
+    /// Like [`Daemon::request`], from a process whose login uid is `login`.
+    pub(super) async fn request_as(&self, caller: Caller, login: Option<u32>, request: GrantRequest) -> Reply {
         let (reply, answer) = oneshot::channel();
-        if !self.submit(Job::Request(Pending { caller, request, reply })).await {
+        let pending = Pending {
+            caller,
+            login,
+            request,
+            reply,
+        };
+        if !self.submit(Job::Request(pending)).await {
             return Reply::error(ErrorCode::ShuttingDown, "jitd is stopping; try again when it is back");
         }
         answer
@@ -77,6 +90,22 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
             m.request(Outcome::Denied, Some(&denial.code));
             Reply::error(denial.code, denial.message)
         }
+        (Decided::Pending(..), Some(e)) => {
+            m.request(Outcome::Failed, Some(&ErrorCode::FirewallFailed));
+            Reply::error(
+                ErrorCode::FirewallFailed,
+                format!("request not taken, nothing changed (a request decided with it could not be applied): {e}"),
+            )
+        }
+        (Decided::Pending(request, left), None) => {
+            m.request(Outcome::Pending, None);
+            tracing::info!(request = request.id, user = %request.requester.name, source = %format_prefix(&request.source), ports = %request.ports_text(), "request waits for approval");
+            Reply::ok(GrantedReply {
+                grants: Vec::new(),
+                superseded: Vec::new(),
+                pending: Some(super::approvals::pending_info(&request, left, Utc::now())),
+            })
+        }
         (Decided::Approved { .. }, Some(e)) => {
             m.request(Outcome::Failed, Some(&ErrorCode::FirewallFailed));
             Reply::error(
@@ -98,7 +127,11 @@ fn answer(decided: Decided, failure: Option<&TxError>) -> Reply {
                 tracing::info!(grant = g.id, user = %g.requester, source = %format_prefix(&g.source), port = g.port, until = %g.expires_at, "access granted");
             }
             let grants = grants.iter().map(|g| grant_info(g, duration)).collect();
-            Reply::ok(GrantedReply { grants, superseded })
+            Reply::ok(GrantedReply {
+                grants,
+                superseded,
+                pending: None,
+            })
         }
     }
 }
@@ -126,20 +159,70 @@ fn decide_one(
     now: Instant,
     wall: DateTime<Utc>,
 ) -> Decided {
-    let Pending { caller, request, .. } = pending;
-    let (news, role) = match check(st, caller, request, wall) {
+    let Pending {
+        caller, request, login, ..
+    } = pending;
+    let (news, role, approval) = match check(st, caller, request, wall) {
         Ok(ok) => ok,
-        Err(denial) => {
-            // a flood of refusals is counted, not recorded one by one
-            if st.refusals.admit(caller.uid, &caller.name, denial.code.as_str(), wall) == Admit::Record {
-                let mut r = refusal_record(request, wall, caller);
-                r.reason = Some(format!("{}: {}", denial.code, denial.message));
-                tx.records.push(r);
-            }
-            return Decided::Denied(denial);
-        }
+        Err(denial) => return refuse(st, tx, caller, request, denial, wall),
     };
+    if let Some(timeout) = approval {
+        // every check passed: only now may the request take a place among the pending
+        return match st.pending.room_for(caller) {
+            Ok(()) => {
+                let asked = super::approvals::Asked {
+                    caller,
+                    login: *login,
+                    request,
+                    news: &news,
+                    timeout,
+                };
+                super::approvals::book_pending(st, tx, asked, now, wall)
+            }
+            Err(denial) => refuse(st, tx, caller, request, denial, wall),
+        };
+    }
     let duration = news[0].duration;
+    let (grants, superseded) = book_grants(st, tx, footprint, news, role, caller, request, now, wall);
+    Decided::Approved {
+        grants,
+        superseded,
+        duration,
+    }
+}
+
+/// Audits a refused request (a flood of refusals is counted, not recorded one by one).
+fn refuse(
+    st: &mut State,
+    tx: &mut Tx,
+    caller: &Caller,
+    request: &GrantRequest,
+    denial: Denial,
+    wall: DateTime<Utc>,
+) -> Decided {
+    if st.refusals.admit(caller.uid, &caller.name, denial.code.as_str(), wall) == Admit::Record {
+        let mut r = refusal_record(request, wall, caller);
+        r.reason = Some(format!("{}: {}", denial.code, denial.message));
+        tx.records.push(r);
+    }
+    Decided::Denied(denial)
+}
+
+/// Books the grants of an approved request (a new one, or one an approver approved):
+/// their records (and failure mirrors), the grants they supersede, the kernel
+/// footprint. Returns the grants and the ids of those they replaced.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn book_grants(
+    st: &mut State,
+    tx: &mut Tx,
+    footprint: &mut Footprint,
+    news: Vec<NewGrant>,
+    role: Role,
+    caller: &Caller,
+    request: &GrantRequest,
+    now: Instant,
+    wall: DateTime<Utc>,
+) -> (Vec<Grant>, Vec<GrantId>) {
     let mut grants = Vec::new();
     let mut superseded = Vec::new();
     for n in news {
@@ -163,11 +246,7 @@ fn decide_one(
         tx.undo.inserted.push(grant.id);
         grants.push(grant);
     }
-    Decided::Approved {
-        grants,
-        superseded,
-        duration,
-    }
+    (grants, superseded)
 }
 
 /// Ends `old`, superseded by the new grant `by`: its records (and their failure
@@ -200,14 +279,15 @@ fn supersede(
     }
 }
 
-/// Who, then what: the grants a request asks for and the caller's role, or the first
-/// reason it fails.
+/// Who, then what: the grants a request asks for, the caller's role and, when a port
+/// it names needs an approval, how long it may wait for one; or the first reason it
+/// fails.
 fn check(
     st: &State,
     caller: &Caller,
     request: &GrantRequest,
     wall: DateTime<Utc>,
-) -> Result<(Vec<NewGrant>, Role), Denial> {
+) -> Result<(Vec<NewGrant>, Role, Option<Duration>), Denial> {
     let role = policy::require_role(&st.config.access, caller, Role::Requester, "request access")?;
     let source = parse_prefix(&request.source).map_err(|e| {
         Denial::new(
@@ -239,8 +319,22 @@ fn check(
         source,
         duration,
     };
-    let news = policy::check_request(&st.config, caller, &access)?
-        .into_iter()
+    let entries = policy::check_request(&st.config, caller, &access)?;
+    let approval = crate::approval::approval_timeout(&entries);
+    let news = new_grants(&entries, caller, source, duration, request.justification.as_ref());
+    Ok((news, role, approval))
+}
+
+/// The grants `caller` gets for `entries`.
+pub(super) fn new_grants(
+    entries: &[&crate::config::PortPolicy],
+    caller: &Caller,
+    source: ipnet::IpNet,
+    duration: Duration,
+    justification: Option<&String>,
+) -> Vec<NewGrant> {
+    entries
+        .iter()
         .map(|p| NewGrant {
             source,
             port: p.port,
@@ -248,11 +342,10 @@ fn check(
             requester: caller.name.clone(),
             requester_uid: caller.uid,
             principals: caller.signer.as_ref().map(|s| s.principals.clone()).unwrap_or_default(),
-            justification: request.justification.clone(),
+            justification: justification.cloned(),
             duration,
         })
-        .collect();
-    Ok((news, role))
+        .collect()
 }
 
 /// The refusal of an `until` that has passed by jitd's wall clock, naming both times
@@ -272,7 +365,7 @@ fn until_past(until: DateTime<Utc>, wall: DateTime<Utc>) -> Denial {
 /// Refuses justifications that are too long or carry control or Unicode format
 /// characters (bidi overrides, zero-width characters), which could disguise what an
 /// admin reads.
-fn check_justification(j: &str) -> Result<(), Denial> {
+pub(super) fn check_justification(j: &str) -> Result<(), Denial> {
     let bad = j.chars().find(|c| c.is_control() || is_format_char(*c));
     if j.chars().count() > MAX_JUSTIFICATION_CHARS || bad.is_some() {
         return Err(Denial::new(
@@ -291,7 +384,7 @@ fn is_format_char(c: char) -> bool {
 }
 
 /// The uid a record names: none for a signed remote caller (it has none).
-fn actor_uid(caller: &Caller) -> Option<u32> {
+pub(super) fn actor_uid(caller: &Caller) -> Option<u32> {
     caller.signer.is_none().then_some(caller.uid)
 }
 
@@ -328,7 +421,7 @@ fn refusal_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) 
 
 /// Adds who signed a remote knock to its record: principals, key, peer and nonce (the
 /// nonce on disk keeps a replay refused after a restart).
-fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
+pub(super) fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
     if let Some(s) = &caller.signer {
         r.principals = s.principals.clone();
         r.key = Some(s.fingerprint.clone()).filter(|k| !k.is_empty());

@@ -111,6 +111,7 @@ impl<F: Firewall> Daemon<F> {
             refusals: refusal_limiter(),
             cuts: Default::default(),
             recorded: first_id.saturating_sub(1),
+            pending: Default::default(),
         };
         let daemon = Arc::new(Daemon {
             firewall,
@@ -126,6 +127,7 @@ impl<F: Firewall> Daemon<F> {
         });
         let restore = Restore {
             saved: saved.grants,
+            pending: saved.pending,
             kernel: kernel_table,
             intact,
             clock_sane,
@@ -200,9 +202,20 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
+        records.extend(super::approvals::restore_pending(
+            &mut st,
+            restore.pending,
+            restore.clock_sane,
+            now,
+            wall,
+        ));
         let elements = grants::timed(&st.book.elements(now), now);
         let kernel = restore_change(restore.kernel.as_ref(), restore.intact, elements, &config);
-        let start = start_record(&config, st.book.len(), restore.clock_sane, wall);
+        let mut start = start_record(&config, st.book.len(), restore.clock_sane, wall);
+        if !st.pending.is_empty() {
+            let waiting = format!("; {} request(s) still wait for approval", st.pending.len());
+            start.reason = start.reason.map(|r| r + &waiting);
+        }
         records.push(start);
         (records, kernel, st.book.len())
     }
@@ -320,6 +333,8 @@ fn refusal_interval() -> chrono::TimeDelta {
 /// What start-up found to restore from.
 struct Restore {
     saved: Vec<Grant>,
+    /// Requests that waited for approval.
+    pending: Vec<crate::approval::PendingRequest>,
     kernel: Option<KernelTable>,
     /// The kernel's table is exactly the lockdown the grants were saved under.
     intact: bool,

@@ -1,6 +1,7 @@
 //! Integration tests: the real `jitd` and `jitctl` binaries, run inside network
 //! namespaces with real TCP/UDP peers. Needs root (namespaces, nftables).
 
+mod approvals;
 mod audit_trail;
 mod clock;
 mod config_checks;

@@ -19,6 +19,7 @@ fn pending(secs: u64) -> (Pending, oneshot::Receiver<Reply>) {
                 groups: vec![],
                 signer: None,
             },
+            login: None,
             request,
             reply,
         },
