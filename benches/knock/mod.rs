@@ -149,7 +149,8 @@ impl Samples {
 pub fn bench_knock(plan: &KnockPlan) -> Value {
     let started = Instant::now();
     let h = KnockHost::start();
-    let mut v = json!({"client_sources": h.clients.len(), "flood_sources": h.flooders.len()});
+    let mut v = json!({"client_sources": h.clients.len(), "flood_sources": h.flooders.len(),
+        "loadavg_start": loadavg()});
     let locked = |what: &str| in_ns(&h.net.a, || assert_locked(h.clients[0], port22(), what));
     locked("before any knock");
     let jitctl = jitctl_knocks(&h, plan.jitctl, false).json();
@@ -170,7 +171,15 @@ pub fn bench_knock(plan: &KnockPlan) -> Value {
     };
     v["ratios"] = report::ratios(&v);
     v["secs"] = json!(started.elapsed().as_secs_f64());
+    v["loadavg_end"] = loadavg();
     v
+}
+
+/// The machine's load average over 1 minute (other work on the shared cores shows in
+/// the tails).
+fn loadavg() -> Value {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    json!(text.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()))
 }
 
 /// The TCP port the knocks open, on the host's address facing client a.

@@ -110,6 +110,12 @@ pub fn print(k: &Value) {
         "max ms",
         "failed"
     );
+    println!(
+        "   (load average {:.1} at the start, {:.1} at the end, on {} cores)",
+        f(&k["loadavg_start"]),
+        f(&k["loadavg_end"]),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let q = &k["quiet"];
     latency_row("jitctl knock, signing via ssh-agent", &q["jitctl"]);
     println!(
