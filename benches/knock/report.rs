@@ -191,8 +191,13 @@ fn print_floods(k: &Value) {
 }
 
 fn flood_row(name: &str, r: &Value, knock: &Value, ctl: &Value, req: &Value, got: Value, cpu: Value) {
+    // p50/p99 of a summary, or nothing when the row has none (fwknop: no jitctl, no socket)
+    let pair = |s: &Value, prec: usize| match (s["p50_ms"].as_f64(), s["p99_ms"].as_f64()) {
+        (Some(a), Some(b)) => format!("{a:>6.prec$}/{b:>6.prec$}"),
+        _ => String::new(),
+    };
     println!(
-        "   {:<12} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.0} {:>6.0}  {:>6.1}/{:>6.1}/{:>6.1} ({:>2})  {:>6.1}/{:>6.1}  {:>6.2}/{:>6.2}",
+        "   {:<12} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.0} {:>6.0}  {:>6.1}/{:>6.1}/{:>6.1} ({:>2})  {:>13}  {:>13}",
         name,
         f(&r["garbage_pps"]),
         f(&r["stranger_pps"]),
@@ -204,33 +209,36 @@ fn flood_row(name: &str, r: &Value, knock: &Value, ctl: &Value, req: &Value, got
         f(&knock["p99_ms"]),
         f(&knock["max_ms"]),
         knock["failed"].as_u64().unwrap_or(0),
-        f(&ctl["p50_ms"]),
-        f(&ctl["p99_ms"]),
-        f(&req["p50_ms"]),
-        f(&req["p99_ms"])
+        pair(ctl, 1),
+        pair(req, 2)
     );
+}
+
+/// Seconds with two decimals, or `-` when there is no figure (not all opened).
+fn secs(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |s| format!("{s:.2}"))
 }
 
 fn print_capacity(k: &Value) {
     println!("\n   valid knocks at a rate           rate/s    sent   opened  all open, s after the last sent");
     for r in k["capacity"].as_array().into_iter().flatten() {
         println!(
-            "   jitd                        {:>8} {:>7} {:>8} {:>20.2}   (busy {}, rate-limited {})",
+            "   jitd                        {:>8} {:>7} {:>8} {:>20}   (busy {}, rate-limited {})",
             r["rate"].as_u64().unwrap_or(0),
             r["sent"].as_u64().unwrap_or(0),
             r["granted"].as_u64().unwrap_or(0),
-            f(&r["all_granted_after_last_sent_s"]),
+            secs(&r["all_granted_after_last_sent_s"]),
             r["busy"],
             r["rate_limited"]
         );
     }
     for r in k["fwknop"]["capacity"].as_array().into_iter().flatten() {
         println!(
-            "   fwknop                      {:>8} {:>7} {:>8} {:>20.2}   (within 2 s; {} after {:.1} s)",
+            "   fwknop                      {:>8} {:>7} {:>8} {:>20}   (within 2 s; {} after {:.1} s)",
             r["rate"].as_u64().unwrap_or(0),
             r["sent"].as_u64().unwrap_or(0),
             r["opened_in_time"].as_u64().unwrap_or(0),
-            f(&r["all_opened_after_last_sent_s"]),
+            secs(&r["all_opened_after_last_sent_s"]),
             r["opened_eventually"],
             f(&r["eventually_after_s"])
         );
