@@ -166,7 +166,7 @@ pub struct Caller {
     /// Numeric user id from the kernel; [`REMOTE_UID`] for a signed remote caller.
     pub uid: u32,
     /// User name, or the uid as text when the user database has no entry; for a signed
-    /// caller its first principal.
+    /// caller `principal:` and its first principal (as `[access]` would name it).
     pub name: String,
     /// Names of the user's primary and supplementary groups (none for a signed caller).
     pub groups: Vec<String>,
@@ -187,6 +187,8 @@ pub struct SignedBy {
     pub peer: Option<std::net::SocketAddr>,
     /// The knock's nonce, hex (`None` when rebuilt).
     pub nonce: Option<String>,
+    /// The SSH certificate that signed, described (key id, serial, CA), if one did.
+    pub certificate: Option<String>,
 }
 
 impl Caller {
@@ -194,7 +196,7 @@ impl Caller {
     pub fn signed(signer: SignedBy) -> Caller {
         Caller {
             uid: REMOTE_UID,
-            name: signer.principals.first().cloned().unwrap_or_else(|| "-".into()),
+            name: format!("principal:{}", signer.principals.first().map_or("-", String::as_str)),
             groups: Vec::new(),
             signer: Some(signer),
         }

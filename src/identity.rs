@@ -30,6 +30,7 @@ impl Caller {
                 fingerprint: String::new(),
                 peer: None,
                 nonce: None,
+                certificate: None,
             });
         }
         cache

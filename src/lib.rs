@@ -22,6 +22,9 @@
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`remote`]: remote knocks, the pure part so far: the signed request, `allowed_signers`,
 //!   a packet's checks (docs/remote.md).
+//! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
+//!   protected port, listening services worth protecting) and the probes that gather
+//!   its facts (nft, sock_diag, /proc, cgroups) (docs/doctor.md).
 //! - [`store`]: the live grants on disk, for restarts.
 //! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
 //!   CSV formula neutralisation).
@@ -48,7 +51,8 @@
 //! audit    -> config, domain, text         (the log on disk)
 //! store    -> audit, domain, grants        (grants.json, replay)
 //! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
-//! api      -> audit, config, domain, metrics
+//! health   -> config, domain, duration, firewall (judgement pure; probe/ has the effects)
+//! api      -> audit, config, domain, health, metrics
 //! daemon   -> everything above
 //! ```
 //!
@@ -63,6 +67,7 @@ pub mod domain;
 pub mod duration;
 pub mod firewall;
 pub mod grants;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod netif;

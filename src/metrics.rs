@@ -1,6 +1,6 @@
 //! Prometheus metrics (opt-in, `metrics_listen`): requests by outcome and reason, live
 //! grants, grant durations, drift repairs, nftables transaction latency, audit write
-//! failures and connections refused by the limit, served in the text exposition format
+//! failures, connections refused by the limit, and the doctor's verdict, served in the text exposition format
 //! by a small HTTP server with its own connection cap and timeouts.
 
 use std::net::SocketAddr;
@@ -55,6 +55,12 @@ pub struct Metrics {
     pub refused_connections: Counter,
     /// Remote knocks by what became of them before the policy.
     pub knocks: Family<KnockLabels, Counter>,
+    /// 1 when the doctor's last run found no problem, 0 when it did.
+    pub healthy: Gauge,
+    /// Problems (FAIL checks) the doctor's last run found.
+    pub health_problems: Gauge,
+    /// Warnings the doctor's last run found.
+    pub health_warnings: Gauge,
 }
 
 /// The process's metrics.
@@ -80,6 +86,9 @@ impl Metrics {
             audit_write_failures: Counter::default(),
             refused_connections: Counter::default(),
             knocks: Family::default(),
+            healthy: Gauge::default(),
+            health_problems: Gauge::default(),
+            health_warnings: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -118,7 +127,31 @@ impl Metrics {
             "Remote knocks: accepted (passed on to the policy) or why they were dropped",
             m.knocks.clone(),
         );
+        registry.register(
+            "healthy",
+            "1 when the doctor found no problem at its last run (every minute), else 0",
+            m.healthy.clone(),
+        );
+        registry.register(
+            "health_problems",
+            "Problems (FAIL checks) the doctor found at its last run",
+            m.health_problems.clone(),
+        );
+        registry.register(
+            "health_warnings",
+            "Warnings the doctor found at its last run",
+            m.health_warnings.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Sets the health gauges from the doctor's verdict.
+    pub fn health(&self, summary: &crate::health::report::HealthSummary) {
+        self.healthy.set(i64::from(summary.healthy));
+        self.health_problems
+            .set(i64::try_from(summary.problems).unwrap_or(i64::MAX));
+        self.health_warnings
+            .set(i64::try_from(summary.warnings).unwrap_or(i64::MAX));
     }
 
     /// Counts one request's outcome (approved, denied or failed) and why (no code when approved).

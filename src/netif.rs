@@ -3,13 +3,25 @@
 use futures::TryStreamExt;
 use netlink_packet_route::link::LinkAttribute;
 
-/// Names of the interfaces that exist now.
-pub async fn interface_names() -> std::io::Result<Vec<String>> {
+/// Runs `f` with a fresh rtnetlink connection, closed afterwards; `what` names the
+/// query in an error.
+async fn over_rtnetlink<T, F, Fut>(what: &str, f: F) -> std::io::Result<T>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T, rtnetlink::Error>>,
+{
     let (connection, handle, _) = rtnetlink::new_connection()?;
     let task = tokio::spawn(connection);
-    let mut names = Vec::new();
-    let mut links = handle.link().get().execute();
-    let result = async {
+    let result = f(handle).await;
+    task.abort();
+    result.map_err(|e| std::io::Error::other(format!("{what} over rtnetlink: {e}")))
+}
+
+/// Names of the interfaces that exist now.
+pub async fn interface_names() -> std::io::Result<Vec<String>> {
+    over_rtnetlink("listing interfaces", |handle| async move {
+        let mut names = Vec::new();
+        let mut links = handle.link().get().execute();
         while let Some(msg) = links.try_next().await? {
             for attr in msg.attributes {
                 if let LinkAttribute::IfName(name) = attr {
@@ -17,22 +29,17 @@ pub async fn interface_names() -> std::io::Result<Vec<String>> {
                 }
             }
         }
-        Ok::<_, rtnetlink::Error>(())
-    }
-    .await;
-    task.abort();
-    result.map_err(|e| std::io::Error::other(format!("listing interfaces over rtnetlink: {e}")))?;
-    Ok(names)
+        Ok(names)
+    })
+    .await
 }
 
 /// The addresses of every interface now (a knock may name the host by one).
 pub async fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
     use netlink_packet_route::address::AddressAttribute;
-    let (connection, handle, _) = rtnetlink::new_connection()?;
-    let task = tokio::spawn(connection);
-    let mut addrs = Vec::new();
-    let mut list = handle.address().get().execute();
-    let result = async {
+    over_rtnetlink("listing addresses", |handle| async move {
+        let mut addrs = Vec::new();
+        let mut list = handle.address().get().execute();
         while let Some(msg) = list.try_next().await? {
             for attr in msg.attributes {
                 if let AddressAttribute::Address(a) | AddressAttribute::Local(a) = attr {
@@ -42,12 +49,9 @@ pub async fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
                 }
             }
         }
-        Ok::<_, rtnetlink::Error>(())
-    }
-    .await;
-    task.abort();
-    result.map_err(|e| std::io::Error::other(format!("listing addresses over rtnetlink: {e}")))?;
-    Ok(addrs)
+        Ok(addrs)
+    })
+    .await
 }
 
 /// The configured interface names that the host does not have, as config problems.

@@ -46,6 +46,8 @@ pub enum Request {
     Audit(AuditQuery),
     /// Walk the audit log's hash chain.
     AuditVerify,
+    /// Is this host healthy, and why not ([`crate::health::report::DoctorReport`]).
+    Doctor,
     /// Re-read the policy file.
     Reload,
 }
@@ -275,6 +277,9 @@ pub struct StatusReply {
     /// Counters since jitd started (the same as its metrics).
     #[serde(default)]
     pub health: Health,
+    /// The doctor's last verdict (it runs every minute); absent before its first run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doctor: Option<crate::health::report::HealthSummary>,
 }
 
 /// jitd's wall clock as `status` saw it. Grants end by the monotonic clock (jitd's
@@ -420,6 +425,7 @@ mod tests {
                 cursor: Some(StatusCursor(7).encode()),
             }),
             Request::Reload,
+            Request::Doctor,
             Request::Request(GrantRequest {
                 ports: vec![22],
                 source: "203.0.113.7".into(),

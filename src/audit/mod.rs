@@ -125,6 +125,9 @@ pub struct AuditRecord {
     /// A signed remote knock: the signing key's SHA-256 fingerprint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// A remote knock signed with an SSH certificate: its key id, serial and CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
     /// A remote knock: the address and port the packet came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
@@ -168,6 +171,7 @@ impl AuditRecord {
             grant_id: None,
             principals: Vec::new(),
             key: None,
+            certificate: None,
             peer: None,
             nonce: None,
             batch: None,

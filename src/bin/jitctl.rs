@@ -13,8 +13,10 @@ use jitd::api::protocol::{
 };
 use jitd::audit::chain::Verdict;
 use jitd::audit::{enum_text, AuditFilter};
+use jitd::cli::doctor;
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
 use jitd::cli::table;
+use jitd::health::report::DoctorReport;
 use jitd::text::{escape_for_terminal, escape_json_output, show_stored};
 
 fn main() -> ExitCode {
@@ -23,6 +25,9 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    if matches!(cli.command, Command::Doctor) {
+        return ExitCode::from(runtime.block_on(doctor(&cli.socket, cli.json)).code());
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Refused(message)) => {
@@ -57,6 +62,17 @@ enum Failure {
     NotOpened(String),
     /// Writing to stdout failed.
     Output(std::io::Error),
+}
+
+impl Failure {
+    /// What went wrong, as one line.
+    fn message(&self) -> String {
+        match self {
+            Failure::Refused(m) => format!("refused: {m}"),
+            Failure::Usage(m) | Failure::NotOpened(m) => m.clone(),
+            Failure::Output(e) => e.to_string(),
+        }
+    }
 }
 
 impl From<ClientError> for Failure {
@@ -147,6 +163,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             audit_pages(socket, query, format).await
         }
         Command::Knock(args) => knock(&args, json).await,
+        Command::Doctor => unreachable!("handled in main"),
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
             emit(json, &reply, |out, r| {
@@ -168,6 +185,38 @@ async fn knock(args: &jitd::cli::jitctl::KnockArgs, json: bool) -> Result<(), Fa
     match report.not_opened(args.wait_timeout) {
         Some(why) => Err(Failure::NotOpened(why)),
         None => Ok(()),
+    }
+}
+
+/// `jitctl doctor`: asks jitd for its report and prints it; exit 0 healthy, 1
+/// unhealthy (also when jitd is not running), 2 could not tell (see
+/// [`jitd::cli::doctor`]).
+async fn doctor(socket: &std::path::Path, json: bool) -> doctor::Verdict {
+    let report: DoctorReport = match call(socket, &Request::Doctor).await {
+        Ok(report) => report,
+        Err(e) => match doctor::not_running(&e, socket) {
+            Some(report) => report,
+            None => {
+                let why = Failure::from(e).message();
+                say(&format!("jitctl: cannot tell whether this host is healthy: {why}"));
+                if json {
+                    let _ = to_stdout(|out| write_json(out, &serde_json::json!({"healthy": null, "error": why})));
+                }
+                return doctor::Verdict::CouldNotTell;
+            }
+        },
+    };
+    let printed = if json {
+        to_stdout(|out| write_json(out, &report))
+    } else {
+        to_stdout(|out| out.write_all(doctor::render(&report).as_bytes()))
+    };
+    match printed {
+        Err(Failure::Output(e)) if e.kind() != io::ErrorKind::BrokenPipe => {
+            say(&format!("jitctl: cannot write the output: {e}"));
+            doctor::Verdict::CouldNotTell
+        }
+        _ => doctor::Verdict::of(&report),
     }
 }
 
@@ -529,6 +578,7 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         "Since start: {} approved, {} denied, {} failed; {} drift repair(s); {} audit write failure(s); {} connection(s) refused by the limit",
         h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
     )?;
+    writeln!(out, "{}", escape_for_terminal(&doctor::status_line(s.doctor.as_ref())))?;
     print_clock_notes(out, &s.clock)?;
     writeln!(out)
 }

@@ -1,7 +1,8 @@
 //! The command lines of the two binaries, as clap definitions: the binaries parse them,
 //! and `cargo run --example gen-assets` turns them into man pages and completions; and
-//! [`table`], how `jitctl` draws its tables.
+//! [`table`], how `jitctl` draws its tables; [`doctor`], how it shows the doctor's report.
 
+pub mod doctor;
 pub mod jitctl;
 pub mod jitd;
 pub mod knock;

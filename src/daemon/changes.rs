@@ -242,6 +242,12 @@ impl<F: Firewall> Daemon<F> {
             {
                 tracing::warn!("socket, socket_group and state_dir changes take effect at the next restart");
             }
+            let listen = |c: &Config| c.remote.as_ref().map(|r| r.listen);
+            if listen(&new_config) != listen(&st.config) {
+                tracing::warn!(
+                    "remote.listen changes (and adding [remote]) take effect at the next restart; the rest of [remote] applies now"
+                );
+            }
             plan_reload(&mut st, new_config, actor)
         };
         match self.execute(tx, pings).await {

@@ -98,8 +98,10 @@ impl Knocks {
             return;
         }
         tracing::debug!(%peer, code, "knock refused: {reason}");
-        let actor = signer.and_then(|(p, _)| p.first()).map_or("-", String::as_str);
-        let mut r = AuditRecord::new(now, None, actor, Action::Knock, Outcome::Denied);
+        let actor = signer
+            .and_then(|(p, _)| p.first())
+            .map_or_else(|| "-".to_string(), |p| format!("principal:{p}"));
+        let mut r = AuditRecord::new(now, None, &actor, Action::Knock, Outcome::Denied);
         r.reason = Some(format!("{code}: {}", crate::text::escape_capped(reason, MAX_REASON)));
         r.source = Some(peer.ip().to_string());
         r.peer = Some(peer.to_string());
@@ -116,6 +118,13 @@ impl Knocks {
         let mut records = std::mem::take(&mut log.pending);
         records.extend(log.limiter.due_summaries(now));
         records
+    }
+
+    /// Records [`Knocks::due`] gave that could not be handed on yet, first in line again.
+    fn put_back(&self, mut records: Vec<AuditRecord>) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        records.append(&mut log.pending);
+        log.pending = records;
     }
 
     /// Every refusal record still waiting, summaries included (at the stop).
@@ -178,8 +187,15 @@ pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket
         if ticked {
             view = view_of(&daemon).await;
             let records = daemon.knocks.due(Utc::now());
-            if !records.is_empty() && !daemon.submit(super::Job::Record(records)).await {
-                break; // the committer has stopped
+            if !records.is_empty() {
+                // never wait on a busy committer here: the records wait for the next tick
+                match daemon.jobs.try_send(super::Job::Record(records)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) => {
+                        daemon.knocks.put_back(records)
+                    }
+                    Err(_) => break, // the committer has stopped
+                }
             }
         }
     }
@@ -333,6 +349,14 @@ async fn submit<F: Firewall>(daemon: &Daemon<F>, v: packet::Verified, peer: Sock
         fingerprint: v.fingerprint,
         peer: Some(peer),
         nonce: Some(nonces::hex(&v.request.nonce)),
+        certificate: v.certificate.map(|c| {
+            format!(
+                "key id \"{}\" serial {} from CA {}",
+                crate::text::escape_capped(&c.key_id, 100),
+                c.serial,
+                c.ca_fingerprint
+            )
+        }),
     });
     crate::metrics::metrics().knock("accepted");
     let name = caller.name.clone();

@@ -22,6 +22,7 @@
 mod changes;
 mod clock;
 mod commit;
+mod doctor;
 mod drift;
 pub(crate) mod fault;
 mod knock;
@@ -146,6 +147,8 @@ pub struct Daemon<F: Firewall> {
     clock: clock::WallClock,
     /// Remote knocks' nonce memory and refusal log.
     knocks: knock::Knocks,
+    /// The doctor's last verdict and what it keeps between runs.
+    health: doctor::HealthState,
     #[allow(dead_code)]
     claims: start::Claims,
 }
@@ -212,6 +215,7 @@ impl<F: Firewall> Handler for Daemon<F> {
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),
             Request::AuditVerify => self.audit_verify(&caller).await.map_or_else(|r| r, Reply::ok),
+            Request::Doctor => self.doctor(&caller).await.map_or_else(|r| r, Reply::ok),
             Request::Reload => match self.reload_as(&caller).await {
                 Ok(r) => Reply::ok(r),
                 Err(reply) => reply,
@@ -302,7 +306,9 @@ pub async fn run<F: Firewall>(
     let (daemon, committer) = Daemon::start(config, firewall).await?;
     let knock_socket = match knock_listen {
         Some(addr) => Some(knock::bind(addr).map_err(|source| StartError::Socket {
-            path: format!("remote.listen {addr}"),
+            path: format!(
+                "remote.listen {addr} (under systemd the unit needs AF_INET/AF_INET6 and IPAddressAllow: see the comments in jitd.service)"
+            ),
             source,
         })?),
         None => None,
@@ -378,6 +384,7 @@ fn spawn_tasks<F: Firewall>(
         "SIGHUP handler",
         upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
     ));
+    tasks.spawn(named("doctor", doctor::watch_health(daemon.clone(), stopping.clone())));
     tasks.spawn(named(
         "watchdog",
         systemd::pet_watchdog(daemon.clone(), stopping.clone()),

@@ -65,6 +65,7 @@ impl<F: Firewall> Daemon<F> {
             on_stop: config.on_stop,
             your_role: role,
             health: health(),
+            doctor: self.health.summary(),
         })
     }
 

@@ -332,6 +332,7 @@ fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
     if let Some(s) = &caller.signer {
         r.principals = s.principals.clone();
         r.key = Some(s.fingerprint.clone()).filter(|k| !k.is_empty());
+        r.certificate = s.certificate.clone();
         r.peer = s.peer.map(|p| p.to_string());
         r.nonce = s.nonce.clone();
     }

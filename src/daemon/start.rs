@@ -121,6 +121,7 @@ impl<F: Firewall> Daemon<F> {
             expiry_changed: Notify::new(),
             clock: super::clock::WallClock::new(!clock_sane),
             knocks,
+            health: Default::default(),
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {

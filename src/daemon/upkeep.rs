@@ -99,7 +99,10 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
         };
         tracing::debug!("reading the kernel to check for drift: {cause}");
         match daemon.check_drift(&cause).await {
-            Some(checked) => backoff.note(&checked, Instant::now()),
+            Some(checked) => {
+                daemon.health.drift_checked(&checked);
+                backoff.note(&checked, Instant::now())
+            }
             None => return committer_gone(&stopping),
         }
     }

@@ -36,6 +36,8 @@ enum Task {
 #[derive(Debug, Clone)]
 pub struct Writer {
     tasks: mpsc::Sender<Task>,
+    /// Why the last append failed; `None` once one succeeds (for the doctor).
+    failure: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Task {
@@ -49,12 +51,17 @@ impl Writer {
     /// sum of the history written so far.
     pub fn start(mut log: AuditLog, state_dir: PathBuf, mut history: History) -> std::io::Result<Writer> {
         let (tasks, inbox) = mpsc::channel::<Task>();
+        let failure = std::sync::Arc::<std::sync::Mutex<Option<String>>>::default();
+        let failed = failure.clone();
         std::thread::Builder::new().name("audit-writer".into()).spawn(move || {
             for task in inbox {
                 match task {
                     Task::Append(records, ack) => {
                         super::fault::hold("writer-stall");
                         let result = append(&mut log, &mut history, &records);
+                        if let Ok(mut last) = failed.lock() {
+                            *last = result.as_ref().err().map(ToString::to_string);
+                        }
                         let _ = ack.send(result);
                     }
                     Task::Checkpoint(mut snapshot) => {
@@ -78,7 +85,12 @@ impl Writer {
                 }
             }
         })?;
-        Ok(Writer { tasks })
+        Ok(Writer { tasks, failure })
+    }
+
+    /// Why the last append failed, while no later one has succeeded.
+    pub fn last_failure(&self) -> Option<String> {
+        self.failure.lock().ok().and_then(|f| f.clone())
     }
 
     /// Appends `records` (one write, one fsync, one batch) and waits until they are on disk.

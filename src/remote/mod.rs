@@ -1,14 +1,21 @@
-//! Remote knocks (issue #13), the pure part so far: the signed request's canonical form
-//! ([`request`]), OpenSSH's `allowed_signers` ([`signers`]) and the checks a packet
-//! goes through, cheapest first ([`packet`]). Nothing here does I/O, and nothing is
-//! wired into the daemon yet (no listener): docs/remote.md has the design.
+//! Remote knocks (issue #13), the pure part: the signed request's canonical form
+//! ([`request`]), OpenSSH's `allowed_signers` ([`signers`]), the checks a packet goes
+//! through, cheap ones first ([`packet`]: `screen`, then `verify`), the SSHSIG blob and
+//! certificate structure walked strictly ([`sshsig`], [`wire`]) and certificates judged
+//! ([`cert`]); the per-source gate ([`gate`]), the nonce memory ([`nonces`]) and the
+//! `[remote]` policy section ([`settings`]). Nothing here does I/O but reading
+//! `allowed_signers`; the daemon's side is `src/daemon/knock.rs`, the client's
+//! `src/cli/knock.rs`, and docs/remote.md has the design.
 
+pub mod cert;
 pub mod gate;
 pub mod nonces;
 pub mod packet;
 pub mod request;
 pub mod settings;
 pub mod signers;
+pub mod sshsig;
+pub mod wire;
 
 /// The SSHSIG namespace of a knock: a signature made for git or for file signing
 /// cannot be replayed as a knock.

@@ -1,14 +1,17 @@
 //! OpenSSH's `allowed_signers` file (the format `ssh-keygen -Y verify` and git read):
 //! one signer a line, `PRINCIPALS [OPTIONS] KEYTYPE BASE64 [COMMENT]`, with the options
 //! `cert-authority`, `namespaces="..."`, `valid-after="..."` and `valid-before="..."`.
+//! Principals and namespaces are pattern lists matched as OpenSSH matches them
+//! ([`matches_list`]).
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
-use ssh_key::PublicKey;
+use ssh_key::{Algorithm, EcdsaCurve, PublicKey};
 
-/// One line of `allowed_signers`.
+/// One line of `allowed_signers`, as [`parse`] builds it.
 #[derive(Debug, Clone)]
 pub struct Signer {
-    /// Who signs with this key (comma-separated in the file).
+    /// Who signs with this key (comma-separated in the file); for a `cert-authority`
+    /// line, patterns a certificate's principals are matched against.
     pub principals: Vec<String>,
     /// The key signs certificates rather than requests.
     pub cert_authority: bool,
@@ -20,17 +23,72 @@ pub struct Signer {
     pub valid_before: Option<DateTime<Utc>>,
     /// The key.
     pub key: PublicKey,
+    /// The key's wire form, which a packet's key is compared with byte for byte (so an
+    /// unknown key is never decoded).
+    wire: Vec<u8>,
 }
 
 impl Signer {
     /// Whether this line lets its key sign in `namespace` at `now`.
     pub fn allows(&self, namespace: &str, now: DateTime<Utc>) -> bool {
-        self.namespaces
-            .as_ref()
-            .is_none_or(|n| n.iter().any(|x| x == namespace))
+        self.namespaces.as_ref().is_none_or(|n| matches_list(namespace, n))
             && self.valid_after.is_none_or(|t| now >= t)
             && self.valid_before.is_none_or(|t| now <= t)
     }
+
+    /// Whether a certificate principal is one this line's principal patterns allow.
+    pub fn allows_principal(&self, principal: &str) -> bool {
+        matches_list(principal, &self.principals)
+    }
+
+    /// The key's wire form.
+    pub fn wire(&self) -> &[u8] {
+        &self.wire
+    }
+}
+
+/// OpenSSH's `match_pattern`: `*` matches any run of bytes, `?` any one byte, every
+/// other byte itself; case matters.
+pub fn matches(text: &str, pattern: &str) -> bool {
+    let (t, p) = (text.as_bytes(), pattern.as_bytes());
+    let (mut ti, mut pi) = (0, 0);
+    let mut star: Option<(usize, usize)> = None; // after the last `*`: (pattern, text)
+    while ti < t.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi + 1, ti));
+                pi += 1;
+            }
+            Some(&c) if c == b'?' || c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                // let the last `*` take one more byte, and try again from there
+                Some((sp, st)) => {
+                    star = Some((sp, st + 1));
+                    pi = sp;
+                    ti = st + 1;
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// OpenSSH's `match_pattern_list`: true when one of the patterns matches and no
+/// negated one (`!pattern`) does. So `*,!root` is everyone but root.
+pub fn matches_list(text: &str, patterns: &[String]) -> bool {
+    let mut positive = false;
+    for pattern in patterns {
+        match pattern.strip_prefix('!') {
+            Some(p) if matches(text, p) => return false,
+            Some(_) => {}
+            None => positive |= matches(text, pattern),
+        }
+    }
+    positive
 }
 
 /// Reads an `allowed_signers` file's text; a bad line is refused naming its number
@@ -56,6 +114,8 @@ fn line(text: &str) -> Result<Signer, String> {
         split_options(rest)?
     };
     let key = PublicKey::from_openssh(key_text).map_err(|e| format!("not a public key ({e})"))?;
+    usable(&key)?;
+    let wire = key.to_bytes().map_err(|e| format!("not a public key ({e})"))?;
     let mut signer = Signer {
         principals,
         cert_authority: false,
@@ -63,6 +123,7 @@ fn line(text: &str) -> Result<Signer, String> {
         valid_after: None,
         valid_before: None,
         key,
+        wire,
     };
     for option in options_list(options)? {
         match option.split_once('=') {
@@ -83,6 +144,34 @@ fn line(text: &str) -> Result<Signer, String> {
         }
     }
     Ok(signer)
+}
+
+/// Refuses, when the file is read, a key that could never verify a knock: a type jitd
+/// is built without, or an RSA key outside 2048-4096 bits (ssh-key's limits).
+fn usable(key: &PublicKey) -> Result<(), String> {
+    match key.algorithm() {
+        Algorithm::Ed25519 | Algorithm::SkEd25519 | Algorithm::SkEcdsaSha2NistP256 => Ok(()),
+        Algorithm::Ecdsa {
+            curve: EcdsaCurve::NistP256 | EcdsaCurve::NistP384,
+        } => Ok(()),
+        Algorithm::Rsa { .. } => {
+            let n = key
+                .key_data()
+                .rsa()
+                .and_then(|k| k.n.as_positive_bytes())
+                .unwrap_or_default();
+            let bits = n.len() * 8 - n.first().map_or(0, |b| b.leading_zeros() as usize);
+            if (2048..=4096).contains(&bits) {
+                Ok(())
+            } else {
+                Err(format!("an RSA key of {bits} bits: 2048 to 4096 are accepted"))
+            }
+        }
+        other => Err(format!(
+            "{} keys are not accepted (ed25519, ECDSA P-256 or P-384, RSA, or their FIDO kinds are)",
+            other.as_str()
+        )),
+    }
 }
 
 fn starts_with_key_type(text: &str) -> bool {
@@ -149,8 +238,12 @@ mod tests {
     #[test]
     fn the_fixture_reads_with_its_options() {
         let signers = parse(FIXTURE).unwrap();
-        assert_eq!(signers.len(), 2);
+        assert_eq!(signers.len(), 6);
         assert_eq!(signers[0].principals, ["alice"]);
+        assert!(signers[..5].iter().all(|s| !s.cert_authority));
+        assert!(signers[5].cert_authority);
+        assert_eq!(signers[5].principals, ["alice", "ops-*"]);
+        assert!(signers[5].allows_principal("ops-db") && !signers[5].allows_principal("bob"));
         assert!(signers[0].namespaces.is_none());
         assert_eq!(signers[1].principals, ["bob"]);
         assert_eq!(signers[1].namespaces.as_deref(), Some(&["knock@jitd".to_string()][..]));
@@ -172,6 +265,42 @@ mod tests {
         assert_eq!(s.namespaces.as_ref().unwrap().len(), 2);
     }
 
+    const RSA_1024: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDcSFRV/G5exhMIN/n6jRRQJ+a82e0EE5CuqI7q3RK2J277G3yvZZMCx93cnLl1o+cBhNOGNiD2zgl0eI0ZD/VVSIUJWuVkzk87Hlqd+2lQo6JEEhwgTglO4GXqQUDA/ZSBnHa5imWg3oVoXTdQpDKx4fNilEYkqFLoCNC87BZf/Q==";
+    const P521: &str = "ecdsa-sha2-nistp521 AAAAE2VjZHNhLXNoYTItbmlzdHA1MjEAAAAIbmlzdHA1MjEAAACFBAHW2llGLbpuYGCszZ+9MRrFFkYP9cLm3adXiazyGOHgzcWBdD1ouLdZF4O2z8xK+w1kXSkmUBTZXdjv4vy0cQG4VADOM9AyYpML6qNZ4We7856MGFFiPHlijW92WTPc5Qk/m+J2QUALpwoIciI9ytn3H7bQP/WKrnIrAG1/NkMSVKCTJw==";
+
+    #[test]
+    fn patterns_match_as_openssh_matches_them() {
+        for (text, pattern, expected) in [
+            ("alice", "alice", true),
+            ("alice", "Alice", false),
+            ("alice", "a*", true),
+            ("alice", "*", true),
+            ("", "*", true),
+            ("alice", "?lice", true),
+            ("alice", "?alice", false),
+            ("ops-db", "ops-*", true),
+            ("ops-", "ops-*", true),
+            ("ops", "ops-*", false),
+            ("a@example.org", "*@example.org", true),
+            ("a@example.org.evil", "*@example.org", false),
+            ("abcbcd", "a*bcd", true),
+            ("aXbXc", "a*b*c", true),
+            ("ab", "a*b*c", false),
+            ("alice", "", false),
+        ] {
+            assert_eq!(matches(text, pattern), expected, "{text:?} {pattern:?}");
+        }
+        let list = |l: &str| l.split(',').map(str::to_string).collect::<Vec<_>>();
+        assert!(matches_list("bob", &list("*,!root")));
+        assert!(!matches_list("root", &list("*,!root")));
+        assert!(
+            !matches_list("root", &list("!root,*")),
+            "a negation wins wherever it is"
+        );
+        assert!(!matches_list("bob", &list("!root")), "negations alone allow nobody");
+        assert!(matches_list("knock@jitd", &list("git,knock@*")));
+    }
+
     #[test]
     fn a_bad_line_is_refused_naming_it() {
         let key = FIXTURE.lines().next().unwrap().split_once(' ').unwrap().1;
@@ -189,6 +318,8 @@ mod tests {
                 "no key after the options",
             ),
             (format!(",alice {key}\n"), "empty principal"),
+            (format!("alice {RSA_1024}\n"), "an RSA key of 1024 bits: 2048 to 4096"),
+            (format!("alice {P521}\n"), "ecdsa-sha2-nistp521 keys are not accepted"),
         ] {
             let e = parse(&text).unwrap_err();
             assert!(e.contains(why), "{text:?}: {e}");

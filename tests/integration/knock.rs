@@ -188,40 +188,89 @@ fn opens(ns: &str, ip: &str) -> bool {
     wait_for(Duration::from_secs(10), || can_connect(ns, ip, 22))
 }
 
+/// Whether, within a generous deadline, a knock was refused with `code` and the
+/// record also satisfies `and`.
+fn refused_with(setup: &Setup, code: &str, and: impl Fn(&Value) -> bool) -> bool {
+    wait_for(Duration::from_secs(10), || {
+        knock_records(setup)
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or("").starts_with(&format!("{code}:")) && and(r))
+    })
+}
+
+/// The namespaces, an echo server on the host's port 22, the keys of [`keys`] and a
+/// policy taking knocks signed by them (`more_signers` added), with `extra` in `[remote]`.
+/// Fields drop in order: the policy's directory, the keys, then the namespaces.
+struct Scene {
+    setup: Setup,
+    alice: Key,
+    bob: Key,
+    carol: Key,
+    signers: String,
+    keydir: tempfile::TempDir,
+    net: Net,
+}
+
+impl Scene {
+    fn new(more_signers: &str, extra: &str) -> Scene {
+        let net = Net::new();
+        serve_echo(&net.host, 22);
+        let keydir = tempfile::tempdir().unwrap();
+        let (alice, bob, carol, signers) = keys(keydir.path());
+        let setup = knock_setup(&format!("{signers}{more_signers}"), extra);
+        Scene {
+            setup,
+            alice,
+            bob,
+            carol,
+            signers,
+            keydir,
+            net,
+        }
+    }
+
+    fn start(&self) -> Jitd {
+        self.setup.start(&self.net.host)
+    }
+}
+
 #[test]
 fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, bob, _, signers) = keys(keydir.path());
-    let setup = knock_setup(&signers, "");
-    let jitd = setup.start(&net.host);
-    assert!(!can_connect(&net.a, HOST_A4, 22), "locked before the knock");
+    let rsa_dir = tempfile::tempdir().unwrap();
+    let rsa = Key::new(rsa_dir.path(), "bob-rsa", &["-t", "rsa", "-b", "3072"]);
+    let s = Scene::new(&format!("bob {}\n", rsa.public), "");
+    let jitd = s.start();
+    assert!(!can_connect(&s.net.a, HOST_A4, 22), "locked before the knock");
 
     assert!(
-        !send(&net.a, HOST_A4, &packet(&alice, &Ask::port22())),
+        !send(&s.net.a, HOST_A4, &packet(&s.alice, &Ask::port22())),
         "a knock is never answered"
     );
     assert!(
-        opens(&net.a, HOST_A4),
+        opens(&s.net.a, HOST_A4),
         "alice's knock opens 22 for a: {}",
         jitd.log_text()
     );
-    assert!(!can_connect(&net.b, HOST_B4, 22), "not for b");
+    assert!(!can_connect(&s.net.b, HOST_B4, 22), "not for b");
 
-    // bob's ECDSA key, over IPv6, from b
+    // s.bob's ECDSA key, over IPv6, from b
     let host_b6 = "fd00:77:2::1";
-    assert!(!can_connect(&net.b, host_b6, 22));
-    send(&net.b, host_b6, &packet(&bob, &Ask::port22()));
-    assert!(opens(&net.b, host_b6), "bob's knock opens 22 for b over IPv6");
+    assert!(!can_connect(&s.net.b, host_b6, 22));
+    send(&s.net.b, host_b6, &packet(&s.bob, &Ask::port22()));
+    assert!(opens(&s.net.b, host_b6), "bob's knock opens 22 for b over IPv6");
+    // s.bob's RSA key, over IPv4, from b
+    assert!(!can_connect(&s.net.b, HOST_B4, 22));
+    send(&s.net.b, HOST_B4, &packet(&rsa, &Ask::port22()));
+    assert!(opens(&s.net.b, HOST_B4), "bob's RSA knock opens 22 for b over IPv4");
 
-    let approved: Vec<Value> = setup
+    let approved: Vec<Value> = s
+        .setup
         .audit()
         .into_iter()
         .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
         .collect();
-    assert_eq!(approved.len(), 2, "{approved:?}");
-    assert_eq!(approved[0]["actor"], "alice");
+    assert_eq!(approved.len(), 3, "{approved:?}");
+    assert_eq!(approved[0]["actor"], "principal:alice");
     assert_eq!(approved[0]["principals"], serde_json::json!(["alice"]));
     assert_eq!(approved[0]["source"], A4);
     assert!(approved[0]["key"].as_str().unwrap().starts_with("SHA256:"));
@@ -233,33 +282,29 @@ fn a_signed_knock_opens_the_port_for_the_address_it_came_from() {
     );
     assert_eq!(approved[1]["source"], B6);
     let status = jitd.ctl_json(&["status"]);
-    assert_eq!(status["grants"].as_array().unwrap().len(), 2);
+    assert_eq!(status["grants"].as_array().unwrap().len(), 3);
 }
 
 #[test]
 fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, _, carol, signers) = keys(keydir.path());
-    let mallory = Key::new(keydir.path(), "mallory", &["-t", "ed25519"]);
-    let setup = knock_setup(&signers, "");
+    let s = Scene::new("", "");
+    let mallory = Key::new(s.keydir.path(), "mallory", &["-t", "ed25519"]);
     // refusals beyond the first few per source are summarised after this interval
-    let jitd = setup.start_with(&net.host, &[("JITD_REFUSAL_INTERVAL_MS", "2000")]);
+    let jitd = s.setup.start_with(&s.net.host, &[("JITD_REFUSAL_INTERVAL_MS", "2000")]);
     let host_b4 = HOST_B4;
 
-    let first = packet(&alice, &Ask::port22());
-    send(&net.a, HOST_A4, &first);
-    assert!(opens(&net.a, HOST_A4));
+    let first = packet(&s.alice, &Ask::port22());
+    send(&s.net.a, HOST_A4, &first);
+    assert!(opens(&s.net.a, HOST_A4));
     // the same packet again, from b (captured and re-sent) and from a after a revoke
-    assert!(!send(&net.b, host_b4, &first));
+    assert!(!send(&s.net.b, host_b4, &first));
     let id = jitd.grant_ids()[0].to_string();
     assert!(jitd.ctl(&["revoke", &id]).status.success());
-    assert!(!send(&net.a, HOST_A4, &first));
+    assert!(!send(&s.net.a, HOST_A4, &first));
     let mut refused = vec![
         // for another host
         packet(
-            &alice,
+            &s.alice,
             &Ask {
                 host: "web2.test".into(),
                 ..Ask::port22()
@@ -267,14 +312,14 @@ fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
         ),
         // signed two minutes ago, and two minutes ahead
         packet(
-            &alice,
+            &s.alice,
             &Ask {
                 time: Utc::now() - chrono::TimeDelta::seconds(120),
                 ..Ask::port22()
             },
         ),
         packet(
-            &alice,
+            &s.alice,
             &Ask {
                 time: Utc::now() + chrono::TimeDelta::seconds(120),
                 ..Ask::port22()
@@ -282,28 +327,28 @@ fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
         ),
         // a key not in allowed_signers
         packet(&mallory, &Ask::port22()),
-        // alice's key, signing for git
-        packet_in(&alice, &Ask::port22(), "git"),
-        // carol's key is allowed to sign, but carol holds no role
-        packet(&carol, &Ask::port22()),
+        // s.alice's key, signing for git
+        packet_in(&s.alice, &Ask::port22(), "git"),
+        // s.carol's key is allowed to sign, but s.carol holds no role
+        packet(&s.carol, &Ask::port22()),
     ];
     // a changed byte in the signed request (the duration)
-    let mut changed = packet(&alice, &Ask::port22());
+    let mut changed = packet(&s.alice, &Ask::port22());
     let at = changed.windows(4).position(|w| w == b"600\n").unwrap();
     changed[at] = b'9';
     refused.push(changed);
     refused.push(b"garbage".to_vec());
     for p in &refused {
-        assert!(!send(&net.a, HOST_A4, p), "never answered");
-        assert!(!send(&net.b, host_b4, p), "never answered");
+        assert!(!send(&s.net.a, HOST_A4, p), "never answered");
+        assert!(!send(&s.net.b, host_b4, p), "never answered");
     }
     std::thread::sleep(Duration::from_secs(1));
-    assert!(!can_connect(&net.a, HOST_A4, 22), "nothing reopened a");
-    assert!(!can_connect(&net.b, host_b4, 22), "nothing opened b");
+    assert!(!can_connect(&s.net.a, HOST_A4, 22), "nothing reopened a");
+    assert!(!can_connect(&s.net.b, host_b4, 22), "nothing opened b");
 
     // each refusal is on record: in full, or counted in its source's summary
     let ok = wait_for(Duration::from_secs(15), || {
-        let records = knock_records(&setup);
+        let records = knock_records(&s.setup);
         let text: Vec<&str> = records.iter().map(|r| r["reason"].as_str().unwrap()).collect();
         [
             "replay",
@@ -319,88 +364,71 @@ fn replays_strangers_other_hosts_and_stale_knocks_open_nothing() {
                 .any(|x| x.starts_with(&format!("{c}:")) || x.contains(&format!("{c} x")))
         })
     });
-    assert!(ok, "each refusal audited: {:#?}", knock_records(&setup));
-    let carol_denied = setup
+    assert!(ok, "each refusal audited: {:#?}", knock_records(&s.setup));
+    let carol_denied = s
+        .setup
         .audit()
         .into_iter()
-        .any(|r| r["action"] == "request" && r["outcome"] == "denied" && r["actor"] == "carol");
+        .any(|r| r["action"] == "request" && r["outcome"] == "denied" && r["actor"] == "principal:carol");
     assert!(carol_denied, "carol's knock reached the policy and was denied");
-    let replay_from_b = knock_records(&setup)
-        .into_iter()
-        .find(|r| r["reason"].as_str().unwrap().starts_with("replay") && r["source"] == B4)
-        .expect("the replay from b is audited with b's address");
-    assert!(replay_from_b["peer"].as_str().unwrap().starts_with("10.77.2.2:"));
+    let from_b = |r: &Value| r["source"] == B4 && r["peer"].as_str().unwrap().starts_with("10.77.2.2:");
+    assert!(
+        refused_with(&s.setup, "replay", from_b),
+        "the replay from b is audited with b's address"
+    );
     assert_eq!(jitd.grant_ids().len(), 0);
 }
 
 #[test]
 fn a_knock_accepted_before_a_crash_is_still_a_replay_after_it() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, _, _, signers) = keys(keydir.path());
-    let setup = knock_setup(&signers, "");
-    let jitd = setup.start(&net.host);
-    let knock = packet(&alice, &Ask::port22());
-    send(&net.a, HOST_A4, &knock);
-    assert!(opens(&net.a, HOST_A4));
+    let s = Scene::new("", "");
+    let jitd = s.start();
+    let knock = packet(&s.alice, &Ask::port22());
+    send(&s.net.a, HOST_A4, &knock);
+    assert!(opens(&s.net.a, HOST_A4));
     jitd.kill();
-    let _jitd = setup.start(&net.host);
+    let jitd = s.start();
+    assert!(can_connect(&s.net.a, HOST_A4, 22), "the knock's grant was restored");
+    assert_eq!(jitd.grant_ids().len(), 1, "{}", jitd.log_text());
     let host_b4 = HOST_B4;
-    send(&net.b, host_b4, &knock);
-    let audited = wait_for(Duration::from_secs(10), || {
-        knock_records(&setup)
-            .iter()
-            .any(|r| r["source"] == B4 && r["reason"].as_str().unwrap().starts_with("replay"))
-    });
+    send(&s.net.b, host_b4, &knock);
+    let audited = refused_with(&s.setup, "replay", |r| r["source"] == B4);
     assert!(
         audited,
         "the replay after the restart is refused: {:#?}",
-        knock_records(&setup)
+        knock_records(&s.setup)
     );
-    assert!(!can_connect(&net.b, host_b4, 22));
+    assert!(!can_connect(&s.net.b, host_b4, 22));
 }
 
 #[test]
 fn a_host_that_requires_a_signed_source_opens_only_for_it() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, _, _, signers) = keys(keydir.path());
-    let setup = knock_setup(&signers, "require_source = true");
-    let jitd = setup.start(&net.host);
+    let s = Scene::new("", "require_source = true");
+    let jitd = s.start();
     let host_b4 = HOST_B4;
-    send(&net.a, HOST_A4, &packet(&alice, &Ask::port22()));
-    let refused = wait_for(Duration::from_secs(10), || {
-        knock_records(&setup)
-            .iter()
-            .any(|r| r["reason"].as_str().unwrap().starts_with("source_required") && r["actor"] == "alice")
-    });
+    send(&s.net.a, HOST_A4, &packet(&s.alice, &Ask::port22()));
+    let refused = refused_with(&s.setup, "source_required", |r| r["actor"] == "principal:alice");
     assert!(refused, "{}", jitd.log_text());
-    assert!(!can_connect(&net.a, HOST_A4, 22));
+    assert!(!can_connect(&s.net.a, HOST_A4, 22));
     // sent from a, signed for b: opens for b only
     let ask = Ask {
         source: Some(B4),
         ..Ask::port22()
     };
-    send(&net.a, HOST_A4, &packet(&alice, &ask));
-    assert!(opens(&net.b, host_b4));
-    assert!(!can_connect(&net.a, HOST_A4, 22));
+    send(&s.net.a, HOST_A4, &packet(&s.alice, &ask));
+    assert!(opens(&s.net.b, host_b4));
+    assert!(!can_connect(&s.net.a, HOST_A4, 22));
 }
 
 #[test]
 fn a_flood_of_garbage_and_strangers_does_not_stop_a_real_knock() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, _, _, signers) = keys(keydir.path());
-    let mallory = Key::new(keydir.path(), "mallory", &["-t", "ed25519"]);
-    let setup = knock_setup(&signers, "");
-    let jitd = setup.start(&net.host);
+    let s = Scene::new("", "");
+    let mallory = Key::new(s.keydir.path(), "mallory", &["-t", "ed25519"]);
+    let jitd = s.start();
     let stranger = packet(&mallory, &Ask::port22());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flooder = {
-        let (ns, stop) = (net.b.clone(), stop.clone());
+        let (ns, stop) = (s.net.b.clone(), stop.clone());
         std::thread::spawn(move || {
             let socket = in_ns(&ns, || UdpSocket::bind("0.0.0.0:0").unwrap());
             let target: SocketAddr = format!("10.77.2.1:{KNOCK_PORT}").parse().unwrap();
@@ -414,8 +442,8 @@ fn a_flood_of_garbage_and_strangers_does_not_stop_a_real_knock() {
         })
     };
     std::thread::sleep(Duration::from_millis(500));
-    send(&net.a, HOST_A4, &packet(&alice, &Ask::port22()));
-    let opened = opens(&net.a, HOST_A4);
+    send(&s.net.a, HOST_A4, &packet(&s.alice, &Ask::port22()));
+    let opened = opens(&s.net.a, HOST_A4);
     stop.store(true, Ordering::SeqCst);
     let sent = flooder.join().unwrap();
     assert!(
@@ -425,11 +453,11 @@ fn a_flood_of_garbage_and_strangers_does_not_stop_a_real_knock() {
     );
     // the socket path kept working and the audit log stayed small
     assert!(jitd.ctl(&["status"]).status.success());
-    let records = knock_records(&setup).len();
+    let records = knock_records(&s.setup).len();
     assert!(records < 200, "{records} knock records for {sent} flood packets");
     assert!(sent > 1000, "the flood was a flood: {sent}");
     // most of it was dropped by the kernel's per-source meter, before jitd's socket
-    let ruleset = net.ruleset();
+    let ruleset = s.net.ruleset();
     let meter = ruleset
         .lines()
         .find(|l| l.contains("meter knock4"))
@@ -442,7 +470,7 @@ fn a_flood_of_garbage_and_strangers_does_not_stop_a_real_knock() {
         .unwrap();
     assert!(dropped > sent / 2, "the kernel dropped {dropped} of {sent}: {meter}");
     // the meter's entries are the kernel's business, not drift of jitd's table
-    let repairs = setup.audit().into_iter().filter(|r| r["action"] == "repair").count();
+    let repairs = s.setup.audit().into_iter().filter(|r| r["action"] == "repair").count();
     assert_eq!(repairs, 0, "{}", jitd.log_text());
 }
 
@@ -508,13 +536,9 @@ impl Drop for BehindNat {
 
 #[test]
 fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
-    let net = Net::new();
-    serve_echo(&net.host, 22);
-    let keydir = tempfile::tempdir().unwrap();
-    let (alice, _, _, signers) = keys(keydir.path());
-    let setup = knock_setup(&signers, "");
-    let jitd = setup.start(&net.host);
-    let nat = BehindNat::new(&net.a);
+    let s = Scene::new("", "");
+    let jitd = s.start();
+    let nat = BehindNat::new(&s.net.a);
     assert!(!can_connect(&nat.ns, HOST_A4, 22), "locked before the knock");
 
     let mut cmd = Command::new("ip");
@@ -536,8 +560,8 @@ fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
         "INC-1234",
         "--key",
     ])
-    .arg(&alice.path)
-    .env("HOME", keydir.path())
+    .arg(&s.alice.path)
+    .env("HOME", s.keydir.path())
     .env_remove("XDG_CONFIG_HOME")
     .env_remove("SSH_AUTH_SOCK")
     .stdin(Stdio::null());
@@ -553,7 +577,8 @@ fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
 
     // the grant is for the router's address: the client connects through it
     assert!(can_connect(&nat.ns, HOST_A4, 22));
-    let approved = setup
+    let approved = s
+        .setup
         .audit()
         .into_iter()
         .find(|r| r["action"] == "request" && r["outcome"] == "approved")
@@ -564,5 +589,151 @@ fn jitctl_knock_from_behind_nat_opens_the_port_for_the_routers_address() {
         approved["key"], reply["key_fingerprint"],
         "jitctl names the key the host audits"
     );
-    assert!(!can_connect(&net.b, HOST_B4, 22), "and for nobody else");
+    assert!(!can_connect(&s.net.b, HOST_B4, 22), "and for nobody else");
+}
+
+#[test]
+fn a_reload_applies_new_signers_and_ends_grants_of_principals_that_lost_their_role() {
+    let s = Scene::new("", "");
+    let jitd = s.start();
+    send(&s.net.a, HOST_A4, &packet(&s.alice, &Ask::port22()));
+    assert!(opens(&s.net.a, HOST_A4));
+
+    // s.bob's key leaves allowed_signers; s.alice's principal leaves [access]
+    let file = s.setup.dir.path().join("allowed_signers");
+    let without_bob: String = s
+        .signers
+        .lines()
+        .filter(|l| !l.starts_with("bob "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&file, without_bob).unwrap();
+    let policy = std::fs::read_to_string(s.setup.policy()).unwrap();
+    std::fs::write(s.setup.policy(), policy.replace("\"principal:alice\", ", "")).unwrap();
+    let reload = jitd.ctl_json(&["reload"]);
+    assert_eq!(reload["ended"].as_array().unwrap().len(), 1, "{reload}");
+    assert!(!can_connect(&s.net.a, HOST_A4, 22), "alice's grant ended with her role");
+    let ended = s
+        .setup
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "reload" && r["outcome"] == "revoked")
+        .expect("the ended grant is audited");
+    assert!(
+        ended["reason"].as_str().unwrap().contains("principals alice"),
+        "{ended}"
+    );
+
+    // within a moment s.bob's knocks are from an unknown key
+    let refused = wait_for(Duration::from_secs(10), || {
+        send(&s.net.b, HOST_B4, &packet(&s.bob, &Ask::port22()));
+        let records = knock_records(&s.setup);
+        records
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap().starts_with("unknown_key:"))
+    });
+    assert!(refused, "{:#?}", knock_records(&s.setup));
+    assert!(!can_connect(&s.net.b, HOST_B4, 22));
+}
+
+/// Runs the real `jitctl knock` in `ns` with `args`, signing through `agent`.
+fn jitctl_knock(ns: &str, home: &Path, agent: &crate::knock_client::Agent, args: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_jitctl"), "--json", "knock"])
+        .args(args)
+        .env("HOME", home)
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .env_remove("XDG_CONFIG_HOME")
+        .stdin(Stdio::null());
+    output_within(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn a_certificate_from_the_teams_ca_opens_for_its_principal_and_not_when_expired() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Key::new(dir.path(), "ca", &["-t", "ed25519"]);
+    let dave = Key::new(dir.path(), "dave", &["-t", "ed25519"]);
+    let certify = |name: &str, principal: &str, validity: &str| -> PathBuf {
+        // ssh-keygen -s writes KEY-cert.pub beside the key's public half
+        let public = dir.path().join(format!("{name}.pub"));
+        std::fs::copy(format!("{}.pub", dave.path.display()), &public).unwrap();
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca.path)
+            .args(["-I", &format!("{name}@laptop"), "-n", principal, "-V", validity])
+            .arg(&public)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -s: {}", text(&out));
+        dir.path().join(format!("{name}-cert.pub"))
+    };
+    let valid = certify("valid", "alice", "-5m:+1h");
+    let expired = certify("expired", "alice", "-2h:-1h");
+    let stranger = certify("stranger", "mallory", "-5m:+1h");
+    // the team CA vouches for alice and bob; dave's own key is in no line
+    let setup = knock_setup(&format!("alice,bob cert-authority {}\n", ca.public), "");
+    let jitd = setup.start(&net.host);
+    let agent = crate::knock_client::Agent::start(dir.path());
+    for cert in [&valid, &expired, &stranger] {
+        // ssh-add loads KEY-cert.pub beside KEY: the agent signs as the certificate
+        std::fs::copy(cert, format!("{}-cert.pub", dave.path.display())).unwrap();
+        agent.add(&dave.path);
+    }
+
+    for (cert, what) in [
+        (&expired, "an expired certificate"),
+        (&stranger, "a principal the CA line does not allow"),
+    ] {
+        let args = [
+            "10.77.1.1",
+            "--port",
+            "22",
+            "--duration",
+            "10m",
+            "--wait-timeout",
+            "2s",
+            "--key",
+        ];
+        let mut all = args.to_vec();
+        all.push(cert.to_str().unwrap());
+        let out = jitctl_knock(&net.a, dir.path(), &agent, &all);
+        assert_eq!(out.status.code(), Some(1), "{what}: {}", text(&out));
+    }
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+    let codes: Vec<String> = knock_records(&setup)
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(codes.len(), 2, "{codes:?}");
+    assert!(codes.iter().all(|c| c.starts_with("bad_certificate")), "{codes:?}");
+
+    let out = jitctl_knock(
+        &net.a,
+        dir.path(),
+        &agent,
+        &[
+            "10.77.1.1",
+            "--port",
+            "22",
+            "--duration",
+            "10m",
+            "--key",
+            valid.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), jitd.log_text());
+    assert!(can_connect(&net.a, HOST_A4, 22));
+    let approved = setup
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .unwrap();
+    assert_eq!(approved["actor"], "principal:alice");
+    let cert = approved["certificate"].as_str().unwrap();
+    assert!(
+        cert.starts_with("key id \"valid@laptop\" serial 0 from CA SHA256:"),
+        "{cert}"
+    );
 }

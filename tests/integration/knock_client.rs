@@ -18,13 +18,15 @@ use crate::util::*;
 
 /// A real `ssh-agent` on a socket in a temporary directory; killed when dropped, so a
 /// failing test leaves none behind.
-struct Agent {
+pub struct Agent {
     child: Child,
-    socket: PathBuf,
+    /// Its socket (`SSH_AUTH_SOCK`).
+    pub socket: PathBuf,
 }
 
 impl Agent {
-    fn start(dir: &Path) -> Agent {
+    /// Starts an agent with its socket in `dir`.
+    pub fn start(dir: &Path) -> Agent {
         let socket = dir.join("agent.sock");
         let child = Command::new("ssh-agent")
             .arg("-D")
@@ -43,7 +45,7 @@ impl Agent {
     }
 
     /// `ssh-add KEY`.
-    fn add(&self, key: &Path) {
+    pub fn add(&self, key: &Path) {
         let out = Command::new("ssh-add")
             .arg(key)
             .env("SSH_AUTH_SOCK", &self.socket)

@@ -5,6 +5,7 @@ mod audit_trail;
 mod clock;
 mod config_checks;
 mod core;
+mod doctor;
 mod fairness;
 mod faults;
 mod grants;

@@ -245,7 +245,7 @@ mod tests {
         // as `ssh-keygen -l -f tests/fixtures/knock/alice.pub` prints it
         assert_eq!(
             fingerprint(sig).unwrap(),
-            "SHA256:cyysxUzSCPJFn5X8CuqM1aApBBEcgIO5dsywEg1L13k"
+            "SHA256:kNqVq2y1xhVHW74I3iI1HQ/YkkUdYsWDIMeYd90z+k0"
         );
         assert_eq!(fingerprint("not a signature"), None);
     }

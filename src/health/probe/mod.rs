@@ -1,0 +1,6 @@
+//! The doctor's probes (effects): the nftables ruleset ([`nft`]), ...
+
+pub mod host;
+pub mod nft;
+pub mod owners;
+pub mod sockets;
