@@ -196,7 +196,7 @@ fn flood_row(name: &str, r: &Value, knock: &Value, ctl: &Value, req: &Value, got
         (Some(a), Some(b)) => format!("{a:>6.prec$}/{b:>6.prec$}"),
         _ => String::new(),
     };
-    println!(
+    let line = format!(
         "   {:<12} {:>9.0} {:>9.0} {:>10.0} {:>9.0} {:>6.0} {:>6.0}  {:>6.1}/{:>6.1}/{:>6.1} ({:>2})  {:>13}  {:>13}",
         name,
         f(&r["garbage_pps"]),
@@ -212,6 +212,7 @@ fn flood_row(name: &str, r: &Value, knock: &Value, ctl: &Value, req: &Value, got
         pair(ctl, 1),
         pair(req, 2)
     );
+    println!("{}", line.trim_end());
 }
 
 /// Seconds with two decimals, or `-` when there is no figure (not all opened).
