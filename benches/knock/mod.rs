@@ -87,9 +87,9 @@ impl KnockPlan {
     /// `cargo test`: a few of each, a light flood, no fwknop.
     pub fn smoke() -> KnockPlan {
         KnockPlan {
-            jitctl: 5,
-            jitctl_waiting: 2,
-            presigned: 10,
+            jitctl: 3,
+            jitctl_waiting: 1,
+            presigned: 6,
             rounds: 1,
             phase_presigned: 3,
             phase_jitctl: 1,
