@@ -10,6 +10,8 @@
 #[path = "../tests/integration/util.rs"]
 mod util;
 
+mod knock;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -38,6 +40,8 @@ struct Plan {
     blocks: usize,
     /// Sequential requests per block.
     per_block: usize,
+    /// Remote knocks (section 7).
+    knock: knock::KnockPlan,
     out: PathBuf,
 }
 
@@ -67,6 +71,7 @@ fn plan() -> Plan {
             neighbour_n: neighbour_n.unwrap_or(vec![20_000, 100_000]),
             blocks: 5,
             per_block: 400,
+            knock: knock::KnockPlan::full(),
             out: target.join("results.json"),
         }
     } else {
@@ -82,6 +87,7 @@ fn plan() -> Plan {
             neighbour_n: neighbour_n.unwrap_or(vec![1_000]),
             blocks: 2,
             per_block: 40,
+            knock: knock::KnockPlan::smoke(),
             out: target.join("smoke.json"),
         }
     }
@@ -100,6 +106,7 @@ fn main() {
             ("packet_path", bench_packet_path),
             ("expiry", bench_expiry),
             ("neighbour", bench_neighbour),
+            ("knock", |plan| knock::bench_knock(&plan.knock)),
         ] {
             if wanted(name) {
                 results[name] = run(&plan);
@@ -110,6 +117,10 @@ fn main() {
             print_neighbour(&results["neighbour"]);
             check_neighbour(&results["neighbour"]);
         }
+        if wanted("knock") {
+            knock::print(&results["knock"]);
+            check_knock(&results["knock"]);
+        }
         return;
     }
     let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
@@ -118,6 +129,7 @@ fn main() {
     results["packet_path"] = bench_packet_path(&plan);
     results["expiry"] = bench_expiry(&plan);
     results["neighbour"] = bench_neighbour(&plan);
+    results["knock"] = knock::bench_knock(&plan.knock);
     print_table(&results);
     std::fs::create_dir_all(plan.out.parent().unwrap()).unwrap();
     std::fs::write(&plan.out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
@@ -182,6 +194,17 @@ fn check_shape(bytes: &[u8]) {
             .is_some_and(Value::is_boolean),
         "results lack neighbour_table_untouched"
     );
+    check_knock(&v["knock"]);
+}
+
+/// The knock section holds every figure (its timings are printed, never asserted).
+fn check_knock(v: &Value) {
+    for path in knock::SHAPE {
+        assert!(
+            v.pointer(path).is_some_and(Value::is_number),
+            "results lack the number /knock{path}"
+        );
+    }
 }
 
 /// What the neighbour runs must show whatever the timings: the neighbour's table is
@@ -883,6 +906,7 @@ fn print_table(r: &Value) {
         e["grants_s"]
     );
     print_neighbour(&r["neighbour"]);
+    knock::print(&r["knock"]);
 }
 
 fn print_neighbour(rows: &Value) {
