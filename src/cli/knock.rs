@@ -10,6 +10,7 @@
 //!    answers a knock).
 //! 4. [`report`]: what the user is told.
 
+pub mod agent;
 pub mod hosts;
 pub mod net;
 pub mod plan;
@@ -38,11 +39,12 @@ pub async fn run(args: &KnockArgs) -> Result<Report, String> {
     let file = hosts_file(home.as_deref())?;
     let settings = file.as_ref().map(|f| (f.path.as_path(), f.settings_for(&target.host)));
     let plan = plan::plan(args, settings)?;
-    let agent = match plan.key {
-        Some(_) => None,
-        None => sign::agent_listing(std::env::var_os("SSH_AUTH_SOCK").as_deref()),
+    let agent_keys = match plan.key {
+        Some(_) => Vec::new(),
+        None => sign::agent_keys(std::env::var_os("SSH_AUTH_SOCK").as_deref()),
     };
-    let key = sign::choose(plan.key.clone(), agent.as_deref(), home.as_deref(), Path::exists)?;
+    let listing = sign::listing(&agent_keys);
+    let key = sign::choose(plan.key.clone(), listing.as_deref(), home.as_deref(), Path::exists)?;
     let addrs = match args.dry_run {
         true => Vec::new(),
         false => net::resolve(&plan.host, plan.knock_port, plan.family).await?,
@@ -51,7 +53,7 @@ pub async fn run(args: &KnockArgs) -> Result<Report, String> {
     let request = plan::request(&plan, Utc::now(), sign::random16()?)?;
     let text = request.encode();
     let signing = Instant::now();
-    let armoured = sign::sign(&text, &key, &dir)?;
+    let armoured = sign::sign_with(&text, &key, &agent_keys, &dir)?;
     let sign_ms = u64::try_from(signing.elapsed().as_millis()).unwrap_or(u64::MAX);
     let bytes = packet::frame(&text, &armoured)?;
     let mut report = Report::new(&plan, &request, key.describe(), sign::fingerprint(&armoured));

@@ -197,6 +197,34 @@ fn knocks_signed_through_ssh_agent_verify_for_ed25519_ecdsa_and_rsa() {
 }
 
 #[test]
+fn jitctl_signs_through_the_agent_itself_for_ed25519_ecdsa_and_rsa() {
+    // no --key: the agent's key, signed by talking to the agent; with no ssh-keygen or
+    // ssh-add on PATH, so no process is started. RSA comes back as rsa-sha2-512.
+    let dir = tempfile::tempdir().unwrap();
+    let (socket, port) = knock_port();
+    for kind in ["ed25519", "ecdsa", "rsa"] {
+        let agent_dir = dir.path().join(kind);
+        std::fs::create_dir(&agent_dir).unwrap();
+        let agent = Agent::start(&agent_dir);
+        let key = keygen(dir.path(), &format!("in_{kind}"), kind);
+        agent.add(&key);
+        std::fs::remove_file(&key).unwrap();
+        let target = format!("127.0.0.1:{port}");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jitctl"));
+        cmd.args(["--json", "knock", &target, "-p", "22", "-d", "1h", "--no-wait"])
+            .env("HOME", dir.path())
+            .env("PATH", "/nonexistent")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(Stdio::null());
+        let report = json(&output_within(cmd, Duration::from_secs(60)));
+        let v = verified(&receive(&socket), &signer_line(kind, &key));
+        assert_eq!(v.fingerprint, fingerprint(&key), "{kind}");
+        assert_eq!(report["key_fingerprint"], v.fingerprint.as_str());
+    }
+}
+
+#[test]
 fn without_key_the_agents_first_key_signs_and_each_knock_has_its_own_nonce() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path());

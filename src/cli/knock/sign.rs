@@ -68,18 +68,39 @@ pub fn choose(
         .ok_or_else(|| "no SSH key: ssh-agent has none and ~/.ssh/id_* do not exist; give --key".to_string())
 }
 
-/// What ssh-agent lists (`ssh-add -L`), when `SSH_AUTH_SOCK` is set and it has keys.
-pub fn agent_listing(auth_sock: Option<&std::ffi::OsStr>) -> Option<String> {
-    auth_sock.filter(|s| !s.is_empty())?;
-    let out = Command::new("ssh-add")
-        .arg("-L")
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+/// The keys ssh-agent holds, when `SSH_AUTH_SOCK` is set and it answers (asked
+/// directly, [`super::agent`]: no `ssh-add -L` to start).
+pub fn agent_keys(auth_sock: Option<&std::ffi::OsStr>) -> Vec<super::agent::Identity> {
+    match auth_sock.filter(|s| !s.is_empty()) {
+        Some(sock) => super::agent::identities(Path::new(sock)).unwrap_or_default(),
+        None => Vec::new(),
+    }
+}
+
+/// The agent's keys as `ssh-add -L` lists them (what [`choose`] reads).
+pub fn listing(keys: &[super::agent::Identity]) -> Option<String> {
+    let lines: Vec<String> = keys.iter().filter_map(super::agent::Identity::line).collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+/// Signs `request` with `key`: in-process through the agent when the key is the
+/// agent's and a plain key ([`super::agent::sign`]), else with `ssh-keygen`
+/// ([`sign`]).
+pub fn sign_with(
+    request: &str,
+    key: &Key,
+    agent_keys: &[super::agent::Identity],
+    dir: &PrivateDir,
+) -> Result<String, String> {
+    if let Key::Agent(line) = key {
+        let socket = std::env::var_os("SSH_AUTH_SOCK").unwrap_or_default();
+        let held = agent_keys.iter().find(|k| k.line().as_deref() == Some(line.as_str()));
+        if let Some(identity) = held.filter(|k| k.signs_here()) {
+            return super::agent::sign(Path::new(&socket), identity, NAMESPACE, request.as_bytes())
+                .map_err(|e| format!("{e} (key {})", key.describe()));
+        }
+    }
+    sign(request, key, dir)
 }
 
 /// A directory only this user can read, removed when dropped: the request and the
