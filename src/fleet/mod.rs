@@ -3,6 +3,8 @@
 //! etcd ([`judge`]) and the records it writes back ([`records`]). The etcd glue is
 //! `src/daemon/fleet.rs`, the client `src/cli/fleet.rs`; docs/fleet.md has the design.
 
+pub mod judge;
+pub mod request;
 pub mod settings;
 
 /// The SSHSIG namespace of a fleet request: a knock's signature is never a fleet
