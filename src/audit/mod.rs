@@ -58,6 +58,10 @@ pub enum Action {
     /// time window, for another host, an unknown key, a bad signature, a replay);
     /// `reason` says which. Knocks that reach the policy are `request` records.
     Knock,
+    /// A fleet request read from etcd was dropped before it reached the policy
+    /// (malformed, unsigned, an unknown key, a bad signature, expired); `reason` says
+    /// which and names the request id. Those that reach the policy are `request` records.
+    Fleet,
 }
 
 /// How it ended.

@@ -3,6 +3,7 @@
 //! [`table`], how `jitctl` draws its tables; [`doctor`], how it shows the doctor's report.
 
 pub mod doctor;
+pub mod fleet;
 pub mod jitctl;
 pub mod jitd;
 pub mod knock;

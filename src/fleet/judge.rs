@@ -29,6 +29,11 @@ pub struct Refused {
 }
 
 impl Refused {
+    /// A value that is not a fleet request.
+    pub fn malformed(why: &str) -> Refused {
+        Refused::new("malformed", why)
+    }
+
     fn new(code: &'static str, reason: impl Into<String>) -> Refused {
         Refused {
             code,

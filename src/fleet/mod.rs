@@ -3,7 +3,9 @@
 //! etcd ([`judge`]) and the records it writes back ([`records`]). The etcd glue is
 //! `src/daemon/fleet.rs`, the client `src/cli/fleet.rs`; docs/fleet.md has the design.
 
+pub mod connect;
 pub mod judge;
+pub mod records;
 pub mod request;
 pub mod settings;
 

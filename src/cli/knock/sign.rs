@@ -117,6 +117,11 @@ impl Drop for PrivateDir {
 /// ssh-keygen's own messages (a passphrase prompt, "touch your security key", an
 /// error) reach the user's terminal as they come.
 pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String> {
+    sign_in(request, key, dir, NAMESPACE)
+}
+
+/// Signs `request` with `key` under `namespace` (`knock@jitd`, `fleet@jitd`).
+pub fn sign_in(request: &str, key: &Key, dir: &PrivateDir, namespace: &str) -> Result<String, String> {
     let message = dir.write("request", request)?;
     let (key_file, agent_only) = match key {
         Key::Given(path) | Key::Default(path) => (path.clone(), false),
@@ -126,7 +131,7 @@ pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String
     // terminal there is nobody to ask, and ssh-keygen must not read one from a pipe
     let terminal = std::io::stdin().is_terminal();
     let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-Y", "sign", "-n", NAMESPACE, "-f"]).arg(key_file);
+    cmd.args(["-Y", "sign", "-n", namespace, "-f"]).arg(key_file);
     if agent_only {
         cmd.arg("-U"); // the key is in the agent, and only there
     }

@@ -86,7 +86,13 @@ fn every_bad_request_is_refused_with_its_code() {
 
 #[test]
 fn a_request_copied_under_another_id_is_refused() {
-    let e = screen(&"00".repeat(16), &stored(fixture!("alice.sig")), &fleet("web1", &[]), now()).unwrap_err();
+    let e = screen(
+        &"00".repeat(16),
+        &stored(fixture!("alice.sig")),
+        &fleet("web1", &[]),
+        now(),
+    )
+    .unwrap_err();
     assert_eq!(e.code, "id_mismatch");
 }
 
@@ -94,11 +100,20 @@ fn a_request_copied_under_another_id_is_refused() {
 fn the_grant_ends_with_the_lease_or_the_signed_end_whichever_is_sooner() {
     let request = FleetRequest::parse(REQUEST).unwrap();
     let secs = |s| Some(Duration::from_secs(s));
-    assert_eq!(open_until(&request, secs(600), now()).unwrap(), now() + TimeDelta::seconds(600));
+    assert_eq!(
+        open_until(&request, secs(600), now()).unwrap(),
+        now() + TimeDelta::seconds(600)
+    );
     // a lease longer than the signed duration does not stretch it
-    assert_eq!(open_until(&request, secs(86_400), now()).unwrap(), at("2026-11-26T14:05:00Z"));
+    assert_eq!(
+        open_until(&request, secs(86_400), now()).unwrap(),
+        at("2026-11-26T14:05:00Z")
+    );
     assert_eq!(open_until(&request, None, now()).unwrap_err().code, "no_lease");
     assert_eq!(open_until(&request, secs(0), now()).unwrap_err().code, "expired");
     let g = grant_request(&request, at("2026-11-26T13:15:00Z"));
-    assert_eq!((g.source.as_str(), g.until, g.duration_secs), ("198.51.100.7", Some(at("2026-11-26T13:15:00Z")), None));
+    assert_eq!(
+        (g.source.as_str(), g.until, g.duration_secs),
+        ("198.51.100.7", Some(at("2026-11-26T13:15:00Z")), None)
+    );
 }
