@@ -91,17 +91,24 @@ allowed_signers = "{}"
     /// Runs `jitctl --json fleet ARGS` in the client namespace with etcd's credentials.
     fn ctl(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.net.client, env!("CARGO_BIN_EXE_jitctl"), "--json", "fleet"])
-            .args(["--endpoints", &self.etcd.endpoint()])
-            .arg("--cacert")
-            .arg(&self.pki.ca)
-            .arg("--cert")
-            .arg(&self.pki.client_cert)
-            .arg("--etcd-key")
-            .arg(&self.pki.client_key)
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env_remove("SSH_AUTH_SOCK");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.net.client,
+            env!("CARGO_BIN_EXE_jitctl"),
+            "--json",
+            "fleet",
+        ])
+        .args(["--endpoints", &self.etcd.endpoint()])
+        .arg("--cacert")
+        .arg(&self.pki.ca)
+        .arg("--cert")
+        .arg(&self.pki.client_cert)
+        .arg("--etcd-key")
+        .arg(&self.pki.client_key)
+        .args(args)
+        .env("HOME", self.dir.path())
+        .env_remove("SSH_AUTH_SOCK");
         output_within(cmd, Duration::from_secs(60))
     }
 
@@ -124,8 +131,19 @@ allowed_signers = "{}"
     fn request(&self, hosts: &str, key: &Key, duration: &str) -> (Output, Value) {
         let key_path = key.path.display().to_string();
         let out = self.ctl(&[
-            "request", "--hosts", hosts, "--port", "22", "--source", CLIENT_IP, "--duration", duration, "-j",
-            "INC-1234", "--key", &key_path,
+            "request",
+            "--hosts",
+            hosts,
+            "--port",
+            "22",
+            "--source",
+            CLIENT_IP,
+            "--duration",
+            duration,
+            "-j",
+            "INC-1234",
+            "--key",
+            &key_path,
         ]);
         let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (out, v)
@@ -144,11 +162,19 @@ allowed_signers = "{}"
     }
 
     fn logs(&self) -> String {
-        self.jitds.iter().map(Jitd::log_text).collect::<Vec<_>>().join("\n----\n")
+        self.jitds
+            .iter()
+            .map(Jitd::log_text)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
     }
 
     fn fleet_records(&self, n: usize) -> Vec<Value> {
-        self.setups[n - 1].audit().into_iter().filter(|r| r["action"] == "fleet").collect()
+        self.setups[n - 1]
+            .audit()
+            .into_iter()
+            .filter(|r| r["action"] == "fleet")
+            .collect()
     }
 }
 
@@ -157,7 +183,12 @@ fn outcomes(v: &Value) -> Vec<(String, String)> {
         .as_array()
         .map(|a| {
             a.iter()
-                .map(|h| (h["host"].as_str().unwrap().to_string(), h["outcome"].as_str().unwrap().to_string()))
+                .map(|h| {
+                    (
+                        h["host"].as_str().unwrap().to_string(),
+                        h["outcome"].as_str().unwrap().to_string(),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -192,7 +223,10 @@ fn one_request_opens_three_hosts_and_revoke_closes_them() {
     }
     let (out, v) = fleet.request("h1,h2,h3", &fleet.alice, "10m");
     assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
-    assert_eq!(outcomes(&v), pairs(&[("h1", "approved"), ("h2", "approved"), ("h3", "approved")]));
+    assert_eq!(
+        outcomes(&v),
+        pairs(&[("h1", "approved"), ("h2", "approved"), ("h3", "approved")])
+    );
     for n in 1..=3 {
         assert!(fleet.opens_within(n, 10), "host {n} did not open: {}", fleet.logs());
     }
@@ -200,20 +234,34 @@ fn one_request_opens_three_hosts_and_revoke_closes_them() {
     let id = v["id"].as_str().unwrap();
     for setup in &fleet.setups {
         let approved = setup.audit().into_iter().any(|r| {
-            r["action"] == "request" && r["outcome"] == "approved" && r["nonce"] == id && r["actor"] == "principal:alice"
+            r["action"] == "request"
+                && r["outcome"] == "approved"
+                && r["nonce"] == id
+                && r["actor"] == "principal:alice"
         });
         assert!(approved, "{:?}", setup.audit_lines());
     }
     let status = fleet.status();
-    assert_eq!(status["requests"][id]["answers"].as_object().unwrap().len(), 3, "{status}");
+    assert_eq!(
+        status["requests"][id]["answers"].as_object().unwrap().len(),
+        3,
+        "{status}"
+    );
     let out = fleet.ctl(&["revoke", id]);
     assert!(out.status.success(), "{}", text(&out));
     for n in 1..=3 {
-        assert!(fleet.closes_within(n, 10), "host {n} still open after revoke: {}", fleet.logs());
+        assert!(
+            fleet.closes_within(n, 10),
+            "host {n} still open after revoke: {}",
+            fleet.logs()
+        );
     }
     for setup in &fleet.setups {
         let revoked = wait_for(Duration::from_secs(10), || {
-            setup.audit().iter().any(|r| r["action"] == "revoke" && r["actor"] == "fleet")
+            setup
+                .audit()
+                .iter()
+                .any(|r| r["action"] == "revoke" && r["actor"] == "fleet")
         });
         assert!(revoked, "{:?}", setup.audit_lines());
     }
@@ -225,7 +273,117 @@ fn a_group_request_opens_only_its_hosts() {
     let (out, v) = fleet.request("group:web", &fleet.alice, "10m");
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(outcomes(&v), pairs(&[("h1", "approved"), ("h2", "approved")]));
-    assert!(fleet.opens_within(1, 10) && fleet.opens_within(2, 10), "{}", fleet.logs());
+    assert!(
+        fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
     assert!(!fleet.open(3), "h3 is not in group web");
     assert!(fleet.setups[2].audit().iter().all(|r| r["action"] != "request"));
+}
+
+#[test]
+fn unsigned_or_wrongly_signed_requests_open_nothing_and_are_audited() {
+    let fleet = Fleet::new();
+    // mallory's key is in no allowed_signers: every host refuses, jitctl exits non-zero
+    let (out, v) = fleet.request("h1,h2,h3", &fleet.mallory, "10m");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        outcomes(&v),
+        pairs(&[("h1", "denied"), ("h2", "denied"), ("h3", "denied")])
+    );
+    // an unsigned request written straight into etcd, with a lease
+    let id = "0123456789abcdef0123456789abcdef";
+    let unsigned = format!(
+        "hosts h1,h2,h3\nports 22\nduration 600\nsource {CLIENT_IP}\ntime {}\nnonce {id}\n",
+        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    fleet
+        .etcd
+        .put_raw(&format!("/jitd/requests/{id}"), &unsigned, Some(600));
+    for n in 1..=3 {
+        let audited = wait_for(Duration::from_secs(10), || {
+            let records = fleet.fleet_records(n);
+            let has = |code: &str| {
+                records
+                    .iter()
+                    .any(|r| r["reason"].as_str().unwrap_or("").starts_with(code))
+            };
+            has("unknown_key:") && has("unsigned:")
+        });
+        assert!(audited, "host {n}: {:?}", fleet.fleet_records(n));
+        assert!(!fleet.open(n), "host {n} opened for a bad request");
+    }
+}
+
+#[test]
+fn etcd_killed_mid_grant_opens_nothing_new_and_the_grant_closes_by_its_timeout() {
+    let mut fleet = Fleet::new();
+    let (out, _) = fleet.request("h1", &fleet.alice, "8s");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    fleet.etcd.kill();
+    let prober = Prober::start(&fleet.net.client, "10.88.0.12", 22);
+    // the grant closes by the kernel's timeout with etcd gone
+    assert!(
+        fleet.closes_within(1, 20),
+        "h1 still open with etcd down: {}",
+        fleet.logs()
+    );
+    fleet.etcd.restart();
+    // the hosts re-register and re-read: nothing re-opens, nothing is applied twice
+    assert!(
+        wait_for(Duration::from_secs(30), || fleet.registered() == 3),
+        "{}",
+        fleet.logs()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!fleet.open(1), "h1 re-opened after etcd came back");
+    assert!(!prober.ever_opened(), "h2 opened while etcd was down");
+    let approvals = fleet.setups[0]
+        .audit()
+        .iter()
+        .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .count();
+    assert_eq!(approvals, 1, "{:?}", fleet.setups[0].audit_lines());
+    // and the fleet works again
+    let (out, _) = fleet.request("h2", &fleet.alice, "10m");
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    assert!(fleet.opens_within(2, 10));
+}
+
+#[test]
+fn a_host_cut_off_while_its_request_is_revoked_closes_it_on_reconnect() {
+    let fleet = Fleet::new();
+    let (out, v) = fleet.request("h1,h2", &fleet.alice, "10m");
+    assert!(out.status.success(), "{}", text(&out));
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(
+        fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
+    fleet.net.set_link(1, false);
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fleet.closes_within(2, 10), "h2 still open after revoke");
+    // long enough for h1's lease renewal to time out: it drops its session and, on
+    // reconnect, re-reads everything (the delete event itself is never seen)
+    let dropped = wait_for(Duration::from_secs(20), || {
+        fleet.jitds[0].log_text().contains("reconnecting")
+    });
+    assert!(dropped, "{}", fleet.jitds[0].log_text());
+    fleet.net.set_link(1, true);
+    assert!(
+        fleet.closes_within(1, 30),
+        "h1 still open after reconnecting: {}",
+        fleet.logs()
+    );
+    let revoked = wait_for(Duration::from_secs(10), || {
+        fleet.setups[0]
+            .audit()
+            .iter()
+            .any(|r| r["action"] == "revoke" && r["actor"] == "fleet")
+    });
+    assert!(revoked, "{:?}", fleet.setups[0].audit_lines());
 }

@@ -330,3 +330,59 @@ impl Drop for Etcd {
         self.kill();
     }
 }
+
+impl Etcd {
+    /// Puts `value` under `key` through etcd's JSON gateway (as any etcd client
+    /// could, bypassing jitctl), with a lease of `ttl` seconds when given.
+    pub fn put_raw(&self, key: &str, value: &str, ttl: Option<i64>) {
+        use base64_lite as b64;
+        let lease = match ttl {
+            None => 0,
+            Some(ttl) => {
+                let out = self.post("/v3/lease/grant", &format!("{{\"TTL\":{ttl}}}"));
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                v["ID"].as_str().unwrap().parse::<i64>().unwrap()
+            }
+        };
+        let body = format!(
+            "{{\"key\":\"{}\",\"value\":\"{}\",\"lease\":{lease}}}",
+            b64(key),
+            b64(value)
+        );
+        let out = self.post("/v3/kv/put", &body);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    fn post(&self, path: &str, body: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key)
+            .args(["-X", "POST", "-d", body])
+            .arg(format!("{}{path}", self.endpoint()))
+            .output()
+            .unwrap()
+    }
+}
+
+/// Standard base64 (the gateway's encoding of keys and values).
+fn base64_lite(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for chunk in b.chunks(3) {
+        let n =
+            (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
