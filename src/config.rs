@@ -106,6 +106,8 @@ pub struct Config {
     pub limits: Limits,
     /// Remote knocks (`[remote]`); `None`: off.
     pub remote: Option<crate::remote::settings::Remote>,
+    /// Fleet membership through etcd (`[fleet]`); `None`: off.
+    pub fleet: Option<crate::fleet::settings::Fleet>,
 }
 
 /// The group that owns the socket.
@@ -268,6 +270,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     remote: Option<crate::remote::settings::RawRemote>,
+    fleet: Option<crate::fleet::settings::RawFleet>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -512,7 +515,17 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         audit_rotation,
         metrics_listen,
         limits: validate_limits(raw.limits, problems),
+        fleet: None,
         remote: raw.remote.and_then(|r| crate::remote::settings::validate(r, problems)),
+    }
+    .with_fleet(raw.fleet, problems)
+}
+
+impl Config {
+    /// Adds `[fleet]`, validated against the `[remote]` already read (its signers).
+    fn with_fleet(mut self, raw: Option<crate::fleet::settings::RawFleet>, problems: &mut Vec<String>) -> Config {
+        self.fleet = raw.and_then(|f| crate::fleet::settings::validate(f, self.remote.as_ref(), problems));
+        self
     }
 }
 

@@ -24,6 +24,8 @@
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`remote`]: remote knocks, the pure part so far: the signed request, `allowed_signers`,
 //!   a packet's checks (docs/remote.md).
+//! - [`fleet`]: fleet requests through etcd, the pure part: `[fleet]`, the signed
+//!   request naming hosts and groups, a host's judgement of one (docs/fleet.md).
 //! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
 //!   protected port, listening services worth protecting) and the probes that gather
 //!   its facts (nft, sock_diag, /proc, cgroups) (docs/doctor.md).
@@ -54,6 +56,7 @@
 //! audit    -> config, domain, text         (the log on disk)
 //! store    -> approval, audit, domain, grants (grants.json, replay)
 //! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
+//! fleet    -> domain, remote                (pure; config holds its settings)
 //! health   -> config, domain, duration, firewall (judgement pure; probe/ has the effects)
 //! api      -> approval, audit, config, domain, health, metrics
 //! daemon   -> everything above
@@ -70,6 +73,7 @@ pub mod daemon;
 pub mod domain;
 pub mod duration;
 pub mod firewall;
+pub mod fleet;
 pub mod grants;
 pub mod health;
 pub mod identity;

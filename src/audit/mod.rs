@@ -63,6 +63,10 @@ pub enum Action {
     /// An approver (or the requester) turned down a request that waited for approval
     /// (or tried to); `reason` says why.
     Deny,
+    /// A fleet request read from etcd was dropped before it reached the policy
+    /// (malformed, unsigned, an unknown key, a bad signature, expired); `reason` says
+    /// which and names the request id. Those that reach the policy are `request` records.
+    Fleet,
 }
 
 /// How it ended.

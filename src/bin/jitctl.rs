@@ -166,6 +166,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             audit_pages(socket, query, format).await
         }
         Command::Knock(args) => knock(&args, json).await,
+        Command::Fleet(args) => fleet(&args, json).await,
         Command::Doctor => unreachable!("handled in main"),
         Command::Reload => {
             let reply: ReloadReply = call(socket, &Request::Reload).await?;
@@ -231,6 +232,19 @@ async fn knock(args: &jitd::cli::jitctl::KnockArgs, json: bool) -> Result<(), Fa
     match report.not_opened(args.wait_timeout) {
         Some(why) => Err(Failure::NotOpened(why)),
         None => Ok(()),
+    }
+}
+
+/// `jitctl fleet`: the table (or JSON) on stdout; exit 1 when a host denied or did
+/// not answer in time.
+async fn fleet(args: &jitd::cli::jitctl::FleetArgs, json: bool) -> Result<(), Failure> {
+    let (text, ok) = jitd::cli::fleet::run(args, json).await.map_err(Failure::Usage)?;
+    to_stdout(|out| out.write_all(text.as_bytes()))?;
+    match ok {
+        true => Ok(()),
+        false => Err(Failure::NotOpened(
+            "not every selected host approved (see the table)".into(),
+        )),
     }
 }
 

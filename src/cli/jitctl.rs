@@ -134,6 +134,70 @@ pub enum Command {
     )]
     Doctor,
     Knock(KnockArgs),
+    /// Ask many hosts at once through etcd: a request signed with your SSH key opens the
+    /// hosts and groups it names, each host judging it by its own policy.
+    #[command(
+        after_help = "etcd's address and credentials: the flags, else ETCDCTL_ENDPOINTS, ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY, else $XDG_CONFIG_HOME/jitctl/fleet.toml (~/.config/jitctl/fleet.toml: endpoints, ca, cert, key, prefix).\n\nExit status: 0 every selected host approved, 1 a host denied or did not answer in time, 2 usage or connection error.\n\nExamples:\n  jitctl fleet request --hosts group:web --port 22 --source 198.51.100.7 --duration 1h -j INC-1234\n  jitctl fleet status\n  jitctl fleet revoke 5f2b0c9e5f2b0c9e5f2b0c9e5f2b0c9e"
+    )]
+    Fleet(FleetArgs),
+}
+
+/// `jitctl fleet`'s arguments.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetArgs {
+    /// etcd's client URLs, comma-separated.
+    #[arg(long, value_name = "URLS")]
+    pub endpoints: Option<String>,
+    /// The CA of etcd's server certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// Your etcd client certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key: Option<PathBuf>,
+    /// The fleet's key prefix (default /jitd/).
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
+    #[command(subcommand)]
+    pub command: FleetCommand,
+}
+
+/// What `jitctl fleet` does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum FleetCommand {
+    /// Sign and write a request, wait for each selected host's answer, print a table.
+    Request {
+        /// Hosts and groups: NAME or group:NAME (repeat, or comma-separated).
+        #[arg(long, required = true, value_name = "HOSTS")]
+        hosts: Vec<String>,
+        /// Port to open (repeat for several).
+        #[arg(short, long = "port", required = true, value_name = "PORT")]
+        ports: Vec<u16>,
+        /// The address or prefix to open for (required: hosts never see where you are).
+        #[arg(short, long)]
+        source: String,
+        /// How long: "90s", "2h", "1h30m" or ISO 8601 "PT2H" (the etcd lease's TTL).
+        #[arg(short, long, value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Why you need access (recorded in each host's audit log).
+        #[arg(short, long)]
+        justification: Option<String>,
+        /// The SSH key to sign with (as for `jitctl knock --key`).
+        #[arg(short, long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// How long to wait for the hosts' answers.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+        wait: std::time::Duration,
+    },
+    /// Hosts (alive, version, health), live requests and where they are open.
+    Status,
+    /// Revoke a request: its lease is revoked and every host closes what it opened.
+    Revoke {
+        /// The request id.
+        id: String,
+    },
 }
 
 /// `jitctl knock`'s arguments.

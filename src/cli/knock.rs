@@ -53,7 +53,7 @@ pub async fn run(args: &KnockArgs) -> Result<Report, String> {
     let request = plan::request(&plan, Utc::now(), sign::random16()?)?;
     let text = request.encode();
     let signing = Instant::now();
-    let armoured = sign::sign_with(&text, &key, &agent_keys, &dir)?;
+    let armoured = sign::sign_with(&text, &key, &agent_keys, &dir, crate::remote::NAMESPACE)?;
     let sign_ms = u64::try_from(signing.elapsed().as_millis()).unwrap_or(u64::MAX);
     let bytes = packet::frame(&text, &armoured)?;
     let mut report = Report::new(&plan, &request, key.describe(), sign::fingerprint(&armoured));

@@ -5,6 +5,7 @@
 
 pub mod approvals;
 pub mod doctor;
+pub mod fleet;
 pub mod jitctl;
 pub mod jitd;
 pub mod knock;

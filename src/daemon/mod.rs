@@ -26,6 +26,7 @@ mod commit;
 mod doctor;
 mod drift;
 pub(crate) mod fault;
+mod fleet;
 mod knock;
 mod queries;
 mod requests;
@@ -320,6 +321,7 @@ pub async fn run<F: Firewall>(
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
     let knock_listen = config.remote.as_ref().map(|r| r.listen);
+    let fleet = config.fleet.clone();
     let _table = start::claim_table()?;
     let (daemon, committer) = Daemon::start(config, firewall).await?;
     let knock_socket = match knock_listen {
@@ -346,6 +348,12 @@ pub async fn run<F: Firewall>(
         tasks.spawn(named(
             "knock listener",
             knock::serve(daemon.clone(), socket, stopping.clone()),
+        ));
+    }
+    if let Some(fleet) = fleet {
+        tasks.spawn(named(
+            "fleet watcher",
+            fleet::run(daemon.clone(), fleet, stopping.clone()),
         ));
     }
     if let Some(addr) = metrics_listen {

@@ -102,10 +102,31 @@ pub struct Screened {
     pub request: KnockRequest,
     /// The signing key's SHA-256 fingerprint (for a certificate, of its key).
     pub fingerprint: String,
+    signed: Signed,
+}
+
+/// A signature that passed [`screen_signature`]: its signer is known, nothing is
+/// verified yet. Any signed text (a knock, a fleet request) in its own namespace.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// The signing key's SHA-256 fingerprint (for a certificate, of its key).
+    pub fingerprint: String,
     message: String,
+    namespace: &'static str,
     hash_alg: HashAlg,
     signature: Signature,
     signing: Signing,
+}
+
+/// Who signed, once [`verify_signature`] checked it.
+#[derive(Debug, Clone)]
+pub struct SignedBy {
+    /// The principals the signer's lines (or its certificate) vouch for.
+    pub principals: Vec<String>,
+    /// The signing key's SHA-256 fingerprint.
+    pub fingerprint: String,
+    /// The certificate that signed, if one did.
+    pub certificate: Option<CertInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,7 +145,7 @@ enum Signing {
 impl Screened {
     /// Whether a certificate signed it.
     pub fn is_certificate(&self) -> bool {
-        matches!(self.signing, Signing::Certificate { .. })
+        matches!(self.signed.signing, Signing::Certificate { .. })
     }
 }
 
@@ -198,10 +219,29 @@ pub fn screen(
     if !names.iter().any(|n| n.eq_ignore_ascii_case(&request.host)) {
         return Err(Refusal::OtherHost(request.host));
     }
+    let signed = screen_signature(text, blob, NAMESPACE, signers, now)?;
+    Ok(Screened {
+        request,
+        fingerprint: signed.fingerprint.clone(),
+        signed,
+    })
+}
+
+/// The cheap checks of an SSHSIG blob over `message`: its grammar, `namespace`, a hash
+/// and signature algorithm jitd accepts, and a signer among `signers` whose line allows
+/// `namespace` at `now` (a key byte for byte, or a certificate's CA). Nothing is
+/// verified yet ([`verify_signature`]).
+pub fn screen_signature(
+    message: &str,
+    blob: &[u8],
+    namespace: &'static str,
+    signers: &[Signer],
+    now: DateTime<Utc>,
+) -> Result<Signed, Refusal> {
     let envelope = sshsig::envelope(blob).map_err(Refusal::Malformed)?;
-    if envelope.namespace != NAMESPACE.as_bytes() {
+    if envelope.namespace != namespace.as_bytes() {
         return Err(Refusal::BadSignature(format!(
-            "signed for another namespace than {NAMESPACE}"
+            "signed for another namespace than {namespace}"
         )));
     }
     let hash_alg = match envelope.hash_alg {
@@ -216,8 +256,8 @@ pub fn screen(
     let signature = signature(envelope.signature)?;
     let presented = sshsig::presented(envelope.public_key).map_err(Refusal::Malformed)?;
     let (fingerprint, signing) = match presented {
-        Presented::Key(key) => (sshsig::fingerprint(key), key_signer(key, signers, now)),
-        Presented::Certificate(layout) => (layout.key_fingerprint(), cert_signer(&layout, signers, now)),
+        Presented::Key(key) => (sshsig::fingerprint(key), key_signer(key, signers, namespace, now)),
+        Presented::Certificate(layout) => (layout.key_fingerprint(), cert_signer(&layout, signers, namespace, now)),
     };
     let signing = signing.ok_or_else(|| Refusal::UnknownKey(fingerprint.clone()))?;
     let signing = match signing {
@@ -228,10 +268,10 @@ pub fn screen(
             lines,
         },
     };
-    Ok(Screened {
-        request,
+    Ok(Signed {
         fingerprint,
-        message: text.to_string(),
+        message: message.to_string(),
+        namespace,
         hash_alg,
         signature,
         signing,
@@ -303,10 +343,10 @@ enum Found<'a> {
 }
 
 /// A plain key: the key lines (not `cert-authority`) with these very bytes.
-fn key_signer<'a>(key: &[u8], signers: &[Signer], now: DateTime<Utc>) -> Option<Found<'a>> {
+fn key_signer<'a>(key: &[u8], signers: &[Signer], namespace: &str, now: DateTime<Utc>) -> Option<Found<'a>> {
     let lines: Vec<&Signer> = signers
         .iter()
-        .filter(|s| !s.cert_authority && s.wire() == key && s.allows(NAMESPACE, now))
+        .filter(|s| !s.cert_authority && s.wire() == key && s.allows(namespace, now))
         .collect();
     let first = lines.first()?;
     let mut principals: Vec<String> = Vec::new();
@@ -319,10 +359,15 @@ fn key_signer<'a>(key: &[u8], signers: &[Signer], now: DateTime<Utc>) -> Option<
 }
 
 /// A certificate: the `cert-authority` lines whose key is the certificate's CA.
-fn cert_signer<'a>(layout: &sshsig::CertLayout<'a>, signers: &[Signer], now: DateTime<Utc>) -> Option<Found<'a>> {
+fn cert_signer<'a>(
+    layout: &sshsig::CertLayout<'a>,
+    signers: &[Signer],
+    namespace: &str,
+    now: DateTime<Utc>,
+) -> Option<Found<'a>> {
     let lines: Vec<&Signer> = signers
         .iter()
-        .filter(|s| s.cert_authority && s.wire() == layout.ca_key && s.allows(NAMESPACE, now))
+        .filter(|s| s.cert_authority && s.wire() == layout.ca_key && s.allows(namespace, now))
         .collect();
     let ca = lines.first()?.key.fingerprint(HashAlg::Sha256);
     let patterns = lines.iter().map(|s| s.principals.clone()).collect();
@@ -333,28 +378,46 @@ fn cert_signer<'a>(layout: &sshsig::CertLayout<'a>, signers: &[Signer], now: Dat
 /// CA's signature, then (about a certificate its CA issued and its holder used) that it
 /// is a user certificate valid at `now` with principals the `cert-authority` line allows.
 pub fn verify(screened: Screened, now: DateTime<Utc>) -> Result<Verified, Refusal> {
-    let Screened {
+    let Screened { request, signed, .. } = screened;
+    let SignedBy {
+        principals,
+        fingerprint,
+        certificate,
+    } = verify_signature(signed, now)?;
+    Ok(Verified {
         request,
+        principals,
+        fingerprint,
+        certificate,
+    })
+}
+
+/// The expensive part of a signature's checks: for a certificate the CA's signature,
+/// then the signature over the message in its namespace, then the certificate's type,
+/// validity, critical options and principals.
+pub fn verify_signature(signed: Signed, now: DateTime<Utc>) -> Result<SignedBy, Refusal> {
+    let Signed {
         fingerprint,
         message,
+        namespace,
         hash_alg,
         signature,
         signing,
-    } = screened;
+    } = signed;
     let (principals, certificate) = match signing {
         Signing::Key { key, principals } => {
-            signed_by(key, &message, hash_alg, signature, &fingerprint)?;
+            signed_by(key, &message, namespace, hash_alg, signature, &fingerprint)?;
             (principals, None)
         }
         Signing::Certificate { cert, ca, lines } => {
             cert::issued_by(&cert, &ca).map_err(Refusal::BadCertificate)?;
-            signed_by(cert.public_key().clone(), &message, hash_alg, signature, &fingerprint)?;
+            let key = cert.public_key().clone();
+            signed_by(key, &message, namespace, hash_alg, signature, &fingerprint)?;
             let principals = cert::authorise(&cert, &lines, now).map_err(Refusal::BadCertificate)?;
             (principals, Some(cert::info(&cert, &ca)))
         }
     };
-    Ok(Verified {
-        request,
+    Ok(SignedBy {
         principals,
         fingerprint,
         certificate,
@@ -365,14 +428,15 @@ pub fn verify(screened: Screened, now: DateTime<Utc>) -> Result<Verified, Refusa
 fn signed_by(
     key: KeyData,
     message: &str,
+    namespace: &str,
     hash_alg: HashAlg,
     signature: Signature,
     fingerprint: &str,
 ) -> Result<(), Refusal> {
     let bad = |why: &str| Refusal::BadSignature(format!("{fingerprint}: {why}"));
-    let sig = SshSig::new(key.clone(), NAMESPACE, hash_alg, signature).map_err(|_| bad("not a signature"))?;
+    let sig = SshSig::new(key.clone(), namespace, hash_alg, signature).map_err(|_| bad("not a signature"))?;
     PublicKey::new(key, "")
-        .verify(NAMESPACE, message.as_bytes(), &sig)
+        .verify(namespace, message.as_bytes(), &sig)
         .map_err(|_| bad("does not verify"))
 }
 

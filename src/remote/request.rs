@@ -97,23 +97,23 @@ impl KnockRequest {
 }
 
 /// The `key value` lines of a request, read in order.
-struct Lines<'a> {
+pub(crate) struct Lines<'a> {
     lines: std::iter::Peekable<std::str::Split<'a, char>>,
 }
 
 impl<'a> Lines<'a> {
-    fn new(text: &'a str) -> Result<Lines<'a>, String> {
+    pub(crate) fn new(text: &'a str) -> Result<Lines<'a>, String> {
         let body = text.strip_suffix('\n').ok_or("request: must end with a newline")?;
         Ok(Lines {
             lines: body.split('\n').peekable(),
         })
     }
 
-    fn peek_key(&mut self) -> Option<&'a str> {
+    pub(crate) fn peek_key(&mut self) -> Option<&'a str> {
         self.lines.peek().map(|l| l.split_once(' ').map_or(*l, |(k, _)| k))
     }
 
-    fn take(&mut self, key: &str) -> Result<&'a str, String> {
+    pub(crate) fn take(&mut self, key: &str) -> Result<&'a str, String> {
         match self.lines.next() {
             Some(line) => match line.split_once(' ') {
                 Some((k, v)) if k == key && !v.is_empty() => Ok(v),
@@ -123,11 +123,11 @@ impl<'a> Lines<'a> {
         }
     }
 
-    fn take_if(&mut self, key: &str) -> Option<&'a str> {
+    pub(crate) fn take_if(&mut self, key: &str) -> Option<&'a str> {
         (self.peek_key() == Some(key)).then(|| self.take(key).expect("peeked"))
     }
 
-    fn end(&mut self) -> Result<(), String> {
+    pub(crate) fn end(&mut self) -> Result<(), String> {
         match self.lines.next() {
             None => Ok(()),
             Some(line) => Err(format!("request: unexpected line {line:?}")),
@@ -143,7 +143,7 @@ fn host(v: &str) -> Result<String, String> {
         .ok_or_else(|| format!("host: {v:?} is not a host name or address"))
 }
 
-fn ports(v: &str) -> Result<Vec<u16>, String> {
+pub(crate) fn ports(v: &str) -> Result<Vec<u16>, String> {
     let ports: Vec<u16> = v
         .split(',')
         .map(|p| p.parse::<u16>().ok().filter(|n| *n != 0 && n.to_string() == p))
@@ -157,24 +157,24 @@ fn ports(v: &str) -> Result<Vec<u16>, String> {
     Ok(ports)
 }
 
-fn duration(v: &str) -> Result<u64, String> {
+pub(crate) fn duration(v: &str) -> Result<u64, String> {
     v.parse::<u64>()
         .ok()
         .filter(|s| *s > 0 && s.to_string() == v)
         .ok_or_else(|| format!("duration: {v:?} is not a whole number of seconds"))
 }
 
-fn time(v: &str, field: &str) -> Result<DateTime<Utc>, String> {
+pub(crate) fn time(v: &str, field: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(v)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| format!("{field}: {v:?} is not a UTC time ({e})"))
 }
 
-fn source(v: &str) -> Result<IpNet, String> {
+pub(crate) fn source(v: &str) -> Result<IpNet, String> {
     parse_prefix(v).map_err(|e| format!("source: {e}"))
 }
 
-fn justification(v: &str) -> Result<String, String> {
+pub(crate) fn justification(v: &str) -> Result<String, String> {
     if v.chars().count() > MAX_JUSTIFICATION {
         return Err(format!("justification: longer than {MAX_JUSTIFICATION} characters"));
     }
@@ -184,7 +184,7 @@ fn justification(v: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-fn nonce(v: &str) -> Result<[u8; 16], String> {
+pub(crate) fn nonce(v: &str) -> Result<[u8; 16], String> {
     let bad = || format!("nonce: {v:?} is not 32 lowercase hex digits");
     if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(bad());

@@ -155,7 +155,7 @@ fn validate_window(raw: Option<&str>, problems: &mut Vec<String>) -> Duration {
 }
 
 /// Reads and parses `allowed_signers`, refusing a file others could change.
-fn read_signers(path: &Path) -> Result<(Vec<Signer>, [u8; 32]), String> {
+pub(crate) fn read_signers(path: &Path) -> Result<(Vec<Signer>, [u8; 32]), String> {
     let shown = path.display();
     if !path.is_absolute() {
         return Err(format!("must be an absolute path, got {shown:?}"));

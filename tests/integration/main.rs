@@ -9,6 +9,8 @@ mod core;
 mod doctor;
 mod fairness;
 mod faults;
+mod fleet;
+mod fleet_net;
 mod grants;
 mod journal;
 mod knock;

@@ -91,16 +91,17 @@ pub fn sign_with(
     key: &Key,
     agent_keys: &[super::agent::Identity],
     dir: &PrivateDir,
+    namespace: &str,
 ) -> Result<String, String> {
     if let Key::Agent(line) = key {
         let socket = std::env::var_os("SSH_AUTH_SOCK").unwrap_or_default();
         let held = agent_keys.iter().find(|k| k.line().as_deref() == Some(line.as_str()));
         if let Some(identity) = held.filter(|k| k.signs_here()) {
-            return super::agent::sign(Path::new(&socket), identity, NAMESPACE, request.as_bytes())
+            return super::agent::sign(Path::new(&socket), identity, namespace, request.as_bytes())
                 .map_err(|e| format!("{e} (key {})", key.describe()));
         }
     }
-    sign(request, key, dir)
+    sign_in(request, key, dir, namespace)
 }
 
 /// A directory only this user can read, removed when dropped: the request and the
@@ -138,6 +139,11 @@ impl Drop for PrivateDir {
 /// ssh-keygen's own messages (a passphrase prompt, "touch your security key", an
 /// error) reach the user's terminal as they come.
 pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String> {
+    sign_in(request, key, dir, NAMESPACE)
+}
+
+/// Signs `request` with `key` under `namespace` (`knock@jitd`, `fleet@jitd`).
+pub fn sign_in(request: &str, key: &Key, dir: &PrivateDir, namespace: &str) -> Result<String, String> {
     let message = dir.write("request", request)?;
     let (key_file, agent_only) = match key {
         Key::Given(path) | Key::Default(path) => (path.clone(), false),
@@ -147,7 +153,7 @@ pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String
     // terminal there is nobody to ask, and ssh-keygen must not read one from a pipe
     let terminal = std::io::stdin().is_terminal();
     let mut cmd = Command::new("ssh-keygen");
-    cmd.args(["-Y", "sign", "-n", NAMESPACE, "-f"]).arg(key_file);
+    cmd.args(["-Y", "sign", "-n", namespace, "-f"]).arg(key_file);
     if agent_only {
         cmd.arg("-U"); // the key is in the agent, and only there
     }

@@ -1,0 +1,501 @@
+//! `jitctl fleet`: ask many hosts at once through etcd (docs/fleet.md). `request` signs
+//! a fleet request with the user's SSH key (`ssh-keygen -Y sign -n fleet@jitd`, as
+//! `jitctl knock` signs), writes it under `requests/<id>` on a lease whose TTL is the
+//! duration, and waits for each selected host's answer; `status` shows hosts, live
+//! requests and answers; `revoke` revokes a request's lease. etcd's address and
+//! credentials: flags, else `ETCDCTL_*` (as etcdctl reads them), else
+//! `~/.config/jitctl/fleet.toml`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use etcd_client::{Client, GetOptions, PutOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::jitctl::{FleetArgs, FleetCommand};
+use crate::cli::knock::sign;
+use crate::fleet::records::{HostRecord, Keys, Outcome, StatusRecord};
+use crate::fleet::request::FleetRequest;
+use crate::fleet::settings::{valid_name, Tls, DEFAULT_PREFIX};
+
+/// `~/.config/jitctl/fleet.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FleetFile {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    prefix: Option<String>,
+}
+
+/// Where etcd is and how to reach it, resolved.
+#[derive(Debug)]
+struct Etcd {
+    endpoints: Vec<String>,
+    tls: Option<Tls>,
+    keys: Keys,
+}
+
+/// What `jitctl fleet` prints: one answer per host, or the fleet's state.
+#[derive(Debug, Serialize)]
+pub struct Answers {
+    /// The request's id.
+    pub id: String,
+    /// Each selected host's answer (`outcome: "no_answer"` when it gave none in time).
+    pub hosts: Vec<Answer>,
+}
+
+/// One host's answer.
+#[derive(Debug, Serialize)]
+pub struct Answer {
+    /// The host.
+    pub host: String,
+    /// approved, denied, revoked, no_answer.
+    pub outcome: String,
+    /// When it closes, if approved.
+    pub until: Option<DateTime<Utc>>,
+    /// Why, if denied.
+    pub reason: Option<String>,
+}
+
+impl Answers {
+    /// Whether every host approved.
+    pub fn all_approved(&self) -> bool {
+        !self.hosts.is_empty() && self.hosts.iter().all(|h| h.outcome == "approved")
+    }
+
+    /// The table: HOST OUTCOME OPEN UNTIL / REASON.
+    pub fn table(&self) -> String {
+        let mut out = format!("request {}\n", self.id);
+        let width = self.hosts.iter().map(|h| h.host.len()).max().unwrap_or(4).max(4);
+        out.push_str(&format!("{:width$}  {:9}  OPEN UNTIL / REASON\n", "HOST", "OUTCOME"));
+        for h in &self.hosts {
+            let detail = match (&h.until, &h.reason) {
+                (Some(t), _) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+                (None, Some(r)) => crate::text::escape_capped(r, 200),
+                (None, None) => "-".into(),
+            };
+            out.push_str(&format!("{:width$}  {:9}  {detail}\n", h.host, h.outcome));
+        }
+        if self.hosts.is_empty() {
+            out.push_str("(no registered host is selected)\n");
+        }
+        out
+    }
+}
+
+/// Runs `jitctl fleet`; `Ok(text or JSON, success)`; `Err`: a usage or connection error.
+pub async fn run(args: &FleetArgs, json: bool) -> Result<(String, bool), String> {
+    let etcd = resolve(args)?;
+    let mut client = crate::fleet::connect::connect(&etcd.endpoints, etcd.tls.as_ref()).await?;
+    match &args.command {
+        FleetCommand::Request {
+            hosts,
+            ports,
+            source,
+            duration,
+            justification,
+            key,
+            wait,
+        } => {
+            let asked = Ask {
+                hosts: hosts.iter().flat_map(|h| h.split(',')).map(str::to_string).collect(),
+                ports: ports.clone(),
+                source: source.clone(),
+                duration: *duration,
+                justification: justification.clone(),
+            };
+            let answers = request(&etcd, &mut client, &asked, key.as_deref(), *wait).await?;
+            let ok = answers.all_approved();
+            Ok((render(json, &answers, Answers::table)?, ok))
+        }
+        FleetCommand::Status => {
+            let state = status(&etcd, &mut client).await?;
+            Ok((render(json, &state, FleetState::table)?, true))
+        }
+        FleetCommand::Revoke { id } => {
+            revoke(&etcd, &mut client, id).await?;
+            let done = serde_json::json!({"revoked": id});
+            Ok((render(json, &done, |_| format!("revoked {id}\n"))?, true))
+        }
+    }
+}
+
+fn render<T: Serialize>(json: bool, value: &T, human: impl Fn(&T) -> String) -> Result<String, String> {
+    match json {
+        true => serde_json::to_string_pretty(value)
+            .map(|s| s + "\n")
+            .map_err(|e| e.to_string()),
+        false => Ok(human(value)),
+    }
+}
+
+/// Flags, else `ETCDCTL_*`, else the file.
+fn resolve(args: &FleetArgs) -> Result<Etcd, String> {
+    let file = read_file()?;
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let endpoints: Vec<String> = match (&args.endpoints, env("ETCDCTL_ENDPOINTS")) {
+        (Some(e), _) => e.split(',').map(str::to_string).collect(),
+        (None, Some(e)) => e.to_string_lossy().split(',').map(str::to_string).collect(),
+        (None, None) => file.endpoints.clone(),
+    };
+    if endpoints.is_empty() {
+        return Err(
+            "no etcd endpoints: give --endpoints, ETCDCTL_ENDPOINTS or `endpoints` in ~/.config/jitctl/fleet.toml"
+                .into(),
+        );
+    }
+    let pick = |flag: &Option<PathBuf>, var: &str, from_file: &Option<PathBuf>| {
+        flag.clone()
+            .or_else(|| env(var).map(PathBuf::from))
+            .or_else(|| from_file.clone())
+    };
+    let ca = pick(&args.cacert, "ETCDCTL_CACERT", &file.ca);
+    let cert = pick(&args.cert, "ETCDCTL_CERT", &file.cert);
+    let key = pick(&args.etcd_key, "ETCDCTL_KEY", &file.key);
+    let plain = endpoints.iter().all(|e| e.starts_with("http://"));
+    let tls = match (ca, cert, key) {
+        (Some(ca), Some(cert), Some(key)) => Some(Tls { ca, cert, key }),
+        _ if plain => None,
+        _ => return Err(
+            "https:// endpoints need --cacert, --cert and --etcd-key (or ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY)"
+                .into(),
+        ),
+    };
+    let prefix = args
+        .prefix
+        .clone()
+        .or(file.prefix)
+        .unwrap_or_else(|| DEFAULT_PREFIX.into());
+    Ok(Etcd {
+        endpoints,
+        tls,
+        keys: Keys::new(&prefix),
+    })
+}
+
+fn read_file() -> Result<FleetFile, String> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")));
+    let Some(path) = base.map(|b| b.join("jitctl/fleet.toml")) else {
+        return Ok(FleetFile::default());
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(FleetFile::default()),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// What the user asked for.
+struct Ask {
+    hosts: Vec<String>,
+    ports: Vec<u16>,
+    source: String,
+    duration: Duration,
+    justification: Option<String>,
+}
+
+/// The canonical request for `ask`, signed at `now` with `nonce`.
+fn build(ask: &Ask, now: DateTime<Utc>, nonce: [u8; 16]) -> Result<FleetRequest, String> {
+    if let Some(bad) = ask
+        .hosts
+        .iter()
+        .find(|h| !valid_name(h.strip_prefix("group:").unwrap_or(h)))
+    {
+        return Err(format!("--hosts: {bad:?} is not a host name or group:NAME"));
+    }
+    let mut ports = ask.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let request = FleetRequest {
+        hosts: ask.hosts.clone(),
+        ports,
+        duration: ask.duration.as_secs(),
+        source: crate::domain::parse_prefix(&ask.source).map_err(|e| format!("--source: {e}"))?,
+        justification: ask.justification.clone(),
+        time: DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now),
+        nonce,
+    };
+    // the parser jitd uses is the judge of what may be sent
+    FleetRequest::parse(&request.encode())?;
+    Ok(request)
+}
+
+async fn request(
+    etcd: &Etcd,
+    client: &mut Client,
+    ask: &Ask,
+    key: Option<&Path>,
+    wait: Duration,
+) -> Result<Answers, String> {
+    let request = build(ask, Utc::now(), sign::random16()?)?;
+    let text = request.encode();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let agent_keys = match key {
+        Some(_) => Vec::new(),
+        None => sign::agent_keys(std::env::var_os("SSH_AUTH_SOCK").as_deref()),
+    };
+    let listing = sign::listing(&agent_keys);
+    let given = key.map(|k| (k.to_path_buf(), "--key".to_string()));
+    let key = sign::choose(given, listing.as_deref(), home.as_deref(), Path::exists)?;
+    let dir = sign::PrivateDir::new(sign::random16()?)?;
+    let armoured = sign::sign_with(&text, &key, &agent_keys, &dir, crate::fleet::NAMESPACE)?;
+    let selected = selected_hosts(etcd, client, &request.hosts).await?;
+    let ttl = i64::try_from(request.duration).map_err(|_| "--duration: too long")?;
+    let lease = client
+        .lease_grant(ttl, None)
+        .await
+        .map_err(|e| format!("granting a lease: {e}"))?
+        .id();
+    let id = request.id();
+    client
+        .put(
+            etcd.keys.request(&id),
+            FleetRequest::stored(&text, &armoured),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| format!("writing the request: {e}"))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let answers = answers(etcd, client, &id).await?;
+        if selected.iter().all(|h| answers.contains_key(h)) || Instant::now() >= deadline {
+            return Ok(collect(id, &selected, answers));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The registered hosts `targets` select.
+async fn selected_hosts(etcd: &Etcd, client: &mut Client, targets: &[String]) -> Result<Vec<String>, String> {
+    let hosts = hosts(etcd, client).await?;
+    Ok(hosts
+        .into_iter()
+        .filter(|(name, record)| {
+            targets.iter().any(|t| match t.strip_prefix("group:") {
+                Some(g) => record.groups.iter().any(|x| x == g),
+                None => t.eq_ignore_ascii_case(name),
+            })
+        })
+        .map(|(name, _)| name)
+        .collect())
+}
+
+async fn hosts(etcd: &Etcd, client: &mut Client) -> Result<BTreeMap<String, HostRecord>, String> {
+    let prefix = etcd.keys.hosts();
+    let got = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {prefix}: {e}"))?;
+    Ok(got
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let name = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect())
+}
+
+async fn answers(etcd: &Etcd, client: &mut Client, id: &str) -> Result<BTreeMap<String, StatusRecord>, String> {
+    let prefix = etcd.keys.status_of(id);
+    let got = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {prefix}: {e}"))?;
+    Ok(got
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let host = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
+            Some((host, serde_json::from_slice(kv.value()).ok()?))
+        })
+        .collect())
+}
+
+fn collect(id: String, selected: &[String], mut answers: BTreeMap<String, StatusRecord>) -> Answers {
+    let mut hosts: Vec<Answer> = selected
+        .iter()
+        .map(|h| match answers.remove(h) {
+            Some(s) => answer(h, s),
+            None => Answer {
+                host: h.clone(),
+                outcome: "no_answer".into(),
+                until: None,
+                reason: Some("no answer in time (is its jitd connected to etcd?)".into()),
+            },
+        })
+        .collect();
+    // hosts that answered without being registered (their registration lapsed)
+    hosts.extend(answers.into_iter().map(|(h, s)| answer(&h, s)));
+    Answers { id, hosts }
+}
+
+fn answer(host: &str, s: StatusRecord) -> Answer {
+    Answer {
+        host: host.to_string(),
+        outcome: s.outcome.as_str().into(),
+        until: s.until,
+        reason: s.reason,
+    }
+}
+
+/// The fleet as etcd holds it.
+#[derive(Debug, Serialize)]
+pub struct FleetState {
+    /// Registered (alive) hosts.
+    pub hosts: BTreeMap<String, HostRecord>,
+    /// Live requests, by id: their text and the hosts' answers.
+    pub requests: BTreeMap<String, LiveRequest>,
+}
+
+/// A live request.
+#[derive(Debug, Serialize)]
+pub struct LiveRequest {
+    /// Whom it selects.
+    pub hosts: Vec<String>,
+    /// Ports.
+    pub ports: Vec<u16>,
+    /// Source.
+    pub source: String,
+    /// Where it is open (approved answers) and what others said.
+    pub answers: BTreeMap<String, StatusRecord>,
+}
+
+impl FleetState {
+    /// Two tables: hosts, then requests with where they are open.
+    pub fn table(&self) -> String {
+        let mut out = String::from("HOST  VERSION  HEALTH  GROUPS  PORTS\n");
+        for (name, h) in &self.hosts {
+            out.push_str(&format!(
+                "{name}  {}  {}  {}  {}\n",
+                h.version,
+                h.health,
+                h.groups.join(","),
+                h.ports.join(",")
+            ));
+        }
+        out.push_str("\nREQUEST  HOSTS  PORTS  SOURCE  OPEN ON\n");
+        for (id, r) in &self.requests {
+            let open: Vec<&str> = r
+                .answers
+                .iter()
+                .filter(|(_, s)| s.outcome == Outcome::Approved)
+                .map(|(h, _)| h.as_str())
+                .collect();
+            let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+            out.push_str(&format!(
+                "{id}  {}  {}  {}  {}\n",
+                r.hosts.join(","),
+                ports.join(","),
+                r.source,
+                open.join(",")
+            ));
+        }
+        out
+    }
+}
+
+async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> {
+    let hosts = hosts(etcd, client).await?;
+    let prefix = etcd.keys.requests();
+    let got = client
+        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {prefix}: {e}"))?;
+    let mut requests = BTreeMap::new();
+    for kv in got.kvs() {
+        let Some(id) = kv.key_str().ok().and_then(|k| etcd.keys.request_id(k)) else {
+            continue;
+        };
+        let Ok((text, _)) = crate::fleet::request::split(kv.value()) else {
+            continue;
+        };
+        let Ok(r) = FleetRequest::parse(text) else { continue };
+        let live = LiveRequest {
+            hosts: r.hosts,
+            ports: r.ports,
+            source: crate::domain::format_prefix(&r.source),
+            answers: answers(etcd, client, id).await?,
+        };
+        requests.insert(id.to_string(), live);
+    }
+    Ok(FleetState { hosts, requests })
+}
+
+async fn revoke(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(), String> {
+    let key = etcd.keys.request(id);
+    if etcd.keys.request_id(&key).is_none() {
+        return Err(format!(
+            "{id:?} is not a request id (32 hex digits, as `jitctl fleet status` shows)"
+        ));
+    }
+    let got = client
+        .get(key.as_str(), None)
+        .await
+        .map_err(|e| format!("reading {key}: {e}"))?;
+    let Some(kv) = got.kvs().first() else {
+        return Err(format!("no live request {id}"));
+    };
+    // revoking the lease deletes the request and the answers bound to it, at once
+    match kv.lease() {
+        0 => client.delete(key.as_str(), None).await.map(|_| ()),
+        lease => client.lease_revoke(lease).await.map(|_| ()),
+    }
+    .map_err(|e| format!("revoking {id}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask() -> Ask {
+        Ask {
+            hosts: vec!["group:web".into(), "db1".into()],
+            ports: vec![3389, 22, 22],
+            source: "198.51.100.7".into(),
+            duration: Duration::from_secs(3600),
+            justification: Some("INC-1234".into()),
+        }
+    }
+
+    #[test]
+    fn the_request_is_canonical_and_bad_input_is_named() {
+        let r = build(&ask(), "2026-11-26T13:05:00.7Z".parse().unwrap(), [1; 16]).unwrap();
+        assert_eq!(r.ports, [22, 3389]);
+        assert_eq!(FleetRequest::parse(&r.encode()).unwrap(), r);
+        let mut bad = ask();
+        bad.hosts = vec!["group:we b".into()];
+        assert!(build(&bad, Utc::now(), [1; 16]).unwrap_err().contains("--hosts"));
+        let mut bad = ask();
+        bad.source = "nowhere".into();
+        assert!(build(&bad, Utc::now(), [1; 16]).unwrap_err().contains("--source"));
+    }
+
+    #[test]
+    fn hosts_without_an_answer_are_listed_and_fail_the_request() {
+        let mut got = BTreeMap::new();
+        let t = "2026-11-26T14:05:00Z".parse().unwrap();
+        got.insert(
+            "web1".to_string(),
+            StatusRecord {
+                host: "web1".into(),
+                outcome: Outcome::Approved,
+                until: Some(t),
+                reason: None,
+                time: t,
+            },
+        );
+        let answers = collect("ab".repeat(16), &["web1".into(), "web2".into()], got);
+        assert!(!answers.all_approved());
+        let table = answers.table();
+        assert!(table.contains("web1  approved   2026-11-26T14:05:00Z"), "{table}");
+        assert!(table.contains("web2  no_answer  no answer in time"), "{table}");
+    }
+}

@@ -1,0 +1,119 @@
+//! How a host judges a fleet request it reads from etcd, cheapest check first, before
+//! the request goes to the daemon's one commit path (which checks the policy):
+//! the value's size and grammar, the key's id against the signed nonce, whether this
+//! host is selected, the signing time, the signed end, then the signature against this
+//! host's own `allowed_signers` in the `fleet@jitd` namespace. No I/O.
+
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use super::request::{self, FleetRequest};
+use super::settings::Fleet;
+use super::NAMESPACE;
+use crate::api::protocol::GrantRequest;
+use crate::domain::format_prefix;
+use crate::remote::packet::{self, Refusal, Signed, SignedBy};
+
+/// How far in the future a request's signing time may be (clock skew).
+pub const SKEW: TimeDelta = TimeDelta::seconds(30);
+
+/// Why a host refused a fleet request before its policy saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Stable code: `malformed`, `id_mismatch`, `unsigned`, `future`, `expired`,
+    /// `no_lease`, or a signature refusal's code (`unknown_key`, `bad_signature`, ...).
+    pub code: &'static str,
+    /// What was wrong, for the audit log and the status record.
+    pub reason: String,
+}
+
+impl Refused {
+    /// A value that is not a fleet request.
+    pub fn malformed(why: &str) -> Refused {
+        Refused::new("malformed", why)
+    }
+
+    fn new(code: &'static str, reason: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Refused {
+        Refused::new(r.code(), r.to_string())
+    }
+}
+
+/// A request for this host whose signer is known, its signature not yet verified.
+#[derive(Debug, Clone)]
+pub struct Screened {
+    /// The request as it claims to be signed.
+    pub request: FleetRequest,
+    signed: Signed,
+}
+
+/// The cheap checks of the value stored under `requests/<id>`: `Ok(None)` when it does
+/// not select this host (nothing to do, nothing to audit).
+pub fn screen(id: &str, value: &[u8], fleet: &Fleet, now: DateTime<Utc>) -> Result<Option<Screened>, Refused> {
+    let (text, blob) = request::split(value).map_err(|e| Refused::new("malformed", e))?;
+    let request = FleetRequest::parse(text).map_err(|e| Refused::new("malformed", e))?;
+    if request.id() != id {
+        return Err(Refused::new(
+            "id_mismatch",
+            format!("stored under requests/{id} but signed with nonce {}", request.id()),
+        ));
+    }
+    if !request.hosts.iter().any(|t| fleet.selects(t)) {
+        return Ok(None);
+    }
+    let blob = blob.ok_or_else(|| Refused::new("unsigned", "the request carries no signature"))?;
+    if request.time > now + SKEW {
+        return Err(Refused::new("future", "signed in the future (clocks apart?)"));
+    }
+    if request.signed_end() <= now {
+        return Err(Refused::new("expired", "its signed duration is over"));
+    }
+    let signed = packet::screen_signature(text, &blob, NAMESPACE, &fleet.signers, now)?;
+    Ok(Some(Screened { request, signed }))
+}
+
+/// The signature's expensive checks (see [`packet::verify_signature`]).
+pub fn verify(screened: Screened, now: DateTime<Utc>) -> Result<(FleetRequest, SignedBy), Refused> {
+    let by = packet::verify_signature(screened.signed, now)?;
+    Ok((screened.request, by))
+}
+
+/// Until when a host opens for a request first seen at `now` with `lease_left` of its
+/// lease remaining (`None`: not attached to a live lease): the sooner of the lease's
+/// end and the signed end.
+pub fn open_until(
+    request: &FleetRequest,
+    lease_left: Option<Duration>,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, Refused> {
+    let left = lease_left.ok_or_else(|| Refused::new("no_lease", "not attached to a live etcd lease"))?;
+    let lease_end = now + TimeDelta::from_std(left).unwrap_or(TimeDelta::MAX);
+    let until = lease_end.min(request.signed_end());
+    if until <= now + TimeDelta::seconds(1) {
+        return Err(Refused::new("expired", "its lease or signed duration is over"));
+    }
+    Ok(until)
+}
+
+/// The socket request a fleet request becomes on this host.
+pub fn grant_request(request: &FleetRequest, until: DateTime<Utc>) -> GrantRequest {
+    GrantRequest {
+        ports: request.ports.clone(),
+        source: format_prefix(&request.source),
+        duration_secs: None,
+        until: Some(until),
+        justification: request.justification.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

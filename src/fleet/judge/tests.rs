@@ -1,0 +1,119 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::fleet::settings::Fleet;
+use crate::remote::signers;
+
+macro_rules! fixture {
+    ($name:literal) => {
+        include_str!(concat!("../../../tests/fixtures/fleet/", $name))
+    };
+}
+const REQUEST: &str = fixture!("request");
+const ID: &str = "5f2b0c9e5f2b0c9e5f2b0c9e5f2b0c9e";
+
+fn fleet(name: &str, groups: &[&str]) -> Fleet {
+    Fleet {
+        endpoints: vec!["http://127.0.0.1:2379".into()],
+        tls: None,
+        name: name.into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        prefix: "/jitd/".into(),
+        allowed_signers: "/dev/null".into(),
+        signers: Arc::new(signers::parse(fixture!("allowed_signers")).unwrap()),
+        signers_digest: [0; 32],
+    }
+}
+
+fn at(t: &str) -> DateTime<Utc> {
+    t.parse().unwrap()
+}
+
+fn now() -> DateTime<Utc> {
+    at("2026-11-26T13:05:10Z")
+}
+
+fn stored(sig: &str) -> Vec<u8> {
+    FleetRequest::stored(REQUEST, sig).into_bytes()
+}
+
+fn judged(value: &[u8], host: &Fleet, now: DateTime<Utc>) -> Result<Option<(FleetRequest, SignedBy)>, Refused> {
+    match screen(ID, value, host, now)? {
+        None => Ok(None),
+        Some(s) => verify(s, now).map(Some),
+    }
+}
+
+#[test]
+fn alices_request_passes_on_a_selected_host_by_name_or_group() {
+    for host in [fleet("web1", &[]), fleet("web7", &["web"])] {
+        let (request, by) = judged(&stored(fixture!("alice.sig")), &host, now()).unwrap().unwrap();
+        assert_eq!(by.principals, ["alice"]);
+        assert_eq!(request.id(), ID);
+        assert_eq!(request.ports, [22]);
+    }
+}
+
+#[test]
+fn a_host_outside_the_selection_does_nothing_even_for_garbage_signatures() {
+    let db = fleet("db1", &["db", "prod"]);
+    assert!(judged(&stored(fixture!("alice.sig")), &db, now()).unwrap().is_none());
+    assert!(judged(&stored(fixture!("mallory.sig")), &db, now()).unwrap().is_none());
+    assert!(judged(REQUEST.as_bytes(), &db, now()).unwrap().is_none());
+}
+
+#[test]
+fn every_bad_request_is_refused_with_its_code() {
+    let web1 = fleet("web1", &[]);
+    let tampered = FleetRequest::stored(&REQUEST.replace("198.51.100.7", "198.51.100.8"), fixture!("alice.sig"));
+    let cases: Vec<(Vec<u8>, DateTime<Utc>, &str)> = vec![
+        (REQUEST.as_bytes().to_vec(), now(), "unsigned"),
+        (stored(fixture!("mallory.sig")), now(), "unknown_key"),
+        // bob's line allows knock@jitd only
+        (stored(fixture!("bob.sig")), now(), "unknown_key"),
+        // a knock's signature of the very same text
+        (stored(fixture!("alice-knock.sig")), now(), "bad_signature"),
+        (tampered.into_bytes(), now(), "bad_signature"),
+        (stored(fixture!("alice.sig")), at("2026-11-26T14:05:00Z"), "expired"),
+        (stored(fixture!("alice.sig")), at("2026-11-26T13:04:00Z"), "future"),
+        (b"hosts web1\n".to_vec(), now(), "malformed"),
+    ];
+    for (value, when, code) in cases {
+        let e = judged(&value, &web1, when).unwrap_err();
+        assert_eq!(e.code, code, "{e:?}");
+    }
+}
+
+#[test]
+fn a_request_copied_under_another_id_is_refused() {
+    let e = screen(
+        &"00".repeat(16),
+        &stored(fixture!("alice.sig")),
+        &fleet("web1", &[]),
+        now(),
+    )
+    .unwrap_err();
+    assert_eq!(e.code, "id_mismatch");
+}
+
+#[test]
+fn the_grant_ends_with_the_lease_or_the_signed_end_whichever_is_sooner() {
+    let request = FleetRequest::parse(REQUEST).unwrap();
+    let secs = |s| Some(Duration::from_secs(s));
+    assert_eq!(
+        open_until(&request, secs(600), now()).unwrap(),
+        now() + TimeDelta::seconds(600)
+    );
+    // a lease longer than the signed duration does not stretch it
+    assert_eq!(
+        open_until(&request, secs(86_400), now()).unwrap(),
+        at("2026-11-26T14:05:00Z")
+    );
+    assert_eq!(open_until(&request, None, now()).unwrap_err().code, "no_lease");
+    assert_eq!(open_until(&request, secs(0), now()).unwrap_err().code, "expired");
+    let g = grant_request(&request, at("2026-11-26T13:15:00Z"));
+    assert_eq!(
+        (g.source.as_str(), g.until, g.duration_secs),
+        ("198.51.100.7", Some(at("2026-11-26T13:15:00Z")), None)
+    );
+}

@@ -1,0 +1,14 @@
+//! The fleet (issue #15), the pure part: `[fleet]` ([`settings`]), the signed fleet
+//! request naming hosts and groups ([`request`]), how a host judges one it reads from
+//! etcd ([`judge`]) and the records it writes back ([`records`]). The etcd glue is
+//! `src/daemon/fleet.rs`, the client `src/cli/fleet.rs`; docs/fleet.md has the design.
+
+pub mod connect;
+pub mod judge;
+pub mod records;
+pub mod request;
+pub mod settings;
+
+/// The SSHSIG namespace of a fleet request: a knock's signature is never a fleet
+/// request's and a fleet request's never a knock's.
+pub const NAMESPACE: &str = "fleet@jitd";
