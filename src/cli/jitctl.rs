@@ -120,11 +120,6 @@ pub enum Command {
     },
     /// Make jitd re-read its policy (admins only); an invalid policy changes nothing.
     Reload,
-    /// Ask a host from anywhere: send one UDP packet, signed with your SSH key, that
-    /// asks the host's jitd to open ports for the address it comes from.
-    #[command(
-        after_help = "The packet is signed by `ssh-keygen -Y sign -n knock@jitd`: whatever ssh itself would use works (ssh-agent, a key file, a FIDO2 security key, an OpenSSH certificate). Key: --key, else the host's `key` in hosts.toml, else ssh-agent's first key, else ~/.ssh/id_ed25519, id_ecdsa, id_ecdsa_sk, id_ed25519_sk, id_rsa.\n\nThe host never answers a knock (refused or accepted): jitctl waits for the first TCP port to accept a connection.\n\nDefaults per host: $XDG_CONFIG_HOME/jitctl/hosts.toml (~/.config/jitctl/hosts.toml); flags override it.\n\nExit status: 0 the port opened (or the knock was sent, with --no-wait), 1 it did not open in time, 2 usage or local error.\n\nExamples:\n  jitctl knock web1.example.org --port 22 --duration 1h --justification \"INC-1234\"\n  jitctl knock [2001:db8::7]:62223 --port 3389 --until 2026-12-01T17:00:00Z --key ~/.ssh/id_ed25519_sk.pub\n  jitctl knock 192.0.2.7 --port 22 --duration 30m --source 198.51.100.7 --no-wait"
-    )]
     /// Is this host healthy? Checks jitd, its table, the drift monitor, the audit log,
     /// each protected port (does anything listen; would another table drop a granted
     /// connection), and recommends management services to protect, with the lines to
@@ -133,6 +128,11 @@ pub enum Command {
         after_help = "Exit status: 0 healthy, 1 unhealthy (a FAIL line; also when jitd is not running), 2 could not tell (no access to the socket, no viewer role, no answer).\nWith --json, the report for monitoring systems (docs/doctor.md)."
     )]
     Doctor,
+    /// Ask a host from anywhere: send one UDP packet, signed with your SSH key, that
+    /// asks the host's jitd to open ports for the address it comes from.
+    #[command(
+        after_help = "The packet is signed by `ssh-keygen -Y sign -n knock@jitd`: whatever ssh itself would use works (ssh-agent, a key file, a FIDO2 security key, an OpenSSH certificate). Key: --key, else the host's `key` in hosts.toml, else ssh-agent's first key, else ~/.ssh/id_ed25519, id_ecdsa, id_ecdsa_sk, id_ed25519_sk, id_rsa.\n\nThe host never answers a knock (refused or accepted): jitctl waits for the first TCP port to accept a connection.\n\nDefaults per host: $XDG_CONFIG_HOME/jitctl/hosts.toml (~/.config/jitctl/hosts.toml); flags override it.\n\nExit status: 0 the port opened (or the knock was sent, with --no-wait), 1 it did not open in time, 2 usage or local error.\n\nExamples:\n  jitctl knock web1.example.org --port 22 --duration 1h --justification \"INC-1234\"\n  jitctl knock [2001:db8::7]:62223 --port 3389 --until 2026-12-01T17:00:00Z --key ~/.ssh/id_ed25519_sk.pub\n  jitctl knock 192.0.2.7 --port 22 --duration 30m --source 198.51.100.7 --no-wait"
+    )]
     Knock(KnockArgs),
     /// Ask many hosts at once through etcd: a request signed with your SSH key opens the
     /// hosts and groups it names, each host judging it by its own policy.
@@ -278,4 +278,23 @@ pub fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
         return Ok(Utc::now() - back);
     }
     parse_time(text).map_err(|_| "not a duration (7d, 12h) or a time (RFC 3339 or YYYY-MM-DD)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn each_subcommand_keeps_its_own_help() {
+        let cli = Cli::command();
+        let help = |name: &str| {
+            let sub = cli.find_subcommand(name).unwrap_or_else(|| panic!("no {name}"));
+            sub.get_after_help().map(|h| h.to_string()).unwrap_or_default()
+        };
+        assert!(help("knock").contains("knock@jitd"), "{}", help("knock"));
+        assert!(help("doctor").contains("0 healthy"), "{}", help("doctor"));
+        assert!(help("fleet").contains("ETCDCTL_ENDPOINTS"), "{}", help("fleet"));
+        assert!(help("request").contains("Examples"), "{}", help("request"));
+    }
 }
