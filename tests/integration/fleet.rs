@@ -387,3 +387,34 @@ fn a_host_cut_off_while_its_request_is_revoked_closes_it_on_reconnect() {
     });
     assert!(revoked, "{:?}", fleet.setups[0].audit_lines());
 }
+
+#[test]
+fn a_flood_of_garbage_requests_in_etcd_is_summarised_not_recorded_one_by_one() {
+    let fleet = Fleet::new();
+    for n in 0..60 {
+        let id = format!("{n:032x}");
+        fleet
+            .etcd
+            .put_raw(&format!("/jitd/requests/{id}"), "not a request", Some(600));
+    }
+    // the first 20 are on record one by one, the other 40 only counted
+    let full = |n: usize| {
+        fleet
+            .fleet_records(n)
+            .iter()
+            .filter(|r| r["outcome"] == "denied")
+            .count()
+    };
+    for n in 1..=3 {
+        assert!(
+            wait_for(Duration::from_secs(20), || full(n) >= 20),
+            "host {n}: {}",
+            full(n)
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    for n in 1..=3 {
+        assert_eq!(full(n), 20, "host {n}: {:?}", fleet.fleet_records(n));
+        assert!(!fleet.open(n));
+    }
+}
