@@ -56,6 +56,10 @@ pub struct Snapshot {
     /// What start-up needs from the history up to `position`.
     #[serde(default)]
     pub history: History,
+    /// The connections the live grants admitted so far, and the count last read from
+    /// each kernel element (start-up credits what the counters added since).
+    #[serde(default, skip_serializing_if = "crate::grants::usage::SavedLedger::is_empty")]
+    pub admitted: crate::grants::usage::SavedLedger,
 }
 
 /// The sum of the journal up to a checkpoint that start-up needs besides the grants:
@@ -417,6 +421,11 @@ mod tests {
                 hash: "cd".repeat(32),
             }),
             history: History::default(),
+            admitted: crate::grants::usage::SavedLedger {
+                connections: [(3, 2)].into(),
+                elements: Vec::new(),
+                unknown: [3].into(),
+            },
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);

@@ -129,6 +129,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until,
             user,
             port,
+            unused,
             format,
             limit,
             cursor,
@@ -139,6 +140,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     until,
                     user,
                     port,
+                    unused,
                 },
                 limit: limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                 cursor,
@@ -477,6 +479,7 @@ fn print_status_page(
         "PROTO",
         "REQUESTER",
         "TIME LEFT",
+        "CONNS",
         "JUSTIFICATION",
     ];
     let columns = match columns {
@@ -530,6 +533,13 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
     )?;
     print_clock_notes(out, &s.clock)?;
+    if let Some(at) = s.connections_counted_at {
+        writeln!(
+            out,
+            "CONNS: new connections each grant admitted, counted up to {} (jitd reads the kernel's counters every 10 s)",
+            at.with_timezone(&Local).format("%H:%M:%S")
+        )?;
+    }
     writeln!(out)
 }
 
@@ -574,6 +584,7 @@ fn grant_row(g: &GrantInfo) -> Vec<String> {
         g.protocol.to_string(),
         g.requester.clone(),
         jitd::duration::format(std::time::Duration::from_secs(g.remaining_secs)),
+        g.connections.map_or("-".into(), |n| n.to_string()),
         g.justification.clone().unwrap_or_default(),
     ]
 }
@@ -591,12 +602,13 @@ fn print_audit(out: &mut dyn Write, reply: &AuditReply) -> io::Result<()> {
                 r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
                 r.source.clone().unwrap_or_default(),
                 r.grant_id.map(|g| g.to_string()).unwrap_or_default(),
+                r.connections.map(|n| n.to_string()).unwrap_or_default(),
                 r.reason.clone().unwrap_or_default(),
             ]
         })
         .collect();
     let headers = [
-        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON",
+        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "CONNS", "REASON",
     ];
     out.write_all(table::render(&headers, &rows).as_bytes())
 }

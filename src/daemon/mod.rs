@@ -30,6 +30,7 @@ mod requests;
 mod start;
 mod systemd;
 mod upkeep;
+mod usage;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -88,6 +89,10 @@ struct State {
     /// The highest grant id whose approval is on disk: `status` shows no grant above it
     /// (booked, but its record not yet written, it may still be refused).
     recorded: crate::domain::GrantId,
+    /// The connections each grant admitted, from the kernel's counters ([`usage`]).
+    ledger: crate::grants::usage::Ledger,
+    /// Grants ending up to here have had their counters read ahead of their end.
+    sampled_until: tokio::time::Instant,
 }
 
 impl State {
@@ -236,6 +241,7 @@ fn snapshot_of(st: &State) -> store::Snapshot {
         audit_hash: st.audit_hash.clone(),
         lockdown: format!("{:?}", LockdownSpec::from_config(&st.config)),
         fingerprint: st.baseline.clone(),
+        admitted: st.ledger.saved(),
         ..Default::default()
     }
 }

@@ -232,12 +232,20 @@ pub mod attr {
     pub const ELEM_FLAGS: u16 = 3;
     /// NFTA_SET_ELEM_EXPIRATION.
     pub const ELEM_EXPIRATION: u16 = 5;
+    /// NFTA_SET_ELEM_EXPR: the element's one stateful expression (its counter).
+    pub const ELEM_EXPR: u16 = 7;
+    /// NFTA_SET_ELEM_EXPRESSIONS: its expressions, when it has more than one.
+    pub const ELEM_EXPRESSIONS: u16 = 11;
     /// NFTA_SET_ELEM_KEY_END.
     pub const ELEM_KEY_END: u16 = 10;
     /// NFTA_DATA_VALUE.
     pub const DATA_VALUE: u16 = 1;
     /// NFTA_EXPR_NAME.
     pub const EXPR_NAME: u16 = 1;
+    /// NFTA_EXPR_DATA.
+    pub const EXPR_DATA: u16 = 2;
+    /// NFTA_COUNTER_PACKETS (inside a counter's NFTA_EXPR_DATA).
+    pub const COUNTER_PACKETS: u16 = 2;
 }
 
 /// The message types of the objects a table listing is made of.
@@ -261,6 +269,9 @@ pub struct RawElement {
     pub flags: u32,
     /// Milliseconds left before the kernel drops it.
     pub expires_ms: Option<u64>,
+    /// The packets its counter has counted, when it has one (jitd's grant sets give
+    /// every element a counter).
+    pub packets: Option<u64>,
 }
 
 /// Everything of table `inet TABLE` except set elements: chains, rules and sets, each
@@ -296,35 +307,104 @@ pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<
     else {
         return Ok(None);
     };
+    Ok(Some(elements_of(&objects)))
+}
+
+/// One element of set `set` in table `inet TABLE`, asked for by its key (and, in an
+/// interval set, the end of its range), as the kernel holds it now; `None` when the
+/// set holds no such element (or there is no such set). One request, one element: the
+/// kernel stops at the first element of a request it does not find.
+pub fn get_element(
+    reader: &mut Reader,
+    table: &str,
+    set: &str,
+    key: &[u8],
+    key_end: Option<&[u8]>,
+) -> io::Result<Option<RawElement>> {
+    let data = |bytes: &[u8]| {
+        let mut value = Vec::new();
+        put_attr(&mut value, attr::DATA_VALUE, bytes);
+        value
+    };
+    let mut element = Vec::new();
+    put_attr(&mut element, attr::ELEM_KEY | NLA_F_NESTED, &data(key));
+    if let Some(end) = key_end {
+        put_attr(&mut element, attr::ELEM_KEY_END | NLA_F_NESTED, &data(end));
+    }
+    let mut list = Vec::new();
+    put_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &element);
+    let found = reader.request(
+        NFT_MSG_GETSETELEM,
+        false,
+        &[
+            (attr::OBJ_TABLE, cstr(table)),
+            (attr::SET_NAME, cstr(set)),
+            (attr::ELEM_LIST_ELEMENTS | NLA_F_NESTED, list),
+        ],
+    )?;
+    Ok(found.and_then(|objects| elements_of(&objects).into_iter().next()))
+}
+
+/// NFTA_LIST_ELEM: one item of a nested list.
+const NFTA_LIST_ELEM: u16 = 1;
+/// The flag of a nested attribute.
+const NLA_F_NESTED: u16 = 0x8000;
+
+/// The elements carried by NEWSETELEM messages (a dump's, or a get's answer).
+fn elements_of(objects: &[Object]) -> Vec<RawElement> {
     let mut elements = Vec::new();
     for object in objects {
         let Some(list) = object.get(attr::ELEM_LIST_ELEMENTS) else {
             continue;
         };
-        for item in parse_attrs(list) {
-            let fields = parse_attrs(&item.value);
-            let data = |kind| {
-                fields
-                    .iter()
-                    .find(|a| a.kind == kind)
-                    .and_then(|a| parse_attrs(&a.value).into_iter().find(|d| d.kind == attr::DATA_VALUE))
-                    .map(|d| d.value)
-            };
-            let be = |kind| fields.iter().find(|a| a.kind == kind).map(|a| a.value.clone());
-            elements.push(RawElement {
-                key: data(attr::ELEM_KEY).unwrap_or_default(),
-                key_end: data(attr::ELEM_KEY_END),
-                flags: be(attr::ELEM_FLAGS)
-                    .and_then(|v| v.try_into().ok())
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(0),
-                expires_ms: be(attr::ELEM_EXPIRATION)
-                    .and_then(|v| v.try_into().ok())
-                    .map(u64::from_be_bytes),
-            });
-        }
+        elements.extend(parse_attrs(list).iter().map(|item| parse_element(&item.value)));
     }
-    Ok(Some(elements))
+    elements
+}
+
+/// One NFTA_LIST_ELEM's payload as a [`RawElement`].
+fn parse_element(payload: &[u8]) -> RawElement {
+    let fields = parse_attrs(payload);
+    let field = |kind| fields.iter().find(|a| a.kind == kind).map(|a| a.value.as_slice());
+    let data = |kind| {
+        field(kind)
+            .and_then(|v| parse_attrs(v).into_iter().find(|d| d.kind == attr::DATA_VALUE))
+            .map(|d| d.value)
+    };
+    RawElement {
+        key: data(attr::ELEM_KEY).unwrap_or_default(),
+        key_end: data(attr::ELEM_KEY_END),
+        flags: field(attr::ELEM_FLAGS)
+            .and_then(|v| v.try_into().ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0),
+        expires_ms: field(attr::ELEM_EXPIRATION)
+            .and_then(|v| v.try_into().ok())
+            .map(u64::from_be_bytes),
+        packets: counter_packets(&fields),
+    }
+}
+
+/// The packets of an element's counter: its one expression (NFTA_SET_ELEM_EXPR), or
+/// the first counter among several (NFTA_SET_ELEM_EXPRESSIONS).
+fn counter_packets(fields: &[Attr]) -> Option<u64> {
+    let counter = |expr: &[u8]| {
+        let parts = parse_attrs(expr);
+        let name = parts.iter().find(|p| p.kind == attr::EXPR_NAME)?;
+        if name.value != b"counter\0" {
+            return None;
+        }
+        let data = parts.iter().find(|p| p.kind == attr::EXPR_DATA)?;
+        let packets = parse_attrs(&data.value)
+            .into_iter()
+            .find(|a| a.kind == attr::COUNTER_PACKETS)?;
+        Some(u64::from_be_bytes(packets.value.as_slice().try_into().ok()?))
+    };
+    if let Some(one) = fields.iter().find(|a| a.kind == attr::ELEM_EXPR) {
+        return counter(&one.value);
+    }
+    let many = fields.iter().find(|a| a.kind == attr::ELEM_EXPRESSIONS)?;
+    parse_attrs(&many.value).iter().find_map(|e| counter(&e.value))
 }
 
 #[cfg(test)]
@@ -353,6 +433,40 @@ mod tests {
         );
         let object = Object { kind: 0, attrs };
         assert_eq!(object.string(1).as_deref(), Some("jitd"));
+    }
+
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_attr(&mut b, kind, value);
+        b
+    }
+
+    #[test]
+    fn an_elements_counter_is_read_from_its_expression() {
+        let key = nla(attr::ELEM_KEY | NLA_F_NESTED, &nla(attr::DATA_VALUE, &[192, 0, 2, 7]));
+        let mut data = nla(1, &300u64.to_be_bytes()); // NFTA_COUNTER_BYTES
+        data.extend(nla(attr::COUNTER_PACKETS, &5u64.to_be_bytes()));
+        let mut counter = nla(attr::EXPR_NAME, b"counter\0");
+        counter.extend(nla(attr::EXPR_DATA | NLA_F_NESTED, &data));
+        let mut one = key.clone();
+        one.extend(nla(attr::ELEM_EXPR | NLA_F_NESTED, &counter));
+        let e = parse_element(&one);
+        assert_eq!((e.key, e.packets), (vec![192, 0, 2, 7], Some(5)));
+        // several expressions: the counter among them
+        let mut limit = nla(attr::EXPR_NAME, b"limit\0");
+        limit.extend(nla(attr::EXPR_DATA | NLA_F_NESTED, &nla(1, &[0; 8])));
+        let mut list = nla(NFTA_LIST_ELEM | NLA_F_NESTED, &limit);
+        list.extend(nla(NFTA_LIST_ELEM | NLA_F_NESTED, &counter));
+        let mut many = key.clone();
+        many.extend(nla(attr::ELEM_EXPRESSIONS | NLA_F_NESTED, &list));
+        assert_eq!(parse_element(&many).packets, Some(5));
+        assert_eq!(parse_element(&key).packets, None, "no counter");
+        // a counter whose packets are not 8 bytes is no counter
+        let mut short = nla(attr::EXPR_NAME, b"counter\0");
+        short.extend(nla(attr::EXPR_DATA, &nla(attr::COUNTER_PACKETS, &[5])));
+        let mut bad = key;
+        bad.extend(nla(attr::ELEM_EXPR, &short));
+        assert_eq!(parse_element(&bad).packets, None);
     }
 
     #[test]
