@@ -368,7 +368,8 @@ pub struct GrantInfo {
     pub remaining_secs: u64,
     /// In `status`: the new connections the grant admitted so far (TCP SYNs and UDP
     /// packets of flows not yet answered that its set element let in), as counted up to
-    /// the reply's `connections_counted_at`. See docs/usage.md.
+    /// the reply's `connections_counted_at`; absent when unknown (it shares a wider
+    /// grant's set element that counted connections). See docs/usage.md.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
 }

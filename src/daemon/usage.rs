@@ -80,6 +80,15 @@ impl State {
         }
         self.ledger
             .retain_elements(|k| counts.contains_key(k) || skip.covers(k));
+        self.checkpoint_news();
+    }
+
+    /// Asks for a checkpoint when a grant was used for the first time (see
+    /// [`crate::grants::usage::Ledger::take_news`]).
+    pub(super) fn checkpoint_news(&mut self) {
+        if self.ledger.take_news() {
+            self.dirty = true;
+        }
     }
 }
 
@@ -134,6 +143,7 @@ impl<F: Firewall> Daemon<F> {
             }
             st.ledger.observe(key, n, &grants, &hidden);
         }
+        st.checkpoint_news();
         true
     }
 
@@ -198,6 +208,7 @@ impl<F: Firewall> Daemon<F> {
             let (grants, hidden) = st.book.covering(&key);
             st.ledger.observe(key, n, &grants, &hidden);
         }
+        st.checkpoint_news();
         true
     }
 

@@ -39,6 +39,9 @@ pub struct Ledger {
     unknown: BTreeSet<GrantId>,
     /// When the last reading of every element began.
     counted_at: Option<DateTime<Utc>>,
+    /// A grant was used for the first time (or its count became unknown) since
+    /// [`Ledger::take_news`] was last asked.
+    news: bool,
 }
 
 impl Ledger {
@@ -62,9 +65,13 @@ impl Ledger {
         let delta = self.delta(&key, now);
         if delta > 0 {
             for id in grants {
-                *self.counts.entry(*id).or_default() += delta;
+                let count = self.counts.entry(*id).or_default();
+                self.news |= *count == 0;
+                *count += delta;
             }
-            self.unknown.extend(hidden.iter().copied());
+            for id in hidden {
+                self.news |= self.unknown.insert(*id);
+            }
         }
         if now == 0 {
             self.seen.remove(&key);
@@ -102,6 +109,13 @@ impl Ledger {
     pub fn forget(&mut self, id: GrantId) {
         self.counts.remove(&id);
         self.unknown.remove(&id);
+    }
+
+    /// Whether a grant was used for the first time, or its count became unknown, since
+    /// this was last asked: worth a checkpoint, so that after a reboot (which takes
+    /// the kernel's counters with it) a used grant is never recorded as unused.
+    pub fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
     }
 
     /// Notes when a reading of every element began.
@@ -158,12 +172,14 @@ impl Ledger {
                 .collect(),
             unknown: saved.unknown.iter().copied().filter(|id| live(*id)).collect(),
             counted_at: None,
+            news: false,
         }
     }
 
-    /// Credits every element's count in `counts` to the grants among `grants` that cover
-    /// it (start-up: the grants are not booked yet). Returns how many new connections
-    /// the elements counted (each once, however many grants share it).
+    /// Credits every element's count in `counts` (a reading of the whole table: the
+    /// elements that counted anything) to the grants among `grants` that cover it
+    /// (start-up: the grants are not booked yet). Returns how many new connections the
+    /// elements counted (each once, however many grants share it).
     pub fn observe_all(&mut self, counts: &HashMap<GrantKey, u64>, grants: &[Grant]) -> u64 {
         let changed: Vec<(GrantKey, u64)> = counts
             .iter()
@@ -178,12 +194,8 @@ impl Ledger {
                 credited += self.observe(key, now, &grants, &hidden);
             }
         }
-        for (key, now) in counts {
-            // unchanged counts: only note them (a zero delta credits nobody)
-            if self.delta(key, *now) == 0 {
-                self.observe(*key, *now, &[], &[]);
-            }
-        }
+        // elements that counted nothing (or are gone) count from zero from here on
+        self.seen.retain(|k, _| counts.contains_key(k));
         credited
     }
 }
@@ -326,11 +338,16 @@ mod tests {
     fn each_reading_credits_what_was_counted_since_the_last_one() {
         let mut l = Ledger::default();
         let k = key("192.0.2.7", Transport::Tcp);
+        assert!(!l.take_news());
         assert_eq!(l.observe(k, 3, &[1], &[]), 3);
+        assert!(l.take_news(), "grant 1 used for the first time");
         assert_eq!(l.observe(k, 3, &[1], &[9]), 0, "nothing new");
         assert_eq!(l.count(9), Some(0), "nothing went through, so nothing is unknown");
         assert_eq!(l.observe(k, 5, &[1, 2], &[]), 2, "two more, for both grants sharing it");
         assert_eq!((l.count(1), l.count(2), l.count(3)), (Some(5), Some(2), Some(0)));
+        assert!(l.take_news(), "grant 2's first use");
+        l.observe(k, 6, &[1, 2], &[]);
+        assert!(!l.take_news(), "more use of used grants is no news");
         l.fresh(&k);
         assert_eq!(l.observe(k, 1, &[2], &[]), 1, "re-added: counts from zero");
         assert_eq!(l.count(2), Some(3));

@@ -183,3 +183,39 @@ fn counts_survive_kill_and_restart_and_a_table_repair() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(end_record(&setup, id).unwrap()["connections"], 5);
 }
+
+/// A reboot takes the kernel's table, and its counters, with it: the grants come back
+/// from the checkpoint with the counts it holds. A grant's first use asks for a
+/// checkpoint, so a used grant is never brought back as unused.
+#[test]
+fn after_a_reboot_the_checkpoint_keeps_which_grants_were_used() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new(POLICY);
+    let fast = [("JITD_RECONCILE_MS", "300")];
+    let jitd = setup.start_with(&net.host, &fast);
+    let used = grant(&jitd, A4, "22", "10m");
+    let unused = grant(&jitd, B4, "22", "10m");
+    let checkpoint = || std::fs::read_to_string(setup.state_dir().join("grants.json")).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || checkpoint().contains(B4)));
+    // no grant changes from here on: only the first use asks for a checkpoint
+    connect_times(&net.a, HOST_A4, 2);
+    assert!(shows(&jitd, used, 2));
+    assert!(
+        wait_for(Duration::from_secs(10), || checkpoint().contains("admitted")),
+        "the first use was checkpointed"
+    );
+    jitd.kill();
+    // what a reboot leaves: no table in the kernel
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    let jitd = setup.start_with(&net.host, &fast);
+    assert_eq!(connections(&jitd, used), Some(2));
+    assert_eq!(connections(&jitd, unused), Some(0));
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant is back");
+    assert!(shows(&jitd, used, 3), "and counts on");
+    for id in [used, unused] {
+        assert!(jitd.ctl(&["revoke", &id.to_string()]).status.success());
+    }
+    assert_eq!(end_record(&setup, used).unwrap()["connections"], 3);
+    assert_eq!(end_record(&setup, unused).unwrap()["connections"], 0);
+}
