@@ -2,7 +2,8 @@
 //! ([`requests`]), revocations, reloads, repairs and expiry ([`changes`]); the audit
 //! log and checkpoints are written by their own thread ([`writer`]). Start-up
 //! ([`start`]), read-only questions ([`queries`]), upkeep timers ([`upkeep`]), drift
-//! checks ([`drift`]) and systemd glue ([`systemd`]) have their own modules.
+//! checks ([`drift`]), the grants' connection counts ([`usage`]) and systemd glue
+//! ([`systemd`]) have their own modules.
 //!
 //! One request, end to end, file by file:
 //! 1. `src/bin/jitctl.rs` sends it with [`crate::api::client::call`], one JSON line

@@ -74,6 +74,9 @@ fn counters_move_with_real_connections_and_an_unused_grant_stays_at_zero() {
     assert!(shows(&jitd, used, 3), "3 connections: {:?}", connections(&jitd, used));
     assert!(shows(&jitd, udp, 1), "one UDP flow: {:?}", connections(&jitd, udp));
     assert_eq!(connections(&jitd, unused), Some(0), "nothing came from b");
+    // refused connections count for nobody: a's IPv6 address has no grant
+    assert!(!can_connect(&net.a, HOST_A6, 22));
+    assert!(!udp_answered(&net.b, HOST_B4, 5353));
     // the table shows a column, and when the counts were taken
     let table = text(&jitd.ctl(&["status"]));
     assert!(table.contains("CONNS") && table.contains("counted up to"), "{table}");
