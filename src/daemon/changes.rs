@@ -387,7 +387,12 @@ impl<F: Firewall> Daemon<F> {
         if let Err(e) = self.execute(tx, pings).await {
             tracing::error!("{e}; {} expiry record(s) not written", ended.len());
         }
-        self.lock().changed();
+        let mut st = self.lock();
+        for g in &ended {
+            // on record, or lost with its record: either way it is gone
+            st.ledger.forget(g.id);
+        }
+        st.changed();
     }
 
     /// Records the stop and, with `on_stop = "unlock"`, removes the lockdown.

@@ -319,13 +319,7 @@ impl<F: Firewall> Daemon<F> {
             touched,
             uncounted,
         } = tx;
-        let counted = match &kernel {
-            KernelChange::Grants { read, .. } if !read.is_empty() => {
-                answering(pings, self.credit_before(read, &undo)).await
-            }
-            _ => true,
-        } && !uncounted;
-        let ended = self.lock().ledger_note(&mut records, counted);
+        let ended = answering(pings, self.count_ends(&kernel, &undo, uncounted, &mut records)).await;
         if !records.is_empty() {
             match answering(pings, self.writer.append(records)).await {
                 Ok(appended) => {

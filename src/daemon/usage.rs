@@ -117,6 +117,23 @@ fn note_records(ledger: &crate::grants::usage::Ledger, records: &mut [AuditRecor
 }
 
 impl<F: Firewall> Daemon<F> {
+    /// Before a transaction is recorded: reads the elements its kernel change touches
+    /// ([`Daemon::credit_before`]) and writes into the records that end grants what
+    /// each admitted ([`State::ledger_note`]). Returns the ids of the grants it ends.
+    pub(super) async fn count_ends(
+        &self,
+        kernel: &KernelChange,
+        undo: &Undo,
+        uncounted: bool,
+        records: &mut [AuditRecord],
+    ) -> Vec<GrantId> {
+        let read = match kernel {
+            KernelChange::Grants { read, .. } if !read.is_empty() => self.credit_before(read, undo).await,
+            _ => true,
+        };
+        self.lock().ledger_note(records, read && !uncounted)
+    }
+
     /// Reads the elements `read` before a transaction changes them, and credits each
     /// to the grants that covered it before the transaction: the live ones it did not
     /// add, and the ones it removed. Returns whether the counters could be read.
