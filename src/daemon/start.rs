@@ -185,6 +185,7 @@ impl<F: Firewall> Daemon<F> {
                 );
                 r.reason = Some("ended while jitd was not running".into());
                 records.push(r);
+                st.ledger.unwatched(grant.id);
                 continue;
             };
             let caller = crate::domain::Caller::requester_of(&grant, &mut callers);

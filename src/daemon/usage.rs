@@ -1,7 +1,7 @@
 //! Was the access used: the kernel's per-element counters read into the ledger
 //! ([`crate::grants::usage::Ledger`]) at the moments that keep its credit right.
 //!
-//! - every drift check (every 10 s) reads every element ([`Daemon::credit_reading`]);
+//! - every drift check (every 10 s) reads every element ([`State::credit_reading`]);
 //! - a transaction that deletes elements or changes who covers them reads those first,
 //!   and credits the grants that covered them before it ([`Daemon::credit_before`]);
 //! - expiry reads the elements of the grants that end within [`EXPIRY_READ_AHEAD`]
@@ -45,7 +45,7 @@ impl State {
     /// Writes into the records that end a grant how many connections it admitted and
     /// returns their grant ids. When the counters could not be read (`counted` false)
     /// the count is left out rather than shown too low.
-    pub(super) fn ledger_note(&mut self, records: &mut [AuditRecord], counted: bool) -> Vec<GrantId> {
+    pub(super) fn ledger_note(&self, records: &mut [AuditRecord], counted: bool) -> Vec<GrantId> {
         note_records(&self.ledger, records, counted)
     }
 
@@ -99,11 +99,15 @@ fn note_records(ledger: &crate::grants::usage::Ledger, records: &mut [AuditRecor
         let Some(id) = r.grant_id else { continue };
         ended.push(id);
         let note = match (counted, ledger.count(id)) {
-            (false, _) => Some(UNREAD),
-            (true, None) => Some(SHARED),
+            _ if ledger.is_unwatched(id) => Some(format!(
+                "connections not counted: it ended while jitd was not running ({} counted before)",
+                ledger.credited(id)
+            )),
+            (false, _) => Some(UNREAD.to_string()),
+            (true, None) => Some(SHARED.to_string()),
             (true, Some(n)) => {
                 r.connections = Some(n);
-                (n == 0).then_some(NEVER_USED)
+                (n == 0).then(|| NEVER_USED.to_string())
             }
         };
         if let Some(note) = note {
@@ -343,6 +347,17 @@ mod tests {
             r[0].reason.as_deref().unwrap().contains("wider grant"),
             "{:?}",
             r[0].reason
+        );
+        let mut ledger = crate::grants::usage::Ledger::default();
+        ledger.unwatched(4);
+        let (_, r) = note(&ledger, true);
+        assert_eq!(
+            r[0].connections, None,
+            "not 0: what came while jitd was down is unknown"
+        );
+        assert_eq!(
+            r[0].reason.as_deref(),
+            Some("time is up; connections not counted: it ended while jitd was not running (0 counted before)")
         );
     }
 }

@@ -37,6 +37,9 @@ pub struct Ledger {
     /// Grants that may have admitted connections through a wider grant's element:
     /// their count is unknown.
     unknown: BTreeSet<GrantId>,
+    /// Grants that ended while jitd was not running: their elements, and the counters
+    /// with them, went at their timeout unread; their count is unknown too.
+    unwatched: BTreeSet<GrantId>,
     /// When the last reading of every element began.
     counted_at: Option<DateTime<Utc>>,
     /// A grant was used for the first time (or its count became unknown) since
@@ -84,10 +87,26 @@ impl Ledger {
     /// The connections credited to grant `id` so far; `None` when its count is unknown
     /// (connections went through a wider grant's element it shares).
     pub fn count(&self, id: GrantId) -> Option<u64> {
-        if self.unknown.contains(&id) {
+        if self.unknown.contains(&id) || self.unwatched.contains(&id) {
             return None;
         }
-        Some(self.counts.get(&id).copied().unwrap_or(0))
+        Some(self.credited(id))
+    }
+
+    /// What was credited to grant `id`, known or not to be all it admitted.
+    pub fn credited(&self, id: GrantId) -> u64 {
+        self.counts.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Grant `id` ended while jitd was not running: what it admitted after jitd's last
+    /// reading went unread with its element.
+    pub fn unwatched(&mut self, id: GrantId) {
+        self.unwatched.insert(id);
+    }
+
+    /// Whether grant `id` ended while jitd was not running ([`Ledger::unwatched`]).
+    pub fn is_unwatched(&self, id: GrantId) -> bool {
+        self.unwatched.contains(&id)
     }
 
     /// Element `key` was added (again): its counter starts from zero.
@@ -109,6 +128,7 @@ impl Ledger {
     pub fn forget(&mut self, id: GrantId) {
         self.counts.remove(&id);
         self.unknown.remove(&id);
+        self.unwatched.remove(&id);
     }
 
     /// Whether a grant was used for the first time, or its count became unknown, since
@@ -171,6 +191,7 @@ impl Ledger {
                 .map(|(id, n)| (*id, *n))
                 .collect(),
             unknown: saved.unknown.iter().copied().filter(|id| live(*id)).collect(),
+            unwatched: BTreeSet::new(),
             counted_at: None,
             news: false,
         }
@@ -369,6 +390,8 @@ mod tests {
         assert_eq!(again.count(2), None, "kept across a restart");
         l.forget(2);
         assert_eq!(l.count(2), Some(0));
+        l.unwatched(1);
+        assert_eq!((l.count(1), l.credited(1), l.is_unwatched(1)), (None, 2, true));
         let nested = grant(2, "198.51.100.0/24", Protocol::Tcp);
         assert!(hidden_in(&nested, &wide) && !covers(&nested, &wide));
         assert!(

@@ -143,8 +143,9 @@ fn an_expiring_grant_is_counted_before_its_element_goes() {
 /// After kill -9 the kernel keeps the table and its counters: the restarted jitd takes
 /// the counts on from its checkpoint, crediting what the counters added since (here:
 /// connections no reading of the dead jitd saw), even when it replaces the table at
-/// start (the policy changed meanwhile). A repair that replaces the table keeps the
-/// grants' counts too.
+/// start (the policy changed meanwhile). A grant that ends while jitd is down takes its
+/// element's counter with it: its count is recorded as unknown, never as "never used".
+/// A repair that replaces the table keeps the grants' counts too.
 #[test]
 fn counts_survive_kill_and_restart_and_a_table_repair() {
     let net = Net::new();
@@ -154,6 +155,9 @@ fn counts_survive_kill_and_restart_and_a_table_repair() {
     let slow = [("JITD_RECONCILE_MS", "3600000")];
     let jitd = setup.start_with(&net.host, &slow);
     let id = grant(&jitd, A4, "22", "10m");
+    let short = grant(&jitd, B4, "22", "3s");
+    let short_ends = std::time::Instant::now() + Duration::from_secs(3);
+    assert!(can_connect(&net.b, HOST_B4, 22));
     // the checkpoint (at most a second after the grant) has it, with no connection
     assert!(wait_for(Duration::from_secs(10), || {
         std::fs::read_to_string(setup.state_dir().join("grants.json")).is_ok_and(|t| t.contains(A4))
@@ -167,6 +171,7 @@ fn counts_survive_kill_and_restart_and_a_table_repair() {
     );
     // one more protected port: the lockdown differs, the restart replaces the table
     setup.write_policy(&format!("{POLICY}[[ports]]\nport = 3389\n"));
+    std::thread::sleep(short_ends.saturating_duration_since(std::time::Instant::now()));
     let jitd = setup.start_with(&net.host, &[("JITD_RECONCILE_MS", "300")]);
     assert!(
         !jitd.log_text().contains("lockdown in the kernel is intact"),
@@ -174,6 +179,15 @@ fn counts_survive_kill_and_restart_and_a_table_repair() {
         jitd.log_text()
     );
     assert_eq!(connections(&jitd, id), Some(4), "counted by the kernel meanwhile");
+    let ended = end_record(&setup, short).expect("the short grant ended while jitd was down");
+    assert!(ended.get("connections").is_none(), "{ended}");
+    assert!(
+        ended["reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("connections not counted: it ended while jitd was not running (0 counted before)"),
+        "{ended}"
+    );
 
     // another process breaks the lockdown: jitd replaces the table whole
     let repairs = || setup.audit().iter().filter(|r| r["action"] == "repair").count();
