@@ -150,6 +150,23 @@ impl Reader {
         dump: bool,
         attrs: &[(u16, Vec<u8>)],
     ) -> io::Result<Option<Vec<Object>>> {
+        let mut objects = Vec::new();
+        let found = self.request_each(subsys, msg, family, dump, attrs, |o| objects.push(o))?;
+        Ok(found.then_some(objects))
+    }
+
+    /// Like [`Reader::request_to`], handing each object of the answer to `each` as it
+    /// arrives instead of collecting them (a dump of 100,000 set elements is then never
+    /// held whole). `Ok(false)` when the kernel answers ENOENT.
+    pub fn request_each(
+        &mut self,
+        subsys: u16,
+        msg: u16,
+        family: u8,
+        dump: bool,
+        attrs: &[(u16, Vec<u8>)],
+        mut each: impl FnMut(Object),
+    ) -> io::Result<bool> {
         self.seq = self.seq.wrapping_add(1);
         let mut payload = vec![family, 0, 0, 0];
         for (kind, value) in attrs {
@@ -164,7 +181,6 @@ impl Reader {
         packet.extend_from_slice(&0u32.to_ne_bytes());
         packet.extend_from_slice(&payload);
         self.socket.send_to(&packet, &SocketAddr::new(0, 0), 0)?;
-        let mut objects = Vec::new();
         loop {
             let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
             for (kind, seq, body) in messages(&self.buf[..n.min(self.buf.len())]) {
@@ -172,19 +188,19 @@ impl Reader {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(Some(objects)),
+                    NLMSG_DONE => return Ok(true),
                     NLMSG_ERROR => {
                         let errno =
                             i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
                         return match -errno {
-                            0 if !dump => Ok(Some(objects)),
+                            0 if !dump => Ok(true),
                             0 => continue,
-                            e if e == nix::errno::Errno::ENOENT as i32 => Ok(None),
+                            e if e == nix::errno::Errno::ENOENT as i32 => Ok(false),
                             e => Err(io::Error::from_raw_os_error(e)),
                         };
                     }
                     _ if body.len() >= NFGEN => {
-                        objects.push(Object {
+                        each(Object {
                             kind: kind & 0xff,
                             attrs: parse_attrs(&body[NFGEN..]),
                         });
@@ -299,15 +315,16 @@ pub fn dump_table(reader: &mut Reader, table: &str) -> io::Result<Option<Vec<Obj
 
 /// The elements of set `set` in table `inet TABLE`; `None` when the set does not exist.
 pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<Option<Vec<RawElement>>> {
-    let Some(objects) = reader.request(
+    let mut elements = Vec::new();
+    let found = reader.request_each(
+        NFNL_SUBSYS_NFTABLES,
         NFT_MSG_GETSETELEM,
+        NFPROTO_INET,
         true,
         &[(attr::OBJ_TABLE, cstr(table)), (attr::SET_NAME, cstr(set))],
-    )?
-    else {
-        return Ok(None);
-    };
-    Ok(Some(elements_of(&objects)))
+        |object| elements.extend(elements_of(std::slice::from_ref(&object))),
+    )?;
+    Ok(found.then_some(elements))
 }
 
 /// One element of set `set` in table `inet TABLE`, asked for by its key (and, in an
@@ -357,19 +374,23 @@ fn elements_of(objects: &[Object]) -> Vec<RawElement> {
         let Some(list) = object.get(attr::ELEM_LIST_ELEMENTS) else {
             continue;
         };
-        elements.extend(parse_attrs(list).iter().map(|item| parse_element(&item.value)));
+        let mut items = list;
+        while let Some((_, item, rest)) = next_attr(items) {
+            elements.push(parse_element(item));
+            items = rest;
+        }
     }
     elements
 }
 
-/// One NFTA_LIST_ELEM's payload as a [`RawElement`].
+/// One NFTA_LIST_ELEM's payload as a [`RawElement`], read without copying more than
+/// the keys (a drift check reads 100,000 of them).
 fn parse_element(payload: &[u8]) -> RawElement {
-    let fields = parse_attrs(payload);
-    let field = |kind| fields.iter().find(|a| a.kind == kind).map(|a| a.value.as_slice());
+    let field = |kind| find_attr(payload, kind);
     let data = |kind| {
         field(kind)
-            .and_then(|v| parse_attrs(v).into_iter().find(|d| d.kind == attr::DATA_VALUE))
-            .map(|d| d.value)
+            .and_then(|v| find_attr(v, attr::DATA_VALUE))
+            .map(<[u8]>::to_vec)
     };
     RawElement {
         key: data(attr::ELEM_KEY).unwrap_or_default(),
@@ -381,14 +402,13 @@ fn parse_element(payload: &[u8]) -> RawElement {
         expires_ms: field(attr::ELEM_EXPIRATION)
             .and_then(|v| v.try_into().ok())
             .map(u64::from_be_bytes),
-        packets: counter_packets(&fields),
+        packets: counter_packets(payload),
     }
 }
 
 /// The packets of an element's counter: its one expression (NFTA_SET_ELEM_EXPR), or
-/// the first counter among several (NFTA_SET_ELEM_EXPRESSIONS). Read without copying:
-/// a drift check reads 100,000 of them.
-fn counter_packets(fields: &[Attr]) -> Option<u64> {
+/// the first counter among several (NFTA_SET_ELEM_EXPRESSIONS).
+fn counter_packets(element: &[u8]) -> Option<u64> {
     let counter = |expr: &[u8]| {
         if find_attr(expr, attr::EXPR_NAME)? != b"counter\0" {
             return None;
@@ -396,14 +416,10 @@ fn counter_packets(fields: &[Attr]) -> Option<u64> {
         let packets = find_attr(find_attr(expr, attr::EXPR_DATA)?, attr::COUNTER_PACKETS)?;
         Some(u64::from_be_bytes(packets.try_into().ok()?))
     };
-    if let Some(one) = fields.iter().find(|a| a.kind == attr::ELEM_EXPR) {
-        return counter(&one.value);
+    if let Some(one) = find_attr(element, attr::ELEM_EXPR) {
+        return counter(one);
     }
-    let mut many = fields
-        .iter()
-        .find(|a| a.kind == attr::ELEM_EXPRESSIONS)?
-        .value
-        .as_slice();
+    let mut many = find_attr(element, attr::ELEM_EXPRESSIONS)?;
     while let Some((_, expr, rest)) = next_attr(many) {
         if let Some(packets) = counter(expr) {
             return Some(packets);
