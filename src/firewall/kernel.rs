@@ -157,7 +157,7 @@ fn decode_grant(set: &str, e: &RawElement) -> Option<GrantKey> {
     })
 }
 
-/// A grant element's key as the kernel stores it (the inverse of [`decode_grant`]): the
+/// A grant element's key as the kernel stores it (the inverse of `decode_grant`): the
 /// key, and for a prefix the end of its range.
 pub fn encode_grant(key: &GrantKey) -> (Vec<u8>, Option<Vec<u8>>) {
     let field = |addr: IpAddr| {
