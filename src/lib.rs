@@ -11,7 +11,8 @@
 //! - [`config`]: the TOML policy, validated into ready-to-use values.
 //! - [`duration`]: `90s` / `1h30m` / `PT3H` parsing.
 //! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
-//! - [`grants`]: the live grants and their deadlines (no I/O).
+//! - [`grants`]: the live grants and their deadlines, and the connections each admitted
+//!   ([`grants::usage`]) (no I/O).
 //! - [`approval`]: the two-person rule's pure part: requests waiting for an approver,
 //!   who may decide them, the same person behind two identities.
 //! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),

@@ -60,6 +60,10 @@ pub struct Snapshot {
     /// The requests waiting for approval at the time of writing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingRequest>,
+    /// The connections the live grants admitted so far, and the count last read from
+    /// each kernel element (start-up credits what the counters added since).
+    #[serde(default, skip_serializing_if = "crate::grants::usage::SavedLedger::is_empty")]
+    pub admitted: crate::grants::usage::SavedLedger,
 }
 
 /// The sum of the journal up to a checkpoint that start-up needs besides the grants:
@@ -505,6 +509,11 @@ mod tests {
             }),
             history: History::default(),
             pending: Vec::new(),
+            admitted: crate::grants::usage::SavedLedger {
+                connections: [(3, 2)].into(),
+                elements: Vec::new(),
+                unknown: [3].into(),
+            },
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);

@@ -296,6 +296,10 @@ pub struct StatusReply {
     /// next page (which may be empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
+    /// When jitd last read the counters of every grant element (it does every 10 s):
+    /// the grants' `connections` count up to then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_counted_at: Option<DateTime<Utc>>,
     /// jitd's wall clock as it answered, and what it noticed about it.
     #[serde(default)]
     pub clock: ClockStatus,
@@ -452,6 +456,12 @@ pub struct GrantInfo {
     pub expires_at: DateTime<Utc>,
     /// Seconds left, by the monotonic clock that enforces the grant.
     pub remaining_secs: u64,
+    /// In `status`: the new connections the grant admitted so far (TCP SYNs and UDP
+    /// packets of flows not yet answered that its set element let in), as counted up to
+    /// the reply's `connections_counted_at`; absent when unknown (it shares a wider
+    /// grant's set element that counted connections). See docs/usage.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
 }
 
 /// Result of `request`.

@@ -8,7 +8,7 @@ use super::{enum_text, AuditRecord};
 use crate::text::csv_cell;
 
 /// The CSV columns, in order (the header row).
-pub const CSV_HEADER: [&str; 15] = [
+pub const CSV_HEADER: [&str; 16] = [
     "time",
     "actor_uid",
     "actor",
@@ -24,11 +24,12 @@ pub const CSV_HEADER: [&str; 15] = [
     "principals",
     "key",
     "peer",
+    "connections",
 ];
 
 /// The cells of `record` in [`CSV_HEADER`] order, before neutralisation; ports are
 /// space-separated, missing values empty.
-fn raw_cells(r: &AuditRecord) -> [String; 15] {
+fn raw_cells(r: &AuditRecord) -> [String; 16] {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
     [
@@ -47,6 +48,7 @@ fn raw_cells(r: &AuditRecord) -> [String; 15] {
         r.principals.join(" "),
         opt(r.key.clone()),
         opt(r.peer.clone()),
+        opt(r.connections.map(|n| n.to_string())),
     ]
 }
 
@@ -95,7 +97,7 @@ mod tests {
         assert_eq!(lines.next().unwrap(), CSV_HEADER.join(","));
         assert_eq!(
             lines.next().unwrap(),
-            r#"2026-11-25T10:01:00Z,1001,bob,request,approved,,22,,203.0.113.7,,"ticket, ""4711""",3,,,"#
+            r#"2026-11-25T10:01:00Z,1001,bob,request,approved,,22,,203.0.113.7,,"ticket, ""4711""",3,,,,"#
         );
     }
 

@@ -131,6 +131,11 @@ pub struct AuditRecord {
     /// The grant concerned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<GrantId>,
+    /// In the record of a grant's end: the new connections it admitted, as the
+    /// kernel's counters of its set elements counted them (absent when they could not
+    /// be read). See docs/usage.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
     /// A signed remote knock: the principals its key vouched for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
@@ -171,6 +176,11 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// Whether this record ends a grant (it expired, was superseded or revoked).
+    pub fn ends_grant(&self) -> bool {
+        self.grant_id.is_some() && matches!(self.outcome, Outcome::Expired | Outcome::Superseded | Outcome::Revoked)
+    }
+
     /// A record of `action`/`outcome` by `actor` at `time`, other fields empty.
     pub fn new(
         time: DateTime<Utc>,
@@ -192,6 +202,7 @@ impl AuditRecord {
             duration_secs: None,
             justification: None,
             grant_id: None,
+            connections: None,
             principals: Vec::new(),
             key: None,
             certificate: None,
@@ -711,6 +722,9 @@ pub struct AuditFilter {
     /// Concerning this port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Only the ends of grants that admitted no connection ("granted, never used").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unused: bool,
 }
 
 impl AuditFilter {
@@ -722,6 +736,7 @@ impl AuditFilter {
                 *u == record.actor || Some(u.as_str()) == record.actor_uid.map(|n| n.to_string()).as_deref()
             })
             && self.port.is_none_or(|p| record.ports.contains(&p))
+            && (!self.unused || (record.ends_grant() && record.connections == Some(0)))
     }
 }
 

@@ -148,6 +148,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             until,
             user,
             port,
+            unused,
             format,
             limit,
             cursor,
@@ -158,6 +159,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     until,
                     user,
                     port,
+                    unused,
                 },
                 limit: limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
                 cursor,
@@ -586,6 +588,7 @@ fn print_status_page(
         "PROTO",
         "REQUESTER",
         "TIME LEFT",
+        "CONNS",
         "JUSTIFICATION",
     ];
     let columns = match columns {
@@ -649,6 +652,13 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
         let rows: Vec<Vec<String>> = s.pending.iter().map(approvals::row).collect();
         out.write_all(table::render(&approvals::HEADERS, &rows).as_bytes())?;
     }
+    if let Some(at) = s.connections_counted_at {
+        writeln!(
+            out,
+            "CONNS: new connections each grant admitted, counted up to {} (jitd reads the kernel's counters every 10 s)",
+            at.with_timezone(&Local).format("%H:%M:%S")
+        )?;
+    }
     writeln!(out)
 }
 
@@ -693,6 +703,7 @@ fn grant_row(g: &GrantInfo) -> Vec<String> {
         g.protocol.to_string(),
         g.requester.clone(),
         jitd::duration::format(std::time::Duration::from_secs(g.remaining_secs)),
+        g.connections.map_or("-".into(), |n| n.to_string()),
         g.justification.clone().unwrap_or_default(),
     ]
 }
@@ -713,12 +724,13 @@ fn print_audit(out: &mut dyn Write, reply: &AuditReply) -> io::Result<()> {
                     .map(|g| g.to_string())
                     .or_else(|| r.request_id.map(|q| format!("request {q}")))
                     .unwrap_or_default(),
+                r.connections.map(|n| n.to_string()).unwrap_or_default(),
                 r.reason.clone().unwrap_or_default(),
             ]
         })
         .collect();
     let headers = [
-        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "REASON",
+        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "CONNS", "REASON",
     ];
     out.write_all(table::render(&headers, &rows).as_bytes())
 }

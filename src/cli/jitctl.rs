@@ -32,7 +32,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Show the protected ports, the live grants, and recent use of each port.
+    /// Show the protected ports, the live grants (with the connections each admitted),
+    /// and recent use of each port.
     Status,
     /// Open ports for a source address or prefix, for a bounded time.
     #[command(
@@ -107,6 +108,10 @@ pub enum Command {
         /// Only records concerning this port.
         #[arg(long)]
         port: Option<u16>,
+        /// Only grants that ended without admitting a connection ("granted, never
+        /// used"): the records of their end (expiry, revocation, replacement).
+        #[arg(long)]
+        unused: bool,
         /// Output format; --json is the same as --format json.
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,

@@ -234,6 +234,8 @@ impl<F: Firewall> Daemon<F> {
         actor: &Caller,
         pings: &mut Pings,
     ) -> Result<ReloadReply, Reply> {
+        // the table is replaced whole: what its counters counted is read first
+        let counted = answering(pings, self.credit_all()).await;
         let (tx, ended) = {
             let mut st = self.lock();
             if new_config.socket != st.config.socket
@@ -249,6 +251,10 @@ impl<F: Firewall> Daemon<F> {
                 );
             }
             plan_reload(&mut st, new_config, actor)
+        };
+        let tx = Tx {
+            uncounted: !counted,
+            ..tx
         };
         match self.execute(tx, pings).await {
             Ok(()) => {
@@ -272,10 +278,15 @@ impl<F: Firewall> Daemon<F> {
     pub(super) async fn commit_repair(&self, cause: &DriftCause, observed: Observed, pings: &mut Pings) -> Checked {
         let now = Instant::now();
         let plan = {
-            let st = self.lock();
+            let mut st = self.lock();
             let Some(skip) = st.touched_since(observed.settled) else {
                 return Checked::Stale;
             };
+            if let Some(table) = observed.table.as_ref() {
+                st.credit_reading(&table.counts(), &skip);
+                let age = chrono::Duration::from_std(now.saturating_duration_since(observed.read_at));
+                st.ledger.counted(Utc::now() - age.unwrap_or_default());
+            }
             let findings = drift::compare(&st, observed.table.as_ref(), &skip, observed.read_at, now);
             if findings.is_empty() {
                 return Checked::Clean;
@@ -289,6 +300,7 @@ impl<F: Firewall> Daemon<F> {
                 KernelChange::Grants {
                     remove: findings.remove.clone(),
                     add: findings.add.clone(),
+                    read: Vec::new(),
                 }
             };
             (findings, kernel)
@@ -325,7 +337,7 @@ impl<F: Firewall> Daemon<F> {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait + Duration::from_millis(10)
         });
-        [st.book.next_deadline(), summary, st.pending.next_deadline()]
+        [st.book.next_deadline(), summary, st.pending.next_deadline(), Self::next_sample(&st)]
             .into_iter()
             .flatten()
             .min()
@@ -336,6 +348,7 @@ impl<F: Firewall> Daemon<F> {
     /// asks again). The kernel drops the grants' elements by itself at the same moment
     /// (their timeouts), so nothing is sent to it.
     pub(super) async fn commit_expiry(&self, pings: &mut Pings) {
+        let counted = answering(pings, self.sample_expiring(Instant::now())).await;
         let (ended, summaries) = {
             let mut st = self.lock();
             (
@@ -344,6 +357,8 @@ impl<F: Firewall> Daemon<F> {
             )
         };
         if ended.is_empty() && summaries.is_empty() {
+            // only a sample ahead of an end: the timer waits for the next one
+            self.expiry_changed.notify_one();
             return;
         }
         // A grant can end before its `expires_at`: restored after a crash that came
@@ -365,10 +380,19 @@ impl<F: Firewall> Daemon<F> {
             tracing::info!(grant = g.id, port = g.port, "grant expired");
         }
         // An expiry cannot be undone: the kernel has dropped the element already.
-        if let Err(e) = self.execute(Tx::records(records), pings).await {
+        let tx = Tx {
+            uncounted: !counted,
+            ..Tx::records(records)
+        };
+        if let Err(e) = self.execute(tx, pings).await {
             tracing::error!("{e}; {} expiry record(s) not written", ended.len());
         }
-        self.lock().changed();
+        let mut st = self.lock();
+        for g in &ended {
+            // on record, or lost with its record: either way it is gone
+            st.ledger.forget(g.id);
+        }
+        st.changed();
     }
 
     /// Records the stop and, with `on_stop = "unlock"`, removes the lockdown.
@@ -379,6 +403,8 @@ impl<F: Firewall> Daemon<F> {
         };
         let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Stop, Outcome::Done);
         let kernel = if unlock {
+            // the counters go with the table: the restarted jitd counts on from here
+            answering(pings, self.credit_all()).await;
             record.reason = Some("on_stop = unlock: lockdown removed".into());
             KernelChange::Remove
         } else {

@@ -78,6 +78,9 @@ pub(super) enum KernelChange {
     Grants {
         remove: Vec<GrantKey>,
         add: Vec<GrantElement>,
+        /// Elements whose counters are read before the change: those it deletes or
+        /// whose grants it changes ([`super::usage`]).
+        read: Vec<GrantKey>,
     },
     Replace(LockdownSpec, Vec<GrantElement>),
     Remove,
@@ -123,6 +126,8 @@ impl Undo {
 pub(super) struct Footprint {
     touched: Touched,
     before: Vec<Placed>,
+    /// The elements of every grant touched (begun, ended or replaced), as keys.
+    slots: Vec<GrantKey>,
 }
 
 impl Footprint {
@@ -135,6 +140,12 @@ impl Footprint {
     pub fn touch_slot(&mut self, book: &GrantBook, source: IpNet, port: u16, protocol: Protocol, now: Instant) {
         let mut mine = Touched::default();
         mine.add_slot(source, port, protocol);
+        self.slots
+            .extend(protocol.transports().iter().map(|&transport| GrantKey {
+                source,
+                transport,
+                port,
+            }));
         let fresh = mine.minus(&self.touched);
         if fresh.is_empty() {
             return;
@@ -147,11 +158,31 @@ impl Footprint {
     pub fn change(&self, book: &GrantBook, now: Instant) -> KernelChange {
         let after = book.elements_of(&self.touched, now);
         let (remove, add) = grants::element_change(&self.before, &after, now);
-        if remove.is_empty() && add.is_empty() {
+        let read = self.to_read();
+        if remove.is_empty() && add.is_empty() && read.is_empty() {
             KernelChange::None
         } else {
-            KernelChange::Grants { remove, add }
+            KernelChange::Grants { remove, add, read }
         }
+    }
+
+    /// The elements that were there before whose grants the transaction may change:
+    /// those of the touched grants' own keys, or pieces overlapping their prefixes.
+    fn to_read(&self) -> Vec<GrantKey> {
+        let mut read: Vec<GrantKey> = self
+            .before
+            .iter()
+            .map(|(key, _)| *key)
+            .filter(|key| {
+                self.slots.iter().any(|s| {
+                    (s.port, s.transport) == (key.port, key.transport)
+                        && (s.source.contains(&key.source) || key.source.contains(&s.source))
+                })
+            })
+            .collect();
+        read.sort();
+        read.dedup();
+        read
     }
 
     /// What was touched.
@@ -168,6 +199,9 @@ pub(super) struct Tx {
     /// Written (with the error appended to each reason) when the kernel refuses.
     pub failed: Vec<AuditRecord>,
     pub touched: Touched,
+    /// The counters of the grants it ends could not be read: their records leave the
+    /// connections out.
+    pub uncounted: bool,
 }
 
 impl Tx {
@@ -179,6 +213,7 @@ impl Tx {
             undo: Undo::default(),
             failed: Vec::new(),
             touched: Touched::default(),
+            uncounted: false,
         }
     }
 
@@ -191,6 +226,7 @@ impl Tx {
             undo: Undo::default(),
             failed: vec![failed],
             touched: Touched::default(),
+            uncounted: false,
         }
     }
 }
@@ -295,12 +331,14 @@ impl<F: Firewall> Daemon<F> {
     /// every change takes. The booking in `tx` is already in the state.
     pub(super) async fn execute(&self, tx: Tx, pings: &mut mpsc::Receiver<oneshot::Sender<()>>) -> Result<(), TxError> {
         let Tx {
-            records,
+            mut records,
             kernel,
             undo,
             failed,
             touched,
+            uncounted,
         } = tx;
+        let ended = answering(pings, self.count_ends(&kernel, &undo, uncounted, &mut records)).await;
         if !records.is_empty() {
             match answering(pings, self.writer.append(records)).await {
                 Ok(appended) => {
@@ -353,6 +391,7 @@ impl<F: Firewall> Daemon<F> {
         let mut st = self.lock();
         st.settle();
         st.changed();
+        st.ledger_applied(&kernel, &ended);
         drop(st);
         self.expiry_changed.notify_one();
         Ok(())
@@ -395,7 +434,7 @@ impl<F: Firewall> Daemon<F> {
                 let batch = rules::replace_table_with_cuts(spec, elements, &cuts);
                 self.firewall.apply(&batch).await
             }
-            KernelChange::Grants { remove, add } => {
+            KernelChange::Grants { remove, add, .. } => {
                 let Some(batch) = rules::change_grants(remove, add) else {
                     return Ok(());
                 };

@@ -2,7 +2,8 @@
 //! ([`requests`]), revocations, reloads, repairs and expiry ([`changes`]); the audit
 //! log and checkpoints are written by their own thread ([`writer`]). Start-up
 //! ([`start`]), read-only questions ([`queries`]), upkeep timers ([`upkeep`]), drift
-//! checks ([`drift`]) and systemd glue ([`systemd`]) have their own modules.
+//! checks ([`drift`]), the grants' connection counts ([`usage`]) and systemd glue
+//! ([`systemd`]) have their own modules.
 //!
 //! One request, end to end, file by file:
 //! 1. `src/bin/jitctl.rs` sends it with [`crate::api::client::call`], one JSON line
@@ -33,6 +34,7 @@ mod requests;
 mod start;
 mod systemd;
 mod upkeep;
+mod usage;
 mod writer;
 
 use std::collections::{HashMap, VecDeque};
@@ -93,6 +95,10 @@ struct State {
     recorded: crate::domain::GrantId,
     /// Requests waiting for approval ([`approvals`]).
     pending: crate::approval::PendingBook,
+    /// The connections each grant admitted, from the kernel's counters ([`usage`]).
+    ledger: crate::grants::usage::Ledger,
+    /// Grants ending up to here have had their counters read ahead of their end.
+    sampled_until: tokio::time::Instant,
 }
 
 impl State {
@@ -259,6 +265,7 @@ fn snapshot_of(st: &State) -> store::Snapshot {
         lockdown: format!("{:?}", LockdownSpec::from_config(&st.config)),
         fingerprint: st.baseline.clone(),
         pending: st.pending.iter().map(|(r, _)| r.clone()).collect(),
+        admitted: st.ledger.saved(),
         ..Default::default()
     }
 }

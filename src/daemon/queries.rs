@@ -49,7 +49,11 @@ impl<F: Firewall> Daemon<F> {
             .iter_after(after.map(|c| c.0))
             .take_while(|g| g.id <= st.recorded)
             .take(limit)
-            .map(|g| grant_info_at(g, book.remaining(g.id, now).unwrap_or_default(), wall))
+            .map(|g| {
+                let mut info = grant_info_at(g, book.remaining(g.id, now).unwrap_or_default(), wall);
+                info.connections = st.ledger.count(g.id);
+                info
+            })
             .collect();
         grants.shrink_to_fit();
         let pending = st
@@ -65,6 +69,7 @@ impl<F: Firewall> Daemon<F> {
             ports,
             grants,
             next_cursor,
+            connections_counted_at: st.ledger.counted_at(),
             clock: self.clock.status(wall),
             exempt_sources: config.lockdown.exempt_sources.iter().map(format_prefix).collect(),
             interfaces: config.lockdown.interfaces.clone(),
@@ -170,6 +175,7 @@ pub(super) fn grant_info_at(g: &Grant, remaining: Duration, wall: DateTime<Utc>)
         granted_at: g.granted_at,
         expires_at: left.and_then(|l| wall.checked_add_signed(l)).unwrap_or(g.expires_at),
         remaining_secs,
+        connections: None,
     }
 }
 

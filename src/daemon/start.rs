@@ -96,6 +96,8 @@ impl<F: Firewall> Daemon<F> {
         let intact = kernel_table
             .as_ref()
             .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);
+        let live: std::collections::HashSet<_> = saved.grants.iter().map(|g| g.id).collect();
+        let ledger = crate::grants::usage::Ledger::restored(&saved.admitted, |id| live.contains(&id));
         let (jobs, inbox) = mpsc::channel(4 * commit::MAX_BATCH);
         let (pings, ping_inbox) = mpsc::channel(4);
         let state = State {
@@ -112,6 +114,8 @@ impl<F: Firewall> Daemon<F> {
             cuts: Default::default(),
             recorded: first_id.saturating_sub(1),
             pending: Default::default(),
+            ledger,
+            sampled_until: Instant::now(),
         };
         let daemon = Arc::new(Daemon {
             firewall,
@@ -169,6 +173,7 @@ impl<F: Firewall> Daemon<F> {
         let kernel_grants = restore.kernel.as_ref().map(|t| t.grants().0);
         let mut records = Vec::new();
         let mut st = self.lock();
+        credit_kernel(&mut st.ledger, restore.kernel.as_ref(), &restore.saved, wall);
         let config = st.config.clone();
         let mut callers = HashMap::new();
         for mut grant in restore.saved {
@@ -183,6 +188,7 @@ impl<F: Firewall> Daemon<F> {
                 );
                 r.reason = Some("ended while jitd was not running".into());
                 records.push(r);
+                st.ledger.unwatched(grant.id);
                 continue;
             };
             let caller = crate::domain::Caller::requester_of(&grant, &mut callers);
@@ -221,6 +227,29 @@ impl<F: Firewall> Daemon<F> {
     }
 }
 
+/// Credits what the counters of a table that outlived jitd counted since the
+/// checkpoint's ledger to the saved grants covering each element; after a reboot (no
+/// table) the elements are added afresh and count from zero.
+fn credit_kernel(
+    ledger: &mut crate::grants::usage::Ledger,
+    kernel: Option<&KernelTable>,
+    saved: &[Grant],
+    wall: DateTime<Utc>,
+) {
+    match kernel {
+        Some(table) => {
+            let credited = ledger.observe_all(&table.counts(), saved);
+            ledger.counted(wall);
+            if credited > 0 {
+                tracing::info!(
+                    "{credited} connection(s) the kernel counted since the last checkpoint credited to the grants"
+                );
+            }
+        }
+        None => ledger.all_fresh(),
+    }
+}
+
 /// The kernel change that brings the restored grants in: only the grant elements when
 /// the lockdown in the kernel is intact (a crash or restart under the same policy), a
 /// whole new table when it differs, only the elements after a fresh lockdown.
@@ -236,6 +265,7 @@ fn restore_change(
         (None, _) => KernelChange::Grants {
             remove: Vec::new(),
             add: elements,
+            read: Vec::new(),
         },
         (Some(table), true) => {
             tracing::info!("the lockdown in the kernel is intact; kept it and brought only the grant elements in line");
@@ -255,7 +285,11 @@ fn restore_change(
                 .filter(|e| !held.contains_key(&e.key) || stale(&e.key))
                 .copied()
                 .collect();
-            KernelChange::Grants { remove, add }
+            KernelChange::Grants {
+                remove,
+                add,
+                read: Vec::new(),
+            }
         }
         _ => KernelChange::Replace(LockdownSpec::from_config(config), elements),
     }

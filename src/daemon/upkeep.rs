@@ -429,6 +429,7 @@ mod tests {
             key_end: None,
             flags: 0,
             expires_ms: Some((deadline - read_at).as_millis() as u64),
+            packets: None,
         };
         let table = KernelTable {
             objects: Vec::new(),

@@ -52,6 +52,23 @@ impl KernelTable {
         lines
     }
 
+    /// The packets each grant element's counter has counted, for the elements that
+    /// counted any (most never do: at 100,000 grants this map stays small).
+    pub fn counts(&self) -> HashMap<GrantKey, u64> {
+        let mut counts = HashMap::new();
+        for set in GRANT_SETS {
+            for e in self.elements.get(set).into_iter().flatten() {
+                let Some(packets) = e.packets.filter(|n| *n > 0) else {
+                    continue;
+                };
+                if let Some(key) = decode_grant(set, e) {
+                    counts.insert(key, packets);
+                }
+            }
+        }
+        counts
+    }
+
     /// The grant elements, and the ones jitd cannot have written (as text).
     pub fn grants(&self) -> (KernelGrants, Vec<String>) {
         let mut grants = HashMap::new();
@@ -138,6 +155,29 @@ fn decode_grant(set: &str, e: &RawElement) -> Option<GrantKey> {
         transport,
         port,
     })
+}
+
+/// A grant element's key as the kernel stores it (the inverse of `decode_grant`): the
+/// key, and for a prefix the end of its range.
+pub fn encode_grant(key: &GrantKey) -> (Vec<u8>, Option<Vec<u8>>) {
+    let field = |addr: IpAddr| {
+        let mut bytes = match addr {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        let protocol = match key.transport {
+            Transport::Tcp => 6,
+            Transport::Udp => 17,
+        };
+        bytes.extend_from_slice(&[protocol, 0, 0, 0]);
+        bytes.extend_from_slice(&key.port.to_be_bytes());
+        bytes.extend_from_slice(&[0, 0]);
+        bytes
+    };
+    let single = key.source.prefix_len() == key.source.max_prefix_len();
+    let start = field(key.source.network());
+    let end = (!single).then(|| field(key.source.broadcast()));
+    (start, end)
 }
 
 fn decode_key(key: &[u8], alen: usize) -> Option<(IpAddr, Transport, u16)> {
@@ -241,6 +281,7 @@ mod tests {
             key_end,
             flags: 0,
             expires_ms,
+            packets: None,
         }
     }
 
@@ -306,6 +347,43 @@ mod tests {
         assert!(foreign.is_empty());
         assert_eq!(grants[&key("192.0.2.1", 22)], Duration::from_secs(100));
         assert_eq!(grants[&key("10.0.0.0/16", 3389)], Duration::from_secs(5));
+    }
+
+    #[test]
+    fn grant_keys_encode_as_the_kernel_stores_them() {
+        for (set, source, transport) in [
+            ("grants4", "192.0.2.1", Transport::Tcp),
+            ("grants4_net", "10.0.0.0/16", Transport::Udp),
+            ("grants6", "2001:db8::7", Transport::Udp),
+            ("grants6_net", "2001:db8::/64", Transport::Tcp),
+        ] {
+            let k = GrantKey {
+                source: parse_prefix(source).unwrap(),
+                transport,
+                port: 3389,
+            };
+            let (start, end) = encode_grant(&k);
+            assert_eq!(decode_grant(set, &elem(start, end, None)), Some(k), "{source}");
+        }
+        assert_eq!(
+            encode_grant(&key("192.0.2.1", 22)).0,
+            key4([192, 0, 2, 1], 6, 22),
+            "as the kernel dumps it"
+        );
+    }
+
+    #[test]
+    fn counts_come_from_the_elements_that_counted() {
+        let mut used = elem(key4([192, 0, 2, 1], 6, 22), None, Some(100_000));
+        used.packets = Some(3);
+        let mut idle = elem(key4([192, 0, 2, 2], 6, 22), None, Some(100_000));
+        idle.packets = Some(0);
+        let t = table(
+            vec![used, idle, elem(key4([192, 0, 2, 3], 6, 22), None, None)],
+            vec![],
+            0,
+        );
+        assert_eq!(t.counts(), HashMap::from([(key("192.0.2.1", 22), 3)]));
     }
 
     #[test]

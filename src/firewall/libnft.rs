@@ -173,7 +173,7 @@ impl LibNft {
     }
 
     async fn run(&self, batch: &Nftables<'_>, check_only: bool) -> Result<(), FirewallError> {
-        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let payload = super::rules::to_json(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         let payload = CString::new(payload).map_err(|e| FirewallError::Output(e.to_string()))?;
         let context = self.context.clone();
         tokio::task::spawn_blocking(move || {
@@ -223,6 +223,13 @@ impl Firewall for LibNft {
 
     async fn read_table(&self, with_grants: bool) -> Result<Option<KernelTable>, FirewallError> {
         super::nft::read_table(with_grants).await
+    }
+
+    async fn read_counts(
+        &self,
+        keys: Vec<crate::domain::GrantKey>,
+    ) -> Result<std::collections::HashMap<crate::domain::GrantKey, u64>, FirewallError> {
+        super::nft::read_counts(keys).await
     }
 
     fn made_by_us(&self, pid: u32) -> bool {

@@ -11,8 +11,11 @@ pub mod netlink;
 pub mod nft;
 pub mod rules;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
+
+use crate::domain::GrantKey;
 
 use nftables::schema::Nftables;
 
@@ -67,6 +70,12 @@ pub trait Firewall: Send + Sync + 'static {
         &self,
         with_grants: bool,
     ) -> impl Future<Output = Result<Option<kernel::KernelTable>, FirewallError>> + Send;
+    /// The packets the counters of the grant elements `keys` have counted (the new
+    /// connections each admitted); elements the kernel does not hold are left out.
+    fn read_counts(
+        &self,
+        keys: Vec<GrantKey>,
+    ) -> impl Future<Output = Result<HashMap<GrantKey, u64>, FirewallError>> + Send;
     /// Whether a change the kernel reports as made by process `pid` was one of ours.
     fn made_by_us(&self, pid: u32) -> bool;
 }
@@ -88,7 +97,8 @@ impl Firewall for RecordingFirewall {
         if let Some(message) = self.fail_with.lock().unwrap().clone() {
             return Err(FirewallError::refused(message));
         }
-        let value = serde_json::to_value(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let json = rules::to_json(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let value = serde_json::from_slice(&json).map_err(|e| FirewallError::Output(e.to_string()))?;
         self.applied.lock().unwrap().push(value);
         Ok(())
     }
@@ -102,6 +112,17 @@ impl Firewall for RecordingFirewall {
 
     async fn read_table(&self, _with_grants: bool) -> Result<Option<kernel::KernelTable>, FirewallError> {
         Ok(self.table.lock().unwrap().clone())
+    }
+
+    async fn read_counts(&self, keys: Vec<GrantKey>) -> Result<HashMap<GrantKey, u64>, FirewallError> {
+        let counts = self
+            .table
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.counts())
+            .unwrap_or_default();
+        Ok(keys.iter().filter_map(|k| counts.get(k).map(|n| (*k, *n))).collect())
     }
 
     fn made_by_us(&self, _pid: u32) -> bool {
@@ -158,6 +179,10 @@ impl Firewall for SystemFirewall {
 
     async fn read_table(&self, with_grants: bool) -> Result<Option<kernel::KernelTable>, FirewallError> {
         nft::read_table(with_grants).await
+    }
+
+    async fn read_counts(&self, keys: Vec<GrantKey>) -> Result<HashMap<GrantKey, u64>, FirewallError> {
+        nft::read_counts(keys).await
     }
 
     fn made_by_us(&self, pid: u32) -> bool {

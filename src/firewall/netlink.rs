@@ -150,6 +150,23 @@ impl Reader {
         dump: bool,
         attrs: &[(u16, Vec<u8>)],
     ) -> io::Result<Option<Vec<Object>>> {
+        let mut objects = Vec::new();
+        let found = self.request_each(subsys, msg, family, dump, attrs, |o| objects.push(o))?;
+        Ok(found.then_some(objects))
+    }
+
+    /// Like [`Reader::request_to`], handing each object of the answer to `each` as it
+    /// arrives instead of collecting them (a dump of 100,000 set elements is then never
+    /// held whole). `Ok(false)` when the kernel answers ENOENT.
+    pub fn request_each(
+        &mut self,
+        subsys: u16,
+        msg: u16,
+        family: u8,
+        dump: bool,
+        attrs: &[(u16, Vec<u8>)],
+        mut each: impl FnMut(Object),
+    ) -> io::Result<bool> {
         self.seq = self.seq.wrapping_add(1);
         let mut payload = vec![family, 0, 0, 0];
         for (kind, value) in attrs {
@@ -164,7 +181,6 @@ impl Reader {
         packet.extend_from_slice(&0u32.to_ne_bytes());
         packet.extend_from_slice(&payload);
         self.socket.send_to(&packet, &SocketAddr::new(0, 0), 0)?;
-        let mut objects = Vec::new();
         loop {
             let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
             for (kind, seq, body) in messages(&self.buf[..n.min(self.buf.len())]) {
@@ -172,19 +188,19 @@ impl Reader {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(Some(objects)),
+                    NLMSG_DONE => return Ok(true),
                     NLMSG_ERROR => {
                         let errno =
                             i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
                         return match -errno {
-                            0 if !dump => Ok(Some(objects)),
+                            0 if !dump => Ok(true),
                             0 => continue,
-                            e if e == nix::errno::Errno::ENOENT as i32 => Ok(None),
+                            e if e == nix::errno::Errno::ENOENT as i32 => Ok(false),
                             e => Err(io::Error::from_raw_os_error(e)),
                         };
                     }
                     _ if body.len() >= NFGEN => {
-                        objects.push(Object {
+                        each(Object {
                             kind: kind & 0xff,
                             attrs: parse_attrs(&body[NFGEN..]),
                         });
@@ -232,12 +248,20 @@ pub mod attr {
     pub const ELEM_FLAGS: u16 = 3;
     /// NFTA_SET_ELEM_EXPIRATION.
     pub const ELEM_EXPIRATION: u16 = 5;
+    /// NFTA_SET_ELEM_EXPR: the element's one stateful expression (its counter).
+    pub const ELEM_EXPR: u16 = 7;
+    /// NFTA_SET_ELEM_EXPRESSIONS: its expressions, when it has more than one.
+    pub const ELEM_EXPRESSIONS: u16 = 11;
     /// NFTA_SET_ELEM_KEY_END.
     pub const ELEM_KEY_END: u16 = 10;
     /// NFTA_DATA_VALUE.
     pub const DATA_VALUE: u16 = 1;
     /// NFTA_EXPR_NAME.
     pub const EXPR_NAME: u16 = 1;
+    /// NFTA_EXPR_DATA.
+    pub const EXPR_DATA: u16 = 2;
+    /// NFTA_COUNTER_PACKETS (inside a counter's NFTA_EXPR_DATA).
+    pub const COUNTER_PACKETS: u16 = 2;
 }
 
 /// The message types of the objects a table listing is made of.
@@ -261,6 +285,9 @@ pub struct RawElement {
     pub flags: u32,
     /// Milliseconds left before the kernel drops it.
     pub expires_ms: Option<u64>,
+    /// The packets its counter has counted, when it has one (jitd's grant sets give
+    /// every element a counter).
+    pub packets: Option<u64>,
 }
 
 /// Everything of table `inet TABLE` except set elements: chains, rules and sets, each
@@ -288,43 +315,140 @@ pub fn dump_table(reader: &mut Reader, table: &str) -> io::Result<Option<Vec<Obj
 
 /// The elements of set `set` in table `inet TABLE`; `None` when the set does not exist.
 pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<Option<Vec<RawElement>>> {
-    let Some(objects) = reader.request(
+    let mut elements = Vec::new();
+    let found = reader.request_each(
+        NFNL_SUBSYS_NFTABLES,
         NFT_MSG_GETSETELEM,
+        NFPROTO_INET,
         true,
         &[(attr::OBJ_TABLE, cstr(table)), (attr::SET_NAME, cstr(set))],
-    )?
-    else {
-        return Ok(None);
+        |object| elements.extend(elements_of(std::slice::from_ref(&object))),
+    )?;
+    Ok(found.then_some(elements))
+}
+
+/// One element of set `set` in table `inet TABLE`, asked for by its key (and, in an
+/// interval set, the end of its range), as the kernel holds it now; `None` when the
+/// set holds no such element (or there is no such set). One request, one element: the
+/// kernel stops at the first element of a request it does not find.
+pub fn get_element(
+    reader: &mut Reader,
+    table: &str,
+    set: &str,
+    key: &[u8],
+    key_end: Option<&[u8]>,
+) -> io::Result<Option<RawElement>> {
+    let data = |bytes: &[u8]| {
+        let mut value = Vec::new();
+        put_attr(&mut value, attr::DATA_VALUE, bytes);
+        value
     };
+    let mut element = Vec::new();
+    put_attr(&mut element, attr::ELEM_KEY | NLA_F_NESTED, &data(key));
+    if let Some(end) = key_end {
+        put_attr(&mut element, attr::ELEM_KEY_END | NLA_F_NESTED, &data(end));
+    }
+    let mut list = Vec::new();
+    put_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &element);
+    let found = reader.request(
+        NFT_MSG_GETSETELEM,
+        false,
+        &[
+            (attr::OBJ_TABLE, cstr(table)),
+            (attr::SET_NAME, cstr(set)),
+            (attr::ELEM_LIST_ELEMENTS | NLA_F_NESTED, list),
+        ],
+    )?;
+    Ok(found.and_then(|objects| elements_of(&objects).into_iter().next()))
+}
+
+/// NFTA_LIST_ELEM: one item of a nested list.
+const NFTA_LIST_ELEM: u16 = 1;
+/// The flag of a nested attribute.
+const NLA_F_NESTED: u16 = 0x8000;
+
+/// The elements carried by NEWSETELEM messages (a dump's, or a get's answer).
+fn elements_of(objects: &[Object]) -> Vec<RawElement> {
     let mut elements = Vec::new();
     for object in objects {
         let Some(list) = object.get(attr::ELEM_LIST_ELEMENTS) else {
             continue;
         };
-        for item in parse_attrs(list) {
-            let fields = parse_attrs(&item.value);
-            let data = |kind| {
-                fields
-                    .iter()
-                    .find(|a| a.kind == kind)
-                    .and_then(|a| parse_attrs(&a.value).into_iter().find(|d| d.kind == attr::DATA_VALUE))
-                    .map(|d| d.value)
-            };
-            let be = |kind| fields.iter().find(|a| a.kind == kind).map(|a| a.value.clone());
-            elements.push(RawElement {
-                key: data(attr::ELEM_KEY).unwrap_or_default(),
-                key_end: data(attr::ELEM_KEY_END),
-                flags: be(attr::ELEM_FLAGS)
-                    .and_then(|v| v.try_into().ok())
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(0),
-                expires_ms: be(attr::ELEM_EXPIRATION)
-                    .and_then(|v| v.try_into().ok())
-                    .map(u64::from_be_bytes),
-            });
+        let mut items = list;
+        while let Some((_, item, rest)) = next_attr(items) {
+            elements.push(parse_element(item));
+            items = rest;
         }
     }
-    Ok(Some(elements))
+    elements
+}
+
+/// One NFTA_LIST_ELEM's payload as a [`RawElement`], read without copying more than
+/// the keys (a drift check reads 100,000 of them).
+fn parse_element(payload: &[u8]) -> RawElement {
+    let field = |kind| find_attr(payload, kind);
+    let data = |kind| {
+        field(kind)
+            .and_then(|v| find_attr(v, attr::DATA_VALUE))
+            .map(<[u8]>::to_vec)
+    };
+    RawElement {
+        key: data(attr::ELEM_KEY).unwrap_or_default(),
+        key_end: data(attr::ELEM_KEY_END),
+        flags: field(attr::ELEM_FLAGS)
+            .and_then(|v| v.try_into().ok())
+            .map(u32::from_be_bytes)
+            .unwrap_or(0),
+        expires_ms: field(attr::ELEM_EXPIRATION)
+            .and_then(|v| v.try_into().ok())
+            .map(u64::from_be_bytes),
+        packets: counter_packets(payload),
+    }
+}
+
+/// The packets of an element's counter: its one expression (NFTA_SET_ELEM_EXPR), or
+/// the first counter among several (NFTA_SET_ELEM_EXPRESSIONS).
+fn counter_packets(element: &[u8]) -> Option<u64> {
+    let counter = |expr: &[u8]| {
+        if find_attr(expr, attr::EXPR_NAME)? != b"counter\0" {
+            return None;
+        }
+        let packets = find_attr(find_attr(expr, attr::EXPR_DATA)?, attr::COUNTER_PACKETS)?;
+        Some(u64::from_be_bytes(packets.try_into().ok()?))
+    };
+    if let Some(one) = find_attr(element, attr::ELEM_EXPR) {
+        return counter(one);
+    }
+    let mut many = find_attr(element, attr::ELEM_EXPRESSIONS)?;
+    while let Some((_, expr, rest)) = next_attr(many) {
+        if let Some(packets) = counter(expr) {
+            return Some(packets);
+        }
+        many = rest;
+    }
+    None
+}
+
+/// The payload of the first attribute of `kind` in `data`, without copying.
+fn find_attr(mut data: &[u8], kind: u16) -> Option<&[u8]> {
+    while let Some((k, value, rest)) = next_attr(data) {
+        if k == kind {
+            return Some(value);
+        }
+        data = rest;
+    }
+    None
+}
+
+/// The first attribute of `data` (type, payload) and what follows it; `None` at the
+/// end or at a truncated attribute.
+fn next_attr(data: &[u8]) -> Option<(u16, &[u8], &[u8])> {
+    let len = usize::from(u16::from_ne_bytes([*data.first()?, *data.get(1)?]));
+    let kind = u16::from_ne_bytes([*data.get(2)?, *data.get(3)?]) & NLA_TYPE_MASK;
+    if len < 4 || len > data.len() {
+        return None;
+    }
+    Some((kind, &data[4..len], &data[align4(len).min(data.len())..]))
 }
 
 #[cfg(test)]
@@ -353,6 +477,40 @@ mod tests {
         );
         let object = Object { kind: 0, attrs };
         assert_eq!(object.string(1).as_deref(), Some("jitd"));
+    }
+
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_attr(&mut b, kind, value);
+        b
+    }
+
+    #[test]
+    fn an_elements_counter_is_read_from_its_expression() {
+        let key = nla(attr::ELEM_KEY | NLA_F_NESTED, &nla(attr::DATA_VALUE, &[192, 0, 2, 7]));
+        let mut data = nla(1, &300u64.to_be_bytes()); // NFTA_COUNTER_BYTES
+        data.extend(nla(attr::COUNTER_PACKETS, &5u64.to_be_bytes()));
+        let mut counter = nla(attr::EXPR_NAME, b"counter\0");
+        counter.extend(nla(attr::EXPR_DATA | NLA_F_NESTED, &data));
+        let mut one = key.clone();
+        one.extend(nla(attr::ELEM_EXPR | NLA_F_NESTED, &counter));
+        let e = parse_element(&one);
+        assert_eq!((e.key, e.packets), (vec![192, 0, 2, 7], Some(5)));
+        // several expressions: the counter among them
+        let mut limit = nla(attr::EXPR_NAME, b"limit\0");
+        limit.extend(nla(attr::EXPR_DATA | NLA_F_NESTED, &nla(1, &[0; 8])));
+        let mut list = nla(NFTA_LIST_ELEM | NLA_F_NESTED, &limit);
+        list.extend(nla(NFTA_LIST_ELEM | NLA_F_NESTED, &counter));
+        let mut many = key.clone();
+        many.extend(nla(attr::ELEM_EXPRESSIONS | NLA_F_NESTED, &list));
+        assert_eq!(parse_element(&many).packets, Some(5));
+        assert_eq!(parse_element(&key).packets, None, "no counter");
+        // a counter whose packets are not 8 bytes is no counter
+        let mut short = nla(attr::EXPR_NAME, b"counter\0");
+        short.extend(nla(attr::EXPR_DATA, &nla(attr::COUNTER_PACKETS, &[5])));
+        let mut bad = key;
+        bad.extend(nla(attr::ELEM_EXPR, &short));
+        assert_eq!(parse_element(&bad).packets, None);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Applies batches by running `nft -j -f -` (the nftables JSON API), one transaction
 //! each, and reads jitd's table back with `nft -j list table`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,10 +10,11 @@ use nftables::schema::Nftables;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::kernel::{KernelTable, LOCKDOWN_SETS};
+use super::kernel::{self, KernelTable, LOCKDOWN_SETS};
 use super::netlink;
-use super::rules::{GRANT_SETS, TABLE};
+use super::rules::{grant_set, GRANT_SETS, TABLE};
 use super::{Firewall, FirewallError};
+use crate::domain::GrantKey;
 
 /// How long one `nft` run may take before jitd gives up on it.
 pub const NFT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,7 +68,7 @@ impl NftCli {
     }
 
     async fn run(&self, check_only: bool, batch: &Nftables<'_>) -> Result<(), FirewallError> {
-        let payload = serde_json::to_vec(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
+        let payload = super::rules::to_json(batch).map_err(|e| FirewallError::Output(e.to_string()))?;
         let args: &[&str] = if check_only {
             &["--check", "-j", "-f", "-"]
         } else {
@@ -132,6 +133,10 @@ impl Firewall for NftCli {
         read_table(with_grants).await
     }
 
+    async fn read_counts(&self, keys: Vec<GrantKey>) -> Result<HashMap<GrantKey, u64>, FirewallError> {
+        read_counts(keys).await
+    }
+
     fn made_by_us(&self, pid: u32) -> bool {
         self.own_pids.lock().expect("pid list lock").contains(&pid)
     }
@@ -145,12 +150,63 @@ pub async fn read_table(with_grants: bool) -> Result<Option<KernelTable>, Firewa
         .map_err(|e| FirewallError::Output(format!("reading table inet {TABLE} over netlink: {e}")))
 }
 
+/// Above this many elements, [`read_counts`] dumps the sets rather than asking for each
+/// element (a request per element costs a round trip; a dump of 100,000, 0.7 s).
+const MOST_ELEMENTS_ASKED: usize = 512;
+
+/// The packets the counters of the grant elements `keys` have counted, read over
+/// nfnetlink; elements the kernel does not hold (any more) are left out.
+pub async fn read_counts(keys: Vec<GrantKey>) -> Result<HashMap<GrantKey, u64>, FirewallError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    tokio::task::spawn_blocking(move || counts_over_netlink(&keys))
+        .await
+        .map_err(|e| FirewallError::Output(e.to_string()))?
+        .map_err(|e| {
+            FirewallError::Output(format!(
+                "reading grant counters of table inet {TABLE} over netlink: {e}"
+            ))
+        })
+}
+
+fn counts_over_netlink(keys: &[GrantKey]) -> std::io::Result<HashMap<GrantKey, u64>> {
+    let mut reader = netlink::Reader::open()?;
+    let mut counts = HashMap::new();
+    if keys.len() > MOST_ELEMENTS_ASKED {
+        let mut elements = HashMap::new();
+        for set in GRANT_SETS
+            .iter()
+            .filter(|set| keys.iter().any(|k| grant_set(&k.source) == **set))
+        {
+            if let Some(found) = netlink::dump_elements(&mut reader, TABLE, set)? {
+                elements.insert(set.to_string(), found);
+            }
+        }
+        let all = KernelTable {
+            objects: Vec::new(),
+            elements,
+        }
+        .counts();
+        counts.extend(keys.iter().filter_map(|k| all.get(k).map(|n| (*k, *n))));
+        return Ok(counts);
+    }
+    for key in keys {
+        let (start, end) = kernel::encode_grant(key);
+        let found = netlink::get_element(&mut reader, TABLE, grant_set(&key.source), &start, end.as_deref())?;
+        if let Some(packets) = found.and_then(|e| e.packets) {
+            counts.insert(*key, packets);
+        }
+    }
+    Ok(counts)
+}
+
 fn read_over_netlink(with_grants: bool) -> std::io::Result<Option<KernelTable>> {
     let mut reader = netlink::Reader::open()?;
     let Some(objects) = netlink::dump_table(&mut reader, TABLE)? else {
         return Ok(None);
     };
-    let mut elements = std::collections::HashMap::new();
+    let mut elements = HashMap::new();
     let grant_sets: &[&str] = if with_grants { &GRANT_SETS } else { &[] };
     for set in grant_sets.iter().chain(LOCKDOWN_SETS.iter()) {
         if let Some(found) = netlink::dump_elements(&mut reader, TABLE, set)? {

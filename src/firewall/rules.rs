@@ -54,7 +54,9 @@ use nftables::batch::Batch;
 use nftables::expr::{
     BinaryOperation, Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix, SetItem, CT,
 };
-use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table};
+use nftables::schema::{
+    Chain, Element, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
 use nftables::stmt::{Counter, JumpTarget, Mangle, Match, Operator, Reject, RejectType, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
@@ -188,6 +190,41 @@ fn timed(key: Expression<'static>, timeout: Duration) -> Expression<'static> {
         comment: None,
         counter: None,
     }))
+}
+
+/// A batch as the JSON nftables reads. Each grant set gets a `counter` statement
+/// (`"stmt": [{"counter": null}]`, which the nftables crate 0.6 has no field for), so
+/// every element carries a counter of its own: of the packets its lookup let in, that
+/// is the new connections it admitted (a TCP SYN in `syn_check`, a UDP packet of a flow
+/// not yet answered in `input`). The kernel reads them back over netlink
+/// ([`super::kernel::KernelTable::counts`]).
+pub fn to_json(batch: &Nftables<'_>) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(br#"{"nftables":["#);
+    for (i, object) in batch.objects.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match counted_set(object)? {
+            Some(value) => serde_json::to_writer(&mut out, &value)?,
+            None => serde_json::to_writer(&mut out, object)?,
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+/// The `add set` command of a grant set, with its counter statement.
+fn counted_set(object: &NfObject<'_>) -> serde_json::Result<Option<serde_json::Value>> {
+    let NfObject::CmdObject(NfCmd::Add(NfListObject::Set(set))) = object else {
+        return Ok(None);
+    };
+    if set.table != TABLE || !GRANT_SETS.contains(&set.name.as_ref()) {
+        return Ok(None);
+    }
+    let mut value = serde_json::to_value(object)?;
+    value["add"]["set"]["stmt"] = serde_json::json!([{ "counter": null }]);
+    Ok(Some(value))
 }
 
 /// A batch that replaces jitd's table whole (or creates it): the lockdown plus the
@@ -743,6 +780,28 @@ mod tests {
             text.contains(r#""name":"exempt6","elem":[{"prefix":{"addr":"fd00::","len":8}}]"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_grant_sets_count_per_element_and_nothing_else_changes() {
+        let batch = replace_table(&spec(), &[]);
+        let rendered: Value = serde_json::from_slice(&to_json(&batch).unwrap()).unwrap();
+        let mut typed = json(&batch);
+        let mut counted = Vec::new();
+        for (cmd, typed) in rendered["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(typed["nftables"].as_array_mut().unwrap())
+        {
+            if let Some(stmt) = cmd["add"]["set"].get("stmt") {
+                assert_eq!(stmt, &serde_json::json!([{ "counter": null }]));
+                counted.push(cmd["add"]["set"]["name"].as_str().unwrap().to_string());
+                typed["add"]["set"]["stmt"] = stmt.clone();
+            }
+            assert_eq!(cmd, typed);
+        }
+        assert_eq!(counted, GRANT_SETS, "the grant sets, and only they");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! lasting as long as the longest of them.
 
 pub mod cover;
+pub mod usage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
@@ -413,6 +414,88 @@ impl GrantBook {
                 )
             })
             .collect()
+    }
+
+    /// The live grants `key` carries ([`usage::covers`]), to which the connections it
+    /// counts are credited, and the prefix grants hidden in it ([`usage::hidden_in`]).
+    pub fn covering(&self, key: &GrantKey) -> (Vec<GrantId>, Vec<GrantId>) {
+        let ids: Vec<GrantId> = if is_single(&key.source) {
+            let protocols = match key.transport {
+                Transport::Tcp => [Protocol::Tcp, Protocol::Any],
+                Transport::Udp => [Protocol::Udp, Protocol::Any],
+            };
+            protocols
+                .iter()
+                .filter_map(|&protocol| {
+                    self.by_slot.get(&Slot {
+                        source: key.source,
+                        port: key.port,
+                        protocol,
+                    })
+                })
+                .flatten()
+                .copied()
+                .collect()
+        } else {
+            self.nets.get(&group_of(key)).cloned().unwrap_or_default()
+        };
+        let of = |test: fn(&Grant, &GrantKey) -> bool| {
+            ids.iter()
+                .copied()
+                .filter(|id| self.get(*id).is_some_and(|g| test(g, key)))
+                .collect::<Vec<_>>()
+        };
+        (of(usage::covers), of(usage::hidden_in))
+    }
+
+    /// The kernel elements that carry `grants` (with the book as it is, whatever their
+    /// deadlines): their own keys, or for a prefix the pieces inside it and the wider
+    /// piece that may have absorbed it. Sorted, each once.
+    pub fn element_keys_of(&self, grants: &[&Grant]) -> Vec<GrantKey> {
+        let mut keys = Vec::new();
+        let mut groups: HashMap<NetGroup, Vec<IpNet>> = HashMap::new();
+        for g in grants {
+            if is_single(&g.source) {
+                keys.extend(g.keys());
+            } else {
+                for k in g.keys() {
+                    groups.entry(group_of(&k)).or_default().push(g.source);
+                }
+            }
+        }
+        for (group, sources) in groups {
+            keys.extend(
+                self.group_elements(&group)
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .filter(|key| {
+                        sources
+                            .iter()
+                            .any(|s| s.contains(&key.source) || key.source.contains(s))
+                    }),
+            );
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// The live grants whose deadline is at or before `by`, earliest first.
+    pub fn due_by(&self, by: Instant) -> Vec<&Grant> {
+        self.deadlines
+            .iter()
+            .take_while(|(d, _)| *d <= by)
+            .filter_map(|(_, id)| self.get(*id))
+            .collect()
+    }
+
+    /// The earliest deadline after `after`.
+    pub fn next_deadline_after(&self, after: Instant) -> Option<Instant> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.deadlines
+            .range((Excluded((after, GrantId::MAX)), Unbounded))
+            .next()
+            .map(|(d, _)| *d)
     }
 
     /// The id the next grant will get.

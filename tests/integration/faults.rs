@@ -74,7 +74,9 @@ fn a_restart_puts_live_grants_back_records_ended_ones_and_never_opens_the_ports(
     let expired = records(&setup, "expire");
     assert_eq!(expired.len(), 1, "{expired:?}");
     assert_eq!(expired[0]["grant_id"], short);
-    assert_eq!(expired[0]["reason"], "ended while jitd was not running");
+    let why = expired[0]["reason"].as_str().unwrap();
+    assert!(why.starts_with("ended while jitd was not running"), "{why}");
+    assert!(expired[0].get("connections").is_none(), "unknown: it ended unwatched");
     let approved = setup
         .audit()
         .into_iter()

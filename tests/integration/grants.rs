@@ -393,7 +393,7 @@ fn the_audit_log_answers_queries_and_exports_csv() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "time,actor_uid,actor,action,outcome,reason,ports,protocol,source,duration_secs,justification,grant_id,principals,key,peer"
+        "time,actor_uid,actor,action,outcome,reason,ports,protocol,source,duration_secs,justification,grant_id,principals,key,peer,connections"
     );
     assert!(csv.contains("\"a, \"\"quoted\"\" reason\""), "{csv}");
     assert_eq!(csv.lines().count(), 5);

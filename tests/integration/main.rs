@@ -22,4 +22,5 @@ mod protocol;
 mod recheck;
 mod service;
 mod start_trust;
+mod usage;
 mod util;

@@ -117,11 +117,15 @@ fn clamped_to_max_duration(how: Stop) {
     let left = live[0]["remaining_secs"].as_u64().unwrap();
     assert!((500..=600).contains(&left), "at most 10m left: {left}");
     let ruleset = net.ruleset();
-    let element = ruleset
-        .split(&format!("{A4} . tcp . 22 timeout "))
+    // `A . tcp . 22 counter packets N bytes M timeout T expires E`
+    let element = ruleset.split(&format!("{A4} . tcp . 22 ")).nth(1).expect("A's element");
+    let timeout = element
+        .split("timeout ")
         .nth(1)
-        .expect("A's element");
-    let timeout = element.split([' ', ',']).next().unwrap();
+        .expect("its timeout")
+        .split([' ', ','])
+        .next()
+        .unwrap();
     assert!(!timeout.contains('h'), "the kernel's timeout is clamped too: {timeout}");
     assert!(can_connect(&net.a, HOST_A4, 22), "A still connects, for less time");
     let clamps = policy_changes(&setup, id);

@@ -330,6 +330,8 @@ fn a_restart_ends_the_requests_whose_time_is_up_and_keeps_the_rest_on_their_cloc
         cuts: Default::default(),
         recorded: 0,
         pending: Default::default(),
+        ledger: Default::default(),
+        sampled_until: now,
     };
     let ended = restore_pending(&mut st, vec![asked(1, -5), asked(2, 300)], true, now, wall);
     assert_eq!(ended.len(), 1);
