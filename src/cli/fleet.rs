@@ -288,33 +288,29 @@ async fn selected_hosts(etcd: &Etcd, client: &mut Client, targets: &[String]) ->
 }
 
 async fn hosts(etcd: &Etcd, client: &mut Client) -> Result<BTreeMap<String, HostRecord>, String> {
-    let prefix = etcd.keys.hosts();
-    let got = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("reading {prefix}: {e}"))?;
-    Ok(got
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let name = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
-            Some((name, serde_json::from_slice(kv.value()).ok()?))
-        })
-        .collect())
+    under(client, &etcd.keys.hosts()).await
 }
 
 async fn answers(etcd: &Etcd, client: &mut Client, id: &str) -> Result<BTreeMap<String, StatusRecord>, String> {
-    let prefix = etcd.keys.status_of(id);
+    under(client, &etcd.keys.status_of(id)).await
+}
+
+/// The JSON values under `prefix`, by the rest of their key (values that do not read
+/// as `T` are left out).
+async fn under<T: serde::de::DeserializeOwned>(
+    client: &mut Client,
+    prefix: &str,
+) -> Result<BTreeMap<String, T>, String> {
     let got = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+        .get(prefix, Some(GetOptions::new().with_prefix()))
         .await
         .map_err(|e| format!("reading {prefix}: {e}"))?;
     Ok(got
         .kvs()
         .iter()
         .filter_map(|kv| {
-            let host = kv.key_str().ok()?.strip_prefix(&prefix)?.to_string();
-            Some((host, serde_json::from_slice(kv.value()).ok()?))
+            let name = kv.key_str().ok()?.strip_prefix(prefix)?.to_string();
+            Some((name, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect())
 }

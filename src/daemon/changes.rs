@@ -337,10 +337,15 @@ impl<F: Firewall> Daemon<F> {
             let wait = (due - Utc::now()).to_std().unwrap_or_default();
             Instant::now() + wait + Duration::from_millis(10)
         });
-        [st.book.next_deadline(), summary, st.pending.next_deadline(), Self::next_sample(&st)]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            st.book.next_deadline(),
+            summary,
+            st.pending.next_deadline(),
+            Self::next_sample(&st),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Books and records every grant whose time is up, and writes the summaries of
