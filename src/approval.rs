@@ -201,13 +201,8 @@ impl PendingBook {
 
     /// Takes out every request whose deadline is at or before `now`.
     pub fn pop_timed_out(&mut self, now: Instant) -> Vec<PendingRequest> {
-        let due: Vec<GrantId> = self
-            .deadlines
-            .iter()
-            .take_while(|(d, _)| *d <= now)
-            .map(|(_, id)| *id)
-            .collect();
-        due.into_iter()
+        crate::grants::due(&self.deadlines, now)
+            .into_iter()
             .filter_map(|id| self.remove(id))
             .map(|(r, _)| r)
             .collect()

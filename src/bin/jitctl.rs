@@ -369,21 +369,7 @@ fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> io::Result<
 }
 
 fn print_granted(out: &mut dyn Write, granted: &GrantedReply) -> io::Result<()> {
-    for g in &granted.grants {
-        writeln!(
-            out,
-            "granted: id {} opens {}/{} for {} until {}",
-            g.id,
-            g.port,
-            g.protocol,
-            escape_for_terminal(&g.source),
-            both_times(g.expires_at)
-        )?;
-    }
-    for id in &granted.superseded {
-        writeln!(out, "replaced: grant {id} (superseded by the new grant)")?;
-    }
-    Ok(())
+    approvals::print_grants(out, &granted.grants, &granted.superseded, both_times)
 }
 
 fn print_revoked(out: &mut dyn Write, revoked: &RevokedReply) -> io::Result<()> {

@@ -113,7 +113,18 @@ pub fn print_decision(out: &mut dyn Write, s: &PendingStatus) -> io::Result<()> 
         escape_for_terminal(&r.source),
         escape_for_terminal(by)
     )?;
-    for g in &s.grants {
+    print_grants(out, &s.grants, &s.superseded, clock_time)
+}
+
+/// The grants a request opened and those they replaced, one line each; `until` shows
+/// a grant's end.
+pub fn print_grants(
+    out: &mut dyn Write,
+    grants: &[crate::api::protocol::GrantInfo],
+    superseded: &[crate::domain::GrantId],
+    until: impl Fn(DateTime<Utc>) -> String,
+) -> io::Result<()> {
+    for g in grants {
         writeln!(
             out,
             "granted: id {} opens {}/{} for {} until {}",
@@ -121,10 +132,10 @@ pub fn print_decision(out: &mut dyn Write, s: &PendingStatus) -> io::Result<()> 
             g.port,
             g.protocol,
             escape_for_terminal(&g.source),
-            clock_time(g.expires_at)
+            until(g.expires_at)
         )?;
     }
-    for id in &s.superseded {
+    for id in superseded {
         writeln!(out, "replaced: grant {id} (superseded by the new grant)")?;
     }
     Ok(())

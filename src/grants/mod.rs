@@ -98,6 +98,15 @@ pub struct NewGrant {
     pub duration: Duration,
 }
 
+/// The ids in `deadlines` (ordered by deadline) whose deadline is at or before `now`.
+pub fn due(deadlines: &std::collections::BTreeSet<(Instant, GrantId)>, now: Instant) -> Vec<GrantId> {
+    deadlines
+        .iter()
+        .take_while(|(d, _)| *d <= now)
+        .map(|(_, id)| *id)
+        .collect()
+}
+
 /// Grants for the same source, port and protocol share a slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Slot {
@@ -319,13 +328,8 @@ impl GrantBook {
 
     /// Removes and returns every grant whose deadline is at or before `now`.
     pub fn pop_expired(&mut self, now: Instant) -> Vec<Grant> {
-        let due: Vec<GrantId> = self
-            .deadlines
-            .iter()
-            .take_while(|(d, _)| *d <= now)
-            .map(|(_, id)| *id)
-            .collect();
-        due.into_iter()
+        due(&self.deadlines, now)
+            .into_iter()
             .filter_map(|id| self.remove(id))
             .map(|(g, _)| g)
             .collect()
@@ -373,22 +377,21 @@ impl GrantBook {
 
     /// The latest deadline of the grants for one address, transport and port.
     fn single_deadline(&self, key: &GrantKey) -> Option<Instant> {
+        self.single_ids(key).filter_map(|id| self.deadline(*id)).max()
+    }
+
+    /// The grants of one address, transport and port: those whose protocol is the
+    /// key's transport or `any`.
+    fn single_ids<'a>(&'a self, key: &GrantKey) -> impl Iterator<Item = &'a GrantId> + 'a {
         let protocols = match key.transport {
             Transport::Tcp => [Protocol::Tcp, Protocol::Any],
             Transport::Udp => [Protocol::Udp, Protocol::Any],
         };
+        let (source, port) = (key.source, key.port);
         protocols
-            .iter()
-            .filter_map(|&protocol| {
-                self.by_slot.get(&Slot {
-                    source: key.source,
-                    port: key.port,
-                    protocol,
-                })
-            })
+            .into_iter()
+            .filter_map(move |protocol| self.by_slot.get(&Slot { source, port, protocol }))
             .flatten()
-            .filter_map(|id| self.deadline(*id))
-            .max()
     }
 
     fn group_elements(&self, group: &NetGroup) -> Vec<Placed> {
@@ -420,22 +423,7 @@ impl GrantBook {
     /// counts are credited, and the prefix grants hidden in it ([`usage::hidden_in`]).
     pub fn covering(&self, key: &GrantKey) -> (Vec<GrantId>, Vec<GrantId>) {
         let ids: Vec<GrantId> = if is_single(&key.source) {
-            let protocols = match key.transport {
-                Transport::Tcp => [Protocol::Tcp, Protocol::Any],
-                Transport::Udp => [Protocol::Udp, Protocol::Any],
-            };
-            protocols
-                .iter()
-                .filter_map(|&protocol| {
-                    self.by_slot.get(&Slot {
-                        source: key.source,
-                        port: key.port,
-                        protocol,
-                    })
-                })
-                .flatten()
-                .copied()
-                .collect()
+            self.single_ids(key).copied().collect()
         } else {
             self.nets.get(&group_of(key)).cloned().unwrap_or_default()
         };
