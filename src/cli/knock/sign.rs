@@ -1,7 +1,8 @@
-//! Signing a knock with the user's SSH key, by running `ssh-keygen -Y sign`: jitctl
-//! holds no private key material. Whatever ssh itself would use works through it:
-//! ssh-agent, a key file (a passphrase is asked on the terminal), a FIDO2 security key
-//! (touch it when asked), an OpenSSH certificate.
+//! Signing a knock (or a fleet request) with the user's SSH key: the agent's plain keys
+//! through the agent directly ([`super::agent`]), anything else by running
+//! `ssh-keygen -Y sign`. jitctl holds no private key material. Whatever ssh itself would
+//! use works: ssh-agent, a key file (a passphrase is asked on the terminal), a FIDO2
+//! security key (touch it when asked), an OpenSSH certificate.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -9,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ssh_key::{HashAlg, PublicKey, SshSig};
-
-use crate::remote::NAMESPACE;
 
 /// The private keys tried, in this order, in `~/.ssh` when neither `--key`, the hosts
 /// file nor ssh-agent names one (as ssh does, FIDO2 keys included).
@@ -85,7 +84,7 @@ pub fn listing(keys: &[super::agent::Identity]) -> Option<String> {
 
 /// Signs `request` with `key`: in-process through the agent when the key is the
 /// agent's and a plain key ([`super::agent::sign`]), else with `ssh-keygen`
-/// ([`sign`]).
+/// ([`sign_in`]).
 pub fn sign_with(
     request: &str,
     key: &Key,
@@ -135,15 +134,11 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Signs `request` with `key` under the knock namespace; the armoured SSHSIG.
-/// ssh-keygen's own messages (a passphrase prompt, "touch your security key", an
-/// error) reach the user's terminal as they come.
-pub fn sign(request: &str, key: &Key, dir: &PrivateDir) -> Result<String, String> {
-    sign_in(request, key, dir, NAMESPACE)
-}
-
-/// Signs `request` with `key` under `namespace` (`knock@jitd`, `fleet@jitd`).
-pub fn sign_in(request: &str, key: &Key, dir: &PrivateDir, namespace: &str) -> Result<String, String> {
+/// Signs `request` with `key` under `namespace` (`knock@jitd`, `fleet@jitd`) by
+/// running `ssh-keygen -Y sign`; the armoured SSHSIG. ssh-keygen's own messages (a
+/// passphrase prompt, "touch your security key", an error) reach the user's terminal
+/// as they come.
+fn sign_in(request: &str, key: &Key, dir: &PrivateDir, namespace: &str) -> Result<String, String> {
     let message = dir.write("request", request)?;
     let (key_file, agent_only) = match key {
         Key::Given(path) | Key::Default(path) => (path.clone(), false),
