@@ -360,6 +360,7 @@ mod tests {
             peer: None,
             nonce: None,
             certificate: None,
+            fleet: None,
         })
     }
 

@@ -189,6 +189,21 @@ pub struct SignedBy {
     pub nonce: Option<String>,
     /// The SSH certificate that signed, described (key id, serial, CA), if one did.
     pub certificate: Option<String>,
+    /// A fleet request read from etcd (not a knock): its id and the hosts it named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetOrigin>,
+}
+
+/// The fleet request a grant (or a pending request) came from: its id under
+/// `requests/` in etcd and the hosts and groups it named, so that a deletion of the
+/// request closes what it opened, also after a restart, and a host that leaves a group
+/// closes that group's grants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FleetOrigin {
+    /// The request's id (its nonce in hex).
+    pub request: String,
+    /// The hosts (`NAME`) and groups (`group:NAME`) it named.
+    pub hosts: Vec<String>,
 }
 
 impl Caller {

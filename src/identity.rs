@@ -39,6 +39,7 @@ impl Caller {
                 peer: None,
                 nonce: None,
                 certificate: None,
+                fleet: grant.fleet.clone(),
             });
         }
         cache

@@ -86,7 +86,17 @@ pub struct History {
     /// before a crash is still refused as a replay after it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub nonces: BTreeMap<String, DateTime<Utc>>,
+    /// Fleet requests recorded within [`FLEET_MEMORY`] of the newest record, with their
+    /// latest record's time: start-up remembers them as judged, so that nothing is
+    /// applied twice across a restart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fleet: BTreeMap<String, DateTime<Utc>>,
 }
+
+/// How long after its last record a fleet request is remembered: the longest a fleet
+/// request may last, plus the clock skew its signing time may have.
+pub const FLEET_MEMORY: chrono::TimeDelta =
+    chrono::TimeDelta::seconds(crate::fleet::request::MAX_DURATION as i64 + crate::fleet::judge::SKEW.num_seconds());
 
 /// How long after its record a knock's nonce is kept: twice the widest time window (a
 /// knock is accepted at most one window after it was signed, and refused one window
@@ -121,6 +131,10 @@ impl History {
             if let Some(nonce) = &r.nonce {
                 self.nonces.insert(nonce.clone(), r.time);
             }
+            if let Some(id) = &r.fleet_request {
+                let t = self.fleet.entry(id.clone()).or_insert(r.time);
+                *t = r.time.max(*t);
+            }
             if (r.action, r.outcome) != (Action::Request, Outcome::Approved) {
                 continue;
             }
@@ -135,6 +149,7 @@ impl History {
         }
         if let Some(newest) = self.newest {
             self.nonces.retain(|_, t| *t + NONCE_MEMORY >= newest);
+            self.fleet.retain(|_, t| *t + FLEET_MEMORY >= newest);
         }
         let first_minute = since.timestamp().div_euclid(60);
         for u in self.usage.values_mut() {
@@ -291,6 +306,7 @@ fn pending_request(r: &AuditRecord, id: GrantId) -> Option<PendingRequest> {
                 peer: r.peer.as_deref().and_then(|p| p.parse().ok()),
                 nonce: r.nonce.clone(),
                 certificate: r.certificate.clone(),
+                fleet: r.fleet_origin(),
             });
             caller.name = r.actor.clone();
             caller
@@ -321,6 +337,7 @@ fn approved_grant(r: &crate::audit::AuditRecord, id: GrantId) -> Option<Grant> {
         requester: r.actor.clone(),
         requester_uid: r.actor_uid.unwrap_or(crate::domain::REMOTE_UID),
         principals: r.principals.clone(),
+        fleet: r.fleet_origin(),
         justification: r.justification.clone(),
         granted_at: r.time,
         expires_at: r.time + chrono::Duration::try_seconds(secs)?,
@@ -689,6 +706,43 @@ mod tests {
         );
         assert_eq!((u.last_access, u.last_user.as_deref()), (Some(t(5)), Some("alice")));
         assert_eq!((h.newest, h.max_grant_id), (Some(t(6)), 9));
+    }
+
+    #[test]
+    fn history_remembers_fleet_requests_for_a_day_after_their_last_record_and_replay_keeps_their_origin() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let t0 = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let fleet = |id: &str, at: chrono::DateTime<Utc>| {
+            let mut r = AuditRecord::new(at, None, "principal:alice", Action::Request, Outcome::Approved);
+            r.grant_id = Some(1);
+            r.source = Some("198.51.100.7".into());
+            r.ports = vec![22];
+            r.protocol = Some(crate::domain::Protocol::Tcp);
+            r.duration_secs = Some(600);
+            r.fleet_request = Some(id.into());
+            r.fleet_hosts = vec!["group:web".into()];
+            r
+        };
+        let (a, b) = ("aa".repeat(16), "bb".repeat(16));
+        let mut h = History::default();
+        h.note(&[fleet(&a, t0), fleet(&b, t0 + chrono::TimeDelta::hours(2))], t0);
+        assert_eq!(h.fleet.len(), 2);
+        // a day after b's record, a is forgotten (past any request's end) and b is kept
+        let later = AuditRecord::new(
+            t0 + FLEET_MEMORY + chrono::TimeDelta::minutes(1),
+            None,
+            "jitd",
+            Action::Stop,
+            Outcome::Done,
+        );
+        h.note(&[later], t0);
+        assert_eq!(h.fleet.keys().collect::<Vec<_>>(), [&b]);
+        // the grant a replayed record restores still names its request and hosts
+        let grant = approved_grant(&fleet(&a, t0), 1).unwrap();
+        let origin = grant.fleet.unwrap();
+        assert_eq!((origin.request, origin.hosts), (a, vec!["group:web".to_string()]));
     }
 
     fn facts(is_dir: bool, is_symlink: bool, uid: u32, mode: u32) -> DirFacts {

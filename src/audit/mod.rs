@@ -152,6 +152,13 @@ pub struct AuditRecord {
     /// as a replay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// A fleet request (read from etcd): its id, in every record of what it did here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_request: Option<String>,
+    /// A fleet request: the hosts and groups it named (a host that leaves a group
+    /// closes that group's grants, also after a restart).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fleet_hosts: Vec<String>,
     /// A request that waited (or waits) for approval: its id, shared by every record
     /// of its life (pending, approve, deny, expire, and the grants it opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +183,14 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
+    /// The fleet request this record's grant or request came from, if any.
+    pub fn fleet_origin(&self) -> Option<crate::domain::FleetOrigin> {
+        self.fleet_request.clone().map(|request| crate::domain::FleetOrigin {
+            request,
+            hosts: self.fleet_hosts.clone(),
+        })
+    }
+
     /// Whether this record ends a grant (it expired, was superseded or revoked).
     pub fn ends_grant(&self) -> bool {
         self.grant_id.is_some() && matches!(self.outcome, Outcome::Expired | Outcome::Superseded | Outcome::Revoked)
@@ -208,6 +223,8 @@ impl AuditRecord {
             certificate: None,
             peer: None,
             nonce: None,
+            fleet_request: None,
+            fleet_hosts: Vec::new(),
             request_id: None,
             times_out_at: None,
             login_uid: None,

@@ -54,9 +54,10 @@ pub struct Answers {
 pub struct Answer {
     /// The host.
     pub host: String,
-    /// approved, denied, revoked, no_answer.
+    /// approved, denied, pending (waiting for an approver on that host), revoked,
+    /// no_answer.
     pub outcome: String,
-    /// When it closes, if approved.
+    /// When it closes, if approved; when the approval times out, if pending.
     pub until: Option<DateTime<Utc>>,
     /// Why, if denied.
     pub reason: Option<String>,
@@ -74,10 +75,13 @@ impl Answers {
         let width = self.hosts.iter().map(|h| h.host.len()).max().unwrap_or(4).max(4);
         out.push_str(&format!("{:width$}  {:9}  OPEN UNTIL / REASON\n", "HOST", "OUTCOME"));
         for h in &self.hosts {
-            let detail = match (&h.until, &h.reason) {
-                (Some(t), _) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
-                (None, Some(r)) => crate::text::escape_capped(r, 200),
-                (None, None) => "-".into(),
+            // an approval shows when it closes; anything else why (a pending answer says
+            // how to approve and when it times out)
+            let detail = match (h.outcome.as_str(), &h.until, &h.reason) {
+                ("approved", Some(t), _) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+                (_, _, Some(r)) => crate::text::escape_capped(r, 200),
+                (_, Some(t), None) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+                (_, None, None) => "-".into(),
             };
             out.push_str(&format!("{:width$}  {:9}  {detail}\n", h.host, h.outcome));
         }
@@ -301,11 +305,8 @@ async fn under<T: serde::de::DeserializeOwned>(
     client: &mut Client,
     prefix: &str,
 ) -> Result<BTreeMap<String, T>, String> {
-    let got = client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("reading {prefix}: {e}"))?;
-    Ok(got
+    Ok(read(client, prefix)
+        .await?
         .kvs()
         .iter()
         .filter_map(|kv| {
@@ -313,6 +314,14 @@ async fn under<T: serde::de::DeserializeOwned>(
             Some((name, serde_json::from_slice(kv.value()).ok()?))
         })
         .collect())
+}
+
+/// Every key under `prefix`.
+async fn read(client: &mut Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
+    client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {prefix}: {e}"))
 }
 
 fn collect(id: String, selected: &[String], mut answers: BTreeMap<String, StatusRecord>) -> Answers {
@@ -346,9 +355,20 @@ fn answer(host: &str, s: StatusRecord) -> Answer {
 #[derive(Debug, Serialize)]
 pub struct FleetState {
     /// Registered (alive) hosts.
-    pub hosts: BTreeMap<String, HostRecord>,
+    pub hosts: BTreeMap<String, LiveHost>,
     /// Live requests, by id: their text and the hosts' answers.
     pub requests: BTreeMap<String, LiveRequest>,
+}
+
+/// A registered host.
+#[derive(Debug, Serialize)]
+pub struct LiveHost {
+    /// What it registered.
+    #[serde(flatten)]
+    pub record: HostRecord,
+    /// Seconds left on its registration lease (it renews it every few seconds; a host
+    /// that stopped renewing drops out when this reaches 0).
+    pub lease_left_secs: Option<i64>,
 }
 
 /// A live request.
@@ -360,6 +380,9 @@ pub struct LiveRequest {
     pub ports: Vec<u16>,
     /// Source.
     pub source: String,
+    /// Seconds left on its lease: when etcd deletes it and every host closes it (no
+    /// lease: it was written without one, and no host opens it).
+    pub lease_left_secs: Option<i64>,
     /// Where it is open (approved answers) and what others said.
     pub answers: BTreeMap<String, StatusRecord>,
 }
@@ -367,46 +390,116 @@ pub struct LiveRequest {
 impl FleetState {
     /// Two tables: hosts, then requests with where they are open.
     pub fn table(&self) -> String {
-        let mut out = String::from("HOST  VERSION  HEALTH  GROUPS  PORTS\n");
+        let left = |s: Option<i64>| {
+            s.map_or_else(
+                || "-".to_string(),
+                |s| crate::duration::format(Duration::from_secs(s.max(0) as u64)),
+            )
+        };
+        let mut hosts = vec![["HOST", "VERSION", "HEALTH", "GROUPS", "PORTS", "LEASE"]
+            .map(String::from)
+            .to_vec()];
         for (name, h) in &self.hosts {
-            out.push_str(&format!(
-                "{name}  {}  {}  {}  {}\n",
-                h.version,
-                h.health,
-                h.groups.join(","),
-                h.ports.join(",")
-            ));
+            let r = &h.record;
+            hosts.push(vec![
+                name.clone(),
+                r.version.clone(),
+                r.health.clone(),
+                r.groups.join(","),
+                r.ports.join(","),
+                left(h.lease_left_secs),
+            ]);
         }
-        out.push_str("\nREQUEST  HOSTS  PORTS  SOURCE  OPEN ON\n");
+        let mut requests = vec![
+            ["REQUEST", "HOSTS", "PORTS", "SOURCE", "CLOSES IN", "OPEN ON", "OTHERS"]
+                .map(String::from)
+                .to_vec(),
+        ];
         for (id, r) in &self.requests {
-            let open: Vec<&str> = r
-                .answers
-                .iter()
-                .filter(|(_, s)| s.outcome == Outcome::Approved)
-                .map(|(h, _)| h.as_str())
-                .collect();
+            let on = |want: bool| -> String {
+                let hosts: Vec<String> = r
+                    .answers
+                    .iter()
+                    .filter(|(_, s)| (s.outcome == Outcome::Approved) == want)
+                    .map(|(h, s)| {
+                        if want {
+                            h.clone()
+                        } else {
+                            format!("{h}:{}", s.outcome.as_str())
+                        }
+                    })
+                    .collect();
+                if hosts.is_empty() {
+                    "-".into()
+                } else {
+                    hosts.join(",")
+                }
+            };
             let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
-            out.push_str(&format!(
-                "{id}  {}  {}  {}  {}\n",
+            requests.push(vec![
+                id.clone(),
                 r.hosts.join(","),
                 ports.join(","),
-                r.source,
-                open.join(",")
-            ));
+                r.source.clone(),
+                left(r.lease_left_secs),
+                on(true),
+                on(false),
+            ]);
         }
-        out
+        format!("{}\n{}", columns(&hosts), columns(&requests))
     }
 }
 
+/// Rows as left-aligned columns two spaces apart, every cell escaped (values from etcd
+/// are anyone's with write access).
+fn columns(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| crate::text::escape_capped(c, 200)).collect())
+        .collect();
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Seconds left on `lease` (`None`: no lease, or gone).
+async fn lease_left(client: &mut Client, lease: i64) -> Option<i64> {
+    if lease == 0 {
+        return None;
+    }
+    let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
+    (ttl >= 0).then_some(ttl)
+}
+
 async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> {
-    let hosts = hosts(etcd, client).await?;
-    let prefix = etcd.keys.requests();
-    let got = client
-        .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("reading {prefix}: {e}"))?;
+    let mut hosts = BTreeMap::new();
+    for kv in read(client, &etcd.keys.hosts()).await?.kvs() {
+        let (Some(name), Ok(record)) = (
+            kv.key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(etcd.keys.hosts().as_str())),
+            serde_json::from_slice::<HostRecord>(kv.value()),
+        ) else {
+            continue;
+        };
+        let lease_left_secs = lease_left(client, kv.lease()).await;
+        hosts.insert(
+            name.to_string(),
+            LiveHost {
+                record,
+                lease_left_secs,
+            },
+        );
+    }
     let mut requests = BTreeMap::new();
-    for kv in got.kvs() {
+    for kv in read(client, &etcd.keys.requests()).await?.kvs() {
         let Some(id) = kv.key_str().ok().and_then(|k| etcd.keys.request_id(k)) else {
             continue;
         };
@@ -418,6 +511,7 @@ async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> 
             hosts: r.hosts,
             ports: r.ports,
             source: crate::domain::format_prefix(&r.source),
+            lease_left_secs: lease_left(client, kv.lease()).await,
             answers: answers(etcd, client, id).await?,
         };
         requests.insert(id.to_string(), live);

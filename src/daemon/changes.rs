@@ -48,6 +48,11 @@ pub(super) fn recheck(
     left: Duration,
     wall: DateTime<Utc>,
 ) -> Verdict {
+    if let Some(origin) = &grant.fleet {
+        if let Err(why) = crate::fleet::judge::still_selected(config.fleet.as_ref(), origin) {
+            return Verdict::End(format!("policy changed: {why}"));
+        }
+    }
     let port = format!("port {}/{}", grant.port, grant.protocol);
     let policies: Vec<_> = config
         .port_policies(grant.port)
@@ -643,6 +648,7 @@ mod tests {
             requester: "4242".into(),
             requester_uid: 4242,
             principals: Vec::new(),
+            fleet: None,
             justification: None,
             granted_at,
             expires_at: granted_at + chrono::Duration::from_std(approved).unwrap(),

@@ -349,14 +349,8 @@ async fn submit<F: Firewall>(daemon: &Daemon<F>, v: packet::Verified, peer: Sock
         fingerprint: v.fingerprint,
         peer: Some(peer),
         nonce: Some(nonces::hex(&v.request.nonce)),
-        certificate: v.certificate.map(|c| {
-            format!(
-                "key id \"{}\" serial {} from CA {}",
-                crate::text::escape_capped(&c.key_id, 100),
-                c.serial,
-                c.ca_fingerprint
-            )
-        }),
+        certificate: v.certificate.map(|c| c.describe()),
+        fleet: None,
     });
     crate::metrics::metrics().knock("accepted");
     let name = caller.name.clone();

@@ -159,6 +159,9 @@ pub struct Daemon<F: Firewall> {
     knocks: knock::Knocks,
     /// The doctor's last verdict and what it keeps between runs.
     health: doctor::HealthState,
+    /// The fleet requests the audit log named at start (the fleet watcher's memory of
+    /// what it judged before the restart), with their last record's time.
+    fleet_seen: std::collections::BTreeMap<String, chrono::DateTime<Utc>>,
     #[allow(dead_code)]
     claims: start::Claims,
 }
@@ -300,7 +303,16 @@ fn grant_record(
     r.duration_secs = Some(g.approved_duration().as_secs());
     r.justification = g.justification.clone();
     r.grant_id = Some(g.id);
+    stamp_fleet(&mut r, g.fleet.as_ref());
     r
+}
+
+/// Names the fleet request a record's grant or request came from.
+fn stamp_fleet(r: &mut AuditRecord, fleet: Option<&crate::domain::FleetOrigin>) {
+    if let Some(f) = fleet {
+        r.fleet_request = Some(f.request.clone());
+        r.fleet_hosts = f.hosts.clone();
+    }
 }
 
 /// The record that undoes `record` on replay when its transaction fails: same grant,
@@ -328,7 +340,6 @@ pub async fn run<F: Firewall>(
     let exempt: Vec<String> = config.lockdown.exempt_sources.iter().map(format_prefix).collect();
     let ports = describe_ports(&config);
     let knock_listen = config.remote.as_ref().map(|r| r.listen);
-    let fleet = config.fleet.clone();
     let _table = start::claim_table()?;
     let (daemon, committer) = Daemon::start(config, firewall).await?;
     let knock_socket = match knock_listen {
@@ -357,12 +368,8 @@ pub async fn run<F: Firewall>(
             knock::serve(daemon.clone(), socket, stopping.clone()),
         ));
     }
-    if let Some(fleet) = fleet {
-        tasks.spawn(named(
-            "fleet watcher",
-            fleet::run(daemon.clone(), fleet, stopping.clone()),
-        ));
-    }
+    // idle while [fleet] is off, so that a reload may turn it on
+    tasks.spawn(named("fleet watcher", fleet::run(daemon.clone(), stopping.clone())));
     if let Some(addr) = metrics_listen {
         tasks.spawn(named("metrics server", serve_metrics(addr, stopping.clone()).await?));
     }

@@ -342,6 +342,7 @@ pub(super) fn new_grants(
             requester: caller.name.clone(),
             requester_uid: caller.uid,
             principals: caller.signer.as_ref().map(|s| s.principals.clone()).unwrap_or_default(),
+            fleet: caller.signer.as_ref().and_then(|s| s.fleet.clone()),
             justification: justification.cloned(),
             duration,
         })
@@ -419,8 +420,9 @@ fn refusal_record(request: &GrantRequest, time: DateTime<Utc>, caller: &Caller) 
     r
 }
 
-/// Adds who signed a remote knock to its record: principals, key, peer and nonce (the
-/// nonce on disk keeps a replay refused after a restart).
+/// Adds who signed a remote knock or fleet request to its record: principals, key,
+/// peer, nonce (the nonce on disk keeps a replay refused after a restart) and the fleet
+/// request.
 pub(super) fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
     if let Some(s) = &caller.signer {
         r.principals = s.principals.clone();
@@ -428,6 +430,7 @@ pub(super) fn stamp_signer(r: &mut AuditRecord, caller: &Caller) {
         r.certificate = s.certificate.clone();
         r.peer = s.peer.map(|p| p.to_string());
         r.nonce = s.nonce.clone();
+        super::stamp_fleet(r, s.fleet.as_ref());
     }
 }
 

@@ -89,6 +89,7 @@ impl<F: Firewall> Daemon<F> {
         let clock_sane = wall_clock_sane(history.newest);
         let usage = usage_from(&history);
         let knocks = super::knock::Knocks::new(&history.nonces, refusal_interval());
+        let fleet_seen = history.fleet.clone();
         let writer = Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
             path: config.state_dir.display().to_string(),
             source,
@@ -127,6 +128,7 @@ impl<F: Firewall> Daemon<F> {
             clock: super::clock::WallClock::new(!clock_sane),
             knocks,
             health: Default::default(),
+            fleet_seen,
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {
@@ -600,6 +602,7 @@ mod tests {
             requester: "bob".into(),
             requester_uid: 1001,
             principals: Vec::new(),
+            fleet: None,
             justification: None,
             granted_at: granted,
             expires_at: granted + chrono::Duration::seconds(secs),

@@ -85,6 +85,8 @@ pub enum Outcome {
     Approved,
     /// Refused; `reason` says why.
     Denied,
+    /// Waiting for an approver on that host until `until` (`reason` says how to approve).
+    Pending,
     /// Closed early: the request was deleted or its lease revoked.
     Revoked,
 }
@@ -95,6 +97,7 @@ impl Outcome {
         match self {
             Outcome::Approved => "approved",
             Outcome::Denied => "denied",
+            Outcome::Pending => "pending",
             Outcome::Revoked => "revoked",
         }
     }

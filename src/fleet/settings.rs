@@ -77,6 +77,17 @@ impl PartialEq for Fleet {
 }
 
 impl Fleet {
+    /// Whether `other` is the same membership: the same etcd, credentials, prefix, name
+    /// and groups (a change of any of them means joining again; a change of the
+    /// signers does not).
+    pub fn same_membership(&self, other: &Fleet) -> bool {
+        self.endpoints == other.endpoints
+            && self.tls == other.tls
+            && self.name == other.name
+            && self.groups == other.groups
+            && self.prefix == other.prefix
+    }
+
     /// Whether the endpoints are plain `http://` (no TLS: anyone on the path can read
     /// and write the fleet's keys; signatures still guard what opens).
     pub fn plaintext(&self) -> bool {

@@ -40,6 +40,9 @@ pub struct Grant {
     /// re-checks their role at reload and restart); empty for a local requester.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub principals: Vec<String>,
+    /// For a grant a fleet request opened: that request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::domain::FleetOrigin>,
     /// Why, as the requester said.
     pub justification: Option<String>,
     /// When it was approved.
@@ -92,6 +95,8 @@ pub struct NewGrant {
     pub requester_uid: u32,
     /// The principals of a signed remote requester.
     pub principals: Vec<String>,
+    /// The fleet request it comes from, if any.
+    pub fleet: Option<crate::domain::FleetOrigin>,
     /// Why.
     pub justification: Option<String>,
     /// How long.
@@ -274,6 +279,7 @@ impl GrantBook {
             requester: new.requester,
             requester_uid: new.requester_uid,
             principals: new.principals,
+            fleet: new.fleet,
             justification: new.justification,
             granted_at: wall_now,
             expires_at,
@@ -553,6 +559,7 @@ mod tests {
             requester: "bob".into(),
             requester_uid: 1001,
             principals: Vec::new(),
+            fleet: None,
             justification: None,
             duration: Duration::from_secs(secs),
         }

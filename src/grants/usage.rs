@@ -349,6 +349,7 @@ mod tests {
             requester: "bob".into(),
             requester_uid: 1001,
             principals: Vec::new(),
+            fleet: None,
             justification: None,
             granted_at: now,
             expires_at: now + chrono::Duration::hours(1),

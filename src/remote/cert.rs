@@ -21,6 +21,19 @@ pub struct CertInfo {
     pub ca_fingerprint: String,
 }
 
+impl CertInfo {
+    /// As the audit log records it: `key id "..." serial N from CA SHA256:...` (the key
+    /// id escaped and capped).
+    pub fn describe(&self) -> String {
+        format!(
+            "key id \"{}\" serial {} from CA {}",
+            crate::text::escape_capped(&self.key_id, 100),
+            self.serial,
+            self.ca_fingerprint
+        )
+    }
+}
+
 /// Decodes a certificate whose structure `sshsig` has walked, and refuses one that
 /// ssh-key would read differently from its bytes (its encoding must come back the same).
 pub fn decode(blob: &[u8]) -> Result<Certificate, String> {

@@ -14,21 +14,27 @@ use crate::knock::Key;
 use crate::util::*;
 
 /// Three hosts (h1, h2 in group web; h3 in group db), etcd, alice's key.
-struct Fleet {
-    net: FleetNet,
-    etcd: Etcd,
-    pki: Pki,
-    dir: tempfile::TempDir,
-    alice: Key,
-    mallory: Key,
-    setups: Vec<Setup>,
-    jitds: Vec<Jitd>,
+pub struct Fleet {
+    pub net: FleetNet,
+    pub etcd: Etcd,
+    pub pki: Pki,
+    pub dir: tempfile::TempDir,
+    pub alice: Key,
+    pub mallory: Key,
+    pub setups: Vec<Setup>,
+    pub jitds: Vec<Jitd>,
 }
 
-const GROUPS: [&str; 3] = ["\"web\"", "\"web\"", "\"db\""];
+/// Each host's groups as the policy writes them.
+pub const GROUPS: [&str; 3] = ["\"web\"", "\"web\"", "\"db\""];
 
 impl Fleet {
-    fn new() -> Fleet {
+    pub fn new() -> Fleet {
+        Fleet::with_ports([""; 3])
+    }
+
+    /// Three hosts whose `[[ports]]` entry for 22 also has `port_lines[n - 1]`.
+    pub fn with_ports(port_lines: [&str; 3]) -> Fleet {
         let net = FleetNet::new(3);
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -47,7 +53,11 @@ impl Fleet {
             jitds: Vec::new(),
         };
         for n in 1..=3 {
-            let setup = fleet.setup(n);
+            let setup = Setup::new("");
+            let signers = setup.dir.path().join("allowed_signers");
+            std::fs::write(&signers, format!("alice {}\n", fleet.alice.public)).unwrap();
+            std::fs::set_permissions(&signers, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+            setup.write_policy(&fleet.policy(n, GROUPS[n - 1], port_lines[n - 1], &signers));
             serve_echo(&fleet.net.hosts[n - 1], 22);
             fleet.jitds.push(setup.start(&fleet.net.hosts[n - 1]));
             fleet.setups.push(setup);
@@ -57,16 +67,15 @@ impl Fleet {
         fleet
     }
 
-    fn setup(&self, n: usize) -> Setup {
-        let setup = Setup::new("");
-        let signers = setup.dir.path().join("allowed_signers");
-        std::fs::write(&signers, format!("alice {}\n", self.alice.public)).unwrap();
-        std::fs::set_permissions(&signers, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-        setup.write_policy(&format!(
+    /// Host `n`'s policy: port 22 (with `port_lines`), alice a requester, `[fleet]` as
+    /// host `hN` in `groups` (TOML strings, comma-separated).
+    pub fn policy(&self, n: usize, groups: &str, port_lines: &str, signers: &std::path::Path) -> String {
+        format!(
             r#"
 [[ports]]
 port = 22
 allowed_sources = ["10.88.0.0/16"]
+{port_lines}
 [access]
 requesters = ["principal:alice"]
 [fleet]
@@ -75,21 +84,28 @@ ca = "{}"
 cert = "{}"
 key = "{}"
 name = "h{n}"
-groups = [{}]
+groups = [{groups}]
 allowed_signers = "{}"
 "#,
             self.etcd.endpoint(),
             self.pki.ca.display(),
             self.pki.client_cert.display(),
             self.pki.client_key.display(),
-            GROUPS[n - 1],
             signers.display()
-        ));
-        setup
+        )
+    }
+
+    /// Rewrites host `n`'s policy with `groups` and reloads it.
+    pub fn regroup(&self, n: usize, groups: &str) {
+        let setup = &self.setups[n - 1];
+        let signers = setup.dir.path().join("allowed_signers");
+        setup.write_policy(&self.policy(n, groups, "", &signers));
+        let out = self.jitds[n - 1].ctl(&["reload"]);
+        assert!(out.status.success(), "reload of h{n}: {}", text(&out));
     }
 
     /// Runs `jitctl --json fleet ARGS` in the client namespace with etcd's credentials.
-    fn ctl(&self, args: &[&str]) -> Output {
+    pub fn ctl(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new("ip");
         cmd.args([
             "netns",
@@ -112,13 +128,13 @@ allowed_signers = "{}"
         output_within(cmd, Duration::from_secs(60))
     }
 
-    fn status(&self) -> Value {
+    pub fn status(&self) -> Value {
         let out = self.ctl(&["status"]);
         assert!(out.status.success(), "{}", text(&out));
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
-    fn registered(&self) -> usize {
+    pub fn registered(&self) -> usize {
         let out = self.ctl(&["status"]);
         if !out.status.success() {
             return 0;
@@ -128,7 +144,7 @@ allowed_signers = "{}"
     }
 
     /// `jitctl fleet request` for `hosts`, port 22, from the client, signed by `key`.
-    fn request(&self, hosts: &str, key: &Key, duration: &str) -> (Output, Value) {
+    pub fn request(&self, hosts: &str, key: &Key, duration: &str) -> (Output, Value) {
         let key_path = key.path.display().to_string();
         let out = self.ctl(&[
             "request",
@@ -149,19 +165,19 @@ allowed_signers = "{}"
         (out, v)
     }
 
-    fn open(&self, n: usize) -> bool {
+    pub fn open(&self, n: usize) -> bool {
         can_connect(&self.net.client, &host_ip(n), 22)
     }
 
-    fn opens_within(&self, n: usize, secs: u64) -> bool {
+    pub fn opens_within(&self, n: usize, secs: u64) -> bool {
         wait_for(Duration::from_secs(secs), || self.open(n))
     }
 
-    fn closes_within(&self, n: usize, secs: u64) -> bool {
+    pub fn closes_within(&self, n: usize, secs: u64) -> bool {
         wait_for(Duration::from_secs(secs), || !self.open(n))
     }
 
-    fn logs(&self) -> String {
+    pub fn logs(&self) -> String {
         self.jitds
             .iter()
             .map(Jitd::log_text)
@@ -169,7 +185,7 @@ allowed_signers = "{}"
             .join("\n----\n")
     }
 
-    fn fleet_records(&self, n: usize) -> Vec<Value> {
+    pub fn fleet_records(&self, n: usize) -> Vec<Value> {
         self.setups[n - 1]
             .audit()
             .into_iter()
@@ -178,7 +194,7 @@ allowed_signers = "{}"
     }
 }
 
-fn outcomes(v: &Value) -> Vec<(String, String)> {
+pub fn outcomes(v: &Value) -> Vec<(String, String)> {
     let mut all: Vec<(String, String)> = v["hosts"]
         .as_array()
         .map(|a| {
@@ -196,7 +212,7 @@ fn outcomes(v: &Value) -> Vec<(String, String)> {
     all
 }
 
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+pub fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
 }
 
@@ -230,13 +246,13 @@ fn one_request_opens_three_hosts_and_revoke_closes_them() {
     for n in 1..=3 {
         assert!(fleet.opens_within(n, 10), "host {n} did not open: {}", fleet.logs());
     }
-    // each host audited a signed request, with the request id as its nonce
+    // each host audited a signed request, naming the fleet request
     let id = v["id"].as_str().unwrap();
     for setup in &fleet.setups {
         let approved = setup.audit().into_iter().any(|r| {
             r["action"] == "request"
                 && r["outcome"] == "approved"
-                && r["nonce"] == id
+                && r["fleet_request"] == id
                 && r["actor"] == "principal:alice"
         });
         assert!(approved, "{:?}", setup.audit_lines());

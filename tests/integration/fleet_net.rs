@@ -386,3 +386,25 @@ fn base64_lite(s: &str) -> String {
     }
     out
 }
+
+impl Etcd {
+    /// Compacts etcd's history up to its current revision (physically), as a periodic
+    /// compaction would; returns that revision.
+    pub fn compact(&self) -> i64 {
+        let out = self.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", base64_lite("/")));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let revision: i64 = v["header"]["revision"].as_str().unwrap().parse().unwrap();
+        let out = self.post(
+            "/v3/kv/compaction",
+            &format!("{{\"revision\":{revision},\"physical\":true}}"),
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        revision
+    }
+
+    /// Deletes `key` through the JSON gateway.
+    pub fn delete_raw(&self, key: &str) {
+        let out = self.post("/v3/kv/deleterange", &format!("{{\"key\":\"{}\"}}", base64_lite(key)));
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}

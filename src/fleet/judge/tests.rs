@@ -117,3 +117,20 @@ fn the_grant_ends_with_the_lease_or_the_signed_end_whichever_is_sooner() {
         ("198.51.100.7", Some(at("2026-11-26T13:15:00Z")), None)
     );
 }
+
+#[test]
+fn a_grant_stays_while_this_host_is_still_named_and_ends_when_it_left_the_group() {
+    let origin = FleetOrigin {
+        request: ID.into(),
+        hosts: vec!["group:web".into(), "db9".into()],
+    };
+    assert_eq!(still_selected(Some(&fleet("web7", &["prod", "web"])), &origin), Ok(()));
+    assert_eq!(still_selected(Some(&fleet("DB9", &[])), &origin), Ok(()));
+    let left = still_selected(Some(&fleet("web7", &["prod"])), &origin).unwrap_err();
+    assert!(
+        left.contains("web7, groups [prod]") && left.contains("group:web,db9"),
+        "{left}"
+    );
+    let off = still_selected(None, &origin).unwrap_err();
+    assert!(off.contains("[fleet] is off") && off.contains(ID), "{off}");
+}

@@ -1,0 +1,279 @@
+//! The fleet watcher: registers this host under `hosts/<name>` on a lease it keeps
+//! alive, reads every live request under `requests/`, then watches the prefix from that
+//! revision. Each request for this host is judged ([`apply`]), its outcome written to
+//! `status/<id>/<host>`; a deleted request (or a revoked lease) revokes what it opened.
+//! On any error (etcd unreachable, the watch cancelled or compacted, the lease lost)
+//! the watcher reconnects and re-reads everything, closing what is no longer there: the
+//! kernel timeouts keep every grant bounded meanwhile, and the socket and knocks never
+//! wait on this path.
+//!
+//! What a request opened is read from the grant book (each grant names its fleet
+//! request), so it survives a restart; which requests were judged is remembered here
+//! and, across a restart, restored from the audit log (nothing is applied twice). A
+//! reload that changes the host's name, groups or etcd settings starts a new session
+//! at once; the reload itself ends the grants of requests that no longer select this
+//! host.
+
+mod apply;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+
+use super::upkeep::Stopping;
+use super::{Daemon, TaskResult};
+use crate::audit::limit::{RefusalLimiter, Subject};
+use crate::audit::Action;
+use crate::firewall::Firewall;
+use crate::fleet::records::{HostRecord, Keys};
+use crate::fleet::settings::Fleet;
+
+/// The TTL of this host's registration lease (it drops out this long after dying).
+const HOST_TTL: i64 = 10;
+/// How often the registration lease is renewed, the settings and pending approvals
+/// looked at, and the connection checked.
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Reconnection back-off: first and longest wait.
+const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(4));
+
+/// Whom fleet refusals are counted against: anyone who can write to etcd (one bucket,
+/// so that a writer flooding `requests/` cannot flood every host's audit log).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct Etcd;
+
+impl Subject for Etcd {
+    const ACTION: Action = Action::Fleet;
+    fn uid(&self) -> Option<u32> {
+        None
+    }
+    fn describe(&self, _name: &str) -> String {
+        "fleet requests read from etcd".into()
+    }
+    fn others() -> &'static str {
+        "fleet requests read from etcd"
+    }
+}
+
+/// What the watcher remembers across reconnections: what it judged (so nothing is
+/// applied twice), the requests it answered with something here, and which refusals it
+/// audits in full (the first 20 a minute; the rest in a summary).
+#[derive(Default)]
+struct Memory {
+    refusals: RefusalLimiter<Etcd>,
+    /// Request id → until when it is remembered (its signed end; for one restored from
+    /// the audit log, [`crate::store::FLEET_MEMORY`] after its last record).
+    judged: HashMap<String, DateTime<Utc>>,
+    /// Requests this host answered `approved` or `pending`: their lease (for the status
+    /// record) and whether the answer was `pending`.
+    answered: HashMap<String, Answered>,
+}
+
+/// A request this host answered with something here.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    lease: i64,
+    waiting: bool,
+}
+
+impl Memory {
+    /// The memory after a restart: the requests the audit log names, judged.
+    fn restored(seen: &BTreeMap<String, DateTime<Utc>>) -> Memory {
+        let judged = seen
+            .iter()
+            .map(|(id, t)| (id.clone(), *t + crate::store::FLEET_MEMORY))
+            .collect();
+        Memory {
+            judged,
+            ..Memory::default()
+        }
+    }
+
+    fn forget_old(&mut self, now: DateTime<Utc>) {
+        self.judged.retain(|_, end| *end > now);
+    }
+}
+
+/// Why a session with etcd ended without an error.
+enum Ended {
+    Stop,
+    /// A reload changed the host's name, groups or etcd settings, or turned `[fleet]` off.
+    Changed,
+}
+
+/// Runs the fleet watcher until the stop: idle while `[fleet]` is off, otherwise in
+/// sessions with etcd, reconnecting after every failure and at once after a change of
+/// the fleet settings.
+pub(super) async fn run<F: Firewall>(daemon: Arc<Daemon<F>>, mut stop: Stopping) -> TaskResult {
+    let mut memory = Memory::restored(&daemon.fleet_seen);
+    let mut backoff = BACKOFF.0;
+    loop {
+        let Some(fleet) = daemon.config().fleet else {
+            tokio::select! {
+                _ = tokio::time::sleep(KEEP_ALIVE) => continue,
+                _ = stopped(&mut stop) => return Ok(()),
+            }
+        };
+        if fleet.plaintext() {
+            tracing::warn!("fleet: etcd endpoints are plain http://: anyone on the path can read and write the fleet's keys (signatures still decide what opens)");
+        }
+        tracing::info!(name = %fleet.name, groups = ?fleet.groups, "joining the fleet at {}", fleet.endpoints.join(", "));
+        let started = std::time::Instant::now();
+        match session(&daemon, &fleet, &mut memory, &mut stop).await {
+            Ok(Ended::Stop) => return Ok(()),
+            Ok(Ended::Changed) => {
+                tracing::info!("fleet: the settings changed; joining again");
+                backoff = BACKOFF.0;
+                continue;
+            }
+            Err(e) => tracing::warn!("fleet: {e}; reconnecting"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = BACKOFF.0;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut stop) => return Ok(()),
+        }
+        backoff = (backoff * 2).min(BACKOFF.1);
+    }
+}
+
+/// One connection: register, re-read, watch, until an error, a settings change or the
+/// stop.
+async fn session<F: Firewall>(
+    daemon: &Daemon<F>,
+    fleet: &Fleet,
+    memory: &mut Memory,
+    stop: &mut Stopping,
+) -> Result<Ended, String> {
+    let keys = Keys::new(&fleet.prefix);
+    let mut client = crate::fleet::connect::connect(&fleet.endpoints, fleet.tls.as_ref()).await?;
+    let lease = client
+        .lease_grant(HOST_TTL, None)
+        .await
+        .map_err(|e| format!("granting the host lease: {e}"))?
+        .id();
+    let mut registered = register(daemon, fleet, &keys, &mut client, lease, None).await?;
+    let (mut keeper, mut kept) = client
+        .lease_keep_alive(lease)
+        .await
+        .map_err(|e| format!("keeping hosts/{} alive: {e}", fleet.name))?;
+    let mut judge = apply::Judge {
+        daemon,
+        fleet,
+        keys: &keys,
+        client: &mut client,
+        memory,
+    };
+    let revision = judge.reread().await?;
+    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let mut watch = judge
+        .client
+        .watch(keys.requests(), Some(options))
+        .await
+        .map_err(|e| format!("watching {}: {e}", keys.requests()))?;
+    tracing::info!(revision, "fleet: registered as {} and watching requests", fleet.name);
+    let mut tick = tokio::time::interval(KEEP_ALIVE);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                keeper.keep_alive().await.map_err(|e| format!("renewing the host lease: {e}"))?;
+                match tokio::time::timeout(KEEP_ALIVE, kept.message()).await {
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                    Ok(Err(e)) => return Err(format!("renewing the host lease: {e}")),
+                    Ok(_) => return Err("the host lease is gone".into()),
+                    Err(_) => return Err("etcd did not answer the lease renewal in time".into()),
+                }
+                if !daemon.config().fleet.is_some_and(|now| now.same_membership(fleet)) {
+                    let _ = judge.client.lease_revoke(lease).await;
+                    return Ok(Ended::Changed);
+                }
+                registered = register(daemon, fleet, &keys, judge.client, lease, Some(registered)).await?;
+                judge.upkeep().await;
+            }
+            message = watch.message() => {
+                let response = message
+                    .map_err(|e| format!("the watch failed: {e}"))?
+                    .ok_or("the watch ended")?;
+                if response.canceled() {
+                    return Err(format!(
+                        "the watch was cancelled (compacted to {}: {}); re-reading everything",
+                        response.compact_revision(),
+                        response.cancel_reason()
+                    ));
+                }
+                for event in response.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        EventType::Put => judge.judge_one(kv).await,
+                        EventType::Delete => {
+                            if let Some(id) = keys.request_id(kv.key_str().unwrap_or("")) {
+                                judge.withdraw(id, "the request was deleted or its lease ended").await;
+                            }
+                        }
+                    }
+                }
+            }
+            _ = stopped(stop) => {
+                // leave the fleet at once rather than by the lease's expiry
+                let _ = judge.client.lease_revoke(lease).await;
+                return Ok(Ended::Stop);
+            }
+        }
+    }
+}
+
+/// Completes once the daemon is stopping (holding no borrow of the flag).
+async fn stopped(stop: &mut Stopping) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Writes `hosts/<name>` on `lease` unless it would say what `before` says (version,
+/// groups, protected ports and health, which a reload or the doctor may change); returns
+/// what is registered now.
+async fn register<F: Firewall>(
+    daemon: &Daemon<F>,
+    fleet: &Fleet,
+    keys: &Keys,
+    client: &mut Client,
+    lease: i64,
+    before: Option<HostRecord>,
+) -> Result<HostRecord, String> {
+    let config = daemon.config();
+    let health = match daemon.health.summary() {
+        None => "unknown".to_string(),
+        Some(h) if h.healthy && h.warnings == 0 => "ok".to_string(),
+        Some(h) => format!("{} problems, {} warnings", h.problems, h.warnings),
+    };
+    let record = HostRecord {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        groups: fleet.groups.clone(),
+        ports: config
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.protocol))
+            .collect(),
+        health,
+        since: before.as_ref().map_or_else(Utc::now, |b| b.since),
+    };
+    if before.as_ref() == Some(&record) {
+        return Ok(record);
+    }
+    let value = serde_json::to_string(&record).expect("records serialize");
+    client
+        .put(keys.host(&fleet.name), value, Some(PutOptions::new().with_lease(lease)))
+        .await
+        .map_err(|e| format!("registering {}: {e}", keys.host(&fleet.name)))?;
+    Ok(record)
+}
+
+/// Reads every key under `prefix` (one range read; the revision it was read at).
+async fn read_all(client: &mut Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
+    client
+        .get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("reading {prefix}: {e}"))
+}

@@ -1,0 +1,224 @@
+//! The fleet over a host's life: restarts (kill -9 and a stop), a host leaving and
+//! joining a group by a reload, a compaction of etcd's history while a host is cut
+//! off, and a port that needs an approver on one host. The same harness as
+//! [`crate::fleet`]: real etcd with TLS, real jitd hosts in namespaces, `jitctl fleet`
+//! signing with `ssh-keygen`, access proven by connecting from the client namespace.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fleet::*;
+use crate::util::*;
+
+impl Fleet {
+    /// Kills host `n`'s jitd with SIGKILL (or stops it with SIGTERM), leaving the
+    /// kernel's table as it is.
+    fn down(&mut self, n: usize, kill: bool) {
+        let jitd = self.jitds.remove(n - 1);
+        if kill {
+            jitd.kill();
+        } else {
+            assert!(jitd.stop(Duration::from_secs(20)).success());
+        }
+    }
+
+    /// Starts host `n`'s jitd again and waits until it watches etcd.
+    fn up(&mut self, n: usize) {
+        let jitd = self.setups[n - 1].start(&self.net.hosts[n - 1]);
+        let watching = wait_for(Duration::from_secs(20), || {
+            jitd.log_text().contains("watching requests")
+        });
+        assert!(watching, "h{n} did not rejoin: {}", jitd.log_text());
+        self.jitds.insert(n - 1, jitd);
+    }
+
+    /// Host `n`'s audit records of approved requests for fleet request `id`.
+    fn approvals_of(&self, n: usize, id: &str) -> usize {
+        self.setups[n - 1]
+            .audit()
+            .iter()
+            .filter(|r| r["action"] == "request" && r["outcome"] == "approved" && r["fleet_request"] == id)
+            .count()
+    }
+
+    /// Host `n`'s answer to request `id`, as `jitctl fleet status` shows it.
+    fn answer(&self, id: &str, n: usize) -> Value {
+        self.status()["requests"][id]["answers"][format!("h{n}")].clone()
+    }
+}
+
+/// `jitctl fleet request` for `hosts` that every selected host approved; its id.
+fn approved(fleet: &Fleet, hosts: &str) -> String {
+    let (out, v) = fleet.request(hosts, &fleet.alice, "10m");
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_host_killed_and_restarted_keeps_its_grant_applies_nothing_twice_and_closes_on_revoke() {
+    let mut fleet = Fleet::new();
+    let id = approved(&fleet, "h1,h2");
+    assert!(
+        fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
+    fleet.down(1, true);
+    fleet.up(1);
+    // the grant came back from the audit log; the live request was not applied again
+    assert!(fleet.open(1), "h1 closed by its restart: {}", fleet.logs());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fleet.approvals_of(1, &id), 1, "{:?}", fleet.setups[0].audit_lines());
+    // and the grant still belongs to the request: revoking it closes h1 too
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in 1..=2 {
+        assert!(
+            fleet.closes_within(n, 10),
+            "h{n} still open after revoke: {}",
+            fleet.logs()
+        );
+    }
+    let revoked = fleet.setups[0]
+        .audit()
+        .into_iter()
+        .any(|r| r["action"] == "revoke" && r["actor"] == "fleet" && r["fleet_request"] == id.as_str());
+    assert!(revoked, "{:?}", fleet.setups[0].audit_lines());
+}
+
+#[test]
+fn a_request_revoked_while_its_host_was_stopped_is_closed_when_it_starts() {
+    let mut fleet = Fleet::new();
+    let id = approved(&fleet, "h1");
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    // a stop leaves the lockdown and the grant's element (the kernel times it out)
+    fleet.down(1, false);
+    assert!(fleet.open(1), "the stop closed h1's grant");
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    fleet.up(1);
+    assert!(
+        fleet.closes_within(1, 10),
+        "h1 still open after it started: {}",
+        fleet.logs()
+    );
+    assert_eq!(fleet.approvals_of(1, &id), 1);
+}
+
+#[test]
+fn a_host_leaving_a_group_closes_the_groups_grants_and_one_joining_opens_its_live_requests() {
+    let fleet = Fleet::new();
+    let id = approved(&fleet, "group:web");
+    assert!(
+        fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
+    assert!(!fleet.open(3));
+    // h2 leaves web: the reload ends the grant, audited with the reason, and h2 says so
+    fleet.regroup(2, "\"db\"");
+    assert!(
+        fleet.closes_within(2, 10),
+        "h2 still open after leaving web: {}",
+        fleet.logs()
+    );
+    let ended = fleet.setups[1].audit().into_iter().any(|r| {
+        r["action"] == "reload"
+            && r["outcome"] == "revoked"
+            && r["reason"].as_str().unwrap_or("").contains("no longer among the hosts")
+    });
+    assert!(ended, "{:?}", fleet.setups[1].audit_lines());
+    let said = wait_for(Duration::from_secs(15), || fleet.answer(&id, 2)["outcome"] == "revoked");
+    assert!(said, "{}", fleet.status());
+    assert!(fleet.open(1), "h1 is still in web");
+    // h3 joins web: it applies the live request, until the request's end
+    fleet.regroup(3, "\"db\", \"web\"");
+    assert!(
+        fleet.opens_within(3, 15),
+        "h3 did not open on joining web: {}",
+        fleet.logs()
+    );
+    assert_eq!(fleet.approvals_of(3, &id), 1);
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in [1, 3] {
+        assert!(fleet.closes_within(n, 10), "h{n} still open after revoke");
+    }
+}
+
+#[test]
+fn a_host_cut_off_across_a_compaction_converges_when_it_is_back() {
+    let fleet = Fleet::new();
+    let before = approved(&fleet, "h1");
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    fleet.net.set_link(1, false);
+    let dropped = wait_for(Duration::from_secs(20), || {
+        fleet.jitds[0].log_text().contains("reconnecting")
+    });
+    assert!(dropped, "{}", fleet.jitds[0].log_text());
+    // meanwhile: the request is revoked, another is made, history churns and is compacted
+    let out = fleet.ctl(&["revoke", &before]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (_, v) = fleet.request("h1,h2", &fleet.alice, "10m");
+    let after = v["id"].as_str().expect("a request id").to_string();
+    assert!(fleet.opens_within(2, 10), "{}", fleet.logs());
+    for n in 0..50 {
+        fleet.etcd.put_raw("/jitd/churn", &n.to_string(), None);
+    }
+    fleet.etcd.delete_raw("/jitd/churn");
+    let compacted = fleet.etcd.compact();
+    fleet.net.set_link(1, true);
+    // h1 reads everything again: the revoked request closes, the new one opens
+    let converged = wait_for(Duration::from_secs(30), || {
+        fleet.approvals_of(1, &after) == 1 && fleet.open(1)
+    });
+    assert!(converged, "h1 (etcd compacted to {compacted}): {}", fleet.logs());
+    // the revoked request's grant ended (the new one, for the same address and port,
+    // took its place), and the open port now belongs to the new request
+    let ended = fleet.setups[0].audit().into_iter().any(|r| {
+        r["fleet_request"] == before.as_str() && matches!(r["outcome"].as_str(), Some("revoked" | "superseded"))
+    });
+    assert!(ended, "{:?}", fleet.setups[0].audit_lines());
+    assert_eq!(fleet.approvals_of(1, &before), 1);
+    let out = fleet.ctl(&["revoke", &after]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        fleet.closes_within(1, 10),
+        "h1 still open after the new request was revoked"
+    );
+}
+
+#[test]
+fn a_port_that_needs_an_approver_waits_on_that_host_and_opens_once_approved() {
+    let fleet = Fleet::with_ports(["approvals = 1", "", ""]);
+    let (out, v) = fleet.request("h1,h2", &fleet.alice, "10m");
+    // not every host approved: jitctl says so and exits non-zero
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(outcomes(&v), pairs(&[("h1", "pending"), ("h2", "approved")]));
+    let id = v["id"].as_str().unwrap().to_string();
+    let reason = v["hosts"][0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains("jitctl approve"), "{reason}");
+    assert!(fleet.opens_within(2, 10));
+    assert!(!fleet.open(1), "h1 opened without an approver");
+    // an approver on h1 (root) approves the request waiting there
+    let listed = fleet.jitds[0].ctl_json(&["status"]);
+    let waiting = listed["pending"][0]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{listed}"));
+    let out = fleet.jitds[0].ctl(&["approve", &waiting.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    let said = wait_for(Duration::from_secs(15), || {
+        fleet.answer(&id, 1)["outcome"] == "approved"
+    });
+    assert!(said, "{}", fleet.status());
+    // the approved grant still belongs to the request
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        fleet.closes_within(1, 10) && fleet.closes_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
+}
