@@ -49,6 +49,10 @@ pub struct PendingRequest {
     pub source: IpNet,
     /// How long to open, counted from the approval.
     pub duration_secs: u64,
+    /// A request asked until a time (as a fleet request is, by its lease and signed
+    /// end): the grant ends then at the latest, however late it is approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
     /// Why, as the requester said.
     pub justification: Option<String>,
     /// When it was asked (by the wall clock).
@@ -62,6 +66,17 @@ impl PendingRequest {
     /// How long it opens the ports for once approved.
     pub fn duration(&self) -> Duration {
         Duration::from_secs(self.duration_secs)
+    }
+
+    /// How long it opens the ports for when approved at `wall`: its duration, cut at its
+    /// `until` (whole seconds, rounded up); `None` once `until` has passed.
+    pub fn duration_at(&self, wall: DateTime<Utc>) -> Option<Duration> {
+        let Some(until) = self.until else {
+            return Some(self.duration());
+        };
+        let left = (until - wall).to_std().ok().filter(|d| !d.is_zero())?;
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Some(self.duration().min(Duration::from_secs(secs)))
     }
 
     /// The ports as text, `22,3389`.
@@ -373,6 +388,7 @@ mod tests {
             ports: vec![22],
             source: "203.0.113.7/32".parse().unwrap(),
             duration_secs: 3600,
+            until: None,
             justification: None,
             asked_at: at,
             times_out_at: at + chrono::Duration::minutes(15),

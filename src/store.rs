@@ -319,6 +319,7 @@ fn pending_request(r: &AuditRecord, id: GrantId) -> Option<PendingRequest> {
         ports: r.ports.clone(),
         source,
         duration_secs: r.duration_secs?,
+        until: r.until,
         justification: r.justification.clone(),
         asked_at: r.time,
         times_out_at: r.times_out_at?,

@@ -163,6 +163,9 @@ pub struct AuditRecord {
     /// of its life (pending, approve, deny, expire, and the grants it opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<GrantId>,
+    /// A pending request asked until a time: its grant ends then at the latest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
     /// A pending request: when it times out unless an approver decides first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub times_out_at: Option<DateTime<Utc>>,
@@ -226,6 +229,7 @@ impl AuditRecord {
             fleet_request: None,
             fleet_hosts: Vec::new(),
             request_id: None,
+            until: None,
             times_out_at: None,
             login_uid: None,
             batch: None,

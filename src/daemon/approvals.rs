@@ -239,6 +239,11 @@ pub(super) fn book_pending(
     } = asked;
     let mut ports: Vec<u16> = news.iter().map(|n| n.port).collect();
     ports.dedup();
+    // a request asked until a time waits no longer than that
+    let timeout = match request.until.and_then(|u| (u - wall).to_std().ok()) {
+        Some(left) => timeout.min(left),
+        None => timeout,
+    };
     let pending = PendingRequest {
         id: st.book.allocate_id(),
         requester: caller.clone(),
@@ -246,6 +251,7 @@ pub(super) fn book_pending(
         ports,
         source: news[0].source,
         duration_secs: news[0].duration.as_secs(),
+        until: request.until,
         justification: request.justification.clone(),
         asked_at: wall,
         times_out_at: wall + TimeDelta::from_std(timeout).unwrap_or(TimeDelta::MAX),
@@ -263,6 +269,7 @@ pub(super) fn book_pending(
         ),
     );
     r.times_out_at = Some(pending.times_out_at);
+    r.until = pending.until;
     r.login_uid = login;
     requests::stamp_signer(&mut r, caller);
     tx.failed.push(failure_of(&r));
@@ -370,14 +377,27 @@ fn plan_approve(
     now: Instant,
     wall: DateTime<Utc>,
 ) -> Planned {
-    let (news, role) = match recheck(st, &request) {
+    let Some(open_for) = request.duration_at(wall) else {
+        let ended = Denial::new(
+            ErrorCode::DurationInvalid,
+            format!(
+                "{} asked to be open until {}, which has passed",
+                request.describe(),
+                request
+                    .until
+                    .map_or_else(String::new, |u| u.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            ),
+        );
+        return close_changed(st, decider, decision, request, ended, wall);
+    };
+    let (news, role) = match recheck(st, &request, open_for) {
         Ok(ok) => ok,
         Err(denial) => return close_changed(st, decider, decision, request, denial, wall),
     };
     let why = format!(
         "approved {}; open for {} from now",
         request.describe(),
-        crate::duration::format(request.duration())
+        crate::duration::format(open_for)
     );
     let r = decision.record(decider, &request, wall, Outcome::Approved, &why);
     let mut tx = Tx::records(Vec::new());
@@ -394,7 +414,7 @@ fn plan_approve(
         news,
         role,
         &request.requester,
-        &grant_request(&request),
+        &grant_request(&request, open_for),
         now,
         wall,
     );
@@ -414,19 +434,19 @@ fn plan_approve(
 
 /// Checks `request` again against the policy as it is now, for its requester as it is
 /// now: the grants it opens and the requester's role, or why it no longer may.
-fn recheck(st: &State, request: &PendingRequest) -> Result<(Vec<NewGrant>, Role), Denial> {
+fn recheck(st: &State, request: &PendingRequest, open_for: Duration) -> Result<(Vec<NewGrant>, Role), Denial> {
     let requester = current_requester(&request.requester);
     let asked = AccessRequest {
         ports: request.ports.clone(),
         source: request.source,
-        duration: request.duration(),
+        duration: open_for,
     };
     let entries = policy::check_request(&st.config, &requester, &asked)?;
     let news = requests::new_grants(
         &entries,
         &request.requester,
         request.source,
-        request.duration(),
+        open_for,
         request.justification.as_ref(),
     );
     let admin = policy::role_of(&st.config.access, &requester) >= Some(Role::Admin);
@@ -476,11 +496,11 @@ fn current_requester(asked: &Caller) -> Caller {
 }
 
 /// The request as the grant records show it (only its justification is read).
-fn grant_request(request: &PendingRequest) -> GrantRequest {
+fn grant_request(request: &PendingRequest, open_for: Duration) -> GrantRequest {
     GrantRequest {
         ports: request.ports.clone(),
         source: format_prefix(&request.source),
-        duration_secs: Some(request.duration_secs),
+        duration_secs: Some(open_for.as_secs()),
         until: None,
         justification: request.justification.clone(),
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 
+use super::approval::{FleetApproval, NAMESPACE as APPROVAL_NAMESPACE};
 use super::request::{self, FleetRequest};
 use super::settings::Fleet;
 use super::NAMESPACE;
@@ -85,6 +86,68 @@ pub fn screen(id: &str, value: &[u8], fleet: &Fleet, now: DateTime<Utc>) -> Resu
 pub fn verify(screened: Screened, now: DateTime<Utc>) -> Result<(FleetRequest, SignedBy), Refused> {
     let by = packet::verify_signature(screened.signed, now)?;
     Ok((screened.request, by))
+}
+
+/// An approval whose signer is known, its signature not yet verified.
+#[derive(Debug, Clone)]
+pub struct ScreenedApproval {
+    /// The approval as it claims to be signed.
+    pub approval: FleetApproval,
+    signed: Signed,
+}
+
+/// The cheap checks of the value stored under `approvals/<request>/<approval>`: its
+/// grammar, both ids against the signed text, the signing time, and a signer known to
+/// this host in the approvals' namespace.
+pub fn screen_approval(
+    (request, approval_id): (&str, &str),
+    value: &[u8],
+    fleet: &Fleet,
+    now: DateTime<Utc>,
+) -> Result<ScreenedApproval, Refused> {
+    let (text, blob) = request::split(value).map_err(|e| Refused::new("malformed", e))?;
+    let approval = FleetApproval::parse(text).map_err(|e| Refused::new("malformed", e))?;
+    if approval.request != request || approval.id() != approval_id {
+        return Err(Refused::new(
+            "id_mismatch",
+            format!(
+                "stored under approvals/{request}/{approval_id} but signed for request {} with nonce {}",
+                approval.request,
+                approval.id()
+            ),
+        ));
+    }
+    let blob = blob.ok_or_else(|| Refused::new("unsigned", "the approval carries no signature"))?;
+    if approval.time > now + SKEW {
+        return Err(Refused::new("future", "signed in the future (clocks apart?)"));
+    }
+    let signed = packet::screen_signature(text, &blob, APPROVAL_NAMESPACE, &fleet.signers, now)?;
+    Ok(ScreenedApproval { approval, signed })
+}
+
+/// The approval signature's expensive checks (see [`packet::verify_signature`]).
+pub fn verify_approval(screened: ScreenedApproval, now: DateTime<Utc>) -> Result<(FleetApproval, SignedBy), Refused> {
+    let by = packet::verify_signature(screened.signed, now)?;
+    Ok((screened.approval, by))
+}
+
+/// Whether `approval` covers a request waiting here for `ports` from `source`: an
+/// approval names what it opens, so that it never covers another text under its id.
+pub fn approval_covers(approval: &FleetApproval, ports: &[u16], source: &ipnet::IpNet) -> Result<(), Refused> {
+    let mut waiting = ports.to_vec();
+    waiting.sort_unstable();
+    if approval.ports != waiting || approval.source != *source {
+        return Err(Refused::new(
+            "approval_mismatch",
+            format!(
+                "the approval is for ports {:?} from {}, the request waiting here is for ports {waiting:?} from {}",
+                approval.ports,
+                format_prefix(&approval.source),
+                format_prefix(source)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Until when a host opens for a request first seen at `now` with `lease_left` of its

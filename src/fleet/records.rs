@@ -55,11 +55,37 @@ impl Keys {
         format!("{}{host}", self.status_of(id))
     }
 
+    /// `approvals/`: every request's signed approvals.
+    pub fn approvals(&self) -> String {
+        format!("{}approvals/", self.prefix)
+    }
+
+    /// `approvals/<id>/`: the approvals of one request.
+    pub fn approvals_of(&self, id: &str) -> String {
+        format!("{}{id}/", self.approvals())
+    }
+
+    /// `approvals/<id>/<approval>`.
+    pub fn approval(&self, id: &str, approval: &str) -> String {
+        format!("{}{approval}", self.approvals_of(id))
+    }
+
     /// The request id of a key under `requests/` (`None`: another key, or a bad id).
     pub fn request_id<'a>(&self, key: &'a str) -> Option<&'a str> {
-        let id = key.strip_prefix(&self.requests())?;
-        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))).then_some(id)
+        key.strip_prefix(&self.requests()).filter(|id| is_id(id))
     }
+
+    /// The request id and approval id of a key under `approvals/` (`None`: another key,
+    /// or bad ids).
+    pub fn approval_ids<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let (id, approval) = key.strip_prefix(&self.approvals())?.split_once('/')?;
+        (is_id(id) && is_id(approval)).then_some((id, approval))
+    }
+}
+
+/// Whether `id` is 32 lowercase hex digits (a request's or an approval's id).
+fn is_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A host's registration under `hosts/<name>`.
@@ -134,6 +160,11 @@ mod tests {
         assert_eq!(k.request_id("/jitd/requests/../hosts/x"), None);
         assert_eq!(k.request_id(&format!("/other/requests/{id}")), None);
         assert_eq!(k.request_id(&k.request(&id.to_uppercase())), None);
+        let a = "a1".repeat(16);
+        assert_eq!(k.approval(&id, &a), format!("/jitd/approvals/{id}/{a}"));
+        assert_eq!(k.approval_ids(&k.approval(&id, &a)), Some((id.as_str(), a.as_str())));
+        assert_eq!(k.approval_ids(&format!("{}/x", k.approval(&id, &a))), None);
+        assert_eq!(k.approval_ids(&k.approvals_of(&id)), None);
     }
 
     #[test]

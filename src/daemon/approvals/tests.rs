@@ -311,6 +311,7 @@ fn a_restart_ends_the_requests_whose_time_is_up_and_keeps_the_rest_on_their_cloc
         ports: vec![3389],
         source: "192.0.2.7/32".parse().unwrap(),
         duration_secs: 60,
+        until: None,
         justification: None,
         asked_at: wall - TimeDelta::minutes(10),
         times_out_at: wall + TimeDelta::seconds(left),
@@ -368,4 +369,48 @@ async fn a_requester_who_lost_the_role_since_asking_is_not_approved() {
     assert_eq!(error.code, ErrorCode::NotAuthorized);
     assert!(error.message.contains("can no longer be approved"), "{}", error.message);
     assert!(d.lock().book.is_empty() && d.lock().pending.is_empty());
+}
+
+#[tokio::test]
+async fn a_request_asked_until_a_time_ends_then_however_late_it_is_approved_and_waits_no_longer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = started(dir.path()).await;
+    let until = Utc::now() + TimeDelta::seconds(40);
+    let mut asked = ask(&[3389]);
+    if let Request::Request(r) = &mut asked {
+        (r.duration_secs, r.until) = (None, Some(until));
+    }
+    let reply = d.handle(peer(4244), asked).await;
+    let pending = &reply.result.unwrap()["pending"];
+    let id = pending["id"].as_u64().unwrap();
+    // it times out at its end (40 s), not after the port's 1 minute
+    let times_out: DateTime<Utc> = serde_json::from_value(pending["times_out_at"].clone()).unwrap();
+    assert!(times_out <= until + TimeDelta::seconds(1), "{times_out} > {until}");
+    assert_eq!(records(dir.path()).pop().unwrap().until, Some(until));
+    let reply = d.handle(peer(4243), approve(id)).await;
+    let decided: PendingStatus = serde_json::from_value(reply.result.unwrap()).unwrap();
+    let grant = &decided.grants[0];
+    assert!(
+        grant.expires_at <= until + TimeDelta::seconds(1),
+        "{} > {until}",
+        grant.expires_at
+    );
+    // once its end has passed, it is past deciding (it waited no longer than its end)
+    let mut asked = ask(&[3389]);
+    if let Request::Request(r) = &mut asked {
+        (r.duration_secs, r.until) = (None, Some(Utc::now() + TimeDelta::milliseconds(1500)));
+    }
+    let id = d.handle(peer(4244), asked).await.result.unwrap()["pending"]["id"]
+        .as_u64()
+        .unwrap();
+    let pending = d.lock().pending.get(id).map(|(r, _)| r.clone()).unwrap();
+    assert_eq!(pending.duration_at(pending.until.unwrap()), None);
+    assert!(pending
+        .duration_at(Utc::now())
+        .is_some_and(|left| left <= Duration::from_secs(2)));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let before = d.lock().book.len();
+    let late = d.handle(peer(4243), approve(id)).await;
+    assert_eq!(late.error.map(|e| e.code), Some(ErrorCode::NotFound));
+    assert_eq!(d.lock().book.len(), before, "nothing opened");
 }

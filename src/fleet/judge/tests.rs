@@ -1,6 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::fleet::approval::FleetApproval;
 use crate::fleet::settings::Fleet;
 use crate::remote::signers;
 
@@ -133,4 +134,56 @@ fn a_grant_stays_while_this_host_is_still_named_and_ends_when_it_left_the_group(
     );
     let off = still_selected(None, &origin).unwrap_err();
     assert!(off.contains("[fleet] is off") && off.contains(ID), "{off}");
+}
+
+const APPROVAL: &str = fixture!("approval");
+const APPROVAL_ID: &str = "a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1";
+
+fn approval_judged(value: &str, keys: (&str, &str)) -> Result<(FleetApproval, SignedBy), Refused> {
+    let host = fleet("web1", &[]);
+    let later = at("2026-11-26T13:06:10Z");
+    screen_approval(keys, value.as_bytes(), &host, later).and_then(|s| verify_approval(s, later))
+}
+
+#[test]
+fn alices_approval_passes_and_covers_only_what_it_names() {
+    let stored = FleetRequest::stored(APPROVAL, fixture!("alice-approval.sig"));
+    let (approval, by) = approval_judged(&stored, (ID, APPROVAL_ID)).unwrap();
+    assert_eq!(
+        (approval.request.as_str(), by.principals.as_slice()),
+        (ID, ["alice".to_string()].as_slice())
+    );
+    let source = crate::domain::parse_prefix("198.51.100.7").unwrap();
+    assert_eq!(approval_covers(&approval, &[22], &source), Ok(()));
+    let other = crate::domain::parse_prefix("198.51.100.8").unwrap();
+    assert_eq!(
+        approval_covers(&approval, &[22], &other).unwrap_err().code,
+        "approval_mismatch"
+    );
+    assert_eq!(
+        approval_covers(&approval, &[22, 3389], &source).unwrap_err().code,
+        "approval_mismatch"
+    );
+}
+
+#[test]
+fn an_approval_under_another_key_or_namespace_or_unsigned_is_refused() {
+    let signed = FleetRequest::stored(APPROVAL, fixture!("alice-approval.sig"));
+    let other = "00".repeat(16);
+    for keys in [(other.as_str(), APPROVAL_ID), (ID, other.as_str())] {
+        assert_eq!(approval_judged(&signed, keys).unwrap_err().code, "id_mismatch");
+    }
+    let as_request = FleetRequest::stored(APPROVAL, fixture!("alice-approval-as-request.sig"));
+    let e = approval_judged(&as_request, (ID, APPROVAL_ID)).unwrap_err();
+    assert!(e.reason.contains("namespace"), "{e:?}");
+    assert_eq!(
+        approval_judged(APPROVAL, (ID, APPROVAL_ID)).unwrap_err().code,
+        "unsigned"
+    );
+    let early = screen_approval((ID, APPROVAL_ID), signed.as_bytes(), &fleet("web1", &[]), now());
+    assert_eq!(early.unwrap_err().code, "future");
+    // a request is not an approval, even signed
+    let request = stored(fixture!("alice.sig"));
+    let e = approval_judged(std::str::from_utf8(&request).unwrap(), (ID, APPROVAL_ID)).unwrap_err();
+    assert_eq!(e.code, "malformed");
 }
