@@ -2,7 +2,9 @@
 //! a fleet request with the user's SSH key (`ssh-keygen -Y sign -n fleet@jitd`, as
 //! `jitctl knock` signs), writes it under `requests/<id>` on a lease whose TTL is the
 //! duration, and waits for each selected host's answer; `status` shows hosts, live
-//! requests and answers; `revoke` revokes a request's lease. etcd's address and
+//! requests and answers; `approve` signs an approval (`fleet-approve@jitd`) of a request
+//! that waits for an approver on some hosts and writes it beside the request; `revoke`
+//! revokes a request's lease. etcd's address and
 //! credentials: flags, else `ETCDCTL_*` (as etcdctl reads them), else
 //! `~/.config/jitctl/fleet.toml`.
 
@@ -16,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::jitctl::{FleetArgs, FleetCommand};
 use crate::cli::knock::sign;
+use crate::fleet::approval::FleetApproval;
 use crate::fleet::records::{HostRecord, Keys, Outcome, StatusRecord};
 use crate::fleet::request::FleetRequest;
 use crate::fleet::settings::{valid_name, Tls, DEFAULT_PREFIX};
@@ -120,6 +123,11 @@ pub async fn run(args: &FleetArgs, json: bool) -> Result<(String, bool), String>
         FleetCommand::Status => {
             let state = status(&etcd, &mut client).await?;
             Ok((render(json, &state, FleetState::table)?, true))
+        }
+        FleetCommand::Approve { id, key, wait } => {
+            let answers = approve(&etcd, &mut client, id, key.as_deref(), *wait).await?;
+            let ok = answers.all_approved();
+            Ok((render(json, &answers, Answers::table)?, ok))
         }
         FleetCommand::Revoke { id } => {
             revoke(&etcd, &mut client, id).await?;
@@ -240,16 +248,7 @@ async fn request(
 ) -> Result<Answers, String> {
     let request = build(ask, Utc::now(), sign::random16()?)?;
     let text = request.encode();
-    let home = std::env::var_os("HOME").map(PathBuf::from);
-    let agent_keys = match key {
-        Some(_) => Vec::new(),
-        None => sign::agent_keys(std::env::var_os("SSH_AUTH_SOCK").as_deref()),
-    };
-    let listing = sign::listing(&agent_keys);
-    let given = key.map(|k| (k.to_path_buf(), "--key".to_string()));
-    let key = sign::choose(given, listing.as_deref(), home.as_deref(), Path::exists)?;
-    let dir = sign::PrivateDir::new(sign::random16()?)?;
-    let armoured = sign::sign_with(&text, &key, &agent_keys, &dir, crate::fleet::NAMESPACE)?;
+    let armoured = sign_text(&text, key, crate::fleet::NAMESPACE)?;
     let selected = selected_hosts(etcd, client, &request.hosts).await?;
     let ttl = i64::try_from(request.duration).map_err(|_| "--duration: too long")?;
     let lease = client
@@ -273,6 +272,97 @@ async fn request(
             return Ok(collect(id, &selected, answers));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Signs `text` in `namespace` with `key` (or the agent's or ~/.ssh's key, as `jitctl
+/// knock` chooses); the armoured signature.
+fn sign_text(text: &str, key: Option<&Path>, namespace: &str) -> Result<String, String> {
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let agent_keys = match key {
+        Some(_) => Vec::new(),
+        None => sign::agent_keys(std::env::var_os("SSH_AUTH_SOCK").as_deref()),
+    };
+    let listing = sign::listing(&agent_keys);
+    let given = key.map(|k| (k.to_path_buf(), "--key".to_string()));
+    let key = sign::choose(given, listing.as_deref(), home.as_deref(), Path::exists)?;
+    let dir = sign::PrivateDir::new(sign::random16()?)?;
+    sign::sign_with(text, &key, &agent_keys, &dir, namespace)
+}
+
+/// Approves request `id` where it waits for an approver: signs an approval naming its
+/// ports and source, writes it beside the request on the request's lease, and waits
+/// for the hosts that answered `pending` to answer again.
+async fn approve(
+    etcd: &Etcd,
+    client: &mut Client,
+    id: &str,
+    key: Option<&Path>,
+    wait: Duration,
+) -> Result<Answers, String> {
+    let (request, lease) = live_request(etcd, client, id).await?;
+    let waiting: Vec<String> = answers(etcd, client, id)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| s.outcome == Outcome::Pending)
+        .map(|(host, _)| host)
+        .collect();
+    if waiting.is_empty() {
+        return Err(format!(
+            "no host waits for an approval of request {id} (`jitctl fleet status` shows its answers)"
+        ));
+    }
+    let approval = FleetApproval {
+        request: id.to_string(),
+        ports: request.ports,
+        source: request.source,
+        time: DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now),
+        nonce: sign::random16()?,
+    };
+    let text = approval.encode();
+    let armoured = sign_text(&text, key, crate::fleet::approval::NAMESPACE)?;
+    let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+    client
+        .put(
+            etcd.keys.approval(id, &approval.id()),
+            FleetRequest::stored(&text, &armoured),
+            options,
+        )
+        .await
+        .map_err(|e| format!("writing the approval: {e}"))?;
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut answers = answers(etcd, client, id).await?;
+        answers.retain(|host, _| waiting.contains(host));
+        let decided = answers.values().all(|s| s.outcome != Outcome::Pending);
+        if decided || Instant::now() >= deadline {
+            return Ok(collect(id.to_string(), &waiting, answers));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The live request `id` and its lease.
+async fn live_request(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(FleetRequest, i64), String> {
+    let key = request_key(etcd, id)?;
+    let got = client
+        .get(key.as_str(), None)
+        .await
+        .map_err(|e| format!("reading {key}: {e}"))?;
+    let kv = got.kvs().first().ok_or_else(|| format!("no live request {id}"))?;
+    let (text, _) = crate::fleet::request::split(kv.value()).map_err(|e| format!("request {id}: {e}"))?;
+    let request = FleetRequest::parse(text).map_err(|e| format!("request {id}: {e}"))?;
+    Ok((request, kv.lease()))
+}
+
+/// The key of request `id`, refusing anything but an id.
+fn request_key(etcd: &Etcd, id: &str) -> Result<String, String> {
+    let key = etcd.keys.request(id);
+    match etcd.keys.request_id(&key) {
+        Some(_) => Ok(key),
+        None => Err(format!(
+            "{id:?} is not a request id (32 hex digits, as `jitctl fleet status` shows)"
+        )),
     }
 }
 
@@ -520,12 +610,7 @@ async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> 
 }
 
 async fn revoke(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(), String> {
-    let key = etcd.keys.request(id);
-    if etcd.keys.request_id(&key).is_none() {
-        return Err(format!(
-            "{id:?} is not a request id (32 hex digits, as `jitctl fleet status` shows)"
-        ));
-    }
+    let key = request_key(etcd, id)?;
     let got = client
         .get(key.as_str(), None)
         .await

@@ -198,6 +198,20 @@ pub enum FleetCommand {
     },
     /// Hosts (alive, version, health), live requests and where they are open.
     Status,
+    /// Approve a request that waits for an approver on some hosts (ports with
+    /// `approvals`): signs an approval naming its ports and source, writes it beside
+    /// the request, and waits for those hosts' answers. Each host checks your key, your
+    /// approver role and that you are not the requester.
+    Approve {
+        /// The request id.
+        id: String,
+        /// The SSH key to sign with (as for `jitctl knock --key`).
+        #[arg(short, long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// How long to wait for the hosts' answers.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+        wait: std::time::Duration,
+    },
     /// Revoke a request: its lease is revoked and every host closes what it opened.
     Revoke {
         /// The request id.

@@ -76,6 +76,7 @@ impl Decision {
         let uid = requests::actor_uid(decider);
         let mut r = ended_record(request, time, uid, &decider.name, self.action(), outcome, why);
         r.login_uid = self.login;
+        requests::stamp_signer(&mut r, decider);
         r
     }
 }
@@ -333,6 +334,7 @@ fn refused(
         }
         r.request_id = Some(decision.id);
         r.login_uid = decision.login;
+        requests::stamp_signer(&mut r, decider);
         r.reason = Some(format!("{}: {}", denial.code, denial.message));
         records.push(r);
     }

@@ -82,7 +82,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::OtherHost(host) => write!(f, "for another host: {host}"),
             Refusal::UnknownKey(fp) => {
-                write!(f, "key {fp}: no allowed_signers line lets it knock here now")
+                write!(f, "key {fp}: no allowed_signers line accepts it here now")
             }
             Refusal::BadSignature(why) => write!(f, "bad signature: {why}"),
             Refusal::BadCertificate(why) => write!(f, "certificate refused: {why}"),

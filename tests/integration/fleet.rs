@@ -20,6 +20,7 @@ pub struct Fleet {
     pub pki: Pki,
     pub dir: tempfile::TempDir,
     pub alice: Key,
+    pub bob: Key,
     pub mallory: Key,
     pub setups: Vec<Setup>,
     pub jitds: Vec<Jitd>,
@@ -30,17 +31,19 @@ pub const GROUPS: [&str; 3] = ["\"web\"", "\"web\"", "\"db\""];
 
 impl Fleet {
     pub fn new() -> Fleet {
-        Fleet::with_ports([""; 3])
+        Fleet::with_policy([""; 3], "")
     }
 
-    /// Three hosts whose `[[ports]]` entry for 22 also has `port_lines[n - 1]`.
-    pub fn with_ports(port_lines: [&str; 3]) -> Fleet {
+    /// Three hosts whose `[[ports]]` entry for 22 also has `port_lines[n - 1]` and
+    /// whose `[access]` also has `access_lines`.
+    pub fn with_policy(port_lines: [&str; 3], access_lines: &str) -> Fleet {
         let net = FleetNet::new(3);
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let pki = Pki::new(dir.path());
         let etcd = Etcd::start(&net.hub, dir.path(), &pki);
         let alice = Key::new(dir.path(), "alice", &["-t", "ed25519"]);
+        let bob = Key::new(dir.path(), "bob", &["-t", "ed25519"]);
         let mallory = Key::new(dir.path(), "mallory", &["-t", "ed25519"]);
         let mut fleet = Fleet {
             net,
@@ -48,6 +51,7 @@ impl Fleet {
             pki,
             dir,
             alice,
+            bob,
             mallory,
             setups: Vec::new(),
             jitds: Vec::new(),
@@ -55,9 +59,11 @@ impl Fleet {
         for n in 1..=3 {
             let setup = Setup::new("");
             let signers = setup.dir.path().join("allowed_signers");
-            std::fs::write(&signers, format!("alice {}\n", fleet.alice.public)).unwrap();
+            let lines = format!("alice {}\nbob {}\n", fleet.alice.public, fleet.bob.public);
+            std::fs::write(&signers, lines).unwrap();
             std::fs::set_permissions(&signers, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-            setup.write_policy(&fleet.policy(n, GROUPS[n - 1], port_lines[n - 1], &signers));
+            let policy = fleet.policy(n, GROUPS[n - 1], port_lines[n - 1], &signers);
+            setup.write_policy(&policy.replace("[access]\n", &format!("[access]\n{access_lines}\n")));
             serve_echo(&fleet.net.hosts[n - 1], 22);
             fleet.jitds.push(setup.start(&fleet.net.hosts[n - 1]));
             fleet.setups.push(setup);

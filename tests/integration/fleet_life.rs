@@ -191,7 +191,7 @@ fn a_host_cut_off_across_a_compaction_converges_when_it_is_back() {
 
 #[test]
 fn a_port_that_needs_an_approver_waits_on_that_host_and_opens_once_approved() {
-    let fleet = Fleet::with_ports(["approvals = 1", "", ""]);
+    let fleet = Fleet::with_policy(["approvals = 1", "", ""], "");
     let (out, v) = fleet.request("h1,h2", &fleet.alice, "10m");
     // not every host approved: jitctl says so and exits non-zero
     assert!(!out.status.success(), "{}", text(&out));
@@ -221,4 +221,69 @@ fn a_port_that_needs_an_approver_waits_on_that_host_and_opens_once_approved() {
         "{}",
         fleet.logs()
     );
+}
+
+#[test]
+fn a_signed_approval_beside_the_request_opens_where_it_waits_but_never_ones_own() {
+    let fleet = Fleet::with_policy(
+        ["approvals = 1", "approvals = 1", ""],
+        r#"approvers = ["principal:alice", "principal:bob"]"#,
+    );
+    let (out, v) = fleet.request("h1,h2,h3", &fleet.alice, "10m");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        outcomes(&v),
+        pairs(&[("h1", "pending"), ("h2", "pending"), ("h3", "approved")])
+    );
+    let id = v["id"].as_str().unwrap().to_string();
+    let approve = |key: &crate::knock::Key| {
+        let path = key.path.display().to_string();
+        let out = fleet.ctl(&["approve", &id, "--key", &path, "--wait", "3s"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out, v)
+    };
+    // alice may approve, but not her own request: each host refuses it and audits why
+    let (out, v) = approve(&fleet.alice);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(outcomes(&v), pairs(&[("h1", "pending"), ("h2", "pending")]));
+    for n in 1..=2 {
+        let refused = wait_for(Duration::from_secs(10), || {
+            fleet.setups[n - 1]
+                .audit()
+                .iter()
+                .any(|r| r["action"] == "approve" && r["outcome"] == "denied" && r["actor"] == "principal:alice")
+        });
+        assert!(refused, "h{n}: {:?}", fleet.setups[n - 1].audit_lines());
+        assert!(!fleet.open(n), "h{n} opened on a self-approval");
+    }
+    // mallory's key is in no allowed_signers: refused before the policy sees it
+    let (out, _) = approve(&fleet.mallory);
+    assert!(!out.status.success());
+    let unknown = wait_for(Duration::from_secs(10), || {
+        fleet
+            .fleet_records(1)
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or("").starts_with("unknown_key:"))
+    });
+    assert!(unknown, "{:?}", fleet.fleet_records(1));
+    // bob's approval opens both hosts where it waited
+    let (out, v) = approve(&fleet.bob);
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    assert_eq!(outcomes(&v), pairs(&[("h1", "approved"), ("h2", "approved")]));
+    for n in 1..=3 {
+        assert!(fleet.opens_within(n, 10), "h{n}: {}", fleet.logs());
+    }
+    let by_bob = fleet.setups[0].audit().into_iter().any(|r| {
+        r["action"] == "approve"
+            && r["outcome"] == "approved"
+            && r["actor"] == "principal:bob"
+            && r["fleet_request"] == id.as_str()
+            && r["key"].as_str().is_some_and(|k| k.starts_with("SHA256:"))
+    });
+    assert!(by_bob, "{:?}", fleet.setups[0].audit_lines());
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    for n in 1..=3 {
+        assert!(fleet.closes_within(n, 10), "h{n} still open after revoke");
+    }
 }

@@ -86,6 +86,32 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
+    /// The fleet request `id` as a grant or pending request here names it.
+    fn fleet_origin(&self, id: &str) -> Option<FleetOrigin> {
+        let st = self.lock();
+        let mut pending = st
+            .pending
+            .iter()
+            .filter_map(|(r, _)| r.requester.signer.as_ref()?.fleet.as_ref());
+        let mut grants = st.book.iter().filter_map(|g| g.fleet.as_ref());
+        let origin = |o: &&FleetOrigin| o.request == id;
+        pending.find(origin).or_else(|| grants.find(origin)).cloned()
+    }
+
+    /// The requests of fleet request `id` waiting here for an approver: their ids, ports
+    /// and source.
+    fn fleet_waiting(&self, id: &str) -> Vec<(GrantId, Vec<u16>, ipnet::IpNet)> {
+        let st = self.lock();
+        st.pending
+            .iter()
+            .filter(|(r, _)| {
+                let origin = r.requester.signer.as_ref().and_then(|s| s.fleet.as_ref());
+                origin.is_some_and(|o| o.request == id)
+            })
+            .map(|(r, _)| (r.id, r.ports.clone(), r.source))
+            .collect()
+    }
+
     /// The fleet requests with a grant or a pending request on this host.
     fn fleet_requests_here(&self) -> HashSet<String> {
         let st = self.lock();
@@ -133,6 +159,9 @@ impl<F: Firewall> Judge<'_, F> {
             )
             .await;
         }
+        for kv in read_all(self.client, &self.keys.approvals()).await?.kvs() {
+            self.approve_one(kv).await;
+        }
         Ok(revision)
     }
 
@@ -148,7 +177,7 @@ impl<F: Firewall> Judge<'_, F> {
         }
         if self.memory.judged.len() >= MAX_JUDGED {
             let refused = Refused::malformed("too many live requests remembered");
-            return self.refuse(&id, Some(&id), None, refused).await;
+            return self.refuse(key, Some(&id), None, refused).await;
         }
         let (outcome, until, reason) = match self.decide(&id, kv).await {
             Verdict::NotForUs => return,
@@ -157,7 +186,7 @@ impl<F: Firewall> Judge<'_, F> {
                 let end = end.unwrap_or_else(|| Utc::now() + chrono::TimeDelta::hours(24));
                 self.memory.judged.insert(id.clone(), end);
                 let reason = format!("{}: {}", refused.code, refused.reason);
-                self.refuse(&id, Some(&id), signer, refused).await;
+                self.refuse(key, Some(&id), signer, refused).await;
                 if !status {
                     return;
                 }
@@ -174,7 +203,15 @@ impl<F: Firewall> Judge<'_, F> {
                     pending.id,
                     pending.times_out_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 );
-                (Outcome::Pending, Some(pending.times_out_at), Some(why))
+                self.write_status(&id, kv.lease(), Outcome::Pending, Some(pending.times_out_at), Some(why))
+                    .await;
+                // an approval may be there already (written while this host was away)
+                if let Ok(got) = read_all(self.client, &self.keys.approvals_of(&id)).await {
+                    for approval in got.kvs() {
+                        self.approve_one(approval).await;
+                    }
+                }
+                return;
             }
             Verdict::Denied(end, reason) => {
                 self.memory.judged.insert(id.clone(), end);
@@ -299,28 +336,94 @@ impl<F: Firewall> Judge<'_, F> {
         if !due.is_empty() {
             let _ = self.daemon.jobs.send(crate::daemon::Job::Record(due)).await;
         }
-        let waiting: Vec<(String, i64)> = self
+        let waiting: Vec<String> = self
             .memory
             .answered
             .iter()
             .filter(|(_, a)| a.waiting)
-            .map(|(id, a)| (id.clone(), a.lease))
+            .map(|(id, _)| id.clone())
             .collect();
-        for (id, lease) in waiting {
-            let here = self.daemon.fleet_here(&id);
-            if let Some(until) = here.grants.iter().map(|(_, end)| *end).max() {
-                self.memory
-                    .answered
-                    .insert(id.clone(), Answered { lease, waiting: false });
-                self.write_status(&id, lease, Outcome::Approved, Some(until), None)
-                    .await;
-            } else if here.pending.is_empty() {
-                self.memory.answered.remove(&id);
-                let why = "not approved on this host (turned down, timed out, or the policy changed)";
-                self.write_status(&id, lease, Outcome::Denied, None, Some(why.into()))
-                    .await;
+        for id in waiting {
+            self.follow(&id).await;
+        }
+    }
+
+    /// For a request that waited for an approver here: once decided, answers again
+    /// (`approved` until its grants' end, or `denied`).
+    async fn follow(&mut self, id: &str) {
+        let Some(&Answered { lease, waiting: true }) = self.memory.answered.get(id) else {
+            return;
+        };
+        let here = self.daemon.fleet_here(id);
+        if let Some(until) = here.grants.iter().map(|(_, end)| *end).max() {
+            self.memory
+                .answered
+                .insert(id.to_string(), Answered { lease, waiting: false });
+            self.write_status(id, lease, Outcome::Approved, Some(until), None).await;
+        } else if here.pending.is_empty() {
+            self.memory.answered.remove(id);
+            let why = "not approved on this host (turned down, timed out, or the policy changed)";
+            self.write_status(id, lease, Outcome::Denied, None, Some(why.into()))
+                .await;
+        }
+    }
+
+    /// Judges one approval put under `approvals/<id>/` (once per key) for the requests
+    /// of `id` waiting here, and hands it to the daemon's decision path as the approver
+    /// (which checks the approver role and that approver and requester are two people,
+    /// and audits the decision). An approval for a request nothing here waits for is
+    /// none of this host's business.
+    pub async fn approve_one(&mut self, kv: &KeyValue) {
+        let key = kv.key_str().unwrap_or("");
+        let Some((id, approval_id)) = self.keys.approval_ids(key) else {
+            let refused = Refused::malformed("the key is not approvals/<request id>/<32 hex digits>");
+            return self.refuse(key, None, None, refused).await;
+        };
+        let waiting = self.daemon.fleet_waiting(id);
+        if waiting.is_empty() || self.memory.approvals.contains_key(key) {
+            return;
+        }
+        if self.memory.approvals.len() >= MAX_JUDGED {
+            let refused = Refused::malformed("too many approvals remembered");
+            return self.refuse(key, Some(id), None, refused).await;
+        }
+        let forget_at = Utc::now() + crate::store::FLEET_MEMORY;
+        self.memory.approvals.insert(key.to_string(), forget_at);
+        let fleet_now = self.daemon.config().fleet.unwrap_or_else(|| self.fleet.clone());
+        let screened = match judge::screen_approval((id, approval_id), kv.value(), &fleet_now, Utc::now()) {
+            Ok(s) => s,
+            Err(r) => return self.refuse(key, Some(id), None, r).await,
+        };
+        let verified = tokio::task::spawn_blocking(move || judge::verify_approval(screened, Utc::now())).await;
+        let (approval, by) = match verified {
+            Ok(Ok(v)) => v,
+            Ok(Err(r)) => return self.refuse(key, Some(id), None, r).await,
+            Err(e) => {
+                return self
+                    .refuse(key, Some(id), None, Refused::malformed(&e.to_string()))
+                    .await
+            }
+        };
+        let approver = SignedBy {
+            fleet: self.daemon.fleet_origin(id),
+            ..signer(by)
+        };
+        for (pending, ports, source) in waiting {
+            if let Err(r) = judge::approval_covers(&approval, &ports, &source) {
+                self.refuse(key, Some(id), Some(approver.clone()), r).await;
+                continue;
+            }
+            let caller = Caller::signed(approver.clone());
+            let reply = self.daemon.decide(caller, Decision::approve(pending, None)).await;
+            match reply.error {
+                None => {
+                    tracing::info!(request = %id, pending, "fleet request approved by {}", approver.principals.join(","))
+                }
+                // refused and audited by the decision path (not an approver, one's own request)
+                Some(e) => tracing::info!(request = %id, pending, "fleet approval refused: {}", e.message),
             }
         }
+        self.follow(id).await;
     }
 
     /// Writes `status/<id>/<host>` on the request's lease, so that the answer goes with
@@ -352,11 +455,11 @@ impl<F: Firewall> Judge<'_, F> {
         }
     }
 
-    /// Audits a fleet request refused before the policy: in full (naming the request,
-    /// so that it is not judged again after a restart), or counted into the next summary
-    /// when many come at once.
+    /// Audits a fleet request or approval (under `key`) refused before the policy: in
+    /// full (naming the request, so that it is not judged again after a restart), or
+    /// counted into the next summary when many come at once.
     async fn refuse(&mut self, key: &str, id: Option<&str>, signer: Option<SignedBy>, refused: Refused) {
-        tracing::info!(request = %key, code = refused.code, "fleet request refused: {}", refused.reason);
+        tracing::info!(key = %key, code = refused.code, "fleet key refused: {}", refused.reason);
         let limiter: &mut RefusalLimiter<Etcd> = &mut self.memory.refusals;
         let mut records = limiter.due_summaries(Utc::now());
         if limiter.admit(Etcd, "etcd", refused.code, Utc::now()) == Admit::Count {
@@ -371,10 +474,12 @@ impl<F: Firewall> Judge<'_, F> {
             .map_or_else(|| "-".to_string(), |p| format!("principal:{p}"));
         let mut r = AuditRecord::new(Utc::now(), None, &actor, Action::Fleet, AuditOutcome::Denied);
         let why = crate::text::escape_capped(&refused.reason, MAX_REASON);
+        // the key as etcd has it, less the prefix every key shares
+        let short = key.strip_prefix(self.fleet.prefix.as_str()).unwrap_or(key);
         r.reason = Some(format!(
-            "{}: request {}: {why}",
+            "{}: {}: {why}",
             refused.code,
-            crate::text::escape_capped(key, 80)
+            crate::text::escape_capped(short, 100)
         ));
         r.fleet_request = id.map(str::to_string);
         if let Some(s) = signer {
@@ -389,15 +494,24 @@ impl<F: Firewall> Judge<'_, F> {
 /// The signer of a verified fleet request, as the commit path and the audit log see it.
 fn signed_by(by: crate::remote::packet::SignedBy, request: &FleetRequest) -> SignedBy {
     SignedBy {
+        fleet: Some(FleetOrigin {
+            request: request.id(),
+            hosts: request.hosts.clone(),
+        }),
+        ..signer(by)
+    }
+}
+
+/// Who signed a request or an approval read from etcd (no peer, no nonce: etcd is not
+/// a packet).
+fn signer(by: crate::remote::packet::SignedBy) -> SignedBy {
+    SignedBy {
         principals: by.principals,
         fingerprint: by.fingerprint,
         peer: None,
         nonce: None,
         certificate: by.certificate.map(|c| c.describe()),
-        fleet: Some(FleetOrigin {
-            request: request.id(),
-            hosts: request.hosts.clone(),
-        }),
+        fleet: None,
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse, WatchStream};
 
 use super::upkeep::Stopping;
 use super::{Daemon, TaskResult};
@@ -69,6 +69,8 @@ struct Memory {
     /// Requests this host answered `approved` or `pending`: their lease (for the status
     /// record) and whether the answer was `pending`.
     answered: HashMap<String, Answered>,
+    /// Approval keys judged (each once), until when they are remembered.
+    approvals: HashMap<String, DateTime<Utc>>,
 }
 
 /// A request this host answered with something here.
@@ -93,6 +95,7 @@ impl Memory {
 
     fn forget_old(&mut self, now: DateTime<Utc>) {
         self.judged.retain(|_, end| *end > now);
+        self.approvals.retain(|_, end| *end > now);
     }
 }
 
@@ -169,12 +172,8 @@ async fn session<F: Firewall>(
         memory,
     };
     let revision = judge.reread().await?;
-    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-    let mut watch = judge
-        .client
-        .watch(keys.requests(), Some(options))
-        .await
-        .map_err(|e| format!("watching {}: {e}", keys.requests()))?;
+    let mut requests = watch(judge.client, &keys.requests(), revision).await?;
+    let mut approvals = watch(judge.client, &keys.approvals(), revision).await?;
     tracing::info!(revision, "fleet: registered as {} and watching requests", fleet.name);
     let mut tick = tokio::time::interval(KEEP_ALIVE);
     loop {
@@ -194,18 +193,8 @@ async fn session<F: Firewall>(
                 registered = register(daemon, fleet, &keys, judge.client, lease, Some(registered)).await?;
                 judge.upkeep().await;
             }
-            message = watch.message() => {
-                let response = message
-                    .map_err(|e| format!("the watch failed: {e}"))?
-                    .ok_or("the watch ended")?;
-                if response.canceled() {
-                    return Err(format!(
-                        "the watch was cancelled (compacted to {}: {}); re-reading everything",
-                        response.compact_revision(),
-                        response.cancel_reason()
-                    ));
-                }
-                for event in response.events() {
+            message = requests.message() => {
+                for event in events(message)? {
                     let Some(kv) = event.kv() else { continue };
                     match event.event_type() {
                         EventType::Put => judge.judge_one(kv).await,
@@ -214,6 +203,13 @@ async fn session<F: Firewall>(
                                 judge.withdraw(id, "the request was deleted or its lease ended").await;
                             }
                         }
+                    }
+                }
+            }
+            message = approvals.message() => {
+                for event in events(message)? {
+                    if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
+                        judge.approve_one(kv).await;
                     }
                 }
             }
@@ -268,6 +264,31 @@ async fn register<F: Firewall>(
         .await
         .map_err(|e| format!("registering {}: {e}", keys.host(&fleet.name)))?;
     Ok(record)
+}
+
+/// Watches the keys under `prefix` from the revision after `revision`.
+async fn watch(client: &mut Client, prefix: &str, revision: i64) -> Result<WatchStream, String> {
+    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    client
+        .watch(prefix, Some(options))
+        .await
+        .map_err(|e| format!("watching {prefix}: {e}"))
+}
+
+/// The events of one watch message; an error when the watch failed, ended or was
+/// cancelled (compacted: the next session re-reads everything).
+fn events(message: Result<Option<WatchResponse>, etcd_client::Error>) -> Result<Vec<etcd_client::Event>, String> {
+    let response = message
+        .map_err(|e| format!("the watch failed: {e}"))?
+        .ok_or("the watch ended")?;
+    if response.canceled() {
+        return Err(format!(
+            "the watch was cancelled (compacted to {}: {}); re-reading everything",
+            response.compact_revision(),
+            response.cancel_reason()
+        ));
+    }
+    Ok(response.events().to_vec())
 }
 
 /// Reads every key under `prefix` (one range read; the revision it was read at).
