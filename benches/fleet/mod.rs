@@ -167,12 +167,14 @@ fn row(s: &Stage, rounds: &[Round], idle: Value, live: usize) -> Value {
         "closed": stats(all(|r| &r.closed)), "all_closed": stats(last(|r| &r.closed)),
         "revoked": stats(rounds.iter().map(|r| r.revoked).collect()),
     });
+    let after_rounds = memory(s);
     let live_mem = live_memory(s, live);
     let mb = |m: &Value, k: &str| m[k].as_f64().unwrap_or(f64::NAN);
     let empty = s.etcd_rss_empty_mb;
     v["memory"] = json!({
         "etcd_empty_mb": empty,
         "idle": idle,
+        "after_rounds": after_rounds,
         "live": live_mem,
         "etcd_mb_per_host_joined": (mb(&idle, "etcd_mb") - empty) / n as f64,
         "etcd_mb_per_host_live": (mb(&live_mem, "etcd_mb") - empty) / n as f64,

@@ -22,6 +22,7 @@ const ROW_SHAPE: &[&str] = &[
     "/memory/idle/jitd_mb_max",
     "/memory/idle/etcd_mb",
     "/memory/idle/etcd_db_bytes",
+    "/memory/after_rounds/jitd_mb_mean",
     "/memory/live/jitd_mb_mean",
     "/memory/live/etcd_mb",
     "/memory/live/etcd_db_bytes",
@@ -141,14 +142,16 @@ pub fn print(v: &Value) {
         let hosts = r["hosts"].as_f64().unwrap_or(f64::NAN);
         let c = &r["cpu"];
         println!(
-            "   {:>3} hosts: first host open p50 {:.1} ms; CPU per request + revoke: jitd {:.1} ms per host ({:.0} ms all hosts), etcd {:.0} ms;\n              idle: each jitd {:.2} %, etcd {:.2} % of a core; jitd warnings {}",
+            "   {:>3} hosts: first host open p50 {:.1} ms; jitctl revoke p50 {:.1} ms; CPU per request + revoke: jitd {:.1} ms per host ({:.0} ms all hosts), etcd {:.0} ms;\n              idle: each jitd {:.2} %, etcd {:.2} % of a core; jitd RSS after the rounds {:.1} MB (mean); jitd warnings {}",
             hosts,
             f(&r["first_open"]["p50_ms"]),
+            f(&r["revoked"]["p50_ms"]),
             f(&c["jitd_ms_total_per_round"]) / hosts,
             f(&c["jitd_ms_total_per_round"]),
             f(&c["etcd_ms_per_round"]),
             f(&c["idle"]["jitd_pct_per_host"]),
             f(&c["idle"]["etcd_pct"]),
+            f(&r["memory"]["after_rounds"]["jitd_mb_mean"]),
             r["warnings"]["count"]
         );
         for kind in r["warnings"]["kinds"].as_array().into_iter().flatten() {
