@@ -10,6 +10,10 @@
 #[path = "../tests/integration/util.rs"]
 mod util;
 
+#[path = "../tests/integration/fleet_net.rs"]
+mod fleet_net;
+
+mod fleet;
 mod knock;
 
 use std::io::{BufRead, BufReader, Write};
@@ -42,6 +46,8 @@ struct Plan {
     per_block: usize,
     /// Remote knocks (section 7).
     knock: knock::KnockPlan,
+    /// The fleet through etcd (section 8).
+    fleet: fleet::FleetPlan,
     out: PathBuf,
 }
 
@@ -72,6 +78,7 @@ fn plan() -> Plan {
             blocks: 5,
             per_block: 400,
             knock: knock::KnockPlan::full(),
+            fleet: fleet::FleetPlan::full().with_env(),
             out: target.join("results.json"),
         }
     } else {
@@ -88,6 +95,7 @@ fn plan() -> Plan {
             blocks: 2,
             per_block: 40,
             knock: knock::KnockPlan::smoke(),
+            fleet: fleet::FleetPlan::smoke().with_env(),
             out: target.join("smoke.json"),
         }
     }
@@ -107,6 +115,7 @@ fn main() {
             ("expiry", bench_expiry),
             ("neighbour", bench_neighbour),
             ("knock", |plan| knock::bench_knock(&plan.knock)),
+            ("fleet", |plan| fleet::bench_fleet(&plan.fleet)),
         ] {
             if wanted(name) {
                 results[name] = run(&plan);
@@ -121,6 +130,13 @@ fn main() {
             knock::print(&results["knock"]);
             check_knock(&results["knock"]);
         }
+        if wanted("fleet") {
+            fleet::print(&results["fleet"]);
+        }
+        merge_into(&plan.out, &results);
+        if wanted("fleet") {
+            fleet::check(&results["fleet"]);
+        }
         return;
     }
     let mut results = json!({ "smoke": plan.smoke, "machine": machine() });
@@ -130,12 +146,32 @@ fn main() {
     results["expiry"] = bench_expiry(&plan);
     results["neighbour"] = bench_neighbour(&plan);
     results["knock"] = knock::bench_knock(&plan.knock);
+    results["fleet"] = fleet::bench_fleet(&plan.fleet);
     print_table(&results);
     std::fs::create_dir_all(plan.out.parent().unwrap()).unwrap();
     std::fs::write(&plan.out, serde_json::to_vec_pretty(&results).unwrap()).unwrap();
     check_shape(&std::fs::read(&plan.out).unwrap());
     println!("\nwritten to {}", plan.out.display());
     check_neighbour(&results["neighbour"]);
+}
+
+/// Writes the sections of a partial run (JITD_BENCH_ONLY) into the results file,
+/// keeping the other sections of an earlier run that are there.
+fn merge_into(out: &Path, partial: &Value) {
+    let mut all = std::fs::read(out)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    for (name, section) in partial.as_object().into_iter().flatten() {
+        all[name] = section.clone();
+    }
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(out, serde_json::to_vec_pretty(&all).unwrap()).unwrap();
+    println!(
+        "\nwritten to {} (the sections run; the others as they were)",
+        out.display()
+    );
 }
 
 /// The JSON must parse back and hold every figure (what the smoke run asserts).
@@ -195,6 +231,7 @@ fn check_shape(bytes: &[u8]) {
         "results lack neighbour_table_untouched"
     );
     check_knock(&v["knock"]);
+    fleet::check(&v["fleet"]);
 }
 
 /// The knock section holds every figure (its timings are printed, never asserted).
@@ -907,6 +944,7 @@ fn print_table(r: &Value) {
     );
     print_neighbour(&r["neighbour"]);
     knock::print(&r["knock"]);
+    fleet::print(&r["fleet"]);
 }
 
 fn print_neighbour(rows: &Value) {

@@ -13,7 +13,7 @@
 //! 3. Capacity: valid knocks at rising rates, how many are granted.
 //! 4. fwknop (`fwknop.rs`): the same measures for fwknopd.
 
-mod client;
+pub mod client;
 mod flood;
 mod fwknop;
 mod host;
@@ -177,7 +177,7 @@ pub fn bench_knock(plan: &KnockPlan) -> Value {
 
 /// The machine's load average over 1 minute (other work on the shared cores shows in
 /// the tails).
-fn loadavg() -> Value {
+pub fn loadavg() -> Value {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     json!(text.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()))
 }

@@ -323,6 +323,28 @@ impl Etcd {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// etcd's process id while it runs (`ip netns exec` execs etcd in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// etcd's Prometheus metrics (`/metrics` on the client URL, with the client
+    /// certificate), as text.
+    pub fn metrics(&self) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key)
+            .arg(format!("{}/metrics", self.endpoint()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcd /metrics: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for Etcd {
