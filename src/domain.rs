@@ -204,6 +204,15 @@ pub struct FleetOrigin {
     pub request: String,
     /// The hosts (`NAME`) and groups (`group:NAME`) it named.
     pub hosts: Vec<String>,
+    /// The etcd revision that created its key as this host judged it (0: unknown): a
+    /// key deleted and written again (a revoke undone by someone who kept the value)
+    /// has another, and what the first one opened is closed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub revision: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl Caller {
@@ -266,6 +275,9 @@ error_codes! {
     DurationTooLong = "duration_too_long",
     /// A field is malformed.
     InvalidArgument = "invalid_argument",
+    /// A fleet request that does not (or no longer) select this host, or `[fleet]` is
+    /// off here.
+    NotSelected = "not_selected",
     /// `revoke` matched no live grant; `approve`, `deny` or `pending` no request.
     NotFound = "not_found",
     /// The requester already has as many requests waiting for approval as jitd keeps,

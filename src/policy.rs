@@ -118,6 +118,12 @@ pub fn check_request<'c>(
     request: &AccessRequest,
 ) -> Result<Vec<&'c PortPolicy>, Denial> {
     require_role(&config.access, caller, Role::Requester, "request access")?;
+    // a fleet request is judged under the membership in force now (a reload may have
+    // taken this host out of its groups since the watcher read it)
+    if let Some(origin) = caller.signer.as_ref().and_then(|s| s.fleet.as_ref()) {
+        crate::fleet::judge::still_selected(config.fleet.as_ref(), origin)
+            .map_err(|why| Denial::new(ErrorCode::NotSelected, why))?;
+    }
     let entries = port_entries(config, &request.ports)?;
     for entry in &entries {
         check_source_width(entry, &request.source)?;

@@ -159,6 +159,9 @@ pub struct AuditRecord {
     /// closes that group's grants, also after a restart).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fleet_hosts: Vec<String>,
+    /// A fleet request: the etcd revision that created its key as this host judged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_revision: Option<i64>,
     /// A request that waited (or waits) for approval: its id, shared by every record
     /// of its life (pending, approve, deny, expire, and the grants it opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +194,7 @@ impl AuditRecord {
         self.fleet_request.clone().map(|request| crate::domain::FleetOrigin {
             request,
             hosts: self.fleet_hosts.clone(),
+            revision: self.fleet_revision.unwrap_or(0),
         })
     }
 
@@ -228,6 +232,7 @@ impl AuditRecord {
             nonce: None,
             fleet_request: None,
             fleet_hosts: Vec::new(),
+            fleet_revision: None,
             request_id: None,
             until: None,
             times_out_at: None,

@@ -423,7 +423,10 @@ fn collect(id: String, selected: &[String], mut answers: BTreeMap<String, Status
                 host: h.clone(),
                 outcome: "no_answer".into(),
                 until: None,
-                reason: Some("no answer in time (is its jitd connected to etcd?)".into()),
+                reason: Some(
+                    "no answer in time: its jitd is not connected to etcd, or does not know the signing key (its audit log says which)"
+                        .into(),
+                ),
             },
         })
         .collect();
@@ -618,12 +621,34 @@ async fn revoke(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(), String
     let Some(kv) = got.kvs().first() else {
         return Err(format!("no live request {id}"));
     };
-    // revoking the lease deletes the request and the answers bound to it, at once
-    match kv.lease() {
-        0 => client.delete(key.as_str(), None).await.map(|_| ()),
-        lease => client.lease_revoke(lease).await.map(|_| ()),
+    // revoking the lease deletes the request and the answers bound to it, at once; but
+    // only a lease that carries nothing else (anyone who can write to etcd may have put
+    // the request on a host's lease, or on another request's)
+    let lease = kv.lease();
+    let only_ours = lease != 0 && lease_holds_only(etcd, client, lease, id).await?;
+    match only_ours {
+        true => client.lease_revoke(lease).await.map(|_| ()),
+        false => client.delete(key.as_str(), None).await.map(|_| ()),
     }
     .map_err(|e| format!("revoking {id}: {e}"))
+}
+
+/// Whether `lease` carries only request `id`, its answers and its approvals.
+async fn lease_holds_only(etcd: &Etcd, client: &mut Client, lease: i64, id: &str) -> Result<bool, String> {
+    let options = etcd_client::LeaseTimeToLiveOptions::new().with_keys();
+    let ttl = client
+        .lease_time_to_live(lease, Some(options))
+        .await
+        .map_err(|e| format!("reading the lease of {id}: {e}"))?;
+    let (request, statuses, approvals) = (
+        etcd.keys.request(id),
+        etcd.keys.status_of(id),
+        etcd.keys.approvals_of(id),
+    );
+    Ok(ttl.keys().iter().all(|k| {
+        let k = String::from_utf8_lossy(k);
+        k == request || k.starts_with(&statuses) || k.starts_with(&approvals)
+    }))
 }
 
 #[cfg(test)]

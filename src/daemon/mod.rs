@@ -312,6 +312,7 @@ fn stamp_fleet(r: &mut AuditRecord, fleet: Option<&crate::domain::FleetOrigin>) 
     if let Some(f) = fleet {
         r.fleet_request = Some(f.request.clone());
         r.fleet_hosts = f.hosts.clone();
+        r.fleet_revision = Some(f.revision).filter(|r| *r != 0);
     }
 }
 

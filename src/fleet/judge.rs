@@ -35,7 +35,8 @@ impl Refused {
         Refused::new("malformed", why)
     }
 
-    fn new(code: &'static str, reason: impl Into<String>) -> Refused {
+    /// A refusal with `code` for `reason`.
+    pub fn new(code: &'static str, reason: impl Into<String>) -> Refused {
         Refused {
             code,
             reason: reason.into(),

@@ -103,6 +103,14 @@ pub struct NewGrant {
     pub duration: Duration,
 }
 
+/// Whether `new` is asked by the requester of `g`, as [`GrantBook::superseded_by`] sees it.
+fn same_requester(g: &Grant, new: &NewGrant) -> bool {
+    let request = |f: &Option<crate::domain::FleetOrigin>| f.as_ref().map(|o| o.request.clone());
+    g.requester_uid == new.requester_uid
+        && (g.requester_uid != crate::domain::REMOTE_UID
+            || (g.principals == new.principals && request(&g.fleet) == request(&new.fleet)))
+}
+
 /// The ids in `deadlines` (ordered by deadline) whose deadline is at or before `now`.
 pub fn due(deadlines: &std::collections::BTreeSet<(Instant, GrantId)>, now: Instant) -> Vec<GrantId> {
     deadlines
@@ -243,7 +251,10 @@ impl GrantBook {
     }
 
     /// The grants a new one replaces: the same requester's for the same source, port
-    /// and protocol, or, when `any_owner` (an admin asking), everyone's.
+    /// and protocol, or, when `any_owner` (an admin asking), everyone's. Signed remote
+    /// requesters share one uid, so for them the same requester is the same principals
+    /// and the same fleet request (a knock renews the same principals' knock; grants of
+    /// two fleet requests live side by side, each closed by its own request).
     pub fn superseded_by(&self, new: &NewGrant, any_owner: bool) -> Vec<&Grant> {
         let slot = Slot {
             source: new.source,
@@ -255,7 +266,7 @@ impl GrantBook {
             .into_iter()
             .flatten()
             .filter_map(|id| self.get(*id))
-            .filter(|g| any_owner || g.requester_uid == new.requester_uid)
+            .filter(|g| any_owner || same_requester(g, new))
             .collect()
     }
 
@@ -605,6 +616,32 @@ mod tests {
         assert!(book
             .superseded_by(&by(1001, new("192.0.2.1", 3389, 1)), false)
             .is_empty());
+    }
+
+    #[test]
+    fn signed_requesters_replace_only_their_own_knock_and_fleet_requests_live_side_by_side() {
+        let t0 = Instant::now();
+        let mut book = GrantBook::new(1);
+        let signed = |principal: &str, fleet: Option<&str>| NewGrant {
+            principals: vec![principal.to_string()],
+            fleet: fleet.map(|id| crate::domain::FleetOrigin {
+                request: id.into(),
+                hosts: vec!["group:web".into()],
+                revision: 7,
+            }),
+            ..by(crate::domain::REMOTE_UID, new("192.0.2.1", 22, 3600))
+        };
+        let knock = add(&mut book, signed("alice", None), t0, Utc::now());
+        let fleet_a = add(&mut book, signed("alice", Some("aa")), t0, Utc::now());
+        let ids = |v: Vec<&Grant>| v.iter().map(|g| g.id).collect::<Vec<_>>();
+        assert_eq!(ids(book.superseded_by(&signed("alice", None), false)), vec![knock.id]);
+        assert!(book.superseded_by(&signed("mallory", None), false).is_empty());
+        assert!(book.superseded_by(&signed("alice", Some("bb")), false).is_empty());
+        assert!(book.superseded_by(&signed("mallory", Some("aa")), false).is_empty());
+        assert_eq!(
+            ids(book.superseded_by(&signed("alice", Some("aa")), false)),
+            vec![fleet_a.id]
+        );
     }
 
     #[test]

@@ -151,6 +151,11 @@ allowed_signers = "{}"
 
     /// `jitctl fleet request` for `hosts`, port 22, from the client, signed by `key`.
     pub fn request(&self, hosts: &str, key: &Key, duration: &str) -> (Output, Value) {
+        self.request_waiting(hosts, key, duration, "10s")
+    }
+
+    /// [`Fleet::request`], waiting at most `wait` for the answers.
+    pub fn request_waiting(&self, hosts: &str, key: &Key, duration: &str, wait: &str) -> (Output, Value) {
         let key_path = key.path.display().to_string();
         let out = self.ctl(&[
             "request",
@@ -166,6 +171,8 @@ allowed_signers = "{}"
             "INC-1234",
             "--key",
             &key_path,
+            "--wait",
+            wait,
         ]);
         let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (out, v)
@@ -307,12 +314,13 @@ fn a_group_request_opens_only_its_hosts() {
 #[test]
 fn unsigned_or_wrongly_signed_requests_open_nothing_and_are_audited() {
     let fleet = Fleet::new();
-    // mallory's key is in no allowed_signers: every host refuses, jitctl exits non-zero
-    let (out, v) = fleet.request("h1,h2,h3", &fleet.mallory, "10m");
+    // mallory's key is in no allowed_signers: every host refuses it in its audit log,
+    // writes no answer (a key it does not know gets nothing from it), jitctl exits non-zero
+    let (out, v) = fleet.request_waiting("h1,h2,h3", &fleet.mallory, "10m", "3s");
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(
         outcomes(&v),
-        pairs(&[("h1", "denied"), ("h2", "denied"), ("h3", "denied")])
+        pairs(&[("h1", "no_answer"), ("h2", "no_answer"), ("h3", "no_answer")])
     );
     // an unsigned request written straight into etcd, with a lease
     let id = "0123456789abcdef0123456789abcdef";

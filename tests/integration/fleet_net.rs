@@ -430,3 +430,46 @@ impl Etcd {
         assert!(out.status.success(), "{}", text(&out));
     }
 }
+
+impl Etcd {
+    /// The value under `key`, read through the JSON gateway (`None`: no such key).
+    pub fn get_raw(&self, key: &str) -> Option<String> {
+        let out = self.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", base64_lite(key)));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let value = v["kvs"][0]["value"].as_str()?;
+        Some(String::from_utf8(unbase64(value)).unwrap())
+    }
+
+    /// Puts a value of `size` bytes under `key` with a lease of `ttl` seconds (the body
+    /// goes through a file: it is larger than one command-line argument may be).
+    pub fn put_big(&self, key: &str, size: usize, ttl: i64) {
+        let out = self.post("/v3/lease/grant", &format!("{{\"TTL\":{ttl}}}"));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let lease = v["ID"].as_str().unwrap();
+        let body = format!(
+            "{{\"key\":\"{}\",\"value\":\"{}\",\"lease\":{lease}}}",
+            base64_lite(key),
+            base64_lite(&"x".repeat(size))
+        );
+        let file = self.data.with_extension("put.json");
+        std::fs::write(&file, body).unwrap();
+        let out = self.post("/v3/kv/put", &format!("@{}", file.display()));
+        assert!(out.status.success() && !text(&out).contains("error"), "{}", text(&out));
+    }
+}
+
+/// Decodes standard base64.
+fn unbase64(s: &str) -> Vec<u8> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let digits: Vec<u32> = s
+        .bytes()
+        .filter(|b| *b != b'=')
+        .map(|b| T.iter().position(|t| *t == b).unwrap() as u32)
+        .collect();
+    let mut out = Vec::new();
+    for chunk in digits.chunks(4) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, d)| n | d << (18 - 6 * i));
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}

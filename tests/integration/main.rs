@@ -10,6 +10,7 @@ mod doctor;
 mod fairness;
 mod faults;
 mod fleet;
+mod fleet_attacks;
 mod fleet_life;
 mod fleet_net;
 mod grants;

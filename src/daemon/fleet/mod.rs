@@ -1,27 +1,39 @@
 //! The fleet watcher: registers this host under `hosts/<name>` on a lease it keeps
-//! alive, reads every live request under `requests/`, then watches the prefix from that
-//! revision. Each request for this host is judged ([`apply`]), its outcome written to
-//! `status/<id>/<host>`; a deleted request (or a revoked lease) revokes what it opened.
-//! On any error (etcd unreachable, the watch cancelled or compacted, the lease lost)
-//! the watcher reconnects and re-reads everything, closing what is no longer there: the
-//! kernel timeouts keep every grant bounded meanwhile, and the socket and knocks never
-//! wait on this path.
+//! alive, reads every live request and approval, then watches `requests/` and
+//! `approvals/` from that revision. Each request for this host is judged ([`apply`]),
+//! its outcome written to `status/<id>/<host>` ([`report`]); an approval of a request
+//! waiting here goes to the decision path ([`approve`]); a deleted request (or a
+//! revoked lease) closes what it has here ([`here`]).
+//!
+//! On any error (etcd unreachable, the watch failed, the lease lost) the watcher
+//! reconnects and resumes both watches from the last revision it saw, so that it sees
+//! every deletion it missed; when etcd has compacted that history it re-reads
+//! everything instead, closing what is no longer there (and what was deleted and
+//! written again, by its key's creation revision). The kernel timeouts keep every grant
+//! bounded meanwhile, and the socket and knocks never wait on this path.
 //!
 //! What a request opened is read from the grant book (each grant names its fleet
 //! request), so it survives a restart; which requests were judged is remembered here
 //! and, across a restart, restored from the audit log (nothing is applied twice). A
-//! reload that changes the host's name, groups or etcd settings starts a new session
-//! at once; the reload itself ends the grants of requests that no longer select this
-//! host.
+//! reload that changes the host's name, groups or etcd settings is noticed at the next
+//! tick (3 s) and starts a new session that reads everything; meanwhile the commit path
+//! refuses a fleet request that the settings in force no longer select, and the reload
+//! itself ends the grants of requests that no longer select this host.
 
 mod apply;
+mod approve;
+mod here;
+mod report;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse, WatchStream};
+use etcd_client::{
+    Client, EventType, GetOptions, KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
+    WatchResponse, WatchStream,
+};
 
 use super::upkeep::Stopping;
 use super::{Daemon, TaskResult};
@@ -38,6 +50,11 @@ const HOST_TTL: i64 = 10;
 const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// Reconnection back-off: first and longest wait.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(4));
+/// Keys per page of a full read: with [`MAX_MESSAGE`], values of up to 16 MiB each
+/// (etcd's default limit is 1.5 MiB) never make a page too large to decode.
+const PAGE: i64 = 4;
+/// The largest message jitd decodes from etcd (a page, a watch response).
+const MAX_MESSAGE: usize = 64 << 20;
 
 /// Whom fleet refusals are counted against: anyone who can write to etcd (one bucket,
 /// so that a writer flooding `requests/` cannot flood every host's audit log).
@@ -58,26 +75,37 @@ impl Subject for Etcd {
 }
 
 /// What the watcher remembers across reconnections: what it judged (so nothing is
-/// applied twice), the requests it answered with something here, and which refusals it
-/// audits in full (the first 20 a minute; the rest in a summary).
+/// applied twice), the requests it answered with something here, where to resume, and
+/// which refusals it audits in full (the first 20 a minute; the rest in a summary).
 #[derive(Default)]
 struct Memory {
     refusals: RefusalLimiter<Etcd>,
-    /// Request id → until when it is remembered (its signed end; for one restored from
-    /// the audit log, [`crate::store::FLEET_MEMORY`] after its last record).
+    /// Verified request id → until when it is remembered (its signed end; for one
+    /// restored from the audit log, [`crate::store::FLEET_MEMORY`] after its last record).
     judged: HashMap<String, DateTime<Utc>>,
-    /// Requests this host answered `approved` or `pending`: their lease (for the status
-    /// record) and whether the answer was `pending`.
+    /// Requests this host answered `approved` or `pending`.
     answered: HashMap<String, Answered>,
-    /// Approval keys judged (each once), until when they are remembered.
+    /// Verified approval keys judged (each once), until when they are remembered.
     approvals: HashMap<String, DateTime<Utc>>,
+    /// The last revision seen on `requests/` and on `approvals/` (`None`: read
+    /// everything, as after a start, a compaction or a change of settings).
+    resume: Option<Resume>,
 }
 
-/// A request this host answered with something here.
+/// Where the two watches resume.
+#[derive(Debug, Clone, Copy)]
+struct Resume {
+    requests: i64,
+    approvals: i64,
+}
+
+/// A request this host answered with something here: its lease (for the status
+/// record), whether it waits for an approver, and until when it is open.
 #[derive(Debug, Clone, Copy)]
 struct Answered {
     lease: i64,
     waiting: bool,
+    until: Option<DateTime<Utc>>,
 }
 
 impl Memory {
@@ -128,6 +156,7 @@ pub(super) async fn run<F: Firewall>(daemon: Arc<Daemon<F>>, mut stop: Stopping)
             Ok(Ended::Stop) => return Ok(()),
             Ok(Ended::Changed) => {
                 tracing::info!("fleet: the settings changed; joining again");
+                memory.resume = None;
                 backoff = BACKOFF.0;
                 continue;
             }
@@ -144,8 +173,8 @@ pub(super) async fn run<F: Firewall>(daemon: Arc<Daemon<F>>, mut stop: Stopping)
     }
 }
 
-/// One connection: register, re-read, watch, until an error, a settings change or the
-/// stop.
+/// One connection: register, catch up (resume or re-read), watch, until an error, a
+/// settings change or the stop.
 async fn session<F: Firewall>(
     daemon: &Daemon<F>,
     fleet: &Fleet,
@@ -154,16 +183,7 @@ async fn session<F: Firewall>(
 ) -> Result<Ended, String> {
     let keys = Keys::new(&fleet.prefix);
     let mut client = crate::fleet::connect::connect(&fleet.endpoints, fleet.tls.as_ref()).await?;
-    let lease = client
-        .lease_grant(HOST_TTL, None)
-        .await
-        .map_err(|e| format!("granting the host lease: {e}"))?
-        .id();
-    let mut registered = register(daemon, fleet, &keys, &mut client, lease, None).await?;
-    let (mut keeper, mut kept) = client
-        .lease_keep_alive(lease)
-        .await
-        .map_err(|e| format!("keeping hosts/{} alive: {e}", fleet.name))?;
+    let (lease, mut registered, mut keeper) = join(daemon, fleet, &keys, &mut client).await?;
     let mut judge = apply::Judge {
         daemon,
         fleet,
@@ -171,21 +191,30 @@ async fn session<F: Firewall>(
         client: &mut client,
         memory,
     };
-    let revision = judge.reread().await?;
-    let mut requests = watch(judge.client, &keys.requests(), revision).await?;
-    let mut approvals = watch(judge.client, &keys.approvals(), revision).await?;
-    tracing::info!(revision, "fleet: registered as {} and watching requests", fleet.name);
+    let resume = match judge.memory.resume {
+        Some(r) => r,
+        None => {
+            let revision = judge.reread().await?;
+            let r = Resume {
+                requests: revision,
+                approvals: revision,
+            };
+            judge.memory.resume = Some(r);
+            r
+        }
+    };
+    let mut requests = watch(judge.client, &keys.requests(), resume.requests).await?;
+    let mut approvals = watch(judge.client, &keys.approvals(), resume.approvals).await?;
+    tracing::info!(
+        revision = resume.requests,
+        "fleet: registered as {} and watching requests",
+        fleet.name
+    );
     let mut tick = tokio::time::interval(KEEP_ALIVE);
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                keeper.keep_alive().await.map_err(|e| format!("renewing the host lease: {e}"))?;
-                match tokio::time::timeout(KEEP_ALIVE, kept.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {}
-                    Ok(Err(e)) => return Err(format!("renewing the host lease: {e}")),
-                    Ok(_) => return Err("the host lease is gone".into()),
-                    Err(_) => return Err("etcd did not answer the lease renewal in time".into()),
-                }
+                keeper.renew().await?;
                 if !daemon.config().fleet.is_some_and(|now| now.same_membership(fleet)) {
                     let _ = judge.client.lease_revoke(lease).await;
                     return Ok(Ended::Changed);
@@ -194,23 +223,16 @@ async fn session<F: Firewall>(
                 judge.upkeep().await;
             }
             message = requests.message() => {
-                for event in events(message)? {
-                    let Some(kv) = event.kv() else { continue };
-                    match event.event_type() {
-                        EventType::Put => judge.judge_one(kv).await,
-                        EventType::Delete => {
-                            if let Some(id) = keys.request_id(kv.key_str().unwrap_or("")) {
-                                judge.withdraw(id, "the request was deleted or its lease ended").await;
-                            }
-                        }
-                    }
+                for event in events(message, &mut judge.memory.resume)? {
+                    on_request(&mut judge, &event).await;
                 }
             }
             message = approvals.message() => {
-                for event in events(message)? {
+                for event in events(message, &mut judge.memory.resume)? {
                     if let (EventType::Put, Some(kv)) = (event.event_type(), event.kv()) {
                         judge.approve_one(kv).await;
                     }
+                    note_seen(&mut judge.memory.resume, event.kv(), |r| &mut r.approvals);
                 }
             }
             _ = stopped(stop) => {
@@ -220,6 +242,70 @@ async fn session<F: Firewall>(
             }
         }
     }
+}
+
+/// One event under `requests/`: a put is judged, a deletion withdraws.
+async fn on_request<F: Firewall>(judge: &mut apply::Judge<'_, F>, event: &etcd_client::Event) {
+    let Some(kv) = event.kv() else { return };
+    match event.event_type() {
+        EventType::Put => judge.judge_one(kv).await,
+        EventType::Delete => {
+            if let Some(id) = judge.keys.request_id(kv.key_str().unwrap_or("")) {
+                judge.withdraw(id, "the request was deleted or its lease ended").await;
+            }
+        }
+    }
+    note_seen(&mut judge.memory.resume, Some(kv), |r| &mut r.requests);
+}
+
+/// Moves a watch's resume point past `kv`'s revision.
+fn note_seen(resume: &mut Option<Resume>, kv: Option<&KeyValue>, which: fn(&mut Resume) -> &mut i64) {
+    if let (Some(r), Some(kv)) = (resume.as_mut(), kv) {
+        let seen = which(r);
+        *seen = (*seen).max(kv.mod_revision());
+    }
+}
+
+/// This host's registration lease, renewed while the session lasts.
+struct Keeper {
+    keeper: LeaseKeeper,
+    kept: LeaseKeepAliveStream,
+}
+
+impl Keeper {
+    /// Renews the lease; an error when etcd does not answer in time or the lease is gone.
+    async fn renew(&mut self) -> Result<(), String> {
+        self.keeper
+            .keep_alive()
+            .await
+            .map_err(|e| format!("renewing the host lease: {e}"))?;
+        match tokio::time::timeout(KEEP_ALIVE, self.kept.message()).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => Ok(()),
+            Ok(Err(e)) => Err(format!("renewing the host lease: {e}")),
+            Ok(_) => Err("the host lease is gone".into()),
+            Err(_) => Err("etcd did not answer the lease renewal in time".into()),
+        }
+    }
+}
+
+/// Grants the host lease, registers under it and starts renewing it.
+async fn join<F: Firewall>(
+    daemon: &Daemon<F>,
+    fleet: &Fleet,
+    keys: &Keys,
+    client: &mut Client,
+) -> Result<(i64, HostRecord, Keeper), String> {
+    let lease = client
+        .lease_grant(HOST_TTL, None)
+        .await
+        .map_err(|e| format!("granting the host lease: {e}"))?
+        .id();
+    let registered = register(daemon, fleet, keys, client, lease, None).await?;
+    let (keeper, kept) = client
+        .lease_keep_alive(lease)
+        .await
+        .map_err(|e| format!("keeping hosts/{} alive: {e}", fleet.name))?;
+    Ok((lease, registered, Keeper { keeper, kept }))
 }
 
 /// Completes once the daemon is stopping (holding no borrow of the flag).
@@ -270,20 +356,26 @@ async fn register<F: Firewall>(
 async fn watch(client: &mut Client, prefix: &str, revision: i64) -> Result<WatchStream, String> {
     let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
     client
+        .watch_client()
+        .max_decoding_message_size(MAX_MESSAGE)
         .watch(prefix, Some(options))
         .await
         .map_err(|e| format!("watching {prefix}: {e}"))
 }
 
-/// The events of one watch message; an error when the watch failed, ended or was
-/// cancelled (compacted: the next session re-reads everything).
-fn events(message: Result<Option<WatchResponse>, etcd_client::Error>) -> Result<Vec<etcd_client::Event>, String> {
+/// The events of one watch message; an error when the watch failed or ended, and when
+/// etcd cancelled it for a compacted history (then the next session reads everything).
+fn events(
+    message: Result<Option<WatchResponse>, etcd_client::Error>,
+    resume: &mut Option<Resume>,
+) -> Result<Vec<etcd_client::Event>, String> {
     let response = message
         .map_err(|e| format!("the watch failed: {e}"))?
         .ok_or("the watch ended")?;
     if response.canceled() {
+        *resume = None;
         return Err(format!(
-            "the watch was cancelled (compacted to {}: {}); re-reading everything",
+            "the watch was cancelled (compacted to {}: {}); reading everything again",
             response.compact_revision(),
             response.cancel_reason()
         ));
@@ -291,10 +383,51 @@ fn events(message: Result<Option<WatchResponse>, etcd_client::Error>) -> Result<
     Ok(response.events().to_vec())
 }
 
-/// Reads every key under `prefix` (one range read; the revision it was read at).
-async fn read_all(client: &mut Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
-    client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("reading {prefix}: {e}"))
+/// Reads every key under `prefix` at one revision, a few keys per call (so that no
+/// value an etcd writer chose makes a response too large to decode); returns the
+/// revision and the keys.
+async fn read_all(client: &mut Client, prefix: &str) -> Result<(i64, Vec<KeyValue>), String> {
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut all = Vec::new();
+    loop {
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE)
+            .with_revision(revision);
+        let page = kv
+            .get(from.clone(), Some(options))
+            .await
+            .map_err(|e| format!("reading {prefix}: {e}"))?;
+        if revision == 0 {
+            revision = page.header().map_or(0, |h| h.revision());
+        }
+        all.extend(page.kvs().iter().cloned());
+        match page.kvs().last() {
+            Some(last) if page.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((revision, all)),
+        }
+    }
+}
+
+/// The end of the key range under `prefix` (its last byte plus one).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_range_under_a_prefix_ends_just_past_it() {
+        assert_eq!(super::prefix_end("/jitd/requests/"), b"/jitd/requests0".to_vec());
+    }
 }

@@ -124,6 +124,7 @@ fn a_grant_stays_while_this_host_is_still_named_and_ends_when_it_left_the_group(
     let origin = FleetOrigin {
         request: ID.into(),
         hosts: vec!["group:web".into(), "db9".into()],
+        revision: 12,
     };
     assert_eq!(still_selected(Some(&fleet("web7", &["prod", "web"])), &origin), Ok(()));
     assert_eq!(still_selected(Some(&fleet("DB9", &[])), &origin), Ok(()));
