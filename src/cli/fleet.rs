@@ -257,6 +257,7 @@ async fn request(
         .map_err(|e| format!("granting a lease: {e}"))?
         .id();
     let id = request.id();
+    let mut answering = Answering::watch(etcd, client, &id).await?;
     client
         .put(
             etcd.keys.request(&id),
@@ -265,13 +266,59 @@ async fn request(
         )
         .await
         .map_err(|e| format!("writing the request: {e}"))?;
-    let deadline = Instant::now() + wait;
-    loop {
-        let answers = answers(etcd, client, &id).await?;
-        if selected.iter().all(|h| answers.contains_key(h)) || Instant::now() >= deadline {
-            return Ok(collect(id, &selected, answers));
+    let all_answered = |a: &BTreeMap<String, StatusRecord>| selected.iter().all(|h| a.contains_key(h));
+    let answers = answering.until(etcd, client, &id, wait, all_answered).await?;
+    Ok(collect(id, &selected, answers))
+}
+
+/// The answers to one request as they arrive: a watch on `status/<id>/` opened before
+/// the request (or an approval) is written, so that no answer is missed.
+struct Answering {
+    stream: etcd_client::WatchStream,
+    prefix: String,
+}
+
+impl Answering {
+    async fn watch(etcd: &Etcd, client: &mut Client, id: &str) -> Result<Answering, String> {
+        let prefix = etcd.keys.status_of(id);
+        let options = etcd_client::WatchOptions::new().with_prefix();
+        let stream = client
+            .watch(prefix.as_str(), Some(options))
+            .await
+            .map_err(|e| format!("watching {prefix}: {e}"))?;
+        Ok(Answering { stream, prefix })
+    }
+
+    /// The answers once `done` holds for them, or when `wait` is over.
+    async fn until(
+        &mut self,
+        etcd: &Etcd,
+        client: &mut Client,
+        id: &str,
+        wait: Duration,
+        done: impl Fn(&BTreeMap<String, StatusRecord>) -> bool,
+    ) -> Result<BTreeMap<String, StatusRecord>, String> {
+        let deadline = Instant::now() + wait;
+        let mut answers = answers(etcd, client, id).await?;
+        while !done(&answers) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let response = match tokio::time::timeout(left, self.stream.message()).await {
+                Err(_) | Ok(Ok(None)) => break,
+                Ok(Err(e)) => return Err(format!("watching the answers: {e}")),
+                Ok(Ok(Some(response))) => response,
+            };
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                let Some(host) = kv.key_str().ok().and_then(|k| k.strip_prefix(self.prefix.as_str())) else {
+                    continue;
+                };
+                match (event.event_type(), serde_json::from_slice::<StatusRecord>(kv.value())) {
+                    (etcd_client::EventType::Put, Ok(record)) => answers.insert(host.to_string(), record),
+                    _ => answers.remove(host),
+                };
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(answers)
     }
 }
 
@@ -322,6 +369,7 @@ async fn approve(
     let text = approval.encode();
     let armoured = sign_text(&text, key, crate::fleet::approval::NAMESPACE)?;
     let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+    let mut answering = Answering::watch(etcd, client, id).await?;
     client
         .put(
             etcd.keys.approval(id, &approval.id()),
@@ -330,16 +378,14 @@ async fn approve(
         )
         .await
         .map_err(|e| format!("writing the approval: {e}"))?;
-    let deadline = Instant::now() + wait;
-    loop {
-        let mut answers = answers(etcd, client, id).await?;
-        answers.retain(|host, _| waiting.contains(host));
-        let decided = answers.values().all(|s| s.outcome != Outcome::Pending);
-        if decided || Instant::now() >= deadline {
-            return Ok(collect(id.to_string(), &waiting, answers));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let decided = |a: &BTreeMap<String, StatusRecord>| {
+        waiting
+            .iter()
+            .all(|h| a.get(h).is_some_and(|s| s.outcome != Outcome::Pending))
+    };
+    let mut answers = answering.until(etcd, client, id, wait, decided).await?;
+    answers.retain(|host, _| waiting.contains(host));
+    Ok(collect(id.to_string(), &waiting, answers))
 }
 
 /// The live request `id` and its lease.
