@@ -347,7 +347,7 @@ async fn approve(
     key: Option<&Path>,
     wait: Duration,
 ) -> Result<Answers, String> {
-    let (request, lease) = live_request(etcd, client, id).await?;
+    let (request, lease, requester) = live_request(etcd, client, id).await?;
     let waiting: Vec<String> = answers(etcd, client, id)
         .await?
         .into_iter()
@@ -361,6 +361,7 @@ async fn approve(
     }
     let approval = FleetApproval {
         request: id.to_string(),
+        requester,
         ports: request.ports,
         source: request.source,
         time: DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now),
@@ -388,17 +389,19 @@ async fn approve(
     Ok(collect(id.to_string(), &waiting, answers))
 }
 
-/// The live request `id` and its lease.
-async fn live_request(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(FleetRequest, i64), String> {
+/// The live request `id`, its lease and the fingerprint of the key that signed it.
+async fn live_request(etcd: &Etcd, client: &mut Client, id: &str) -> Result<(FleetRequest, i64, String), String> {
     let key = request_key(etcd, id)?;
     let got = client
         .get(key.as_str(), None)
         .await
         .map_err(|e| format!("reading {key}: {e}"))?;
     let kv = got.kvs().first().ok_or_else(|| format!("no live request {id}"))?;
-    let (text, _) = crate::fleet::request::split(kv.value()).map_err(|e| format!("request {id}: {e}"))?;
+    let (text, blob) = crate::fleet::request::split(kv.value()).map_err(|e| format!("request {id}: {e}"))?;
     let request = FleetRequest::parse(text).map_err(|e| format!("request {id}: {e}"))?;
-    Ok((request, kv.lease()))
+    let blob = blob.ok_or_else(|| format!("request {id} is not signed: no host opens it"))?;
+    let requester = crate::remote::sshsig::signer_fingerprint(&blob).map_err(|e| format!("request {id}: {e}"))?;
+    Ok((request, kv.lease(), requester))
 }
 
 /// The key of request `id`, refusing anything but an id.

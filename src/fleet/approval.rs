@@ -1,8 +1,8 @@
 //! A signed approval of a fleet request that waits for an approver (a port with
 //! `approvals = 1`): the two-person rule across the fleet. An approver signs, with
-//! their own SSH key in the `fleet-approve@jitd` namespace, which request they approve
-//! and what it opens (ports and source, so that an approval never covers another
-//! request text under the same id); it is stored beside the request under
+//! their own SSH key in the `fleet-approve@jitd` namespace, which request they approve,
+//! whose key signed it and what it opens (ports and source), so that an approval never
+//! covers another request written under the same id; it is stored beside the request under
 //! `approvals/<id>/<nonce>`, on the request's lease. Each host that holds the request
 //! pending checks the signature against its own `allowed_signers`, the approver's role
 //! and that approver and requester are two people, as for `jitctl approve`.
@@ -23,6 +23,8 @@ pub const NAMESPACE: &str = "fleet-approve@jitd";
 pub struct FleetApproval {
     /// The id of the request it approves.
     pub request: String,
+    /// The SHA-256 fingerprint of the key that signed that request (`SHA256:...`).
+    pub requester: String,
     /// The request's ports, ascending.
     pub ports: Vec<u16>,
     /// The request's source.
@@ -39,6 +41,7 @@ impl FleetApproval {
         let mut out = String::new();
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(out, "approve {}", self.request);
+        let _ = writeln!(out, "requester {}", self.requester);
         let _ = writeln!(out, "ports {}", ports.join(","));
         let _ = writeln!(out, "source {}", format_prefix(&self.source));
         let _ = writeln!(out, "time {}", self.time.to_rfc3339_opts(SecondsFormat::Secs, true));
@@ -51,8 +54,10 @@ impl FleetApproval {
         let mut lines = Lines::new(text)?;
         let request = lines.take("approve")?;
         knock::nonce(request).map_err(|e| format!("approve: {e}"))?;
+        let requester = fingerprint(lines.take("requester")?)?;
         let approval = FleetApproval {
             request: request.to_string(),
+            requester,
             ports: knock::ports(lines.take("ports")?)?,
             source: knock::source(lines.take("source")?)?,
             time: knock::time(lines.take("time")?, "time")?,
@@ -71,6 +76,16 @@ impl FleetApproval {
     }
 }
 
+/// A key fingerprint as `ssh-keygen -l` prints it: `SHA256:` and unpadded base64.
+fn fingerprint(v: &str) -> Result<String, String> {
+    let digits = v.strip_prefix("SHA256:").unwrap_or("");
+    let base64 = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+    if digits.len() != 43 || !digits.bytes().all(base64) {
+        return Err(format!("requester: {v:?} is not a SHA256: key fingerprint"));
+    }
+    Ok(v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +93,7 @@ mod tests {
     fn sample() -> FleetApproval {
         FleetApproval {
             request: "5f".repeat(16),
+            requester: "SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI".into(),
             ports: vec![22, 3389],
             source: crate::domain::parse_prefix("198.51.100.0/24").unwrap(),
             time: "2026-11-26T13:06:00Z".parse().unwrap(),
@@ -89,10 +105,11 @@ mod tests {
     fn it_round_trips_and_names_what_it_approves() {
         let a = sample();
         let text = a.encode();
-        assert!(text.starts_with(&format!(
-            "approve {}\nports 22,3389\nsource 198.51.100.0/24\n",
+        let head = format!(
+            "approve {}\nrequester SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI\nports 22,3389\nsource 198.51.100.0/24\n",
             "5f".repeat(16)
-        )));
+        );
+        assert!(text.starts_with(&head), "{text}");
         assert_eq!(FleetApproval::parse(&text).unwrap(), a);
         assert_eq!(a.id(), "a1".repeat(16));
     }
@@ -105,6 +122,11 @@ mod tests {
             (text.replace("approve 5f", "approve 5F"), "approve"),
             (text.replace("ports 22,3389", "ports 3389,22"), "ports"),
             (text.replace("source 198.51.100.0/24\n", ""), "source"),
+            (text.replace("requester SHA256:", "requester MD5:"), "requester"),
+            (
+                text.replace("requester SHA256:3zOk", "requester SHA256:3z Ok"),
+                "requester",
+            ),
             (text.replace("13:06:00Z", "13:06:00+00:00"), "canonical"),
             (format!("{text}x 1\n"), "unexpected"),
             (request, "approve"),

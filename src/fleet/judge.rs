@@ -132,9 +132,24 @@ pub fn verify_approval(screened: ScreenedApproval, now: DateTime<Utc>) -> Result
     Ok((screened.approval, by))
 }
 
-/// Whether `approval` covers a request waiting here for `ports` from `source`: an
-/// approval names what it opens, so that it never covers another text under its id.
-pub fn approval_covers(approval: &FleetApproval, ports: &[u16], source: &ipnet::IpNet) -> Result<(), Refused> {
+/// Whether `approval` covers a request waiting here, signed by the key `requester`, for
+/// `ports` from `source`: an approval names whose request it approves and what that
+/// opens, so that it never covers another text written under its id.
+pub fn approval_covers(
+    approval: &FleetApproval,
+    requester: &str,
+    ports: &[u16],
+    source: &ipnet::IpNet,
+) -> Result<(), Refused> {
+    if approval.requester != requester {
+        return Err(Refused::new(
+            "approval_mismatch",
+            format!(
+                "the approval is for a request signed by {}, the request waiting here was signed by {requester}",
+                approval.requester
+            ),
+        ));
+    }
     let mut waiting = ports.to_vec();
     waiting.sort_unstable();
     if approval.ports != waiting || approval.source != *source {

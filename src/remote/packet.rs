@@ -255,9 +255,10 @@ pub fn screen_signature(
     };
     let signature = signature(envelope.signature)?;
     let presented = sshsig::presented(envelope.public_key).map_err(Refusal::Malformed)?;
-    let (fingerprint, signing) = match presented {
-        Presented::Key(key) => (sshsig::fingerprint(key), key_signer(key, signers, namespace, now)),
-        Presented::Certificate(layout) => (layout.key_fingerprint(), cert_signer(&layout, signers, namespace, now)),
+    let fingerprint = presented.fingerprint();
+    let signing = match presented {
+        Presented::Key(key) => key_signer(key, signers, namespace, now),
+        Presented::Certificate(layout) => cert_signer(&layout, signers, namespace, now),
     };
     let signing = signing.ok_or_else(|| Refusal::UnknownKey(fingerprint.clone()))?;
     let signing = match signing {

@@ -86,6 +86,23 @@ pub enum Presented<'a> {
     Certificate(CertLayout<'a>),
 }
 
+impl Presented<'_> {
+    /// The signing key's SHA-256 fingerprint (a certificate's: of its key).
+    pub fn fingerprint(&self) -> String {
+        match self {
+            Presented::Key(key) => fingerprint(key),
+            Presented::Certificate(layout) => layout.key_fingerprint(),
+        }
+    }
+}
+
+/// The fingerprint of the key that made an SSHSIG blob (its structure checked, not the
+/// signature).
+pub fn signer_fingerprint(blob: &[u8]) -> Result<String, WireError> {
+    let envelope = envelope(blob)?;
+    Ok(presented(envelope.public_key)?.fingerprint())
+}
+
 /// Where a certificate's parts are, every length proven (PROTOCOL.certkeys).
 #[derive(Debug, Clone, Copy)]
 pub struct CertLayout<'a> {

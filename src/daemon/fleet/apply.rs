@@ -256,9 +256,9 @@ impl<F: Firewall> Judge<'_, F> {
                 Some(e) => tracing::debug!(request = %id, grant, "fleet request withdrawn: {}", e.message),
             }
         }
-        for (pending, _, _) in &here.pending {
-            let reason = format!("fleet request {id} withdrawn: {why}");
-            let decision = Decision::deny(*pending, reason, None);
+        for waiting in &here.pending {
+            let (pending, reason) = (waiting.id, format!("fleet request {id} withdrawn: {why}"));
+            let decision = Decision::deny(pending, reason, None);
             if let Some(e) = self.daemon.decide(fleet_caller(), decision).await.error {
                 tracing::debug!(request = %id, pending, "fleet request withdrawn: {}", e.message);
             }

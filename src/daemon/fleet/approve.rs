@@ -51,18 +51,14 @@ impl<F: Firewall> Judge<'_, F> {
             fleet: here.origin.clone(),
             ..signer(by)
         };
-        for (pending, ports, source) in &here.pending {
-            if let Err(r) = judge::approval_covers(&approval, ports, source) {
+        for waiting in &here.pending {
+            let covered = judge::approval_covers(&approval, &waiting.requester, &waiting.ports, &waiting.source);
+            if let Err(r) = covered {
                 self.refuse(key, Some(id), Some(approver.clone()), r).await;
                 continue;
             }
-            let caller = Caller::signed(approver.clone());
-            match self
-                .daemon
-                .decide(caller, Decision::approve(*pending, None))
-                .await
-                .error
-            {
+            let (caller, pending) = (Caller::signed(approver.clone()), waiting.id);
+            match self.daemon.decide(caller, Decision::approve(pending, None)).await.error {
                 None => {
                     tracing::info!(request = %id, pending, "fleet request approved by {}", approver.principals.join(","))
                 }

@@ -16,12 +16,25 @@ use crate::firewall::Firewall;
 pub(super) struct Here {
     /// Its grants, with their ends.
     pub grants: Vec<(GrantId, DateTime<Utc>)>,
-    /// Its requests waiting for an approver: id, ports, source.
-    pub pending: Vec<(GrantId, Vec<u16>, IpNet)>,
+    /// Its requests waiting for an approver.
+    pub pending: Vec<Waiting>,
     /// The etcd revision that created its key as judged here (0: none known).
     pub revision: i64,
     /// The request as judged here.
     pub origin: Option<FleetOrigin>,
+}
+
+/// A request of a fleet request waiting here for an approver.
+#[derive(Debug)]
+pub(super) struct Waiting {
+    /// Its id in the pending book.
+    pub id: GrantId,
+    /// The fingerprint of the key that signed the fleet request.
+    pub requester: String,
+    /// Its ports.
+    pub ports: Vec<u16>,
+    /// Its source.
+    pub source: IpNet,
 }
 
 impl Here {
@@ -52,10 +65,17 @@ impl<F: Firewall> Daemon<F> {
             }
         }
         for (r, _) in st.pending.iter() {
-            let origin = r.requester.signer.as_ref().and_then(|s| s.fleet.as_ref());
-            if let Some(o) = origin.filter(|o| o.request == id) {
+            let Some(signer) = r.requester.signer.as_ref() else {
+                continue;
+            };
+            if let Some(o) = signer.fleet.as_ref().filter(|o| o.request == id) {
                 note(o);
-                here.pending.push((r.id, r.ports.clone(), r.source));
+                here.pending.push(Waiting {
+                    id: r.id,
+                    requester: signer.fingerprint.clone(),
+                    ports: r.ports.clone(),
+                    source: r.source,
+                });
             }
         }
         here

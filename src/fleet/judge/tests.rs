@@ -148,21 +148,33 @@ fn approval_judged(value: &str, keys: (&str, &str)) -> Result<(FleetApproval, Si
 
 #[test]
 fn alices_approval_passes_and_covers_only_what_it_names() {
-    let stored = FleetRequest::stored(APPROVAL, fixture!("alice-approval.sig"));
-    let (approval, by) = approval_judged(&stored, (ID, APPROVAL_ID)).unwrap();
+    let signed = FleetRequest::stored(APPROVAL, fixture!("alice-approval.sig"));
+    let (approval, by) = approval_judged(&signed, (ID, APPROVAL_ID)).unwrap();
     assert_eq!(
         (approval.request.as_str(), by.principals.as_slice()),
         (ID, ["alice".to_string()].as_slice())
     );
     let source = crate::domain::parse_prefix("198.51.100.7").unwrap();
-    assert_eq!(approval_covers(&approval, &[22], &source), Ok(()));
+    // the request's signer, as the host recorded it when it judged the request
+    let request = stored(fixture!("alice.sig"));
+    let blob = crate::fleet::request::split(&request).unwrap().1.unwrap();
+    let alice = crate::remote::sshsig::signer_fingerprint(&blob).unwrap();
+    assert_eq!(approval.requester, alice);
+    assert_eq!(approval_covers(&approval, &alice, &[22], &source), Ok(()));
     let other = crate::domain::parse_prefix("198.51.100.8").unwrap();
+    let mismatch = |r: Result<(), Refused>| r.unwrap_err().code;
     assert_eq!(
-        approval_covers(&approval, &[22], &other).unwrap_err().code,
+        mismatch(approval_covers(&approval, &alice, &[22], &other)),
         "approval_mismatch"
     );
     assert_eq!(
-        approval_covers(&approval, &[22, 3389], &source).unwrap_err().code,
+        mismatch(approval_covers(&approval, &alice, &[22, 3389], &source)),
+        "approval_mismatch"
+    );
+    // the same id, ports and source, but another signer's request
+    let bob = "SHA256:ILpTOb8KCaVWW5/hHsIGXfh4F9DA5zSvGDFAxmiuj8+";
+    assert_eq!(
+        mismatch(approval_covers(&approval, bob, &[22], &source)),
         "approval_mismatch"
     );
 }
