@@ -292,6 +292,45 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_request_passes_only_while_the_fleet_settings_in_force_select_this_host() {
+        let mut c = config();
+        c.access.requesters.push(Principal::Ssh("alice".into()));
+        let alice = |hosts: &[&str]| {
+            Caller::signed(crate::domain::SignedBy {
+                principals: vec!["alice".into()],
+                fingerprint: "SHA256:x".into(),
+                peer: None,
+                nonce: None,
+                certificate: None,
+                fleet: Some(crate::domain::FleetOrigin {
+                    request: "ab".repeat(16),
+                    hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                    revision: 3,
+                }),
+            })
+        };
+        let ask = request(&[22], "203.0.113.7", 600);
+        // [fleet] off: no fleet request passes, however signed
+        let off = check_request(&c, &alice(&["group:web"]), &ask).unwrap_err();
+        assert_eq!(off.code, ErrorCode::NotSelected);
+        c.fleet = Some(crate::fleet::settings::Fleet {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            tls: None,
+            name: "web1".into(),
+            groups: vec!["web".into()],
+            prefix: "/jitd/".into(),
+            allowed_signers: "/dev/null".into(),
+            signers: std::sync::Arc::new(Vec::new()),
+            signers_digest: [0; 32],
+        });
+        assert!(check_request(&c, &alice(&["group:web"]), &ask).is_ok());
+        assert!(check_request(&c, &alice(&["WEB1"]), &ask).is_ok());
+        let left = check_request(&c, &alice(&["group:db", "web2"]), &ask).unwrap_err();
+        assert_eq!(left.code, ErrorCode::NotSelected);
+        assert!(left.message.contains("no longer among"), "{}", left.message);
+    }
+
+    #[test]
     fn checks_run_in_order_and_name_the_first_failure() {
         let c = config();
         let ops = caller(1001, "bob", &["ops"]);
