@@ -29,7 +29,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
@@ -321,10 +320,17 @@ async fn drain(listener: UnixListener, mut connections: JoinSet<()>, stopping_tx
     {
         let _ = std::fs::remove_file(path);
     }
-    while let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-        connections.spawn(refuse(stream, shutting_down()));
+    // accepted with the system call itself until the backlog is empty: tokio's own
+    // accept is tried only once the reactor has seen the socket readable, and would
+    // leave (and so reset) a connection queued just before
+    if let Ok(listener) = listener.into_std() {
+        while let Ok((stream, _)) = listener.accept() {
+            match stream.set_nonblocking(true).and_then(|()| UnixStream::from_std(stream)) {
+                Ok(stream) => drop(connections.spawn(refuse(stream, shutting_down()))),
+                Err(e) => tracing::debug!("a connection queued at the stop could not be answered: {e}"),
+            }
+        }
     }
-    drop(listener);
     let _ = stopping_tx.send(true);
     if tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}

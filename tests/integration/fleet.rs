@@ -207,6 +207,52 @@ allowed_signers = "{}"
     }
 }
 
+/// A host's life, and requests every host approves.
+impl Fleet {
+    /// Kills host `n`'s jitd with SIGKILL (or stops it with SIGTERM), leaving the
+    /// kernel's table as it is.
+    pub fn down(&mut self, n: usize, kill: bool) {
+        let jitd = self.jitds.remove(n - 1);
+        if kill {
+            jitd.kill();
+        } else {
+            assert!(jitd.stop(Duration::from_secs(20)).success());
+        }
+    }
+
+    /// Starts host `n`'s jitd again and waits until it watches etcd.
+    pub fn up(&mut self, n: usize) {
+        let jitd = self.setups[n - 1].start(&self.net.hosts[n - 1]);
+        let watching = wait_for(Duration::from_secs(20), || {
+            jitd.log_text().contains("watching requests")
+        });
+        assert!(watching, "h{n} did not rejoin: {}", jitd.log_text());
+        self.jitds.insert(n - 1, jitd);
+    }
+
+    /// Host `n`'s audit records of approved requests for fleet request `id`.
+    pub fn approvals_of(&self, n: usize, id: &str) -> usize {
+        self.setups[n - 1]
+            .audit()
+            .iter()
+            .filter(|r| r["action"] == "request" && r["outcome"] == "approved" && r["fleet_request"] == id)
+            .count()
+    }
+
+    /// Host `n`'s answer to request `id`, as `jitctl fleet status` shows it.
+    pub fn answer(&self, id: &str, n: usize) -> Value {
+        self.status()["requests"][id]["answers"][format!("h{n}")].clone()
+    }
+
+    /// `jitctl fleet request` for `hosts` (alice, 10 minutes) that every selected host
+    /// approved; its id.
+    pub fn approved(&self, hosts: &str) -> String {
+        let (out, v) = self.request(hosts, &self.alice, "10m");
+        assert!(out.status.success(), "{}\n{}", text(&out), self.logs());
+        v["id"].as_str().unwrap().to_string()
+    }
+}
+
 pub fn outcomes(v: &Value) -> Vec<(String, String)> {
     let mut all: Vec<(String, String)> = v["hosts"]
         .as_array()

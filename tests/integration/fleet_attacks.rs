@@ -8,16 +8,10 @@ use std::time::Duration;
 use crate::fleet::*;
 use crate::util::*;
 
-fn approved(fleet: &Fleet, hosts: &str) -> String {
-    let (out, v) = fleet.request(hosts, &fleet.alice, "10m");
-    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
-    v["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_revoke_undone_by_writing_the_kept_request_again_does_not_reopen_or_keep_anything() {
     let mut fleet = Fleet::new();
-    let id = approved(&fleet, "h1,h2");
+    let id = fleet.approved("h1,h2");
     assert!(
         fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
         "{}",
@@ -26,8 +20,7 @@ fn a_revoke_undone_by_writing_the_kept_request_again_does_not_reopen_or_keep_any
     let key = format!("/jitd/requests/{id}");
     let kept = fleet.etcd.get_raw(&key).expect("the request is in etcd");
     // h1 is down while its owner revokes; the attacker writes the same signed value again
-    let h1 = fleet.jitds.remove(0);
-    assert!(h1.stop(Duration::from_secs(20)).success());
+    fleet.down(1, false);
     let out = fleet.ctl(&["revoke", &id]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(fleet.closes_within(2, 10), "h2 still open after the revoke");
@@ -36,8 +29,7 @@ fn a_revoke_undone_by_writing_the_kept_request_again_does_not_reopen_or_keep_any
     std::thread::sleep(Duration::from_secs(2));
     assert!(!fleet.open(2), "h2 reopened for a request written again");
     // h1 starts, reads everything, and closes the grant of the first key
-    let h1 = fleet.setups[0].start(&fleet.net.hosts[0]);
-    fleet.jitds.insert(0, h1);
+    fleet.up(1);
     assert!(
         fleet.closes_within(1, 15),
         "h1 kept the grant of a revoked request: {}",
@@ -56,7 +48,7 @@ fn values_too_large_to_read_at_once_do_not_cut_a_host_off_the_fleet() {
     for n in 0..5 {
         fleet.etcd.put_big(&format!("/jitd/requests/{n:032x}"), 1_000_000, 600);
     }
-    let id = approved(&fleet, "h1,h2");
+    let id = fleet.approved("h1,h2");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
     // h1 is cut off while the request is revoked and etcd compacts its history: on its
     // return it must read everything again, the 5 MB of junk included
@@ -75,15 +67,15 @@ fn values_too_large_to_read_at_once_do_not_cut_a_host_off_the_fleet() {
         fleet.logs()
     );
     // and it still takes new requests
-    approved(&fleet, "h1");
+    fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
 }
 
 #[test]
 fn two_requests_for_one_address_live_side_by_side_and_each_revoke_closes_only_its_own() {
     let fleet = Fleet::new();
-    let first = approved(&fleet, "h1");
-    let second = approved(&fleet, "h1");
+    let first = fleet.approved("h1");
+    let second = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
     let out = fleet.ctl(&["revoke", &second]);
     assert!(out.status.success(), "{}", text(&out));

@@ -11,54 +11,10 @@ use serde_json::Value;
 use crate::fleet::*;
 use crate::util::*;
 
-impl Fleet {
-    /// Kills host `n`'s jitd with SIGKILL (or stops it with SIGTERM), leaving the
-    /// kernel's table as it is.
-    fn down(&mut self, n: usize, kill: bool) {
-        let jitd = self.jitds.remove(n - 1);
-        if kill {
-            jitd.kill();
-        } else {
-            assert!(jitd.stop(Duration::from_secs(20)).success());
-        }
-    }
-
-    /// Starts host `n`'s jitd again and waits until it watches etcd.
-    fn up(&mut self, n: usize) {
-        let jitd = self.setups[n - 1].start(&self.net.hosts[n - 1]);
-        let watching = wait_for(Duration::from_secs(20), || {
-            jitd.log_text().contains("watching requests")
-        });
-        assert!(watching, "h{n} did not rejoin: {}", jitd.log_text());
-        self.jitds.insert(n - 1, jitd);
-    }
-
-    /// Host `n`'s audit records of approved requests for fleet request `id`.
-    fn approvals_of(&self, n: usize, id: &str) -> usize {
-        self.setups[n - 1]
-            .audit()
-            .iter()
-            .filter(|r| r["action"] == "request" && r["outcome"] == "approved" && r["fleet_request"] == id)
-            .count()
-    }
-
-    /// Host `n`'s answer to request `id`, as `jitctl fleet status` shows it.
-    fn answer(&self, id: &str, n: usize) -> Value {
-        self.status()["requests"][id]["answers"][format!("h{n}")].clone()
-    }
-}
-
-/// `jitctl fleet request` for `hosts` that every selected host approved; its id.
-fn approved(fleet: &Fleet, hosts: &str) -> String {
-    let (out, v) = fleet.request(hosts, &fleet.alice, "10m");
-    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
-    v["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_host_killed_and_restarted_keeps_its_grant_applies_nothing_twice_and_closes_on_revoke() {
     let mut fleet = Fleet::new();
-    let id = approved(&fleet, "h1,h2");
+    let id = fleet.approved("h1,h2");
     assert!(
         fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
         "{}",
@@ -90,7 +46,7 @@ fn a_host_killed_and_restarted_keeps_its_grant_applies_nothing_twice_and_closes_
 #[test]
 fn a_request_revoked_while_its_host_was_stopped_is_closed_when_it_starts() {
     let mut fleet = Fleet::new();
-    let id = approved(&fleet, "h1");
+    let id = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
     // a stop leaves the lockdown and the grant's element (the kernel times it out)
     fleet.down(1, false);
@@ -109,7 +65,7 @@ fn a_request_revoked_while_its_host_was_stopped_is_closed_when_it_starts() {
 #[test]
 fn a_host_leaving_a_group_closes_the_groups_grants_and_one_joining_opens_its_live_requests() {
     let fleet = Fleet::new();
-    let id = approved(&fleet, "group:web");
+    let id = fleet.approved("group:web");
     assert!(
         fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
         "{}",
@@ -150,7 +106,7 @@ fn a_host_leaving_a_group_closes_the_groups_grants_and_one_joining_opens_its_liv
 #[test]
 fn a_host_cut_off_across_a_compaction_converges_when_it_is_back() {
     let fleet = Fleet::new();
-    let before = approved(&fleet, "h1");
+    let before = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
     fleet.net.set_link(1, false);
     let dropped = wait_for(Duration::from_secs(20), || {

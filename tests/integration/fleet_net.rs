@@ -332,13 +332,8 @@ impl Etcd {
     /// etcd's Prometheus metrics (`/metrics` on the client URL, with the client
     /// certificate), as text.
     pub fn metrics(&self) -> String {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "5", "--cacert"])
-            .arg(&self.ca)
-            .arg("--cert")
-            .arg(&self.cert)
-            .arg("--key")
-            .arg(&self.key)
+        let out = self
+            .with_certificate()
             .arg(format!("{}/metrics", self.endpoint()))
             .output()
             .unwrap();
@@ -376,17 +371,23 @@ impl Etcd {
     }
 
     fn post(&self, path: &str, body: &str) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "5", "--cacert"])
-            .arg(&self.ca)
-            .arg("--cert")
-            .arg(&self.cert)
-            .arg("--key")
-            .arg(&self.key)
+        self.with_certificate()
             .args(["-X", "POST", "-d", body])
             .arg(format!("{}{path}", self.endpoint()))
             .output()
             .unwrap()
+    }
+
+    /// `curl` in the hub, trusting etcd's CA and presenting the client certificate.
+    fn with_certificate(&self) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "curl", "-s", "--max-time", "5", "--cacert"])
+            .arg(&self.ca)
+            .arg("--cert")
+            .arg(&self.cert)
+            .arg("--key")
+            .arg(&self.key);
+        cmd
     }
 }
 
