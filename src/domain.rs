@@ -209,6 +209,9 @@ pub struct FleetOrigin {
     /// has another, and what the first one opened is closed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub revision: i64,
+    /// SHA-256 of the request's text as judged here, in hex (what an approval must name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
 }
 
 fn is_zero(n: &i64) -> bool {

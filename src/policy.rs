@@ -306,6 +306,7 @@ mod tests {
                     request: "ab".repeat(16),
                     hosts: hosts.iter().map(|h| h.to_string()).collect(),
                     revision: 3,
+                    digest: String::new(),
                 }),
             })
         };

@@ -162,6 +162,9 @@ pub struct AuditRecord {
     /// A fleet request: the etcd revision that created its key as this host judged it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_revision: Option<i64>,
+    /// A fleet request: SHA-256 of its text as judged here (what an approval names).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_digest: Option<String>,
     /// A request that waited (or waits) for approval: its id, shared by every record
     /// of its life (pending, approve, deny, expire, and the grants it opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -195,6 +198,7 @@ impl AuditRecord {
             request,
             hosts: self.fleet_hosts.clone(),
             revision: self.fleet_revision.unwrap_or(0),
+            digest: self.fleet_digest.clone().unwrap_or_default(),
         })
     }
 
@@ -233,6 +237,7 @@ impl AuditRecord {
             fleet_request: None,
             fleet_hosts: Vec::new(),
             fleet_revision: None,
+            fleet_digest: None,
             request_id: None,
             until: None,
             times_out_at: None,

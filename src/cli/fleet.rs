@@ -13,12 +13,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, PutOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::jitctl::{FleetArgs, FleetCommand};
 use crate::cli::knock::sign;
 use crate::fleet::approval::FleetApproval;
+use crate::fleet::connect;
 use crate::fleet::records::{HostRecord, Keys, Outcome, StatusRecord};
 use crate::fleet::request::FleetRequest;
 use crate::fleet::settings::{valid_name, Tls, DEFAULT_PREFIX};
@@ -98,7 +99,7 @@ impl Answers {
 /// Runs `jitctl fleet`; `Ok(text or JSON, success)`; `Err`: a usage or connection error.
 pub async fn run(args: &FleetArgs, json: bool) -> Result<(String, bool), String> {
     let etcd = resolve(args)?;
-    let mut client = crate::fleet::connect::connect(&etcd.endpoints, etcd.tls.as_ref()).await?;
+    let mut client = connect::connect(&etcd.endpoints, etcd.tls.as_ref()).await?;
     match &args.command {
         FleetCommand::Request {
             hosts,
@@ -281,11 +282,7 @@ struct Answering {
 impl Answering {
     async fn watch(etcd: &Etcd, client: &mut Client, id: &str) -> Result<Answering, String> {
         let prefix = etcd.keys.status_of(id);
-        let options = etcd_client::WatchOptions::new().with_prefix();
-        let stream = client
-            .watch(prefix.as_str(), Some(options))
-            .await
-            .map_err(|e| format!("watching {prefix}: {e}"))?;
+        let stream = connect::watch(client, &prefix, 0).await?;
         Ok(Answering { stream, prefix })
     }
 
@@ -299,7 +296,9 @@ impl Answering {
         done: impl Fn(&BTreeMap<String, StatusRecord>) -> bool,
     ) -> Result<BTreeMap<String, StatusRecord>, String> {
         let deadline = Instant::now() + wait;
-        let mut answers = answers(etcd, client, id).await?;
+        // what was there when read; the watch's older events are already in it
+        let (read_at, found) = connect::read_all(client, &etcd.keys.status_of(id)).await?;
+        let mut answers = records(&self.prefix, &found);
         while !done(&answers) {
             let left = deadline.saturating_duration_since(Instant::now());
             let response = match tokio::time::timeout(left, self.stream.message()).await {
@@ -308,7 +307,9 @@ impl Answering {
                 Ok(Ok(Some(response))) => response,
             };
             for event in response.events() {
-                let Some(kv) = event.kv() else { continue };
+                let Some(kv) = event.kv().filter(|kv| kv.mod_revision() > read_at) else {
+                    continue;
+                };
                 let Some(host) = kv.key_str().ok().and_then(|k| k.strip_prefix(self.prefix.as_str())) else {
                     continue;
                 };
@@ -362,11 +363,18 @@ async fn approve(
     let approval = FleetApproval {
         request: id.to_string(),
         requester,
-        ports: request.ports,
+        digest: request.digest(),
+        ports: request.ports.clone(),
         source: request.source,
         time: DateTime::from_timestamp(Utc::now().timestamp(), 0).unwrap_or_else(Utc::now),
         nonce: sign::random16()?,
     };
+    // the approver sees what they approve before the key signs it
+    eprintln!(
+        "approving request {id}, signed by {}: {}",
+        approval.requester,
+        crate::text::escape_capped(&request.encode().replace('\n', "; "), 600)
+    );
     let text = approval.encode();
     let armoured = sign_text(&text, key, crate::fleet::approval::NAMESPACE)?;
     let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
@@ -444,23 +452,17 @@ async fn under<T: serde::de::DeserializeOwned>(
     client: &mut Client,
     prefix: &str,
 ) -> Result<BTreeMap<String, T>, String> {
-    Ok(read(client, prefix)
-        .await?
-        .kvs()
-        .iter()
+    Ok(records(prefix, &connect::read_all(client, prefix).await?.1))
+}
+
+/// The JSON values of `kvs` under `prefix`, by the rest of their key.
+fn records<T: serde::de::DeserializeOwned>(prefix: &str, kvs: &[etcd_client::KeyValue]) -> BTreeMap<String, T> {
+    kvs.iter()
         .filter_map(|kv| {
             let name = kv.key_str().ok()?.strip_prefix(prefix)?.to_string();
             Some((name, serde_json::from_slice(kv.value()).ok()?))
         })
-        .collect())
-}
-
-/// Every key under `prefix`.
-async fn read(client: &mut Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
-    client
-        .get(prefix, Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("reading {prefix}: {e}"))
+        .collect()
 }
 
 fn collect(id: String, selected: &[String], mut answers: BTreeMap<String, StatusRecord>) -> Answers {
@@ -612,17 +614,13 @@ fn columns(rows: &[Vec<String>]) -> String {
 }
 
 /// Seconds left on `lease` (`None`: no lease, or gone).
-async fn lease_left(client: &mut Client, lease: i64) -> Option<i64> {
-    if lease == 0 {
-        return None;
-    }
-    let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
-    (ttl >= 0).then_some(ttl)
+async fn secs_left(client: &mut Client, lease: i64) -> Result<Option<i64>, String> {
+    Ok(connect::lease_left(client, lease).await?.map(|d| d.as_secs() as i64))
 }
 
 async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> {
     let mut hosts = BTreeMap::new();
-    for kv in read(client, &etcd.keys.hosts()).await?.kvs() {
+    for kv in &connect::read_all(client, &etcd.keys.hosts()).await?.1 {
         let (Some(name), Ok(record)) = (
             kv.key_str()
                 .ok()
@@ -631,7 +629,7 @@ async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> 
         ) else {
             continue;
         };
-        let lease_left_secs = lease_left(client, kv.lease()).await;
+        let lease_left_secs = secs_left(client, kv.lease()).await?;
         hosts.insert(
             name.to_string(),
             LiveHost {
@@ -641,7 +639,7 @@ async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> 
         );
     }
     let mut requests = BTreeMap::new();
-    for kv in read(client, &etcd.keys.requests()).await?.kvs() {
+    for kv in &connect::read_all(client, &etcd.keys.requests()).await?.1 {
         let Some(id) = kv.key_str().ok().and_then(|k| etcd.keys.request_id(k)) else {
             continue;
         };
@@ -653,7 +651,7 @@ async fn status(etcd: &Etcd, client: &mut Client) -> Result<FleetState, String> 
             hosts: r.hosts,
             ports: r.ports,
             source: crate::domain::format_prefix(&r.source),
-            lease_left_secs: lease_left(client, kv.lease()).await,
+            lease_left_secs: secs_left(client, kv.lease()).await?,
             answers: answers(etcd, client, id).await?,
         };
         requests.insert(id.to_string(), live);

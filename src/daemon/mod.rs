@@ -313,6 +313,7 @@ fn stamp_fleet(r: &mut AuditRecord, fleet: Option<&crate::domain::FleetOrigin>) 
         r.fleet_request = Some(f.request.clone());
         r.fleet_hosts = f.hosts.clone();
         r.fleet_revision = Some(f.revision).filter(|r| *r != 0);
+        r.fleet_digest = Some(f.digest.clone()).filter(|d| !d.is_empty());
     }
 }
 

@@ -1,8 +1,9 @@
 //! A signed approval of a fleet request that waits for an approver (a port with
 //! `approvals = 1`): the two-person rule across the fleet. An approver signs, with
 //! their own SSH key in the `fleet-approve@jitd` namespace, which request they approve,
-//! whose key signed it and what it opens (ports and source), so that an approval never
-//! covers another request written under the same id; it is stored beside the request under
+//! whose key signed it, the SHA-256 of its text, and what it opens (ports and source),
+//! so that an approval never covers another request written under the same id (other
+//! hosts, a longer duration); it is stored beside the request under
 //! `approvals/<id>/<nonce>`, on the request's lease. Each host that holds the request
 //! pending checks the signature against its own `allowed_signers`, the approver's role
 //! and that approver and requester are two people, as for `jitctl approve`.
@@ -25,6 +26,8 @@ pub struct FleetApproval {
     pub request: String,
     /// The SHA-256 fingerprint of the key that signed that request (`SHA256:...`).
     pub requester: String,
+    /// SHA-256 of that request's canonical text, in hex ([`super::request::FleetRequest::digest`]).
+    pub digest: String,
     /// The request's ports, ascending.
     pub ports: Vec<u16>,
     /// The request's source.
@@ -42,6 +45,7 @@ impl FleetApproval {
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(out, "approve {}", self.request);
         let _ = writeln!(out, "requester {}", self.requester);
+        let _ = writeln!(out, "digest {}", self.digest);
         let _ = writeln!(out, "ports {}", ports.join(","));
         let _ = writeln!(out, "source {}", format_prefix(&self.source));
         let _ = writeln!(out, "time {}", self.time.to_rfc3339_opts(SecondsFormat::Secs, true));
@@ -55,9 +59,14 @@ impl FleetApproval {
         let request = lines.take("approve")?;
         knock::nonce(request).map_err(|e| format!("approve: {e}"))?;
         let requester = fingerprint(lines.take("requester")?)?;
+        let digest = lines.take("digest")?;
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!("digest: {digest:?} is not 64 lowercase hex digits"));
+        }
         let approval = FleetApproval {
             request: request.to_string(),
             requester,
+            digest: digest.to_string(),
             ports: knock::ports(lines.take("ports")?)?,
             source: knock::source(lines.take("source")?)?,
             time: knock::time(lines.take("time")?, "time")?,
@@ -94,6 +103,7 @@ mod tests {
         FleetApproval {
             request: "5f".repeat(16),
             requester: "SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI".into(),
+            digest: "d1".repeat(32),
             ports: vec![22, 3389],
             source: crate::domain::parse_prefix("198.51.100.0/24").unwrap(),
             time: "2026-11-26T13:06:00Z".parse().unwrap(),
@@ -106,8 +116,9 @@ mod tests {
         let a = sample();
         let text = a.encode();
         let head = format!(
-            "approve {}\nrequester SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI\nports 22,3389\nsource 198.51.100.0/24\n",
-            "5f".repeat(16)
+            "approve {}\nrequester SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI\ndigest {}\nports 22,3389\nsource 198.51.100.0/24\n",
+            "5f".repeat(16),
+            "d1".repeat(32)
         );
         assert!(text.starts_with(&head), "{text}");
         assert_eq!(FleetApproval::parse(&text).unwrap(), a);
@@ -123,6 +134,7 @@ mod tests {
             (text.replace("ports 22,3389", "ports 3389,22"), "ports"),
             (text.replace("source 198.51.100.0/24\n", ""), "source"),
             (text.replace("requester SHA256:", "requester MD5:"), "requester"),
+            (text.replace("digest d1", "digest D1"), "digest"),
             (
                 text.replace("requester SHA256:3zOk", "requester SHA256:3z Ok"),
                 "requester",

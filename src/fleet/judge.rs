@@ -132,15 +132,23 @@ pub fn verify_approval(screened: ScreenedApproval, now: DateTime<Utc>) -> Result
     Ok((screened.approval, by))
 }
 
-/// Whether `approval` covers a request waiting here, signed by the key `requester`, for
-/// `ports` from `source`: an approval names whose request it approves and what that
-/// opens, so that it never covers another text written under its id.
+/// Whether `approval` covers a request waiting here: signed by the key `requester`,
+/// whose text has SHA-256 `digest`, for `ports` from `source`. An approval names whose
+/// request it approves, its text and what it opens, so that it never covers another
+/// text written under its id (other hosts, a longer duration, another time).
 pub fn approval_covers(
     approval: &FleetApproval,
     requester: &str,
+    digest: &str,
     ports: &[u16],
     source: &ipnet::IpNet,
 ) -> Result<(), Refused> {
+    if approval.digest != digest {
+        return Err(Refused::new(
+            "approval_mismatch",
+            "the approval is for another text of this request (another request written under its id)",
+        ));
+    }
     if approval.requester != requester {
         return Err(Refused::new(
             "approval_mismatch",

@@ -91,6 +91,16 @@ impl FleetRequest {
         crate::remote::nonces::hex(&self.nonce)
     }
 
+    /// SHA-256 of its canonical text, in hex: what an approval signs, so that it covers
+    /// this text and no other written under the same id.
+    pub fn digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(self.encode().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     /// The latest time it may keep anything open: signing time plus duration.
     pub fn signed_end(&self) -> DateTime<Utc> {
         self.time + TimeDelta::seconds(self.duration as i64)

@@ -628,6 +628,7 @@ mod tests {
                 request: id.into(),
                 hosts: vec!["group:web".into()],
                 revision: 7,
+                digest: String::new(),
             }),
             ..by(crate::domain::REMOTE_UID, new("192.0.2.1", 22, 3600))
         };

@@ -94,3 +94,81 @@ fn two_requests_for_one_address_live_side_by_side_and_each_revoke_closes_only_it
     assert!(out.status.success(), "{}", text(&out));
     assert!(fleet.closes_within(1, 10), "h1 still open after both revokes");
 }
+
+#[test]
+fn an_approval_never_covers_another_text_written_under_the_same_id() {
+    let fleet = Fleet::with_policy(
+        ["approvals = 1", "approvals = 1", ""],
+        r#"approvers = ["principal:bob"]"#,
+    );
+    let (out, v) = fleet.request("h1", &fleet.alice, "10m");
+    assert!(!out.status.success(), "{}", text(&out));
+    let id = v["id"].as_str().unwrap().to_string();
+    let bob = fleet.bob.path.display().to_string();
+    let out = fleet.ctl(&["approve", &id, "--key", &bob]);
+    assert!(out.status.success(), "{}\n{}", text(&out), fleet.logs());
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    // alice writes another request under the same id (her nonce) for h2: bob's
+    // approval, still beside it, must not open h2
+    let key = format!("/jitd/requests/{id}");
+    let first = fleet.etcd.get_raw(&key).unwrap();
+    let first = &first[..first.find("-----BEGIN").unwrap()];
+    let second = first.replace("hosts h1\n", "hosts h2\n");
+    let signed = format!("{second}{}", fleet.alice.sign(&second, "fleet@jitd").trim_end());
+    fleet.etcd.put_raw(&key, &signed, Some(600));
+    let refused = wait_for(Duration::from_secs(15), || {
+        fleet
+            .fleet_records(2)
+            .iter()
+            .any(|r| r["reason"].as_str().unwrap_or("").starts_with("approval_mismatch:"))
+    });
+    assert!(refused, "h2: {:?}\n{}", fleet.fleet_records(2), fleet.logs());
+    assert!(!fleet.open(2), "h2 opened on an approval of another text");
+    let pending = fleet.jitds[1].ctl_json(&["status"]);
+    assert_eq!(pending["pending"].as_array().map(Vec::len), Some(1), "{pending}");
+}
+
+#[test]
+fn many_large_values_written_while_a_host_was_away_do_not_keep_it_deaf() {
+    let fleet = Fleet::new();
+    let id = fleet.approved("h1");
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    fleet.net.set_link(1, false);
+    let dropped = wait_for(Duration::from_secs(20), || {
+        fleet.jitds[0].log_text().contains("reconnecting")
+    });
+    assert!(dropped, "{}", fleet.jitds[0].log_text());
+    // more than one watch response can carry (70 MB), no compaction: resuming fails,
+    // and the host must read everything again, page by page
+    for n in 0..50 {
+        fleet.etcd.put_big(&format!("/jitd/requests/{n:032x}"), 1_400_000, 600);
+    }
+    let out = fleet.ctl(&["revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out));
+    fleet.net.set_link(1, true);
+    assert!(
+        fleet.closes_within(1, 60),
+        "h1 still open after its return: {}",
+        fleet.logs()
+    );
+}
+
+#[test]
+fn a_group_joined_while_etcd_was_unreachable_is_read_on_return() {
+    let fleet = Fleet::new();
+    let id = fleet.approved("group:web");
+    assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
+    fleet.net.set_link(3, false);
+    let dropped = wait_for(Duration::from_secs(20), || {
+        fleet.jitds[2].log_text().contains("reconnecting")
+    });
+    assert!(dropped, "{}", fleet.jitds[2].log_text());
+    fleet.regroup(3, "\"db\", \"web\"");
+    fleet.net.set_link(3, true);
+    assert!(
+        fleet.opens_within(3, 30),
+        "h3 did not apply its new group's request: {}",
+        fleet.logs()
+    );
+    assert_eq!(fleet.approvals_of(3, &id), 1);
+}

@@ -4,24 +4,25 @@
 //! has here when it goes ([`Judge::withdraw`]), and keep each answer under
 //! `status/<id>/<host>` true.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use etcd_client::{Client, KeyValue};
 
-use super::{read_all, Answered, Memory};
+use super::{Answered, Memory};
 use crate::api::protocol::{GrantedReply, PendingInfo, RevokeRequest};
 use crate::daemon::approvals::Decision;
 use crate::daemon::Daemon;
-use crate::domain::{Caller, FleetOrigin, SignedBy};
+use crate::domain::{Caller, ErrorCode, FleetOrigin, SignedBy};
 use crate::firewall::Firewall;
+use crate::fleet::connect::{lease_left, read_all};
 use crate::fleet::judge::{self, Refused};
 use crate::fleet::records::{Keys, Outcome};
 use crate::fleet::request::FleetRequest;
 use crate::fleet::settings::Fleet;
 
-/// Verified requests remembered at most (within their signed end); refusals before a
-/// known key signed are not remembered, so junk in etcd cannot fill this.
+/// Requests remembered at most (within their signed end). Only requests a known key
+/// signed and whose signer holds a role here are remembered (refusals before that, and
+/// denials for want of a role, are judged again when read again): filling this takes
+/// keys trusted to ask for access.
 pub(super) const MAX_JUDGED: usize = 100_000;
 
 /// What one session needs to answer requests.
@@ -40,8 +41,13 @@ enum Verdict {
     /// Refused before the policy (audited here), with who signed it when a known key
     /// did (and the request's signed end).
     Refused(Refused, Option<(SignedBy, DateTime<Utc>)>),
-    /// The policy refused it (the commit path audited it).
-    Denied(DateTime<Utc>, String),
+    /// The policy refused it (the commit path audited it); remembered unless its
+    /// signer holds no role here.
+    Denied {
+        end: DateTime<Utc>,
+        reason: String,
+        remember: bool,
+    },
     /// Open until `until`.
     Applied { end: DateTime<Utc>, until: DateTime<Utc> },
     /// Waiting for an approver on this host.
@@ -68,7 +74,7 @@ impl<F: Firewall> Judge<'_, F> {
             if let Some(id) = kv.key_str().ok().and_then(|k| self.keys.request_id(k)) {
                 live.insert(id.to_string());
             }
-            self.judge_one(kv).await;
+            self.judge_one(kv).await?;
         }
         let mut gone: Vec<String> = self.daemon.fleet_requests_here().into_iter().collect();
         gone.extend(self.memory.answered.keys().cloned());
@@ -77,7 +83,7 @@ impl<F: Firewall> Judge<'_, F> {
         gone.dedup();
         for id in gone {
             let why = "the request was deleted or its lease ended while this host was away";
-            self.withdraw(&id, why).await;
+            self.withdraw(&id, why).await?;
         }
         let (_, approvals) = read_all(self.client, &self.keys.approvals()).await?;
         for kv in &approvals {
@@ -86,22 +92,26 @@ impl<F: Firewall> Judge<'_, F> {
         Ok(revision)
     }
 
-    /// Judges one request put under `requests/` (once per id) and records the outcome.
-    pub async fn judge_one(&mut self, kv: &KeyValue) {
+    /// Judges one request put under `requests/` (once per id) and records the outcome;
+    /// an error when etcd could not be asked what it needed (the request is then judged
+    /// when read again).
+    pub async fn judge_one(&mut self, kv: &KeyValue) -> Result<(), String> {
         let key = kv.key_str().unwrap_or("");
         let Some(id) = self.keys.request_id(key).map(str::to_string) else {
             let refused = Refused::malformed("the key is not requests/<32 hex digits>");
-            return self.refuse(key, None, None, refused).await;
+            self.refuse(key, None, None, refused).await;
+            return Ok(());
         };
         if self.memory.judged.contains_key(&id) {
             return self.judged_before(&id, kv).await;
         }
         if self.memory.judged.len() >= MAX_JUDGED {
             let refused = Refused::new("too_many", "too many live requests remembered");
-            return self.refuse(key, None, None, refused).await;
+            self.refuse(key, None, None, refused).await;
+            return Ok(());
         }
         let lease = kv.lease();
-        match self.decide(&id, kv).await {
+        match self.decide(&id, kv).await? {
             Verdict::NotForUs => {}
             // unsigned, unknown key, bad signature: audited, neither remembered nor
             // answered (a writer's junk costs every host nothing beyond its audit budget)
@@ -112,8 +122,10 @@ impl<F: Firewall> Judge<'_, F> {
                 self.refuse(key, Some(&id), Some(signer), refused).await;
                 self.write_status(&id, lease, Outcome::Denied, None, Some(reason)).await;
             }
-            Verdict::Denied(end, reason) => {
-                self.memory.judged.insert(id.clone(), end);
+            Verdict::Denied { end, reason, remember } => {
+                if remember {
+                    self.memory.judged.insert(id.clone(), end);
+                }
                 self.write_status(&id, lease, Outcome::Denied, None, Some(reason)).await;
             }
             Verdict::Applied { end, until } => {
@@ -123,14 +135,16 @@ impl<F: Firewall> Judge<'_, F> {
             Verdict::Waiting { end, pending } => {
                 self.memory.judged.insert(id.clone(), end);
                 self.answer_waiting(&id, lease, &pending).await;
-                // an approval may be there already (written while this host was away)
-                if let Ok((_, approvals)) = read_all(self.client, &self.keys.approvals_of(&id)).await {
-                    for approval in &approvals {
-                        self.approve_one(approval).await;
-                    }
+                // an approval may be there already (written while this host was away);
+                // should etcd not answer, the next session reads everything
+                let read = read_all(self.client, &self.keys.approvals_of(&id)).await;
+                let (_, approvals) = read.inspect_err(|_| self.memory.resume = None)?;
+                for approval in &approvals {
+                    self.approve_one(approval).await;
                 }
             }
         }
+        Ok(())
     }
 
     /// Answers `approved` until `until` (or `pending`, when `waiting`), and remembers it.
@@ -158,90 +172,107 @@ impl<F: Firewall> Judge<'_, F> {
     /// this host; withdrawn when the key was deleted and written again (someone undoing
     /// a revoke with a kept value) or a change of name or groups means it no longer
     /// selects this host. The first time in this run, its answer is written again.
-    async fn judged_before(&mut self, id: &str, kv: &KeyValue) {
+    async fn judged_before(&mut self, id: &str, kv: &KeyValue) -> Result<(), String> {
         let here = self.daemon.fleet_here(id);
         if here.is_empty() && !self.memory.answered.contains_key(id) {
-            return;
+            return Ok(());
         }
         if here.revision != 0 && here.revision != kv.create_revision() {
             let why = "the request was deleted and written again; what the first one opened is closed";
             return self.withdraw(id, why).await;
         }
-        if matches!(judge::screen(id, kv.value(), self.fleet, Utc::now()), Ok(None)) {
+        let selected = self
+            .daemon
+            .config()
+            .fleet
+            .is_some_and(|now| !matches!(judge::screen(id, kv.value(), &now, Utc::now()), Ok(None)));
+        if !selected {
             return self
                 .withdraw(id, "this host is no longer among the hosts it names")
                 .await;
         }
         if self.memory.answered.contains_key(id) || here.is_empty() {
-            return;
+            return Ok(());
         }
         // restored after a restart: say again what this host has for it
         match here.until() {
             Some(until) => self.answer(id, kv.lease(), Some(until), false).await,
             None => self.answer(id, kv.lease(), None, true).await,
         }
+        Ok(())
     }
 
     /// Judges, verifies, reads the lease and submits one request, judged under the
     /// fleet settings in force now (a fleet turned off by a reload selects nothing).
-    async fn decide(&mut self, id: &str, kv: &KeyValue) -> Verdict {
+    async fn decide(&mut self, id: &str, kv: &KeyValue) -> Result<Verdict, String> {
         let Some(fleet_now) = self.daemon.config().fleet else {
-            return Verdict::NotForUs;
+            return Ok(Verdict::NotForUs);
         };
         let screened = match judge::screen(id, kv.value(), &fleet_now, Utc::now()) {
             Ok(Some(s)) => s,
-            Ok(None) => return Verdict::NotForUs,
-            Err(r) => return Verdict::Refused(r, None),
+            Ok(None) => return Ok(Verdict::NotForUs),
+            Err(r) => return Ok(Verdict::Refused(r, None)),
         };
         let end = screened.request.signed_end();
         let verified = tokio::task::spawn_blocking(move || judge::verify(screened, Utc::now())).await;
         let (request, by) = match verified {
             Ok(Ok(v)) => v,
-            Ok(Err(r)) => return Verdict::Refused(r, None),
-            Err(e) => return Verdict::Refused(Refused::malformed(&format!("verification failed: {e}")), None),
+            Ok(Err(r)) => return Ok(Verdict::Refused(r, None)),
+            Err(e) => {
+                let why = format!("verification failed: {e}");
+                return Ok(Verdict::Refused(Refused::malformed(&why), None));
+            }
         };
         let signer = signed_by(by, &request, kv.create_revision());
-        let left = lease_left(self.client, kv.lease()).await;
+        // etcd not answering is no answer: the session ends and the request is judged
+        // again (a lease really gone is `no_lease`)
+        let left = lease_left(self.client, kv.lease()).await?;
         let until = match judge::open_until(&request, left, Utc::now()) {
             Ok(until) => until,
-            Err(r) => return Verdict::Refused(r, Some((signer, end))),
+            Err(r) => return Ok(Verdict::Refused(r, Some((signer, end)))),
         };
         let reply = self
             .daemon
             .request(Caller::signed(signer), judge::grant_request(&request, until))
             .await;
         if let Some(e) = reply.error {
-            return Verdict::Denied(end, format!("{}: {}", e.code, e.message));
+            let remember = e.code != ErrorCode::NotAuthorized;
+            let reason = format!("{}: {}", e.code, e.message);
+            return Ok(Verdict::Denied { end, reason, remember });
         }
         let granted: Option<GrantedReply> = reply.result.and_then(|r| serde_json::from_value(r).ok());
         match granted.and_then(|g| g.pending) {
             Some(pending) => {
                 tracing::info!(request = %id, pending = pending.id, "fleet request waits for an approver here");
-                Verdict::Waiting { end, pending }
+                Ok(Verdict::Waiting { end, pending })
             }
             None => {
                 tracing::info!(request = %id, "fleet request approved until {until}");
-                Verdict::Applied { end, until }
+                Ok(Verdict::Applied { end, until })
             }
         }
     }
 
     /// A request deleted (or its lease revoked or expired), or no longer for this host:
     /// revokes its grants here, turns down its requests waiting here (again, should a
-    /// local approval have opened one meanwhile), and says so in its status.
-    pub async fn withdraw(&mut self, id: &str, why: &str) {
-        let answered = self.memory.answered.remove(id);
+    /// local approval have opened one meanwhile), and says so in its status. An error
+    /// when something would not close (nftables refused): the session ends and the
+    /// next one withdraws again.
+    pub async fn withdraw(&mut self, id: &str, why: &str) -> Result<(), String> {
         for _ in 0..3 {
             let here = self.daemon.fleet_here(id);
             if here.is_empty() {
-                break;
+                if let Some(a) = self.memory.answered.remove(id) {
+                    let reason = Some(why.to_string());
+                    self.write_status(id, a.lease, Outcome::Revoked, None, reason).await;
+                }
+                return Ok(());
             }
             self.close(id, &here, why).await;
         }
-        if let Some(a) = answered {
-            let reason = Some(why.to_string());
-            self.write_status(id, a.lease, Outcome::Revoked, None, reason).await;
-        }
+        Err(format!(
+            "fleet request {id} withdrawn ({why}), but what it has here would not close; trying again"
+        ))
     }
 
     async fn close(&mut self, id: &str, here: &super::here::Here, why: &str) {
@@ -275,6 +306,10 @@ impl<F: Firewall> Judge<'_, F> {
         }
         let here = self.daemon.fleet_requests_here();
         let now = Utc::now();
+        // an answer past its grant's end needs nothing more from this host
+        self.memory
+            .answered
+            .retain(|_, a| a.waiting || a.until.is_some_and(|u| u > now));
         let changed: Vec<(String, Answered)> = self
             .memory
             .answered
@@ -323,6 +358,7 @@ fn signed_by(by: crate::remote::packet::SignedBy, request: &FleetRequest, revisi
             request: request.id(),
             hosts: request.hosts.clone(),
             revision,
+            digest: request.digest(),
         }),
         ..signer(by)
     }
@@ -339,13 +375,4 @@ pub(super) fn signer(by: crate::remote::packet::SignedBy) -> SignedBy {
         certificate: by.certificate.map(|c| c.describe()),
         fleet: None,
     }
-}
-
-/// The remaining TTL of `lease`, read from etcd; `None` when there is none or it is gone.
-async fn lease_left(client: &mut Client, lease: i64) -> Option<Duration> {
-    if lease == 0 {
-        return None;
-    }
-    let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
-    (ttl > 0).then(|| Duration::from_secs(ttl as u64))
 }

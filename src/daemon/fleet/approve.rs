@@ -1,9 +1,11 @@
 //! Signed approvals read from `approvals/<id>/`: the two-person rule across the fleet.
 //! A host judges an approval only for a request of its own that waits for an approver
-//! (anything else is none of its business), once per key: its grammar and ids, its
-//! signature against this host's own `allowed_signers` in the approvals' namespace,
-//! that it names what waits here (ports, source); then the daemon's one decision path
-//! decides as that approver (the approver role, never one's own request, audited).
+//! (anything else is none of its business): its grammar and ids, its signature against
+//! this host's own `allowed_signers` in the approvals' namespace, that it names what
+//! waits here (the request's text by its digest, its signer, ports, source); then the
+//! daemon's one decision path decides as that approver (the approver role, never one's
+//! own request, audited). Only an approval that approved something is remembered (and
+//! not judged again): refused ones cannot fill the memory.
 
 use chrono::Utc;
 use etcd_client::KeyValue;
@@ -44,15 +46,18 @@ impl<F: Firewall> Judge<'_, F> {
             Ok(Err(r)) => return self.refuse(key, None, None, r).await,
             Err(e) => return self.refuse(key, None, None, Refused::malformed(&e.to_string())).await,
         };
-        // judged once: a verified approval is not judged again (until its request's end)
-        let forget_at = Utc::now() + crate::store::FLEET_MEMORY;
-        self.memory.approvals.insert(key.to_string(), forget_at);
         let approver = SignedBy {
             fleet: here.origin.clone(),
             ..signer(by)
         };
         for waiting in &here.pending {
-            let covered = judge::approval_covers(&approval, &waiting.requester, &waiting.ports, &waiting.source);
+            let covered = judge::approval_covers(
+                &approval,
+                &waiting.requester,
+                &waiting.digest,
+                &waiting.ports,
+                &waiting.source,
+            );
             if let Err(r) = covered {
                 self.refuse(key, Some(id), Some(approver.clone()), r).await;
                 continue;
@@ -60,6 +65,9 @@ impl<F: Firewall> Judge<'_, F> {
             let (caller, pending) = (Caller::signed(approver.clone()), waiting.id);
             match self.daemon.decide(caller, Decision::approve(pending, None)).await.error {
                 None => {
+                    // approved: not judged again (forgotten a day on, past any request's end)
+                    let forget_at = Utc::now() + crate::store::FLEET_MEMORY;
+                    self.memory.approvals.insert(key.to_string(), forget_at);
                     tracing::info!(request = %id, pending, "fleet request approved by {}", approver.principals.join(","))
                 }
                 // refused and audited by the decision path (not an approver, one's own request)

@@ -31,6 +31,8 @@ pub(super) struct Waiting {
     pub id: GrantId,
     /// The fingerprint of the key that signed the fleet request.
     pub requester: String,
+    /// SHA-256 of the fleet request's text as judged here.
+    pub digest: String,
     /// Its ports.
     pub ports: Vec<u16>,
     /// Its source.
@@ -73,6 +75,7 @@ impl<F: Firewall> Daemon<F> {
                 here.pending.push(Waiting {
                     id: r.id,
                     requester: signer.fingerprint.clone(),
+                    digest: o.digest.clone(),
                     ports: r.ports.clone(),
                     source: r.source,
                 });

@@ -30,16 +30,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use etcd_client::{
-    Client, EventType, GetOptions, KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchOptions,
-    WatchResponse, WatchStream,
-};
+use etcd_client::{Client, EventType, KeyValue, LeaseKeepAliveStream, LeaseKeeper, PutOptions, WatchResponse};
 
 use super::upkeep::Stopping;
 use super::{Daemon, TaskResult};
 use crate::audit::limit::{RefusalLimiter, Subject};
 use crate::audit::Action;
 use crate::firewall::Firewall;
+use crate::fleet::connect;
 use crate::fleet::records::{HostRecord, Keys};
 use crate::fleet::settings::Fleet;
 
@@ -50,11 +48,6 @@ const HOST_TTL: i64 = 10;
 const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// Reconnection back-off: first and longest wait.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(4));
-/// Keys per page of a full read: with [`MAX_MESSAGE`], values of up to 16 MiB each
-/// (etcd's default limit is 1.5 MiB) never make a page too large to decode.
-const PAGE: i64 = 4;
-/// The largest message jitd decodes from etcd (a page, a watch response).
-const MAX_MESSAGE: usize = 64 << 20;
 
 /// Whom fleet refusals are counted against: anyone who can write to etcd (one bucket,
 /// so that a writer flooding `requests/` cannot flood every host's audit log).
@@ -92,11 +85,13 @@ struct Memory {
     resume: Option<Resume>,
 }
 
-/// Where the two watches resume.
-#[derive(Debug, Clone, Copy)]
+/// Where the two watches resume, and under which settings they were read (another
+/// etcd, prefix, name or groups means reading everything again).
+#[derive(Debug, Clone)]
 struct Resume {
     requests: i64,
     approvals: i64,
+    settings: Fleet,
 }
 
 /// A request this host answered with something here: its lease (for the status
@@ -142,11 +137,19 @@ pub(super) async fn run<F: Firewall>(daemon: Arc<Daemon<F>>, mut stop: Stopping)
     let mut backoff = BACKOFF.0;
     loop {
         let Some(fleet) = daemon.config().fleet else {
+            memory.resume = None;
             tokio::select! {
                 _ = tokio::time::sleep(KEEP_ALIVE) => continue,
                 _ = stopped(&mut stop) => return Ok(()),
             }
         };
+        if memory
+            .resume
+            .as_ref()
+            .is_some_and(|r| !r.settings.same_membership(&fleet))
+        {
+            memory.resume = None;
+        }
         if fleet.plaintext() {
             tracing::warn!("fleet: etcd endpoints are plain http://: anyone on the path can read and write the fleet's keys (signatures still decide what opens)");
         }
@@ -156,7 +159,6 @@ pub(super) async fn run<F: Firewall>(daemon: Arc<Daemon<F>>, mut stop: Stopping)
             Ok(Ended::Stop) => return Ok(()),
             Ok(Ended::Changed) => {
                 tracing::info!("fleet: the settings changed; joining again");
-                memory.resume = None;
                 backoff = BACKOFF.0;
                 continue;
             }
@@ -182,7 +184,7 @@ async fn session<F: Firewall>(
     stop: &mut Stopping,
 ) -> Result<Ended, String> {
     let keys = Keys::new(&fleet.prefix);
-    let mut client = crate::fleet::connect::connect(&fleet.endpoints, fleet.tls.as_ref()).await?;
+    let mut client = connect::connect(&fleet.endpoints, fleet.tls.as_ref()).await?;
     let (lease, mut registered, mut keeper) = join(daemon, fleet, &keys, &mut client).await?;
     let mut judge = apply::Judge {
         daemon,
@@ -191,20 +193,21 @@ async fn session<F: Firewall>(
         client: &mut client,
         memory,
     };
-    let resume = match judge.memory.resume {
+    let resume = match judge.memory.resume.clone() {
         Some(r) => r,
         None => {
             let revision = judge.reread().await?;
             let r = Resume {
                 requests: revision,
                 approvals: revision,
+                settings: fleet.clone(),
             };
-            judge.memory.resume = Some(r);
+            judge.memory.resume = Some(r.clone());
             r
         }
     };
-    let mut requests = watch(judge.client, &keys.requests(), resume.requests).await?;
-    let mut approvals = watch(judge.client, &keys.approvals(), resume.approvals).await?;
+    let mut requests = connect::watch(judge.client, &keys.requests(), resume.requests + 1).await?;
+    let mut approvals = connect::watch(judge.client, &keys.approvals(), resume.approvals + 1).await?;
     tracing::info!(
         revision = resume.requests,
         "fleet: registered as {} and watching requests",
@@ -224,7 +227,7 @@ async fn session<F: Firewall>(
             }
             message = requests.message() => {
                 for event in events(message, &mut judge.memory.resume)? {
-                    on_request(&mut judge, &event).await;
+                    on_request(&mut judge, &event).await?;
                 }
             }
             message = approvals.message() => {
@@ -244,18 +247,21 @@ async fn session<F: Firewall>(
     }
 }
 
-/// One event under `requests/`: a put is judged, a deletion withdraws.
-async fn on_request<F: Firewall>(judge: &mut apply::Judge<'_, F>, event: &etcd_client::Event) {
-    let Some(kv) = event.kv() else { return };
+/// One event under `requests/`: a put is judged, a deletion withdraws. Only once that
+/// is done is the event seen: an error (etcd unreachable while judging, a grant that
+/// would not close) ends the session, and the next one handles the event again.
+async fn on_request<F: Firewall>(judge: &mut apply::Judge<'_, F>, event: &etcd_client::Event) -> Result<(), String> {
+    let Some(kv) = event.kv() else { return Ok(()) };
     match event.event_type() {
-        EventType::Put => judge.judge_one(kv).await,
+        EventType::Put => judge.judge_one(kv).await?,
         EventType::Delete => {
             if let Some(id) = judge.keys.request_id(kv.key_str().unwrap_or("")) {
-                judge.withdraw(id, "the request was deleted or its lease ended").await;
+                judge.withdraw(id, "the request was deleted or its lease ended").await?;
             }
         }
     }
     note_seen(&mut judge.memory.resume, Some(kv), |r| &mut r.requests);
+    Ok(())
 }
 
 /// Moves a watch's resume point past `kv`'s revision.
@@ -352,26 +358,24 @@ async fn register<F: Firewall>(
     Ok(record)
 }
 
-/// Watches the keys under `prefix` from the revision after `revision`.
-async fn watch(client: &mut Client, prefix: &str, revision: i64) -> Result<WatchStream, String> {
-    let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-    client
-        .watch_client()
-        .max_decoding_message_size(MAX_MESSAGE)
-        .watch(prefix, Some(options))
-        .await
-        .map_err(|e| format!("watching {prefix}: {e}"))
-}
-
-/// The events of one watch message; an error when the watch failed or ended, and when
-/// etcd cancelled it for a compacted history (then the next session reads everything).
+/// The events of one watch message; an error when the watch failed or ended. When etcd
+/// cancelled it for a compacted history, or a response was too large to decode (many
+/// large values written while this host was away), the next session reads everything,
+/// page by page, instead of resuming.
 fn events(
     message: Result<Option<WatchResponse>, etcd_client::Error>,
     resume: &mut Option<Resume>,
 ) -> Result<Vec<etcd_client::Event>, String> {
-    let response = message
-        .map_err(|e| format!("the watch failed: {e}"))?
-        .ok_or("the watch ended")?;
+    let response = match message {
+        Ok(Some(response)) => response,
+        Ok(None) => return Err("the watch ended".into()),
+        Err(e) => {
+            if connect::too_large(&e) {
+                *resume = None;
+            }
+            return Err(format!("the watch failed: {e}"));
+        }
+    };
     if response.canceled() {
         *resume = None;
         return Err(format!(
@@ -381,53 +385,4 @@ fn events(
         ));
     }
     Ok(response.events().to_vec())
-}
-
-/// Reads every key under `prefix` at one revision, a few keys per call (so that no
-/// value an etcd writer chose makes a response too large to decode); returns the
-/// revision and the keys.
-async fn read_all(client: &mut Client, prefix: &str) -> Result<(i64, Vec<KeyValue>), String> {
-    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-    let end = prefix_end(prefix);
-    let mut from = prefix.as_bytes().to_vec();
-    let mut revision = 0;
-    let mut all = Vec::new();
-    loop {
-        let options = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(PAGE)
-            .with_revision(revision);
-        let page = kv
-            .get(from.clone(), Some(options))
-            .await
-            .map_err(|e| format!("reading {prefix}: {e}"))?;
-        if revision == 0 {
-            revision = page.header().map_or(0, |h| h.revision());
-        }
-        all.extend(page.kvs().iter().cloned());
-        match page.kvs().last() {
-            Some(last) if page.more() => {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            _ => return Ok((revision, all)),
-        }
-    }
-}
-
-/// The end of the key range under `prefix` (its last byte plus one).
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    if let Some(last) = end.last_mut() {
-        *last += 1;
-    }
-    end
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_range_under_a_prefix_ends_just_past_it() {
-        assert_eq!(super::prefix_end("/jitd/requests/"), b"/jitd/requests0".to_vec());
-    }
 }

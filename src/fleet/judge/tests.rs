@@ -125,6 +125,7 @@ fn a_grant_stays_while_this_host_is_still_named_and_ends_when_it_left_the_group(
         request: ID.into(),
         hosts: vec!["group:web".into(), "db9".into()],
         revision: 12,
+        digest: String::new(),
     };
     assert_eq!(still_selected(Some(&fleet("web7", &["prod", "web"])), &origin), Ok(()));
     assert_eq!(still_selected(Some(&fleet("DB9", &[])), &origin), Ok(()));
@@ -160,23 +161,33 @@ fn alices_approval_passes_and_covers_only_what_it_names() {
     let blob = crate::fleet::request::split(&request).unwrap().1.unwrap();
     let alice = crate::remote::sshsig::signer_fingerprint(&blob).unwrap();
     assert_eq!(approval.requester, alice);
-    assert_eq!(approval_covers(&approval, &alice, &[22], &source), Ok(()));
+    // the digest of the request's text, as the host recorded it (sha256sum in make.sh)
+    let digest = FleetRequest::parse(REQUEST).unwrap().digest();
+    assert_eq!(approval.digest, digest);
+    assert_eq!(approval_covers(&approval, &alice, &digest, &[22], &source), Ok(()));
     let other = crate::domain::parse_prefix("198.51.100.8").unwrap();
     let mismatch = |r: Result<(), Refused>| r.unwrap_err().code;
     assert_eq!(
-        mismatch(approval_covers(&approval, &alice, &[22], &other)),
+        mismatch(approval_covers(&approval, &alice, &digest, &[22], &other)),
         "approval_mismatch"
     );
     assert_eq!(
-        mismatch(approval_covers(&approval, &alice, &[22, 3389], &source)),
+        mismatch(approval_covers(&approval, &alice, &digest, &[22, 3389], &source)),
         "approval_mismatch"
     );
     // the same id, ports and source, but another signer's request
     let bob = "SHA256:ILpTOb8KCaVWW5/hHsIGXfh4F9DA5zSvGDFAxmiuj8+";
     assert_eq!(
-        mismatch(approval_covers(&approval, bob, &[22], &source)),
+        mismatch(approval_covers(&approval, bob, &digest, &[22], &source)),
         "approval_mismatch"
     );
+    // another text under the same id (other hosts, a longer duration): not covered
+    let other_text = FleetRequest {
+        hosts: vec!["h2".into()],
+        ..FleetRequest::parse(REQUEST).unwrap()
+    };
+    let covered = approval_covers(&approval, &alice, &other_text.digest(), &[22], &source);
+    assert_eq!(mismatch(covered), "approval_mismatch");
 }
 
 #[test]
