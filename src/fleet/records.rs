@@ -1,7 +1,8 @@
 //! The keys under the fleet's prefix and the JSON records jitd and jitctl write there:
 //! `hosts/<name>` (a host's registration, bound to its keep-alive lease),
 //! `requests/<id>` (a signed request, bound to a lease whose TTL is the grant's
-//! duration) and `status/<id>/<host>` (one host's answer, bound to the request's lease).
+//! duration), `status/<id>/<host>` (one host's answer) and `approvals/<id>/<nonce>` (a
+//! signed approval), both bound to the request's lease.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

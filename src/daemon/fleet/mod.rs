@@ -193,19 +193,7 @@ async fn session<F: Firewall>(
         client: &mut client,
         memory,
     };
-    let resume = match judge.memory.resume.clone() {
-        Some(r) => r,
-        None => {
-            let revision = judge.reread().await?;
-            let r = Resume {
-                requests: revision,
-                approvals: revision,
-                settings: fleet.clone(),
-            };
-            judge.memory.resume = Some(r.clone());
-            r
-        }
-    };
+    let resume = catch_up(&mut judge).await?;
     let mut requests = connect::watch(judge.client, &keys.requests(), resume.requests + 1).await?;
     let mut approvals = connect::watch(judge.client, &keys.approvals(), resume.approvals + 1).await?;
     tracing::info!(
@@ -245,6 +233,22 @@ async fn session<F: Firewall>(
             }
         }
     }
+}
+
+/// Where the watches start: the last revision seen, or, when there is none to resume
+/// from, everything read again.
+async fn catch_up<F: Firewall>(judge: &mut apply::Judge<'_, F>) -> Result<Resume, String> {
+    if let Some(r) = judge.memory.resume.clone() {
+        return Ok(r);
+    }
+    let revision = judge.reread().await?;
+    let r = Resume {
+        requests: revision,
+        approvals: revision,
+        settings: judge.fleet.clone(),
+    };
+    judge.memory.resume = Some(r.clone());
+    Ok(r)
 }
 
 /// One event under `requests/`: a put is judged, a deletion withdraws. Only once that
