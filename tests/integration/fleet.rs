@@ -244,6 +244,29 @@ impl Fleet {
         self.status()["requests"][id]["answers"][format!("h{n}")].clone()
     }
 
+    /// `jitctl fleet revoke ID`, which must succeed.
+    pub fn revoke(&self, id: &str) {
+        let out = self.ctl(&["revoke", id]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+
+    /// Takes host `n`'s link down and waits until its jitd has given up the session.
+    pub fn cut_off(&self, n: usize) {
+        self.net.set_link(n, false);
+        let dropped = wait_for(Duration::from_secs(20), || {
+            self.jitds[n - 1].log_text().contains("reconnecting")
+        });
+        assert!(dropped, "{}", self.jitds[n - 1].log_text());
+    }
+
+    /// Whether host `n` audited the fleet revoking the grants of request `id`.
+    pub fn revoked_on(&self, n: usize, id: &str) -> bool {
+        self.setups[n - 1]
+            .audit()
+            .into_iter()
+            .any(|r| r["action"] == "revoke" && r["actor"] == "fleet" && r["fleet_request"] == id)
+    }
+
     /// `jitctl fleet request` for `hosts` (alice, 10 minutes) that every selected host
     /// approved; its id.
     pub fn approved(&self, hosts: &str) -> String {
@@ -322,8 +345,7 @@ fn one_request_opens_three_hosts_and_revoke_closes_them() {
         3,
         "{status}"
     );
-    let out = fleet.ctl(&["revoke", id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(id);
     for n in 1..=3 {
         assert!(
             fleet.closes_within(n, 10),
@@ -440,8 +462,7 @@ fn a_host_cut_off_while_its_request_is_revoked_closes_it_on_reconnect() {
         fleet.logs()
     );
     fleet.net.set_link(1, false);
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     assert!(fleet.closes_within(2, 10), "h2 still open after revoke");
     // long enough for h1's lease renewal to time out: it drops its session and, on
     // reconnect, re-reads everything (the delete event itself is never seen)

@@ -21,8 +21,7 @@ fn a_revoke_undone_by_writing_the_kept_request_again_does_not_reopen_or_keep_any
     let kept = fleet.etcd.get_raw(&key).expect("the request is in etcd");
     // h1 is down while its owner revokes; the attacker writes the same signed value again
     fleet.down(1, false);
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     assert!(fleet.closes_within(2, 10), "h2 still open after the revoke");
     fleet.etcd.put_raw(&key, &kept, Some(600));
     // h2 saw the deletion: the value written again opens nothing
@@ -35,11 +34,7 @@ fn a_revoke_undone_by_writing_the_kept_request_again_does_not_reopen_or_keep_any
         "h1 kept the grant of a revoked request: {}",
         fleet.logs()
     );
-    let closed = fleet.setups[0]
-        .audit()
-        .into_iter()
-        .any(|r| r["action"] == "revoke" && r["actor"] == "fleet" && r["fleet_request"] == id.as_str());
-    assert!(closed, "{:?}", fleet.setups[0].audit_lines());
+    assert!(fleet.revoked_on(1, &id), "{:?}", fleet.setups[0].audit_lines());
 }
 
 #[test]
@@ -52,13 +47,8 @@ fn values_too_large_to_read_at_once_do_not_cut_a_host_off_the_fleet() {
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
     // h1 is cut off while the request is revoked and etcd compacts its history: on its
     // return it must read everything again, the 5 MB of junk included
-    fleet.net.set_link(1, false);
-    let dropped = wait_for(Duration::from_secs(20), || {
-        fleet.jitds[0].log_text().contains("reconnecting")
-    });
-    assert!(dropped, "{}", fleet.jitds[0].log_text());
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.cut_off(1);
+    fleet.revoke(&id);
     fleet.etcd.compact();
     fleet.net.set_link(1, true);
     assert!(
@@ -77,8 +67,7 @@ fn two_requests_for_one_address_live_side_by_side_and_each_revoke_closes_only_it
     let first = fleet.approved("h1");
     let second = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
-    let out = fleet.ctl(&["revoke", &second]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&second);
     let revoked = wait_for(Duration::from_secs(10), || {
         fleet.setups[0]
             .audit()
@@ -90,8 +79,7 @@ fn two_requests_for_one_address_live_side_by_side_and_each_revoke_closes_only_it
         fleet.open(1),
         "revoking the second request closed the first one's access"
     );
-    let out = fleet.ctl(&["revoke", &first]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&first);
     assert!(fleet.closes_within(1, 10), "h1 still open after both revokes");
 }
 
@@ -133,18 +121,13 @@ fn many_large_values_written_while_a_host_was_away_do_not_keep_it_deaf() {
     let fleet = Fleet::new();
     let id = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
-    fleet.net.set_link(1, false);
-    let dropped = wait_for(Duration::from_secs(20), || {
-        fleet.jitds[0].log_text().contains("reconnecting")
-    });
-    assert!(dropped, "{}", fleet.jitds[0].log_text());
+    fleet.cut_off(1);
     // more than one watch response can carry (70 MB), no compaction: resuming fails,
     // and the host must read everything again, page by page
     for n in 0..50 {
         fleet.etcd.put_big(&format!("/jitd/requests/{n:032x}"), 1_400_000, 600);
     }
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     fleet.net.set_link(1, true);
     assert!(
         fleet.closes_within(1, 60),
@@ -158,11 +141,7 @@ fn a_group_joined_while_etcd_was_unreachable_is_read_on_return() {
     let fleet = Fleet::new();
     let id = fleet.approved("group:web");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
-    fleet.net.set_link(3, false);
-    let dropped = wait_for(Duration::from_secs(20), || {
-        fleet.jitds[2].log_text().contains("reconnecting")
-    });
-    assert!(dropped, "{}", fleet.jitds[2].log_text());
+    fleet.cut_off(3);
     fleet.regroup(3, "\"db\", \"web\"");
     fleet.net.set_link(3, true);
     assert!(

@@ -27,8 +27,7 @@ fn a_host_killed_and_restarted_keeps_its_grant_applies_nothing_twice_and_closes_
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(fleet.approvals_of(1, &id), 1, "{:?}", fleet.setups[0].audit_lines());
     // and the grant still belongs to the request: revoking it closes h1 too
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     for n in 1..=2 {
         assert!(
             fleet.closes_within(n, 10),
@@ -36,11 +35,7 @@ fn a_host_killed_and_restarted_keeps_its_grant_applies_nothing_twice_and_closes_
             fleet.logs()
         );
     }
-    let revoked = fleet.setups[0]
-        .audit()
-        .into_iter()
-        .any(|r| r["action"] == "revoke" && r["actor"] == "fleet" && r["fleet_request"] == id.as_str());
-    assert!(revoked, "{:?}", fleet.setups[0].audit_lines());
+    assert!(fleet.revoked_on(1, &id), "{:?}", fleet.setups[0].audit_lines());
 }
 
 #[test]
@@ -51,8 +46,7 @@ fn a_request_revoked_while_its_host_was_stopped_is_closed_when_it_starts() {
     // a stop leaves the lockdown and the grant's element (the kernel times it out)
     fleet.down(1, false);
     assert!(fleet.open(1), "the stop closed h1's grant");
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     fleet.up(1);
     assert!(
         fleet.closes_within(1, 10),
@@ -96,8 +90,7 @@ fn a_host_leaving_a_group_closes_the_groups_grants_and_one_joining_opens_its_liv
         fleet.logs()
     );
     assert_eq!(fleet.approvals_of(3, &id), 1);
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     for n in [1, 3] {
         assert!(fleet.closes_within(n, 10), "h{n} still open after revoke");
     }
@@ -108,14 +101,9 @@ fn a_host_cut_off_across_a_compaction_converges_when_it_is_back() {
     let fleet = Fleet::new();
     let before = fleet.approved("h1");
     assert!(fleet.opens_within(1, 10), "{}", fleet.logs());
-    fleet.net.set_link(1, false);
-    let dropped = wait_for(Duration::from_secs(20), || {
-        fleet.jitds[0].log_text().contains("reconnecting")
-    });
-    assert!(dropped, "{}", fleet.jitds[0].log_text());
+    fleet.cut_off(1);
     // meanwhile: the request is revoked, another is made, history churns and is compacted
-    let out = fleet.ctl(&["revoke", &before]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&before);
     let (_, v) = fleet.request("h1,h2", &fleet.alice, "10m");
     let after = v["id"].as_str().expect("a request id").to_string();
     assert!(fleet.opens_within(2, 10), "{}", fleet.logs());
@@ -137,8 +125,7 @@ fn a_host_cut_off_across_a_compaction_converges_when_it_is_back() {
     });
     assert!(ended, "{:?}", fleet.setups[0].audit_lines());
     assert_eq!(fleet.approvals_of(1, &before), 1);
-    let out = fleet.ctl(&["revoke", &after]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&after);
     assert!(
         fleet.closes_within(1, 10),
         "h1 still open after the new request was revoked"
@@ -170,8 +157,7 @@ fn a_port_that_needs_an_approver_waits_on_that_host_and_opens_once_approved() {
     });
     assert!(said, "{}", fleet.status());
     // the approved grant still belongs to the request
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     assert!(
         fleet.closes_within(1, 10) && fleet.closes_within(2, 10),
         "{}",
@@ -237,8 +223,7 @@ fn a_signed_approval_beside_the_request_opens_where_it_waits_but_never_ones_own(
             && r["key"].as_str().is_some_and(|k| k.starts_with("SHA256:"))
     });
     assert!(by_bob, "{:?}", fleet.setups[0].audit_lines());
-    let out = fleet.ctl(&["revoke", &id]);
-    assert!(out.status.success(), "{}", text(&out));
+    fleet.revoke(&id);
     for n in 1..=3 {
         assert!(fleet.closes_within(n, 10), "h{n} still open after revoke");
     }
