@@ -172,6 +172,11 @@ fn is_cut_marker(s: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
 }
 
+/// Whether `s` is exactly `len` lower-case hex digits (ids, nonces, digests).
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// The first character of `s` that [`escape_for_terminal`] would hide behind an escape
 /// (a control character, a Unicode format character (Cf) or U+2028/U+2029), if any;
 /// the backslash, which is merely doubled, does not count.

@@ -60,7 +60,7 @@ impl FleetApproval {
         knock::nonce(request).map_err(|e| format!("approve: {e}"))?;
         let requester = fingerprint(lines.take("requester")?)?;
         let digest = lines.take("digest")?;
-        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !crate::text::is_lower_hex(digest, 64) {
             return Err(format!("digest: {digest:?} is not 64 lowercase hex digits"));
         }
         let approval = FleetApproval {

@@ -86,7 +86,7 @@ impl Keys {
 
 /// Whether `id` is 32 lowercase hex digits (a request's or an approval's id).
 fn is_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    crate::text::is_lower_hex(id, 32)
 }
 
 /// A host's registration under `hosts/<name>`.

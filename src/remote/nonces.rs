@@ -98,7 +98,7 @@ pub fn hex(nonce: &Nonce) -> String {
 
 /// A nonce from its hex form; `None` unless exactly 32 lower-case hex digits.
 pub fn from_hex(text: &str) -> Option<Nonce> {
-    if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !crate::text::is_lower_hex(text, 32) {
         return None;
     }
     let mut out = [0u8; 16];

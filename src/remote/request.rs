@@ -186,7 +186,7 @@ pub(crate) fn justification(v: &str) -> Result<String, String> {
 
 pub(crate) fn nonce(v: &str) -> Result<[u8; 16], String> {
     let bad = || format!("nonce: {v:?} is not 32 lowercase hex digits");
-    if v.len() != 32 || !v.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if !crate::text::is_lower_hex(v, 32) {
         return Err(bad());
     }
     let mut out = [0u8; 16];
