@@ -196,14 +196,26 @@ impl<F: Firewall> Daemon<F> {
         }
     }
 
-    /// Ends, and audits, every pending request whose approval timed out.
+    /// Ends, and audits, every pending request whose approval timed out. Its end is
+    /// noted in the same step that takes it out of the waiting ones, so that a requester
+    /// polling meanwhile (while the record is written) reads "expired", never "no such
+    /// request".
     pub(super) async fn commit_pending_expiry(&self, pings: &mut Pings) {
-        let timed_out = self.lock().pending.pop_timed_out(Instant::now());
+        let wall = Utc::now();
+        let why = "approval timed out: nobody approved or denied it in time";
+        let timed_out = {
+            let mut st = self.lock();
+            let timed_out = st.pending.pop_timed_out(Instant::now());
+            for request in &timed_out {
+                tracing::info!(request = request.id, "request timed out waiting for approval");
+                let note = ended(request.clone(), PendingState::Expired, "jitd", why, wall);
+                st.pending.note_ended(note);
+            }
+            timed_out
+        };
         if timed_out.is_empty() {
             return;
         }
-        let wall = Utc::now();
-        let why = "approval timed out: nobody approved or denied it in time";
         let records = timed_out
             .iter()
             .map(|r| ended_record(r, wall, None, "jitd", Action::Expire, Outcome::Expired, why))
@@ -211,13 +223,7 @@ impl<F: Firewall> Daemon<F> {
         if let Err(e) = self.execute(Tx::records(records), pings).await {
             tracing::error!("{e}; {} approval timeout(s) not recorded", timed_out.len());
         }
-        let mut st = self.lock();
-        for request in timed_out {
-            tracing::info!(request = request.id, "request timed out waiting for approval");
-            st.pending
-                .note_ended(ended(request, PendingState::Expired, "jitd", why, wall));
-        }
-        st.changed();
+        self.lock().changed();
     }
 }
 

@@ -312,7 +312,11 @@ fn a_request_nobody_decides_times_out_and_is_audited_as_such() {
     );
     let waited = waiting.join().unwrap();
     assert_eq!(waited.status.code(), Some(1), "{}", text(&waited));
-    assert!(String::from_utf8_lossy(&waited.stderr).contains("was not approved in time: approval timed out"));
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("was not approved in time: approval timed out"),
+        "{}",
+        text(&waited)
+    );
     let expired: Vec<Value> = setup
         .audit()
         .into_iter()
