@@ -376,6 +376,11 @@ pub async fn run<F: Firewall>(
         tasks.spawn(named("metrics server", serve_metrics(addr, stopping.clone()).await?));
     }
     systemd::ready(&ports);
+    // petted only from READY=1 on: its first pet is at once, and must not come first
+    tasks.spawn(named(
+        "watchdog",
+        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
+    ));
     let failed = tokio::select! {
         _ = server::serve(listener, daemon.clone(), limits, shutdown) => None,
         Some(ended) = tasks.join_next() => Some(task_failure(ended, &stopping_tx)),
@@ -427,10 +432,6 @@ fn spawn_tasks<F: Firewall>(
         upkeep::reload_on_sighup(daemon.clone(), stopping.clone()),
     ));
     tasks.spawn(named("doctor", doctor::watch_health(daemon.clone(), stopping.clone())));
-    tasks.spawn(named(
-        "watchdog",
-        systemd::pet_watchdog(daemon.clone(), stopping.clone()),
-    ));
     tasks
 }
 
