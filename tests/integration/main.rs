@@ -20,6 +20,7 @@ mod knock_client;
 mod lockdown;
 mod network_attacks;
 mod output;
+mod packaging;
 mod protocol;
 mod recheck;
 mod service;
