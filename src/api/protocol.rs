@@ -296,8 +296,9 @@ pub struct StatusReply {
     /// next page (which may be empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,
-    /// When jitd last read the counters of every grant element (it does every 10 s):
-    /// the grants' `connections` count up to then.
+    /// When the counters of this page's grants were read (`status` reads them for every
+    /// page; when it cannot, the last reading of every element, made every 10 s): the
+    /// grants' `connections` count up to then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connections_counted_at: Option<DateTime<Utc>>,
     /// jitd's wall clock as it answered, and what it noticed about it.

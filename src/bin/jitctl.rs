@@ -641,7 +641,7 @@ fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
     if let Some(at) = s.connections_counted_at {
         writeln!(
             out,
-            "CONNS: new connections each grant admitted, counted up to {} (jitd reads the kernel's counters every 10 s)",
+            "CONNS: new connections each grant admitted, counted up to {} (the kernel's counters)",
             at.with_timezone(&Local).format("%H:%M:%S")
         )?;
     }

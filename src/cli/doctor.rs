@@ -84,9 +84,13 @@ pub fn render(report: &DoctorReport) -> String {
         push_lines(&mut out, "  ", toml);
     }
     let verdict = HealthSummary::from(report).line();
+    let shared = match report.shared_age_ms {
+        Some(age) => format!("; shared with a concurrent caller, {age} ms old"),
+        None => String::new(),
+    };
     let _ = writeln!(
         out,
-        "\n{}: {} check(s), checked {} ({} ms)",
+        "\n{}: {} check(s), checked {} ({} ms{shared})",
         escape_for_terminal(&verdict),
         report.checks.len(),
         report

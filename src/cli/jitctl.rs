@@ -240,7 +240,7 @@ pub struct KnockArgs {
     /// Sign this source address or prefix instead of "the address the packet comes from".
     #[arg(short, long, value_name = "ADDR")]
     pub source: Option<String>,
-    /// The key to sign with: a private key file, or a public key (or certificate) whose private half is in ssh-agent.
+    /// The key to sign with: a private key file (its certificate KEY-cert.pub beside it is used, as ssh does), or a public key (or certificate) whose private half is in ssh-agent.
     #[arg(short, long, value_name = "FILE")]
     pub key: Option<PathBuf>,
     /// Send the knock and exit without waiting for the port to open.

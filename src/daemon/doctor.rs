@@ -1,9 +1,10 @@
 //! The doctor inside jitd: gathers the facts only jitd can see (its table and drift
 //! monitor, the audit log, the whole ruleset, other users' listening processes), has
 //! [`crate::health::judge`] judge them, and keeps the verdict for `status` and the
-//! metrics. One run at a time; a result is reused for [`REUSE_FOR`], so callers
-//! cannot make jitd work harder than one run every few seconds; the audit chain is
-//! walked at most every [`VERIFY_EVERY`]. A run every [`RUN_EVERY`] keeps the verdict fresh.
+//! metrics. One run at a time. A caller gets a check made after it asked: callers who
+//! ask during a run wait for it and share the next one, so many at once cost two runs;
+//! only jitd's own run every [`RUN_EVERY`] takes a result up to [`REUSE_FOR`] old. The
+//! audit chain is walked at most every [`VERIFY_EVERY`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use crate::health::probe;
 use crate::health::report::{DoctorReport, HealthSummary};
 use crate::policy::{self, Role};
 
-/// How long a result is reused.
+/// How old a result jitd's own periodic run takes instead of running again.
 pub const REUSE_FOR: Duration = Duration::from_secs(5);
 /// How often jitd runs the doctor by itself (for `status` and the metrics).
 pub const RUN_EVERY: Duration = Duration::from_secs(60);
@@ -32,7 +33,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The doctor's state in the daemon.
 pub struct HealthState {
-    /// The last result; held while a run is under way, so runs never overlap.
+    /// The last result and when its run started; held while a run is under way, so
+    /// runs never overlap.
     last: tokio::sync::Mutex<Option<(Instant, Arc<DoctorReport>)>>,
     /// The verdict in short, for `status`.
     summary: Mutex<Option<HealthSummary>>,
@@ -114,16 +116,24 @@ impl<F: Firewall> Daemon<F> {
             policy::require_role(&st.config.access, caller, Role::Viewer, "run the doctor")
                 .map_err(|d| Reply::error(d.code, d.message))?;
         }
-        Ok((*self.run_doctor().await).clone())
+        let asked = Instant::now();
+        let (report, shared) = self.run_doctor(asked).await;
+        let mut report = (*report).clone();
+        if shared {
+            let age = chrono::Utc::now() - report.checked_at;
+            report.shared_age_ms = Some(u64::try_from(age.num_milliseconds()).unwrap_or(0));
+        }
+        Ok(report)
     }
 
-    /// The doctor's result, fresh or at most [`REUSE_FOR`] old. Runs never overlap:
-    /// callers during a run wait for it and share its result.
-    pub(super) async fn run_doctor(&self) -> Arc<DoctorReport> {
+    /// The result of a run that started at `not_before` or later: the last one when it
+    /// did (with `true`: shared), else a new run. Runs never overlap: a caller asking
+    /// during a run waits for it, then takes the run the first of the waiters starts.
+    pub(super) async fn run_doctor(&self, not_before: Instant) -> (Arc<DoctorReport>, bool) {
         let mut last = self.health.last.lock().await;
-        if let Some((at, report)) = last.as_ref() {
-            if at.elapsed() < REUSE_FOR {
-                return report.clone();
+        if let Some((started, report)) = last.as_ref() {
+            if *started >= not_before {
+                return (report.clone(), true);
             }
         }
         let started = Instant::now();
@@ -136,8 +146,8 @@ impl<F: Firewall> Daemon<F> {
         if let Ok(mut s) = self.health.summary.lock() {
             *s = Some(summary);
         }
-        *last = Some((Instant::now(), report.clone()));
-        report
+        *last = Some((started, report.clone()));
+        (report, false)
     }
 
     async fn gather(&self) -> Facts {
@@ -266,7 +276,7 @@ pub async fn watch_health<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Sto
         }
         tokio::select! {
             _ = stopping.wait_for(|s| *s) => return Ok(()),
-            report = daemon.run_doctor() => {
+            (report, _) = daemon.run_doctor(Instant::now().checked_sub(REUSE_FOR).unwrap_or_else(Instant::now)) => {
                 // logged when the verdict changes, not every minute
                 let line = HealthSummary::from(&*report).line();
                 if line != said {
@@ -286,7 +296,7 @@ pub async fn watch_health<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Sto
 mod tests {
     use super::*;
     use crate::api::server::{Handler, Peer};
-    use crate::daemon::tests::daemon;
+    use crate::daemon::tests::{daemon, root};
 
     #[tokio::test]
     async fn a_caller_without_a_role_is_refused_before_anything_is_probed() {
@@ -301,6 +311,33 @@ mod tests {
         assert_eq!(reply.error.unwrap().code, crate::domain::ErrorCode::NotAuthorized);
         assert!(d.health.last.lock().await.is_none(), "no run was made for it");
         assert!(d.health.summary().is_none());
+    }
+
+    /// A caller gets a check made after it asked; callers asking together share one.
+    #[tokio::test]
+    async fn each_caller_gets_a_check_made_after_it_asked_and_concurrent_callers_share_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = daemon(dir.path()).await;
+        let ask = || d.handle(root(), crate::api::protocol::Request::Doctor);
+        let first = ask().await;
+        let second = ask().await;
+        let checked = |r: &crate::api::protocol::Reply| -> (String, Option<u64>) {
+            let report: DoctorReport = serde_json::from_value(r.result.clone().unwrap()).unwrap();
+            (report.checked_at.to_rfc3339(), report.shared_age_ms)
+        };
+        let (one, two) = (checked(&first), checked(&second));
+        assert!(one.1.is_none() && two.1.is_none(), "not shared");
+        assert_ne!(
+            one.0, two.0,
+            "the second caller got a check of its own, not the first's"
+        );
+        let together = futures::future::join_all((0..8).map(|_| ask())).await;
+        let runs: std::collections::BTreeSet<String> = together.iter().map(|r| checked(r).0).collect();
+        assert!(runs.len() <= 2, "8 callers at once: {} runs", runs.len());
+        assert!(
+            together.iter().any(|r| checked(r).1.is_some()),
+            "some were shared, and say so"
+        );
     }
 
     #[test]

@@ -111,6 +111,17 @@ impl State {
         }
     }
 
+    /// Notes that jitd read the kernel's elements `touched` (their counters): a reading
+    /// begun before leaves them out, as if jitd had changed them. Unlike a transaction
+    /// it is over at once; one in flight stays in flight.
+    fn note_read(&mut self, touched: Touched) {
+        let idle = self.settled == self.begun;
+        self.begin(touched, false);
+        if idle {
+            self.settle();
+        }
+    }
+
     /// Notes that the transaction begun last is over (applied or undone).
     fn settle(&mut self) {
         self.settled = self.begun;
@@ -223,7 +234,7 @@ impl<F: Firewall> Handler for Daemon<F> {
                 signer: None,
             });
         match request {
-            Request::Status(q) => self.status(&caller, &q).map_or_else(|r| r, Reply::ok),
+            Request::Status(q) => self.status(&caller, &q).await.map_or_else(|r| r, Reply::ok),
             Request::Request(r) => self.request_as(caller, login_of(peer), r).await,
             Request::Revoke(r) => self.revoke(caller, r).await,
             Request::Audit(q) => self.audit_query(&caller, q).await.map_or_else(|r| r, Reply::ok),

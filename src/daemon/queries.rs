@@ -19,26 +19,60 @@ use crate::policy::{self, Role};
 
 impl<F: Firewall> Daemon<F> {
     /// The header (ports, policy, health, the clock) and one page of the live grants,
-    /// in id order after `q.cursor`. A page is built under the state lock in time
-    /// proportional to its size (the book is ordered by id), so a reply's size and the
-    /// time the lock is held are bounded by [`MAX_STATUS_LIMIT`], however many grants
-    /// there are.
-    pub(super) fn status(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
+    /// in id order after `q.cursor`, their connections counted up to now: the kernel's
+    /// counters of the page's elements are read first ([`Daemon::count_page`]). A page
+    /// is built under the state lock in time proportional to its size (the book is
+    /// ordered by id), so a reply's size and the time the lock is held are bounded by
+    /// [`MAX_STATUS_LIMIT`], however many grants there are.
+    pub(super) async fn status(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
+        let counted = self.count_page(caller, q).await?;
+        let mut reply = self.status_page(caller, q)?;
+        if counted.is_some() {
+            reply.connections_counted_at = counted;
+        }
+        Ok(reply)
+    }
+
+    /// Reads the counters of the elements of the grants on the page `q` asks for, and
+    /// credits them ([`super::State::credit_elements`]): a grant used a moment ago shows
+    /// it. `Ok(Some(when))` when read; `Ok(None)` when there was nothing to read, or the
+    /// kernel could not be read (the page then shows the last periodic reading).
+    async fn count_page(&self, caller: &Caller, q: &StatusQuery) -> Result<Option<DateTime<Utc>>, Reply> {
+        let (keys, settled) = {
+            let st = self.lock();
+            policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
+                .map_err(|d| Reply::error(d.code, d.message))?;
+            let (after, limit) = page_bounds(q)?;
+            let page: Vec<&Grant> = st
+                .book
+                .iter_after(after)
+                .take_while(|g| g.id <= st.recorded)
+                .take(limit)
+                .collect();
+            (st.book.element_keys_of(&page), st.settled)
+        };
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let read_at = Utc::now();
+        match self.firewall.read_counts(keys.clone()).await {
+            Ok(counts) => {
+                self.lock().credit_elements(&keys, counts, settled);
+                Ok(Some(read_at))
+            }
+            Err(e) => {
+                tracing::warn!("status: cannot read the counters of the grants shown ({e})");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The reply of [`Daemon::status`], from the ledger as it stands.
+    fn status_page(&self, caller: &Caller, q: &StatusQuery) -> Result<StatusReply, Reply> {
         let mut st = self.lock();
         let role = policy::require_role(&st.config.access, caller, Role::Viewer, "read the status")
             .map_err(|d| Reply::error(d.code, d.message))?;
-        let after = q.cursor.as_deref().map(StatusCursor::parse).transpose();
-        let after = after.map_err(|e| Reply::error(ErrorCode::InvalidArgument, e))?;
-        let limit = match q.limit {
-            Some(0) => {
-                return Err(Reply::error(
-                    ErrorCode::InvalidArgument,
-                    "limit: must be at least 1, got 0",
-                ))
-            }
-            Some(n) => n.min(MAX_STATUS_LIMIT),
-            None => MAX_STATUS_LIMIT,
-        };
+        let (after, limit) = page_bounds(q)?;
         // one instant and one wall-clock reading for the whole page: every expires_at
         // is that `now` plus the time left by the monotonic clock
         let now = Instant::now();
@@ -46,7 +80,7 @@ impl<F: Firewall> Daemon<F> {
         let ports = port_statuses(&mut st, wall);
         let book = &st.book;
         let mut grants: Vec<GrantInfo> = book
-            .iter_after(after.map(|c| c.0))
+            .iter_after(after)
             .take_while(|g| g.id <= st.recorded)
             .take(limit)
             .map(|g| {
@@ -129,6 +163,23 @@ impl<F: Firewall> Daemon<F> {
             next_cursor: page.next.map(|c| c.encode()),
         })
     }
+}
+
+/// Where the page `q` starts (after which grant id) and how many grants it holds.
+fn page_bounds(q: &StatusQuery) -> Result<(Option<crate::domain::GrantId>, usize), Reply> {
+    let after = q.cursor.as_deref().map(StatusCursor::parse).transpose();
+    let after = after.map_err(|e| Reply::error(ErrorCode::InvalidArgument, e))?;
+    let limit = match q.limit {
+        Some(0) => {
+            return Err(Reply::error(
+                ErrorCode::InvalidArgument,
+                "limit: must be at least 1, got 0",
+            ))
+        }
+        Some(n) => n.min(MAX_STATUS_LIMIT),
+        None => MAX_STATUS_LIMIT,
+    };
+    Ok((after.map(|c| c.0), limit))
 }
 
 /// The protected ports and their use in the last [`super::USAGE_WINDOW`] (older

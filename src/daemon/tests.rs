@@ -262,12 +262,13 @@ async fn a_stalled_disk_holds_requests_but_not_the_watchdog_or_status() {
         d.responsive(Duration::from_secs(2)).await,
         "the committer still answers pings"
     );
-    let status = d.status(&Caller::resolve(0, 0), &Default::default());
-    let shown = status.expect("status does not wait for the disk").grants.len();
+    let (root_caller, page) = (Caller::resolve(0, 0), Default::default());
+    let status = tokio::time::timeout(Duration::from_secs(5), d.status(&root_caller, &page)).await;
+    let shown = status.expect("status does not wait for the disk").unwrap().grants.len();
     assert_eq!(shown, 0, "a grant whose record is not written yet is not shown");
     drop(release);
     assert!(asking.await.unwrap().ok);
-    let status = d.status(&Caller::resolve(0, 0), &Default::default()).unwrap();
+    let status = d.status(&Caller::resolve(0, 0), &Default::default()).await.unwrap();
     assert_eq!(status.grants.len(), 1, "once recorded, it is shown");
 }
 

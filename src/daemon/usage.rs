@@ -83,6 +83,30 @@ impl State {
         self.checkpoint_news();
     }
 
+    /// Credits a reading of the elements `keys` (`counts`: those that counted
+    /// anything), begun when transaction `settled` was the last one over, to the grants
+    /// covering each; the elements jitd changed since are left out (all of them when
+    /// that is not known). A wider reading begun before this one then leaves them out.
+    pub(super) fn credit_elements(
+        &mut self,
+        keys: &[GrantKey],
+        counts: std::collections::HashMap<GrantKey, u64>,
+        settled: u64,
+    ) {
+        let skip = self.touched_since(settled);
+        for (key, n) in counts {
+            if skip.as_ref().is_none_or(|s| s.covers(&key)) {
+                continue;
+            }
+            let (grants, hidden) = self.book.covering(&key);
+            self.ledger.observe(key, n, &grants, &hidden);
+        }
+        let mut read = Touched::default();
+        keys.iter().for_each(|k| read.add_key(k));
+        self.note_read(read);
+        self.checkpoint_news();
+    }
+
     /// Asks for a checkpoint when a grant was used for the first time (see
     /// [`crate::grants::usage::Ledger::take_news`]).
     pub(super) fn checkpoint_news(&mut self) {
@@ -202,35 +226,25 @@ impl<F: Firewall> Daemon<F> {
     /// end after those. Returns whether the counters could be read.
     pub(super) async fn sample_expiring(&self, now: Instant) -> bool {
         let horizon = now + EXPIRY_READ_AHEAD;
-        let keys: Vec<GrantKey> = {
+        let (keys, settled) = {
             let mut st = self.lock();
             st.sampled_until = st.sampled_until.max(horizon);
             let due = st.book.due_by(horizon);
-            st.book.element_keys_of(&due)
+            (st.book.element_keys_of(&due), st.settled)
         };
         if keys.is_empty() {
             return true;
         }
-        let counts = match self.firewall.read_counts(keys.clone()).await {
-            Ok(counts) => counts,
+        match self.firewall.read_counts(keys.clone()).await {
+            Ok(counts) => {
+                self.lock().credit_elements(&keys, counts, settled);
+                true
+            }
             Err(e) => {
                 tracing::warn!("cannot read the counters of grants about to end ({e})");
-                return false;
+                false
             }
-        };
-        let mut st = self.lock();
-        // a drift reading that began before this one must not take these elements
-        // back to an older count
-        let mut read = Touched::default();
-        keys.iter().for_each(|k| read.add_key(k));
-        st.begin(read, false);
-        st.settle();
-        for (key, n) in counts {
-            let (grants, hidden) = st.book.covering(&key);
-            st.ledger.observe(key, n, &grants, &hidden);
         }
-        st.checkpoint_news();
-        true
     }
 
     /// When the next expiry sample is due: [`EXPIRY_READ_AHEAD`] before the first end

@@ -168,18 +168,9 @@ impl Reader {
         mut each: impl FnMut(Object),
     ) -> io::Result<bool> {
         self.seq = self.seq.wrapping_add(1);
-        let mut payload = vec![family, 0, 0, 0];
-        for (kind, value) in attrs {
-            put_attr(&mut payload, *kind, value);
-        }
         let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { NLM_F_ACK };
-        let mut packet = Vec::with_capacity(HDR + payload.len());
-        packet.extend_from_slice(&((HDR + payload.len()) as u32).to_ne_bytes());
-        packet.extend_from_slice(&((subsys << 8) | msg).to_ne_bytes());
-        packet.extend_from_slice(&flags.to_ne_bytes());
-        packet.extend_from_slice(&self.seq.to_ne_bytes());
-        packet.extend_from_slice(&0u32.to_ne_bytes());
-        packet.extend_from_slice(&payload);
+        let mut packet = Vec::new();
+        put_message(&mut packet, (subsys << 8) | msg, flags, self.seq, family, attrs);
         self.socket.send_to(&packet, &SocketAddr::new(0, 0), 0)?;
         loop {
             let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
@@ -214,6 +205,87 @@ impl Reader {
             }
         }
     }
+}
+
+impl Reader {
+    /// Sends the nftables get requests `requests` (the attributes of each), many to one
+    /// datagram, and hands each answer to `each` with its index: the object, or `None`
+    /// when the kernel answers ENOENT. A round trip per [`MANY_AT_ONCE`] requests
+    /// rather than per request.
+    fn get_many(
+        &mut self,
+        msg: u16,
+        requests: &[Vec<(u16, Vec<u8>)>],
+        mut each: impl FnMut(usize, Option<Object>),
+    ) -> io::Result<()> {
+        for (chunk, batch) in requests.chunks(MANY_AT_ONCE).enumerate() {
+            let first = self.seq.wrapping_add(1);
+            let mut packet = Vec::new();
+            for attrs in batch {
+                self.seq = self.seq.wrapping_add(1);
+                // no NLM_F_ACK: one answer per request, the object or an error
+                put_message(
+                    &mut packet,
+                    (NFNL_SUBSYS_NFTABLES << 8) | msg,
+                    NLM_F_REQUEST,
+                    self.seq,
+                    NFPROTO_INET,
+                    attrs,
+                );
+            }
+            self.socket.send_to(&packet, &SocketAddr::new(0, 0), 0)?;
+            let mut left = batch.len();
+            while left > 0 {
+                let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+                for (kind, seq, body) in messages(&self.buf[..n.min(self.buf.len())]) {
+                    let i = seq.wrapping_sub(first) as usize;
+                    if i >= batch.len() {
+                        continue; // an answer to an earlier request
+                    }
+                    let index = chunk * MANY_AT_ONCE + i;
+                    match kind {
+                        NLMSG_ERROR => {
+                            let errno =
+                                i32::from_ne_bytes(body.get(0..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                            match -errno {
+                                e if e == nix::errno::Errno::ENOENT as i32 => each(index, None),
+                                0 => continue, // not asked for; never counts as the answer
+                                e => return Err(io::Error::from_raw_os_error(e)),
+                            }
+                        }
+                        _ if body.len() >= NFGEN => each(
+                            index,
+                            Some(Object {
+                                kind: kind & 0xff,
+                                attrs: parse_attrs(&body[NFGEN..]),
+                            }),
+                        ),
+                        _ => continue,
+                    }
+                    left -= 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many get requests [`Reader::get_many`] sends in one datagram: their answers
+/// (about 150 bytes each) stay far below the socket's receive buffer.
+const MANY_AT_ONCE: usize = 256;
+
+/// Appends one netlink message (header, nfgenmsg of `family`, `attrs`) to `packet`.
+fn put_message(packet: &mut Vec<u8>, kind: u16, flags: u16, seq: u32, family: u8, attrs: &[(u16, Vec<u8>)]) {
+    let mut payload = vec![family, 0, 0, 0];
+    for (attr, value) in attrs {
+        put_attr(&mut payload, *attr, value);
+    }
+    packet.extend_from_slice(&((HDR + payload.len()) as u32).to_ne_bytes());
+    packet.extend_from_slice(&kind.to_ne_bytes());
+    packet.extend_from_slice(&flags.to_ne_bytes());
+    packet.extend_from_slice(&seq.to_ne_bytes());
+    packet.extend_from_slice(&0u32.to_ne_bytes());
+    packet.extend_from_slice(&payload);
 }
 
 /// Attribute numbers (linux/netfilter/nf_tables.h) the readers below use.
@@ -327,17 +399,30 @@ pub fn dump_elements(reader: &mut Reader, table: &str, set: &str) -> io::Result<
     Ok(found.then_some(elements))
 }
 
-/// One element of set `set` in table `inet TABLE`, asked for by its key (and, in an
-/// interval set, the end of its range), as the kernel holds it now; `None` when the
-/// set holds no such element (or there is no such set). One request, one element: the
-/// kernel stops at the first element of a request it does not find.
-pub fn get_element(
+/// Elements of set `set` in table `inet TABLE`, asked for by `(key, range end)` (the
+/// end in an interval set), as the kernel holds them now: the answers in the order of
+/// `keys`, `None` where the set holds no such element (or there is no such set). One
+/// request per element, since the kernel stops at the first element of a request it
+/// does not find; many requests to a round trip.
+pub fn get_elements(
     reader: &mut Reader,
     table: &str,
     set: &str,
-    key: &[u8],
-    key_end: Option<&[u8]>,
-) -> io::Result<Option<RawElement>> {
+    keys: &[(Vec<u8>, Option<Vec<u8>>)],
+) -> io::Result<Vec<Option<RawElement>>> {
+    let requests: Vec<_> = keys
+        .iter()
+        .map(|(key, end)| get_element_attrs(table, set, key, end.as_deref()))
+        .collect();
+    let mut found = vec![None; keys.len()];
+    reader.get_many(NFT_MSG_GETSETELEM, &requests, |i, object| {
+        found[i] = object.and_then(|o| elements_of(std::slice::from_ref(&o)).into_iter().next());
+    })?;
+    Ok(found)
+}
+
+/// The attributes of a GETSETELEM request for one element.
+fn get_element_attrs(table: &str, set: &str, key: &[u8], key_end: Option<&[u8]>) -> Vec<(u16, Vec<u8>)> {
     let data = |bytes: &[u8]| {
         let mut value = Vec::new();
         put_attr(&mut value, attr::DATA_VALUE, bytes);
@@ -350,16 +435,11 @@ pub fn get_element(
     }
     let mut list = Vec::new();
     put_attr(&mut list, NFTA_LIST_ELEM | NLA_F_NESTED, &element);
-    let found = reader.request(
-        NFT_MSG_GETSETELEM,
-        false,
-        &[
-            (attr::OBJ_TABLE, cstr(table)),
-            (attr::SET_NAME, cstr(set)),
-            (attr::ELEM_LIST_ELEMENTS | NLA_F_NESTED, list),
-        ],
-    )?;
-    Ok(found.and_then(|objects| elements_of(&objects).into_iter().next()))
+    vec![
+        (attr::OBJ_TABLE, cstr(table)),
+        (attr::SET_NAME, cstr(set)),
+        (attr::ELEM_LIST_ELEMENTS | NLA_F_NESTED, list),
+    ]
 }
 
 /// NFTA_LIST_ELEM: one item of a nested list.

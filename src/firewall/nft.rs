@@ -191,11 +191,17 @@ fn counts_over_netlink(keys: &[GrantKey]) -> std::io::Result<HashMap<GrantKey, u
         counts.extend(keys.iter().filter_map(|k| all.get(k).map(|n| (*k, *n))));
         return Ok(counts);
     }
-    for key in keys {
-        let (start, end) = kernel::encode_grant(key);
-        let found = netlink::get_element(&mut reader, TABLE, grant_set(&key.source), &start, end.as_deref())?;
-        if let Some(packets) = found.and_then(|e| e.packets) {
-            counts.insert(*key, packets);
+    for set in GRANT_SETS {
+        let asked: Vec<&GrantKey> = keys.iter().filter(|k| grant_set(&k.source) == set).collect();
+        if asked.is_empty() {
+            continue;
+        }
+        let encoded: Vec<_> = asked.iter().map(|k| kernel::encode_grant(k)).collect();
+        let found = netlink::get_elements(&mut reader, TABLE, set, &encoded)?;
+        for (key, element) in asked.into_iter().zip(found) {
+            if let Some(packets) = element.and_then(|e| e.packets) {
+                counts.insert(*key, packets);
+            }
         }
     }
     Ok(counts)

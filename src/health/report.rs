@@ -86,10 +86,14 @@ pub struct DoctorReport {
     pub problems: usize,
     /// Checks that warn.
     pub warnings: usize,
-    /// When jitd ran the checks (a result is reused for a few seconds).
+    /// When jitd ran the checks.
     pub checked_at: DateTime<Utc>,
     /// How long the run took, in milliseconds.
     pub took_ms: u64,
+    /// Set when this caller got the result of a run another caller started while it
+    /// waited (runs never overlap): how old the result was when handed over, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_age_ms: Option<u64>,
     /// Every check, in a stable order.
     pub checks: Vec<Check>,
     /// The listening sockets reachable from outside the host (loopback ones left out).
@@ -116,6 +120,7 @@ impl DoctorReport {
             warnings,
             checked_at,
             took_ms,
+            shared_age_ms: None,
             checks,
             listeners,
             toml,

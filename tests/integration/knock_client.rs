@@ -298,6 +298,62 @@ fn a_key_file_signs_without_an_agent_and_the_default_files_are_found() {
     );
 }
 
+/// Like ssh, jitctl signs with `KEY-cert.pub` when it lies beside the key file, named
+/// with --key or found in ~/.ssh; only the team CA's line vouches for it.
+#[test]
+fn a_certificate_beside_the_key_file_is_used_as_ssh_uses_it() {
+    let home = tempfile::tempdir().unwrap();
+    let ssh = home.path().join(".ssh");
+    std::fs::create_dir(&ssh).unwrap();
+    let ca = keygen(home.path(), "ca", "ed25519");
+    let certify = |key: &Path, principal: &str| {
+        let out = Command::new("ssh-keygen")
+            .args(["-q", "-s"])
+            .arg(&ca)
+            .args(["-I", "laptop", "-n", principal, "-V", "-5m:+1h"])
+            .arg(public(key))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ssh-keygen -s: {}", text(&out));
+    };
+    let ca_line = |principal: &str| {
+        let line = std::fs::read_to_string(public(&ca)).unwrap();
+        let mut fields = line.split_whitespace();
+        format!(
+            "{principal} cert-authority {} {}\n",
+            fields.next().unwrap(),
+            fields.next().unwrap()
+        )
+    };
+    let (socket, port) = knock_port();
+    let target = format!("127.0.0.1:{port}");
+    let given = keygen(home.path(), "given", "ed25519");
+    certify(&given, "alice");
+    let args = [
+        target.as_str(),
+        "--key",
+        given.to_str().unwrap(),
+        "-p",
+        "22",
+        "-d",
+        "1h",
+        "--no-wait",
+    ];
+    let out = knock(home.path(), None, &args);
+    assert!(out.status.success(), "{}", text(&out));
+    let checked = verified(&receive(&socket), &ca_line("alice"));
+    assert_eq!(checked.principals, ["alice"], "signed as the certificate");
+    let default = keygen(&ssh, "id_ed25519", "ed25519");
+    certify(&default, "bob");
+    let out = knock(
+        home.path(),
+        None,
+        &[target.as_str(), "-p", "22", "-d", "1h", "--no-wait"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(verified(&receive(&socket), &ca_line("bob")).principals, ["bob"]);
+}
+
 #[test]
 fn no_key_anywhere_is_exit_2_with_what_to_do_and_nothing_is_sent() {
     let home = tempfile::tempdir().unwrap();

@@ -18,12 +18,12 @@ pub const DEFAULT_KEYS: [&str; 5] = ["id_ed25519", "id_ecdsa", "id_ecdsa_sk", "i
 /// The key a knock is signed with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
-    /// A file the user named: a private key, or a public key (or certificate) whose
-    /// private half is in ssh-agent.
+    /// A file the user named: a private key (or its certificate `KEY-cert.pub` beside
+    /// it), or a public key (or certificate) whose private half is in ssh-agent.
     Given(PathBuf),
     /// ssh-agent's first key: its line as `ssh-add -L` prints it.
     Agent(String),
-    /// The first of `~/.ssh/id_*` that exists.
+    /// The first of `~/.ssh/id_*` that exists (or its certificate beside it).
     Default(PathBuf),
 }
 
@@ -51,7 +51,7 @@ pub fn choose(
 ) -> Result<Key, String> {
     if let Some((path, from)) = given {
         return match exists(&path) {
-            true => Ok(Key::Given(path)),
+            true => Ok(Key::Given(with_certificate(path, &exists))),
             false => Err(format!("{from} {}: no such file", path.display())),
         };
     }
@@ -63,8 +63,25 @@ pub fn choose(
     ssh.iter()
         .flat_map(|dir| DEFAULT_KEYS.iter().map(move |k| dir.join(k)))
         .find(|p| exists(p))
-        .map(Key::Default)
+        .map(|p| Key::Default(with_certificate(p, &exists)))
         .ok_or_else(|| "no SSH key: ssh-agent has none and ~/.ssh/id_* do not exist; give --key".to_string())
+}
+
+/// The file to sign with for the private key `path`: its certificate `PATH-cert.pub`
+/// when one lies beside it (ssh does the same: ssh-keygen then signs with the private
+/// key and puts the certificate in the signature), else the key itself. A public key or
+/// a certificate named outright is taken as it is.
+fn with_certificate(path: PathBuf, exists: impl Fn(&Path) -> bool) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "pub") {
+        return path;
+    }
+    let mut cert = path.clone().into_os_string();
+    cert.push("-cert.pub");
+    let cert = PathBuf::from(cert);
+    match exists(&cert) {
+        true => cert,
+        false => path,
+    }
 }
 
 /// The keys ssh-agent holds, when `SSH_AUTH_SOCK` is set and it answers (asked
@@ -246,6 +263,34 @@ mod tests {
             choose(None, None, home, sk),
             Ok(Key::Default("/home/a/.ssh/id_ed25519_sk".into()))
         );
+    }
+
+    #[test]
+    fn a_certificate_beside_a_key_file_is_used_as_ssh_does() {
+        let home = Some(Path::new("/home/a"));
+        let files = with(&[
+            "/k",
+            "/k-cert.pub",
+            "/k.pub",
+            "/home/a/.ssh/id_ed25519",
+            "/home/a/.ssh/id_ed25519-cert.pub",
+        ]);
+        let given = |p: &str| Some((PathBuf::from(p), "--key".to_string()));
+        assert_eq!(
+            choose(given("/k"), None, home, &files),
+            Ok(Key::Given("/k-cert.pub".into()))
+        );
+        assert_eq!(
+            choose(given("/k.pub"), None, home, &files),
+            Ok(Key::Given("/k.pub".into())),
+            "a public key named outright"
+        );
+        assert_eq!(
+            choose(None, None, home, &files),
+            Ok(Key::Default("/home/a/.ssh/id_ed25519-cert.pub".into()))
+        );
+        let plain = with(&["/k", "/home/a/.ssh/id_rsa"]);
+        assert_eq!(choose(given("/k"), None, home, &plain), Ok(Key::Given("/k".into())));
     }
 
     #[test]

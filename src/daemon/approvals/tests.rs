@@ -69,7 +69,7 @@ async fn a_request_waits_until_someone_else_approves_it_and_opens_from_then() {
     assert_eq!((pending.action, pending.outcome), (Action::Request, Outcome::Pending));
     assert_eq!((pending.request_id, pending.ports.clone()), (Some(id), vec![22, 3389]));
     assert!(pending.times_out_at.is_some());
-    let status = d.status(&Caller::resolve_uid(4243), &Default::default()).unwrap();
+    let status = d.status(&Caller::resolve_uid(4243), &Default::default()).await.unwrap();
     assert_eq!(status.pending.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id]);
     assert!(status.approver);
     let reply = d.handle(peer(4243), approve(id)).await;
