@@ -118,7 +118,10 @@ fn clamped_to_max_duration(how: Stop) {
     assert!((500..=600).contains(&left), "at most 10m left: {left}");
     let ruleset = net.ruleset();
     // `A . tcp . 22 counter packets N bytes M timeout T expires E`
-    let element = ruleset.split(&format!("{A4} . tcp . 22 ")).nth(1).expect("A's element");
+    let element = ruleset
+        .split(&format!("{A4} . tcp . 22 "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("A's element is not in the kernel: {ruleset}\n{}", jitd.log_text()));
     let timeout = element
         .split("timeout ")
         .nth(1)
