@@ -1,12 +1,13 @@
 //! The fleet against someone who can write to etcd but holds no signing key, and
 //! against two requests for one address: a revoke undone by writing the kept value
 //! again, values too large to read in one response, a full read of much junk (jitd's
-//! memory), and one request closing another's access. Real etcd, real jitd hosts,
-//! access proven by connecting.
+//! memory), a request signed for another fleet, and one request closing another's
+//! access. Real etcd, real jitd hosts, access proven by connecting.
 
 use std::time::Duration;
 
 use crate::fleet::*;
+use crate::fleet_net::CLIENT_IP;
 use crate::util::*;
 
 #[test]
@@ -151,6 +152,62 @@ fn a_group_joined_while_etcd_was_unreachable_is_read_on_return() {
         fleet.logs()
     );
     assert_eq!(fleet.approvals_of(3, &id), 1);
+}
+
+#[test]
+fn a_request_signed_for_another_fleet_opens_nothing_here_even_copied_into_this_ones_prefix() {
+    let fleet = Fleet::new();
+    let alice = fleet.alice.path.display().to_string();
+    let sign_in = |flags: &[&str], host: &str| {
+        let mut args = flags.to_vec();
+        let request = [
+            "request",
+            "--hosts",
+            host,
+            "--port",
+            "22",
+            "--source",
+            CLIENT_IP,
+            "--duration",
+            "10m",
+            "--key",
+            &alice,
+            "--wait",
+            "2s",
+        ];
+        args.extend(request);
+        let out = fleet.ctl(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let id = v["id"].as_str().unwrap_or_else(|| panic!("{}", text(&out))).to_string();
+        id
+    };
+    // alice signs for h1 in the fleet under /staging/ (no host of this fleet reads it
+    // there); someone who can write to etcd copies it into this fleet's prefix
+    let id = sign_in(&["--prefix", "/staging/"], "h1");
+    let signed = fleet.etcd.get_raw(&format!("/staging/requests/{id}")).expect("written");
+    assert!(signed.starts_with("fleet /staging/\n"), "{signed}");
+    fleet.etcd.put_raw(&format!("/jitd/requests/{id}"), &signed, Some(600));
+    // and a request for h2 signed for fleet "staging" written straight into this prefix
+    let named = sign_in(&["--fleet-id", "staging"], "h2");
+    for (n, id) in [(1, &id), (2, &named)] {
+        let refused = wait_for(Duration::from_secs(15), || {
+            fleet.fleet_records(n).iter().any(|r| {
+                r["reason"]
+                    .as_str()
+                    .is_some_and(|why| why.starts_with("other_fleet:") && why.contains(id.as_str()))
+            })
+        });
+        assert!(refused, "h{n}: {:?}\n{}", fleet.fleet_records(n), fleet.logs());
+        assert!(!fleet.open(n), "h{n} opened for a request signed for another fleet");
+        assert_eq!(fleet.approvals_of(n, id), 0);
+    }
+    // requests signed for this fleet still open
+    fleet.approved("h1,h2");
+    assert!(
+        fleet.opens_within(1, 10) && fleet.opens_within(2, 10),
+        "{}",
+        fleet.logs()
+    );
 }
 
 /// The peak resident memory of process `pid` (VmHWM), in bytes.

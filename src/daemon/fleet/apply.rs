@@ -243,15 +243,23 @@ impl<F: Firewall> Judge<'_, F> {
             let why = "the request was deleted and written again; what the first one opened is closed";
             return self.withdraw(id, why).await;
         }
-        let selected = self
+        let screened = self
             .daemon
             .config()
             .fleet
-            .is_some_and(|now| !matches!(judge::screen(id, kv.value(), &now, Utc::now()), Ok(None)));
-        if !selected {
-            return self
-                .withdraw(id, "this host is no longer among the hosts it names")
-                .await;
+            .map(|now| judge::screen(id, kv.value(), &now, Utc::now()));
+        match screened {
+            None | Some(Ok(None)) => {
+                return self
+                    .withdraw(id, "this host is no longer among the hosts it names")
+                    .await;
+            }
+            Some(Err(r)) if r.code == "other_fleet" => {
+                return self
+                    .withdraw(id, "this host is no longer in the fleet it was signed for")
+                    .await;
+            }
+            Some(_) => {}
         }
         if self.memory.answered.contains_key(id) || here.is_empty() {
             return Ok(());
