@@ -320,6 +320,7 @@ mod tests {
             name: "web1".into(),
             groups: vec!["web".into()],
             prefix: "/jitd/".into(),
+            id: "/jitd/".into(),
             allowed_signers: "/dev/null".into(),
             signers: std::sync::Arc::new(Vec::new()),
             signers_digest: [0; 32],

@@ -6,7 +6,8 @@
 //! that waits for an approver on some hosts and writes it beside the request; `revoke`
 //! revokes a request's lease. etcd's address and
 //! credentials: flags, else `ETCDCTL_*` (as etcdctl reads them), else
-//! `~/.config/jitctl/fleet.toml`.
+//! `~/.config/jitctl/fleet.toml`; the fleet's id (signed into every request and
+//! approval): `--fleet-id`, else `id` in that file, else the prefix.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ use crate::fleet::approval::FleetApproval;
 use crate::fleet::connect;
 use crate::fleet::records::{HostRecord, Keys, Outcome, StatusRecord};
 use crate::fleet::request::FleetRequest;
-use crate::fleet::settings::{valid_name, Tls, DEFAULT_PREFIX};
+use crate::fleet::settings::{valid_fleet_id, valid_name, Tls, DEFAULT_PREFIX};
 
 /// `~/.config/jitctl/fleet.toml`.
 #[derive(Debug, Default, Deserialize)]
@@ -34,14 +35,16 @@ struct FleetFile {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     prefix: Option<String>,
+    id: Option<String>,
 }
 
-/// Where etcd is and how to reach it, resolved.
+/// Where etcd is and how to reach it, resolved, and the fleet's id.
 #[derive(Debug)]
 struct Etcd {
     endpoints: Vec<String>,
     tls: Option<Tls>,
     keys: Keys,
+    fleet: String,
 }
 
 /// What `jitctl fleet` prints: one answer per host, or the fleet's state.
@@ -111,6 +114,7 @@ pub async fn run(args: &FleetArgs, json: bool) -> Result<(String, bool), String>
             wait,
         } => {
             let asked = Ask {
+                fleet: etcd.fleet.clone(),
                 hosts: hosts.iter().flat_map(|h| h.split(',')).map(str::to_string).collect(),
                 ports: ports.clone(),
                 source: source.clone(),
@@ -184,10 +188,17 @@ fn resolve(args: &FleetArgs) -> Result<Etcd, String> {
         .clone()
         .or(file.prefix)
         .unwrap_or_else(|| DEFAULT_PREFIX.into());
+    let fleet = args.fleet_id.clone().or(file.id).unwrap_or_else(|| prefix.clone());
+    if !valid_fleet_id(&fleet) {
+        return Err(format!(
+            "--fleet-id: must be 1-128 letters, digits, '.', '-', '_', '/' (the hosts' [fleet] id), got {fleet:?}"
+        ));
+    }
     Ok(Etcd {
         endpoints,
         tls,
         keys: Keys::new(&prefix),
+        fleet,
     })
 }
 
@@ -205,8 +216,9 @@ fn read_file() -> Result<FleetFile, String> {
     }
 }
 
-/// What the user asked for.
+/// What the user asked for, in which fleet.
 struct Ask {
+    fleet: String,
     hosts: Vec<String>,
     ports: Vec<u16>,
     source: String,
@@ -227,6 +239,7 @@ fn build(ask: &Ask, now: DateTime<Utc>, nonce: [u8; 16]) -> Result<FleetRequest,
     ports.sort_unstable();
     ports.dedup();
     let request = FleetRequest {
+        fleet: ask.fleet.clone(),
         hosts: ask.hosts.clone(),
         ports,
         duration: ask.duration.as_secs(),
@@ -349,6 +362,12 @@ async fn approve(
     wait: Duration,
 ) -> Result<Answers, String> {
     let (request, lease, requester) = live_request(etcd, client, id).await?;
+    if request.fleet != etcd.fleet {
+        return Err(format!(
+            "request {id} is signed for fleet {}, not this one ({}): no host here obeys it",
+            request.fleet, etcd.fleet
+        ));
+    }
     let waiting: Vec<String> = answers(etcd, client, id)
         .await?
         .into_iter()
@@ -361,6 +380,7 @@ async fn approve(
         ));
     }
     let approval = FleetApproval {
+        fleet: etcd.fleet.clone(),
         request: id.to_string(),
         requester,
         digest: request.digest(),
@@ -704,6 +724,7 @@ mod tests {
 
     fn ask() -> Ask {
         Ask {
+            fleet: "/jitd/".into(),
             hosts: vec!["group:web".into(), "db1".into()],
             ports: vec![3389, 22, 22],
             source: "198.51.100.7".into(),
@@ -723,6 +744,7 @@ mod tests {
         let mut bad = ask();
         bad.source = "nowhere".into();
         assert!(build(&bad, Utc::now(), [1; 16]).unwrap_err().contains("--source"));
+        assert_eq!(r.fleet, "/jitd/", "signed for the fleet asked in");
     }
 
     #[test]

@@ -165,6 +165,10 @@ pub struct FleetArgs {
     /// The fleet's key prefix (default /jitd/).
     #[arg(long, value_name = "PREFIX")]
     pub prefix: Option<String>,
+    /// The fleet's id, signed into requests and approvals: the hosts' `[fleet] id`
+    /// (default: `id` in ~/.config/jitctl/fleet.toml, else the prefix).
+    #[arg(long, value_name = "ID")]
+    pub fleet_id: Option<String>,
     #[command(subcommand)]
     pub command: FleetCommand,
 }

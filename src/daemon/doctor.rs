@@ -152,9 +152,13 @@ impl<F: Firewall> Daemon<F> {
 
     async fn gather(&self) -> Facts {
         let config = self.config();
+        let protected: Vec<_> = config.ports.iter().map(|p| (p.port, p.protocol)).collect();
         let (ruleset, listeners, families) = tokio::join!(
             tokio::time::timeout(PROBE_TIMEOUT, probe::nft::read_ruleset("nft")),
-            tokio::time::timeout(PROBE_TIMEOUT, tokio::task::spawn_blocking(listening)),
+            tokio::time::timeout(
+                PROBE_TIMEOUT,
+                tokio::task::spawn_blocking(move || listening(&protected))
+            ),
             tokio::time::timeout(PROBE_TIMEOUT, probe::host::families()),
         );
         let ports_listed = policy_lists_ports(&config.path);
@@ -167,8 +171,12 @@ impl<F: Firewall> Daemon<F> {
             drift: self.health.drift_state(),
             audit: self.audit_state(&config.state_dir).await,
             ruleset: ruleset.unwrap_or_else(|_| Err("reading it took too long".into())),
+            listeners_left_out: match &listeners {
+                Ok(Ok(Ok(kept))) => kept.left_out.clone(),
+                _ => Default::default(),
+            },
             listeners: match listeners {
-                Ok(Ok(found)) => found.map_err(|e| e.to_string()),
+                Ok(Ok(found)) => found.map(|kept| kept.found).map_err(|e| e.to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("reading them took too long".into()),
             },
@@ -250,10 +258,10 @@ impl<F: Firewall> Daemon<F> {
 }
 
 /// The listening sockets and who holds them (blocking: netlink, /proc, cgroups).
-fn listening() -> std::io::Result<Vec<crate::health::listeners::Listener>> {
-    let mut found = probe::sockets::listening()?;
-    probe::owners::identify(&mut found);
-    Ok(found)
+fn listening(protected: &[(u16, crate::domain::Protocol)]) -> std::io::Result<probe::sockets::Kept> {
+    let mut kept = probe::sockets::listening(protected)?;
+    probe::owners::identify(&mut kept.found);
+    Ok(kept)
 }
 
 /// Whether the policy file lists `[[ports]]` itself; `None` when it cannot be read.

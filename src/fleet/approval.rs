@@ -1,6 +1,7 @@
 //! A signed approval of a fleet request that waits for an approver (a port with
 //! `approvals = 1`): the two-person rule across the fleet. An approver signs, with
-//! their own SSH key in the `fleet-approve@jitd` namespace, which request they approve,
+//! their own SSH key in the `fleet-approve@jitd` namespace, the fleet it is for, which
+//! request they approve,
 //! whose key signed it, the SHA-256 of its text, and what it opens (ports and source),
 //! so that an approval never covers another request written under the same id (other
 //! hosts, a longer duration); it is stored beside the request under
@@ -22,6 +23,8 @@ pub const NAMESPACE: &str = "fleet-approve@jitd";
 /// An approval, as signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetApproval {
+    /// The fleet it is for (as the request it approves).
+    pub fleet: String,
     /// The id of the request it approves.
     pub request: String,
     /// The SHA-256 fingerprint of the key that signed that request (`SHA256:...`).
@@ -43,6 +46,7 @@ impl FleetApproval {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(out, "fleet {}", self.fleet);
         let _ = writeln!(out, "approve {}", self.request);
         let _ = writeln!(out, "requester {}", self.requester);
         let _ = writeln!(out, "digest {}", self.digest);
@@ -56,6 +60,7 @@ impl FleetApproval {
     /// Reads the canonical text; any other spelling is refused, naming the line.
     pub fn parse(text: &str) -> Result<FleetApproval, String> {
         let mut lines = Lines::new(text)?;
+        let fleet = super::request::fleet_id(lines.take("fleet")?)?;
         let request = lines.take("approve")?;
         knock::nonce(request).map_err(|e| format!("approve: {e}"))?;
         let requester = fingerprint(lines.take("requester")?)?;
@@ -64,6 +69,7 @@ impl FleetApproval {
             return Err(format!("digest: {digest:?} is not 64 lowercase hex digits"));
         }
         let approval = FleetApproval {
+            fleet,
             request: request.to_string(),
             requester,
             digest: digest.to_string(),
@@ -101,6 +107,7 @@ mod tests {
 
     fn sample() -> FleetApproval {
         FleetApproval {
+            fleet: "/jitd/".into(),
             request: "5f".repeat(16),
             requester: "SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI".into(),
             digest: "d1".repeat(32),
@@ -116,7 +123,7 @@ mod tests {
         let a = sample();
         let text = a.encode();
         let head = format!(
-            "approve {}\nrequester SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI\ndigest {}\nports 22,3389\nsource 198.51.100.0/24\n",
+            "fleet /jitd/\napprove {}\nrequester SHA256:3zOkzBN10buz7H4b/gXfhjla9i3ifcxDZrcGPhGEkLI\ndigest {}\nports 22,3389\nsource 198.51.100.0/24\n",
             "5f".repeat(16),
             "d1".repeat(32)
         );
@@ -131,6 +138,7 @@ mod tests {
         let request = include_str!("../../tests/fixtures/fleet/request").to_string();
         for (bad, why) in [
             (text.replace("approve 5f", "approve 5F"), "approve"),
+            (text.replace("fleet /jitd/\n", ""), "fleet"),
             (text.replace("ports 22,3389", "ports 3389,22"), "ports"),
             (text.replace("source 198.51.100.0/24\n", ""), "source"),
             (text.replace("requester SHA256:", "requester MD5:"), "requester"),

@@ -1,8 +1,9 @@
 //! How a host judges a fleet request it reads from etcd, cheapest check first, before
 //! the request goes to the daemon's one commit path (which checks the policy):
 //! the value's size and grammar, the key's id against the signed nonce, whether this
-//! host is selected, the signing time, the signed end, then the signature against this
-//! host's own `allowed_signers` in the `fleet@jitd` namespace. No I/O.
+//! host is selected, the signed fleet against this host's own (`[fleet] id`), the
+//! signing time, the signed end, then the signature against this host's own
+//! `allowed_signers` in the `fleet@jitd` namespace. No I/O.
 
 use std::time::Duration;
 
@@ -22,8 +23,8 @@ pub const SKEW: TimeDelta = TimeDelta::seconds(30);
 /// Why a host refused a fleet request before its policy saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
-    /// Stable code: `malformed`, `id_mismatch`, `unsigned`, `future`, `expired`,
-    /// `no_lease`, or a signature refusal's code (`unknown_key`, `bad_signature`, ...).
+    /// Stable code: `malformed`, `too_large`, `id_mismatch`, `other_fleet`, `unsigned`,
+    /// `future`, `expired`, `no_lease`, or a signature refusal's code (`unknown_key`, `bad_signature`, ...).
     pub code: &'static str,
     /// What was wrong, for the audit log and the status record.
     pub reason: String,
@@ -72,6 +73,7 @@ pub fn screen(id: &str, value: &[u8], fleet: &Fleet, now: DateTime<Utc>) -> Resu
     if !request.hosts.iter().any(|t| fleet.selects(t)) {
         return Ok(None);
     }
+    same_fleet(&request.fleet, fleet)?;
     let blob = blob.ok_or_else(|| Refused::new("unsigned", "the request carries no signature"))?;
     if request.time > now + SKEW {
         return Err(Refused::new("future", "signed in the future (clocks apart?)"));
@@ -81,6 +83,19 @@ pub fn screen(id: &str, value: &[u8], fleet: &Fleet, now: DateTime<Utc>) -> Resu
     }
     let signed = packet::screen_signature(text, &blob, NAMESPACE, &fleet.signers, now)?;
     Ok(Some(Screened { request, signed }))
+}
+
+/// Whether a request or an approval signed for fleet `signed_for` belongs to this
+/// host's fleet: a signature made for one fleet never opens another's hosts, whatever
+/// their names (a value copied into another prefix or another etcd).
+fn same_fleet(signed_for: &str, fleet: &Fleet) -> Result<(), Refused> {
+    if signed_for == fleet.id {
+        return Ok(());
+    }
+    Err(Refused::new(
+        "other_fleet",
+        format!("signed for fleet {signed_for}, this host is in fleet {}", fleet.id),
+    ))
 }
 
 /// The signature's expensive checks (see [`packet::verify_signature`]).
@@ -118,6 +133,7 @@ pub fn screen_approval(
             ),
         ));
     }
+    same_fleet(&approval.fleet, fleet)?;
     let blob = blob.ok_or_else(|| Refused::new("unsigned", "the approval carries no signature"))?;
     if approval.time > now + SKEW {
         return Err(Refused::new("future", "signed in the future (clocks apart?)"));

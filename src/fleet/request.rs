@@ -1,6 +1,7 @@
 //! A fleet request as signed and as stored in etcd: the canonical `key value` lines of a
-//! knock's request (`src/remote/request.rs`), with `hosts` (names and `group:NAME`s)
-//! where a knock has `host`, and `source` required. Stored under `requests/<id>`, the id
+//! knock's request (`src/remote/request.rs`), with `fleet` (the fleet it is signed
+//! for: a host obeys only its own fleet's), `hosts` (names and `group:NAME`s) where a
+//! knock has `host`, and `source` required. Stored under `requests/<id>`, the id
 //! being the nonce in hex, as the request text followed by the armoured SSHSIG.
 
 use std::fmt::Write as _;
@@ -8,7 +9,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use ipnet::IpNet;
 
-use super::settings::valid_name;
+use super::settings::{valid_fleet_id, valid_name};
 use crate::domain::format_prefix;
 use crate::remote::request::{self as knock, Lines};
 
@@ -24,6 +25,8 @@ const ARMOUR: &str = "-----BEGIN SSH SIGNATURE-----";
 /// A fleet request, as signed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetRequest {
+    /// The fleet it is for (`[fleet] id` of the hosts that obey it).
+    pub fleet: String,
     /// The hosts (`NAME`) and groups (`group:NAME`) it is for.
     pub hosts: Vec<String>,
     /// Ports asked for, ascending, no duplicates.
@@ -45,6 +48,7 @@ impl FleetRequest {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+        let _ = writeln!(out, "fleet {}", self.fleet);
         let _ = writeln!(out, "hosts {}", self.hosts.join(","));
         let _ = writeln!(out, "ports {}", ports.join(","));
         let _ = writeln!(out, "duration {}", self.duration);
@@ -60,6 +64,7 @@ impl FleetRequest {
     /// Reads the canonical text; any other spelling is refused, naming the line.
     pub fn parse(text: &str) -> Result<FleetRequest, String> {
         let mut lines = Lines::new(text)?;
+        let fleet = fleet_id(lines.take("fleet")?)?;
         let hosts = targets(lines.take("hosts")?)?;
         let ports = knock::ports(lines.take("ports")?)?;
         let duration = knock::duration(lines.take("duration")?)?;
@@ -72,6 +77,7 @@ impl FleetRequest {
         let nonce = knock::nonce(lines.take("nonce")?)?;
         lines.end()?;
         let request = FleetRequest {
+            fleet,
             hosts,
             ports,
             duration,
@@ -127,6 +133,14 @@ pub fn split(value: &[u8]) -> Result<(&str, Option<Vec<u8>>), String> {
     Ok((text, Some(blob)))
 }
 
+/// A fleet's id as signed (see [`valid_fleet_id`]).
+pub(crate) fn fleet_id(v: &str) -> Result<String, String> {
+    if !valid_fleet_id(v) {
+        return Err(format!("fleet: {v:?} is not a fleet id"));
+    }
+    Ok(v.to_string())
+}
+
 fn targets(v: &str) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = Vec::new();
     for t in v.split(',') {
@@ -151,6 +165,7 @@ mod tests {
 
     fn sample() -> FleetRequest {
         FleetRequest {
+            fleet: "/jitd/".into(),
             hosts: vec!["web1".into(), "group:web".into()],
             ports: vec![22],
             duration: 3600,
@@ -165,7 +180,7 @@ mod tests {
     fn it_round_trips_and_its_id_is_the_nonce() {
         let r = sample();
         let text = r.encode();
-        assert!(text.starts_with("hosts web1,group:web\nports 22\nduration 3600\nsource 198.51.100.7\n"));
+        assert!(text.starts_with("fleet /jitd/\nhosts web1,group:web\nports 22\nduration 3600\nsource 198.51.100.7\n"));
         assert_eq!(FleetRequest::parse(&text).unwrap(), r);
         assert_eq!(r.id(), "5f".repeat(16));
         assert_eq!(r.signed_end(), "2026-11-26T14:05:00Z".parse::<DateTime<Utc>>().unwrap());
@@ -175,8 +190,10 @@ mod tests {
     fn a_knock_is_not_a_fleet_request_and_other_spellings_are_refused() {
         let text = sample().encode();
         let knock = include_str!("../../tests/fixtures/knock/request");
-        assert!(FleetRequest::parse(knock).unwrap_err().contains("hosts"));
+        assert!(FleetRequest::parse(knock).unwrap_err().contains("fleet"));
         for (bad, why) in [
+            (text.replace("fleet /jitd/\n", ""), "fleet"),
+            (text.replace("fleet /jitd/", "fleet a b"), "fleet"),
             (text.replace("source 198.51.100.7\n", ""), "source"),
             (text.replace("group:web", "group:web,web1"), "twice"),
             (text.replace("group:web", "group:"), "hosts"),

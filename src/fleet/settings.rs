@@ -29,6 +29,7 @@ pub struct RawFleet {
     #[serde(default)]
     groups: Vec<String>,
     prefix: Option<String>,
+    id: Option<String>,
     allowed_signers: Option<PathBuf>,
 }
 
@@ -56,6 +57,9 @@ pub struct Fleet {
     pub groups: Vec<String>,
     /// Every key jitd reads or writes starts with this (`/jitd/`).
     pub prefix: String,
+    /// The fleet's own name, signed into every request and approval: a host obeys only
+    /// those signed for its fleet (default: the prefix).
+    pub id: String,
     /// The `allowed_signers` file the fleet's signatures are checked against.
     pub allowed_signers: PathBuf,
     /// Its lines.
@@ -71,21 +75,23 @@ impl PartialEq for Fleet {
             && self.name == other.name
             && self.groups == other.groups
             && self.prefix == other.prefix
+            && self.id == other.id
             && self.allowed_signers == other.allowed_signers
             && self.signers_digest == other.signers_digest
     }
 }
 
 impl Fleet {
-    /// Whether `other` is the same membership: the same etcd, credentials, prefix, name
-    /// and groups (a change of any of them means joining again; a change of the
-    /// signers does not).
+    /// Whether `other` is the same membership: the same etcd, credentials, prefix,
+    /// fleet id, name and groups (a change of any of them means joining again; a change
+    /// of the signers does not).
     pub fn same_membership(&self, other: &Fleet) -> bool {
         self.endpoints == other.endpoints
             && self.tls == other.tls
             && self.name == other.name
             && self.groups == other.groups
             && self.prefix == other.prefix
+            && self.id == other.id
     }
 
     /// Whether the endpoints are plain `http://` (no TLS: anyone on the path can read
@@ -112,6 +118,16 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
+/// Whether `id` may name a fleet: 1-128 letters, digits, `.`, `-`, `_`, `/` (a prefix
+/// such as `/jitd/` is one).
+pub fn valid_fleet_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+}
+
 /// Validates `[fleet]` (with `[remote]` for its `allowed_signers`), adding one problem
 /// per bad field to `problems`.
 pub fn validate(raw: RawFleet, remote: Option<&Remote>, problems: &mut Vec<String>) -> Option<Fleet> {
@@ -121,6 +137,12 @@ pub fn validate(raw: RawFleet, remote: Option<&Remote>, problems: &mut Vec<Strin
     let name = validate_host_name(raw.name.as_deref(), problems);
     let groups = validate_groups(&raw.groups, problems);
     let prefix = validate_prefix(raw.prefix.as_deref(), problems);
+    let id = raw.id.unwrap_or_else(|| prefix.clone());
+    if !valid_fleet_id(&id) {
+        problems.push(format!(
+            "fleet.id: must be 1-128 letters, digits, '.', '-', '_', '/' (default: the prefix), got {id:?}"
+        ));
+    }
     let signers = validate_signers(raw.allowed_signers, remote, problems);
     if problems.len() > before {
         return None;
@@ -132,6 +154,7 @@ pub fn validate(raw: RawFleet, remote: Option<&Remote>, problems: &mut Vec<Strin
         name: name?,
         groups,
         prefix,
+        id,
         allowed_signers,
         signers: Arc::new(signers),
         signers_digest,
@@ -290,6 +313,10 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         let fleet = fleet.unwrap();
         assert_eq!(fleet.prefix, "/jitd/");
+        assert_eq!(
+            fleet.id, "/jitd/",
+            "the fleet is named by its prefix unless given an id"
+        );
         assert!(!fleet.plaintext());
         assert!(fleet.selects("web1") && fleet.selects("WEB1") && fleet.selects("group:web"));
         assert!(!fleet.selects("web2") && !fleet.selects("group:db") && !fleet.selects("group:web1"));
@@ -340,6 +367,10 @@ mod tests {
             (
                 format!("endpoints = [\"http://a:1\"]\nprefix = \"jitd\"\n{s}"),
                 "fleet.prefix",
+            ),
+            (
+                format!("endpoints = [\"http://a:1\"]\nid = \"prod eu\"\n{s}"),
+                "fleet.id: must be",
             ),
             (
                 "endpoints = [\"http://a:1\"]\n".to_string(),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::domain::Protocol;
-use crate::health::listeners::Listener;
+use crate::health::listeners::{LeftOut, Listener};
 use crate::health::ruleset::Ruleset;
 
 /// Everything one doctor run looked at.
@@ -31,6 +31,8 @@ pub struct Facts {
     pub ruleset: Result<Ruleset, String>,
     /// The listening sockets, or why they could not be read.
     pub listeners: Result<Vec<Listener>, String>,
+    /// The listening sockets left out (over the caps of one read).
+    pub listeners_left_out: LeftOut,
     /// Whether the host has an IPv4, an IPv6 address others can reach (not loopback,
     /// not link-local); both when unknown.
     pub families: (bool, bool),

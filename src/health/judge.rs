@@ -287,6 +287,27 @@ fn notes(f: &Facts) -> Vec<Check> {
             format!("the listening sockets could not be read: {e}"),
         ));
     }
+    let left = &f.listeners_left_out;
+    if left.sockets > 0 {
+        let owners: Vec<String> = left.owners.iter().map(|u| format!("uid {u}")).collect();
+        notes.push(
+            Check::new(
+                "listeners.left_out",
+                Status::Fail,
+                format!(
+                    "{} listening sockets were left unread, owned by {}: the doctor cannot vouch for them",
+                    left.sockets,
+                    owners.join(", ")
+                ),
+            )
+            .detail(format!(
+                "the doctor reads at most {} sockets per owner and {} in all (loopback sockets on unprotected ports are not read at all), so that no one's sockets hide another's; a service among those left out would go unseen",
+                crate::health::listeners::PER_OWNER,
+                crate::health::listeners::MAX_SOCKETS
+            ))
+            .fix("see whose they are and why with `ss -lnptu` (as root); close them, or stop their owner"),
+        );
+    }
     if !f.legacy_iptables.is_empty() {
         notes.push(
             Check::new(

@@ -36,6 +36,35 @@ pub struct Listener {
     pub unit: Option<String>,
 }
 
+/// The most sockets the doctor keeps of one owner (uid): a user who binds more pushes
+/// out only their own.
+pub const PER_OWNER: usize = 4096;
+/// The most sockets the doctor keeps of all owners but root (a bound on one run).
+pub const MAX_SOCKETS: usize = 65_536;
+
+/// Listening sockets the doctor left out (over its caps: a user with no role can bind
+/// any number of sockets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    /// How many.
+    pub sockets: usize,
+    /// Their owners (uids), the first [`LeftOut::MAX_OWNERS`].
+    pub owners: Vec<u32>,
+}
+
+impl LeftOut {
+    /// The most owners named.
+    pub const MAX_OWNERS: usize = 8;
+
+    /// Counts a socket of `uid` left out.
+    pub fn note(&mut self, uid: u32) {
+        self.sockets += 1;
+        if self.owners.len() < LeftOut::MAX_OWNERS && !self.owners.contains(&uid) {
+            self.owners.push(uid);
+        }
+    }
+}
+
 /// A process holding a socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Process {

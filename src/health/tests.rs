@@ -56,6 +56,7 @@ fn healthy() -> Facts {
             ..Default::default()
         },
         ruleset: Ok(Ruleset::default()),
+        listeners_left_out: Default::default(),
         listeners: Ok(vec![
             listener("::", 22, Transport::Tcp, Some("sshd")),
             listener("127.0.0.1", 5432, Transport::Tcp, Some("postgres")),
@@ -256,5 +257,23 @@ fn recommendations_are_capped_however_many_listeners_a_user_opens() {
     assert_eq!(
         by_id(&checks, "recommend.more").summary,
         "and 50 more unprotected services (only the first 100 are listed)"
+    );
+}
+
+#[test]
+fn sockets_left_out_over_the_caps_make_the_host_unhealthy_naming_their_owners() {
+    let mut f = healthy();
+    assert!(failing(&checks(&f)).is_empty());
+    for _ in 0..3 {
+        f.listeners_left_out.note(4242);
+    }
+    let c = checks(&f);
+    assert_eq!(failing(&c), ["listeners.left_out"]);
+    let left = by_id(&c, "listeners.left_out");
+    assert!(
+        left.summary
+            .starts_with("3 listening sockets were left unread, owned by uid 4242:"),
+        "{}",
+        left.summary
     );
 }

@@ -1,7 +1,8 @@
 //! `jitctl doctor` against the real kernel: an unprotected SSH server found by its
 //! process, another firewall's table that drops a protected port (shown to defeat a
 //! real grant), both fixed the way the doctor says, and a host that turns healthy; a
-//! viewer who is not root; a stopped jitd.
+//! user with no role binding more sockets than the doctor reads; a viewer who is not
+//! root; a stopped jitd.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
@@ -60,6 +61,77 @@ impl Drop for FakeService {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Processes of a user with no role (uid 4242, `sleep`) holding `count` UDP sockets
+/// they bound in `ns`: on loopback (127.0.0.1, then 127.0.0.2, ...) or on every address
+/// (0.0.0.0), from port 1024 on, each with SO_REUSEADDR (so that ports may repeat); as
+/// many processes as the open-file limit needs.
+struct Hoard {
+    children: Vec<Child>,
+}
+
+impl Hoard {
+    fn start(ns: &str, count: usize, loopback: bool) -> Hoard {
+        use nix::sys::resource::{getrlimit, Resource};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let each = (hard as usize).saturating_sub(64).clamp(1, 16_000);
+        let mut hoard = Hoard { children: Vec::new() };
+        for first in (0..count).step_by(each) {
+            let child = Hoard::spawn(ns, first..count.min(first + each), loopback);
+            hoard.children.push(child);
+        }
+        hoard
+    }
+
+    fn spawn(ns: &str, range: std::ops::Range<usize>, loopback: bool) -> Child {
+        use nix::sys::socket::{bind, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+        let netns = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("namespace exists");
+        let netns_fd = netns.as_raw_fd();
+        let mut cmd = Command::new("/bin/sleep");
+        cmd.arg("300")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only system calls between fork and exec (no allocation, no locks); the
+        // sockets are not close-on-exec, so that sleep holds them
+        unsafe {
+            cmd.pre_exec(move || {
+                use nix::sys::resource::{getrlimit, setrlimit, Resource};
+                use std::os::fd::{BorrowedFd, IntoRawFd};
+                let fail = |e: nix::Error| std::io::Error::from(e);
+                let netns = BorrowedFd::borrow_raw(netns_fd);
+                nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(fail)?;
+                let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(fail)?;
+                setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(fail)?;
+                nix::unistd::setgroups(&[]).map_err(fail)?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534)).map_err(fail)?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(4242)).map_err(fail)?;
+                for n in range.clone() {
+                    let port = 1024 + (n % 60_000) as u16;
+                    let address = match loopback {
+                        true => SockaddrIn::new(127, 0, 0, 1 + (n / 60_000) as u8, port),
+                        false => SockaddrIn::new(0, 0, 0, 0, port),
+                    };
+                    let fd = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::empty(), None).map_err(fail)?;
+                    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+                    bind(fd.as_raw_fd(), &address).map_err(fail)?;
+                    let _ = fd.into_raw_fd();
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("bind the sockets as uid 4242 and sleep")
+    }
+}
+
+impl Drop for Hoard {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -176,6 +248,46 @@ fn doctor_finds_an_unprotected_sshd_and_a_table_that_drops_a_protected_port_and_
         metrics.contains("\njitd_healthy 1\n") && metrics.contains("\njitd_health_problems 0\n"),
         "{metrics}"
     );
+}
+
+/// More UDP sockets than the doctor once kept in all (65,536, IPv4 read first).
+const MANY: usize = 66_000;
+
+#[test]
+fn a_user_binding_many_loopback_sockets_hides_no_listener_from_the_doctor() {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    serve_echo(&net.host, 22);
+    let _sshd = FakeService::start(&net.host, setup.dir.path(), "sshd", "[::]:2222");
+    let _hoard = Hoard::start(&net.host, MANY, true);
+    let jitd = setup.start(&net.host);
+    // the kernel sends none of the loopback sockets: the unprotected sshd is seen
+    let (out, report) = doctor(&jitd, Some(4242));
+    assert_eq!(out.status.code(), Some(1), "unhealthy: {}", text(&out));
+    assert_eq!(failing(&report), ["recommend.2222/tcp"], "{report:#}");
+    assert!(
+        check(&report, "port.22/tcp.listening").is_some_and(|c| c["status"] == "ok"),
+        "{report:#}"
+    );
+}
+
+#[test]
+fn a_user_binding_more_sockets_than_the_doctor_reads_crowds_out_only_their_own_and_the_doctor_says_so() {
+    let net = Net::new();
+    let setup = Setup::new(POLICY);
+    serve_echo(&net.host, 22);
+    let _sshd = FakeService::start(&net.host, setup.dir.path(), "sshd", "[::]:2222");
+    let _hoard = Hoard::start(&net.host, MANY, false);
+    let jitd = setup.start(&net.host);
+    let (out, report) = doctor(&jitd, Some(4242));
+    assert_eq!(out.status.code(), Some(1), "unhealthy: {}", text(&out));
+    assert_eq!(
+        failing(&report),
+        ["recommend.2222/tcp", "listeners.left_out"],
+        "{report:#}"
+    );
+    let left = check(&report, "listeners.left_out").unwrap();
+    assert!(left["summary"].as_str().unwrap().contains("uid 4242"), "{left}");
 }
 
 #[test]

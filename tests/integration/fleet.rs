@@ -393,7 +393,7 @@ fn unsigned_or_wrongly_signed_requests_open_nothing_and_are_audited() {
     // an unsigned request written straight into etcd, with a lease
     let id = "0123456789abcdef0123456789abcdef";
     let unsigned = format!(
-        "hosts h1,h2,h3\nports 22\nduration 600\nsource {CLIENT_IP}\ntime {}\nnonce {id}\n",
+        "fleet /jitd/\nhosts h1,h2,h3\nports 22\nduration 600\nsource {CLIENT_IP}\ntime {}\nnonce {id}\n",
         chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
     );
     fleet

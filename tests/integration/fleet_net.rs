@@ -474,3 +474,18 @@ fn unbase64(s: &str) -> Vec<u8> {
     }
     out
 }
+
+impl Etcd {
+    /// Revokes the lease `key` is attached to (deleting every key on it), as anyone
+    /// with write access to etcd could; false when `key` has no lease.
+    pub fn revoke_lease_of(&self, key: &str) -> bool {
+        let out = self.post("/v3/kv/range", &format!("{{\"key\":\"{}\"}}", base64_lite(key)));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let Some(lease) = v["kvs"][0]["lease"].as_str() else {
+            return false;
+        };
+        let out = self.post("/v3/lease/revoke", &format!("{{\"ID\":{lease}}}"));
+        assert!(out.status.success(), "{}", text(&out));
+        true
+    }
+}

@@ -13,7 +13,7 @@ use crate::daemon::approvals::Decision;
 use crate::daemon::Daemon;
 use crate::domain::{Caller, ErrorCode, FleetOrigin, SignedBy};
 use crate::firewall::Firewall;
-use crate::fleet::connect::{lease_left, read_all};
+use crate::fleet::connect::{lease_left, Entry, Oversized, Pages, MAX_ENTRY};
 use crate::fleet::judge::{self, Refused};
 use crate::fleet::records::{Keys, Outcome};
 use crate::fleet::request::FleetRequest;
@@ -65,31 +65,86 @@ fn fleet_caller() -> Caller {
 }
 
 impl<F: Firewall> Judge<'_, F> {
-    /// Reads every live request and approval, judges the new ones and withdraws what
-    /// this host has for requests no longer there; returns the revision read at.
+    /// Reads every live request and approval, page by page, judges the new ones and
+    /// withdraws what this host has for requests no longer there; returns the revision
+    /// read at. What it holds is one page and the ids this host has something for,
+    /// however much is stored under the prefix.
     pub async fn reread(&mut self) -> Result<i64, String> {
-        let (revision, requests) = read_all(self.client, &self.keys.requests()).await?;
-        let mut live = std::collections::HashSet::new();
-        for kv in &requests {
-            if let Some(id) = kv.key_str().ok().and_then(|k| self.keys.request_id(k)) {
-                live.insert(id.to_string());
-            }
-            self.judge_one(kv).await?;
-        }
-        let mut gone: Vec<String> = self.daemon.fleet_requests_here().into_iter().collect();
+        let mut gone: std::collections::HashSet<String> = self.daemon.fleet_requests_here();
         gone.extend(self.memory.answered.keys().cloned());
-        gone.retain(|id| !live.contains(id));
+        let mut seen_too_large = std::collections::HashSet::new();
+        let mut pages = Pages::new(self.client, &self.keys.requests());
+        while let Some(page) = pages.next().await? {
+            for entry in page {
+                match entry {
+                    Entry::Kv(kv) => {
+                        if let Some(id) = kv.key_str().ok().and_then(|k| self.keys.request_id(k)) {
+                            gone.remove(id);
+                        }
+                        self.judge_one(&kv).await?;
+                    }
+                    Entry::TooLarge(o) => {
+                        seen_too_large.insert(mark(&o));
+                        self.too_large(&o).await;
+                    }
+                }
+            }
+        }
+        self.memory.too_large.retain(|m| seen_too_large.contains(m));
+        let mut gone: Vec<String> = gone.into_iter().collect();
         gone.sort();
-        gone.dedup();
         for id in gone {
             let why = "the request was deleted or its lease ended while this host was away";
             self.withdraw(&id, why).await?;
         }
-        let (_, approvals) = read_all(self.client, &self.keys.approvals()).await?;
-        for kv in &approvals {
-            self.approve_one(kv).await;
+        self.approvals_under(&self.keys.approvals()).await?;
+        Ok(pages.revision())
+    }
+
+    /// Reads the approvals under `prefix` page by page and judges each.
+    async fn approvals_under(&mut self, prefix: &str) -> Result<(), String> {
+        let mut pages = Pages::new(self.client, prefix);
+        while let Some(page) = pages.next().await? {
+            for entry in page {
+                match entry {
+                    Entry::Kv(kv) => self.approve_one(&kv).await,
+                    Entry::TooLarge(o) => {
+                        // audited only where it could matter: beside a request waiting here
+                        let key = String::from_utf8_lossy(&o.key);
+                        let waiting = self.keys.approval_ids(&key).map(|(id, _)| id.to_string());
+                        if waiting.is_some_and(|id| !self.daemon.fleet_here(&id).pending.is_empty()) {
+                            self.too_large(&o).await;
+                        }
+                    }
+                }
+            }
         }
-        Ok(revision)
+        Ok(())
+    }
+
+    /// An entry too large to be a request or an approval (never decoded whole):
+    /// audited once per write (within the refusal budget), and a request this host
+    /// has something for under that key is withdrawn (its value is no request now).
+    async fn too_large(&mut self, o: &Oversized) {
+        let key = String::from_utf8_lossy(&o.key).into_owned();
+        if let Some(id) = self.keys.request_id(&key).map(str::to_string) {
+            if !self.daemon.fleet_here(&id).is_empty() || self.memory.answered.contains_key(&id) {
+                let why = "its value was replaced by one too large to be a request";
+                if let Err(e) = self.withdraw(&id, why).await {
+                    tracing::warn!("fleet: {e}");
+                }
+            }
+        }
+        let mark = mark(o);
+        if self.memory.too_large.contains(&mark) {
+            return;
+        }
+        if self.memory.too_large.len() < MAX_JUDGED {
+            self.memory.too_large.insert(mark);
+        }
+        let size = o.size.map_or_else(|| "not read".to_string(), |n| format!("{n} bytes"));
+        let why = format!("larger than {MAX_ENTRY} bytes ({size}): skipped unread");
+        self.refuse(&key, None, None, Refused::new("too_large", why)).await;
     }
 
     /// Judges one request put under `requests/` (once per id) and records the outcome;
@@ -102,6 +157,16 @@ impl<F: Firewall> Judge<'_, F> {
             self.refuse(key, None, None, refused).await;
             return Ok(());
         };
+        if kv.key().len() + kv.value().len() > MAX_ENTRY {
+            // (from a watch: a page would not have passed it on)
+            let oversized = Oversized {
+                key: kv.key().to_vec(),
+                mod_revision: kv.mod_revision(),
+                size: Some(kv.key().len() + kv.value().len()),
+            };
+            self.too_large(&oversized).await;
+            return Ok(());
+        }
         if self.memory.judged.contains_key(&id) {
             return self.judged_before(&id, kv).await;
         }
@@ -137,11 +202,8 @@ impl<F: Firewall> Judge<'_, F> {
                 self.answer_waiting(&id, lease, &pending).await;
                 // an approval may be there already (written while this host was away);
                 // should etcd not answer, the next session reads everything
-                let read = read_all(self.client, &self.keys.approvals_of(&id)).await;
-                let (_, approvals) = read.inspect_err(|_| self.memory.resume = None)?;
-                for approval in &approvals {
-                    self.approve_one(approval).await;
-                }
+                let read = self.approvals_under(&self.keys.approvals_of(&id)).await;
+                read.inspect_err(|_| self.memory.resume = None)?;
             }
         }
         Ok(())
@@ -181,15 +243,23 @@ impl<F: Firewall> Judge<'_, F> {
             let why = "the request was deleted and written again; what the first one opened is closed";
             return self.withdraw(id, why).await;
         }
-        let selected = self
+        let screened = self
             .daemon
             .config()
             .fleet
-            .is_some_and(|now| !matches!(judge::screen(id, kv.value(), &now, Utc::now()), Ok(None)));
-        if !selected {
-            return self
-                .withdraw(id, "this host is no longer among the hosts it names")
-                .await;
+            .map(|now| judge::screen(id, kv.value(), &now, Utc::now()));
+        match screened {
+            None | Some(Ok(None)) => {
+                return self
+                    .withdraw(id, "this host is no longer among the hosts it names")
+                    .await;
+            }
+            Some(Err(r)) if r.code == "other_fleet" => {
+                return self
+                    .withdraw(id, "this host is no longer in the fleet it was signed for")
+                    .await;
+            }
+            Some(_) => {}
         }
         if self.memory.answered.contains_key(id) || here.is_empty() {
             return Ok(());
@@ -349,6 +419,15 @@ impl<F: Firewall> Judge<'_, F> {
                 .await;
         }
     }
+}
+
+/// What tells one write of an entry too large to read from another (its key and the
+/// revision that wrote it), kept to audit it once.
+pub(super) fn mark(o: &Oversized) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (o.key.as_slice(), o.mod_revision).hash(&mut h);
+    h.finish()
 }
 
 /// The signer of a verified fleet request, as the commit path and the audit log see it.

@@ -80,6 +80,9 @@ struct Memory {
     answered: HashMap<String, Answered>,
     /// Verified approval keys judged (each once), until when they are remembered.
     approvals: HashMap<String, DateTime<Utc>>,
+    /// Writes of entries too large to read, audited once each ([`apply::mark`]);
+    /// rebuilt at each full read, at most [`apply::MAX_JUDGED`].
+    too_large: std::collections::HashSet<u64>,
     /// The last revision seen on `requests/` and on `approvals/` (`None`: read
     /// everything, as after a start, a compaction or a change of settings).
     resume: Option<Resume>,

@@ -20,6 +20,7 @@ fn fleet(name: &str, groups: &[&str]) -> Fleet {
         name: name.into(),
         groups: groups.iter().map(|g| g.to_string()).collect(),
         prefix: "/jitd/".into(),
+        id: "/jitd/".into(),
         allowed_signers: "/dev/null".into(),
         signers: Arc::new(signers::parse(fixture!("allowed_signers")).unwrap()),
         signers_digest: [0; 32],
@@ -95,6 +96,22 @@ fn a_request_copied_under_another_id_is_refused() {
     )
     .unwrap_err();
     assert_eq!(e.code, "id_mismatch");
+}
+
+#[test]
+fn a_request_or_approval_signed_for_another_fleet_is_refused_before_its_signature() {
+    let mut other = fleet("web1", &[]);
+    other.id = "/staging/".into();
+    let e = judged(&stored(fixture!("alice.sig")), &other, now()).unwrap_err();
+    assert_eq!(e.code, "other_fleet", "{e:?}");
+    assert!(e.reason.contains("/jitd/") && e.reason.contains("/staging/"), "{e:?}");
+    // a host the request does not name still does nothing
+    other.name = "db1".into();
+    assert!(judged(&stored(fixture!("alice.sig")), &other, now()).unwrap().is_none());
+    let signed = FleetRequest::stored(APPROVAL, fixture!("alice-approval.sig"));
+    let later = at("2026-11-26T13:06:10Z");
+    let e = screen_approval((ID, APPROVAL_ID), signed.as_bytes(), &other, later).unwrap_err();
+    assert_eq!(e.code, "other_fleet", "{e:?}");
 }
 
 #[test]

@@ -4,3 +4,4 @@ pub mod host;
 pub mod nft;
 pub mod owners;
 pub mod sockets;
+pub mod sockfilter;

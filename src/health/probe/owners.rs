@@ -2,7 +2,9 @@
 //! `ss -p` finds them: `/proc/PID/fd/N` links to `socket:[INODE]`), and, when those are
 //! not visible (jitd as a system user with `ProtectProc=invisible` sees no other
 //! user's process), the systemd unit the socket was created in, from the socket's
-//! cgroup id (the inode of its directory in the cgroup2 tree). Both walks are bounded.
+//! cgroup id (the inode of its directory in the cgroup2 tree). Both walks are bounded;
+//! root's processes are walked first, so that no other user's open files (any user can
+//! hold hundreds of thousands) use up the bound before them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -49,14 +51,8 @@ pub fn identify(listeners: &mut [Listener]) {
 pub fn holders(proc_root: &Path, wanted: &HashSet<u32>) -> HashMap<u32, Vec<Process>> {
     let mut found: HashMap<u32, Vec<Process>> = HashMap::new();
     let (started, mut fds) = (Instant::now(), 0usize);
-    let Ok(pids) = std::fs::read_dir(proc_root) else {
-        return found;
-    };
-    for entry in pids.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(fd_dir) = std::fs::read_dir(entry.path().join("fd")) else {
+    for (pid, dir) in processes(proc_root) {
+        let Ok(fd_dir) = std::fs::read_dir(dir.join("fd")) else {
             continue; // gone, or not ours to see
         };
         let mut name = None;
@@ -68,7 +64,7 @@ pub fn holders(proc_root: &Path, wanted: &HashSet<u32>) -> HashMap<u32, Vec<Proc
             let Some(inode) = socket_inode(&fd.path()).filter(|i| wanted.contains(i)) else {
                 continue;
             };
-            let name = name.get_or_insert_with(|| comm(&entry.path())).clone();
+            let name = name.get_or_insert_with(|| comm(&dir)).clone();
             let list = found.entry(inode).or_default();
             if list.len() < MAX_PROCESSES && !list.iter().any(|p| p.pid == pid) {
                 list.push(Process { pid, name });
@@ -76,6 +72,25 @@ pub fn holders(proc_root: &Path, wanted: &HashSet<u32>) -> HashMap<u32, Vec<Proc
         }
     }
     found
+}
+
+/// The processes under `proc_root`, root's first (by the owner of `/proc/PID`, the
+/// process's effective uid), each group by pid.
+fn processes(proc_root: &Path) -> Vec<(u32, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut all: Vec<(bool, u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let others = e.metadata().map_or(true, |m| m.uid() != 0);
+            Some((others, pid, e.path()))
+        })
+        .collect();
+    all.sort_unstable();
+    all.into_iter().map(|(_, pid, path)| (pid, path)).collect()
 }
 
 fn socket_inode(fd: &Path) -> Option<u32> {

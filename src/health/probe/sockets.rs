@@ -1,19 +1,25 @@
 //! The listening sockets of jitd's network namespace, over sock_diag netlink
 //! (NETLINK_SOCK_DIAG, as `ss -l` reads them): TCP sockets in LISTEN, UDP sockets
-//! bound and unconnected, IPv4 and IPv6. Needs no privilege. The requests are built by
-//! hand (`struct inet_diag_req_v2`); the replies are parsed by [`parse_socket`] (pure).
+//! bound and unconnected, IPv4 and IPv6, on a protected port or bound beyond loopback
+//! (the kernel filters: [`super::sockfilter`]). Needs no privilege. The requests are
+//! built by hand (`struct inet_diag_req_v2`); the replies are parsed by
+//! [`parse_socket`] (pure) and kept within caps per owner and in all ([`Kept`]), so
+//! that no user's sockets crowd out another's, and what is left out is said.
+
+use std::collections::HashMap;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
-use crate::domain::Transport;
+use super::sockfilter;
+use crate::domain::{Protocol, Transport};
 use crate::firewall::netlink::{messages, parse_attrs};
-use crate::health::listeners::Listener;
-
-/// The most sockets read (a bound on one doctor run).
-pub const MAX_SOCKETS: usize = 65_536;
+use crate::health::listeners::{LeftOut, Listener};
+pub use crate::health::listeners::{MAX_SOCKETS, PER_OWNER};
+/// The most owners counted.
+const MAX_OWNERS: usize = 4096;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -30,20 +36,27 @@ const INET_DIAG_CGROUP_ID: u16 = 21;
 /// `struct inet_diag_msg`.
 const MSG_LEN: usize = 72;
 
-/// Every listening socket, TCP and UDP, IPv4 and IPv6. A kernel without UDP or IPv6
-/// socket diagnostics (udp_diag not loaded, IPv6 disabled) gives what it has; TCP
+/// Every listening socket, TCP and UDP, IPv4 and IPv6, on one of the `protected`
+/// ports or bound beyond loopback, within the caps ([`Kept`]). A kernel without UDP or
+/// IPv6 socket diagnostics (udp_diag not loaded, IPv6 disabled) gives what it has; TCP
 /// over IPv4 must answer.
-pub fn listening() -> io::Result<Vec<Listener>> {
-    let mut found = Vec::new();
+pub fn listening(protected: &[(u16, Protocol)]) -> io::Result<Kept> {
+    let mut kept = Kept::default();
     let mut seq = 0;
     for family in [AF_INET, AF_INET6] {
         for (transport, state) in [(Transport::Tcp, TCP_LISTEN), (Transport::Udp, TCP_CLOSE)] {
             seq += 1;
+            let ports: Vec<u16> = protected
+                .iter()
+                .filter(|(_, p)| p.transports().contains(&transport))
+                .map(|(port, _)| *port)
+                .collect();
+            let request = request(family, transport, state, seq, &sockfilter::program(&ports));
             // a fresh socket per dump: an error midway leaves nothing unread behind
             let dumped = Socket::new(NETLINK_SOCK_DIAG).and_then(|mut socket| {
                 socket.bind(&SocketAddr::new(0, 0))?;
-                socket.send_to(&request(family, transport, state, seq), &SocketAddr::new(0, 0), 0)?;
-                read_dump(&mut socket, seq, transport, &mut found)
+                socket.send_to(&request, &SocketAddr::new(0, 0), 0)?;
+                read_dump(&mut socket, seq, transport, &mut kept)
             });
             match dumped {
                 Ok(()) => {}
@@ -52,15 +65,44 @@ pub fn listening() -> io::Result<Vec<Listener>> {
             }
         }
     }
-    Ok(found)
+    Ok(kept)
+}
+
+/// The sockets kept, and those left out: at most [`PER_OWNER`] of each owner and
+/// [`MAX_SOCKETS`] of all but root's, in the order the kernel sends them.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The sockets kept.
+    pub found: Vec<Listener>,
+    /// What was left out.
+    pub left_out: LeftOut,
+    per_owner: HashMap<u32, usize>,
+}
+
+impl Kept {
+    /// Keeps `l` unless its owner's or the overall cap is reached.
+    pub fn offer(&mut self, l: Listener) {
+        let known = self.per_owner.contains_key(&l.uid);
+        let count = self.per_owner.get(&l.uid).copied().unwrap_or(0);
+        let full = count >= PER_OWNER
+            || (!known && self.per_owner.len() >= MAX_OWNERS)
+            || (l.uid != 0 && self.found.len() >= MAX_SOCKETS);
+        if full {
+            self.left_out.note(l.uid);
+            return;
+        }
+        *self.per_owner.entry(l.uid).or_default() += 1;
+        self.found.push(l);
+    }
 }
 
 /// One dump request: `nlmsghdr` + `inet_diag_req_v2` for `family`, `transport` and
-/// the sockets in `state`.
-fn request(family: u8, transport: Transport, state: u32, seq: u32) -> Vec<u8> {
+/// the sockets in `state`, then the kernel's filter `bytecode`.
+fn request(family: u8, transport: Transport, state: u32, seq: u32, bytecode: &[u8]) -> Vec<u8> {
     let mut req = vec![family, transport_number(transport), 0, 0];
     req.extend_from_slice(&(1u32 << state).to_ne_bytes());
     req.extend_from_slice(&[0u8; 48]); // inet_diag_sockid: any
+    crate::firewall::netlink::put_attr(&mut req, sockfilter::REQ_BYTECODE, bytecode);
     let mut packet = Vec::with_capacity(16 + req.len());
     packet.extend_from_slice(&((16 + req.len()) as u32).to_ne_bytes());
     packet.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -78,7 +120,7 @@ fn transport_number(t: Transport) -> u8 {
     }
 }
 
-fn read_dump(socket: &mut Socket, seq: u32, transport: Transport, found: &mut Vec<Listener>) -> io::Result<()> {
+fn read_dump(socket: &mut Socket, seq: u32, transport: Transport, kept: &mut Kept) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = socket.recv(&mut &mut buf[..], 0)?;
@@ -95,10 +137,9 @@ fn read_dump(socket: &mut Socket, seq: u32, transport: Transport, found: &mut Ve
                     }
                 }
                 SOCK_DIAG_BY_FAMILY => {
-                    if found.len() >= MAX_SOCKETS {
-                        continue; // drain the dump, keep nothing more
+                    if let Some(l) = parse_socket(body, transport) {
+                        kept.offer(l);
                     }
-                    found.extend(parse_socket(body, transport));
                 }
                 _ => {}
             }
@@ -176,15 +217,58 @@ mod tests {
     }
 
     #[test]
-    fn listening_sockets_of_this_process_are_found() {
+    fn the_kernel_sends_loopback_sockets_only_on_protected_ports() {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
-        let found = listening().unwrap();
-        let mine = found
-            .iter()
-            .find(|l| l.port == port && l.transport == Transport::Tcp)
-            .expect("the listener is found");
-        assert_eq!(mine.address, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_port = udp.local_addr().unwrap().port();
+        let wide = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let wide_port = wide.local_addr().unwrap().port();
+        let found = |protected: &[(u16, Protocol)]| listening(protected).unwrap().found;
+        let has = |found: &[Listener], port, transport| {
+            found
+                .iter()
+                .find(|l| l.port == port && l.transport == transport)
+                .cloned()
+        };
+        let unprotected = found(&[]);
+        assert!(has(&unprotected, port, Transport::Tcp).is_none());
+        assert!(has(&unprotected, udp_port, Transport::Udp).is_none());
+        let mine = has(&unprotected, wide_port, Transport::Udp).expect("a socket beyond loopback is read");
         assert_eq!(mine.uid, nix::unistd::getuid().as_raw());
+        let protected = found(&[(port, Protocol::Tcp), (udp_port, Protocol::Udp)]);
+        let mine = has(&protected, port, Transport::Tcp).expect("a protected port is read on loopback too");
+        assert_eq!(mine.address, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(has(&protected, udp_port, Transport::Udp).is_some());
+    }
+
+    fn owned_by(uid: u32, port: u16) -> Listener {
+        let mut l = parse_socket(&message(AF_INET, port, &[0; 4]), Transport::Udp).unwrap();
+        l.uid = uid;
+        l
+    }
+
+    #[test]
+    fn one_owner_crowds_out_only_its_own_sockets_and_what_is_left_out_is_counted() {
+        let mut kept = Kept::default();
+        for n in 0..PER_OWNER + 100 {
+            kept.offer(owned_by(1000, 1024 + n as u16));
+        }
+        kept.offer(owned_by(0, 2222));
+        kept.offer(owned_by(1001, 80));
+        assert_eq!(kept.found.len(), PER_OWNER + 2);
+        assert!(kept.found.iter().any(|l| l.uid == 0 && l.port == 2222));
+        assert_eq!((kept.left_out.sockets, kept.left_out.owners.clone()), (100, vec![1000]));
+        // past the overall cap only root's are kept
+        let mut kept = Kept::default();
+        for uid in 1..=(MAX_SOCKETS / PER_OWNER) as u32 {
+            for n in 0..PER_OWNER {
+                kept.offer(owned_by(uid, n as u16 + 1));
+            }
+        }
+        kept.offer(owned_by(4242, 1));
+        kept.offer(owned_by(0, 22));
+        assert_eq!(kept.found.len(), MAX_SOCKETS + 1);
+        assert_eq!(kept.left_out.owners, vec![4242]);
     }
 }
