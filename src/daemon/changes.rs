@@ -278,9 +278,18 @@ impl<F: Firewall> Daemon<F> {
     }
 
     /// Compares what the kernel showed with jitd's view and repairs only what differs,
-    /// as one transaction. Elements jitd changed itself since the reading began are
-    /// left out of the comparison; a reading from before a whole-table change is stale.
-    pub(super) async fn commit_repair(&self, cause: &DriftCause, observed: Observed, pings: &mut Pings) -> Checked {
+    /// as one transaction, applied first and recorded after (on its own when `pace`
+    /// says so; else the drift monitor records the streak). Elements jitd changed itself
+    /// since the reading began are left out of the comparison; a reading from before a
+    /// whole-table change is stale. A change that opens nothing is deferred when `pace`
+    /// says closing repairs wait.
+    pub(super) async fn commit_repair(
+        &self,
+        cause: &DriftCause,
+        observed: Observed,
+        pace: drift::Pace,
+        pings: &mut Pings,
+    ) -> Checked {
         let now = Instant::now();
         let plan = {
             let mut st = self.lock();
@@ -295,6 +304,9 @@ impl<F: Firewall> Daemon<F> {
             let findings = drift::compare(&st, observed.table.as_ref(), &skip, observed.read_at, now);
             if findings.is_empty() {
                 return Checked::Clean;
+            }
+            if pace.closing_waits && !findings.opens_access() {
+                return Checked::Deferred(findings.describe());
             }
             let kernel = if findings.needs_new_table() {
                 KernelChange::Replace(
@@ -317,9 +329,11 @@ impl<F: Firewall> Daemon<F> {
         record.reason = Some(format!("drift repaired ({cause}): {text}"));
         let mut failed = failure_of(&record);
         failed.reason = Some(format!("drift found ({cause}): {text}; "));
+        let records = if pace.record { vec![record] } else { Vec::new() };
         let tx = Tx {
             touched: findings.touched,
-            ..Tx::kernel_only(vec![record], kernel, failed)
+            record_after: true,
+            ..Tx::kernel_only(records, kernel, failed)
         };
         match self.execute(tx, pings).await {
             Ok(()) => {

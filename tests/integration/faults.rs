@@ -581,3 +581,75 @@ fn sigterm_during_requests_answers_each_and_exits_cleanly() {
         "every approved grant was persisted"
     );
 }
+
+/// Whether the kernel's copy of jitd's input chain holds an accept rule for port 22
+/// that jitd did not write.
+fn planted_accept(net: &Net) -> bool {
+    let out = net.nft(&["list", "chain", "inet", "jitd", "input"]);
+    String::from_utf8_lossy(&out.stdout).contains("tcp dport 22 accept")
+}
+
+#[test]
+fn an_accept_rule_planted_again_and_again_is_removed_at_once_every_time() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    // no periodic backstop: every repair is the change event's
+    let jitd = setup.start_with(&net.host, &[("JITD_RECONCILE_MS", "3600000")]);
+    grant(&jitd, "22", A4, "1h");
+    let clients = hammer(&setup.socket(), 130, 2, 300);
+    // Twice as many as the repairs made before a back-off (5): a back-off that
+    // delayed these would wait 0.25, 0.5, 1, 2, 4, 8, 16, 30 s before each check.
+    const PLANTED: usize = 14;
+    for i in 0..PLANTED {
+        net.nft_ok(&[
+            "insert", "rule", "inet", "jitd", "input", "tcp", "dport", "22", "accept",
+        ]);
+        assert!(
+            wait_for(Duration::from_secs(8), || !planted_accept(&net)),
+            "accept rule {} still stands after 8 s: {:?}",
+            i + 1,
+            records(&setup, "repair")
+                .iter()
+                .map(|r| r["reason"].clone())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            !can_connect(&net.b, HOST_B4, 22),
+            "a stranger is refused after insert {}",
+            i + 1
+        );
+    }
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant still works");
+    for out in clients.into_iter().flat_map(|c| c.join().unwrap()) {
+        assert!(out.status.success(), "every request was served: {}", text(&out));
+    }
+    // the records coalesce: one per repair at first, then one for the rest of the
+    // streak once the back-off delay has passed, and every repair is counted
+    let counted = |setup: &Setup| -> usize {
+        records(setup, "repair")
+            .iter()
+            .map(|r| {
+                let why = r["reason"].as_str().unwrap_or_default();
+                match why.strip_prefix("drift repaired ") {
+                    Some(rest) if rest.contains(" more time(s) in ") => {
+                        rest.split(' ').next().unwrap().parse::<usize>().unwrap()
+                    }
+                    _ => 1,
+                }
+            })
+            .sum()
+    };
+    assert!(
+        wait_for(Duration::from_secs(45), || counted(&setup) >= PLANTED),
+        "every repair is on record: {:?}",
+        records(&setup, "repair")
+    );
+    let repairs = records(&setup, "repair");
+    assert!(repairs.len() < PLANTED, "the records coalesced: {repairs:?}");
+    assert!(
+        repairs.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|w| w.contains("repaired at once, recorded here together"))),
+        "{repairs:?}"
+    );
+}
