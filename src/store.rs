@@ -91,6 +91,10 @@ pub struct History {
     /// applied twice across a restart.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fleet: BTreeMap<String, DateTime<Utc>>,
+    /// The newest `clock` record's time (a step of the wall clock): the wall clock
+    /// cannot say how long a grant approved before it has left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_stepped: Option<DateTime<Utc>>,
 }
 
 /// How long after its last record a fleet request is remembered: the longest a fleet
@@ -134,6 +138,9 @@ impl History {
             if let Some(id) = &r.fleet_request {
                 let t = self.fleet.entry(id.clone()).or_insert(r.time);
                 *t = r.time.max(*t);
+            }
+            if r.action == Action::Clock {
+                self.clock_stepped = self.clock_stepped.max(Some(r.time));
             }
             if (r.action, r.outcome) != (Action::Request, Outcome::Approved) {
                 continue;

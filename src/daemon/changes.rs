@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -41,13 +41,7 @@ pub(super) enum Verdict {
 /// its requester still holding the requester role, and its whole length (from
 /// `granted_at`, by the wall clock `wall`) within the port's `max_duration`. A grant
 /// that ran longer than that already ends; one that would run longer is clamped.
-pub(super) fn recheck(
-    config: &Config,
-    grant: &Grant,
-    requester: &Caller,
-    left: Duration,
-    wall: DateTime<Utc>,
-) -> Verdict {
+pub(super) fn recheck(config: &Config, grant: &Grant, requester: &Caller, left: Duration) -> Verdict {
     if let Some(origin) = &grant.fleet {
         if let Err(why) = crate::fleet::judge::still_selected(config.fleet.as_ref(), origin) {
             return Verdict::End(format!("policy changed: {why}"));
@@ -79,7 +73,9 @@ pub(super) fn recheck(
         };
         return Verdict::End(format!("policy changed: {who} no longer holds the requester role"));
     }
-    let ran = (wall - grant.granted_at).to_std().unwrap_or_default();
+    // how long it ran, by what it was approved for and what is left (both clock-free:
+    // the wall clock may have stepped since it was granted)
+    let ran = grant.approved_duration().saturating_sub(left);
     let allowed = max.saturating_sub(ran);
     let shown = crate::duration::format(max);
     if allowed.is_zero() {
@@ -571,7 +567,7 @@ fn book_revoke(
 fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx, Vec<GrantId>) {
     let now = Instant::now();
     let wall = Utc::now();
-    let verdicts = recheck_book(&st.book, &new_config, now, wall);
+    let verdicts = recheck_book(&st.book, &new_config, now);
     let mut tx = Tx::records(Vec::new());
     let mut ended = Vec::new();
     for (id, verdict) in verdicts {
@@ -590,7 +586,7 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
             }
             Verdict::Clamp(left, why) => {
                 let mut clamped = grant.clone();
-                clamped.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                clamped.expires_at = grants::shortened(&grant, deadline.saturating_duration_since(now), left);
                 st.book.restore(clamped, now + left);
                 (Outcome::Done, why)
             }
@@ -622,18 +618,13 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
 }
 
 /// The live grants `config` no longer allows as they are, with what becomes of them.
-fn recheck_book(
-    book: &grants::GrantBook,
-    config: &Config,
-    now: Instant,
-    wall: DateTime<Utc>,
-) -> Vec<(GrantId, Verdict)> {
+fn recheck_book(book: &grants::GrantBook, config: &Config, now: Instant) -> Vec<(GrantId, Verdict)> {
     let mut callers: HashMap<u32, Caller> = HashMap::new();
     book.iter()
         .filter_map(|g| {
             let requester = Caller::requester_of(g, &mut callers);
             let left = book.remaining(g.id, now).unwrap_or_default();
-            match recheck(config, g, &requester, left, wall) {
+            match recheck(config, g, &requester, left) {
                 Verdict::Keep(_) => None,
                 changed => Some((g.id, changed)),
             }
@@ -652,7 +643,7 @@ mod tests {
 
     const PORT22: &str = "[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.0/8\"]\nmax_duration = \"3h\"\n";
 
-    fn grant(ran: Duration, approved: Duration, wall: DateTime<Utc>) -> Grant {
+    fn grant(ran: Duration, approved: Duration, wall: chrono::DateTime<Utc>) -> Grant {
         let granted_at = wall - chrono::Duration::from_std(ran).unwrap();
         Grant {
             id: 7,
@@ -685,14 +676,14 @@ mod tests {
         let wall = Utc::now();
         let c = config(&format!("{PORT22}[access]\nrequesters = [\"uid:4242\"]\n"));
         let g = grant(MIN, 180 * MIN, wall);
-        assert_eq!(recheck(&c, &g, &who(4242), 179 * MIN, wall), Verdict::Keep(179 * MIN));
+        assert_eq!(recheck(&c, &g, &who(4242), 179 * MIN), Verdict::Keep(179 * MIN));
     }
 
     #[test]
     fn each_tightening_ends_the_grant_with_its_reason() {
         let wall = Utc::now();
         let g = grant(MIN, 180 * MIN, wall);
-        let ends = |body: &str, uid: u32| match recheck(&config(body), &g, &who(uid), 179 * MIN, wall) {
+        let ends = |body: &str, uid: u32| match recheck(&config(body), &g, &who(uid), 179 * MIN) {
             Verdict::End(why) => why,
             other => panic!("{body}: {other:?}"),
         };
@@ -725,7 +716,7 @@ mod tests {
         let c = config(&PORT22.replace("3h", "10m"));
         // ran 4 minutes of 3 hours: 6 minutes are left under a 10 minute maximum
         let g = grant(4 * MIN, 180 * MIN, wall);
-        match recheck(&c, &g, &who(0), 176 * MIN, wall) {
+        match recheck(&c, &g, &who(0), 176 * MIN) {
             Verdict::Clamp(left, why) => {
                 assert_eq!(left, 6 * MIN);
                 assert!(
@@ -736,6 +727,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // less time left than the maximum allows: kept as it is
-        assert_eq!(recheck(&c, &g, &who(0), 5 * MIN, wall), Verdict::Keep(5 * MIN));
+        let g = grant(5 * MIN, 10 * MIN, wall);
+        assert_eq!(recheck(&c, &g, &who(0), 5 * MIN), Verdict::Keep(5 * MIN));
     }
 }

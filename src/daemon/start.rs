@@ -87,6 +87,7 @@ impl<F: Firewall> Daemon<F> {
         let (saved, history) = read_saved(&config.state_dir)?;
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
+        let clock_stepped = history.clock_stepped;
         let usage = usage_from(&history);
         let knocks = super::knock::Knocks::new(&history.nonces, refusal_interval());
         let fleet_seen = history.fleet.clone();
@@ -137,6 +138,7 @@ impl<F: Firewall> Daemon<F> {
             kernel: kernel_table,
             intact,
             clock_sane,
+            clock_stepped,
         };
         let mut ping_inbox = ping_inbox;
         daemon.restore(restore, &mut ping_inbox).await?;
@@ -179,25 +181,34 @@ impl<F: Firewall> Daemon<F> {
         let config = st.config.clone();
         let mut callers = HashMap::new();
         for mut grant in restore.saved {
-            let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, restore.clock_sane) else {
-                let mut r = grant_record(
-                    &grant,
-                    grant.expires_at.min(wall),
-                    None,
-                    "jitd",
-                    Action::Expire,
-                    Outcome::Expired,
-                );
-                r.reason = Some("ended while jitd was not running".into());
+            let wall_trusted = wall_decides(&grant, restore.clock_sane, restore.clock_stepped);
+            let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, wall_trusted) else {
+                let (at, why) = match wall_trusted {
+                    true => (
+                        grant.expires_at.min(wall),
+                        "ended while jitd was not running".to_string(),
+                    ),
+                    // its own end is in another frame than the clock now: date it now
+                    false => (
+                        wall,
+                        format!(
+                            "ended while jitd was not running ({})",
+                            untrusted_why(restore.clock_sane)
+                        ),
+                    ),
+                };
+                let mut r = grant_record(&grant, at, None, "jitd", Action::Expire, Outcome::Expired);
+                r.reason = Some(why);
                 records.push(r);
                 st.ledger.unwatched(grant.id);
                 continue;
             };
             let caller = crate::domain::Caller::requester_of(&grant, &mut callers);
-            match changes::recheck(&config, &grant, &caller, left, wall) {
+            match changes::recheck(&config, &grant, &caller, left) {
                 Verdict::Keep(left) => st.book.restore(grant, now + left),
-                Verdict::Clamp(left, why) => {
-                    grant.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                Verdict::Clamp(allowed, why) => {
+                    grant.expires_at = grants::shortened(&grant, left, allowed);
+                    let left = allowed;
                     let mut r = grant_record(&grant, wall, None, "jitd", Action::Start, Outcome::Done);
                     r.reason = Some(why);
                     records.push(r);
@@ -376,14 +387,38 @@ struct Restore {
     intact: bool,
     /// The wall clock is not behind the newest audit record.
     clock_sane: bool,
+    /// When the wall clock last stepped, by the audit log.
+    clock_stepped: Option<DateTime<Utc>>,
+}
+
+/// Whether the wall clock may say how long `grant` has left: only when it is not behind
+/// the audit log and has not stepped (either way: ahead is as suspect as behind) since
+/// the grant was approved.
+fn wall_decides(grant: &Grant, clock_sane: bool, clock_stepped: Option<DateTime<Utc>>) -> bool {
+    clock_sane && clock_stepped.is_none_or(|at| at < grant.granted_at)
+}
+
+/// Why the wall clock could not say how long a grant had left.
+fn untrusted_why(clock_sane: bool) -> &'static str {
+    if clock_sane {
+        "the wall clock stepped since it was approved and the kernel held no timer for it"
+    } else {
+        "the wall clock is behind the audit log and the kernel held no timer for it"
+    }
 }
 
 /// How long a saved grant still has. With jitd's table in the kernel (a crash or a
 /// restart), the kernel's own timers say; after a reboot, the wall clock does, and only
-/// when it is not behind the audit log. Never past the grant's own `expires_at` (when
-/// the wall clock can be trusted) nor more than it was approved for (the policy's limits
+/// when it may ([`wall_decides`]: `wall_trusted`). Never past the grant's own
+/// `expires_at` when the wall clock may say so (another grant's element may cover its
+/// address for longer), and never more than it was approved for (the policy's limits
 /// are [`changes::recheck`]'s business). `None`: it has ended.
-fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, clock_sane: bool) -> Option<Duration> {
+fn time_left(
+    grant: &Grant,
+    kernel: Option<&KernelGrants>,
+    wall: DateTime<Utc>,
+    wall_trusted: bool,
+) -> Option<Duration> {
     let by_kernel = kernel.map(|held| {
         grant
             .keys()
@@ -403,7 +438,7 @@ fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, 
     });
     // A grant past its own end has ended, whatever timer the kernel holds for its
     // address (another grant's element may cover it for longer).
-    let by_wall = match clock_sane {
+    let by_wall = match wall_trusted {
         true => Some((grant.expires_at - wall).to_std().ok()?),
         false => None,
     };
@@ -624,6 +659,26 @@ mod tests {
         // after a reboot (no kernel timers), the wall clock alone
         let left = time_left(&running, None, wall, true).unwrap();
         assert!(left <= Duration::from_secs(3), "{left:?}");
+    }
+
+    #[test]
+    fn a_wall_clock_that_stepped_neither_ends_nor_stretches_what_the_kernel_times() {
+        let wall = Utc::now();
+        // a 120 s grant approved 3 s ago by a clock that then stepped an hour ahead
+        let before = wall - chrono::Duration::hours(1) - chrono::Duration::seconds(3);
+        let g = grant(before, 120);
+        assert!(!wall_decides(&g, true, Some(wall - chrono::Duration::seconds(60))));
+        assert!(wall_decides(&g, true, Some(before - chrono::Duration::seconds(1))));
+        assert!(!wall_decides(&g, false, None), "a clock behind the log never decides");
+        let held: KernelGrants = g.keys().into_iter().map(|k| (k, Duration::from_secs(117))).collect();
+        assert_eq!(time_left(&g, Some(&held), wall, false), Some(Duration::from_secs(117)));
+        // nor more than approved, whatever the kernel holds
+        let long: KernelGrants = g.keys().into_iter().map(|k| (k, Duration::from_secs(900))).collect();
+        assert_eq!(time_left(&g, Some(&long), wall, false), Some(Duration::from_secs(120)));
+        // the table is there but holds nothing for it: it has ended
+        assert_eq!(time_left(&g, Some(&KernelGrants::default()), wall, false), None);
+        // no kernel and a clock that cannot decide: nothing is restored
+        assert_eq!(time_left(&g, None, wall, false), None);
     }
 
     #[test]
