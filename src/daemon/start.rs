@@ -16,11 +16,11 @@ use tokio::time::Instant;
 
 use super::changes::{self, Verdict};
 use super::commit::{self, KernelChange, Tx};
-use super::writer::Writer;
+use super::writer::{Approvals, Writer};
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
-use crate::domain::{GrantElement, GrantKey};
+use crate::domain::{GrantElement, GrantId, GrantKey};
 use crate::firewall::kernel::{KernelGrants, KernelTable};
 use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
@@ -33,13 +33,23 @@ pub enum StartError {
     /// Another jitd already runs in this network namespace or on this state_dir.
     #[error("{0}")]
     AlreadyRunning(String),
-    /// The state directory could not be created or used.
-    #[error("cannot create state_dir {path}: {source}")]
-    StateDir {
-        /// The directory.
+    /// The lock file in the state directory could not be created or locked (a
+    /// read-only file system, say).
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
         path: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// Start-up failed after the lockdown was made sure of; `done` says what is in the
+    /// kernel now.
+    #[error("{error}; {done}")]
+    AfterLock {
+        /// What failed.
+        error: Box<StartError>,
+        /// What was done before: the lockdown put in, or the table left as it was.
+        done: String,
     },
     /// The state directory cannot be trusted or the grants checkpoint not be used.
     #[error(transparent)]
@@ -53,6 +63,9 @@ pub enum StartError {
     /// The lockdown could not be put in the kernel.
     #[error("cannot lock the ports: {0}")]
     Firewall(#[from] FirewallError),
+    /// The audit writer's thread could not be started.
+    #[error("cannot start the audit writer: {0}")]
+    Writer(std::io::Error),
     /// The socket could not be created.
     #[error("cannot create the socket {path}: {source}")]
     Socket {
@@ -64,6 +77,26 @@ pub enum StartError {
     /// A part of the running daemon failed; the lockdown stays in the kernel.
     #[error("{0}")]
     TaskFailed(String),
+}
+
+impl StartError {
+    /// This error, saying what start-up did before it: put the lockdown in (`installed`:
+    /// there was no table, a reboot) or left the table in the kernel as it was.
+    fn after_lock(self, installed: bool, config: &Config) -> StartError {
+        let done = if installed {
+            format!(
+                "the lockdown was put in the kernel before (table inet {}: {} locked) and stays",
+                rules::TABLE,
+                describe_ports(config)
+            )
+        } else {
+            format!("table inet {} in the kernel was left as it was", rules::TABLE)
+        };
+        StartError::AfterLock {
+            error: Box::new(self),
+            done,
+        }
+    }
 }
 
 /// Held for as long as the daemon lives: the claim on the state directory.
@@ -80,21 +113,24 @@ impl<F: Firewall> Daemon<F> {
     ) -> Result<(Arc<Daemon<F>>, tokio::task::JoinHandle<()>), StartError> {
         let spec = LockdownSpec::from_config(&config);
         let kernel_table = lock_first(&firewall, &spec, &config).await?;
-        store::prepare_state_dir(&config.state_dir)?;
-        let dir_claim = claim_state_dir(&config.state_dir)?;
-        let log = AuditLog::open(&config.state_dir, config.audit_rotation)?;
+        let after_lock = |e: StartError| e.after_lock(kernel_table.is_none(), &config);
+        store::prepare_state_dir(&config.state_dir).map_err(|e| after_lock(e.into()))?;
+        let dir_claim = claim_state_dir(&config.state_dir).map_err(after_lock)?;
+        let log = AuditLog::open(&config.state_dir, config.audit_rotation).map_err(|e| after_lock(e.into()))?;
         let audit_hash = log.last_hash().to_string();
-        let (saved, history) = read_saved(&config.state_dir)?;
+        let Saved {
+            snapshot: saved,
+            history,
+            approvals,
+            refused,
+        } = read_saved(&config.state_dir).map_err(after_lock)?;
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
         let clock_stepped = history.clock_stepped;
         let usage = usage_from(&history);
         let knocks = super::knock::Knocks::new(&history.nonces, refusal_interval());
         let fleet_seen = history.fleet.clone();
-        let writer = Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
-            path: config.state_dir.display().to_string(),
-            source,
-        })?;
+        let writer = Writer::start(log, config.state_dir.clone(), history, approvals).map_err(StartError::Writer)?;
         let intact = kernel_table
             .as_ref()
             .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);
@@ -133,6 +169,7 @@ impl<F: Firewall> Daemon<F> {
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {
+            refused,
             saved: saved.grants,
             pending: saved.pending,
             kernel: kernel_table,
@@ -175,7 +212,7 @@ impl<F: Firewall> Daemon<F> {
         let now = Instant::now();
         let wall = Utc::now();
         let kernel_grants = restore.kernel.as_ref().map(|t| t.grants().0);
-        let mut records = Vec::new();
+        let mut records: Vec<AuditRecord> = restore.refused.into_iter().collect();
         let mut st = self.lock();
         credit_kernel(&mut st.ledger, restore.kernel.as_ref(), &restore.saved, wall);
         let config = st.config.clone();
@@ -344,18 +381,135 @@ async fn lock_first<F: Firewall>(
     Ok(kernel_table)
 }
 
+/// What start-up restores from.
+struct Saved {
+    /// The checkpoint, brought up to date with the journal after it.
+    snapshot: store::Snapshot,
+    /// The sum of the whole history.
+    history: store::History,
+    /// Where the live grants' approval records are.
+    approvals: Approvals,
+    /// The record saying the checkpoint disagreed with the audit log and was refused.
+    refused: Option<AuditRecord>,
+}
+
 /// The saved grants: the checkpoint with the journal since it replayed onto it (whole
-/// transactions only), and the history summary.
-fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), StartError> {
+/// transactions only), and the history summary. Every grant of the checkpoint is
+/// checked against its approval record in the audit log; when one is not allowed by
+/// it (or cannot be checked), the checkpoint is refused, moved aside, and the grants
+/// are rebuilt from the audit log alone.
+fn read_saved(state_dir: &Path) -> Result<Saved, StartError> {
     let mut saved = load_checkpoint(state_dir)?;
-    let (journal, history) = read_journal(state_dir, &saved)?;
-    let left_out = store::replay(&mut saved, &journal);
+    let (journal, history, checked) = read_journal(state_dir, &saved)?;
+    let approvals = match checked {
+        Ok(approvals) => approvals,
+        Err(why) => return rebuild(state_dir, &why),
+    };
+    let left_out = store::replay(&mut saved, &journal.records);
     if left_out > 0 {
         tracing::warn!(
             "{left_out} audit record(s) of transaction(s) that did not finish were not replayed (never answered)"
         );
     }
-    Ok((saved, history))
+    let mut approvals = approvals;
+    note_approvals(&mut approvals, &journal);
+    approvals.retain(|id, _| saved.grants.iter().any(|g| g.id == *id));
+    Ok(Saved {
+        snapshot: saved,
+        history,
+        approvals,
+        refused: None,
+    })
+}
+
+/// Records read from the journal, each with where it ends.
+#[derive(Default)]
+struct Read {
+    records: Vec<AuditRecord>,
+    at: Vec<audit::Position>,
+}
+
+/// Adds where the approvals among `read` are.
+fn note_approvals(approvals: &mut Approvals, read: &Read) {
+    for (r, at) in read.records.iter().zip(&read.at) {
+        if let (Action::Request, Outcome::Approved, Some(id)) = (r.action, r.outcome, r.grant_id) {
+            approvals.insert(id, at.clone());
+        }
+    }
+}
+
+/// Refuses the checkpoint (`why`): moves it aside and rebuilds the grants from the
+/// whole audit log, with a record that says so.
+fn rebuild(state_dir: &Path, why: &str) -> Result<Saved, StartError> {
+    let path = state_dir.join(store::GRANTS_FILE);
+    let aside = state_dir.join(format!(
+        "{}.refused-{}",
+        store::GRANTS_FILE,
+        Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    let moved = match std::fs::rename(&path, &aside) {
+        Ok(()) => format!(
+            "moved it to {}",
+            aside.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        Err(e) => format!("could not move it aside ({e})"),
+    };
+    let text = format!(
+        "the grants checkpoint {} disagrees with the audit log ({why}); {moved} and rebuilt the grants from the audit log",
+        store::GRANTS_FILE
+    );
+    tracing::error!("{text}");
+    let all = read_whole(state_dir)?;
+    let mut snapshot = store::Snapshot::default();
+    store::replay(&mut snapshot, &all.records);
+    let mut history = store::History::default();
+    history.note(&all.records, Utc::now() - USAGE_WINDOW);
+    let mut approvals = Approvals::new();
+    note_approvals(&mut approvals, &all);
+    approvals.retain(|id, _| snapshot.grants.iter().any(|g| g.id == *id));
+    let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Recover, Outcome::Done);
+    record.reason = Some(text);
+    Ok(Saved {
+        snapshot,
+        history,
+        approvals,
+        refused: Some(record),
+    })
+}
+
+/// Every record of every audit file, with where each ends.
+fn read_whole(dir: &Path) -> Result<Read, StartError> {
+    let mut read = Read::default();
+    for file in audit::files(dir) {
+        let (records, problems, _) = audit::read_positioned(&file, 0).map_err(StartError::AuditRead)?;
+        for p in problems {
+            tracing::warn!("{p}");
+        }
+        for (r, at) in records {
+            read.records.push(r);
+            read.at.push(at);
+        }
+    }
+    Ok(read)
+}
+
+/// Checks each grant of the checkpoint against its approval record (`approval` finds
+/// it): where the live grants' approvals are, or why the checkpoint cannot be trusted.
+fn check_checkpoint(
+    saved: &store::Snapshot,
+    mut approval: impl FnMut(GrantId) -> std::io::Result<Option<(AuditRecord, audit::Position)>>,
+) -> Result<Approvals, String> {
+    let mut approvals = Approvals::new();
+    for grant in &saved.grants {
+        let found =
+            approval(grant.id).map_err(|e| format!("grant {}: cannot read its approval record: {e}", grant.id))?;
+        let Some((record, at)) = found else {
+            return Err(format!("grant {}: its approval record is not found", grant.id));
+        };
+        store::vouches(&record, grant)?;
+        approvals.insert(grant.id, at);
+    }
+    Ok(approvals)
 }
 
 /// The refusal limiter: 20 refusals per uid per [`refusal_interval`] in full.
@@ -379,6 +533,8 @@ fn refusal_interval() -> chrono::TimeDelta {
 
 /// What start-up found to restore from.
 struct Restore {
+    /// The record saying the checkpoint was refused, when it was.
+    refused: Option<AuditRecord>,
     saved: Vec<Grant>,
     /// Requests that waited for approval.
     pending: Vec<crate::approval::PendingRequest>,
@@ -516,8 +672,8 @@ pub(super) fn claim_table() -> Result<UnixListener, StartError> {
 fn claim_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StartError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("jitd.lock");
-    let fail = |source| StartError::StateDir {
-        path: dir.display().to_string(),
+    let fail = |source| StartError::Lock {
+        path: path.display().to_string(),
         source,
     };
     let file = std::fs::OpenOptions::new()
@@ -564,10 +720,15 @@ fn usage_from(history: &store::History) -> HashMap<u16, PortUsage> {
         .collect()
 }
 
-/// The journal after the checkpoint `saved`, and the sum of the whole history. Reads
-/// only from the checkpoint's position when it is found in the journal; otherwise (an
-/// older checkpoint, none, or a position rotated away or changed) the whole history.
-fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>, store::History), StartError> {
+/// The journal after the checkpoint `saved`, the sum of the whole history, and the
+/// checkpoint's grants checked against their approval records. Reads only from the
+/// checkpoint's position when it is found in the journal (and each approval record
+/// where the checkpoint says it is); otherwise (an older checkpoint, none, or a
+/// position rotated away or changed) the whole history.
+fn read_journal(
+    dir: &Path,
+    saved: &store::Snapshot,
+) -> Result<(Read, store::History, Result<Approvals, String>), StartError> {
     let window = Utc::now() - USAGE_WINDOW;
     if let Some(pos) = &saved.position {
         match audit::journal::read_since(dir, pos) {
@@ -584,7 +745,18 @@ fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>
                 );
                 let mut history = saved.history.clone();
                 history.note(&since.records, window);
-                return Ok((since.records, history));
+                let records = audit::journal::Records::open(dir).map_err(StartError::AuditRead)?;
+                let checked = check_checkpoint(saved, |id| {
+                    let Some(at) = saved.approvals.get(&id) else {
+                        return Ok(None);
+                    };
+                    Ok(records.at(at)?.map(|r| (r, at.clone())))
+                });
+                let read = Read {
+                    records: since.records,
+                    at: since.at,
+                };
+                return Ok((read, history, checked));
             }
             Ok(None) => tracing::warn!(
                 "the checkpoint's place in the audit journal (record {} ending at byte {} of {}) is not there (rotated away or changed): reading the whole history",
@@ -595,15 +767,26 @@ fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>
             Err(e) => tracing::warn!("cannot read the audit journal after the checkpoint: {e}; reading the whole history"),
         }
     }
-    let (all, problems) = audit::read_all(dir).map_err(StartError::AuditRead)?;
-    for p in problems {
-        tracing::warn!("{p}");
-    }
-    tracing::info!("read the whole audit history: {} record(s)", all.len());
+    let all = read_whole(dir)?;
+    tracing::info!("read the whole audit history: {} record(s)", all.records.len());
     let mut history = store::History::default();
-    history.note(&all, window);
-    let journal = store::journal(saved, &all).to_vec();
-    Ok((journal, history))
+    history.note(&all.records, window);
+    let approved: HashMap<GrantId, usize> = all
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| (r.action, r.outcome) == (Action::Request, Outcome::Approved))
+        .filter_map(|(i, r)| Some((r.grant_id?, i)))
+        .collect();
+    let checked = check_checkpoint(saved, |id| {
+        Ok(approved.get(&id).map(|i| (all.records[*i].clone(), all.at[*i].clone())))
+    });
+    let skip = all.records.len() - store::journal(saved, &all.records).len();
+    let read = Read {
+        records: all.records[skip..].to_vec(),
+        at: all.at[skip..].to_vec(),
+    };
+    Ok((read, history, checked))
 }
 
 /// Checks `lockdown.interfaces` against the host's interfaces over rtnetlink.

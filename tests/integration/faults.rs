@@ -653,3 +653,62 @@ fn an_accept_rule_planted_again_and_again_is_removed_at_once_every_time() {
         "{repairs:?}"
     );
 }
+
+/// A read-only file system mounted for one test, unmounted on drop.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn mount(path: std::path::PathBuf) -> ReadOnly {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64k,mode=0700", "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", text(&out));
+        ReadOnly(path)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A bad state_dir after a reboot: the message names what failed (the lock file on a
+/// read-only state_dir, the owner and mode of an untrusted one) and says what was done:
+/// the lockdown went in first and stays.
+#[test]
+fn a_bad_state_dir_is_named_exactly_and_the_message_says_the_lockdown_stays() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("[[ports]]\nport = 22\n");
+    let _ro = ReadOnly::mount(setup.state_dir());
+    let out = setup.run_jitd(&net.host, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lock = setup.state_dir().join("jitd.lock");
+    assert!(said.contains(&format!("cannot lock {}: ", lock.display())), "{said}");
+    assert!(!said.contains("cannot create state_dir"), "{said}");
+    assert!(
+        said.contains("the lockdown was put in the kernel before (table inet jitd: 22/tcp locked) and stays"),
+        "{said}"
+    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "fail closed: the port stays shut");
+    drop(_ro);
+
+    // untrusted: writable by others; after another reboot
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    std::fs::set_permissions(setup.state_dir(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = setup.run_jitd(&net.host, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(said.contains("is writable by its group"), "{said}");
+    assert!(
+        said.contains("jitd refuses to use it and changed nothing in it; the lockdown was put in the kernel before"),
+        "{said}"
+    );
+    assert!(net.ruleset().contains("table inet jitd"), "{}", net.ruleset());
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+}
