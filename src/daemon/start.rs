@@ -493,21 +493,53 @@ fn read_whole(dir: &Path) -> Result<Read, StartError> {
     Ok(read)
 }
 
+/// What start-up found of a checkpoint grant's approval record.
+enum Approval {
+    /// The record, and where it ends.
+    Found(AuditRecord, audit::Position),
+    /// The audit file the checkpoint names for it was deleted by rotation: the
+    /// checkpoint is the only witness left.
+    RotatedAway(audit::Position),
+    /// Not where the checkpoint says, or the checkpoint names no place for it.
+    Missing,
+}
+
+/// Where the checkpoint says `id`'s approval is in `dir`, and whether the file it names
+/// is gone (deleted by rotation).
+fn named_approval(dir: &Path, saved: &store::Snapshot, id: GrantId) -> Approval {
+    match saved.approvals.get(&id) {
+        Some(at) if !dir.join(&at.file).exists() => Approval::RotatedAway(at.clone()),
+        _ => Approval::Missing,
+    }
+}
+
 /// Checks each grant of the checkpoint against its approval record (`approval` finds
 /// it): where the live grants' approvals are, or why the checkpoint cannot be trusted.
+/// A grant whose approval's audit file was deleted by rotation keeps what the
+/// checkpoint says (bounded by the policy, as every restored grant), with a warning.
 fn check_checkpoint(
     saved: &store::Snapshot,
-    mut approval: impl FnMut(GrantId) -> std::io::Result<Option<(AuditRecord, audit::Position)>>,
+    mut approval: impl FnMut(GrantId) -> std::io::Result<Approval>,
 ) -> Result<Approvals, String> {
     let mut approvals = Approvals::new();
     for grant in &saved.grants {
         let found =
             approval(grant.id).map_err(|e| format!("grant {}: cannot read its approval record: {e}", grant.id))?;
-        let Some((record, at)) = found else {
-            return Err(format!("grant {}: its approval record is not found", grant.id));
-        };
-        store::vouches(&record, grant)?;
-        approvals.insert(grant.id, at);
+        match found {
+            Approval::Found(record, at) => {
+                store::vouches(&record, grant)?;
+                approvals.insert(grant.id, at);
+            }
+            Approval::RotatedAway(at) => {
+                tracing::warn!(
+                    "grant {}: its approval record was in {}, deleted by rotation; restored as the checkpoint says",
+                    grant.id,
+                    at.file
+                );
+                approvals.insert(grant.id, at);
+            }
+            Approval::Missing => return Err(format!("grant {}: its approval record is not found", grant.id)),
+        }
     }
     Ok(approvals)
 }
@@ -748,9 +780,12 @@ fn read_journal(
                 let records = audit::journal::Records::open(dir).map_err(StartError::AuditRead)?;
                 let checked = check_checkpoint(saved, |id| {
                     let Some(at) = saved.approvals.get(&id) else {
-                        return Ok(None);
+                        return Ok(Approval::Missing);
                     };
-                    Ok(records.at(at)?.map(|r| (r, at.clone())))
+                    Ok(match records.at(at)? {
+                        Some(r) => Approval::Found(r, at.clone()),
+                        None => named_approval(dir, saved, id),
+                    })
                 });
                 let read = Read {
                     records: since.records,
@@ -779,7 +814,10 @@ fn read_journal(
         .filter_map(|(i, r)| Some((r.grant_id?, i)))
         .collect();
     let checked = check_checkpoint(saved, |id| {
-        Ok(approved.get(&id).map(|i| (all.records[*i].clone(), all.at[*i].clone())))
+        Ok(match approved.get(&id) {
+            Some(i) => Approval::Found(all.records[*i].clone(), all.at[*i].clone()),
+            None => named_approval(dir, saved, id),
+        })
     });
     let skip = all.records.len() - store::journal(saved, &all.records).len();
     let read = Read {
