@@ -496,7 +496,7 @@ fn read_whole(dir: &Path) -> Result<Read, StartError> {
 /// What start-up found of a checkpoint grant's approval record.
 enum Approval {
     /// The record, and where it ends.
-    Found(AuditRecord, audit::Position),
+    Found(Box<AuditRecord>, audit::Position),
     /// The audit file the checkpoint names for it was deleted by rotation: the
     /// checkpoint is the only witness left.
     RotatedAway(audit::Position),
@@ -783,7 +783,7 @@ fn read_journal(
                         return Ok(Approval::Missing);
                     };
                     Ok(match records.at(at)? {
-                        Some(r) => Approval::Found(r, at.clone()),
+                        Some(r) => Approval::Found(Box::new(r), at.clone()),
                         None => named_approval(dir, saved, id),
                     })
                 });
@@ -815,7 +815,7 @@ fn read_journal(
         .collect();
     let checked = check_checkpoint(saved, |id| {
         Ok(match approved.get(&id) {
-            Some(i) => Approval::Found(all.records[*i].clone(), all.at[*i].clone()),
+            Some(i) => Approval::Found(Box::new(all.records[*i].clone()), all.at[*i].clone()),
             None => named_approval(dir, saved, id),
         })
     });
