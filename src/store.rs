@@ -64,6 +64,46 @@ pub struct Snapshot {
     /// each kernel element (start-up credits what the counters added since).
     #[serde(default, skip_serializing_if = "crate::grants::usage::SavedLedger::is_empty")]
     pub admitted: crate::grants::usage::SavedLedger,
+    /// Where each live grant's approval record ends in the journal: start-up checks
+    /// every grant of the checkpoint against it (the checkpoint is a shortcut, the
+    /// hash-chained log the authority).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub approvals: BTreeMap<GrantId, Position>,
+}
+
+/// Whether `record` is the approval of `grant` and allows it: same id, address, port
+/// and protocol, granted when it was approved, ending no later than the approved
+/// duration after that (a clamp may only have shortened it). The message says how
+/// they differ.
+pub fn vouches(record: &AuditRecord, grant: &Grant) -> Result<(), String> {
+    use crate::audit::{Action, Outcome};
+    let id = grant.id;
+    if (record.action, record.outcome) != (Action::Request, Outcome::Approved) || record.grant_id != Some(id) {
+        return Err(format!("grant {id}: the record named as its approval is not one"));
+    }
+    let same = record
+        .source
+        .as_deref()
+        .and_then(|s| crate::domain::parse_prefix(s).ok())
+        == Some(grant.source)
+        && record.ports.first() == Some(&grant.port)
+        && record.protocol == Some(grant.protocol)
+        && record.time == grant.granted_at;
+    if !same {
+        return Err(format!(
+            "grant {id}: the checkpoint's address, port, protocol or start differ from its approval record"
+        ));
+    }
+    let approved = record.duration_secs.and_then(|d| i64::try_from(d).ok()).unwrap_or(0);
+    let end = record.time + chrono::Duration::try_seconds(approved).unwrap_or_default();
+    if grant.expires_at > end {
+        return Err(format!(
+            "grant {id}: the checkpoint says it ends at {}, its approval record allows {approved} s from {} (until {end})",
+            grant.expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            record.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ));
+    }
+    Ok(())
 }
 
 /// The sum of the journal up to a checkpoint that start-up needs besides the grants:
@@ -91,6 +131,10 @@ pub struct History {
     /// applied twice across a restart.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fleet: BTreeMap<String, DateTime<Utc>>,
+    /// The newest `clock` record's time (a step of the wall clock): the wall clock
+    /// cannot say how long a grant approved before it has left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_stepped: Option<DateTime<Utc>>,
 }
 
 /// How long after its last record a fleet request is remembered: the longest a fleet
@@ -134,6 +178,9 @@ impl History {
             if let Some(id) = &r.fleet_request {
                 let t = self.fleet.entry(id.clone()).or_insert(r.time);
                 *t = r.time.max(*t);
+            }
+            if r.action == Action::Clock {
+                self.clock_stepped = self.clock_stepped.max(Some(r.time));
             }
             if (r.action, r.outcome) != (Action::Request, Outcome::Approved) {
                 continue;
@@ -358,8 +405,8 @@ pub enum StoreError {
         /// Why (not a `source`: it is in the message already, once is enough).
         reason: std::io::Error,
     },
-    /// `state_dir` is not a directory only jitd can write; nothing was changed.
-    #[error("state_dir {path}: {problem}; jitd refuses to use it and changed nothing")]
+    /// `state_dir` is not a directory only jitd can write; nothing in it was changed.
+    #[error("state_dir {path}: {problem}; jitd refuses to use it and changed nothing in it")]
     Untrusted {
         /// The directory.
         path: PathBuf,
@@ -532,6 +579,7 @@ mod tests {
                 elements: Vec::new(),
                 unknown: [3].into(),
             },
+            approvals: BTreeMap::new(),
         };
         save(dir.path(), &snapshot).unwrap();
         assert_eq!(load(dir.path()).unwrap(), snapshot);
@@ -787,7 +835,10 @@ mod tests {
             err.starts_with(&format!("state_dir {}: is writable by its group", dir.display())),
             "{err}"
         );
-        assert!(err.ends_with("jitd refuses to use it and changed nothing"), "{err}");
+        assert!(
+            err.ends_with("jitd refuses to use it and changed nothing in it"),
+            "{err}"
+        );
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o777,

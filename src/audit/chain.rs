@@ -31,7 +31,7 @@ pub fn claimed_hash(line: &[u8]) -> Option<&str> {
 }
 
 /// Whether a sealed line's content still matches its hash.
-fn intact(line: &[u8]) -> bool {
+pub fn intact(line: &[u8]) -> bool {
     let (Some(at), Some(claimed)) = (rfind(line, HASH_FIELD), claimed_hash(line)) else {
         return false;
     };

@@ -126,11 +126,15 @@ pub fn whole_end(file: &File, len: u64) -> std::io::Result<u64> {
 /// The line ending just before `offset` in `file` (without its newline), if the byte
 /// before `offset` is a newline.
 fn line_before(file: &File, offset: u64) -> std::io::Result<Option<Vec<u8>>> {
+    line_before_from(file, offset, WINDOW)
+}
+
+/// Like [`line_before`], reading `window` bytes at first (doubled until enough).
+fn line_before_from(file: &File, offset: u64, mut window: u64) -> std::io::Result<Option<Vec<u8>>> {
     let len = file.metadata()?.len();
     if offset == 0 || offset > len {
         return Ok(None);
     }
-    let mut window = WINDOW;
     loop {
         let from = offset.saturating_sub(window);
         let mut buf = vec![0u8; (offset - from) as usize];
@@ -157,11 +161,47 @@ fn is_at(file: &Path, pos: &Position) -> std::io::Result<bool> {
     Ok(line_before(&f, pos.offset)?.is_some_and(|l| chain::claimed_hash(&l) == Some(pos.hash.as_str())))
 }
 
+/// The audit files of a `state_dir` opened once, to read single records at positions
+/// ([`Records::at`]): the named file first, then every other one (rotation renames).
+pub struct Records {
+    files: Vec<(String, File)>,
+}
+
+impl Records {
+    /// Opens every audit file of `state_dir`.
+    pub fn open(state_dir: &Path) -> std::io::Result<Records> {
+        let mut files = Vec::new();
+        for path in super::files(state_dir).iter().rev() {
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            files.push((name, File::open(path)?));
+        }
+        Ok(Records { files })
+    }
+
+    /// The record `pos` names, if it is there whole: its line ends at `pos.offset`,
+    /// claims `pos.hash` and its content still matches that hash.
+    pub fn at(&self, pos: &Position) -> std::io::Result<Option<AuditRecord>> {
+        let named = self.files.iter().filter(|(n, _)| *n == pos.file);
+        let others = self.files.iter().filter(|(n, _)| *n != pos.file);
+        for (_, file) in named.chain(others) {
+            let Some(line) = line_before_from(file, pos.offset, 1024)? else {
+                continue;
+            };
+            if chain::claimed_hash(&line) == Some(pos.hash.as_str()) && chain::intact(&line) {
+                return Ok(serde_json::from_slice(&line).ok());
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// What [`read_since`] read.
 #[derive(Debug, Default)]
 pub struct Since {
     /// The records after the position, oldest first.
     pub records: Vec<AuditRecord>,
+    /// Where each of them ends.
+    pub at: Vec<Position>,
     /// Notes on lines that could not be read.
     pub problems: Vec<String>,
     /// Bytes read.
@@ -193,8 +233,11 @@ fn read_from(files: &[PathBuf], first: usize, offset: u64) -> std::io::Result<Si
     let mut since = Since::default();
     for (i, file) in files.iter().enumerate().skip(first) {
         let skip = if i == first { offset } else { 0 };
-        let (records, problems, bytes) = super::read_records_from(file, skip)?;
-        since.records.extend(records);
+        let (records, problems, bytes) = super::read_positioned(file, skip)?;
+        for (r, at) in records {
+            since.records.push(r);
+            since.at.push(at);
+        }
         since.problems.extend(problems);
         since.bytes += bytes;
     }

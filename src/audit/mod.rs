@@ -363,7 +363,7 @@ fn cut_torn_tail(state_dir: &Path, file: &File) -> std::io::Result<Option<Cut>> 
 
 /// Seals `records` after `last` as one batch starting at chain position `first_seq`:
 /// the bytes to write, where each line ends in them, and the first and last hash.
-fn seal_batch(records: &[AuditRecord], last: &str, first_seq: u64) -> (Vec<u8>, Vec<usize>, String, String) {
+fn seal_batch(records: &[AuditRecord], last: &str, first_seq: u64) -> (Vec<u8>, Vec<(usize, String)>, String, String) {
     let mut buf = Vec::new();
     let mut ends = Vec::new();
     let mut last = last.to_string();
@@ -382,7 +382,7 @@ fn seal_batch(records: &[AuditRecord], last: &str, first_seq: u64) -> (Vec<u8>, 
         let (line, hash) = chain::seal(&unsealed);
         buf.extend_from_slice(&line);
         buf.push(b'\n');
-        ends.push(buf.len());
+        ends.push((buf.len(), hash.clone()));
         first.get_or_insert_with(|| hash.clone());
         last = hash;
     }
@@ -478,16 +478,26 @@ impl AuditLog {
     /// back off the file: the log ends with the last good record, and the next append
     /// starts clean.
     pub fn append(&mut self, records: &[AuditRecord]) -> Result<bool, AuditError> {
-        self.write_sealed(records)?;
+        self.append_at(records).map(|(rotated, _)| rotated)
+    }
+
+    /// Like [`AuditLog::append`]; also returns where each record ends (in the file it is
+    /// in after a rotation).
+    pub fn append_at(&mut self, records: &[AuditRecord]) -> Result<(bool, Vec<Position>), AuditError> {
+        let mut at = self.write_sealed(records)?;
         if self.len <= self.rotation.max_bytes {
-            return Ok(false);
+            return Ok((false, at));
         }
         // The records are on disk and stand: a failed rotation must not undo them.
         match self.rotate() {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                let rotated = format!("{AUDIT_FILE}.1");
+                at.iter_mut().for_each(|p| p.file = rotated.clone());
+                Ok((true, at))
+            }
             Err(e) => {
                 tracing::error!("cannot rotate {}: {e}; writing on to it", self.path.display());
-                Ok(false)
+                Ok((false, at))
             }
         }
     }
@@ -515,7 +525,7 @@ impl AuditLog {
     pub fn write_torn(&mut self, records: &[AuditRecord]) -> std::io::Result<()> {
         let (buf, ends, _, _) = seal_batch(records, &self.last_hash, self.seq + 1);
         let cut = match ends.as_slice() {
-            [first, second, ..] => first + (second - first) / 2,
+            [(first, _), (second, _), ..] => first + (second - first) / 2,
             _ => buf.len() / 2,
         };
         self.file.write_all(&buf[..cut])?;
@@ -524,12 +534,20 @@ impl AuditLog {
 
     /// Seals `records` into the chain, writes and syncs them, then moves the anchor's
     /// tail (without fsync: a tail older than the log is fine, see [`anchor`]).
-    fn write_sealed(&mut self, records: &[AuditRecord]) -> Result<(), AuditError> {
+    fn write_sealed(&mut self, records: &[AuditRecord]) -> Result<Vec<Position>, AuditError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.clean_tail()?;
-        let (buf, _, first, last) = seal_batch(records, &self.last_hash, self.seq + 1);
+        let (buf, ends, first, last) = seal_batch(records, &self.last_hash, self.seq + 1);
+        let at: Vec<Position> = ends
+            .into_iter()
+            .map(|(end, hash)| Position {
+                file: AUDIT_FILE.to_string(),
+                offset: self.len + end as u64,
+                hash,
+            })
+            .collect();
         let written = self.file.write_all(&buf).and_then(|_| self.file.sync_data());
         if let Err(source) = written {
             self.unclean = true;
@@ -561,7 +579,7 @@ impl AuditLog {
         if let Err(e) = anchor::save(&self.dir, &self.anchor, new_head) {
             tracing::error!("cannot update {}: {e}", anchor::path(&self.dir).display());
         }
-        Ok(())
+        Ok(at)
     }
 
     /// `audit.jsonl` becomes `audit.jsonl.1` (older ones move up, the oldest beyond
@@ -707,7 +725,19 @@ pub fn read_records(path: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<Strin
 /// Like [`read_records`], from byte `offset` on (the start of a line); also returns how
 /// many bytes were read.
 pub fn read_records_from(path: &Path, offset: u64) -> std::io::Result<(Vec<AuditRecord>, Vec<String>, u64)> {
+    let (records, problems, bytes) = read_positioned(path, offset)?;
+    Ok((records.into_iter().map(|(r, _)| r).collect(), problems, bytes))
+}
+
+/// What [`read_positioned`] read: each record with where it ends, notes on lines that
+/// could not be read, and how many bytes were read.
+pub type Positioned = (Vec<(AuditRecord, Position)>, Vec<String>, u64);
+
+/// Like [`read_records_from`], each record with where it ends (the file named by its
+/// name in `state_dir`).
+pub fn read_positioned(path: &Path, offset: u64) -> std::io::Result<Positioned> {
     use std::io::{Seek, SeekFrom};
+    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), Vec::new(), 0)),
@@ -724,7 +754,14 @@ pub fn read_records_from(path: &Path, offset: u64) -> std::io::Result<(Vec<Audit
             continue;
         }
         match serde_json::from_slice::<AuditRecord>(&line) {
-            Ok(r) => records.push(r),
+            Ok(r) => {
+                let at = Position {
+                    file: name.clone(),
+                    offset: offset + bytes,
+                    hash: r.hash.clone().unwrap_or_default(),
+                };
+                records.push((r, at))
+            }
             Err(e) if offset == 0 => {
                 problems.push(format!("{}:{}: skipped unreadable record: {e}", path.display(), i + 1))
             }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -41,13 +41,7 @@ pub(super) enum Verdict {
 /// its requester still holding the requester role, and its whole length (from
 /// `granted_at`, by the wall clock `wall`) within the port's `max_duration`. A grant
 /// that ran longer than that already ends; one that would run longer is clamped.
-pub(super) fn recheck(
-    config: &Config,
-    grant: &Grant,
-    requester: &Caller,
-    left: Duration,
-    wall: DateTime<Utc>,
-) -> Verdict {
+pub(super) fn recheck(config: &Config, grant: &Grant, requester: &Caller, left: Duration) -> Verdict {
     if let Some(origin) = &grant.fleet {
         if let Err(why) = crate::fleet::judge::still_selected(config.fleet.as_ref(), origin) {
             return Verdict::End(format!("policy changed: {why}"));
@@ -79,7 +73,9 @@ pub(super) fn recheck(
         };
         return Verdict::End(format!("policy changed: {who} no longer holds the requester role"));
     }
-    let ran = (wall - grant.granted_at).to_std().unwrap_or_default();
+    // how long it ran, by what it was approved for and what is left (both clock-free:
+    // the wall clock may have stepped since it was granted)
+    let ran = grant.approved_duration().saturating_sub(left);
     let allowed = max.saturating_sub(ran);
     let shown = crate::duration::format(max);
     if allowed.is_zero() {
@@ -278,9 +274,18 @@ impl<F: Firewall> Daemon<F> {
     }
 
     /// Compares what the kernel showed with jitd's view and repairs only what differs,
-    /// as one transaction. Elements jitd changed itself since the reading began are
-    /// left out of the comparison; a reading from before a whole-table change is stale.
-    pub(super) async fn commit_repair(&self, cause: &DriftCause, observed: Observed, pings: &mut Pings) -> Checked {
+    /// as one transaction, applied first and recorded after (on its own when `pace`
+    /// says so; else the drift monitor records the streak). Elements jitd changed itself
+    /// since the reading began are left out of the comparison; a reading from before a
+    /// whole-table change is stale. A change that opens nothing is deferred when `pace`
+    /// says closing repairs wait.
+    pub(super) async fn commit_repair(
+        &self,
+        cause: &DriftCause,
+        observed: Observed,
+        pace: drift::Pace,
+        pings: &mut Pings,
+    ) -> Checked {
         let now = Instant::now();
         let plan = {
             let mut st = self.lock();
@@ -295,6 +300,9 @@ impl<F: Firewall> Daemon<F> {
             let findings = drift::compare(&st, observed.table.as_ref(), &skip, observed.read_at, now);
             if findings.is_empty() {
                 return Checked::Clean;
+            }
+            if pace.closing_waits && !findings.opens_access() {
+                return Checked::Deferred(findings.describe());
             }
             let kernel = if findings.needs_new_table() {
                 KernelChange::Replace(
@@ -317,9 +325,11 @@ impl<F: Firewall> Daemon<F> {
         record.reason = Some(format!("drift repaired ({cause}): {text}"));
         let mut failed = failure_of(&record);
         failed.reason = Some(format!("drift found ({cause}): {text}; "));
+        let records = if pace.record { vec![record] } else { Vec::new() };
         let tx = Tx {
             touched: findings.touched,
-            ..Tx::kernel_only(vec![record], kernel, failed)
+            record_after: true,
+            ..Tx::kernel_only(records, kernel, failed)
         };
         match self.execute(tx, pings).await {
             Ok(()) => {
@@ -557,7 +567,7 @@ fn book_revoke(
 fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx, Vec<GrantId>) {
     let now = Instant::now();
     let wall = Utc::now();
-    let verdicts = recheck_book(&st.book, &new_config, now, wall);
+    let verdicts = recheck_book(&st.book, &new_config, now);
     let mut tx = Tx::records(Vec::new());
     let mut ended = Vec::new();
     for (id, verdict) in verdicts {
@@ -576,7 +586,7 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
             }
             Verdict::Clamp(left, why) => {
                 let mut clamped = grant.clone();
-                clamped.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                clamped.expires_at = grants::shortened(&grant, deadline.saturating_duration_since(now), left);
                 st.book.restore(clamped, now + left);
                 (Outcome::Done, why)
             }
@@ -608,18 +618,13 @@ fn plan_reload(st: &mut super::State, new_config: Config, actor: &Caller) -> (Tx
 }
 
 /// The live grants `config` no longer allows as they are, with what becomes of them.
-fn recheck_book(
-    book: &grants::GrantBook,
-    config: &Config,
-    now: Instant,
-    wall: DateTime<Utc>,
-) -> Vec<(GrantId, Verdict)> {
+fn recheck_book(book: &grants::GrantBook, config: &Config, now: Instant) -> Vec<(GrantId, Verdict)> {
     let mut callers: HashMap<u32, Caller> = HashMap::new();
     book.iter()
         .filter_map(|g| {
             let requester = Caller::requester_of(g, &mut callers);
             let left = book.remaining(g.id, now).unwrap_or_default();
-            match recheck(config, g, &requester, left, wall) {
+            match recheck(config, g, &requester, left) {
                 Verdict::Keep(_) => None,
                 changed => Some((g.id, changed)),
             }
@@ -638,7 +643,7 @@ mod tests {
 
     const PORT22: &str = "[[ports]]\nport = 22\nallowed_sources = [\"10.0.0.0/8\"]\nmax_duration = \"3h\"\n";
 
-    fn grant(ran: Duration, approved: Duration, wall: DateTime<Utc>) -> Grant {
+    fn grant(ran: Duration, approved: Duration, wall: chrono::DateTime<Utc>) -> Grant {
         let granted_at = wall - chrono::Duration::from_std(ran).unwrap();
         Grant {
             id: 7,
@@ -671,14 +676,14 @@ mod tests {
         let wall = Utc::now();
         let c = config(&format!("{PORT22}[access]\nrequesters = [\"uid:4242\"]\n"));
         let g = grant(MIN, 180 * MIN, wall);
-        assert_eq!(recheck(&c, &g, &who(4242), 179 * MIN, wall), Verdict::Keep(179 * MIN));
+        assert_eq!(recheck(&c, &g, &who(4242), 179 * MIN), Verdict::Keep(179 * MIN));
     }
 
     #[test]
     fn each_tightening_ends_the_grant_with_its_reason() {
         let wall = Utc::now();
         let g = grant(MIN, 180 * MIN, wall);
-        let ends = |body: &str, uid: u32| match recheck(&config(body), &g, &who(uid), 179 * MIN, wall) {
+        let ends = |body: &str, uid: u32| match recheck(&config(body), &g, &who(uid), 179 * MIN) {
             Verdict::End(why) => why,
             other => panic!("{body}: {other:?}"),
         };
@@ -711,7 +716,7 @@ mod tests {
         let c = config(&PORT22.replace("3h", "10m"));
         // ran 4 minutes of 3 hours: 6 minutes are left under a 10 minute maximum
         let g = grant(4 * MIN, 180 * MIN, wall);
-        match recheck(&c, &g, &who(0), 176 * MIN, wall) {
+        match recheck(&c, &g, &who(0), 176 * MIN) {
             Verdict::Clamp(left, why) => {
                 assert_eq!(left, 6 * MIN);
                 assert!(
@@ -722,6 +727,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // less time left than the maximum allows: kept as it is
-        assert_eq!(recheck(&c, &g, &who(0), 5 * MIN, wall), Verdict::Keep(5 * MIN));
+        let g = grant(5 * MIN, 10 * MIN, wall);
+        assert_eq!(recheck(&c, &g, &who(0), 5 * MIN), Verdict::Keep(5 * MIN));
     }
 }

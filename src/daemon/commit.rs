@@ -61,6 +61,7 @@ pub(super) enum Job {
     Repair(
         super::drift::DriftCause,
         Observed,
+        super::drift::Pace,
         oneshot::Sender<super::drift::Checked>,
     ),
     Expire,
@@ -202,6 +203,10 @@ pub(super) struct Tx {
     /// The counters of the grants it ends could not be read: their records leave the
     /// connections out.
     pub uncounted: bool,
+    /// Applied first, recorded after: a repair, which puts the kernel back to what the
+    /// log already says, must not wait for the disk (nor for a checkpoint being written
+    /// ahead of its record) while a port may stand open.
+    pub record_after: bool,
 }
 
 impl Tx {
@@ -214,6 +219,7 @@ impl Tx {
             failed: Vec::new(),
             touched: Touched::default(),
             uncounted: false,
+            record_after: false,
         }
     }
 
@@ -227,6 +233,7 @@ impl Tx {
             failed: vec![failed],
             touched: Touched::default(),
             uncounted: false,
+            record_after: false,
         }
     }
 }
@@ -288,8 +295,8 @@ async fn run<F: Firewall>(
             Job::Reload(config, caller, reply) => {
                 let _ = reply.send(daemon.commit_reload(*config, &caller, &mut pings).await);
             }
-            Job::Repair(cause, observed, reply) => {
-                let _ = reply.send(daemon.commit_repair(&cause, observed, &mut pings).await);
+            Job::Repair(cause, observed, pace, reply) => {
+                let _ = reply.send(daemon.commit_repair(&cause, observed, pace, &mut pings).await);
             }
             Job::Expire => {
                 daemon.commit_expiry(&mut pings).await;
@@ -337,8 +344,14 @@ impl<F: Firewall> Daemon<F> {
             failed,
             touched,
             uncounted,
+            record_after,
         } = tx;
         let ended = answering(pings, self.count_ends(&kernel, &undo, uncounted, &mut records)).await;
+        let later = if record_after {
+            std::mem::take(&mut records)
+        } else {
+            Vec::new()
+        };
         if !records.is_empty() {
             match answering(pings, self.writer.append(records)).await {
                 Ok(appended) => {
@@ -388,12 +401,20 @@ impl<F: Firewall> Daemon<F> {
                 Err(e) => tracing::error!("cannot read back the table just applied: {e}"),
             }
         }
-        let mut st = self.lock();
-        st.settle();
-        st.changed();
-        st.ledger_applied(&kernel, &ended);
-        drop(st);
+        {
+            let mut st = self.lock();
+            st.settle();
+            st.changed();
+            st.ledger_applied(&kernel, &ended);
+        }
         self.expiry_changed.notify_one();
+        if !later.is_empty() {
+            // the change stands whether or not its record can be written
+            match answering(pings, self.writer.append(later)).await {
+                Ok(appended) => self.appended(appended),
+                Err(e) => tracing::error!("{e}; the repair is made but not on record"),
+            }
+        }
         Ok(())
     }
 

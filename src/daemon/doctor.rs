@@ -71,7 +71,7 @@ impl HealthState {
         let Ok(mut d) = self.drift.lock() else { return };
         let now = Instant::now();
         let outcome = match checked {
-            Checked::Stale => return,
+            Checked::Stale | Checked::Deferred(_) => return,
             Checked::Clean => {
                 d.in_a_row = 0;
                 DriftOutcome::Clean

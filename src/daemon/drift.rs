@@ -31,6 +31,29 @@ pub enum Checked {
     Repaired(String),
     /// Drift was found and the repair failed.
     Failed(String),
+    /// Drift that only closes access or changes nothing that matters was found while
+    /// repairs back off, and left for the next check (what was found).
+    Deferred(String),
+}
+
+/// How a check treats what it finds while another process keeps changing the table:
+/// whether a repair that only closes access waits, and whether a repair gets an audit
+/// record of its own (in a long streak, records coalesce; repairs never wait when the
+/// change opens access).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pace {
+    /// A repair that opens nothing is deferred.
+    pub closing_waits: bool,
+    /// The repair is recorded on its own.
+    pub record: bool,
+}
+
+impl Pace {
+    /// No back-off: every repair at once, each with its record.
+    pub const AT_ONCE: Pace = Pace {
+        closing_waits: false,
+        record: true,
+    };
 }
 
 /// Why the kernel was read and compared.
@@ -100,6 +123,15 @@ impl Finding {
             Finding::TableMissing | Finding::LockdownDiffers | Finding::Unexpected(_)
         )
     }
+
+    /// Whether this may let in someone jitd did not grant (or for longer): a missing
+    /// table, a changed lockdown (an accept rule, a flushed chain or lock set: jitd
+    /// cannot tell a harmless change from one that opens a port, so it assumes the
+    /// worst), an element that is not a grant's or outlasts it. Only a missing grant
+    /// element closes access rather than opening it.
+    pub fn opens_access(&self) -> bool {
+        !matches!(self, Finding::ElementMissing(_))
+    }
 }
 
 impl fmt::Display for Finding {
@@ -145,6 +177,11 @@ impl Findings {
     /// Whether the lockdown differs (or the table is gone): replace the table whole.
     pub fn needs_new_table(&self) -> bool {
         self.found.iter().any(Finding::needs_new_table)
+    }
+
+    /// Whether anything found may let someone in ([`Finding::opens_access`]).
+    pub fn opens_access(&self) -> bool {
+        self.found.iter().any(Finding::opens_access)
     }
 
     /// The findings as one line for the log and the audit record.
@@ -258,6 +295,12 @@ mod tests {
             )
         );
         assert!(Finding::Unexpected("grants4: key 00".into()).needs_new_table());
+        assert!(
+            !f.found[0].opens_access(),
+            "a missing element locks out, an outlasting one..."
+        );
+        assert!(f.found[1].opens_access() && f.opens_access(), "...lets in for longer");
+        assert!(Finding::LockdownDiffers.opens_access() && Finding::TableMissing.opens_access());
         assert_eq!(Finding::TableMissing.to_string(), "table inet jitd is missing");
     }
 }

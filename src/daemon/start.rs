@@ -16,11 +16,11 @@ use tokio::time::Instant;
 
 use super::changes::{self, Verdict};
 use super::commit::{self, KernelChange, Tx};
-use super::writer::Writer;
+use super::writer::{Approvals, Writer};
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
 use crate::config::Config;
-use crate::domain::{GrantElement, GrantKey};
+use crate::domain::{GrantElement, GrantId, GrantKey};
 use crate::firewall::kernel::{KernelGrants, KernelTable};
 use crate::firewall::rules::{self, LockdownSpec};
 use crate::firewall::{Firewall, FirewallError};
@@ -33,13 +33,23 @@ pub enum StartError {
     /// Another jitd already runs in this network namespace or on this state_dir.
     #[error("{0}")]
     AlreadyRunning(String),
-    /// The state directory could not be created or used.
-    #[error("cannot create state_dir {path}: {source}")]
-    StateDir {
-        /// The directory.
+    /// The lock file in the state directory could not be created or locked (a
+    /// read-only file system, say).
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
         path: String,
         /// Why.
         source: std::io::Error,
+    },
+    /// Start-up failed after the lockdown was made sure of; `done` says what is in the
+    /// kernel now.
+    #[error("{error}; {done}")]
+    AfterLock {
+        /// What failed.
+        error: Box<StartError>,
+        /// What was done before: the lockdown put in, or the table left as it was.
+        done: String,
     },
     /// The state directory cannot be trusted or the grants checkpoint not be used.
     #[error(transparent)]
@@ -53,6 +63,9 @@ pub enum StartError {
     /// The lockdown could not be put in the kernel.
     #[error("cannot lock the ports: {0}")]
     Firewall(#[from] FirewallError),
+    /// The audit writer's thread could not be started.
+    #[error("cannot start the audit writer: {0}")]
+    Writer(std::io::Error),
     /// The socket could not be created.
     #[error("cannot create the socket {path}: {source}")]
     Socket {
@@ -64,6 +77,26 @@ pub enum StartError {
     /// A part of the running daemon failed; the lockdown stays in the kernel.
     #[error("{0}")]
     TaskFailed(String),
+}
+
+impl StartError {
+    /// This error, saying what start-up did before it: put the lockdown in (`installed`:
+    /// there was no table, a reboot) or left the table in the kernel as it was.
+    fn after_lock(self, installed: bool, config: &Config) -> StartError {
+        let done = if installed {
+            format!(
+                "the lockdown was put in the kernel before (table inet {}: {} locked) and stays",
+                rules::TABLE,
+                describe_ports(config)
+            )
+        } else {
+            format!("table inet {} in the kernel was left as it was", rules::TABLE)
+        };
+        StartError::AfterLock {
+            error: Box::new(self),
+            done,
+        }
+    }
 }
 
 /// Held for as long as the daemon lives: the claim on the state directory.
@@ -80,20 +113,24 @@ impl<F: Firewall> Daemon<F> {
     ) -> Result<(Arc<Daemon<F>>, tokio::task::JoinHandle<()>), StartError> {
         let spec = LockdownSpec::from_config(&config);
         let kernel_table = lock_first(&firewall, &spec, &config).await?;
-        store::prepare_state_dir(&config.state_dir)?;
-        let dir_claim = claim_state_dir(&config.state_dir)?;
-        let log = AuditLog::open(&config.state_dir, config.audit_rotation)?;
+        let after_lock = |e: StartError| e.after_lock(kernel_table.is_none(), &config);
+        store::prepare_state_dir(&config.state_dir).map_err(|e| after_lock(e.into()))?;
+        let dir_claim = claim_state_dir(&config.state_dir).map_err(after_lock)?;
+        let log = AuditLog::open(&config.state_dir, config.audit_rotation).map_err(|e| after_lock(e.into()))?;
         let audit_hash = log.last_hash().to_string();
-        let (saved, history) = read_saved(&config.state_dir)?;
+        let Saved {
+            snapshot: saved,
+            history,
+            approvals,
+            refused,
+        } = read_saved(&config.state_dir).map_err(after_lock)?;
         let first_id = (history.max_grant_id + 1).max(saved.next_id);
         let clock_sane = wall_clock_sane(history.newest);
+        let clock_stepped = history.clock_stepped;
         let usage = usage_from(&history);
         let knocks = super::knock::Knocks::new(&history.nonces, refusal_interval());
         let fleet_seen = history.fleet.clone();
-        let writer = Writer::start(log, config.state_dir.clone(), history).map_err(|source| StartError::StateDir {
-            path: config.state_dir.display().to_string(),
-            source,
-        })?;
+        let writer = Writer::start(log, config.state_dir.clone(), history, approvals).map_err(StartError::Writer)?;
         let intact = kernel_table
             .as_ref()
             .is_some_and(|t| saved.lockdown == format!("{spec:?}") && t.fingerprint() == saved.fingerprint);
@@ -132,11 +169,13 @@ impl<F: Firewall> Daemon<F> {
             claims: Claims { _state_dir: dir_claim },
         });
         let restore = Restore {
+            refused,
             saved: saved.grants,
             pending: saved.pending,
             kernel: kernel_table,
             intact,
             clock_sane,
+            clock_stepped,
         };
         let mut ping_inbox = ping_inbox;
         daemon.restore(restore, &mut ping_inbox).await?;
@@ -173,31 +212,40 @@ impl<F: Firewall> Daemon<F> {
         let now = Instant::now();
         let wall = Utc::now();
         let kernel_grants = restore.kernel.as_ref().map(|t| t.grants().0);
-        let mut records = Vec::new();
+        let mut records: Vec<AuditRecord> = restore.refused.into_iter().collect();
         let mut st = self.lock();
         credit_kernel(&mut st.ledger, restore.kernel.as_ref(), &restore.saved, wall);
         let config = st.config.clone();
         let mut callers = HashMap::new();
         for mut grant in restore.saved {
-            let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, restore.clock_sane) else {
-                let mut r = grant_record(
-                    &grant,
-                    grant.expires_at.min(wall),
-                    None,
-                    "jitd",
-                    Action::Expire,
-                    Outcome::Expired,
-                );
-                r.reason = Some("ended while jitd was not running".into());
+            let wall_trusted = wall_decides(&grant, restore.clock_sane, restore.clock_stepped);
+            let Some(left) = time_left(&grant, kernel_grants.as_ref(), wall, wall_trusted) else {
+                let (at, why) = match wall_trusted {
+                    true => (
+                        grant.expires_at.min(wall),
+                        "ended while jitd was not running".to_string(),
+                    ),
+                    // its own end is in another frame than the clock now: date it now
+                    false => (
+                        wall,
+                        format!(
+                            "ended while jitd was not running ({})",
+                            untrusted_why(restore.clock_sane)
+                        ),
+                    ),
+                };
+                let mut r = grant_record(&grant, at, None, "jitd", Action::Expire, Outcome::Expired);
+                r.reason = Some(why);
                 records.push(r);
                 st.ledger.unwatched(grant.id);
                 continue;
             };
             let caller = crate::domain::Caller::requester_of(&grant, &mut callers);
-            match changes::recheck(&config, &grant, &caller, left, wall) {
+            match changes::recheck(&config, &grant, &caller, left) {
                 Verdict::Keep(left) => st.book.restore(grant, now + left),
-                Verdict::Clamp(left, why) => {
-                    grant.expires_at = wall + chrono::Duration::from_std(left).unwrap_or_default();
+                Verdict::Clamp(allowed, why) => {
+                    grant.expires_at = grants::shortened(&grant, left, allowed);
+                    let left = allowed;
                     let mut r = grant_record(&grant, wall, None, "jitd", Action::Start, Outcome::Done);
                     r.reason = Some(why);
                     records.push(r);
@@ -333,18 +381,167 @@ async fn lock_first<F: Firewall>(
     Ok(kernel_table)
 }
 
+/// What start-up restores from.
+struct Saved {
+    /// The checkpoint, brought up to date with the journal after it.
+    snapshot: store::Snapshot,
+    /// The sum of the whole history.
+    history: store::History,
+    /// Where the live grants' approval records are.
+    approvals: Approvals,
+    /// The record saying the checkpoint disagreed with the audit log and was refused.
+    refused: Option<AuditRecord>,
+}
+
 /// The saved grants: the checkpoint with the journal since it replayed onto it (whole
-/// transactions only), and the history summary.
-fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), StartError> {
+/// transactions only), and the history summary. Every grant of the checkpoint is
+/// checked against its approval record in the audit log; when one is not allowed by
+/// it (or cannot be checked), the checkpoint is refused, moved aside, and the grants
+/// are rebuilt from the audit log alone.
+fn read_saved(state_dir: &Path) -> Result<Saved, StartError> {
     let mut saved = load_checkpoint(state_dir)?;
-    let (journal, history) = read_journal(state_dir, &saved)?;
-    let left_out = store::replay(&mut saved, &journal);
+    let (journal, history, checked) = read_journal(state_dir, &saved)?;
+    let approvals = match checked {
+        Ok(approvals) => approvals,
+        Err(why) => return rebuild(state_dir, &why),
+    };
+    let left_out = store::replay(&mut saved, &journal.records);
     if left_out > 0 {
         tracing::warn!(
             "{left_out} audit record(s) of transaction(s) that did not finish were not replayed (never answered)"
         );
     }
-    Ok((saved, history))
+    let mut approvals = approvals;
+    note_approvals(&mut approvals, &journal);
+    approvals.retain(|id, _| saved.grants.iter().any(|g| g.id == *id));
+    Ok(Saved {
+        snapshot: saved,
+        history,
+        approvals,
+        refused: None,
+    })
+}
+
+/// Records read from the journal, each with where it ends.
+#[derive(Default)]
+struct Read {
+    records: Vec<AuditRecord>,
+    at: Vec<audit::Position>,
+}
+
+/// Adds where the approvals among `read` are.
+fn note_approvals(approvals: &mut Approvals, read: &Read) {
+    for (r, at) in read.records.iter().zip(&read.at) {
+        if let (Action::Request, Outcome::Approved, Some(id)) = (r.action, r.outcome, r.grant_id) {
+            approvals.insert(id, at.clone());
+        }
+    }
+}
+
+/// Refuses the checkpoint (`why`): moves it aside and rebuilds the grants from the
+/// whole audit log, with a record that says so.
+fn rebuild(state_dir: &Path, why: &str) -> Result<Saved, StartError> {
+    let path = state_dir.join(store::GRANTS_FILE);
+    let aside = state_dir.join(format!(
+        "{}.refused-{}",
+        store::GRANTS_FILE,
+        Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    let moved = match std::fs::rename(&path, &aside) {
+        Ok(()) => format!(
+            "moved it to {}",
+            aside.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        Err(e) => format!("could not move it aside ({e})"),
+    };
+    let text = format!(
+        "the grants checkpoint {} disagrees with the audit log ({why}); {moved} and rebuilt the grants from the audit log",
+        store::GRANTS_FILE
+    );
+    tracing::error!("{text}");
+    let all = read_whole(state_dir)?;
+    let mut snapshot = store::Snapshot::default();
+    store::replay(&mut snapshot, &all.records);
+    let mut history = store::History::default();
+    history.note(&all.records, Utc::now() - USAGE_WINDOW);
+    let mut approvals = Approvals::new();
+    note_approvals(&mut approvals, &all);
+    approvals.retain(|id, _| snapshot.grants.iter().any(|g| g.id == *id));
+    let mut record = AuditRecord::new(Utc::now(), None, "jitd", Action::Recover, Outcome::Done);
+    record.reason = Some(text);
+    Ok(Saved {
+        snapshot,
+        history,
+        approvals,
+        refused: Some(record),
+    })
+}
+
+/// Every record of every audit file, with where each ends.
+fn read_whole(dir: &Path) -> Result<Read, StartError> {
+    let mut read = Read::default();
+    for file in audit::files(dir) {
+        let (records, problems, _) = audit::read_positioned(&file, 0).map_err(StartError::AuditRead)?;
+        for p in problems {
+            tracing::warn!("{p}");
+        }
+        for (r, at) in records {
+            read.records.push(r);
+            read.at.push(at);
+        }
+    }
+    Ok(read)
+}
+
+/// What start-up found of a checkpoint grant's approval record.
+enum Approval {
+    /// The record, and where it ends.
+    Found(Box<AuditRecord>, audit::Position),
+    /// The audit file the checkpoint names for it was deleted by rotation: the
+    /// checkpoint is the only witness left.
+    RotatedAway(audit::Position),
+    /// Not where the checkpoint says, or the checkpoint names no place for it.
+    Missing,
+}
+
+/// Where the checkpoint says `id`'s approval is in `dir`, and whether the file it names
+/// is gone (deleted by rotation).
+fn named_approval(dir: &Path, saved: &store::Snapshot, id: GrantId) -> Approval {
+    match saved.approvals.get(&id) {
+        Some(at) if !dir.join(&at.file).exists() => Approval::RotatedAway(at.clone()),
+        _ => Approval::Missing,
+    }
+}
+
+/// Checks each grant of the checkpoint against its approval record (`approval` finds
+/// it): where the live grants' approvals are, or why the checkpoint cannot be trusted.
+/// A grant whose approval's audit file was deleted by rotation keeps what the
+/// checkpoint says (bounded by the policy, as every restored grant), with a warning.
+fn check_checkpoint(
+    saved: &store::Snapshot,
+    mut approval: impl FnMut(GrantId) -> std::io::Result<Approval>,
+) -> Result<Approvals, String> {
+    let mut approvals = Approvals::new();
+    for grant in &saved.grants {
+        let found =
+            approval(grant.id).map_err(|e| format!("grant {}: cannot read its approval record: {e}", grant.id))?;
+        match found {
+            Approval::Found(record, at) => {
+                store::vouches(&record, grant)?;
+                approvals.insert(grant.id, at);
+            }
+            Approval::RotatedAway(at) => {
+                tracing::warn!(
+                    "grant {}: its approval record was in {}, deleted by rotation; restored as the checkpoint says",
+                    grant.id,
+                    at.file
+                );
+                approvals.insert(grant.id, at);
+            }
+            Approval::Missing => return Err(format!("grant {}: its approval record is not found", grant.id)),
+        }
+    }
+    Ok(approvals)
 }
 
 /// The refusal limiter: 20 refusals per uid per [`refusal_interval`] in full.
@@ -368,6 +565,8 @@ fn refusal_interval() -> chrono::TimeDelta {
 
 /// What start-up found to restore from.
 struct Restore {
+    /// The record saying the checkpoint was refused, when it was.
+    refused: Option<AuditRecord>,
     saved: Vec<Grant>,
     /// Requests that waited for approval.
     pending: Vec<crate::approval::PendingRequest>,
@@ -376,14 +575,38 @@ struct Restore {
     intact: bool,
     /// The wall clock is not behind the newest audit record.
     clock_sane: bool,
+    /// When the wall clock last stepped, by the audit log.
+    clock_stepped: Option<DateTime<Utc>>,
+}
+
+/// Whether the wall clock may say how long `grant` has left: only when it is not behind
+/// the audit log and has not stepped (either way: ahead is as suspect as behind) since
+/// the grant was approved.
+fn wall_decides(grant: &Grant, clock_sane: bool, clock_stepped: Option<DateTime<Utc>>) -> bool {
+    clock_sane && clock_stepped.is_none_or(|at| at < grant.granted_at)
+}
+
+/// Why the wall clock could not say how long a grant had left.
+fn untrusted_why(clock_sane: bool) -> &'static str {
+    if clock_sane {
+        "the wall clock stepped since it was approved and the kernel held no timer for it"
+    } else {
+        "the wall clock is behind the audit log and the kernel held no timer for it"
+    }
 }
 
 /// How long a saved grant still has. With jitd's table in the kernel (a crash or a
 /// restart), the kernel's own timers say; after a reboot, the wall clock does, and only
-/// when it is not behind the audit log. Never past the grant's own `expires_at` (when
-/// the wall clock can be trusted) nor more than it was approved for (the policy's limits
+/// when it may ([`wall_decides`]: `wall_trusted`). Never past the grant's own
+/// `expires_at` when the wall clock may say so (another grant's element may cover its
+/// address for longer), and never more than it was approved for (the policy's limits
 /// are [`changes::recheck`]'s business). `None`: it has ended.
-fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, clock_sane: bool) -> Option<Duration> {
+fn time_left(
+    grant: &Grant,
+    kernel: Option<&KernelGrants>,
+    wall: DateTime<Utc>,
+    wall_trusted: bool,
+) -> Option<Duration> {
     let by_kernel = kernel.map(|held| {
         grant
             .keys()
@@ -403,7 +626,7 @@ fn time_left(grant: &Grant, kernel: Option<&KernelGrants>, wall: DateTime<Utc>, 
     });
     // A grant past its own end has ended, whatever timer the kernel holds for its
     // address (another grant's element may cover it for longer).
-    let by_wall = match clock_sane {
+    let by_wall = match wall_trusted {
         true => Some((grant.expires_at - wall).to_std().ok()?),
         false => None,
     };
@@ -481,8 +704,8 @@ pub(super) fn claim_table() -> Result<UnixListener, StartError> {
 fn claim_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, StartError> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join("jitd.lock");
-    let fail = |source| StartError::StateDir {
-        path: dir.display().to_string(),
+    let fail = |source| StartError::Lock {
+        path: path.display().to_string(),
         source,
     };
     let file = std::fs::OpenOptions::new()
@@ -529,10 +752,15 @@ fn usage_from(history: &store::History) -> HashMap<u16, PortUsage> {
         .collect()
 }
 
-/// The journal after the checkpoint `saved`, and the sum of the whole history. Reads
-/// only from the checkpoint's position when it is found in the journal; otherwise (an
-/// older checkpoint, none, or a position rotated away or changed) the whole history.
-fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>, store::History), StartError> {
+/// The journal after the checkpoint `saved`, the sum of the whole history, and the
+/// checkpoint's grants checked against their approval records. Reads only from the
+/// checkpoint's position when it is found in the journal (and each approval record
+/// where the checkpoint says it is); otherwise (an older checkpoint, none, or a
+/// position rotated away or changed) the whole history.
+fn read_journal(
+    dir: &Path,
+    saved: &store::Snapshot,
+) -> Result<(Read, store::History, Result<Approvals, String>), StartError> {
     let window = Utc::now() - USAGE_WINDOW;
     if let Some(pos) = &saved.position {
         match audit::journal::read_since(dir, pos) {
@@ -549,7 +777,21 @@ fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>
                 );
                 let mut history = saved.history.clone();
                 history.note(&since.records, window);
-                return Ok((since.records, history));
+                let records = audit::journal::Records::open(dir).map_err(StartError::AuditRead)?;
+                let checked = check_checkpoint(saved, |id| {
+                    let Some(at) = saved.approvals.get(&id) else {
+                        return Ok(Approval::Missing);
+                    };
+                    Ok(match records.at(at)? {
+                        Some(r) => Approval::Found(Box::new(r), at.clone()),
+                        None => named_approval(dir, saved, id),
+                    })
+                });
+                let read = Read {
+                    records: since.records,
+                    at: since.at,
+                };
+                return Ok((read, history, checked));
             }
             Ok(None) => tracing::warn!(
                 "the checkpoint's place in the audit journal (record {} ending at byte {} of {}) is not there (rotated away or changed): reading the whole history",
@@ -560,15 +802,29 @@ fn read_journal(dir: &Path, saved: &store::Snapshot) -> Result<(Vec<AuditRecord>
             Err(e) => tracing::warn!("cannot read the audit journal after the checkpoint: {e}; reading the whole history"),
         }
     }
-    let (all, problems) = audit::read_all(dir).map_err(StartError::AuditRead)?;
-    for p in problems {
-        tracing::warn!("{p}");
-    }
-    tracing::info!("read the whole audit history: {} record(s)", all.len());
+    let all = read_whole(dir)?;
+    tracing::info!("read the whole audit history: {} record(s)", all.records.len());
     let mut history = store::History::default();
-    history.note(&all, window);
-    let journal = store::journal(saved, &all).to_vec();
-    Ok((journal, history))
+    history.note(&all.records, window);
+    let approved: HashMap<GrantId, usize> = all
+        .records
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| (r.action, r.outcome) == (Action::Request, Outcome::Approved))
+        .filter_map(|(i, r)| Some((r.grant_id?, i)))
+        .collect();
+    let checked = check_checkpoint(saved, |id| {
+        Ok(match approved.get(&id) {
+            Some(i) => Approval::Found(Box::new(all.records[*i].clone()), all.at[*i].clone()),
+            None => named_approval(dir, saved, id),
+        })
+    });
+    let skip = all.records.len() - store::journal(saved, &all.records).len();
+    let read = Read {
+        records: all.records[skip..].to_vec(),
+        at: all.at[skip..].to_vec(),
+    };
+    Ok((read, history, checked))
 }
 
 /// Checks `lockdown.interfaces` against the host's interfaces over rtnetlink.
@@ -624,6 +880,26 @@ mod tests {
         // after a reboot (no kernel timers), the wall clock alone
         let left = time_left(&running, None, wall, true).unwrap();
         assert!(left <= Duration::from_secs(3), "{left:?}");
+    }
+
+    #[test]
+    fn a_wall_clock_that_stepped_neither_ends_nor_stretches_what_the_kernel_times() {
+        let wall = Utc::now();
+        // a 120 s grant approved 3 s ago by a clock that then stepped an hour ahead
+        let before = wall - chrono::Duration::hours(1) - chrono::Duration::seconds(3);
+        let g = grant(before, 120);
+        assert!(!wall_decides(&g, true, Some(wall - chrono::Duration::seconds(60))));
+        assert!(wall_decides(&g, true, Some(before - chrono::Duration::seconds(1))));
+        assert!(!wall_decides(&g, false, None), "a clock behind the log never decides");
+        let held: KernelGrants = g.keys().into_iter().map(|k| (k, Duration::from_secs(117))).collect();
+        assert_eq!(time_left(&g, Some(&held), wall, false), Some(Duration::from_secs(117)));
+        // nor more than approved, whatever the kernel holds
+        let long: KernelGrants = g.keys().into_iter().map(|k| (k, Duration::from_secs(900))).collect();
+        assert_eq!(time_left(&g, Some(&long), wall, false), Some(Duration::from_secs(120)));
+        // the table is there but holds nothing for it: it has ended
+        assert_eq!(time_left(&g, Some(&KernelGrants::default()), wall, false), None);
+        // no kernel and a clock that cannot decide: nothing is restored
+        assert_eq!(time_left(&g, None, wall, false), None);
     }
 
     #[test]

@@ -10,8 +10,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::commit::{Job, Observed};
-use super::drift::{Checked, DriftCause};
+use super::drift::{Checked, DriftCause, Pace};
 use super::{fault, Daemon};
+use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::Caller;
 use crate::firewall::{monitor, Firewall};
 
@@ -59,18 +60,35 @@ pub async fn run_expiry<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopp
 }
 
 /// Checks the kernel whenever a transaction touches jitd's table (not jitd's own),
-/// and every [`RECONCILE_EVERY`] in any case. When repairs keep being undone, checks
-/// back off ([`Backoff`]) rather than fight another process in a tight loop.
+/// and every [`RECONCILE_EVERY`] in any case. A change that opens access is repaired at
+/// once, always. When repairs keep being undone ([`Backoff`]), only the repairs of
+/// changes that close access (or change nothing that matters) wait, and the audit
+/// records coalesce: one for the streak at most every back-off delay.
 pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stopping) -> Result<(), String> {
     let every = fault::period("JITD_RECONCILE_MS", RECONCILE_EVERY);
     let mut events = listen(every);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::default();
+    // a deferred repair: when to check again, and what caused it
+    let mut retry: Option<(Instant, DriftCause)> = None;
     loop {
+        let retry_at = retry.as_ref().map(|(at, _)| *at);
+        let summary_at = backoff.summary_at();
         let cause = tokio::select! {
             _ = stopped(&mut stopping) => return Ok(()),
             _ = tick.tick() => DriftCause::Periodic,
+            _ = async { tokio::time::sleep_until(summary_at.expect("guarded")).await }, if summary_at.is_some() => {
+                if let Some(record) = backoff.summary_due(Instant::now()) {
+                    if !daemon.submit(Job::Record(vec![record])).await {
+                        return committer_gone(&stopping);
+                    }
+                }
+                continue;
+            }
+            _ = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                retry.take().expect("guarded").1
+            }
             event = async { events.as_mut().expect("guarded").recv().await }, if events.is_some() => match event {
                 None => return Err("the nftables monitor stopped".into()),
                 Some(g) if g.pid != 0 && daemon.firewall.made_by_us(g.pid) => continue,
@@ -80,17 +98,9 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
         if let Some(rx) = events.as_mut() {
             gather(rx, DEBOUNCE).await;
         }
-        let delay = backoff.delay();
-        if !delay.is_zero() {
-            tokio::select! {
-                _ = stopped(&mut stopping) => return Ok(()),
-                _ = tokio::time::sleep(delay) => {}
-            }
-            if let Some(rx) = events.as_mut() {
-                while rx.try_recv().is_ok() {}
-            }
-        }
-        let cause = match backoff.describe(Instant::now()) {
+        let now = Instant::now();
+        let pace = backoff.pace(now);
+        let cause = match backoff.describe(now) {
             Some(streak) => DriftCause::Contested {
                 cause: Box::new(cause),
                 streak,
@@ -98,12 +108,20 @@ pub async fn watch_drift<F: Firewall>(daemon: Arc<Daemon<F>>, mut stopping: Stop
             None => cause,
         };
         tracing::debug!("reading the kernel to check for drift: {cause}");
-        match daemon.check_drift(&cause).await {
-            Some(checked) => {
-                daemon.health.drift_checked(&checked);
-                backoff.note(&checked, Instant::now())
+        let Some(checked) = daemon.check_drift(&cause, pace).await else {
+            return committer_gone(&stopping);
+        };
+        daemon.health.drift_checked(&checked);
+        let now = Instant::now();
+        if let Checked::Deferred(found) = &checked {
+            tracing::info!("drift that opens nothing ({found}) is repaired after the back-off");
+            retry = Some((backoff.closing_due(), cause.clone()));
+        }
+        backoff.note(&checked, pace, now);
+        if let Some(record) = backoff.summary_due(now) {
+            if !daemon.submit(Job::Record(vec![record])).await {
+                return committer_gone(&stopping);
             }
-            None => return committer_gone(&stopping),
         }
     }
 }
@@ -135,19 +153,24 @@ async fn gather<T>(rx: &mut mpsc::UnboundedReceiver<T>, wait: Duration) -> usize
     more
 }
 
-/// Repairs in a row that are made at once; after them checks are delayed.
+/// Repairs in a row that are made at once, each with its record; after them the
+/// streak is contested.
 const FREE_REPAIRS: u32 = 5;
 /// The first delay once repairs keep being undone; it doubles with each repair.
 const FIRST_DELAY: Duration = Duration::from_millis(250);
-/// The longest a check is delayed: how long another process's change may last.
+/// The longest delay: how long another process's change that opens nothing may last,
+/// and how long repairs may go without a record of their own.
 pub const MAX_DELAY: Duration = Duration::from_secs(30);
 /// A repair this long after the previous one starts afresh.
 const STREAK_GAP: Duration = Duration::from_secs(60);
 
-/// Back-off of drift checks while another process keeps undoing jitd's table: after
-/// [`FREE_REPAIRS`] repairs in a row each further check waits twice as long as the
-/// last (from [`FIRST_DELAY`] up to [`MAX_DELAY`]); a clean check, or no repair for
-/// [`STREAK_GAP`], ends it. Pure: the caller passes the time.
+/// Back-off while another process keeps undoing jitd's table: after [`FREE_REPAIRS`]
+/// repairs in a row the delay doubles with each repair (from [`FIRST_DELAY`] up to
+/// [`MAX_DELAY`]). It never delays a repair of a change that opens access; it delays
+/// the repairs of changes that only close access until the delay has passed since the
+/// last repair, and the audit records of the streak coalesce into one at most every
+/// delay. A clean check, or no repair for [`STREAK_GAP`], ends it. Pure: the caller
+/// passes the time.
 #[derive(Debug, Default, Clone)]
 pub struct Backoff {
     /// Repairs (or failed repairs) in the current streak.
@@ -155,10 +178,16 @@ pub struct Backoff {
     /// When the first and the latest of them were made.
     first: Option<Instant>,
     last: Option<Instant>,
+    /// Repairs made without a record of their own, since the last record.
+    unrecorded: u32,
+    /// What the latest of those found.
+    unrecorded_found: String,
+    /// When the streak was last recorded.
+    recorded: Option<Instant>,
 }
 
 impl Backoff {
-    /// How long to wait before the next check.
+    /// The current delay.
     pub fn delay(&self) -> Duration {
         let Some(over) = self.repairs.checked_sub(FREE_REPAIRS) else {
             return Duration::ZERO;
@@ -168,30 +197,109 @@ impl Backoff {
             .map_or(MAX_DELAY, |d| d.min(MAX_DELAY))
     }
 
-    /// Notes the outcome of a check made at `now`.
-    pub fn note(&mut self, checked: &Checked, now: Instant) {
+    fn contested(&self) -> bool {
+        self.repairs >= FREE_REPAIRS
+    }
+
+    /// How a check made at `now` treats what it finds.
+    pub fn pace(&self, now: Instant) -> Pace {
+        if !self.contested() || self.last.is_some_and(|l| now.saturating_duration_since(l) > STREAK_GAP) {
+            return Pace::AT_ONCE;
+        }
+        Pace {
+            closing_waits: now < self.closing_due(),
+            record: self
+                .recorded
+                .is_none_or(|r| now.saturating_duration_since(r) >= self.delay()),
+        }
+    }
+
+    /// When a deferred repair is made: the delay after the last repair.
+    pub fn closing_due(&self) -> Instant {
+        self.last.map_or_else(Instant::now, |l| l + self.delay())
+    }
+
+    /// Notes the outcome of a check made at `now` with `pace`.
+    pub fn note(&mut self, checked: &Checked, pace: Pace, now: Instant) {
         match checked {
-            Checked::Clean => *self = Backoff::default(),
-            Checked::Stale => {}
-            Checked::Repaired(_) | Checked::Failed(_) => {
+            Checked::Clean => {
+                // what was not yet recorded stays for [`Backoff::summary_due`]
+                *self = Backoff {
+                    unrecorded: self.unrecorded,
+                    unrecorded_found: std::mem::take(&mut self.unrecorded_found),
+                    first: self.first.filter(|_| self.unrecorded > 0),
+                    ..Backoff::default()
+                }
+            }
+            Checked::Stale | Checked::Deferred(_) => {}
+            Checked::Repaired(found) | Checked::Failed(found) => {
                 if self
                     .last
                     .is_some_and(|last| now.saturating_duration_since(last) > STREAK_GAP)
                 {
-                    *self = Backoff::default();
+                    *self = Backoff {
+                        unrecorded: self.unrecorded,
+                        unrecorded_found: std::mem::take(&mut self.unrecorded_found),
+                        ..Backoff::default()
+                    };
                 }
                 self.repairs += 1;
                 self.first.get_or_insert(now);
                 self.last = Some(now);
+                if pace.record || matches!(checked, Checked::Failed(_)) {
+                    // a failed repair is on record through its `failed` record
+                    self.recorded = Some(now);
+                } else {
+                    self.unrecorded += 1;
+                    self.unrecorded_found = found.clone();
+                }
             }
         }
     }
 
-    /// While checks are delayed: what the next repair's record adds to its cause.
+    /// When the repairs made without a record of their own are to be recorded.
+    pub fn summary_at(&self) -> Option<Instant> {
+        if self.unrecorded == 0 {
+            return None;
+        }
+        Some(self.recorded.map_or_else(Instant::now, |r| r + self.delay()))
+    }
+
+    /// The record of the repairs made without one of their own, once it is due: the
+    /// delay has passed since the last record, or the streak has ended.
+    pub fn summary_due(&mut self, now: Instant) -> Option<AuditRecord> {
+        if self.unrecorded == 0 {
+            return None;
+        }
+        let ended = !self.contested();
+        if !ended
+            && self
+                .recorded
+                .is_some_and(|r| now.saturating_duration_since(r) < self.delay())
+        {
+            return None;
+        }
+        let mut r = AuditRecord::new(chrono::Utc::now(), None, "jitd", Action::Repair, Outcome::Repaired);
+        r.reason = Some(format!(
+            "drift repaired {} more time(s) in {}s while another process kept changing the table; each change that opened access was repaired at once, recorded here together; the last found: {}",
+            self.unrecorded,
+            self.first.map_or(0, |f| now.saturating_duration_since(f).as_secs()),
+            self.unrecorded_found
+        ));
+        self.unrecorded = 0;
+        self.unrecorded_found.clear();
+        self.recorded = Some(now);
+        if ended {
+            self.first = None;
+        }
+        Some(r)
+    }
+
+    /// While the streak is contested: what the next repair's record adds to its cause.
     pub fn describe(&self, now: Instant) -> Option<String> {
-        let first = self.first.filter(|_| self.repairs >= FREE_REPAIRS)?;
+        let first = self.first.filter(|_| self.contested())?;
         Some(format!(
-            "drift repaired {} times in {}s, another process keeps changing the table; checked after {}",
+            "drift repaired {} times in {}s, another process keeps changing the table; changes that open access are repaired at once, others after {}",
             self.repairs,
             now.saturating_duration_since(first).as_secs(),
             humantime::format_duration(self.delay())
@@ -202,7 +310,7 @@ impl Backoff {
 impl<F: Firewall> Daemon<F> {
     /// Reads the kernel (holding nothing) and has the committer compare and repair.
     /// Returns `None` when the committer has stopped.
-    pub async fn check_drift(&self, cause: &DriftCause) -> Option<Checked> {
+    pub async fn check_drift(&self, cause: &DriftCause, pace: Pace) -> Option<Checked> {
         for _ in 0..STALE_RETRIES {
             let settled = self.lock().settled;
             let read_at = tokio::time::Instant::now();
@@ -222,6 +330,7 @@ impl<F: Firewall> Daemon<F> {
                         settled,
                         read_at,
                     },
+                    pace,
                     reply,
                 ))
                 .await
@@ -367,7 +476,7 @@ mod tests {
         let mut delays = Vec::new();
         for i in 0..16u64 {
             delays.push(b.delay());
-            b.note(&repaired(), start + Duration::from_secs(i));
+            b.note(&repaired(), Pace::AT_ONCE, start + Duration::from_secs(i));
         }
         let ms = |ms| Duration::from_millis(ms);
         assert_eq!(
@@ -379,11 +488,15 @@ mod tests {
         let note = b.describe(start + Duration::from_secs(20)).unwrap();
         assert_eq!(
             note,
-            "drift repaired 16 times in 20s, another process keeps changing the table; checked after 30s"
+            "drift repaired 16 times in 20s, another process keeps changing the table; changes that open access are repaired at once, others after 30s"
         );
         assert_eq!(b.delay(), MAX_DELAY, "no overflow however long the fight");
         for _ in 0..100 {
-            b.note(&Checked::Failed("nft refused".into()), start + Duration::from_secs(21));
+            b.note(
+                &Checked::Failed("nft refused".into()),
+                Pace::AT_ONCE,
+                start + Duration::from_secs(21),
+            );
         }
         assert_eq!(b.delay(), MAX_DELAY, "failed repairs count too, still capped");
     }
@@ -394,23 +507,61 @@ mod tests {
         let mut b = Backoff::default();
         assert_eq!(b.describe(start), None, "nothing to say at first");
         for i in 0..8 {
-            b.note(&repaired(), start + Duration::from_millis(i * 100));
+            b.note(&repaired(), Pace::AT_ONCE, start + Duration::from_millis(i * 100));
         }
         assert!(!b.delay().is_zero());
-        b.note(&Checked::Stale, start + Duration::from_secs(1));
+        b.note(&Checked::Stale, Pace::AT_ONCE, start + Duration::from_secs(1));
         assert!(!b.delay().is_zero(), "a stale reading says nothing");
-        b.note(&Checked::Clean, start + Duration::from_secs(1));
+        b.note(&Checked::Clean, Pace::AT_ONCE, start + Duration::from_secs(1));
         assert!(b.delay().is_zero(), "clean: back to repairing at once");
         assert_eq!(b.describe(start + Duration::from_secs(1)), None);
         for i in 0..8 {
-            b.note(&repaired(), start + Duration::from_secs(2 + i));
+            b.note(&repaired(), Pace::AT_ONCE, start + Duration::from_secs(2 + i));
         }
         assert!(!b.delay().is_zero());
         b.note(
             &repaired(),
+            Pace::AT_ONCE,
             start + Duration::from_secs(9) + STREAK_GAP + Duration::from_secs(1),
         );
         assert!(b.delay().is_zero(), "a repair long after the last one starts afresh");
+    }
+
+    #[test]
+    fn in_a_streak_only_closing_repairs_wait_and_records_coalesce_until_the_delay() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut b = Backoff::default();
+        for i in 0..FREE_REPAIRS as u64 {
+            assert_eq!(b.pace(at(i)), Pace::AT_ONCE, "the first repairs are free");
+            b.note(&repaired(), Pace::AT_ONCE, at(i));
+            assert!(b.summary_due(at(i)).is_none(), "each had its own record");
+        }
+        // contested: the delay is 250 ms after the last repair
+        let pace = b.pace(at(100));
+        assert!(pace.closing_waits, "a closing repair waits");
+        assert!(
+            !pace.record,
+            "recorded 96 ms ago: the next repair waits for the summary"
+        );
+        assert_eq!(b.closing_due(), at(4) + FIRST_DELAY);
+        // an opening repair is made at once (commit_repair ignores `closing_waits`
+        // for it) and counted for the summary
+        b.note(&repaired(), pace, at(100));
+        assert!(b.summary_due(at(150)).is_none(), "not before the delay");
+        let summary = b
+            .summary_due(at(4) + Duration::from_secs(1))
+            .expect("due after the delay");
+        let why = summary.reason.unwrap();
+        assert!(why.starts_with("drift repaired 1 more time(s) in "), "{why}");
+        assert!(why.contains("repaired at once"), "{why}");
+        // an unrecorded repair is never lost when the streak ends on a clean check
+        let pace = b.pace(at(1200));
+        b.note(&repaired(), Pace { record: false, ..pace }, at(1200));
+        b.note(&Checked::Clean, Pace::AT_ONCE, at(1300));
+        assert_eq!(b.pace(at(1300)), Pace::AT_ONCE);
+        assert!(b.summary_due(at(1300)).is_some(), "the streak's last repairs on record");
+        assert!(b.summary_due(at(1400)).is_none(), "once");
     }
 
     /// At 100,000 elements on a busy host a reading reaches the committer seconds after
@@ -442,7 +593,10 @@ mod tests {
             settled,
             read_at,
         };
-        assert!(d.submit(Job::Repair(DriftCause::Periodic, observed, reply)).await);
+        assert!(
+            d.submit(Job::Repair(DriftCause::Periodic, observed, Pace::AT_ONCE, reply))
+                .await
+        );
         let checked = answer.await.unwrap();
         assert!(matches!(checked, Checked::Clean), "{checked:?}");
     }
@@ -465,7 +619,10 @@ mod tests {
             settled: d.lock().settled,
             read_at: Instant::now() - Duration::from_secs(5),
         };
-        assert!(d.submit(Job::Repair(DriftCause::Periodic, observed, reply)).await);
+        assert!(
+            d.submit(Job::Repair(DriftCause::Periodic, observed, Pace::AT_ONCE, reply))
+                .await
+        );
         let checked = answer.await.unwrap();
         assert!(matches!(checked, Checked::Repaired(_)), "{checked:?}");
         let batch = d.firewall.applied.lock().unwrap().last().cloned().unwrap().to_string();

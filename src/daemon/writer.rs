@@ -49,7 +49,12 @@ impl std::fmt::Debug for Task {
 impl Writer {
     /// Starts the writer thread with the opened audit log, the state directory and the
     /// sum of the history written so far.
-    pub fn start(mut log: AuditLog, state_dir: PathBuf, mut history: History) -> std::io::Result<Writer> {
+    pub fn start(
+        mut log: AuditLog,
+        state_dir: PathBuf,
+        mut history: History,
+        mut approvals: Approvals,
+    ) -> std::io::Result<Writer> {
         let (tasks, inbox) = mpsc::channel::<Task>();
         let failure = std::sync::Arc::<std::sync::Mutex<Option<String>>>::default();
         let failed = failure.clone();
@@ -58,7 +63,7 @@ impl Writer {
                 match task {
                     Task::Append(records, ack) => {
                         super::fault::hold("writer-stall");
-                        let result = append(&mut log, &mut history, &records);
+                        let result = append(&mut log, &mut history, &mut approvals, &records);
                         if let Ok(mut last) = failed.lock() {
                             *last = result.as_ref().err().map(ToString::to_string);
                         }
@@ -70,6 +75,9 @@ impl Writer {
                         if snapshot.audit_hash == log.last_hash() {
                             snapshot.position = Some(log.position());
                             snapshot.history = history.clone();
+                            // every live grant is in it: the approvals of ended ones go
+                            approvals.retain(|id, _| snapshot.grants.iter().any(|g| g.id == *id));
+                            snapshot.approvals = approvals.clone();
                         }
                         if let Err(e) = store::save(&state_dir, &snapshot) {
                             tracing::error!("{e}");
@@ -128,8 +136,35 @@ impl Writer {
     }
 }
 
+/// Where each live grant's approval record ends in the journal.
+pub type Approvals = std::collections::BTreeMap<crate::domain::GrantId, crate::audit::Position>;
+
+/// Notes where the approvals among `records` ended up (`at`, one per record); after a
+/// rotation, the files named before move up by one.
+fn note_approvals(approvals: &mut Approvals, records: &[AuditRecord], at: &[crate::audit::Position], rotated: bool) {
+    use crate::audit::{Action, Outcome, AUDIT_FILE};
+    if rotated {
+        for pos in approvals.values_mut() {
+            pos.file = match pos.file.strip_prefix(&format!("{AUDIT_FILE}.")) {
+                Some(n) => format!("{AUDIT_FILE}.{}", n.parse::<usize>().unwrap_or(0) + 1),
+                None => format!("{AUDIT_FILE}.1"),
+            };
+        }
+    }
+    for (r, pos) in records.iter().zip(at) {
+        if let (Action::Request, Outcome::Approved, Some(id)) = (r.action, r.outcome, r.grant_id) {
+            approvals.insert(id, pos.clone());
+        }
+    }
+}
+
 /// Appends one batch and adds it to the history sum.
-fn append(log: &mut AuditLog, history: &mut History, records: &[AuditRecord]) -> Result<Appended, AuditError> {
+fn append(
+    log: &mut AuditLog,
+    history: &mut History,
+    approvals: &mut Approvals,
+    records: &[AuditRecord],
+) -> Result<Appended, AuditError> {
     #[cfg(debug_assertions)]
     if records.len() > 1 && super::fault::injected("audit-torn-batch") {
         // a crash in the middle of a batch: one record whole, the next torn
@@ -139,9 +174,12 @@ fn append(log: &mut AuditLog, history: &mut History, records: &[AuditRecord]) ->
         }
         std::process::abort();
     }
-    let result = log.append(records).map(|rotated| Appended {
-        last_hash: log.last_hash().to_string(),
-        rotated,
+    let result = log.append_at(records).map(|(rotated, at)| {
+        note_approvals(approvals, records, &at, rotated);
+        Appended {
+            last_hash: log.last_hash().to_string(),
+            rotated,
+        }
     });
     match &result {
         Ok(_) => history.note(records, chrono::Utc::now() - super::USAGE_WINDOW),

@@ -552,6 +552,14 @@ fn group_of(key: &GrantKey) -> NetGroup {
     (key.port, key.transport, matches!(key.source, IpNet::V6(_)))
 }
 
+/// The end of `grant` cut from `left` to `allowed` time left: its own end moved back by
+/// the difference, not the wall clock now plus `allowed` (the wall clock may have stepped
+/// since it was granted; the length on record must only ever shrink).
+pub fn shortened(grant: &Grant, left: Duration, allowed: Duration) -> DateTime<Utc> {
+    let cut = chrono::Duration::from_std(left.saturating_sub(allowed)).unwrap_or_default();
+    grant.expires_at - cut
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

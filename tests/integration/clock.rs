@@ -246,3 +246,54 @@ fn status_comes_in_pages_that_a_cursor_walks_once_each() {
         "{reply}"
     );
 }
+
+/// A 120 s grant; the wall clock steps an hour ahead (audited); jitd is killed and
+/// restarted with its table still in the kernel: the kernel's timer is the truth, so
+/// the grant comes back with what the kernel has left, neither ended by the clock that
+/// makes it look two minutes old nor longer than approved.
+#[test]
+fn a_wall_clock_step_before_a_crash_neither_ends_nor_stretches_a_grant() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new(POLICY);
+    let file = clock_file(&setup, "+0");
+    let env = skewed(&file);
+    let jitd = start_with(&setup, &net.host, &env);
+    let reply = jitd.ctl_json(&["request", "--port", "22", "--source", A4, "--duration", "120s"]);
+    let id = reply["grants"][0]["id"].as_u64().unwrap();
+    std::fs::write(&file, "+1h\n").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !records(&setup, "clock").is_empty()),
+        "the step is on record: {}",
+        jitd.log_text()
+    );
+    jitd.kill();
+    let jitd = start_with(&setup, &net.host, &env);
+    let status = json_of(&ctl_with(&setup, &env, &["--json", "status"]));
+    let grants = status["grants"].as_array().unwrap();
+    assert_eq!(
+        grants.len(),
+        1,
+        "the grant is back: {status}\n{}\n{:?}",
+        jitd.log_text(),
+        setup.audit()
+    );
+    assert_eq!(grants[0]["id"], id);
+    let left = grants[0]["remaining_secs"].as_u64().unwrap();
+    assert!(
+        (60..=120).contains(&left),
+        "the kernel's time left, at most the approved 120 s: {status}"
+    );
+    assert!(can_connect(&net.a, HOST_A4, 22), "the client still gets in");
+    assert!(!can_connect(&net.b, HOST_B4, 22), "a stranger does not");
+    assert!(
+        net.ruleset().contains(&format!("{A4} . tcp . 22")),
+        "the kernel still holds the element: {}",
+        net.ruleset()
+    );
+    assert!(
+        !records(&setup, "expire").iter().any(|r| r["grant_id"] == id),
+        "not recorded as ended: {:?}",
+        records(&setup, "expire")
+    );
+}

@@ -581,3 +581,134 @@ fn sigterm_during_requests_answers_each_and_exits_cleanly() {
         "every approved grant was persisted"
     );
 }
+
+/// Whether the kernel's copy of jitd's input chain holds an accept rule for port 22
+/// that jitd did not write.
+fn planted_accept(net: &Net) -> bool {
+    let out = net.nft(&["list", "chain", "inet", "jitd", "input"]);
+    String::from_utf8_lossy(&out.stdout).contains("tcp dport 22 accept")
+}
+
+#[test]
+fn an_accept_rule_planted_again_and_again_is_removed_at_once_every_time() {
+    let net = Net::new();
+    let setup = setup_with_servers(&net, POLICY);
+    // no periodic backstop: every repair is the change event's
+    let jitd = setup.start_with(&net.host, &[("JITD_RECONCILE_MS", "3600000")]);
+    grant(&jitd, "22", A4, "1h");
+    let clients = hammer(&setup.socket(), 130, 2, 300);
+    // Twice as many as the repairs made before a back-off (5): a back-off that
+    // delayed these would wait 0.25, 0.5, 1, 2, 4, 8, 16, 30 s before each check.
+    const PLANTED: usize = 14;
+    for i in 0..PLANTED {
+        net.nft_ok(&[
+            "insert", "rule", "inet", "jitd", "input", "tcp", "dport", "22", "accept",
+        ]);
+        assert!(
+            wait_for(Duration::from_secs(8), || !planted_accept(&net)),
+            "accept rule {} still stands after 8 s: {:?}",
+            i + 1,
+            records(&setup, "repair")
+                .iter()
+                .map(|r| r["reason"].clone())
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            !can_connect(&net.b, HOST_B4, 22),
+            "a stranger is refused after insert {}",
+            i + 1
+        );
+    }
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant still works");
+    for out in clients.into_iter().flat_map(|c| c.join().unwrap()) {
+        assert!(out.status.success(), "every request was served: {}", text(&out));
+    }
+    // the records coalesce: one per repair at first, then one for the rest of the
+    // streak once the back-off delay has passed, and every repair is counted
+    let counted = |setup: &Setup| -> usize {
+        records(setup, "repair")
+            .iter()
+            .map(|r| {
+                let why = r["reason"].as_str().unwrap_or_default();
+                match why.strip_prefix("drift repaired ") {
+                    Some(rest) if rest.contains(" more time(s) in ") => {
+                        rest.split(' ').next().unwrap().parse::<usize>().unwrap()
+                    }
+                    _ => 1,
+                }
+            })
+            .sum()
+    };
+    assert!(
+        wait_for(Duration::from_secs(45), || counted(&setup) >= PLANTED),
+        "every repair is on record: {:?}",
+        records(&setup, "repair")
+    );
+    let repairs = records(&setup, "repair");
+    assert!(repairs.len() < PLANTED, "the records coalesced: {repairs:?}");
+    assert!(
+        repairs.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|w| w.contains("repaired at once, recorded here together"))),
+        "{repairs:?}"
+    );
+}
+
+/// A read-only file system mounted for one test, unmounted on drop.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn mount(path: std::path::PathBuf) -> ReadOnly {
+        std::fs::create_dir_all(&path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=64k,mode=0700", "tmpfs"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", text(&out));
+        ReadOnly(path)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A bad state_dir after a reboot: the message names what failed (the lock file on a
+/// read-only state_dir, the owner and mode of an untrusted one) and says what was done:
+/// the lockdown went in first and stays.
+#[test]
+fn a_bad_state_dir_is_named_exactly_and_the_message_says_the_lockdown_stays() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("[[ports]]\nport = 22\n");
+    let _ro = ReadOnly::mount(setup.state_dir());
+    let out = setup.run_jitd(&net.host, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lock = setup.state_dir().join("jitd.lock");
+    assert!(said.contains(&format!("cannot lock {}: ", lock.display())), "{said}");
+    assert!(!said.contains("cannot create state_dir"), "{said}");
+    assert!(
+        said.contains("the lockdown was put in the kernel before (table inet jitd: 22/tcp locked) and stays"),
+        "{said}"
+    );
+    assert!(!can_connect(&net.a, HOST_A4, 22), "fail closed: the port stays shut");
+    drop(_ro);
+
+    // untrusted: writable by others; after another reboot
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    std::fs::set_permissions(setup.state_dir(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let out = setup.run_jitd(&net.host, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(said.contains("is writable by its group"), "{said}");
+    assert!(
+        said.contains("jitd refuses to use it and changed nothing in it; the lockdown was put in the kernel before"),
+        "{said}"
+    );
+    assert!(net.ruleset().contains("table inet jitd"), "{}", net.ruleset());
+    assert!(!can_connect(&net.a, HOST_A4, 22));
+}

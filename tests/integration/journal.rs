@@ -472,3 +472,52 @@ fn crash_soak() {
         answered.len()
     );
 }
+
+/// After a reboot, a checkpoint whose grant was edited to end in 2099 does not stretch
+/// it: the grant is checked against its approval record in the audit log, the
+/// checkpoint is refused (moved aside, audited) and the grants rebuilt from the log,
+/// so the grant ends when its approval said, in status and in the kernel.
+#[test]
+fn a_checkpoint_that_stretches_a_grant_is_refused_and_the_grant_ends_as_approved() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("[[ports]]\nport = 22\nmax_duration = \"1h\"\n");
+    let jitd = setup.start(&net.host);
+    let out = request(&jitd, &["--port", "22", "--source", A4, "--duration", "20s"]);
+    let id = granted_id(&out);
+    assert!(jitd.stop(Duration::from_secs(10)).success());
+    // a reboot: the table goes with the kernel; the checkpoint is edited meanwhile
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    let path = setup.state_dir().join("grants.json");
+    let mut saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(saved["grants"][0]["id"], id, "{saved}");
+    saved["grants"][0]["expires_at"] = "2099-01-01T00:00:00Z".into();
+    std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+
+    let jitd = setup.start(&net.host);
+    let status = jitd.ctl_json(&["status"]);
+    let left = status["grants"][0]["remaining_secs"].as_u64().unwrap();
+    assert!(left <= 20, "no more than approved: {status}");
+    let refused: Vec<serde_json::Value> = setup.audit().into_iter().filter(|r| r["action"] == "recover").collect();
+    assert!(
+        refused.iter().any(|r| r["reason"].as_str().is_some_and(|w| w
+            .contains("the grants checkpoint grants.json disagrees with the audit log (grant")
+            && w.contains("rebuilt the grants from the audit log"))),
+        "{refused:?}"
+    );
+    let aside = std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("grants.json.refused-"));
+    assert!(aside, "the refused checkpoint is kept aside");
+    assert!(can_connect(&net.a, HOST_A4, 22), "the grant itself holds");
+    assert!(
+        wait_for(Duration::from_secs(30), || !can_connect(&net.a, HOST_A4, 22)),
+        "the kernel ends it when its approval said"
+    );
+    assert!(!can_connect(&net.b, HOST_B4, 22));
+    // and a restart after that trusts its own new checkpoint again
+    assert!(jitd.stop(Duration::from_secs(10)).success());
+    let jitd = setup.start(&net.host);
+    assert!(!jitd.log_text().contains("disagrees"), "{}", jitd.log_text());
+}
