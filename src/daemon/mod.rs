@@ -102,6 +102,29 @@ struct State {
 }
 
 impl State {
+    /// Since when the audit log must keep every record at `now`: the oldest record a
+    /// live grant may have (its approval, or the request that waited for approval up to
+    /// the longest `approval_timeout` before it), a waiting request's, and the start of
+    /// `audit_retain`. Rotation deletes no file holding a record from then on.
+    fn audit_keep_since(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let waited = self
+            .config
+            .ports
+            .iter()
+            .map(|p| p.approval_timeout)
+            .max()
+            .unwrap_or_default();
+        let waited = chrono::TimeDelta::from_std(waited).unwrap_or(chrono::TimeDelta::zero());
+        let grants = self.book.iter().map(|g| g.granted_at - waited);
+        let pending = self.pending.iter().map(|(r, _)| r.asked_at);
+        let retain = self
+            .config
+            .audit_retain
+            .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+            .map(|d| now - d);
+        grants.chain(pending).chain(retain).min()
+    }
+
     /// Notes that a transaction's kernel change is about to be applied.
     fn begin(&mut self, touched: Touched, whole_table: bool) {
         self.begun += 1;
