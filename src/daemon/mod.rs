@@ -87,7 +87,7 @@ struct State {
     /// What each recent transaction touched (`None`: the whole table).
     recent: VecDeque<(u64, Option<Touched>)>,
     /// Which refusals are audited in full and which only counted.
-    refusals: crate::audit::limit::RefusalLimiter,
+    refusals: crate::audit::limit::RefusalLimiter<crate::audit::limit::Refuser>,
     /// Sessions `revoke --terminate` cut, put back whenever the table is rebuilt.
     cuts: crate::firewall::conntrack::CutMemory,
     /// The highest grant id whose approval is on disk: `status` shows no grant above it

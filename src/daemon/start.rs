@@ -347,8 +347,8 @@ fn read_saved(state_dir: &Path) -> Result<(store::Snapshot, store::History), Sta
     Ok((saved, history))
 }
 
-/// The refusal limiter: 20 refusals per uid per [`refusal_interval`] in full.
-fn refusal_limiter() -> crate::audit::limit::RefusalLimiter {
+/// The refusal limiter: 20 refusals per uid (or signing key) per [`refusal_interval`] in full.
+fn refusal_limiter() -> crate::audit::limit::RefusalLimiter<crate::audit::limit::Refuser> {
     crate::audit::limit::RefusalLimiter::new(crate::audit::limit::Limits {
         interval: refusal_interval(),
         ..Default::default()
