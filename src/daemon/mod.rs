@@ -103,19 +103,23 @@ struct State {
 
 impl State {
     /// Since when the audit log must keep every record at `now`: the oldest record a
-    /// live grant may have (its approval, or the request that waited for approval up to
-    /// the longest `approval_timeout` before it), a waiting request's, and the start of
-    /// `audit_retain`. Rotation deletes no file holding a record from then on.
+    /// live grant may have (its approval, or, on a port that needs an approval, the
+    /// request that waited up to the port's `approval_timeout` before it), a waiting
+    /// request's, and the start of `audit_retain`. Rotation deletes no file holding a
+    /// record from then on.
     fn audit_keep_since(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let waited = self
-            .config
-            .ports
-            .iter()
-            .map(|p| p.approval_timeout)
-            .max()
-            .unwrap_or_default();
-        let waited = chrono::TimeDelta::from_std(waited).unwrap_or(chrono::TimeDelta::zero());
-        let grants = self.book.iter().map(|g| g.granted_at - waited);
+        let waited = |port: u16| {
+            let wait = self
+                .config
+                .ports
+                .iter()
+                .filter(|p| p.port == port && p.approvals > 0)
+                .map(|p| p.approval_timeout)
+                .max()
+                .unwrap_or_default();
+            chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::zero())
+        };
+        let grants = self.book.iter().map(|g| g.granted_at - waited(g.port));
         let pending = self.pending.iter().map(|(r, _)| r.asked_at);
         let retain = self
             .config
