@@ -300,6 +300,18 @@ pub fn requester_itself(request: &PendingRequest, decider: &Caller, login: Optio
     same_person(&request.requester, decider).or_else(|| same_login(request, decider, login))
 }
 
+/// Whether `decider` is `requester` by the requester's own identity: the same local
+/// uid, or the same signing key. Never by a name from another namespace (an SSH
+/// principal is not a login name): withdrawing a request needs this, while refusing
+/// one's own approval also takes the looser [`requester_itself`].
+pub fn own_identity(requester: &Caller, decider: &Caller) -> bool {
+    match (&requester.signer, &decider.signer) {
+        (None, None) => requester.uid == decider.uid,
+        (Some(a), Some(b)) => !a.fingerprint.is_empty() && a.fingerprint == b.fingerprint,
+        _ => false,
+    }
+}
+
 /// What a decider wants to do with a pending request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verb {
@@ -311,8 +323,9 @@ pub enum Verb {
 
 /// Checks that `decider` (whose process has login uid `login`) may `verb` request `id`
 /// (`request`, when it waits), in order: who (the approver role; for a denial, or the
-/// requester withdrawing its own), then what (the request waits), then never one's own
-/// approval ([`same_person`], [`same_login`]). Returns the request.
+/// requester withdrawing its own, by [`own_identity`]), then what (the request waits),
+/// then never one's own approval ([`same_person`], [`same_login`]). Returns the
+/// request.
 pub fn check_decider<'r>(
     access: &Access,
     decider: &Caller,
@@ -322,7 +335,7 @@ pub fn check_decider<'r>(
     verb: Verb,
 ) -> Result<&'r PendingRequest, Denial> {
     let own = request.and_then(|r| requester_itself(r, decider, login));
-    let withdrawing = verb == Verb::Deny && own.is_some();
+    let withdrawing = verb == Verb::Deny && request.is_some_and(|r| own_identity(&r.requester, decider));
     if !withdrawing && !may_approve(access, decider) {
         let what = match verb {
             Verb::Approve => "approve",
@@ -442,6 +455,16 @@ mod tests {
         assert!(check_decider(&a, &local(1005, "eve"), None, 9, Some(&eves), Verb::Deny).is_ok());
         assert!(check_decider(&a, &local(1003, "carol"), None, 9, Some(&eves), Verb::Deny).is_ok());
         let e = check_decider(&a, &local(1006, "mallory"), None, 9, Some(&eves), Verb::Deny).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAuthorized);
+        // a knock by principal mallory: the local user mallory (no role) is not its
+        // requester, nor is anyone by name; the same key is
+        let knock = request(11, signed(&["mallory"], "SHA256:k9"));
+        let e = check_decider(&a, &local(1006, "mallory"), None, 11, Some(&knock), Verb::Deny).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAuthorized);
+        let same_key = signed(&["other"], "SHA256:k9");
+        assert!(check_decider(&a, &same_key, None, 11, Some(&knock), Verb::Deny).is_ok());
+        // a local requester is not withdrawn by a same-named user under another uid
+        let e = check_decider(&a, &local(1007, "eve"), None, 9, Some(&eves), Verb::Deny).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotAuthorized);
         // who before what: an unknown id tells a stranger nothing
         let e = check_decider(&a, &local(1006, "mallory"), None, 10, None, Verb::Approve).unwrap_err();

@@ -100,6 +100,9 @@ pub struct Config {
     pub access: Access,
     /// When the audit log is rotated.
     pub audit_rotation: Rotation,
+    /// Rotation never deletes a record younger than this (`audit_retain`); `None`:
+    /// only the records of live grants and waiting requests are held.
+    pub audit_retain: Option<Duration>,
     /// Where to serve Prometheus metrics; `None`: not at all.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How the socket's connections are shared (`[limits]`); read at start only.
@@ -258,6 +261,7 @@ struct RawConfig {
     on_stop: Option<String>,
     audit_max_bytes: Option<i64>,
     audit_keep: Option<i64>,
+    audit_retain: Option<String>,
     metrics_listen: Option<String>,
     #[serde(default)]
     metrics_allow_remote: bool,
@@ -502,6 +506,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         approvers: parse_principals("access.approvers", &raw.access.approvers, problems),
     };
     let audit_rotation = validate_rotation(raw.audit_max_bytes, raw.audit_keep, problems);
+    let audit_retain = validate_retain(raw.audit_retain.as_deref(), problems);
     let metrics_listen = validate_metrics(raw.metrics_listen, raw.metrics_allow_remote, problems);
     Config {
         path: path.to_path_buf(),
@@ -513,6 +518,7 @@ fn validate(path: &Path, raw: RawConfig, groups: GroupLookup, problems: &mut Vec
         lockdown,
         access,
         audit_rotation,
+        audit_retain,
         metrics_listen,
         limits: validate_limits(raw.limits, problems),
         fleet: None,
@@ -563,6 +569,26 @@ fn validate_rotation(max_bytes: Option<i64>, keep: Option<i64>, problems: &mut V
                 defaults.keep
             }
         },
+    }
+}
+
+/// The longest `audit_retain`: a year.
+const MAX_AUDIT_RETAIN: Duration = Duration::from_secs(366 * 24 * 3600);
+
+fn validate_retain(raw: Option<&str>, problems: &mut Vec<String>) -> Option<Duration> {
+    let text = raw?;
+    match crate::duration::parse(text) {
+        Ok(d) if !d.is_zero() && d <= MAX_AUDIT_RETAIN => Some(d),
+        Ok(_) => {
+            problems.push(format!(
+                "audit_retain: must be between 1s and 366 days (how long rotation keeps every record), got {text:?}"
+            ));
+            None
+        }
+        Err(e) => {
+            problems.push(format!("audit_retain: {e}, got {text:?}"));
+            None
+        }
     }
 }
 
@@ -1028,6 +1054,10 @@ mod tests {
             (
                 "audit_keep = 0",
                 "audit_keep: must be between 1 and 1000 (rotated files kept), got 0",
+            ),
+            (
+                "audit_retain = \"400d\"",
+                "audit_retain: must be between 1s and 366 days",
             ),
             (
                 "metrics_listen = \"0.0.0.0:9839\"",

@@ -1,16 +1,18 @@
-//! Rate limiting of refusals in the audit log, so that one user cannot flood it: per
-//! uid (or, for remote knocks, per source address), the first
-//! [`Limits::full_per_interval`] refusals of an interval are recorded in full, the rest
-//! are only counted, and when the interval ends one summary record per uid says how many
-//! were suppressed and with which codes. Pure: the caller passes the clock in, and
-//! memory is bounded ([`Limits::max_uids`]; beyond it every further uid shares one
-//! "others" bucket).
+//! Rate limiting of refusals in the audit log, so that one caller cannot flood it: per
+//! subject (a local uid or a signing key, [`Refuser`]; for unauthenticated knocks, a
+//! source prefix), the first [`Limits::full_per_interval`] refusals of an interval are
+//! recorded in full, the rest are only counted, and when the interval ends one summary
+//! record per subject says how many were suppressed and with which codes. Pure: the
+//! caller passes the clock in, and both memory and records are bounded
+//! ([`Limits::max_uids`]: beyond it every further subject shares one "others" bucket;
+//! [`Limits::max_full_total`]: full records of all subjects together per interval), so
+//! at most `max_full_total + max_uids + 1` records an interval come from one limiter.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
-use std::net::IpAddr;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use ipnet::IpNet;
 
 use super::{Action, AuditRecord, Outcome};
 
@@ -21,8 +23,11 @@ pub struct Limits {
     pub interval: TimeDelta,
     /// Refusals per uid per interval recorded one by one.
     pub full_per_interval: u32,
-    /// Uids tracked one by one; further uids are counted together.
+    /// Subjects tracked one by one; further ones are counted together.
     pub max_uids: usize,
+    /// Refusals recorded in full per interval, all subjects together; the rest of
+    /// each subject's are counted in its summary.
+    pub max_full_total: u32,
 }
 
 impl Default for Limits {
@@ -31,6 +36,7 @@ impl Default for Limits {
             interval: TimeDelta::seconds(60),
             full_per_interval: 20,
             max_uids: 1024,
+            max_full_total: u32::MAX,
         }
     }
 }
@@ -59,9 +65,9 @@ struct Bucket {
     codes: BTreeMap<String, u64>,
 }
 
-/// Whom a limiter counts refusals of: a uid (socket requests) or a source address
-/// (remote knocks).
-pub trait Subject: Copy + Eq + Hash + Ord {
+/// Whom a limiter counts refusals of: a uid or a key ([`Refuser`]), a source prefix
+/// (unauthenticated knocks).
+pub trait Subject: Clone + Eq + Hash + Ord {
     /// The audit action of the summary records.
     const ACTION: Action;
     /// The uid a summary names, if any.
@@ -85,7 +91,7 @@ impl Subject for u32 {
     }
 }
 
-impl Subject for IpAddr {
+impl Subject for IpNet {
     const ACTION: Action = Action::Knock;
     fn uid(&self) -> Option<u32> {
         None
@@ -98,12 +104,65 @@ impl Subject for IpAddr {
     }
 }
 
+/// Whose refusals share one budget: a local caller by uid, a signed caller (a knock,
+/// a fleet request) by its key, so that one key's refusals neither hide another
+/// signer's nor are blamed on them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refuser {
+    /// A local caller.
+    Uid(u32),
+    /// A signed caller, by its key's fingerprint.
+    Key(String),
+}
+
+impl Refuser {
+    /// The budget `caller` spends.
+    pub fn of(caller: &crate::domain::Caller) -> Refuser {
+        match &caller.signer {
+            Some(s) => Refuser::Key(s.fingerprint.clone()),
+            None => Refuser::Uid(caller.uid),
+        }
+    }
+}
+
+impl Subject for Refuser {
+    const ACTION: Action = Action::Request;
+    fn uid(&self) -> Option<u32> {
+        match self {
+            Refuser::Uid(uid) => Some(*uid),
+            Refuser::Key(_) => None,
+        }
+    }
+    fn describe(&self, name: &str) -> String {
+        match self {
+            Refuser::Uid(uid) => format!("uid {uid} ({name})"),
+            Refuser::Key(key) => format!("{name} (key {key})"),
+        }
+    }
+    fn others() -> &'static str {
+        "further callers (too many to track one by one)"
+    }
+}
+
 /// Per-uid (or per-source) refusal counters; see the module documentation.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RefusalLimiter<K = u32> {
     limits: Limits,
     buckets: HashMap<K, Bucket>,
     others: Option<Bucket>,
+    /// The interval of [`Limits::max_full_total`]: when it began, how many so far.
+    full: Option<(DateTime<Utc>, u32)>,
+}
+
+impl<K> Default for RefusalLimiter<K> {
+    fn default() -> Self {
+        RefusalLimiter {
+            limits: Limits::default(),
+            buckets: HashMap::new(),
+            others: None,
+            full: None,
+        }
+    }
 }
 
 impl<K: Subject> RefusalLimiter<K> {
@@ -113,7 +172,23 @@ impl<K: Subject> RefusalLimiter<K> {
             limits,
             buckets: HashMap::new(),
             others: None,
+            full: None,
         }
+    }
+
+    /// Whether one more refusal may be recorded in full at `now`, all subjects
+    /// together (and counts it when so).
+    fn full_left(&mut self, now: DateTime<Utc>) -> bool {
+        let interval = self.limits.interval;
+        let (began, count) = self.full.get_or_insert((now, 0));
+        if *began + interval <= now || now < *began {
+            (*began, *count) = (now, 0);
+        }
+        if *count >= self.limits.max_full_total {
+            return false;
+        }
+        *count += 1;
+        true
     }
 
     /// Decides whether the refusal of `uid` (`name`) with denial `code` at `now` is
@@ -122,13 +197,15 @@ impl<K: Subject> RefusalLimiter<K> {
     pub fn admit(&mut self, uid: K, name: &str, code: &str, now: DateTime<Utc>) -> Admit {
         let limits = self.limits;
         let tracked = self.buckets.len() < limits.max_uids || self.buckets.contains_key(&uid);
+        let own_left = tracked && self.buckets.get(&uid).map_or(0, |b| b.seen) < limits.full_per_interval;
+        // the "others" bucket never records in full: it exists only under a flood
+        let full = own_left && self.full_left(now);
         let bucket = if tracked {
             self.buckets.entry(uid).or_insert_with(|| Bucket::new(name, now))
         } else {
             self.others.get_or_insert_with(|| Bucket::new("others", now))
         };
-        // the "others" bucket never records in full: it exists only under a flood
-        if tracked && bucket.seen < limits.full_per_interval {
+        if full {
             bucket.seen += 1;
             return Admit::Record;
         }
@@ -154,7 +231,7 @@ impl<K: Subject> RefusalLimiter<K> {
             .buckets
             .iter()
             .filter(|(_, b)| b.started + interval <= now)
-            .map(|(uid, _)| *uid)
+            .map(|(uid, _)| uid.clone())
             .collect();
         for uid in ended {
             let bucket = self.buckets.remove(&uid).expect("listed above");
@@ -164,7 +241,7 @@ impl<K: Subject> RefusalLimiter<K> {
             due.push((None, self.others.take().expect("checked")));
         }
         // in time order, each time's subjects in order, "others" last
-        due.sort_by_key(|(uid, b)| (b.started, uid.is_none(), *uid));
+        due.sort_by(|(u1, b1), (u2, b2)| (b1.started, u1.is_none(), u1).cmp(&(b2.started, u2.is_none(), u2)));
         due.into_iter()
             .filter(|(_, b)| b.suppressed > 0)
             .map(|(uid, b)| summary(uid, &b, now))
@@ -213,7 +290,8 @@ impl Bucket {
 /// The summary record of one bucket: action `request` (or `knock`), outcome
 /// `suppressed`.
 fn summary<K: Subject>(subject: Option<K>, b: &Bucket, now: DateTime<Utc>) -> AuditRecord {
-    let who = match &subject {
+    let subject = subject.as_ref();
+    let who = match subject {
         Some(s) => s.describe(&b.name),
         None => K::others().to_string(),
     };
@@ -250,6 +328,7 @@ mod tests {
             interval: TimeDelta::seconds(60),
             full_per_interval: full,
             max_uids,
+            max_full_total: u32::MAX,
         })
     }
 
@@ -336,6 +415,51 @@ mod tests {
             "997 uids x 5, none in full: {:?}",
             others.reason
         );
+    }
+
+    #[test]
+    fn full_records_of_all_subjects_together_are_bounded_per_interval() {
+        let mut l = RefusalLimiter::<IpNet>::new(Limits {
+            interval: TimeDelta::seconds(60),
+            full_per_interval: 5,
+            max_uids: 4,
+            max_full_total: 7,
+        });
+        let net = |n: u8| IpNet::from(std::net::IpAddr::from([10, 0, 0, n]));
+        let full = (0..200)
+            .filter(|i| l.admit(net((i % 50) as u8), "knock", "malformed", t(1)) == Admit::Record)
+            .count();
+        assert_eq!(full, 7, "7 in full of 200 from 50 sources");
+        let s = l.due_summaries(t(61));
+        assert_eq!(s.len(), 5, "four prefixes and the others: {s:?}");
+        assert!(s.iter().all(|r| r.action == Action::Knock));
+        assert!(
+            s[0].reason.as_deref().unwrap().contains("from knocks from 10.0.0.0/32"),
+            "{:?}",
+            s[0].reason
+        );
+        // a new interval has a new budget
+        assert_eq!(l.admit(net(1), "knock", "malformed", t(62)), Admit::Record);
+    }
+
+    #[test]
+    fn signed_callers_have_a_budget_per_key() {
+        let mut l = RefusalLimiter::<Refuser>::new(Limits {
+            interval: TimeDelta::seconds(60),
+            full_per_interval: 2,
+            max_uids: 10,
+            max_full_total: u32::MAX,
+        });
+        let (k1, k2) = (Refuser::Key("SHA256:one".into()), Refuser::Key("SHA256:two".into()));
+        for _ in 0..5 {
+            l.admit(k1.clone(), "principal:alice", "forbidden", t(0));
+        }
+        assert_eq!(l.admit(k2, "principal:bob", "forbidden", t(1)), Admit::Record);
+        let s = l.due_summaries(t(61));
+        assert_eq!(s.len(), 1);
+        assert_eq!((s[0].actor.as_str(), s[0].actor_uid), ("principal:alice", None));
+        let reason = s[0].reason.as_deref().unwrap();
+        assert!(reason.contains("from principal:alice (key SHA256:one)"), "{reason}");
     }
 
     #[test]

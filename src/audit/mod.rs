@@ -270,6 +270,19 @@ pub fn files(state_dir: &Path) -> Vec<PathBuf> {
     all
 }
 
+/// The numbers of the rotated audit files in `state_dir` (`audit.jsonl.N`).
+fn rotated_numbers(state_dir: &Path) -> Vec<usize> {
+    std::fs::read_dir(state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.strip_prefix(&format!("{AUDIT_FILE}."))?.parse().ok()
+        })
+        .collect()
+}
+
 /// Every record of every audit file, oldest first, and notes on unreadable lines.
 pub fn read_all(state_dir: &Path) -> std::io::Result<(Vec<AuditRecord>, Vec<String>)> {
     let mut records = Vec::new();
@@ -309,6 +322,9 @@ pub struct AuditLog {
     anchor: anchor::Anchor,
     /// The newest record's position in the chain since its first record (1-based).
     seq: u64,
+    /// Rotation deletes no file holding a record at or after this time (the oldest
+    /// record of a live grant or waiting request, or the retention window's start).
+    keep_since: Option<DateTime<Utc>>,
 }
 
 /// Opens (creating, mode 0600, never through a link) an audit file for appending.
@@ -426,6 +442,7 @@ impl AuditLog {
             rotation,
             anchor,
             seq,
+            keep_since: None,
         };
         if let Some(cut) = cut {
             log.record_cut(&cut)?;
@@ -582,20 +599,39 @@ impl AuditLog {
         Ok(at)
     }
 
+    /// From the next rotation on, no file holding a record at or after `since` is
+    /// deleted (`None`: rotation keeps `keep` files).
+    pub fn keep_since(&mut self, since: Option<DateTime<Utc>>) {
+        self.keep_since = since;
+    }
+
     /// `audit.jsonl` becomes `audit.jsonl.1` (older ones move up, the oldest beyond
-    /// `keep` is deleted) and a new `audit.jsonl` continues the chain. When a file is
-    /// deleted, the anchor's head moves first (synced), and the new file starts with a
-    /// `rotate` record stating what was removed.
+    /// `keep` are deleted, unless they hold a record [`AuditLog::keep_since`] protects:
+    /// then they stay, beyond `keep`, until it no longer does) and a new `audit.jsonl`
+    /// continues the chain. Before a file is deleted, the anchor's head moves past it
+    /// (synced), and the new file starts with a `rotate` record stating what was
+    /// removed.
     fn rotate(&mut self) -> std::io::Result<()> {
         let dir = self.dir.clone();
         let numbered = |n: usize| dir.join(format!("{AUDIT_FILE}.{n}"));
-        let oldest = numbered(self.rotation.keep);
-        let removed = match oldest.exists() {
-            true => Some(self.move_head_past(&oldest)?),
-            false => None,
-        };
-        let _ = std::fs::remove_file(&oldest);
-        for n in (1..self.rotation.keep).rev() {
+        let mut highest = rotated_numbers(&self.dir).into_iter().max().unwrap_or(0);
+        let mut removed = Vec::new();
+        while highest >= self.rotation.keep {
+            let oldest = numbered(highest);
+            let summary = chain::summarize(&oldest)?;
+            if self.protects(&summary) {
+                tracing::info!(
+                    "audit rotation keeps {} beyond audit_keep: it holds records of a live grant or within audit_retain",
+                    oldest.display()
+                );
+                break;
+            }
+            self.move_head_past(&oldest, &summary)?;
+            let _ = std::fs::remove_file(&oldest);
+            removed.push((oldest, summary));
+            highest -= 1;
+        }
+        for n in (1..=highest).rev() {
             if numbered(n).exists() {
                 std::fs::rename(numbered(n), numbered(n + 1))?;
             }
@@ -610,17 +646,29 @@ impl AuditLog {
             self.path.display(),
             numbered(1).display()
         );
-        if let Some(summary) = removed {
-            let record = self.rotate_record(&oldest, &summary);
-            self.write_sealed(&[record]).map_err(|e| e.source)?;
+        let records: Vec<AuditRecord> = removed
+            .iter()
+            .map(|(oldest, summary)| self.rotate_record(oldest, summary))
+            .collect();
+        if !records.is_empty() {
+            self.write_sealed(&records).map_err(|e| e.source)?;
         }
         Ok(())
     }
 
-    /// Before `oldest` is deleted: the anchor's head moves to the first record after it
-    /// and counts what goes, synced. Returns what `oldest` holds.
-    fn move_head_past(&mut self, oldest: &Path) -> std::io::Result<chain::FileSummary> {
-        let summary = chain::summarize(oldest)?;
+    /// Whether a file summed up as `s` holds a record [`AuditLog::keep_since`] protects
+    /// (a file whose newest record's time cannot be read is judged by nothing else).
+    fn protects(&self, s: &chain::FileSummary) -> bool {
+        let newest = s
+            .last_time
+            .as_deref()
+            .and_then(|t| DateTime::parse_from_rfc3339(t).ok());
+        matches!((self.keep_since, newest), (Some(since), Some(t)) if t >= since)
+    }
+
+    /// Before `oldest` (summed up as `summary`) is deleted: the anchor's head moves to
+    /// the first record after it and counts what goes, synced.
+    fn move_head_past(&mut self, oldest: &Path, summary: &chain::FileSummary) -> std::io::Result<()> {
         let next = files(&self.dir)
             .into_iter()
             .skip_while(|f| f != oldest)
@@ -636,7 +684,7 @@ impl AuditLog {
         self.anchor.removed_records += summary.records;
         self.anchor.removed_bytes += summary.bytes;
         anchor::save(&self.dir, &self.anchor, true)?;
-        Ok(summary)
+        Ok(())
     }
 
     fn rotate_record(&self, oldest: &Path, s: &chain::FileSummary) -> AuditRecord {
@@ -961,6 +1009,35 @@ mod tests {
             "the start was rotated away: {:?}",
             verdict.notes
         );
+    }
+
+    #[test]
+    fn rotation_keeps_files_holding_protected_records_beyond_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let rotation = Rotation {
+            max_bytes: 600,
+            keep: 2,
+        };
+        let mut log = AuditLog::open(dir.path(), rotation).unwrap();
+        // everything from minute 0 on is protected (a live grant approved then)
+        log.keep_since(Some(record(0, "bob", 22).time));
+        for i in 0..12 {
+            log.append(&[record(i, "bob", 22)]).unwrap();
+        }
+        let (all, _) = read_all(dir.path()).unwrap();
+        assert_eq!(all.iter().filter(|r| r.action == Action::Request).count(), 12);
+        assert!(all.iter().all(|r| r.action != Action::Rotate), "nothing was deleted");
+        assert!(files(dir.path()).len() > 3, "files beyond keep");
+        // once nothing is protected, the next rotation deletes down to keep, oldest first
+        log.keep_since(None);
+        for i in 12..16 {
+            log.append(&[record(i, "bob", 22)]).unwrap();
+        }
+        assert_eq!(files(dir.path()).len(), 3);
+        let verdict = chain::verify(&files(dir.path())).unwrap();
+        assert_eq!(verdict.broken, None, "{:?}", verdict.notes);
+        let (all, _) = read_all(dir.path()).unwrap();
+        assert!(all.iter().any(|r| r.action == Action::Rotate));
     }
 
     fn rotated_log(dir: &Path) -> AuditLog {

@@ -323,10 +323,12 @@ fn refused(
     wall: DateTime<Utc>,
 ) -> Planned {
     let mut records = Vec::new();
-    if st
-        .refusals
-        .admit(decider.uid, &decider.name, denial.code.as_str(), wall)
-        == Admit::Record
+    if st.refusals.admit(
+        crate::audit::limit::Refuser::of(decider),
+        &decider.name,
+        denial.code.as_str(),
+        wall,
+    ) == Admit::Record
     {
         let mut r = AuditRecord::new(
             wall,
@@ -357,9 +359,9 @@ fn plan_deny(
     wall: DateTime<Utc>,
 ) -> Planned {
     let reason = &decision.reason;
-    let why = match approval::requester_itself(&request, decider, decision.login) {
-        Some(_) => format!("withdrawn by the requester: {reason}"),
-        None => reason.to_string(),
+    let why = match approval::own_identity(&request.requester, decider) {
+        true => format!("withdrawn by the requester: {reason}"),
+        false => reason.to_string(),
     };
     let r = decision.record(decider, &request, wall, Outcome::Done, &why);
     let mut tx = Tx::records(vec![r]);

@@ -353,6 +353,9 @@ impl<F: Firewall> Daemon<F> {
             Vec::new()
         };
         if !records.is_empty() {
+            // the booking is in the state: the grants these records open are protected
+            let keep_since = self.lock().audit_keep_since(chrono::Utc::now());
+            self.writer.keep_since(keep_since);
             match answering(pings, self.writer.append(records)).await {
                 Ok(appended) => {
                     self.appended(appended);

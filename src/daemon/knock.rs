@@ -2,20 +2,29 @@
 //! that passes becomes a request like one from the socket, from a signed caller, and
 //! takes the same policy checks, audit and nftables path ([`super::requests`]).
 //!
-//! The listener does the cheap work for each datagram, in order: the per-source gate
-//! ([`SourceGate`]), [`packet::screen`] (size, framing, grammar, time window, host, a
-//! known key) and the nonce memory. What passes goes into a bounded queue; a full queue
-//! drops the knock (counted and audited like any refusal), so a flood can neither grow
-//! memory nor delay the socket or expiry, which never wait on this path. A small pool
+//! The listener does the cheap work for each datagram, in order: the per-prefix gate
+//! ([`SourceGate`], by [`prefix_of`] the source), [`packet::screen`] (size, framing,
+//! grammar, time window, host, a known key) and the nonce memory. What passes goes into
+//! a bounded queue, of which one prefix holds at most
+//! [`QUEUE_SHARE`](crate::remote::gate::QUEUE_SHARE) places
+//! ([`QueueShares`]); a full queue or share drops the knock (counted and audited like
+//! any refusal), so a flood can neither grow memory nor delay the socket or expiry,
+//! which never wait on this path, nor crowd out other prefixes' knocks. A small pool
 //! verifies signatures on blocking threads, claims the nonce and hands the request to
-//! the committer. Nothing is ever sent back.
+//! the committer. Nothing is ever sent back. The checks ([`crate::remote`]) are pure,
+//! apart from these effects, so they could run in another process.
 //!
-//! Refusals are audited as `knock` records through a per-source limiter (the first few
-//! per minute in full, the rest counted in a summary), written at most once a second.
+//! Refusals are audited as `knock` records within a budget a flood cannot outgrow:
+//! those of unauthenticated senders per source prefix (the first few per minute in
+//! full, and at most [`UNSIGNED_FULL`] in full a minute from all prefixes together; the
+//! rest counted in one summary per prefix, for at most [`UNSIGNED_PREFIXES`] prefixes
+//! and one for the others), those of a verified key per key; written at most once a
+//! second.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::IpNet;
@@ -25,15 +34,15 @@ use tokio::sync::{mpsc, Semaphore};
 use super::upkeep::Stopping;
 use super::{Daemon, TaskResult};
 use crate::api::protocol::GrantRequest;
-use crate::audit::limit::{Admit, Limits, RefusalLimiter};
+use crate::audit::limit::{Admit, Limits, RefusalLimiter, Refuser, Subject};
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::{format_prefix, Caller, SignedBy};
 use crate::firewall::Firewall;
-use crate::remote::gate::{SourceGate, MAX_SOURCES};
+use crate::remote::gate::{prefix_of, QueueShares, SourceGate, DEFAULT_PREFIX6, MAX_SOURCES};
 use crate::remote::nonces::{self, Claim, Nonces};
 use crate::remote::packet::{self, Screened, MAX_PACKET};
 use crate::remote::request::Length;
-use crate::remote::settings::Remote;
+use crate::remote::settings::{Remote, MAX_WINDOW};
 
 /// Knocks screened and waiting for their signature check.
 const QUEUE: usize = 64;
@@ -50,18 +59,49 @@ const TICK: Duration = Duration::from_secs(1);
 const DRAIN: usize = 256;
 /// The longest reason a knock refusal records (it may quote the packet, escaped).
 const MAX_REASON: usize = 200;
+/// Refusals of unauthenticated senders recorded in full per interval, all prefixes
+/// together.
+pub(super) const UNSIGNED_FULL: u32 = 20;
+/// Prefixes whose unauthenticated refusals are summarised one by one per interval.
+pub(super) const UNSIGNED_PREFIXES: usize = 32;
+/// Refusals of one unauthenticated prefix, or one key, recorded in full per interval.
+const FULL_PER_SENDER: u32 = 5;
+/// Keys whose refusals are counted one by one.
+const MAX_KEYS: usize = 256;
 
 /// What the knock path shares with the rest of the daemon.
 pub(super) struct Knocks {
     nonces: Mutex<Nonces>,
     log: Mutex<RefusalLog>,
+    /// Each prefix's places in the verification queue.
+    shares: Mutex<QueueShares>,
+    /// The IPv6 prefix length in force (`remote.ipv6_prefix`).
+    prefix6: AtomicU8,
 }
 
-/// Knock refusals waiting to be written, and the per-source limiter deciding which
-/// are written in full.
+/// Knock refusals waiting to be written, and the limiters deciding which are written
+/// in full: unauthenticated senders by prefix, verified keys by key.
 struct RefusalLog {
-    limiter: RefusalLimiter<IpAddr>,
+    unsigned: RefusalLimiter<IpNet>,
+    signed: RefusalLimiter<KnockKey>,
     pending: Vec<AuditRecord>,
+}
+
+/// The key a refused knock was verified with, as a refusal budget.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct KnockKey(Refuser);
+
+impl Subject for KnockKey {
+    const ACTION: Action = Action::Knock;
+    fn uid(&self) -> Option<u32> {
+        None
+    }
+    fn describe(&self, name: &str) -> String {
+        format!("knocks {}", self.0.describe(name))
+    }
+    fn others() -> &'static str {
+        "knocks of further keys (too many to track one by one)"
+    }
 }
 
 impl Knocks {
@@ -69,32 +109,62 @@ impl Knocks {
     /// (`(nonce, time of its record)`, from the checkpoint and the journal).
     pub fn new(recorded: &std::collections::BTreeMap<String, DateTime<Utc>>, refusal_interval: TimeDelta) -> Knocks {
         let mut memory = Nonces::new(MAX_NONCES);
-        let now = Utc::now();
+        let (now, mono) = (Utc::now(), Instant::now());
         for (hex, at) in recorded {
             if let Some(nonce) = nonces::from_hex(hex) {
-                memory.claim(nonce, *at + crate::store::NONCE_MEMORY, now);
+                memory.claim(nonce, *at + crate::store::NONCE_MEMORY, now, mono);
             }
         }
-        let limits = Limits {
+        let unsigned = Limits {
             interval: refusal_interval,
-            full_per_interval: 5,
-            max_uids: 256,
+            full_per_interval: FULL_PER_SENDER,
+            max_uids: UNSIGNED_PREFIXES,
+            max_full_total: UNSIGNED_FULL,
+        };
+        let signed = Limits {
+            interval: refusal_interval,
+            full_per_interval: FULL_PER_SENDER,
+            max_uids: MAX_KEYS,
+            max_full_total: u32::MAX,
         };
         Knocks {
             nonces: Mutex::new(memory),
             log: Mutex::new(RefusalLog {
-                limiter: RefusalLimiter::new(limits),
+                unsigned: RefusalLimiter::new(unsigned),
+                signed: RefusalLimiter::new(signed),
                 pending: Vec::new(),
             }),
+            shares: Mutex::new(QueueShares::default()),
+            prefix6: AtomicU8::new(DEFAULT_PREFIX6),
         }
+    }
+
+    /// Takes the settings of the `[remote]` policy in force.
+    fn adopt(&self, view: Option<&View>) {
+        let prefix6 = view.map_or(DEFAULT_PREFIX6, |v| v.remote.prefix6);
+        self.prefix6.store(prefix6, Ordering::Relaxed);
+    }
+
+    /// The prefix knocks from `ip` are counted in.
+    fn prefix(&self, ip: IpAddr) -> IpNet {
+        prefix_of(ip, self.prefix6.load(Ordering::Relaxed))
     }
 
     /// Audits a refused knock (in full or only counted) and counts it in the metrics.
     fn refuse(&self, peer: SocketAddr, code: &str, reason: &str, signer: Option<(&[String], &str)>) {
         crate::metrics::metrics().knock(code);
         let now = Utc::now();
+        let prefix = self.prefix(peer.ip());
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        if log.limiter.admit(peer.ip(), "knock", code, now) == Admit::Count {
+        let admit = match signer {
+            None => log.unsigned.admit(prefix, "knock", code, now),
+            Some((principals, key)) => {
+                let name = format!("principal:{}", principals.first().map_or("-", String::as_str));
+                log.signed
+                    .admit(KnockKey(Refuser::Key(key.to_string())), &name, code, now)
+            }
+        };
+        if admit == Admit::Count {
             return;
         }
         tracing::debug!(%peer, code, "knock refused: {reason}");
@@ -116,7 +186,8 @@ impl Knocks {
     fn due(&self, now: DateTime<Utc>) -> Vec<AuditRecord> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let mut records = std::mem::take(&mut log.pending);
-        records.extend(log.limiter.due_summaries(now));
+        records.extend(log.unsigned.due_summaries(now));
+        records.extend(log.signed.due_summaries(now));
         records
     }
 
@@ -131,8 +202,14 @@ impl Knocks {
     pub fn flush(&self, now: DateTime<Utc>) -> Vec<AuditRecord> {
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         let mut records = std::mem::take(&mut log.pending);
-        records.extend(log.limiter.flush(now));
+        records.extend(log.unsigned.flush(now));
+        records.extend(log.signed.flush(now));
         records
+    }
+
+    /// Gives back the queue place of a knock from `prefix` whose check is over.
+    fn checked(&self, prefix: IpNet) {
+        self.shares.lock().unwrap_or_else(|e| e.into_inner()).give_back(prefix);
     }
 }
 
@@ -148,6 +225,8 @@ pub(super) fn bind(listen: SocketAddr) -> std::io::Result<UdpSocket> {
 struct Work {
     screened: Screened,
     peer: SocketAddr,
+    /// Its source prefix, holding a place in [`QueueShares`] until the check is over.
+    prefix: IpNet,
     remote: Arc<Remote>,
 }
 
@@ -164,6 +243,7 @@ pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket
     let pool = tokio::spawn(verify_pool(daemon.clone(), inbox));
     let mut gate = SourceGate::new(MAX_SOURCES, std::time::Instant::now());
     let mut view = view_of(&daemon).await;
+    daemon.knocks.adopt(view.as_ref());
     let mut tick = tokio::time::interval(TICK);
     let mut buf = vec![0u8; MAX_PACKET + 1];
     loop {
@@ -186,6 +266,7 @@ pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket
         }
         if ticked {
             view = view_of(&daemon).await;
+            daemon.knocks.adopt(view.as_ref());
             let records = daemon.knocks.due(Utc::now());
             if !records.is_empty() {
                 // never wait on a busy committer here: the records wait for the next tick
@@ -213,21 +294,40 @@ fn receive<F: Firewall>(
     peer: SocketAddr,
 ) {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    if !gate.allow(peer.ip(), std::time::Instant::now()) {
-        let why = "more knocks from this source than the per-source limit";
-        return daemon.knocks.refuse(peer, "rate_limited", why, None);
+    let prefix = daemon.knocks.prefix(peer.ip());
+    if !gate.allow(prefix, Instant::now()) {
+        let why = format!("more knocks from {prefix} than the per-source limit");
+        return daemon.knocks.refuse(peer, "rate_limited", &why, None);
     }
-    if let Some(work) = screen(daemon, view, packet, peer) {
-        if queue.try_send(work).is_err() {
-            daemon
-                .knocks
-                .refuse(peer, "busy", "the verification queue is full", None);
-        }
+    let Some(work) = screen(daemon, view, packet, peer, prefix) else {
+        return;
+    };
+    if !daemon
+        .knocks
+        .shares
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(prefix)
+    {
+        let why = format!("{prefix} holds its share of the verification queue");
+        return daemon.knocks.refuse(peer, "busy", &why, None);
+    }
+    if queue.try_send(work).is_err() {
+        daemon.knocks.checked(prefix);
+        daemon
+            .knocks
+            .refuse(peer, "busy", "the verification queue is full", None);
     }
 }
 
 /// The cheap checks of one datagram; `Some` when it deserves a signature check.
-fn screen<F: Firewall>(daemon: &Daemon<F>, view: Option<&View>, packet: &[u8], peer: SocketAddr) -> Option<Work> {
+fn screen<F: Firewall>(
+    daemon: &Daemon<F>,
+    view: Option<&View>,
+    packet: &[u8],
+    peer: SocketAddr,
+    prefix: IpNet,
+) -> Option<Work> {
     let view = view?; // `[remote]` was removed by a reload: knocks are ignored
     let remote = &view.remote;
     let window = TimeDelta::from_std(remote.window).unwrap_or(TimeDelta::seconds(30));
@@ -252,6 +352,7 @@ fn screen<F: Firewall>(daemon: &Daemon<F>, view: Option<&View>, packet: &[u8], p
         Ok(screened) => Some(Work {
             screened,
             peer,
+            prefix,
             remote: remote.clone(),
         }),
     }
@@ -286,9 +387,15 @@ async fn verify_pool<F: Firewall>(daemon: Arc<Daemon<F>>, mut inbox: mpsc::Recei
         let daemon = daemon.clone();
         let in_flight = in_flight.clone();
         tokio::spawn(async move {
-            let Work { screened, peer, remote } = work;
+            let Work {
+                screened,
+                peer,
+                prefix,
+                remote,
+            } = work;
             let verified = tokio::task::spawn_blocking(move || packet::verify(screened, Utc::now())).await;
             drop(permit);
+            daemon.knocks.checked(prefix);
             let verified = match verified {
                 Ok(Ok(v)) => v,
                 Ok(Err(refusal)) => return daemon.knocks.refuse(peer, refusal.code(), &refusal.to_string(), None),
@@ -312,12 +419,14 @@ async fn submit<F: Firewall>(daemon: &Daemon<F>, v: packet::Verified, peer: Sock
         let why = "this host requires the knock to name its source (remote.require_source)";
         return daemon.knocks.refuse(peer, "source_required", why, Some(signer));
     }
-    let window = TimeDelta::from_std(remote.window).unwrap_or(TimeDelta::seconds(30));
-    let now = Utc::now();
+    // kept for the widest window any policy could set, not the one in force: a reload
+    // that widens it must not make the packet acceptable again
+    let widest = TimeDelta::from_std(MAX_WINDOW).unwrap_or(TimeDelta::seconds(600));
     let claim = daemon.knocks.nonces.lock().unwrap_or_else(|e| e.into_inner()).claim(
         v.request.nonce,
-        v.request.time + window,
-        now,
+        v.request.time + widest,
+        Utc::now(),
+        Instant::now(),
     );
     match claim {
         Claim::Fresh => {}

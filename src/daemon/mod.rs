@@ -87,7 +87,7 @@ struct State {
     /// What each recent transaction touched (`None`: the whole table).
     recent: VecDeque<(u64, Option<Touched>)>,
     /// Which refusals are audited in full and which only counted.
-    refusals: crate::audit::limit::RefusalLimiter,
+    refusals: crate::audit::limit::RefusalLimiter<crate::audit::limit::Refuser>,
     /// Sessions `revoke --terminate` cut, put back whenever the table is rebuilt.
     cuts: crate::firewall::conntrack::CutMemory,
     /// The highest grant id whose approval is on disk: `status` shows no grant above it
@@ -102,6 +102,33 @@ struct State {
 }
 
 impl State {
+    /// Since when the audit log must keep every record at `now`: the oldest record a
+    /// live grant may have (its approval, or, on a port that needs an approval, the
+    /// request that waited up to the port's `approval_timeout` before it), a waiting
+    /// request's, and the start of `audit_retain`. Rotation deletes no file holding a
+    /// record from then on.
+    fn audit_keep_since(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let waited = |port: u16| {
+            let wait = self
+                .config
+                .ports
+                .iter()
+                .filter(|p| p.port == port && p.approvals > 0)
+                .map(|p| p.approval_timeout)
+                .max()
+                .unwrap_or_default();
+            chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::zero())
+        };
+        let grants = self.book.iter().map(|g| g.granted_at - waited(g.port));
+        let pending = self.pending.iter().map(|(r, _)| r.asked_at);
+        let retain = self
+            .config
+            .audit_retain
+            .and_then(|d| chrono::TimeDelta::from_std(d).ok())
+            .map(|d| now - d);
+        grants.chain(pending).chain(retain).min()
+    }
+
     /// Notes that a transaction's kernel change is about to be applied.
     fn begin(&mut self, touched: Touched, whole_table: bool) {
         self.begun += 1;

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use super::commit::{Footprint, Job, Pending, Tx, TxError};
 use super::{failure_of, grant_info, grant_record, Daemon, State};
 use crate::api::protocol::{GrantRequest, GrantedReply, Reply, MAX_JUSTIFICATION_CHARS};
-use crate::audit::limit::Admit;
+use crate::audit::limit::{Admit, Refuser};
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::{format_prefix, parse_prefix, Caller, ErrorCode, GrantId};
 use crate::firewall::Firewall;
@@ -200,7 +200,11 @@ fn refuse(
     denial: Denial,
     wall: DateTime<Utc>,
 ) -> Decided {
-    if st.refusals.admit(caller.uid, &caller.name, denial.code.as_str(), wall) == Admit::Record {
+    if st
+        .refusals
+        .admit(Refuser::of(caller), &caller.name, denial.code.as_str(), wall)
+        == Admit::Record
+    {
         let mut r = refusal_record(request, wall, caller);
         r.reason = Some(format!("{}: {}", denial.code, denial.message));
         tx.records.push(r);

@@ -544,8 +544,8 @@ fn check_checkpoint(
     Ok(approvals)
 }
 
-/// The refusal limiter: 20 refusals per uid per [`refusal_interval`] in full.
-fn refusal_limiter() -> crate::audit::limit::RefusalLimiter {
+/// The refusal limiter: 20 refusals per uid (or signing key) per [`refusal_interval`] in full.
+fn refusal_limiter() -> crate::audit::limit::RefusalLimiter<crate::audit::limit::Refuser> {
     crate::audit::limit::RefusalLimiter::new(crate::audit::limit::Limits {
         interval: refusal_interval(),
         ..Default::default()

@@ -26,6 +26,7 @@ pub struct Appended {
 
 enum Task {
     Append(Vec<AuditRecord>, oneshot::Sender<Result<Appended, AuditError>>),
+    KeepSince(Option<chrono::DateTime<chrono::Utc>>),
     Checkpoint(Box<Snapshot>),
     Flush(oneshot::Sender<()>),
     #[cfg(test)]
@@ -83,6 +84,7 @@ impl Writer {
                             tracing::error!("{e}");
                         }
                     }
+                    Task::KeepSince(since) => log.keep_since(since),
                     Task::Flush(ack) => {
                         let _ = ack.send(());
                     }
@@ -110,6 +112,12 @@ impl Writer {
         };
         self.tasks.send(Task::Append(records, ack)).map_err(|_| gone())?;
         done.await.map_err(|_| gone())?
+    }
+
+    /// From the next append on, rotation deletes no audit file holding a record at or
+    /// after `since` ([`AuditLog::keep_since`]).
+    pub fn keep_since(&self, since: Option<chrono::DateTime<chrono::Utc>>) {
+        let _ = self.tasks.send(Task::KeepSince(since));
     }
 
     /// Queues a checkpoint of the grants; it is written after every record queued

@@ -93,8 +93,11 @@ pub struct LockdownSpec {
     pub exempt: Vec<IpNet>,
     /// Interfaces the lockdown applies to; empty: all.
     pub interfaces: Vec<String>,
-    /// The UDP port remote knocks arrive on, rate-limited per source by the kernel.
+    /// The UDP port remote knocks arrive on, rate-limited per source prefix by the
+    /// kernel.
     pub knock_port: Option<u16>,
+    /// The IPv6 prefix length the kernel counts knocks by (IPv4: per address).
+    pub knock_prefix6: u8,
 }
 
 impl LockdownSpec {
@@ -112,6 +115,10 @@ impl LockdownSpec {
             exempt: IpNet::aggregate(&config.lockdown.exempt_sources),
             interfaces: config.lockdown.interfaces.clone(),
             knock_port: config.remote.as_ref().map(|r| r.listen.port()),
+            knock_prefix6: config
+                .remote
+                .as_ref()
+                .map_or(crate::remote::gate::DEFAULT_PREFIX6, |r| r.prefix6),
         }
     }
 }
@@ -488,7 +495,7 @@ fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
         ],
         vec![jump(CUT_CHAIN)],
     ];
-    rules.splice(1..1, knock_meter_rules(spec.knock_port));
+    rules.splice(1..1, knock_meter_rules(spec.knock_port, spec.knock_prefix6));
     rules.extend(exempt_rules());
     // UDP has no handshake: a grant admits what conntrack has not seen before...
     for mut grant in grant_rules() {
@@ -511,19 +518,28 @@ fn input_rules(spec: &LockdownSpec) -> Vec<RuleBody> {
 
 /// Knocks beyond [`KNOCK_RATE`] a second (burst [`KNOCK_BURST`]) from one source are
 /// dropped in the kernel (meters `knock4`/`knock6`, dynamic sets of bounded size), so a
-/// flood from one address never reaches jitd's socket.
-fn knock_meter_rules(port: Option<u16>) -> Vec<RuleBody> {
+/// flood from one address never reaches jitd's socket. IPv6 sources are counted by
+/// their `/prefix6` (the meter's key is the masked address): the addresses of one
+/// subscriber's /64 are one source.
+fn knock_meter_rules(port: Option<u16>, prefix6: u8) -> Vec<RuleBody> {
     let Some(port) = port else { return Vec::new() };
-    [("knock4", "ipv4", "ip"), ("knock6", "ipv6", "ip6")]
+    let key6 = match prefix6 {
+        128.. => payload("ip6", "saddr"),
+        len => Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+            payload("ip6", "saddr"),
+            Expression::String(ipv6_mask(len).to_string().into()),
+        ))),
+    };
+    [("knock4", "ipv4", payload("ip", "saddr")), ("knock6", "ipv6", key6)]
         .into_iter()
-        .map(|(name, nfproto, family)| {
+        .map(|(name, nfproto, key)| {
             let mut rule = vec![
                 eq(meta(MetaKey::Nfproto), s(nfproto)),
                 eq(meta(MetaKey::L4proto), s("udp")),
                 eq(payload("th", "dport"), Expression::Number(u32::from(port))),
                 Statement::Meter(nftables::stmt::Meter {
                     name: name.into(),
-                    key: payload(family, "saddr"),
+                    key,
                     stmt: Box::new(Statement::Limit(nftables::stmt::Limit {
                         rate: KNOCK_RATE,
                         rate_unit: None,
@@ -538,6 +554,12 @@ fn knock_meter_rules(port: Option<u16>) -> Vec<RuleBody> {
             rule
         })
         .collect()
+}
+
+/// The IPv6 netmask of a `/len` prefix.
+fn ipv6_mask(len: u8) -> std::net::Ipv6Addr {
+    let bits = u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0);
+    std::net::Ipv6Addr::from(bits)
 }
 
 /// A new TCP connection to a locked port: exempt sources and grants pass, the rest is
@@ -664,6 +686,7 @@ mod tests {
             exempt: vec![parse_prefix("10.9.0.0/16").unwrap(), parse_prefix("fd00::/8").unwrap()],
             interfaces: vec![],
             knock_port: None,
+            knock_prefix6: 64,
         }
     }
 

@@ -1,10 +1,16 @@
 //! The memory of knocks already accepted: a knock's nonce is claimed once, after its
-//! signature verified, and remembered until its time window has passed (after that the
-//! window refuses the packet anyway). Pure: the caller passes the clock in. Bounded:
-//! when full of live nonces, further knocks are refused rather than forgotten.
+//! signature verified, and remembered as long as any window could accept the packet:
+//! until its signing time plus the widest window a policy may set
+//! ([`super::settings::MAX_WINDOW`], whatever the window in force: a reload may widen
+//! it), by the wall clock *and* for as long again by the monotonic clock, so that
+//! neither a wall-clock step forward (which would age it early) nor one back (which
+//! would bring the packet back into its window) forgets a nonce whose packet a window
+//! could still accept. Pure: the caller passes both clocks in. Bounded: when full of
+//! live nonces, further knocks are refused rather than forgotten.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -22,11 +28,12 @@ pub enum Claim {
     Full,
 }
 
-/// Nonces still inside their window, each with the time it may be forgotten.
+/// Nonces a window could still accept, each with the wall-clock time after which no
+/// window can; ordered by when the monotonic clock next looks at them.
 #[derive(Debug, Clone)]
 pub struct Nonces {
     until: HashMap<Nonce, DateTime<Utc>>,
-    by_time: BinaryHeap<Reverse<(DateTime<Utc>, Nonce)>>,
+    by_time: BinaryHeap<Reverse<(Instant, Nonce)>>,
     capacity: usize,
 }
 
@@ -46,9 +53,11 @@ impl Nonces {
         self.until.contains_key(nonce)
     }
 
-    /// Claims `nonce`, to be remembered until `until`; forgets what has passed by `now`.
-    pub fn claim(&mut self, nonce: Nonce, until: DateTime<Utc>, now: DateTime<Utc>) -> Claim {
-        self.forget(now);
+    /// Claims `nonce`, to be remembered until the wall clock passes `until` and the
+    /// monotonic clock has run as long as that was away from `now` (the wall clock) at
+    /// `mono`; forgets what has passed by both clocks.
+    pub fn claim(&mut self, nonce: Nonce, until: DateTime<Utc>, now: DateTime<Utc>, mono: Instant) -> Claim {
+        self.forget(now, mono);
         if self.until.contains_key(&nonce) {
             return Claim::Replay;
         }
@@ -56,19 +65,26 @@ impl Nonces {
             return Claim::Full;
         }
         self.until.insert(nonce, until);
-        self.by_time.push(Reverse((until, nonce)));
+        self.by_time.push(Reverse((mono + ahead(until, now), nonce)));
         Claim::Fresh
     }
 
-    /// Forgets the nonces whose time has passed by `now`.
-    pub fn forget(&mut self, now: DateTime<Utc>) {
-        while let Some(Reverse((until, nonce))) = self.by_time.peek().copied() {
-            if until > now {
+    /// Forgets the nonces whose time has passed by the wall clock (`now`) and by the
+    /// monotonic clock (`mono`); one whose monotonic time is up but whose wall-clock
+    /// time is not (the wall clock stepped back) is looked at again when it could be.
+    pub fn forget(&mut self, now: DateTime<Utc>, mono: Instant) {
+        while let Some(Reverse((due, nonce))) = self.by_time.peek().copied() {
+            if due > mono {
                 break;
             }
             self.by_time.pop();
-            if self.until.get(&nonce) == Some(&until) {
+            let Some(until) = self.until.get(&nonce).copied() else {
+                continue;
+            };
+            if until <= now {
                 self.until.remove(&nonce);
+            } else {
+                self.by_time.push(Reverse((mono + ahead(until, now), nonce)));
             }
         }
     }
@@ -89,6 +105,12 @@ impl Nonces {
     pub fn is_empty(&self) -> bool {
         self.until.is_empty()
     }
+}
+
+/// How far `until` is ahead of `now`, at least a second (so that a nonce looked at
+/// again is not looked at in a busy loop).
+fn ahead(until: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    (until - now).to_std().unwrap_or_default().max(Duration::from_secs(1))
 }
 
 /// A nonce as hex (how records and the checkpoint keep it).
@@ -116,30 +138,55 @@ mod tests {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
     }
 
+    /// The monotonic clock `secs` after a fixed start.
+    fn m(start: Instant, secs: u64) -> Instant {
+        start + Duration::from_secs(secs)
+    }
+
     #[test]
     fn a_nonce_is_claimed_once_while_its_window_lasts() {
+        let s = Instant::now();
         let mut n = Nonces::new(10);
-        assert_eq!(n.claim([1; 16], t(30), t(0)), Claim::Fresh);
+        assert_eq!(n.claim([1; 16], t(30), t(0), m(s, 0)), Claim::Fresh);
         assert!(n.seen(&[1; 16]));
-        assert_eq!(n.claim([1; 16], t(30), t(29)), Claim::Replay);
+        assert_eq!(n.claim([1; 16], t(30), t(29), m(s, 29)), Claim::Replay);
         // once its window has passed the time check refuses the packet; memory may go
-        assert_eq!(n.claim([2; 16], t(60), t(31)), Claim::Fresh);
+        assert_eq!(n.claim([2; 16], t(60), t(31), m(s, 31)), Claim::Fresh);
         assert!(!n.seen(&[1; 16]));
         assert_eq!(n.len(), 1);
     }
 
     #[test]
     fn a_full_memory_refuses_rather_than_forgets() {
+        let s = Instant::now();
         let mut n = Nonces::new(2);
-        assert_eq!(n.claim([1; 16], t(30), t(0)), Claim::Fresh);
-        assert_eq!(n.claim([2; 16], t(30), t(0)), Claim::Fresh);
-        assert_eq!(n.claim([3; 16], t(30), t(1)), Claim::Full);
-        assert_eq!(n.claim([1; 16], t(30), t(1)), Claim::Replay);
+        assert_eq!(n.claim([1; 16], t(30), t(0), m(s, 0)), Claim::Fresh);
+        assert_eq!(n.claim([2; 16], t(30), t(0), m(s, 0)), Claim::Fresh);
+        assert_eq!(n.claim([3; 16], t(30), t(1), m(s, 1)), Claim::Full);
+        assert_eq!(n.claim([1; 16], t(30), t(1), m(s, 1)), Claim::Replay);
         assert_eq!(
-            n.claim([3; 16], t(60), t(30)),
+            n.claim([3; 16], t(60), t(30), m(s, 30)),
             Claim::Fresh,
             "room again once the others passed"
         );
+    }
+
+    #[test]
+    fn a_wall_clock_step_either_way_forgets_nothing_early() {
+        let s = Instant::now();
+        let mut n = Nonces::new(10);
+        n.claim([1; 16], t(600), t(0), m(s, 0));
+        // the wall clock jumps an hour ahead, then back: the monotonic clock holds it
+        n.forget(t(3600), m(s, 5));
+        assert!(n.seen(&[1; 16]), "a step forward does not age it");
+        // the wall clock steps an hour back: the wall clock holds it past its own time
+        n.forget(t(-3600), m(s, 700));
+        assert!(n.seen(&[1; 16]), "a step back keeps it while a window could take it");
+        n.forget(t(-3000), m(s, 1300));
+        assert!(n.seen(&[1; 16]));
+        n.forget(t(601), m(s, 4900));
+        assert!(!n.seen(&[1; 16]), "gone once both clocks passed");
+        assert!(n.is_empty());
     }
 
     #[test]
@@ -150,8 +197,9 @@ mod tests {
             assert_eq!(from_hex(bad), None, "{bad}");
         }
         let mut n = Nonces::new(4);
-        n.claim([2; 16], t(9), t(0));
-        n.claim([1; 16], t(5), t(0));
+        let s = Instant::now();
+        n.claim([2; 16], t(9), t(0), s);
+        n.claim([1; 16], t(5), t(0), s);
         let live = n.live();
         assert_eq!(live[0], (hex(&[1; 16]), t(5)));
         assert_eq!(live.len(), 2);

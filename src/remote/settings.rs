@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::gate::DEFAULT_PREFIX6;
 use super::signers::{self, Signer};
 
 /// The UDP port `jitctl knock` uses unless told otherwise.
@@ -32,6 +33,7 @@ pub struct RawRemote {
     window: Option<String>,
     #[serde(default)]
     require_source: bool,
+    ipv6_prefix: Option<i64>,
 }
 
 /// `[remote]` validated, with its `allowed_signers` read.
@@ -51,6 +53,9 @@ pub struct Remote {
     pub window: Duration,
     /// A knock must name the source to open for (else: the packet's source address).
     pub require_source: bool,
+    /// The IPv6 prefix length knocks are limited by (the kernel meter, the gate, the
+    /// audit budget); IPv4 is always limited per address.
+    pub prefix6: u8,
 }
 
 impl PartialEq for Remote {
@@ -61,6 +66,7 @@ impl PartialEq for Remote {
             && self.signers_digest == other.signers_digest
             && self.window == other.window
             && self.require_source == other.require_source
+            && self.prefix6 == other.prefix6
     }
 }
 
@@ -85,6 +91,7 @@ pub fn validate(raw: RawRemote, problems: &mut Vec<String>) -> Option<Remote> {
     };
     let names = validate_names(&raw.names, problems);
     let window = validate_window(raw.window.as_deref(), problems);
+    let prefix6 = validate_prefix6(raw.ipv6_prefix, problems);
     let signers = match &raw.allowed_signers {
         None => {
             problems.push(
@@ -113,7 +120,23 @@ pub fn validate(raw: RawRemote, problems: &mut Vec<String>) -> Option<Remote> {
         signers_digest,
         window,
         require_source: raw.require_source,
+        prefix6,
     })
+}
+
+/// `remote.ipv6_prefix`: 32 to 128; shorter would let one flood share a budget with
+/// a whole provider's customers.
+fn validate_prefix6(raw: Option<i64>, problems: &mut Vec<String>) -> u8 {
+    match raw {
+        None => DEFAULT_PREFIX6,
+        Some(n) if (32..=128).contains(&n) => n as u8,
+        Some(n) => {
+            problems.push(format!(
+                "remote.ipv6_prefix: must be between 32 and 128 (the IPv6 prefix length knocks are limited by), got {n}"
+            ));
+            DEFAULT_PREFIX6
+        }
+    }
 }
 
 /// Host names and addresses, lower-cased; each a DNS name or an IP address.
@@ -204,7 +227,7 @@ mod tests {
     fn a_full_section_reads() {
         let f = signers_file(0o644);
         let text = format!(
-            "listen = \"[::]:62222\"\nnames = [\"Web1.Example.org\", \"203.0.113.10\"]\nallowed_signers = {:?}\nwindow = \"45s\"\nrequire_source = true\n",
+            "listen = \"[::]:62222\"\nnames = [\"Web1.Example.org\", \"203.0.113.10\"]\nallowed_signers = {:?}\nwindow = \"45s\"\nrequire_source = true\nipv6_prefix = 56\n",
             f.path()
         );
         let mut problems = Vec::new();
@@ -215,6 +238,7 @@ mod tests {
         assert_eq!(r.signers.len(), signers::parse(SIGNERS).unwrap().len());
         assert_eq!(r.window, Duration::from_secs(45));
         assert!(r.require_source);
+        assert_eq!(r.prefix6, 56);
     }
 
     #[test]
@@ -251,6 +275,10 @@ mod tests {
             (
                 format!("listen = \"[::]:62222\"\nallowed_signers = {path:?}\nwindow = \"1h\""),
                 "remote.window: must be between 1s and 10m",
+            ),
+            (
+                format!("listen = \"[::]:62222\"\nallowed_signers = {path:?}\nipv6_prefix = 16"),
+                "remote.ipv6_prefix: must be between 32 and 128",
             ),
             (
                 format!("listen = \"[::]:62222\"\nallowed_signers = {path:?}\nnames = [\"web 1\"]"),

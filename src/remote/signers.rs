@@ -214,9 +214,19 @@ fn options_list(text: &str) -> Result<Vec<&str>, String> {
     Ok(out)
 }
 
-/// `YYYYMMDD[HHMM[SS]]`, UTC with a trailing `Z`, else UTC too (jitd runs in UTC terms).
+/// `YYYYMMDD[HHMM[SS]]` as ssh-keygen reads it (OpenSSH's `parse_absolute_time`): UTC
+/// with a trailing `Z` or `UTC` (either case), else the host's local time, as
+/// `mktime(3)` with `tm_isdst = 0` makes of it (the `TZ` of the process, else
+/// /etc/localtime). Dates that do not exist are refused rather than rolled over.
 fn timestamp(value: &str) -> Result<DateTime<Utc>, String> {
-    let digits = value.strip_suffix('Z').unwrap_or(value);
+    let lower = value.to_ascii_lowercase();
+    let (digits, utc) = if let Some(d) = lower.strip_suffix('z') {
+        (d, true)
+    } else if let Some(d) = lower.strip_suffix("utc") {
+        (d, true)
+    } else {
+        (lower.as_str(), false)
+    };
     let bad = || format!("{value:?} is not YYYYMMDD[HHMM[SS]]");
     let naive = match digits.len() {
         8 => NaiveDate::parse_from_str(digits, "%Y%m%d")
@@ -225,8 +235,31 @@ fn timestamp(value: &str) -> Result<DateTime<Utc>, String> {
         12 => NaiveDateTime::parse_from_str(digits, "%Y%m%d%H%M").ok(),
         14 => NaiveDateTime::parse_from_str(digits, "%Y%m%d%H%M%S").ok(),
         _ => None,
-    };
-    naive.map(|n| n.and_utc()).ok_or_else(bad)
+    }
+    .ok_or_else(bad)?;
+    match utc {
+        true => Ok(naive.and_utc()),
+        false => local_time(&naive).ok_or_else(|| format!("{value:?} is not a time in the local time zone")),
+    }
+}
+
+/// `naive` read as local time by `mktime(3)`, exactly as ssh-keygen does (`tm_isdst`
+/// 0: during summer time the hour is read as standard time).
+fn local_time(naive: &NaiveDateTime) -> Option<DateTime<Utc>> {
+    use chrono::{Datelike, Timelike};
+    // SAFETY: an all-zero `tm` is a valid value; mktime reads and normalises it and
+    // touches nothing else but the C library's time zone state.
+    let mut tm: nix::libc::tm = unsafe { std::mem::zeroed() };
+    tm.tm_year = naive.year() - 1900;
+    tm.tm_mon = naive.month0() as i32;
+    tm.tm_mday = naive.day() as i32;
+    tm.tm_hour = naive.hour() as i32;
+    tm.tm_min = naive.minute() as i32;
+    tm.tm_sec = naive.second() as i32;
+    tm.tm_isdst = 0;
+    // SAFETY: `tm` is a valid, exclusively borrowed `struct tm`.
+    let t = unsafe { nix::libc::mktime(&mut tm) };
+    (t >= 0).then(|| DateTime::from_timestamp(t, 0)).flatten()
 }
 
 #[cfg(test)]
@@ -234,6 +267,15 @@ mod tests {
     use super::*;
 
     const FIXTURE: &str = include_str!("../../tests/fixtures/knock/allowed_signers");
+
+    #[test]
+    fn a_z_or_utc_suffix_means_utc() {
+        let utc: DateTime<Utc> = "2026-03-01T12:30:00Z".parse().unwrap();
+        for text in ["202603011230Z", "202603011230z", "202603011230UTC", "20260301123000utc"] {
+            assert_eq!(timestamp(text), Ok(utc), "{text}");
+        }
+        assert!(timestamp("20260230").is_err(), "no 30 February");
+    }
 
     #[test]
     fn the_fixture_reads_with_its_options() {
@@ -247,7 +289,12 @@ mod tests {
         assert!(signers[0].namespaces.is_none());
         assert_eq!(signers[1].principals, ["bob"]);
         assert_eq!(signers[1].namespaces.as_deref(), Some(&["knock@jitd".to_string()][..]));
-        let jan = "2026-01-01T00:00:00Z".parse().unwrap();
+        // no Z: local time, as ssh-keygen reads it
+        let midnight = NaiveDate::from_ymd_opt(2026, 1, 1)
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap();
+        let jan = local_time(&midnight).unwrap();
         assert_eq!(signers[1].valid_after, Some(jan));
         assert!(signers[1].allows("knock@jitd", jan));
         assert!(!signers[1].allows("git", jan), "another namespace");

@@ -441,3 +441,54 @@ allowed_signers = "{}"
     assert_eq!(grant["actor"], format!("principal:{APPROVER}"));
     assert!(grant.get("actor_uid").is_none_or(Value::is_null), "a knock has no uid");
 }
+
+/// A knock signed for principal "4245": the local user of that name (uid 4245, no
+/// role) is not the knock's requester and may not withdraw it; the requester is its key.
+#[test]
+fn a_local_user_named_like_a_knocks_principal_cannot_withdraw_it() {
+    use crate::knock::{packet, send, Ask, Key, HOST_NAME, KNOCK_PORT};
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let keydir = tempfile::tempdir().unwrap();
+    let key = Key::new(keydir.path(), "k4245", &["-t", "ed25519"]);
+    let setup = Setup::new("");
+    let signers = setup.dir.path().join("allowed_signers");
+    std::fs::write(&signers, format!("{NOBODY} {}\n", key.public)).unwrap();
+    std::fs::set_permissions(&signers, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    setup.write_policy(&format!(
+        r#"socket_group = "nogroup"
+[[ports]]
+port = 22
+allowed_sources = ["10.77.0.0/16"]
+approvals = 1
+[access]
+requesters = ["principal:{NOBODY}"]
+approvers = ["uid:{APPROVER}"]
+[remote]
+listen = "[::]:{KNOCK_PORT}"
+names = ["{HOST_NAME}"]
+allowed_signers = "{}"
+"#,
+        signers.display()
+    ));
+    let jitd = setup.start(&net.host);
+    send(&net.a, HOST_A4, &packet(&key, &Ask::port22()));
+    let id = wait_pending(&jitd, 1)[0]["id"].as_u64().unwrap();
+    let out = jitd.ctl_as(NOBODY, NOGROUP, &["deny", &id.to_string(), "--reason", "mine, really"]);
+    assert_eq!(out.status.code(), Some(1), "refused: {}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the approver role"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pending(&jitd).len(), 1, "the knock still waits");
+    assert!(
+        records_of(&setup, id).iter().all(|r| kind(r) != ("deny", "done")),
+        "nothing withdrew it: {:?}",
+        records_of(&setup, id)
+    );
+    // the approver still decides it
+    let out = jitd.ctl_as(APPROVER, NOGROUP, &["approve", &id.to_string()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(can_connect(&net.a, HOST_A4, 22));
+}

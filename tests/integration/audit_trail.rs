@@ -21,6 +21,30 @@ fn request_many(jitd: &Jitd, n: usize) {
     }
 }
 
+/// Ends the grants of [`request_many`] and writes on until rotation has deleted down to
+/// `audit_keep` the files that held their records (nothing protects them any more).
+fn end_them_and_rotate_on(jitd: &Jitd, dir: &Path, keep: usize) {
+    for i in 1..=60 {
+        jitd.ctl_json(&["revoke", "--source", &format!("10.55.0.{i}")]);
+    }
+    let over = dir.join(format!("audit.jsonl.{}", keep + 1));
+    for i in 0..200 {
+        if !over.exists() {
+            return;
+        }
+        jitd.ctl_json(&[
+            "request",
+            "--port",
+            "22",
+            "--source",
+            &format!("10.56.{}.1", i % 250),
+            "--duration",
+            "1h",
+        ]);
+    }
+    panic!("{} is still there", over.display());
+}
+
 fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -92,10 +116,15 @@ fn rotation_keeps_the_chain_and_the_grants_across_files_and_restarts() {
         dir.join("audit.jsonl.1").exists() && dir.join("audit.jsonl.3").exists(),
         "rotated"
     );
-    assert!(!dir.join("audit.jsonl.4").exists(), "only 3 rotated files are kept");
+    // every file holds approvals of live grants: none is deleted, beyond audit_keep too
+    assert!(dir.join("audit.jsonl.4").exists(), "files of live grants are kept");
+    let approved = all_records(&dir)
+        .iter()
+        .filter(|r| r["action"] == "request" && r["outcome"] == "approved")
+        .count();
+    assert_eq!(approved, 60, "every live grant's approval is on record");
     let (code, text) = verify(&jitd);
     assert_eq!(code, Some(0), "{text}");
-    assert!(text.contains("older records were rotated away"), "{text}");
     let records = jitd.ctl_json(&["audit"]);
     assert!(
         records.as_array().unwrap().len() > 10,
@@ -106,6 +135,12 @@ fn rotation_keeps_the_chain_and_the_grants_across_files_and_restarts() {
     let grants = jitd.ctl_json(&["status"])["grants"].as_array().unwrap().len();
     assert_eq!(grants, 60, "every grant is back after a restart, across rotations");
     assert_eq!(verify(&jitd).0, Some(0));
+    // once they end, rotation deletes down to audit_keep, oldest first, and says so
+    end_them_and_rotate_on(&jitd, &dir, 3);
+    assert!(dir.join("audit.jsonl.3").exists());
+    let (code, text) = verify(&jitd);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("older records were rotated away"), "{text}");
 }
 
 /// Every record in every audit file of `dir`, oldest first.
@@ -285,6 +320,7 @@ fn verify_catches_records_cut_from_the_end_or_the_start_across_rotation() {
     let jitd = setup.start(&net.host);
     request_many(&jitd, 60);
     let dir = setup.state_dir();
+    end_them_and_rotate_on(&jitd, &dir, 3);
     assert!(dir.join("audit.jsonl.3").exists(), "rotated");
     let (code, text) = verify(&jitd);
     assert_eq!(code, Some(0), "{text}");

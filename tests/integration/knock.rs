@@ -169,7 +169,7 @@ allowed_signers = "{}"
 
 /// Keys for alice (ed25519), bob (ECDSA) and carol (ed25519, no role), and the
 /// allowed_signers lines for all three.
-fn keys(dir: &Path) -> (Key, Key, Key, String) {
+pub fn keys(dir: &Path) -> (Key, Key, Key, String) {
     let alice = Key::new(dir, "alice", &["-t", "ed25519"]);
     let bob = Key::new(dir, "bob", &["-t", "ecdsa", "-b", "256"]);
     let carol = Key::new(dir, "carol", &["-t", "ed25519"]);
@@ -180,17 +180,19 @@ fn keys(dir: &Path) -> (Key, Key, Key, String) {
     (alice, bob, carol, signers)
 }
 
-fn knock_records(setup: &Setup) -> Vec<Value> {
+/// The `knock` records of the current audit file.
+pub fn knock_records(setup: &Setup) -> Vec<Value> {
     setup.audit().into_iter().filter(|r| r["action"] == "knock").collect()
 }
 
-fn opens(ns: &str, ip: &str) -> bool {
+/// Whether port 22 opens for `ns` within a generous deadline.
+pub fn opens(ns: &str, ip: &str) -> bool {
     wait_for(Duration::from_secs(10), || can_connect(ns, ip, 22))
 }
 
 /// Whether, within a generous deadline, a knock was refused with `code` and the
 /// record also satisfies `and`.
-fn refused_with(setup: &Setup, code: &str, and: impl Fn(&Value) -> bool) -> bool {
+pub fn refused_with(setup: &Setup, code: &str, and: impl Fn(&Value) -> bool) -> bool {
     wait_for(Duration::from_secs(10), || {
         knock_records(setup)
             .iter()
@@ -201,18 +203,19 @@ fn refused_with(setup: &Setup, code: &str, and: impl Fn(&Value) -> bool) -> bool
 /// The namespaces, an echo server on the host's port 22, the keys of [`keys`] and a
 /// policy taking knocks signed by them (`more_signers` added), with `extra` in `[remote]`.
 /// Fields drop in order: the policy's directory, the keys, then the namespaces.
-struct Scene {
-    setup: Setup,
-    alice: Key,
-    bob: Key,
-    carol: Key,
-    signers: String,
-    keydir: tempfile::TempDir,
-    net: Net,
+pub struct Scene {
+    pub setup: Setup,
+    pub alice: Key,
+    pub bob: Key,
+    pub carol: Key,
+    pub signers: String,
+    pub keydir: tempfile::TempDir,
+    pub net: Net,
 }
 
 impl Scene {
-    fn new(more_signers: &str, extra: &str) -> Scene {
+    /// See the type's documentation.
+    pub fn new(more_signers: &str, extra: &str) -> Scene {
         let net = Net::new();
         serve_echo(&net.host, 22);
         let keydir = tempfile::tempdir().unwrap();
@@ -229,7 +232,8 @@ impl Scene {
         }
     }
 
-    fn start(&self) -> Jitd {
+    /// Starts jitd in the host namespace.
+    pub fn start(&self) -> Jitd {
         self.setup.start(&self.net.host)
     }
 }

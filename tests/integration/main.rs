@@ -16,6 +16,7 @@ mod fleet_net;
 mod grants;
 mod journal;
 mod knock;
+mod knock_attacks;
 mod knock_client;
 mod lockdown;
 mod network_attacks;
