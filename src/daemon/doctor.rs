@@ -33,9 +33,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The doctor's state in the daemon.
 pub struct HealthState {
-    /// The last result and when its run started; held while a run is under way, so
-    /// runs never overlap.
-    last: tokio::sync::Mutex<Option<(Instant, Arc<DoctorReport>)>>,
+    /// The last run (when it started and ended) and its result; held while a run is
+    /// under way, so runs never overlap.
+    last: tokio::sync::Mutex<Option<(Instant, Instant, Arc<DoctorReport>)>>,
     /// The verdict in short, for `status`.
     summary: Mutex<Option<HealthSummary>>,
     /// What the drift monitor did last.
@@ -129,12 +129,15 @@ impl<F: Firewall> Daemon<F> {
     /// The result of a run that started at `not_before` or later: the last one when it
     /// did (with `true`: shared), else a new run. Runs never overlap: a caller asking
     /// during a run waits for it, then takes the run the first of the waiters starts.
+    /// A run starts no sooner after the last one ended than that one took, so callers
+    /// asking one after the other keep the doctor busy at most half the time.
     pub(super) async fn run_doctor(&self, not_before: Instant) -> (Arc<DoctorReport>, bool) {
         let mut last = self.health.last.lock().await;
-        if let Some((started, report)) = last.as_ref() {
+        if let Some((started, ended, report)) = last.as_ref() {
             if *started >= not_before {
                 return (report.clone(), true);
             }
+            tokio::time::sleep_until(*ended + (*ended - *started)).await;
         }
         let started = Instant::now();
         let facts = self.gather().await;
@@ -146,7 +149,7 @@ impl<F: Firewall> Daemon<F> {
         if let Ok(mut s) = self.health.summary.lock() {
             *s = Some(summary);
         }
-        *last = Some((started, report.clone()));
+        *last = Some((started, Instant::now(), report.clone()));
         (report, false)
     }
 
