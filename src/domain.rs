@@ -13,6 +13,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// The longest justification jitd accepts, whichever way a request comes.
+pub const MAX_JUSTIFICATION_CHARS: usize = 500;
+
 /// A destination port, 1..=65535 once validated.
 pub type Port = u16;
 

@@ -8,33 +8,39 @@
 //! # Layout
 //! - [`domain`]: the shared vocabulary: protocol, transport, port, source prefixes,
 //!   grant id, grant key and element, caller and principal. Depends on nothing here.
-//! - [`config`]: the TOML policy, validated into ready-to-use values.
 //! - [`duration`]: `90s` / `1h30m` / `PT3H` parsing.
-//! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
+//! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
+//!   CSV formula neutralisation).
+//! - [`accept`]: back-off after failed `accept` calls (socket and metrics listeners).
+//! - `fault`: fault injection and timing knobs for tests (debug builds only).
+//! - [`remote`]: remote knocks, the pure part: the signed request, `allowed_signers`,
+//!   SSHSIG and certificates, a packet's checks, the per-prefix gate, the nonce memory,
+//!   `[remote]` (docs/remote.md).
+//! - [`fleet`]: fleet requests through etcd: `[fleet]`, the signed request naming hosts
+//!   and groups and its approval, a host's judgement of one (pure), and the etcd
+//!   connection shared by jitd and jitctl ([`fleet::connect`]) (docs/fleet.md).
+//! - [`config`]: the TOML policy, validated into ready-to-use values.
 //! - [`grants`]: the live grants and their deadlines, and the connections each admitted
 //!   ([`grants::usage`]) (no I/O).
+//! - [`identity`]: socket peers resolved to users and groups.
+//! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
 //! - [`approval`]: the two-person rule's pure part: requests waiting for an approver,
 //!   who may decide them, the same person behind two identities.
-//! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),
-//!   applied by [`firewall::nft`].
-//! - [`audit`]: the append-only audit log, queries, CSV export.
-//! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
-//! - [`identity`]: socket peers resolved to users and groups.
+//! - [`audit`]: the append-only, hash-chained audit log: records, rotation, the journal's
+//!   batches and positions, the refusal limiter, queries, CSV export.
 //! - [`metrics`]: Prometheus metrics, opt-in.
-//! - [`accept`]: back-off after failed `accept` calls (socket and metrics listeners).
+//! - [`store`]: the live grants on disk (the checkpoint), for restarts.
 //! - [`netif`]: the host's interfaces over rtnetlink.
-//! - [`remote`]: remote knocks, the pure part so far: the signed request, `allowed_signers`,
-//!   a packet's checks (docs/remote.md).
-//! - [`fleet`]: fleet requests through etcd, the pure part: `[fleet]`, the signed
-//!   request naming hosts and groups, a host's judgement of one (docs/fleet.md).
+//! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),
+//!   applied through libnftables ([`firewall::libnft`]) or `nft` ([`firewall::nft`]),
+//!   read back over nfnetlink, conntrack, the change monitor.
 //! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
 //!   protected port, listening services worth protecting) and the probes that gather
 //!   its facts (nft, sock_diag, /proc, cgroups) (docs/doctor.md).
-//! - [`store`]: the live grants on disk, for restarts.
-//! - [`text`]: caller-supplied text made safe to show and export (terminal escapes,
-//!   CSV formula neutralisation).
-//! - [`cli`]: the command lines of jitd and jitctl (clap).
-//! - [`daemon`]: wires it together: start-up, requests, expiry, signals, sd-notify.
+//! - [`api`]: the socket protocol ([`api::protocol`]), server and client.
+//! - [`cli`]: the command lines of jitd and jitctl (clap), and all that jitctl prints.
+//! - [`daemon`]: wires it together: start-up, the committer and the changes it commits,
+//!   the doors (socket, knocks, fleet), expiry, drift repairs, signals, sd-notify.
 //!
 //! One request's walk: `jitctl` ([`api::client`]) → [`api::server`] (peer credentials)
 //! → [`daemon`] (routing; the caller via [`identity`]) → the committer in
@@ -44,25 +50,30 @@
 //! [`daemon`]'s documentation.
 //!
 //! # Dependencies
-//! The pure core sits at the bottom and knows nothing of the effects above it:
+//! Each module uses only the modules named after its arrow, all listed above it, so
+//! there is no cycle; the pure core sits at the top of this list and knows nothing of
+//! the effects below it. A test (`tests/integration/layout.rs`) holds the code to it,
+//! and finds any import cycle between the files of `src/`.
 //!
 //! ```text
-//! domain                                   (nothing)
-//! duration, text, accept                   (nothing)
-//! config   -> domain, duration             (settings types: Rotation, Limits live here)
-//! policy   -> config, domain, duration     (pure decisions)
-//! grants   -> domain                       (pure bookkeeping)
-//! approval -> config, domain, policy     (pending requests, pure)
-//! identity -> domain                       (user and group look-ups)
-//! audit    -> config, domain, text         (the log on disk)
-//! store    -> approval, audit, domain, grants (grants.json, replay)
-//! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
-//! fleet    -> domain, remote                (pure; config holds its settings)
-//! health   -> config, domain, duration, firewall (judgement pure; probe/ has the effects)
-//! api      -> approval, audit, config, domain, health, metrics
+//! domain, duration, text, accept, fault
+//! remote   -> domain, duration, text
+//! fleet    -> domain, remote, text
+//! config   -> domain, duration, fleet, remote
+//! grants   -> domain
+//! identity -> domain, grants
+//! policy   -> config, domain, duration, fleet
+//! approval -> config, domain, grants, policy
+//! audit    -> config, domain, text
+//! metrics  -> accept, audit, domain
+//! store    -> approval, audit, domain, fleet, grants, remote
+//! netif
+//! firewall -> config, domain, fault, metrics, remote
+//! health   -> config, domain, duration, firewall
+//! api      -> accept, approval, audit, config, domain, health, metrics, policy, text
+//! cli      -> api, approval, config, domain, duration, fleet, health, remote, text
 //! daemon   -> everything above
 //! ```
-//!
 
 pub mod accept;
 pub mod api;
@@ -73,6 +84,7 @@ pub mod config;
 pub mod daemon;
 pub mod domain;
 pub mod duration;
+pub(crate) mod fault;
 pub mod firewall;
 pub mod fleet;
 pub mod grants;

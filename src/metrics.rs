@@ -146,12 +146,10 @@ impl Metrics {
     }
 
     /// Sets the health gauges from the doctor's verdict.
-    pub fn health(&self, summary: &crate::health::report::HealthSummary) {
-        self.healthy.set(i64::from(summary.healthy));
-        self.health_problems
-            .set(i64::try_from(summary.problems).unwrap_or(i64::MAX));
-        self.health_warnings
-            .set(i64::try_from(summary.warnings).unwrap_or(i64::MAX));
+    pub fn health(&self, healthy: bool, problems: usize, warnings: usize) {
+        self.healthy.set(i64::from(healthy));
+        self.health_problems.set(i64::try_from(problems).unwrap_or(i64::MAX));
+        self.health_warnings.set(i64::try_from(warnings).unwrap_or(i64::MAX));
     }
 
     /// Counts one request's outcome (approved, denied or failed) and why (no code when approved).

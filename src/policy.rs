@@ -121,7 +121,7 @@ pub fn check_request<'c>(
     // a fleet request is judged under the membership in force now (a reload may have
     // taken this host out of its groups since the watcher read it)
     if let Some(origin) = caller.signer.as_ref().and_then(|s| s.fleet.as_ref()) {
-        crate::fleet::judge::still_selected(config.fleet.as_ref(), origin)
+        crate::fleet::settings::still_selected(config.fleet.as_ref(), origin)
             .map_err(|why| Denial::new(ErrorCode::NotSelected, why))?;
     }
     let entries = port_entries(config, &request.ports)?;

@@ -19,8 +19,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 /// How long jitd waits for a complete request line.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest justification jitd accepts.
-pub const MAX_JUSTIFICATION_CHARS: usize = 500;
+pub use crate::domain::MAX_JUSTIFICATION_CHARS;
 
 /// A request line: `{"v":1,"op":"status"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -230,8 +230,8 @@ pub struct KnockArgs {
     #[arg(value_name = "HOST[:PORT]")]
     pub host: String,
     /// Port to open (repeat for several): 22, or 500/udp for a UDP port (asked for the same way, not waited for). Default: the host's `ports` in hosts.toml.
-    #[arg(short, long = "port", value_name = "PORT", value_parser = crate::cli::knock::PortSpec::parse)]
-    pub ports: Vec<crate::cli::knock::PortSpec>,
+    #[arg(short, long = "port", value_name = "PORT", value_parser = crate::cli::knock::ports::PortSpec::parse)]
+    pub ports: Vec<crate::cli::knock::ports::PortSpec>,
     /// How long: "90s", "2h", "1h30m" or ISO 8601 "PT2H". Default: the host's `duration` in hosts.toml.
     #[arg(short, long, value_parser = parse_duration, conflicts_with = "until")]
     pub duration: Option<std::time::Duration>,

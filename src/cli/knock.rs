@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use chrono::Utc;
 
-pub use ports::PortSpec;
 use report::Report;
 
 use crate::cli::jitctl::KnockArgs;

@@ -43,7 +43,7 @@ pub(super) enum Verdict {
 /// that ran longer than that already ends; one that would run longer is clamped.
 pub(super) fn recheck(config: &Config, grant: &Grant, requester: &Caller, left: Duration) -> Verdict {
     if let Some(origin) = &grant.fleet {
-        if let Err(why) = crate::fleet::judge::still_selected(config.fleet.as_ref(), origin) {
+        if let Err(why) = crate::fleet::settings::still_selected(config.fleet.as_ref(), origin) {
             return Verdict::End(format!("policy changed: {why}"));
         }
     }

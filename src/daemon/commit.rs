@@ -271,7 +271,7 @@ async fn run<F: Firewall>(
             },
         };
         let Some(daemon) = daemon.upgrade() else { return };
-        if super::fault::injected("committer-panic") {
+        if crate::fault::injected("committer-panic") {
             panic!("injected fault: committer-panic");
         }
         match job {
@@ -371,7 +371,7 @@ impl<F: Firewall> Daemon<F> {
                 }
             }
         }
-        answering(pings, super::fault::held("apply-stall")).await;
+        answering(pings, crate::fault::held("apply-stall")).await;
         let whole = matches!(kernel, KernelChange::Replace(..) | KernelChange::Remove);
         self.lock().begin(touched, whole);
         let applied = answering(pings, self.apply(&kernel)).await;

@@ -96,7 +96,7 @@ impl HealthState {
 
     fn drift_state(&self) -> DriftState {
         let now = Instant::now();
-        let every = super::fault::period("JITD_RECONCILE_MS", super::upkeep::RECONCILE_EVERY);
+        let every = crate::fault::period("JITD_RECONCILE_MS", super::upkeep::RECONCILE_EVERY);
         let d = self.drift.lock().expect("drift watch lock");
         DriftState {
             last_check: d.last_check.as_ref().map(|(t, o)| (now - *t, o.clone())),
@@ -145,7 +145,7 @@ impl<F: Firewall> Daemon<F> {
         let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let report = Arc::new(DoctorReport::new(checks, listeners, toml, chrono::Utc::now(), took));
         let summary = HealthSummary::from(&*report);
-        crate::metrics::metrics().health(&summary);
+        crate::metrics::metrics().health(summary.healthy, summary.problems, summary.warnings);
         if let Ok(mut s) = self.health.summary.lock() {
             *s = Some(summary);
         }

@@ -26,7 +26,6 @@ mod clock;
 mod commit;
 mod doctor;
 mod drift;
-pub(crate) mod fault;
 mod fleet;
 mod knock;
 mod queries;

@@ -556,7 +556,7 @@ fn refusal_limiter() -> crate::audit::limit::RefusalLimiter<crate::audit::limit:
 /// wait a minute.
 fn refusal_interval() -> chrono::TimeDelta {
     let default = crate::audit::limit::Limits::default().interval;
-    let interval = super::fault::period(
+    let interval = crate::fault::period(
         "JITD_REFUSAL_INTERVAL_MS",
         default.to_std().unwrap_or(Duration::from_secs(60)),
     );

@@ -11,9 +11,10 @@ use tokio::time::Instant;
 
 use super::commit::{Job, Observed};
 use super::drift::{Checked, DriftCause, Pace};
-use super::{fault, Daemon};
+use super::Daemon;
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::Caller;
+use crate::fault;
 use crate::firewall::{monitor, Firewall};
 
 /// How often jitd compares the kernel with its view even without a change event.

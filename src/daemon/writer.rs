@@ -63,7 +63,7 @@ impl Writer {
             for task in inbox {
                 match task {
                     Task::Append(records, ack) => {
-                        super::fault::hold("writer-stall");
+                        crate::fault::hold("writer-stall");
                         let result = append(&mut log, &mut history, &mut approvals, &records);
                         if let Ok(mut last) = failed.lock() {
                             *last = result.as_ref().err().map(ToString::to_string);
@@ -174,7 +174,7 @@ fn append(
     records: &[AuditRecord],
 ) -> Result<Appended, AuditError> {
     #[cfg(debug_assertions)]
-    if records.len() > 1 && super::fault::injected("audit-torn-batch") {
+    if records.len() > 1 && crate::fault::injected("audit-torn-batch") {
         // a crash in the middle of a batch: one record whole, the next torn
         tracing::error!("injected fault: audit-torn-batch");
         if let Err(e) = log.write_torn(records) {

@@ -160,7 +160,7 @@ impl SystemFirewall {
 impl Firewall for SystemFirewall {
     async fn apply(&self, batch: &Nftables<'_>) -> Result<(), FirewallError> {
         let started = std::time::Instant::now();
-        let poisoned = crate::daemon::fault::injected("nft-refuse").then(|| refused(batch));
+        let poisoned = crate::fault::injected("nft-refuse").then(|| refused(batch));
         let batch = poisoned.as_ref().unwrap_or(batch);
         let result = match self {
             SystemFirewall::Library(f) => f.apply(batch).await,

@@ -13,8 +13,7 @@ use super::approval::{FleetApproval, NAMESPACE as APPROVAL_NAMESPACE};
 use super::request::{self, FleetRequest};
 use super::settings::Fleet;
 use super::NAMESPACE;
-use crate::api::protocol::GrantRequest;
-use crate::domain::{format_prefix, FleetOrigin};
+use crate::domain::format_prefix;
 use crate::remote::packet::{self, Refusal, Signed, SignedBy};
 
 /// How far in the future a request's signing time may be (clock skew).
@@ -205,38 +204,6 @@ pub fn open_until(
         return Err(Refused::new("expired", "its lease or signed duration is over"));
     }
     Ok(until)
-}
-
-/// Whether a grant from the fleet request `origin` still belongs on this host under
-/// `fleet` (the settings now): `Err` says why not (the fleet is off here, or this host
-/// is no longer one of the hosts or in one of the groups the request named).
-pub fn still_selected(fleet: Option<&Fleet>, origin: &FleetOrigin) -> Result<(), String> {
-    let request = &origin.request;
-    let Some(fleet) = fleet else {
-        return Err(format!(
-            "[fleet] is off on this host, so fleet request {request} no longer applies"
-        ));
-    };
-    if origin.hosts.iter().any(|t| fleet.selects(t)) {
-        return Ok(());
-    }
-    Err(format!(
-        "this host ({}, groups [{}]) is no longer among the hosts fleet request {request} named ({})",
-        fleet.name,
-        fleet.groups.join(", "),
-        origin.hosts.join(",")
-    ))
-}
-
-/// The socket request a fleet request becomes on this host.
-pub fn grant_request(request: &FleetRequest, until: DateTime<Utc>) -> GrantRequest {
-    GrantRequest {
-        ports: request.ports.clone(),
-        source: format_prefix(&request.source),
-        duration_secs: None,
-        until: Some(until),
-        justification: request.justification.clone(),
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! The fleet (issue #15), the pure part: `[fleet]` ([`settings`]), the signed fleet
-//! request naming hosts and groups ([`request`]), its signed approval ([`approval`]), how a host judges one it reads from
-//! etcd ([`judge`]) and the records it writes back ([`records`]). The etcd glue is
-//! `src/daemon/fleet.rs`, the client `src/cli/fleet.rs`; docs/fleet.md has the design.
-
+//! The fleet: `[fleet]` ([`settings`]), the signed fleet request naming hosts and groups
+//! ([`request`]), its signed approval ([`approval`]), how a host judges one it reads
+//! from etcd ([`judge`]) and the records it writes back ([`records`]), all pure; and
+//! the etcd connection jitd and `jitctl fleet` share ([`connect`], the only I/O here).
+//! The host's watcher is `src/daemon/fleet/`, the client `src/cli/fleet.rs`;
+//! docs/fleet.md has the design.
 pub mod approval;
 pub mod connect;
 pub mod judge;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::domain::FleetOrigin;
 use crate::remote::settings::Remote;
 use crate::remote::signers::Signer;
 
@@ -280,6 +281,27 @@ fn validate_signers(raw: Option<PathBuf>, remote: Option<&Remote>, problems: &mu
             None
         }
     }
+}
+
+/// Whether a grant from the fleet request `origin` still belongs on this host under
+/// `fleet` (the settings now): `Err` says why not (the fleet is off here, or this host
+/// is no longer one of the hosts or in one of the groups the request named).
+pub fn still_selected(fleet: Option<&Fleet>, origin: &FleetOrigin) -> Result<(), String> {
+    let request = &origin.request;
+    let Some(fleet) = fleet else {
+        return Err(format!(
+            "[fleet] is off on this host, so fleet request {request} no longer applies"
+        ));
+    };
+    if origin.hosts.iter().any(|t| fleet.selects(t)) {
+        return Ok(());
+    }
+    Err(format!(
+        "this host ({}, groups [{}]) is no longer among the hosts fleet request {request} named ({})",
+        fleet.name,
+        fleet.groups.join(", "),
+        origin.hosts.join(",")
+    ))
 }
 
 #[cfg(test)]

@@ -11,8 +11,6 @@ use crate::health::listeners::{Exposure, Listener};
 use crate::health::report::{Check, Status};
 use crate::health::ruleset::{self, ChainVerdict, Probe};
 
-/// Free space on the audit log's file system below which the doctor warns.
-pub const LOW_SPACE: u64 = 64 * 1024 * 1024;
 /// A repair this recent is worth a warning.
 const RECENT_REPAIR: Duration = Duration::from_secs(3600);
 /// Repairs in a row from which another process is taken to be fighting jitd.

@@ -1,4 +1,4 @@
-//! Remote knocks (issue #13), the pure part: the signed request's canonical form
+//! Remote knocks, the pure part: the signed request's canonical form
 //! ([`request`]), OpenSSH's `allowed_signers` ([`signers`]), the checks a packet goes
 //! through, cheap ones first ([`packet`]: `screen`, then `verify`), the SSHSIG blob and
 //! certificate structure walked strictly ([`sshsig`], [`wire`]) and certificates judged

@@ -39,7 +39,7 @@ pub struct KnockRequest {
 /// The longest host name a knock may carry (DNS's limit).
 const MAX_HOST: usize = 253;
 /// The longest justification, as for the socket.
-const MAX_JUSTIFICATION: usize = crate::api::protocol::MAX_JUSTIFICATION_CHARS;
+const MAX_JUSTIFICATION: usize = crate::domain::MAX_JUSTIFICATION_CHARS;
 
 impl KnockRequest {
     /// The canonical text that is signed and sent.

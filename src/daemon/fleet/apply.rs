@@ -303,7 +303,7 @@ impl<F: Firewall> Judge<'_, F> {
         };
         let reply = self
             .daemon
-            .request(Caller::signed(signer), judge::grant_request(&request, until))
+            .request(Caller::signed(signer), socket_request(&request, until))
             .await;
         if let Some(e) = reply.error {
             let remember = e.code != ErrorCode::NotAuthorized;
@@ -453,5 +453,20 @@ pub(super) fn signer(by: crate::remote::packet::SignedBy) -> SignedBy {
         nonce: None,
         certificate: by.certificate.map(|c| c.describe()),
         fleet: None,
+    }
+}
+
+/// The socket request a fleet request becomes on this host: its ports, source and
+/// justification, open until `until`.
+fn socket_request(
+    request: &crate::fleet::request::FleetRequest,
+    until: chrono::DateTime<chrono::Utc>,
+) -> crate::api::protocol::GrantRequest {
+    crate::api::protocol::GrantRequest {
+        ports: request.ports.clone(),
+        source: crate::domain::format_prefix(&request.source),
+        duration_secs: None,
+        until: Some(until),
+        justification: request.justification.clone(),
     }
 }
