@@ -11,10 +11,12 @@ use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commit::{Footprint, Job, Tx, TxError};
-use super::requests::{self, Decided};
+use super::book::{self, Decided};
+use super::job::{Decision, Job};
+use super::queries::{grant_info_at, pending_info};
+use super::tx::{Footprint, Tx, TxError};
 use super::{failure_of, Daemon, State};
-use crate::api::protocol::{GrantRequest, PendingInfo, PendingStatus, Reply};
+use crate::api::protocol::{GrantRequest, PendingStatus, Reply};
 use crate::approval::{self, Ended, PendingRequest, PendingState, Verb};
 use crate::audit::limit::Admit;
 use crate::audit::{Action, AuditRecord, Outcome};
@@ -24,62 +26,6 @@ use crate::grants::NewGrant;
 use crate::policy::{self, AccessRequest, Denial, Role};
 
 type Pings = mpsc::Receiver<oneshot::Sender<()>>;
-
-/// What an approver decided about a pending request, from a process with login uid
-/// `login`.
-#[derive(Debug, Clone)]
-pub(super) struct Decision {
-    id: GrantId,
-    verb: Verb,
-    /// A denial's reason.
-    reason: String,
-    login: Option<u32>,
-}
-
-impl Decision {
-    /// Approve request `id`.
-    pub fn approve(id: GrantId, login: Option<u32>) -> Decision {
-        Decision {
-            id,
-            verb: Verb::Approve,
-            reason: String::new(),
-            login,
-        }
-    }
-
-    /// Turn request `id` down for `reason`.
-    pub fn deny(id: GrantId, reason: String, login: Option<u32>) -> Decision {
-        Decision {
-            id,
-            verb: Verb::Deny,
-            reason,
-            login,
-        }
-    }
-
-    fn action(&self) -> Action {
-        match self.verb {
-            Verb::Approve => Action::Approve,
-            Verb::Deny => Action::Deny,
-        }
-    }
-
-    /// A record of this decision by `decider` about `request`.
-    fn record(
-        &self,
-        decider: &Caller,
-        request: &PendingRequest,
-        time: DateTime<Utc>,
-        outcome: Outcome,
-        why: &str,
-    ) -> AuditRecord {
-        let uid = requests::actor_uid(decider);
-        let mut r = ended_record(request, time, uid, &decider.name, self.action(), outcome, why);
-        r.login_uid = self.login;
-        requests::stamp_signer(&mut r, decider);
-        r
-    }
-}
 
 /// A request that passed every check, as the request path hands it over.
 pub(super) struct Asked<'a> {
@@ -266,7 +212,7 @@ pub(super) fn book_pending(
     let mut r = ended_record(
         &pending,
         wall,
-        requests::actor_uid(caller),
+        book::actor_uid(caller),
         &caller.name,
         Action::Request,
         Outcome::Pending,
@@ -278,12 +224,28 @@ pub(super) fn book_pending(
     r.times_out_at = Some(pending.times_out_at);
     r.until = pending.until;
     r.login_uid = login;
-    requests::stamp_signer(&mut r, caller);
+    book::stamp_signer(&mut r, caller);
     tx.failed.push(failure_of(&r));
     tx.records.push(r);
     tx.undo.pending_added.push(pending.id);
     st.pending.insert(pending.clone(), now + timeout);
     Decided::Pending(Box::new(pending), timeout)
+}
+
+/// The record of `decision` by `decider` about `request`.
+fn decision_record(
+    decision: &Decision,
+    decider: &Caller,
+    request: &PendingRequest,
+    time: DateTime<Utc>,
+    outcome: Outcome,
+    why: &str,
+) -> AuditRecord {
+    let uid = book::actor_uid(decider);
+    let mut r = ended_record(request, time, uid, &decider.name, decision.action(), outcome, why);
+    r.login_uid = decision.login;
+    book::stamp_signer(&mut r, decider);
+    r
 }
 
 /// Checks a decision and plans what it changes: who (the approver role, never one's
@@ -332,7 +294,7 @@ fn refused(
     {
         let mut r = AuditRecord::new(
             wall,
-            requests::actor_uid(decider),
+            book::actor_uid(decider),
             &decider.name,
             decision.action(),
             Outcome::Denied,
@@ -342,7 +304,7 @@ fn refused(
         }
         r.request_id = Some(decision.id);
         r.login_uid = decision.login;
-        requests::stamp_signer(&mut r, decider);
+        book::stamp_signer(&mut r, decider);
         r.reason = Some(format!("{}: {}", denial.code, denial.message));
         records.push(r);
     }
@@ -363,7 +325,7 @@ fn plan_deny(
         true => format!("withdrawn by the requester: {reason}"),
         false => reason.to_string(),
     };
-    let r = decision.record(decider, &request, wall, Outcome::Done, &why);
+    let r = decision_record(decision, decider, &request, wall, Outcome::Done, &why);
     let mut tx = Tx::records(vec![r]);
     if let Some(removed) = st.pending.remove(request.id) {
         tx.undo.pending_removed.push(removed);
@@ -409,7 +371,7 @@ fn plan_approve(
         request.describe(),
         crate::duration::format(open_for)
     );
-    let r = decision.record(decider, &request, wall, Outcome::Approved, &why);
+    let r = decision_record(decision, decider, &request, wall, Outcome::Approved, &why);
     let mut tx = Tx::records(Vec::new());
     tx.failed.push(failure_of(&r));
     tx.records.push(r);
@@ -417,7 +379,7 @@ fn plan_approve(
         tx.undo.pending_removed.push(removed);
     }
     let mut footprint = Footprint::default();
-    let (grants, superseded) = requests::book_grants(
+    let (grants, superseded) = book::book_grants(
         st,
         &mut tx,
         &mut footprint,
@@ -452,7 +414,7 @@ fn recheck(st: &State, request: &PendingRequest, open_for: Duration) -> Result<(
         duration: open_for,
     };
     let entries = policy::check_request(&st.config, &requester, &asked)?;
-    let news = requests::new_grants(
+    let news = book::new_grants(
         &entries,
         &request.requester,
         request.source,
@@ -477,7 +439,7 @@ fn close_changed(
         "policy changed: {}; the request is closed, nothing was opened",
         denial.message
     );
-    let r = decision.record(decider, &request, wall, Outcome::Revoked, &why);
+    let r = decision_record(decision, decider, &request, wall, Outcome::Revoked, &why);
     let mut tx = Tx::records(vec![r]);
     if let Some(removed) = st.pending.remove(request.id) {
         tx.undo.pending_removed.push(removed);
@@ -519,7 +481,7 @@ fn grant_request(request: &PendingRequest, open_for: Duration) -> GrantRequest {
 /// Links the grant records (and their failure mirrors) of an approval to its request
 /// and names who approved.
 fn link_grants(tx: &mut Tx, ids: &[GrantId], request: GrantId, decider: &Caller) {
-    let by = match requests::actor_uid(decider) {
+    let by = match book::actor_uid(decider) {
         Some(uid) => format!("approved by {} (uid {uid}), request {request}", decider.name),
         None => format!("approved by {}, request {request}", decider.name),
     };
@@ -535,7 +497,7 @@ fn link_grants(tx: &mut Tx, ids: &[GrantId], request: GrantId, decider: &Caller)
 
 /// Refuses a denial's reason that is too long or carries control or format characters.
 fn check_reason(reason: &str) -> Result<(), Denial> {
-    requests::check_justification(reason)
+    book::check_justification(reason)
         .map_err(|d| Denial::new(d.code, d.message.replacen("justification:", "reason:", 1)))
 }
 
@@ -576,23 +538,6 @@ fn ended(request: PendingRequest, state: PendingState, by: &str, why: &str, at: 
     }
 }
 
-/// A pending request as replies show it, at wall-clock time `wall` with `left` to wait.
-pub(super) fn pending_info(r: &PendingRequest, left: Duration, wall: DateTime<Utc>) -> PendingInfo {
-    let remaining_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-    let ahead = TimeDelta::try_seconds(i64::try_from(remaining_secs).unwrap_or(i64::MAX));
-    PendingInfo {
-        id: r.id,
-        requester: r.requester.name.clone(),
-        ports: r.ports.clone(),
-        source: format_prefix(&r.source),
-        duration_secs: r.duration_secs,
-        justification: r.justification.clone(),
-        asked_at: r.asked_at,
-        times_out_at: ahead.and_then(|a| wall.checked_add_signed(a)).unwrap_or(r.times_out_at),
-        remaining_secs,
-    }
-}
-
 /// How an ended request stands, with the grants it opened that are still live.
 fn ended_status(
     st: &State,
@@ -605,7 +550,7 @@ fn ended_status(
         .grants
         .iter()
         .filter_map(|id| st.book.get(*id))
-        .map(|g| super::queries::grant_info_at(g, st.book.remaining(g.id, now).unwrap_or_default(), wall))
+        .map(|g| grant_info_at(g, st.book.remaining(g.id, now).unwrap_or_default(), wall))
         .collect();
     let mut request = pending_info(&ended.request, Duration::ZERO, wall);
     request.times_out_at = ended.request.times_out_at;

@@ -10,8 +10,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commit::{answering, Footprint, Job, KernelChange, Observed, Tx};
+use super::commit::answering;
 use super::drift::{self, Checked, DriftCause};
+use super::job::{Job, Observed};
+use super::tx::{Footprint, KernelChange, Tx};
 use super::{describe_ports, failure_of, grant_info, grant_record, Daemon};
 use crate::api::protocol::{ReloadReply, Reply, RevokeRequest, RevokedReply};
 use crate::audit::{Action, AuditRecord, Outcome};
@@ -135,9 +137,7 @@ impl<F: Firewall> Daemon<F> {
                 };
                 Reply::ok(RevokedReply { revoked, terminated })
             }
-            Err(super::commit::TxError::Audit(e)) => {
-                Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}"))
-            }
+            Err(super::tx::TxError::Audit(e)) => Reply::error(ErrorCode::AuditFailed, format!("revoke refused: {e}")),
             Err(e) => Reply::error(
                 ErrorCode::FirewallFailed,
                 format!("revoke failed, the grants stay: {e}"),
@@ -262,7 +262,7 @@ impl<F: Firewall> Daemon<F> {
                 tracing::info!(ended = ended.len(), "policy reloaded");
                 Ok(ReloadReply { ended })
             }
-            Err(super::commit::TxError::Audit(e)) => Err(Reply::error(
+            Err(super::tx::TxError::Audit(e)) => Err(Reply::error(
                 ErrorCode::AuditFailed,
                 format!("policy not reloaded: {e}"),
             )),
@@ -484,7 +484,7 @@ fn revoke_refusal(caller: &Caller, request: &RevokeRequest, d: Denial) -> Refusa
         Outcome::Denied,
     );
     r.grant_id = request.id;
-    r.source = request.source.as_deref().map(super::requests::recorded_source);
+    r.source = request.source.as_deref().map(super::book::recorded_source);
     r.ports = request.port.into_iter().collect();
     r.reason = Some(format!("{}: {}", d.code, d.message));
     Box::new((d, Some(r)))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::watch;
 
-use super::commit::Job;
+use super::job::Job;
 use super::Daemon;
 use crate::api::protocol::{ClockJump, ClockStatus};
 use crate::audit::{Action, AuditRecord, Outcome};

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::commit::KERNEL_ROUNDING;
+use super::tx::KERNEL_ROUNDING;
 use super::State;
 use crate::domain::{GrantElement, GrantKey};
 use crate::firewall::kernel::{describe, KernelTable};

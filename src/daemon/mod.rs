@@ -21,17 +21,20 @@
 //! 6. the reply goes back the same way, as one JSON line.
 
 mod approvals;
+mod book;
 mod changes;
 mod clock;
 mod commit;
 mod doctor;
 mod drift;
 mod fleet;
+mod job;
 mod knock;
 mod queries;
 mod requests;
 mod start;
 mod systemd;
+mod tx;
 mod upkeep;
 mod usage;
 mod writer;
@@ -203,7 +206,7 @@ pub struct Daemon<F: Firewall> {
     claims: start::Claims,
 }
 
-use commit::Job;
+use job::Job;
 
 impl<F: Firewall> Daemon<F> {
     /// The policy the daemon runs with now.
@@ -271,11 +274,11 @@ impl<F: Firewall> Handler for Daemon<F> {
                 Err(reply) => reply,
             },
             Request::Approve(a) => {
-                let decision = approvals::Decision::approve(a.id, login_of(peer));
+                let decision = job::Decision::approve(a.id, login_of(peer));
                 self.decide(caller, decision).await
             }
             Request::Deny(d) => {
-                let decision = approvals::Decision::deny(d.id, d.reason, login_of(peer));
+                let decision = job::Decision::deny(d.id, d.reason, login_of(peer));
                 self.decide(caller, decision).await
             }
             Request::Pending(q) => self.pending_status(&caller, q.id).map_or_else(|r| r, Reply::ok),

@@ -8,8 +8,10 @@ use tokio::time::Instant;
 
 use super::Daemon;
 use crate::api::protocol::{
-    AuditQuery, AuditReply, GrantInfo, PortStatus, Reply, StatusCursor, StatusQuery, StatusReply, MAX_STATUS_LIMIT,
+    AuditQuery, AuditReply, GrantInfo, PendingInfo, PortStatus, Reply, StatusCursor, StatusQuery, StatusReply,
+    MAX_STATUS_LIMIT,
 };
+use crate::approval::PendingRequest;
 use crate::audit::{self, Outcome};
 use crate::config::AllowedSources;
 use crate::domain::{format_prefix, Caller, ErrorCode};
@@ -94,7 +96,7 @@ impl<F: Firewall> Daemon<F> {
             .pending
             .iter()
             .filter(|(r, _)| r.id <= st.recorded)
-            .map(|(r, deadline)| super::approvals::pending_info(r, deadline.saturating_duration_since(now), wall))
+            .map(|(r, deadline)| pending_info(r, deadline.saturating_duration_since(now), wall))
             .collect();
         let next_cursor = (grants.len() == limit).then(|| StatusCursor(grants[limit - 1].id).encode());
         let config = &st.config;
@@ -240,5 +242,22 @@ fn health() -> crate::api::protocol::Health {
         drift_repairs: m.drift_repairs.get(),
         audit_write_failures: m.audit_write_failures.get(),
         refused_connections: m.refused_connections.get(),
+    }
+}
+
+/// A pending request as replies show it, at wall-clock time `wall` with `left` to wait.
+pub(super) fn pending_info(r: &PendingRequest, left: Duration, wall: DateTime<Utc>) -> PendingInfo {
+    let remaining_secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+    let ahead = TimeDelta::try_seconds(i64::try_from(remaining_secs).unwrap_or(i64::MAX));
+    PendingInfo {
+        id: r.id,
+        requester: r.requester.name.clone(),
+        ports: r.ports.clone(),
+        source: format_prefix(&r.source),
+        duration_secs: r.duration_secs,
+        justification: r.justification.clone(),
+        asked_at: r.asked_at,
+        times_out_at: ahead.and_then(|a| wall.checked_add_signed(a)).unwrap_or(r.times_out_at),
+        remaining_secs,
     }
 }

@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use super::changes::{self, Verdict};
-use super::commit::{self, KernelChange, Tx};
+use super::commit::{self};
+use super::tx::{KernelChange, Tx};
 use super::writer::{Approvals, Writer};
 use super::{describe_ports, grant_record, read_baseline, Daemon, PortUsage, State, USAGE_WINDOW};
 use crate::audit::{self, Action, AuditLog, AuditRecord, Outcome};
@@ -199,8 +200,8 @@ impl<F: Firewall> Daemon<F> {
         failed.reason = Some("restoring the grants: ".into());
         let tx = Tx::kernel_only(records, kernel, failed);
         self.execute(tx, pings).await.map_err(|e| match e {
-            commit::TxError::Audit(e) => StartError::Audit(e),
-            commit::TxError::Firewall(e) => StartError::Firewall(e),
+            super::tx::TxError::Audit(e) => StartError::Audit(e),
+            super::tx::TxError::Firewall(e) => StartError::Firewall(e),
         })?;
         tracing::info!("{restored} grant(s) restored");
         Ok(())
@@ -327,7 +328,7 @@ fn restore_change(
             let stale = |k: &GrantKey| {
                 wanted
                     .get(k)
-                    .is_none_or(|want| held.get(k).is_some_and(|h| *h > *want + commit::KERNEL_ROUNDING))
+                    .is_none_or(|want| held.get(k).is_some_and(|h| *h > *want + super::tx::KERNEL_ROUNDING))
             };
             let remove: Vec<GrantKey> = held.keys().filter(|k| stale(k)).copied().collect();
             let add = elements

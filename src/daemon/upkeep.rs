@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use super::commit::{Job, Observed};
 use super::drift::{Checked, DriftCause, Pace};
+use super::job::{Job, Observed};
 use super::Daemon;
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::Caller;

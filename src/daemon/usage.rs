@@ -21,7 +21,7 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::time::Instant;
 
-use super::commit::{KernelChange, Undo};
+use super::tx::{KernelChange, Undo};
 use super::{Daemon, State};
 use crate::audit::AuditRecord;
 use crate::domain::{GrantId, GrantKey};

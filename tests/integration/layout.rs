@@ -259,17 +259,11 @@ fn top_modules() -> Vec<String> {
         .collect()
 }
 
-/// The one cycle left, inside the daemon's change handlers (the committer's job queue
-/// names the decisions of approvals and repairs, which submit jobs to it): to be taken
-/// apart with the daemon wing's rebuild. Nothing may join it, and no other may appear.
-const KNOWN: &str = "daemon::approvals ↔ daemon::commit ↔ daemon::drift ↔ daemon::queries ↔ daemon::requests";
-
 #[test]
 fn no_file_of_src_imports_itself_through_others() {
     let found: Vec<String> = cycles(&imports())
         .iter()
         .map(|c| c.iter().map(name).collect::<Vec<_>>().join(" ↔ "))
-        .filter(|c| c != KNOWN)
         .collect();
     assert!(found.is_empty(), "import cycles:\n{}", found.join("\n"));
 }

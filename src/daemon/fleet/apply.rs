@@ -9,7 +9,7 @@ use etcd_client::{Client, KeyValue};
 
 use super::{Answered, Memory};
 use crate::api::protocol::{GrantedReply, PendingInfo, RevokeRequest};
-use crate::daemon::approvals::Decision;
+use crate::daemon::job::Decision;
 use crate::daemon::Daemon;
 use crate::domain::{Caller, ErrorCode, FleetOrigin, SignedBy};
 use crate::firewall::Firewall;

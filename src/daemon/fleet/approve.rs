@@ -11,7 +11,7 @@ use chrono::Utc;
 use etcd_client::KeyValue;
 
 use super::apply::{signer, Judge, MAX_JUDGED};
-use crate::daemon::approvals::Decision;
+use crate::daemon::job::Decision;
 use crate::domain::{Caller, SignedBy};
 use crate::firewall::Firewall;
 use crate::fleet::judge::{self, Refused};

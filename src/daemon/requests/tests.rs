@@ -1,6 +1,7 @@
 use super::super::tests::{daemon, outcomes, root};
 use super::*;
 use crate::api::server::Handler;
+use crate::grants::Grant;
 
 fn pending(secs: u64) -> (Pending, oneshot::Receiver<Reply>) {
     let (reply, answer) = oneshot::channel();
