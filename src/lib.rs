@@ -25,6 +25,8 @@
 //! - [`netif`]: the host's interfaces over rtnetlink.
 //! - [`remote`]: remote knocks, the pure part so far: the signed request, `allowed_signers`,
 //!   a packet's checks (docs/remote.md).
+//! - [`knockd`]: the knock worker, `jitd --knock-worker`: knocks read, screened and
+//!   verified in an unprivileged, seccomp-confined process (docs/security.md).
 //! - [`fleet`]: fleet requests through etcd, the pure part: `[fleet]`, the signed
 //!   request naming hosts and groups, a host's judgement of one (docs/fleet.md).
 //! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
@@ -78,6 +80,7 @@ pub mod fleet;
 pub mod grants;
 pub mod health;
 pub mod identity;
+pub mod knockd;
 pub mod metrics;
 pub mod netif;
 pub mod policy;
