@@ -289,3 +289,116 @@ fn key_principals(fp: &str, signers: &[Signer], now: DateTime<Utc>) -> Result<Ve
 fn fingerprint(s: &Signer) -> String {
     s.key.fingerprint(ssh_key::HashAlg::Sha256).to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::{packet, signers};
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_str!(concat!("../../tests/fixtures/knock/", $name))
+        };
+    }
+    const REQUEST: &str = fixture!("request");
+    const SIGNERS: &str = fixture!("allowed_signers");
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-26T13:05:10Z".parse().unwrap()
+    }
+
+    fn names() -> Vec<String> {
+        vec!["web1.example.org".into()]
+    }
+
+    fn peer() -> SocketAddr {
+        "10.0.0.9:4000".parse().unwrap()
+    }
+
+    /// alice's real knock, verified as the worker verifies it, then on the wire.
+    fn alice() -> (VerifiedKnock, Vec<Signer>) {
+        let signers = signers::parse(SIGNERS).unwrap();
+        let packet = packet::frame(REQUEST, fixture!("alice.sig")).unwrap();
+        let v = packet::check(&packet, &signers, &names(), now(), TimeDelta::seconds(30)).unwrap();
+        (VerifiedKnock::of(&v, peer()), signers)
+    }
+
+    fn accepted(knock: VerifiedKnock, signers: &[Signer]) -> Result<Verified, Rejection> {
+        accept(knock, signers, &names(), now(), TimeDelta::seconds(30))
+    }
+
+    #[test]
+    fn a_verified_knock_crosses_the_channel_and_is_accepted() {
+        let (knock, signers) = alice();
+        let bytes = encode(&FromWorker::Verified(knock.clone()));
+        assert_eq!(
+            decode::<FromWorker>(&bytes).unwrap(),
+            FromWorker::Verified(knock.clone())
+        );
+        let v = accepted(knock, &signers).unwrap();
+        assert_eq!(v.principals, ["alice"]);
+        assert_eq!(v.request.encode(), REQUEST);
+    }
+
+    #[test]
+    fn signers_cross_the_channel_whole() {
+        for s in signers::parse(SIGNERS).unwrap() {
+            let line = SignerLine::of(&s);
+            let back = decode::<ToWorker>(&encode(&ToWorker::Signer(line.clone()))).unwrap();
+            let ToWorker::Signer(back) = back else { panic!() };
+            let again = back.signer().unwrap();
+            assert_eq!(again.wire(), s.wire());
+            assert_eq!(
+                (again.principals, again.cert_authority, again.namespaces),
+                (s.principals, s.cert_authority, s.namespaces)
+            );
+            assert_eq!((again.valid_after, again.valid_before), (s.valid_after, s.valid_before));
+        }
+    }
+
+    #[test]
+    fn the_worker_is_believed_only_about_the_signature() {
+        let (knock, signers) = alice();
+        // principals it invents are replaced by those of the key's lines
+        let mut k = knock.clone();
+        k.principals = vec!["root".into()];
+        assert_eq!(accepted(k, &signers).unwrap().principals, ["alice"]);
+        // a key no line allows
+        let mut k = knock.clone();
+        k.fingerprint = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into();
+        assert!(matches!(
+            accepted(k, &signers),
+            Err(Rejection::Refused(Refusal::UnknownKey(_)))
+        ));
+        // a certificate from a CA no line allows
+        let mut k = knock.clone();
+        k.certificate = Some(("id".into(), 1, knock.fingerprint.clone()));
+        assert!(matches!(
+            accepted(k, &signers),
+            Err(Rejection::Refused(Refusal::BadCertificate(_)))
+        ));
+        // another host, outside the window
+        let other = accept(knock.clone(), &signers, &["web2".into()], now(), TimeDelta::seconds(30));
+        assert!(matches!(other, Err(Rejection::Refused(Refusal::OtherHost(_)))));
+        let later = now() + TimeDelta::hours(1);
+        let stale = accept(knock.clone(), &signers, &names(), later, TimeDelta::seconds(30));
+        assert!(matches!(stale, Err(Rejection::Refused(Refusal::OutsideWindow { .. }))));
+        // what no honest worker sends
+        let mut k = knock.clone();
+        k.request = k.request.replacen("host ", "host  ", 1);
+        assert!(matches!(accepted(k, &signers), Err(Rejection::Broken(_))));
+        let mut k = knock;
+        k.principals = vec!["x".repeat(MAX_NAME + 1)];
+        assert!(matches!(accepted(k, &signers), Err(Rejection::Broken(_))));
+    }
+
+    #[test]
+    fn messages_out_of_bounds_are_refused() {
+        assert!(decode::<FromWorker>(&vec![b' '; MAX_MESSAGE + 1]).is_err());
+        assert!(decode::<FromWorker>(br#"{"ready":null,"x":1}"#).is_err());
+        assert!(decode::<FromWorker>(br#""ready""#).is_ok());
+        assert_eq!(refusal_code("busy", "queue full"), Ok("busy"));
+        assert!(refusal_code("approved", "").is_err());
+        assert!(refusal_code("busy", &"x".repeat(MAX_REASON + 1)).is_err());
+    }
+}
