@@ -60,6 +60,7 @@
 //! store    -> approval, audit, domain, grants (grants.json, replay)
 //! firewall -> config, domain, metrics      (nftables, conntrack, netlink)
 //! fleet    -> domain, remote                (pure; config holds its settings)
+//! knockd   -> remote                        (the knock worker process and its sandbox)
 //! health   -> config, domain, duration, firewall (judgement pure; probe/ has the effects)
 //! api      -> approval, audit, config, domain, health, metrics
 //! daemon   -> everything above
