@@ -34,6 +34,8 @@
 //! - [`firewall`]: the nftables table and its changes as batches ([`firewall::rules`]),
 //!   applied through libnftables ([`firewall::libnft`]) or `nft` ([`firewall::nft`]),
 //!   read back over nfnetlink, conntrack, the change monitor.
+//! - [`knockd`]: the knock worker, `jitd --knock-worker`: knocks read, screened and
+//!   verified in an unprivileged, seccomp-confined process (docs/security.md).
 //! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
 //!   protected port, listening services worth protecting) and the probes that gather
 //!   its facts (nft, sock_diag, /proc, cgroups) (docs/doctor.md).
@@ -72,6 +74,7 @@
 //! health   -> config, domain, duration, firewall
 //! api      -> accept, approval, audit, config, domain, health, metrics, policy, text
 //! cli      -> api, approval, config, domain, duration, fleet, health, remote, text
+//! knockd   -> domain, remote
 //! daemon   -> everything above
 //! ```
 
@@ -90,6 +93,7 @@ pub mod fleet;
 pub mod grants;
 pub mod health;
 pub mod identity;
+pub mod knockd;
 pub mod metrics;
 pub mod netif;
 pub mod policy;

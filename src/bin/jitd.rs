@@ -10,6 +10,9 @@ use jitd::config::Config;
 use jitd::firewall::rules::{self, LockdownSpec};
 use jitd::firewall::{Firewall, FirewallError, SystemFirewall};
 
+/// The hidden argument of the knock worker (`jitd::daemon`'s knock door passes it).
+const KNOCK_WORKER: &str = jitd::knockd::ARGUMENT;
+
 fn main() -> ExitCode {
     // glibc gives every thread that allocates its own arena and keeps freed memory in
     // it; with tokio's worker and blocking threads that multiplies the resident size at
@@ -17,6 +20,11 @@ fn main() -> ExitCode {
     // SAFETY: called before any other thread exists.
     unsafe {
         nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+    }
+    // jitd starts itself again in this mode to read knocks without its privileges
+    // (src/knockd): before arguments, logging or threads, and with nothing else to do.
+    if std::env::args_os().nth(1).is_some_and(|a| a == KNOCK_WORKER) && std::env::args_os().len() == 2 {
+        return jitd::knockd::run();
     }
     let args = Args::parse();
     init_logging(args.log_format);

@@ -1,18 +1,16 @@
-//! Remote knocks: the UDP listener, the verification pool and the nonce memory. A knock
-//! that passes becomes a request like one from the socket, from a signed caller, and
-//! takes the same policy checks, audit and nftables path ([`super::requests`]).
-//!
-//! The listener does the cheap work for each datagram, in order: the per-prefix gate
-//! ([`SourceGate`], by [`prefix_of`] the source), [`packet::screen`] (size, framing,
-//! grammar, time window, host, a known key) and the nonce memory. What passes goes into
-//! a bounded queue, of which one prefix holds at most
-//! [`QUEUE_SHARE`](crate::remote::gate::QUEUE_SHARE) places
-//! ([`QueueShares`]); a full queue or share drops the knock (counted and audited like
-//! any refusal), so a flood can neither grow memory nor delay the socket or expiry,
-//! which never wait on this path, nor crowd out other prefixes' knocks. A small pool
-//! verifies signatures on blocking threads, claims the nonce and hands the request to
-//! the committer. Nothing is ever sent back. The checks ([`crate::remote`]) are pure,
-//! apart from these effects, so they could run in another process.
+//! Remote knocks, jitd's side: the knock door. jitd binds the UDP socket but never
+//! reads it: a knock worker ([`crate::knockd`], `jitd --knock-worker`, started and
+//! supervised by [`worker`]), with no privileges and a seccomp filter, reads every
+//! datagram, applies the per-prefix gate, screens and verifies it, and sends back only
+//! typed verdicts over a `SOCK_SEQPACKET` channel ([`crate::remote::channel`]). This
+//! door checks each verdict again ([`channel::accept`]: the request's grammar, host,
+//! time, and that the signer and its principals are ones `allowed_signers` allows; only
+//! the signature is taken on the worker's word), claims the nonce, and hands the
+//! request to the committer like one from the socket, from a signed caller: the same
+//! policy checks, audit and nftables path ([`super::requests`]). A worker that dies is
+//! restarted with back-off; one that sends what no honest worker sends is killed and
+//! restarted; both are audited. Meanwhile knocks wait in the socket's buffer: nothing
+//! opens without a verified signature. Nothing is ever sent back.
 //!
 //! Refusals are audited as `knock` records within a budget a flood cannot outgrow:
 //! those of unauthenticated senders per source prefix (the first few per minute in
@@ -21,6 +19,8 @@
 //! and one for the others), those of a verified key per key; written at most once a
 //! second.
 
+mod worker;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use ipnet::IpNet;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, Semaphore};
+
+use self::worker::{Heard, Worker};
 
 use super::upkeep::Stopping;
 use super::{Daemon, TaskResult};
@@ -38,25 +39,24 @@ use crate::audit::limit::{Admit, Limits, RefusalLimiter, Refuser, Subject};
 use crate::audit::{Action, AuditRecord, Outcome};
 use crate::domain::{format_prefix, Caller, SignedBy};
 use crate::firewall::Firewall;
-use crate::remote::gate::{prefix_of, QueueShares, SourceGate, DEFAULT_PREFIX6, MAX_SOURCES};
+use crate::remote::channel::{self, FromWorker, Rejection};
+use crate::remote::gate::{prefix_of, DEFAULT_PREFIX6};
 use crate::remote::nonces::{self, Claim, Nonces};
-use crate::remote::packet::{self, Screened, MAX_PACKET};
+use crate::remote::packet;
 use crate::remote::request::Length;
 use crate::remote::settings::{Remote, MAX_WINDOW};
 
-/// Knocks screened and waiting for their signature check.
-const QUEUE: usize = 64;
-/// Signature checks running at once.
-const VERIFIERS: usize = 2;
 /// Verified knocks waiting for the committer at once.
 const IN_FLIGHT: usize = 64;
 /// Live nonces remembered at most (verified knocks within their window).
 const MAX_NONCES: usize = 100_000;
-/// How often the listener re-reads the policy and the host's addresses, and writes the
+/// How often the door re-reads the policy and the host's addresses, and writes the
 /// refusals it audited.
 const TICK: Duration = Duration::from_secs(1);
-/// Datagrams read in one go before yielding.
-const DRAIN: usize = 256;
+/// The first wait before restarting a lost worker; it doubles up to [`RESTART_MAX`].
+const RESTART_MIN: Duration = Duration::from_millis(100);
+/// The longest wait before restarting a lost worker.
+const RESTART_MAX: Duration = Duration::from_secs(5);
 /// The longest reason a knock refusal records (it may quote the packet, escaped).
 const MAX_REASON: usize = 200;
 /// Refusals of unauthenticated senders recorded in full per interval, all prefixes
@@ -73,8 +73,6 @@ const MAX_KEYS: usize = 256;
 pub(super) struct Knocks {
     nonces: Mutex<Nonces>,
     log: Mutex<RefusalLog>,
-    /// Each prefix's places in the verification queue.
-    shares: Mutex<QueueShares>,
     /// The IPv6 prefix length in force (`remote.ipv6_prefix`).
     prefix6: AtomicU8,
 }
@@ -134,7 +132,6 @@ impl Knocks {
                 signed: RefusalLimiter::new(signed),
                 pending: Vec::new(),
             }),
-            shares: Mutex::new(QueueShares::default()),
             prefix6: AtomicU8::new(DEFAULT_PREFIX6),
         }
     }
@@ -207,154 +204,195 @@ impl Knocks {
         records
     }
 
-    /// Gives back the queue place of a knock from `prefix` whose check is over.
-    fn checked(&self, prefix: IpNet) {
-        self.shares.lock().unwrap_or_else(|e| e.into_inner()).give_back(prefix);
+    /// Audits a lost knock worker (its restarts are spaced by back-off, so these
+    /// records are few).
+    fn note_worker(&self, why: &str) {
+        let mut r = AuditRecord::new(Utc::now(), None, "-", Action::Knock, Outcome::Failed);
+        r.reason = Some(crate::text::escape_capped(why, MAX_REASON));
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).pending.push(r);
     }
 }
 
 /// Binds the knock socket (an error stops the start) with a receive buffer for bursts.
-pub(super) fn bind(listen: SocketAddr) -> std::io::Result<UdpSocket> {
+/// jitd never reads it: its knock worker does.
+pub(super) fn bind(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let socket = std::net::UdpSocket::bind(listen)?;
     let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBuf, &(4 << 20));
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+    Ok(socket)
 }
 
-/// One screened knock waiting for its signature check.
-struct Work {
-    screened: Screened,
-    peer: SocketAddr,
-    /// Its source prefix, holding a place in [`QueueShares`] until the check is over.
-    prefix: IpNet,
-    remote: Arc<Remote>,
-}
-
-/// What the listener knows between ticks: the `[remote]` policy and this host's names.
+/// What the door knows between ticks: the `[remote]` policy and this host's names.
+#[derive(Clone)]
 struct View {
     remote: Arc<Remote>,
     names: Vec<String>,
 }
 
-/// Serves the knock socket until the stop: screens each datagram and queues the good
-/// ones for the verification pool.
-pub(super) async fn serve<F: Firewall>(daemon: Arc<Daemon<F>>, socket: UdpSocket, mut stop: Stopping) -> TaskResult {
-    let (queue, inbox) = mpsc::channel::<Work>(QUEUE);
-    let pool = tokio::spawn(verify_pool(daemon.clone(), inbox));
-    let mut gate = SourceGate::new(MAX_SOURCES, std::time::Instant::now());
-    let mut view = view_of(&daemon).await;
-    daemon.knocks.adopt(view.as_ref());
-    let mut tick = tokio::time::interval(TICK);
-    let mut buf = vec![0u8; MAX_PACKET + 1];
-    loop {
-        let ticked = tokio::select! {
-            received = socket.recv_from(&mut buf) => {
-                let (n, peer) = received.map_err(|e| format!("receiving knocks: {e}"))?;
-                receive(&daemon, &mut gate, view.as_ref(), &queue, &buf[..n], peer);
-                // drain what else is waiting before going back to the scheduler
-                for _ in 0..DRAIN {
-                    let Ok((n, peer)) = socket.try_recv_from(&mut buf) else { break };
-                    receive(&daemon, &mut gate, view.as_ref(), &queue, &buf[..n], peer);
-                }
-                false
+impl View {
+    /// Whether the worker needs `other`'s settings (the signers by their digest).
+    fn differs(this: Option<&View>, other: Option<&View>) -> bool {
+        match (this, other) {
+            (Some(a), Some(b)) => {
+                a.names != b.names
+                    || a.remote.signers_digest != b.remote.signers_digest
+                    || a.remote.window != b.remote.window
+                    || a.remote.prefix6 != b.remote.prefix6
             }
-            _ = tick.tick() => true,
-            _ = stop.changed() => break,
+            (a, b) => a.is_some() != b.is_some(),
+        }
+    }
+}
+
+/// How a worker's run ended.
+enum Ended {
+    /// jitd stops.
+    Stop,
+    /// The worker died or broke the protocol; why.
+    Lost(String),
+}
+
+/// Serves the knock door until the stop: keeps a knock worker running on `socket`
+/// (restarted with back-off when it dies or misbehaves), sends it the settings in
+/// force, and takes its verdicts: refusals into the audit budget, verified knocks, once
+/// checked again here, to the committer.
+pub(super) async fn serve<F: Firewall>(
+    daemon: Arc<Daemon<F>>,
+    socket: std::net::UdpSocket,
+    mut stop: Stopping,
+) -> TaskResult {
+    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut backoff = RESTART_MIN;
+    loop {
+        let started = Instant::now();
+        let ended = match Worker::spawn(&socket) {
+            Ok(worker) => run_worker(&daemon, worker, &in_flight, &mut stop).await,
+            Err(e) => Ended::Lost(format!("knock worker: cannot start it: {e}")),
         };
+        let Ended::Lost(why) = ended else { break };
+        if started.elapsed() > RESTART_MAX * 4 {
+            backoff = RESTART_MIN; // it had been running well: not a crash loop
+        }
+        tracing::error!("{why}; knocks wait until it is restarted in {backoff:?}");
+        daemon
+            .knocks
+            .note_worker(&format!("{why}; restarted in {}s", backoff.as_secs_f32()));
+        flush_records(&daemon);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
         if *stop.borrow() {
             break;
         }
-        if ticked {
-            view = view_of(&daemon).await;
-            daemon.knocks.adopt(view.as_ref());
-            let records = daemon.knocks.due(Utc::now());
-            if !records.is_empty() {
-                // never wait on a busy committer here: the records wait for the next tick
-                match daemon.jobs.try_send(super::Job::Record(records)) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) => {
-                        daemon.knocks.put_back(records)
-                    }
-                    Err(_) => break, // the committer has stopped
-                }
-            }
-        }
+        backoff = (backoff * 2).min(RESTART_MAX);
     }
-    pool.abort();
     Ok(())
 }
 
-/// One datagram: the per-source gate, the cheap checks, then the queue.
-fn receive<F: Firewall>(
-    daemon: &Daemon<F>,
-    gate: &mut SourceGate,
-    view: Option<&View>,
-    queue: &mpsc::Sender<Work>,
-    packet: &[u8],
-    peer: SocketAddr,
-) {
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let prefix = daemon.knocks.prefix(peer.ip());
-    if !gate.allow(prefix, Instant::now()) {
-        let why = format!("more knocks from {prefix} than the per-source limit");
-        return daemon.knocks.refuse(peer, "rate_limited", &why, None);
-    }
-    let Some(work) = screen(daemon, view, packet, peer, prefix) else {
-        return;
-    };
-    if !daemon
-        .knocks
-        .shares
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take(prefix)
+/// Runs one worker until it ends or jitd stops.
+async fn run_worker<F: Firewall>(
+    daemon: &Arc<Daemon<F>>,
+    mut worker: Worker,
+    in_flight: &Arc<Semaphore>,
+    stop: &mut Stopping,
+) -> Ended {
+    let pid = worker.pid().unwrap_or(0);
+    let mut view = view_of(daemon).await;
+    daemon.knocks.adopt(view.as_ref());
+    if let Err(e) = worker
+        .send_settings(view.as_ref().map(|v| &*v.remote), names(view.as_ref()))
+        .await
     {
-        let why = format!("{prefix} holds its share of the verification queue");
-        return daemon.knocks.refuse(peer, "busy", &why, None);
+        return Ended::Lost(format!("knock worker {pid}: {e} (ended: {})", worker.end().await));
     }
-    if queue.try_send(work).is_err() {
-        daemon.knocks.checked(prefix);
-        daemon
-            .knocks
-            .refuse(peer, "busy", "the verification queue is full", None);
+    let mut ready = false;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        let heard = tokio::select! {
+            heard = worker.hear() => heard,
+            _ = tick.tick() => {
+                let now = view_of(daemon).await;
+                if View::differs(view.as_ref(), now.as_ref()) {
+                    let sent = worker.send_settings(now.as_ref().map(|v| &*v.remote), names(now.as_ref())).await;
+                    if let Err(e) = sent {
+                        return Ended::Lost(format!("knock worker {pid}: {e} (ended: {})", worker.end().await));
+                    }
+                }
+                view = now;
+                daemon.knocks.adopt(view.as_ref());
+                flush_records(daemon);
+                continue;
+            }
+            _ = stop.changed() => {
+                if *stop.borrow() {
+                    worker.end().await;
+                    return Ended::Stop;
+                }
+                continue;
+            }
+        };
+        let message = match heard {
+            Heard::Message(m) => m,
+            Heard::Gone => return Ended::Lost(format!("knock worker {pid} ended: {}", worker.ended().await)),
+            Heard::Garbage(why) => {
+                let how = worker.end().await;
+                return Ended::Lost(format!("knock worker {pid} sent garbage ({why}), killed: {how}"));
+            }
+        };
+        match (message, ready) {
+            (FromWorker::Ready, false) => {
+                ready = true;
+                tracing::info!("knock worker {pid} runs unprivileged and confined; taking knocks");
+            }
+            (FromWorker::Refused { peer, code, reason }, true) => match channel::refusal_code(&code, &reason) {
+                Ok(code) => daemon.knocks.refuse(canonical(peer), code, &reason, None),
+                Err(why) => {
+                    let how = worker.end().await;
+                    return Ended::Lost(format!("knock worker {pid} broke the protocol ({why}), killed: {how}"));
+                }
+            },
+            (FromWorker::Verified(knock), true) => {
+                let Some(v) = view.as_ref() else { continue };
+                let peer = canonical(knock.peer);
+                let window = TimeDelta::from_std(v.remote.window).unwrap_or(TimeDelta::seconds(30));
+                match channel::accept(knock, &v.remote.signers, &v.names, Utc::now(), window) {
+                    Ok(verified) => admit(daemon, verified, peer, &v.remote, in_flight),
+                    Err(Rejection::Refused(r)) => daemon.knocks.refuse(peer, r.code(), &r.to_string(), None),
+                    Err(Rejection::Broken(why)) => {
+                        let how = worker.end().await;
+                        return Ended::Lost(format!("knock worker {pid} broke the protocol ({why}), killed: {how}"));
+                    }
+                }
+            }
+            (_, _) => {
+                let how = worker.end().await;
+                return Ended::Lost(format!(
+                    "knock worker {pid} broke the protocol (out of order), killed: {how}"
+                ));
+            }
+        }
     }
 }
 
-/// The cheap checks of one datagram; `Some` when it deserves a signature check.
-fn screen<F: Firewall>(
-    daemon: &Daemon<F>,
-    view: Option<&View>,
-    packet: &[u8],
-    peer: SocketAddr,
-    prefix: IpNet,
-) -> Option<Work> {
-    let view = view?; // `[remote]` was removed by a reload: knocks are ignored
-    let remote = &view.remote;
-    let window = TimeDelta::from_std(remote.window).unwrap_or(TimeDelta::seconds(30));
-    match packet::screen(packet, &remote.signers, &view.names, Utc::now(), window) {
-        Err(refusal) => {
-            daemon.knocks.refuse(peer, refusal.code(), &refusal.to_string(), None);
-            None
-        }
-        Ok(s)
-            if daemon
-                .knocks
-                .nonces
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .seen(&s.request.nonce) =>
-        {
-            daemon
-                .knocks
-                .refuse(peer, "replay", "a knock accepted before (same nonce)", None);
-            None
-        }
-        Ok(screened) => Some(Work {
-            screened,
-            peer,
-            prefix,
-            remote: remote.clone(),
-        }),
+fn canonical(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
+fn names(view: Option<&View>) -> &[String] {
+    view.map_or(&[][..], |v| v.names.as_slice())
+}
+
+/// Hands the refusal records due to the committer, never waiting on it (what it cannot
+/// take now waits for the next tick).
+fn flush_records<F: Firewall>(daemon: &Daemon<F>) {
+    let records = daemon.knocks.due(Utc::now());
+    if records.is_empty() {
+        return;
+    }
+    if let Err(mpsc::error::TrySendError::Full(super::Job::Record(records))) =
+        daemon.jobs.try_send(super::Job::Record(records))
+    {
+        daemon.knocks.put_back(records)
     }
 }
 
@@ -376,40 +414,25 @@ async fn view_of<F: Firewall>(daemon: &Daemon<F>) -> Option<View> {
     })
 }
 
-/// Verifies queued knocks, at most [`VERIFIERS`] at once, and submits the good ones.
-async fn verify_pool<F: Firewall>(daemon: Arc<Daemon<F>>, mut inbox: mpsc::Receiver<Work>) {
-    let verifiers = Arc::new(Semaphore::new(VERIFIERS));
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    while let Some(work) = inbox.recv().await {
-        let Ok(permit) = verifiers.clone().acquire_owned().await else {
-            return;
-        };
-        let daemon = daemon.clone();
-        let in_flight = in_flight.clone();
-        tokio::spawn(async move {
-            let Work {
-                screened,
-                peer,
-                prefix,
-                remote,
-            } = work;
-            let verified = tokio::task::spawn_blocking(move || packet::verify(screened, Utc::now())).await;
-            drop(permit);
-            daemon.knocks.checked(prefix);
-            let verified = match verified {
-                Ok(Ok(v)) => v,
-                Ok(Err(refusal)) => return daemon.knocks.refuse(peer, refusal.code(), &refusal.to_string(), None),
-                Err(e) => return tracing::error!("knocks: a signature check failed: {e}"),
-            };
-            // a knock that cannot be served now is dropped rather than queued without end
-            let Ok(_slot) = in_flight.try_acquire() else {
-                return daemon
-                    .knocks
-                    .refuse(peer, "busy", "too many knocks waiting for the committer", None);
-            };
-            submit(&daemon, verified, peer, &remote).await;
-        });
-    }
+/// Submits a verified knock, unless [`IN_FLIGHT`] already wait for the committer.
+fn admit<F: Firewall>(
+    daemon: &Arc<Daemon<F>>,
+    verified: packet::Verified,
+    peer: SocketAddr,
+    remote: &Arc<Remote>,
+    in_flight: &Arc<Semaphore>,
+) {
+    // a knock that cannot be served now is dropped rather than queued without end
+    let Ok(slot) = in_flight.clone().try_acquire_owned() else {
+        return daemon
+            .knocks
+            .refuse(peer, "busy", "too many knocks waiting for the committer", None);
+    };
+    let (daemon, remote) = (daemon.clone(), remote.clone());
+    tokio::spawn(async move {
+        submit(&daemon, verified, peer, &remote).await;
+        drop(slot);
+    });
 }
 
 /// Claims a verified knock's nonce and hands its request to the committer.

@@ -3,11 +3,13 @@
 //! through, cheap ones first ([`packet`]: `screen`, then `verify`), the SSHSIG blob and
 //! certificate structure walked strictly ([`sshsig`], [`wire`]) and certificates judged
 //! ([`cert`]); the per-source gate ([`gate`]), the nonce memory ([`nonces`]) and the
-//! `[remote]` policy section ([`settings`]). Nothing here does I/O but reading
-//! `allowed_signers`; the daemon's side is `src/daemon/knock.rs`, the client's
+//! `[remote]` policy section ([`settings`]); the messages between jitd and its
+//! unprivileged knock worker ([`channel`]). Nothing here does I/O but reading
+//! `allowed_signers`; the worker process is `src/knockd/`, the daemon's side is `src/daemon/knock.rs`, the client's
 //! `src/cli/knock.rs`, and docs/remote.md has the design.
 
 pub mod cert;
+pub mod channel;
 pub mod gate;
 pub mod nonces;
 pub mod packet;

@@ -45,6 +45,28 @@ impl Signer {
     pub fn wire(&self) -> &[u8] {
         &self.wire
     }
+
+    /// A line from its parts (as the knock worker receives them), checked as [`parse`]
+    /// checks a line's key.
+    pub fn from_parts(
+        principals: Vec<String>,
+        cert_authority: bool,
+        namespaces: Option<Vec<String>>,
+        valid: (Option<DateTime<Utc>>, Option<DateTime<Utc>>),
+        key: PublicKey,
+    ) -> Result<Signer, String> {
+        usable(&key)?;
+        let wire = key.to_bytes().map_err(|e| format!("not a public key ({e})"))?;
+        Ok(Signer {
+            principals,
+            cert_authority,
+            namespaces,
+            valid_after: valid.0,
+            valid_before: valid.1,
+            key,
+            wire,
+        })
+    }
 }
 
 /// OpenSSH's `match_pattern`: `*` matches any run of bytes, `?` any one byte, every

@@ -18,6 +18,7 @@ mod journal;
 mod knock;
 mod knock_attacks;
 mod knock_client;
+mod knock_worker;
 mod layout;
 mod lockdown;
 mod network_attacks;
