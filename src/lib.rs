@@ -73,7 +73,7 @@
 //! firewall -> config, domain, fault, metrics, remote
 //! health   -> config, domain, duration, firewall
 //! api      -> accept, approval, audit, config, domain, health, metrics, policy, text
-//! cli      -> api, approval, config, domain, duration, fleet, health, remote, text
+//! cli      -> api, approval, audit, config, domain, duration, fleet, health, remote, text
 //! knockd   -> domain, remote
 //! daemon   -> everything above
 //! ```

@@ -4,20 +4,19 @@
 use std::io::{self, BufWriter, Write};
 use std::process::ExitCode;
 
-use chrono::{DateTime, Local, Utc};
 use clap::Parser;
 use jitd::api::client::{call, ClientError};
 use jitd::api::protocol::{
-    ApproveRequest, AuditQuery, AuditReply, ClockStatus, DenyRequest, GrantInfo, GrantRequest, GrantedReply,
-    PendingStatus, PortStatus, ReloadReply, Request, RevokeRequest, RevokedReply, StatusQuery, StatusReply,
+    ApproveRequest, AuditQuery, AuditReply, DenyRequest, GrantRequest, GrantedReply, PendingStatus, ReloadReply,
+    Request, RevokeRequest, RevokedReply, StatusQuery, StatusReply,
 };
 use jitd::audit::chain::Verdict;
-use jitd::audit::{enum_text, AuditFilter};
+use jitd::audit::AuditFilter;
 use jitd::cli::doctor;
 use jitd::cli::jitctl::{AuditCheck, Cli, Command, Format};
-use jitd::cli::{approvals, table};
+use jitd::cli::{approvals, audit, replies, status};
 use jitd::health::report::DoctorReport;
-use jitd::text::{escape_for_terminal, escape_json_output, show_stored};
+use jitd::text::{escape_for_terminal, show_stored};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -136,7 +135,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 terminate,
             };
             let revoked: RevokedReply = call(socket, &Request::Revoke(request)).await?;
-            emit(json, &revoked, print_revoked)
+            emit(json, &revoked, replies::revoked)
         }
         Command::Audit {
             check: Some(AuditCheck::Verify),
@@ -196,7 +195,7 @@ async fn granted_or_waiting(
         Some(pending) => emit(json, granted, |out, _| {
             writeln!(out, "{}", approvals::queued_line(pending))
         }),
-        None => emit(json, granted, print_granted),
+        None => emit(json, granted, replies::granted),
     }
 }
 
@@ -262,14 +261,15 @@ async fn doctor(socket: &std::path::Path, json: bool) -> doctor::Verdict {
                 let why = Failure::from(e).message();
                 say(&format!("jitctl: cannot tell whether this host is healthy: {why}"));
                 if json {
-                    let _ = to_stdout(|out| write_json(out, &serde_json::json!({"healthy": null, "error": why})));
+                    let _ =
+                        to_stdout(|out| replies::write_json(out, &serde_json::json!({"healthy": null, "error": why})));
                 }
                 return doctor::Verdict::CouldNotTell;
             }
         },
     };
     let printed = if json {
-        to_stdout(|out| write_json(out, &report))
+        to_stdout(|out| replies::write_json(out, &report))
     } else {
         to_stdout(|out| out.write_all(doctor::render(&report).as_bytes()))
     };
@@ -289,7 +289,7 @@ fn emit<T: serde::Serialize>(
     human: impl Fn(&mut dyn Write, &T) -> io::Result<()>,
 ) -> Result<(), Failure> {
     if json {
-        to_stdout(|out| write_json(out, value))
+        to_stdout(|out| replies::write_json(out, value))
     } else {
         to_stdout(|out| human(out, value))
     }
@@ -304,11 +304,19 @@ fn to_stdout(write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<(),
     Ok(())
 }
 
+/// `text` on stdout as it is; nothing when it is empty.
+fn print_text(text: &str) -> Result<(), Failure> {
+    match text.is_empty() {
+        true => Ok(()),
+        false => to_stdout(|out| out.write_all(text.as_bytes())),
+    }
+}
+
 /// `jitctl audit verify`: walks the chain; a break is exit status 1.
 async fn verify(socket: &std::path::Path, json: bool) -> Result<(), Failure> {
     let verdict: Verdict = call(socket, &Request::AuditVerify).await?;
     if json {
-        to_stdout(|out| write_json(out, &verdict))?;
+        to_stdout(|out| replies::write_json(out, &verdict))?;
     }
     for note in &verdict.notes {
         say(&format!("jitctl: note: {note}"));
@@ -327,19 +335,14 @@ async fn verify(socket: &std::path::Path, json: bool) -> Result<(), Failure> {
 }
 
 /// The audit records in the chosen format on stdout.
-fn audit(reply: &AuditReply, format: Format) -> Result<(), Failure> {
+fn audit_page(reply: &AuditReply, format: Format) -> Result<(), Failure> {
     for w in &reply.warnings {
         say(&format!("jitctl: warning: {w}"));
     }
     match format {
-        Format::Json => to_stdout(|out| write_json(out, &reply.records)),
-        Format::Table => to_stdout(|out| print_audit(out, reply)),
-        Format::Csv => to_stdout(|out| {
-            jitd::audit::write_csv(&reply.records, out).map_err(|e| match e.into_kind() {
-                csv::ErrorKind::Io(e) => e,
-                other => io::Error::other(format!("writing CSV: {other:?}")),
-            })
-        }),
+        Format::Json => to_stdout(|out| replies::write_json(out, &reply.records)),
+        Format::Table => to_stdout(|out| audit::table(out, &reply.records)),
+        Format::Csv => to_stdout(|out| audit::csv(out, &reply.records)),
     }
 }
 
@@ -358,35 +361,6 @@ fn ssh_client_address() -> Result<String, Failure> {
         "jitctl: using your SSH client address {addr} as --source (from SSH_CONNECTION)"
     ));
     Ok(addr)
-}
-
-/// `value` as pretty JSON, with hidden characters (U+202E, C1 controls, ...) that
-/// serde_json leaves raw written as `\uXXXX`: the same JSON to a parser, harmless
-/// on a terminal.
-fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> io::Result<()> {
-    let text = serde_json::to_string_pretty(value).map_err(io::Error::other)?;
-    writeln!(out, "{}", escape_json_output(&text))
-}
-
-fn print_granted(out: &mut dyn Write, granted: &GrantedReply) -> io::Result<()> {
-    approvals::print_grants(out, &granted.grants, &granted.superseded, both_times)
-}
-
-fn print_revoked(out: &mut dyn Write, revoked: &RevokedReply) -> io::Result<()> {
-    for g in &revoked.revoked {
-        writeln!(
-            out,
-            "revoked: id {} closed {}/{} for {}",
-            g.id,
-            g.port,
-            g.protocol,
-            escape_for_terminal(&g.source)
-        )?;
-    }
-    for session in &revoked.terminated {
-        writeln!(out, "terminated: {}", escape_for_terminal(session))?;
-    }
-    Ok(())
 }
 
 /// The page size jitctl asks for when it reads every record.
@@ -409,21 +383,21 @@ async fn audit_pages(socket: &std::path::Path, mut query: AuditQuery, format: Fo
                 for w in &reply.warnings {
                     say(&format!("jitctl: warning: {w}"));
                 }
-                to_stdout(|out| write_json(out, &reply))?
+                to_stdout(|out| replies::write_json(out, &reply))?
             }
             Format::Json => {
                 for w in &reply.warnings {
                     say(&format!("jitctl: warning: {w}"));
                 }
-                print_json_items(&reply.records, first, reply.next_cursor.is_none())?
+                print_text(&audit::json_items(&reply.records, first, reply.next_cursor.is_none()))?
             }
             Format::Csv if !first => {
                 for w in &reply.warnings {
                     say(&format!("jitctl: warning: {w}"));
                 }
-                print_csv_rows(&reply)?
+                to_stdout(|out| audit::csv_rows(out, &reply.records))?
             }
-            _ => audit(&reply, format)?,
+            _ => audit_page(&reply, format)?,
         }
         first = false;
         match reply.next_cursor {
@@ -438,54 +412,6 @@ async fn audit_pages(socket: &std::path::Path, mut query: AuditQuery, format: Fo
             _ => return Ok(()),
         }
     }
-}
-
-/// Part of one JSON array printed across pages (hidden characters written as
-/// `\uXXXX`, as for every JSON jitctl prints).
-fn print_json_items(records: &[jitd::audit::AuditRecord], first: bool, last: bool) -> Result<(), Failure> {
-    let mut text = String::new();
-    if first {
-        text.push('[');
-    }
-    for (i, r) in records.iter().enumerate() {
-        if !(first && i == 0) {
-            text.push(',');
-        }
-        text.push_str("\n  ");
-        text.push_str(&serde_json::to_string(r).expect("records serialize"));
-    }
-    if last {
-        text.push_str("\n]");
-    }
-    if text.is_empty() {
-        return Ok(());
-    }
-    to_stdout(|out| writeln!(out, "{}", escape_json_output(&text)))
-}
-
-/// One later page as CSV rows, without the header row.
-fn print_csv_rows(reply: &AuditReply) -> Result<(), Failure> {
-    let mut buf = Vec::new();
-    jitd::audit::write_csv(&reply.records, &mut buf).map_err(|e| Failure::Usage(format!("writing CSV: {e}")))?;
-    let body = buf
-        .iter()
-        .position(|b| *b == b'\n')
-        .map_or(&buf[..], |at| &buf[at + 1..]);
-    to_stdout(|out| out.write_all(body))
-}
-
-fn both_times(t: DateTime<Utc>) -> String {
-    format!(
-        "{} ({})",
-        t.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S %Z"),
-        t.format("%Y-%m-%dT%H:%M:%SZ")
-    )
-}
-
-fn short_time(t: Option<DateTime<Utc>>) -> String {
-    t.map_or("-".into(), |t| {
-        t.with_timezone(&Local).format("%Y-%m-%d %H:%M").to_string()
-    })
 }
 
 /// How many grants jitctl asks for per `status` page.
@@ -505,9 +431,9 @@ async fn status_pages(socket: &std::path::Path, json: bool) -> Result<(), Failur
         let page: StatusReply = call(socket, &Request::Status(query.clone())).await?;
         let (first, last) = (query.cursor.is_none(), page.next_cursor.is_none());
         if json {
-            print_status_json(&page, first, listed, last)?;
+            print_text(&status::json_page(&page, first, listed, last))?;
         } else {
-            to_stdout(|out| print_status_page(out, &page, first, &mut columns))?;
+            to_stdout(|out| status::page(out, &page, first, &mut columns))?;
             if last && listed + page.grants.len() == 0 {
                 to_stdout(|out| writeln!(out, "No active grants."))?;
             }
@@ -518,205 +444,4 @@ async fn status_pages(socket: &std::path::Path, json: bool) -> Result<(), Failur
             None => return Ok(()),
         }
     }
-}
-
-/// One page of `status` as JSON: with the first, the object's other fields and the
-/// opening of `grants`; then the page's grants, one per line; with the last, the close.
-fn print_status_json(page: &StatusReply, first: bool, listed: usize, last: bool) -> Result<(), Failure> {
-    let mut text = String::new();
-    if first {
-        let mut head = serde_json::to_value(page).expect("replies serialize");
-        let fields = head.as_object_mut().expect("an object");
-        fields.remove("grants");
-        fields.remove("next_cursor");
-        let head = serde_json::to_string_pretty(&head).expect("values serialize");
-        // `{ ... }` without its closing brace, then the array the pages fill
-        text.push_str(head.trim_end().trim_end_matches('}').trim_end());
-        text.push_str(",\n  \"grants\": [");
-    }
-    for (i, g) in page.grants.iter().enumerate() {
-        if listed + i > 0 {
-            text.push(',');
-        }
-        text.push_str("\n    ");
-        text.push_str(&serde_json::to_string(g).expect("grants serialize"));
-    }
-    if last {
-        text.push_str(if listed + page.grants.len() > 0 {
-            "\n  ]\n}"
-        } else {
-            "]\n}"
-        });
-    }
-    if text.is_empty() {
-        return Ok(());
-    }
-    to_stdout(|out| writeln!(out, "{}", escape_json_output(&text)))
-}
-
-fn print_status_page(
-    out: &mut dyn Write,
-    page: &StatusReply,
-    first: bool,
-    columns: &mut Option<table::Columns>,
-) -> io::Result<()> {
-    if first {
-        print_status_head(out, page)?;
-    }
-    if page.grants.is_empty() {
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = page.grants.iter().map(grant_row).collect();
-    let headers = [
-        "ID",
-        "SOURCE",
-        "PORT",
-        "PROTO",
-        "REQUESTER",
-        "TIME LEFT",
-        "CONNS",
-        "JUSTIFICATION",
-    ];
-    let columns = match columns {
-        Some(c) => c,
-        None => {
-            writeln!(out, "Active grants")?;
-            let fitted = columns.insert(table::Columns::fit(&headers, &rows));
-            out.write_all(fitted.header(&headers).as_bytes())?;
-            fitted
-        }
-    };
-    out.write_all(columns.rows(&rows).as_bytes())
-}
-
-/// The ports, policy, health and clock notes `status` shows above the grants.
-fn print_status_head(out: &mut dyn Write, s: &StatusReply) -> io::Result<()> {
-    let esc = |t: &str| escape_for_terminal(t).into_owned();
-    writeln!(
-        out,
-        "Protected ports (jitd {}, on stop: {}, your role: {}{})",
-        esc(&s.version),
-        esc(&enum_text(&s.on_stop)),
-        esc(&enum_text(&s.your_role)),
-        if s.approver { ", approver" } else { "" }
-    )?;
-    let rows: Vec<Vec<String>> = s.ports.iter().map(port_row).collect();
-    out.write_all(
-        table::render(
-            &[
-                "PORT",
-                "PROTO",
-                "ALLOWED SOURCES",
-                "MAX",
-                "APPROVED 7D",
-                "LAST ACCESS",
-                "LAST USER",
-            ],
-            &rows,
-        )
-        .as_bytes(),
-    )?;
-    if !s.exempt_sources.is_empty() {
-        writeln!(out, "Exempt from the lockdown: {}", esc(&s.exempt_sources.join(", ")))?;
-    }
-    if !s.interfaces.is_empty() {
-        writeln!(out, "Locked only on: {}", esc(&s.interfaces.join(", ")))?;
-    }
-    let h = &s.health;
-    writeln!(
-        out,
-        "Since start: {} approved, {} denied, {} failed; {} drift repair(s); {} audit write failure(s); {} connection(s) refused by the limit",
-        h.requests_approved, h.requests_denied, h.requests_failed, h.drift_repairs, h.audit_write_failures, h.refused_connections
-    )?;
-    writeln!(out, "{}", escape_for_terminal(&doctor::status_line(s.doctor.as_ref())))?;
-    print_clock_notes(out, &s.clock)?;
-    if !s.pending.is_empty() {
-        writeln!(
-            out,
-            "\nWaiting for approval (jitctl approve ID, jitctl deny ID --reason ...)"
-        )?;
-        let rows: Vec<Vec<String>> = s.pending.iter().map(approvals::row).collect();
-        out.write_all(table::render(&approvals::HEADERS, &rows).as_bytes())?;
-    }
-    if let Some(at) = s.connections_counted_at {
-        writeln!(
-            out,
-            "CONNS: new connections each grant admitted, counted up to {} (the kernel's counters)",
-            at.with_timezone(&Local).format("%H:%M:%S")
-        )?;
-    }
-    writeln!(out)
-}
-
-/// What jitd noticed about its wall clock, when anything.
-fn print_clock_notes(out: &mut dyn Write, c: &ClockStatus) -> io::Result<()> {
-    if let Some(jump) = &c.last_jump {
-        let size = jitd::duration::format(std::time::Duration::from_secs(jump.by_secs.unsigned_abs()));
-        writeln!(
-            out,
-            "Note: the wall clock jumped {} {size} at {} ({} jump(s) since jitd started); grants end on the kernel's timers: TIME LEFT is the truth, end times are jitd's clock now + time left",
-            if jump.by_secs < 0 { "back" } else { "forward" },
-            both_times(jump.at),
-            c.jumps,
-        )?;
-    }
-    if c.behind_audit_at_start {
-        writeln!(
-            out,
-            "Note: at start the wall clock was behind the audit log; no grant was restored without the kernel's timers"
-        )?;
-    }
-    Ok(())
-}
-
-fn port_row(p: &PortStatus) -> Vec<String> {
-    vec![
-        p.port.to_string(),
-        p.protocol.to_string(),
-        p.allowed_sources.join(", "),
-        jitd::duration::format(std::time::Duration::from_secs(p.max_duration_secs)),
-        p.approved_last_7d.to_string(),
-        short_time(p.last_access),
-        p.last_user.clone().unwrap_or_else(|| "-".into()),
-    ]
-}
-
-fn grant_row(g: &GrantInfo) -> Vec<String> {
-    vec![
-        g.id.to_string(),
-        g.source.clone(),
-        g.port.to_string(),
-        g.protocol.to_string(),
-        g.requester.clone(),
-        jitd::duration::format(std::time::Duration::from_secs(g.remaining_secs)),
-        g.connections.map_or("-".into(), |n| n.to_string()),
-        g.justification.clone().unwrap_or_default(),
-    ]
-}
-
-fn print_audit(out: &mut dyn Write, reply: &AuditReply) -> io::Result<()> {
-    let rows: Vec<Vec<String>> = reply
-        .records
-        .iter()
-        .map(|r| {
-            vec![
-                r.time.with_timezone(&Local).format("%Y-%m-%d %H:%M:%S").to_string(),
-                r.actor.clone(),
-                enum_text(&r.action),
-                enum_text(&r.outcome),
-                r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
-                r.source.clone().unwrap_or_default(),
-                r.grant_id
-                    .map(|g| g.to_string())
-                    .or_else(|| r.request_id.map(|q| format!("request {q}")))
-                    .unwrap_or_default(),
-                r.connections.map(|n| n.to_string()).unwrap_or_default(),
-                r.reason.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
-    let headers = [
-        "TIME", "ACTOR", "ACTION", "OUTCOME", "PORTS", "SOURCE", "GRANT", "CONNS", "REASON",
-    ];
-    out.write_all(table::render(&headers, &rows).as_bytes())
 }
