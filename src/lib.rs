@@ -35,7 +35,7 @@
 //!   applied through libnftables ([`firewall::libnft`]) or `nft` ([`firewall::nft`]),
 //!   read back over nfnetlink, conntrack, the change monitor.
 //! - [`knockd`]: the knock worker, `jitd --knock-worker`: knocks read, screened and
-//!   verified in an unprivileged, seccomp-confined process (docs/security.md).
+//!   verified in an unprivileged, seccomp-confined process (docs/security/knock-worker.md).
 //! - [`health`]: `jitctl doctor`: the judgement (the rest of the ruleset walked for a
 //!   protected port, listening services worth protecting) and the probes that gather
 //!   its facts (nft, sock_diag, /proc, cgroups) (docs/doctor.md).

@@ -1,4 +1,4 @@
-//! The knock worker (`jitd --knock-worker`, docs/security.md "The knock worker"): the
+//! The knock worker (`jitd --knock-worker`, docs/security/knock-worker.md): the
 //! process that reads knocks holds no privilege, is confined by seccomp and talks to
 //! jitd only over its channel; killing it opens nothing and jitd restarts it; what it
 //! says is checked again, so a worker that lies or babbles opens nothing. Proven on the

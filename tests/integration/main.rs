@@ -6,6 +6,7 @@ mod audit_trail;
 mod clock;
 mod config_checks;
 mod core;
+mod docs;
 mod doctor;
 mod fairness;
 mod faults;
