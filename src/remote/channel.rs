@@ -295,11 +295,7 @@ mod tests {
     use super::*;
     use crate::remote::{packet, signers};
 
-    macro_rules! fixture {
-        ($name:literal) => {
-            include_str!(concat!("../../tests/fixtures/knock/", $name))
-        };
-    }
+    use crate::remote::knock_fixture as fixture;
     const REQUEST: &str = fixture!("request");
     const SIGNERS: &str = fixture!("allowed_signers");
 

@@ -22,3 +22,14 @@ pub mod wire;
 /// The SSHSIG namespace of a knock: a signature made for git or for file signing
 /// cannot be replayed as a knock.
 pub const NAMESPACE: &str = "knock@jitd";
+
+/// A knock test fixture (`tests/fixtures/knock/NAME`) as text, for the unit tests of
+/// this module's files.
+#[cfg(test)]
+macro_rules! knock_fixture {
+    ($name:literal) => {
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/knock/", $name))
+    };
+}
+#[cfg(test)]
+pub(crate) use knock_fixture;
