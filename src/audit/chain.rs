@@ -14,7 +14,7 @@ const HASH_FIELD: &[u8] = b",\"hash\":\"";
 /// Seals a record serialized without its hash (a JSON object ending in `}`): returns
 /// the line to write (no newline) and the record's hash.
 pub fn seal(unsealed: &[u8]) -> (Vec<u8>, String) {
-    let hash = hex(&Sha256::digest(unsealed));
+    let hash = hex::encode(Sha256::digest(unsealed));
     let mut line = unsealed[..unsealed.len() - 1].to_vec();
     line.extend_from_slice(HASH_FIELD);
     line.extend_from_slice(hash.as_bytes());
@@ -37,15 +37,11 @@ pub fn intact(line: &[u8]) -> bool {
     };
     let mut unsealed = line[..at].to_vec();
     unsealed.push(b'}');
-    hex(&Sha256::digest(&unsealed)) == claimed
+    hex::encode(Sha256::digest(&unsealed)) == claimed
 }
 
 fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).rposition(|w| w == needle)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Where and how the chain is broken.

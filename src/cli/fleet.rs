@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::jitctl::{FleetArgs, FleetCommand};
 use crate::cli::knock::sign;
+use crate::cli::table;
 use crate::fleet::approval::FleetApproval;
 use crate::fleet::connect;
 use crate::fleet::records::{HostRecord, Keys, Outcome, StatusRecord};
@@ -78,20 +79,27 @@ impl Answers {
 
     /// The table: HOST OUTCOME OPEN UNTIL / REASON.
     pub fn table(&self) -> String {
-        let mut out = format!("request {}\n", self.id);
-        let width = self.hosts.iter().map(|h| h.host.len()).max().unwrap_or(4).max(4);
-        out.push_str(&format!("{:width$}  {:9}  OPEN UNTIL / REASON\n", "HOST", "OUTCOME"));
-        for h in &self.hosts {
-            // an approval shows when it closes; anything else why (a pending answer says
-            // how to approve and when it times out)
-            let detail = match (h.outcome.as_str(), &h.until, &h.reason) {
-                ("approved", Some(t), _) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
-                (_, _, Some(r)) => crate::text::escape_capped(r, 200),
-                (_, Some(t), None) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
-                (_, None, None) => "-".into(),
-            };
-            out.push_str(&format!("{:width$}  {:9}  {detail}\n", h.host, h.outcome));
-        }
+        let rows: Vec<Vec<String>> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                // an approval shows when it closes; anything else why (a pending answer
+                // says how to approve and when it times out)
+                let detail = match (h.outcome.as_str(), &h.until, &h.reason) {
+                    ("approved", Some(t), _) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    (_, _, Some(r)) => r.clone(),
+                    (_, Some(t), None) => t.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    (_, None, None) => "-".into(),
+                };
+                vec![h.host.clone(), h.outcome.clone(), detail]
+            })
+            .collect();
+        let mut out = format!("request {}\n", crate::text::escape_capped(&self.id, 200));
+        out.push_str(&table::render_capped(
+            &["HOST", "OUTCOME", "OPEN UNTIL / REASON"],
+            &rows,
+            200,
+        ));
         if self.hosts.is_empty() {
             out.push_str("(no registered host is selected)\n");
         }
@@ -560,9 +568,7 @@ impl FleetState {
                 |s| crate::duration::format(Duration::from_secs(s.max(0) as u64)),
             )
         };
-        let mut hosts = vec![["HOST", "VERSION", "HEALTH", "GROUPS", "PORTS", "LEASE"]
-            .map(String::from)
-            .to_vec()];
+        let mut hosts = Vec::new();
         for (name, h) in &self.hosts {
             let r = &h.record;
             hosts.push(vec![
@@ -574,11 +580,7 @@ impl FleetState {
                 left(h.lease_left_secs),
             ]);
         }
-        let mut requests = vec![
-            ["REQUEST", "HOSTS", "PORTS", "SOURCE", "CLOSES IN", "OPEN ON", "OTHERS"]
-                .map(String::from)
-                .to_vec(),
-        ];
+        let mut requests = Vec::new();
         for (id, r) in &self.requests {
             let on = |want: bool| -> String {
                 let hosts: Vec<String> = r
@@ -610,27 +612,16 @@ impl FleetState {
                 on(false),
             ]);
         }
-        format!("{}\n{}", columns(&hosts), columns(&requests))
+        format!(
+            "{}\n{}",
+            table::render_capped(&["HOST", "VERSION", "HEALTH", "GROUPS", "PORTS", "LEASE"], &hosts, 200),
+            table::render_capped(
+                &["REQUEST", "HOSTS", "PORTS", "SOURCE", "CLOSES IN", "OPEN ON", "OTHERS"],
+                &requests,
+                200
+            )
+        )
     }
-}
-
-/// Rows as left-aligned columns two spaces apart, every cell escaped (values from etcd
-/// are anyone's with write access).
-fn columns(rows: &[Vec<String>]) -> String {
-    let rows: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| r.iter().map(|c| crate::text::escape_capped(c, 200)).collect())
-        .collect();
-    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for r in &rows {
-        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:w$}")).collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 /// Seconds left on `lease` (`None`: no lease, or gone).

@@ -3,7 +3,7 @@
 //! escaped again), in the one place tables are drawn, so no
 //! caller-supplied text (a source, a justification, a reason) reaches a terminal raw.
 
-use crate::text::show_stored;
+use crate::text::{escape_capped, show_stored};
 
 /// `headers` and `rows` as left-aligned columns two spaces apart, one line per row
 /// (each ending in `\n`, trailing spaces trimmed); cells are escaped for the terminal
@@ -12,6 +12,28 @@ pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     let columns = Columns::fit(headers, rows);
     let mut out = columns.header(headers);
     out.push_str(&columns.rows(rows));
+    out
+}
+
+/// Like [`render`], for text nobody checked (values from etcd, which anyone with write
+/// access there wrote): every cell escaped with [`escape_capped`] and cut to at most
+/// `max_chars` characters, never taken for text jitd stored escaped.
+pub fn render_capped(headers: &[&str], rows: &[Vec<String>], max_chars: usize) -> String {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| escape_capped(c, max_chars)).collect())
+        .collect();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &cells {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let columns = Columns { widths };
+    let mut out = columns.header(headers);
+    for row in cells {
+        out.push_str(&columns.line(row.into_iter()));
+    }
     out
 }
 
@@ -70,6 +92,24 @@ mod tests {
             "ID  SOURCE       WHY\n\
              1   203.0.113.7  ok\n\
              22  \\u{1b}[2J    x\\u{202e}y\n"
+        );
+    }
+
+    #[test]
+    fn unchecked_text_is_escaped_once_and_cut() {
+        let long = "a".repeat(30);
+        let rows = vec![
+            vec!["web1".to_string(), "\\stored\u{1b}".to_string()],
+            vec!["\x1b[2J".to_string(), long],
+        ];
+        let drawn = render_capped(&["HOST", "REASON"], &rows, 10);
+        let lines: Vec<&str> = drawn.lines().collect();
+        assert_eq!(lines[0], "HOST       REASON");
+        // a backslash from etcd is never taken for one of jitd's own escapes
+        assert_eq!(lines[1], "web1       \\\\stored\\[cut: the original had 8 characters]");
+        assert_eq!(
+            lines[2],
+            "\\u{1b}[2J  aaaaaaaaaa\\[cut: the original had 30 characters]"
         );
     }
 

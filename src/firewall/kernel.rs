@@ -42,8 +42,8 @@ impl KernelTable {
             for e in self.elements.get(set).into_iter().flatten() {
                 lines.push(format!(
                     "elem {set} {} {} {}",
-                    hex(&e.key),
-                    e.key_end.as_deref().map(hex).unwrap_or_default(),
+                    hex::encode(&e.key),
+                    e.key_end.as_deref().map(hex::encode).unwrap_or_default(),
                     e.flags
                 ));
             }
@@ -79,16 +79,12 @@ impl KernelTable {
                     Some(key) => {
                         grants.insert(key, e.expires_ms.map_or(NO_TIMEOUT, Duration::from_millis));
                     }
-                    None => foreign.push(format!("{set}: key {}", hex(&e.key))),
+                    None => foreign.push(format!("{set}: key {}", hex::encode(&e.key))),
                 }
             }
         }
         (grants, foreign)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One object as text, without the attributes that change on their own.
@@ -104,7 +100,7 @@ fn object_line(object: &Object) -> String {
         let value = if object.kind == msg::RULE && a.kind == attr::RULE_EXPRESSIONS {
             without_counters(a)
         } else {
-            hex(&a.value)
+            hex::encode(&a.value)
         };
         line.push_str(&format!(" {}={}", a.kind, value));
     }
@@ -125,7 +121,7 @@ fn without_counters(expressions: &Attr) -> String {
             if name == b"counter\0" {
                 "counter".to_string()
             } else {
-                hex(&elem.value)
+                hex::encode(&elem.value)
             }
         })
         .collect::<Vec<_>>()

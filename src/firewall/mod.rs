@@ -201,7 +201,7 @@ fn refused<'a>(batch: &Nftables<'a>) -> Nftables<'a> {
     objects.push(NfObject::CmdObject(NfCmd::Delete(NfListObject::Table(Table {
         family: nftables::types::NfFamily::INet,
         name: "jitd-injected-fault-no-such-table".into(),
-        handle: None,
+        ..Default::default()
     }))));
     Nftables {
         objects: objects.into(),

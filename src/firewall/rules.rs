@@ -193,9 +193,7 @@ fn timed(key: Expression<'static>, timeout: Duration) -> Expression<'static> {
     Expression::Named(NamedExpression::Elem(nftables::expr::Elem {
         val: Box::new(key),
         timeout: Some(timeout_secs(timeout)),
-        expires: None,
-        comment: None,
-        counter: None,
+        ..Default::default()
     }))
 }
 
@@ -265,9 +263,7 @@ pub fn replace_table_with_cuts(
             table: TABLE.into(),
             chain: chain.into(),
             expr: expr.into(),
-            handle: None,
-            index: None,
-            comment: None,
+            ..Default::default()
         }));
     }
     add_prefix_elements(
@@ -371,7 +367,7 @@ fn table() -> Table<'static> {
     Table {
         family: FAMILY,
         name: TABLE.into(),
-        handle: None,
+        ..Default::default()
     }
 }
 
@@ -382,13 +378,11 @@ fn chain_named(name: &'static str) -> Chain<'static> {
         family: FAMILY,
         table: TABLE.into(),
         name: name.into(),
-        newname: None,
-        handle: None,
         _type: base.then_some(NfChainType::Filter),
         hook: base.then_some(NfHook::Input),
         prio: base.then_some(CHAIN_PRIORITY),
-        dev: None,
         policy: base.then_some(NfChainPolicy::Accept),
+        ..Default::default()
     }
 }
 
@@ -426,15 +420,9 @@ fn set(name: &'static str, set_type: SetTypeValue<'static>, flags: &[SetFlag]) -
         family: FAMILY,
         table: TABLE.into(),
         name: name.into(),
-        handle: None,
         set_type,
-        policy: None,
         flags: (!flags.is_empty()).then(|| flags.iter().copied().collect::<HashSet<_>>()),
-        elem: None,
-        timeout: None,
-        gc_interval: None,
-        size: None,
-        comment: None,
+        ..Default::default()
     }
 }
 
@@ -661,8 +649,7 @@ fn meta(key: MetaKey) -> Expression<'static> {
 fn ct(key: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::CT(CT {
         key: key.into(),
-        family: None,
-        dir: None,
+        ..Default::default()
     }))
 }
 

@@ -101,10 +101,7 @@ impl FleetRequest {
     /// this text and no other written under the same id.
     pub fn digest(&self) -> String {
         use sha2::{Digest, Sha256};
-        Sha256::digest(self.encode().as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(Sha256::digest(self.encode().as_bytes()))
     }
 
     /// The latest time it may keep anything open: signing time plus duration.

@@ -115,7 +115,7 @@ fn ahead(until: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
 
 /// A nonce as hex (how records and the checkpoint keep it).
 pub fn hex(nonce: &Nonce) -> String {
-    nonce.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(nonce)
 }
 
 /// A nonce from its hex form; `None` unless exactly 32 lower-case hex digits.

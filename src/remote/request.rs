@@ -59,7 +59,7 @@ impl KnockRequest {
             let _ = writeln!(out, "justification {j}");
         }
         let _ = writeln!(out, "time {}", self.time.to_rfc3339_opts(SecondsFormat::Secs, true));
-        let nonce: String = self.nonce.iter().map(|b| format!("{b:02x}")).collect();
+        let nonce: String = hex::encode(self.nonce);
         let _ = writeln!(out, "nonce {nonce}");
         out
     }

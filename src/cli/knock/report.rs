@@ -72,7 +72,7 @@ impl Report {
             justification: request.justification.clone(),
             key,
             key_fingerprint: fingerprint,
-            nonce: request.nonce.iter().map(|b| format!("{b:02x}")).collect(),
+            nonce: hex::encode(request.nonce),
             signed_at: request.time,
             sent_at: None,
             sign_ms: 0,

@@ -129,7 +129,7 @@ pub struct PrivateDir {
 impl PrivateDir {
     /// Creates `$TMPDIR/jitctl-knock-RANDOM` (mode 0700; refused if it exists).
     pub fn new(random: [u8; 16]) -> Result<PrivateDir, String> {
-        let name: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        let name: String = hex::encode(random);
         let path = std::env::temp_dir().join(format!("jitctl-knock-{name}"));
         std::fs::DirBuilder::new()
             .mode(0o700)

@@ -239,11 +239,7 @@ pub fn xt_matches(expressions: &[u8]) -> Vec<XtMatch> {
         found.push(XtMatch {
             name: name.unwrap_or_default(),
             rev: rev.unwrap_or(u32::MAX),
-            info: field(MATCH_INFO)
-                .unwrap_or_default()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            info: hex::encode(field(MATCH_INFO).unwrap_or_default()),
         });
     }
     found

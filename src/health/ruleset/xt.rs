@@ -144,15 +144,11 @@ mod tests {
     use super::*;
     use crate::domain::Transport;
 
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     fn m(name: &str, rev: u32, info: &[u8]) -> XtMatch {
         XtMatch {
             name: name.into(),
             rev,
-            info: hex(info),
+            info: hex::encode(info),
         }
     }
 
