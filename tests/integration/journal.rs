@@ -528,7 +528,11 @@ fn checkpoint(setup: &Setup) -> Value {
 }
 
 fn write_checkpoint(setup: &Setup, saved: &Value) {
-    std::fs::write(setup.state_dir().join("grants.json"), serde_json::to_vec(saved).unwrap()).unwrap();
+    std::fs::write(
+        setup.state_dir().join("grants.json"),
+        serde_json::to_vec(saved).unwrap(),
+    )
+    .unwrap();
 }
 
 /// Waits until the checkpoint (written at most once a second) says `check`.
@@ -552,11 +556,21 @@ fn holds(saved: &Value, id: u64) -> bool {
         .is_some_and(|g| g.iter().any(|g| g["id"] == id))
 }
 
-/// The `recover` records: the checkpoint refused and the grants rebuilt from the log.
+/// The `recover` records: the checkpoint refused and the grants rebuilt from the log
+/// (in any audit file: start-up may rotate the log after writing it).
 fn refusals(setup: &Setup) -> Vec<String> {
-    setup
-        .audit()
-        .into_iter()
+    std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("audit.jsonl"))
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
         .filter(|r| r["action"] == "recover")
         .filter_map(|r| r["reason"].as_str().map(str::to_string))
         .filter(|w| w.contains("disagrees with the audit log") && w.contains("rebuilt the grants from the audit log"))
@@ -595,10 +609,17 @@ fn a_checkpoint_naming_an_approval_in_a_missing_audit_file_proves_nothing() {
     let status = jitd.ctl_json(&["status"]);
     for g in status["grants"].as_array().unwrap() {
         assert_eq!(g["id"], id, "only the approved grant may come back: {status}");
-        assert!(g["remaining_secs"].as_u64().unwrap() <= 20, "no more than approved: {status}");
+        assert!(
+            g["remaining_secs"].as_u64().unwrap() <= 20,
+            "no more than approved: {status}"
+        );
     }
     assert!(!can_connect(&net.b, HOST_B4, 22), "the made-up grant opens nothing");
-    assert!(!refusals(&setup).is_empty(), "refusing the checkpoint is audited: {status} {}", jitd.log_text());
+    assert!(
+        !refusals(&setup).is_empty(),
+        "refusing the checkpoint is audited: {status} {}",
+        jitd.log_text()
+    );
     assert!(
         wait_for(Duration::from_secs(30), || !can_connect(&net.a, HOST_A4, 22)),
         "the grant ends when its approval said"
@@ -617,7 +638,10 @@ fn a_grant_whose_approval_record_was_deleted_does_not_come_back_after_a_reboot()
     let lost = granted_id(&request(&jitd, &["--port", "22", "--source", B4, "--duration", "1h"]));
     for i in 0..30 {
         let source = format!("198.51.100.{}", i + 1);
-        granted_id(&request(&jitd, &["--port", "22", "--source", &source, "--duration", "1h"]));
+        granted_id(&request(
+            &jitd,
+            &["--port", "22", "--source", &source, "--duration", "1h"],
+        ));
     }
     let kept = granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"]));
     assert!(jitd.stop(Duration::from_secs(10)).success());
@@ -644,7 +668,11 @@ fn a_grant_whose_approval_record_was_deleted_does_not_come_back_after_a_reboot()
     assert!(!can_connect(&net.b, HOST_B4, 22), "its address stays locked");
     assert!(ids.contains(&kept), "{ids:?}");
     assert!(can_connect(&net.a, HOST_A4, 22), "what the log proves is restored");
-    assert!(!refusals(&setup).is_empty(), "refusing the checkpoint is audited");
+    assert!(
+        !refusals(&setup).is_empty(),
+        "refusing the checkpoint is audited: {}",
+        jitd.log_text()
+    );
 }
 
 /// A grant revoked after its approval never comes back from a checkpoint: not when it
@@ -668,7 +696,12 @@ fn a_revoked_grant_written_back_into_the_checkpoint_does_not_come_back() {
             "written back" => {
                 let mut saved = checkpoint(&setup);
                 assert!(!holds(&saved, id) && holds(&saved, other), "{how}: {saved}");
-                let grant = before["grants"].as_array().unwrap().iter().find(|g| g["id"] == id).unwrap();
+                let grant = before["grants"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|g| g["id"] == id)
+                    .unwrap();
                 saved["grants"].as_array_mut().unwrap().insert(0, grant.clone());
                 saved["approvals"][id.to_string()] = before["approvals"][id.to_string()].clone();
                 saved
@@ -692,6 +725,9 @@ fn a_revoked_grant_written_back_into_the_checkpoint_does_not_come_back() {
         assert!(!can_connect(&net.a, HOST_A4, 22), "{how}: its address stays locked");
         assert!(ids.contains(&other), "{how}: the live grant is restored: {ids:?}");
         assert!(can_connect(&net.b, HOST_B4, 22), "{how}");
-        assert!(!refusals(&setup).is_empty(), "{how}: refusing the checkpoint is audited");
+        assert!(
+            !refusals(&setup).is_empty(),
+            "{how}: refusing the checkpoint is audited"
+        );
     }
 }
