@@ -106,6 +106,40 @@ pub fn vouches(record: &AuditRecord, grant: &Grant) -> Result<(), String> {
     Ok(())
 }
 
+/// The first of `grants` (a checkpoint's) that `records` ended: the journal after the
+/// oldest of their approvals, up to the checkpoint's place. The checkpoint must not
+/// hold a grant the journal had already revoked, expired or replaced (or whose
+/// approval was withdrawn) when it was taken; `None` when it holds none. Whole batches
+/// only, and a `failed` record takes back the end before it, as [`replay`] does.
+pub fn ended_in(grants: &[Grant], records: &[AuditRecord]) -> Option<String> {
+    use crate::audit::{Action, Outcome};
+    let ids: std::collections::HashSet<GrantId> = grants.iter().map(|g| g.id).collect();
+    let (records, _) = whole_batches(records);
+    let mut ended: BTreeMap<GrantId, &AuditRecord> = BTreeMap::new();
+    for r in records {
+        let Some(id) = r.grant_id.filter(|id| ids.contains(id)) else {
+            continue;
+        };
+        match (r.action, r.outcome) {
+            (Action::Request, Outcome::Failed) | (_, Outcome::Expired | Outcome::Superseded | Outcome::Revoked) => {
+                ended.insert(id, r);
+            }
+            (_, Outcome::Failed) => {
+                ended.remove(&id);
+            }
+            _ => {}
+        }
+    }
+    let (id, r) = ended.into_iter().next()?;
+    let how = serde_json::to_value((r.action, r.outcome)).unwrap_or_default();
+    Some(format!(
+        "grant {id}: the audit log ended it ({} {} at {}) before the checkpoint's place in it",
+        how[0].as_str().unwrap_or("?"),
+        how[1].as_str().unwrap_or("?"),
+        r.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    ))
+}
+
 /// The sum of the journal up to a checkpoint that start-up needs besides the grants:
 /// recent use of each port (for `status`), the newest record's time (to tell a wall
 /// clock that went backwards) and the highest grant id ever handed out.
@@ -632,6 +666,44 @@ mod tests {
         assert_eq!(snapshot.next_id, 6);
         assert_eq!(snapshot.grants[0].expires_at, t(3) + chrono::Duration::hours(1));
         assert_eq!(snapshot.grants[0].requester, "bob");
+    }
+
+    #[test]
+    fn a_checkpoint_grant_the_journal_ended_before_its_place_is_named() {
+        use crate::audit::{Action, AuditRecord, Outcome};
+        let at = chrono::DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .to_utc();
+        let record = |id: u64, action, outcome| {
+            let mut r = AuditRecord::new(at, None, "jitd", action, outcome);
+            r.grant_id = Some(id);
+            r
+        };
+        let mut approved = record(1, Action::Request, Outcome::Approved);
+        approved.source = Some("192.0.2.1".into());
+        approved.ports = vec![22];
+        approved.protocol = Some(crate::domain::Protocol::Tcp);
+        approved.duration_secs = Some(3600);
+        let grants: Vec<Grant> = [1, 2, 3].map(|id| approved_grant(&approved, id).unwrap()).to_vec();
+        let clean = [
+            record(1, Action::Start, Outcome::Done),
+            record(9, Action::Revoke, Outcome::Revoked),
+        ];
+        assert_eq!(ended_in(&grants, &clean), None, "another grant's end, a clamp");
+        let taken_back = [
+            record(2, Action::Revoke, Outcome::Revoked),
+            record(2, Action::Revoke, Outcome::Failed),
+        ];
+        assert_eq!(ended_in(&grants, &taken_back), None, "a revocation that did not happen");
+        for (action, outcome) in [
+            (Action::Revoke, Outcome::Revoked),
+            (Action::Expire, Outcome::Expired),
+            (Action::Supersede, Outcome::Superseded),
+            (Action::Request, Outcome::Failed),
+        ] {
+            let why = ended_in(&grants, &[record(3, action, outcome)]).expect("ended");
+            assert!(why.starts_with("grant 3: the audit log ended it ("), "{why}");
+        }
     }
 
     #[test]

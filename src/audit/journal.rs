@@ -179,16 +179,21 @@ impl Records {
     }
 
     /// The record `pos` names, if it is there whole: its line ends at `pos.offset`,
-    /// claims `pos.hash` and its content still matches that hash.
-    pub fn at(&self, pos: &Position) -> std::io::Result<Option<AuditRecord>> {
+    /// claims `pos.hash` and its content still matches that hash; with where it is now
+    /// (the file it was found in).
+    pub fn at(&self, pos: &Position) -> std::io::Result<Option<(AuditRecord, Position)>> {
         let named = self.files.iter().filter(|(n, _)| *n == pos.file);
         let others = self.files.iter().filter(|(n, _)| *n != pos.file);
-        for (_, file) in named.chain(others) {
+        for (name, file) in named.chain(others) {
             let Some(line) = line_before_from(file, pos.offset, 1024)? else {
                 continue;
             };
             if chain::claimed_hash(&line) == Some(pos.hash.as_str()) && chain::intact(&line) {
-                return Ok(serde_json::from_slice(&line).ok());
+                let here = Position {
+                    file: name.clone(),
+                    ..pos.clone()
+                };
+                return Ok(serde_json::from_slice(&line).ok().map(|r| (r, here)));
             }
         }
         Ok(None)

@@ -498,26 +498,26 @@ fn read_whole(dir: &Path) -> Result<Read, StartError> {
 enum Approval {
     /// The record, and where it ends.
     Found(Box<AuditRecord>, audit::Position),
-    /// The audit file the checkpoint names for it was deleted by rotation: the
-    /// checkpoint is the only witness left.
-    RotatedAway(audit::Position),
-    /// Not where the checkpoint says, or the checkpoint names no place for it.
-    Missing,
+    /// Not where the checkpoint says nor in any other audit file, or the checkpoint
+    /// names no place for it; the words say which.
+    Missing(String),
 }
 
-/// Where the checkpoint says `id`'s approval is in `dir`, and whether the file it names
-/// is gone (deleted by rotation).
-fn named_approval(dir: &Path, saved: &store::Snapshot, id: GrantId) -> Approval {
-    match saved.approvals.get(&id) {
-        Some(at) if !dir.join(&at.file).exists() => Approval::RotatedAway(at.clone()),
-        _ => Approval::Missing,
-    }
+/// Why `id`'s approval record was not found where the checkpoint says. Rotation never
+/// deletes a live grant's approval, so a file that is not there was deleted by someone
+/// else (or the checkpoint edited): either way nothing proves the grant any more.
+fn missing_approval(dir: &Path, saved: &store::Snapshot, id: GrantId) -> Approval {
+    Approval::Missing(match saved.approvals.get(&id) {
+        Some(at) if !dir.join(&at.file).exists() => format!(" (the checkpoint names {}, which is not there)", at.file),
+        Some(at) => format!(" (the checkpoint names byte {} of {})", at.offset, at.file),
+        None => " (the checkpoint names no place for it)".into(),
+    })
 }
 
 /// Checks each grant of the checkpoint against its approval record (`approval` finds
-/// it): where the live grants' approvals are, or why the checkpoint cannot be trusted.
-/// A grant whose approval's audit file was deleted by rotation keeps what the
-/// checkpoint says (bounded by the policy, as every restored grant), with a warning.
+/// it): where the live grants' approvals are now, or why the checkpoint cannot be
+/// trusted. A grant whose approval record is not found is never taken on the
+/// checkpoint's word.
 fn check_checkpoint(
     saved: &store::Snapshot,
     mut approval: impl FnMut(GrantId) -> std::io::Result<Approval>,
@@ -531,18 +531,48 @@ fn check_checkpoint(
                 store::vouches(&record, grant)?;
                 approvals.insert(grant.id, at);
             }
-            Approval::RotatedAway(at) => {
-                tracing::warn!(
-                    "grant {}: its approval record was in {}, deleted by rotation; restored as the checkpoint says",
-                    grant.id,
-                    at.file
-                );
-                approvals.insert(grant.id, at);
-            }
-            Approval::Missing => return Err(format!("grant {}: its approval record is not found", grant.id)),
+            Approval::Missing(why) => return Err(format!("grant {}: its approval record is not found{why}", grant.id)),
         }
     }
     Ok(approvals)
+}
+
+/// The records after the oldest of the checkpoint's approvals (`approvals`, where they
+/// are now) up to and including the checkpoint's own place `to`: what [`store::ended_in`]
+/// checks the checkpoint's grants against (a grant revoked before the checkpoint was
+/// taken, written back into it or hidden by moving its place past the revocation).
+fn covered_since_approvals(
+    dir: &Path,
+    approvals: &Approvals,
+    to: &audit::Position,
+) -> Result<Vec<AuditRecord>, String> {
+    let files: HashMap<String, usize> = audit::files(dir)
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), i))
+        .collect();
+    let oldest = approvals
+        .values()
+        .min_by_key(|at| (files.get(&at.file).copied().unwrap_or(usize::MAX), at.offset));
+    let Some(from) = oldest.filter(|from| from.hash != to.hash) else {
+        return Ok(Vec::new());
+    };
+    let since = audit::journal::read_since(dir, from)
+        .map_err(|e| format!("cannot read the audit journal from the oldest approval on: {e}"))?
+        .ok_or_else(|| {
+            format!(
+                "the approval record ending at byte {} of {} is gone",
+                from.offset, from.file
+            )
+        })?;
+    let end = since
+        .at
+        .iter()
+        .position(|at| at.hash == to.hash && at.offset == to.offset)
+        .ok_or("the checkpoint's place in the audit log comes before one of its grants' approvals")?;
+    let mut records = since.records;
+    records.truncate(end + 1);
+    Ok(records)
 }
 
 /// The refusal limiter: 20 refusals per uid (or signing key) per [`refusal_interval`] in full.
@@ -781,12 +811,16 @@ fn read_journal(
                 let records = audit::journal::Records::open(dir).map_err(StartError::AuditRead)?;
                 let checked = check_checkpoint(saved, |id| {
                     let Some(at) = saved.approvals.get(&id) else {
-                        return Ok(Approval::Missing);
+                        return Ok(missing_approval(dir, saved, id));
                     };
                     Ok(match records.at(at)? {
-                        Some(r) => Approval::Found(Box::new(r), at.clone()),
-                        None => named_approval(dir, saved, id),
+                        Some((r, here)) => Approval::Found(Box::new(r), here),
+                        None => missing_approval(dir, saved, id),
                     })
+                })
+                .and_then(|approvals| {
+                    let covered = covered_since_approvals(dir, &approvals, pos)?;
+                    store::ended_in(&saved.grants, &covered).map_or(Ok(approvals), Err)
                 });
                 let read = Read {
                     records: since.records,
@@ -814,13 +848,19 @@ fn read_journal(
         .filter(|(_, r)| (r.action, r.outcome) == (Action::Request, Outcome::Approved))
         .filter_map(|(i, r)| Some((r.grant_id?, i)))
         .collect();
+    let skip = all.records.len() - store::journal(saved, &all.records).len();
     let checked = check_checkpoint(saved, |id| {
         Ok(match approved.get(&id) {
             Some(i) => Approval::Found(Box::new(all.records[*i].clone()), all.at[*i].clone()),
-            None => named_approval(dir, saved, id),
+            None => missing_approval(dir, saved, id),
         })
+    })
+    .and_then(|approvals| {
+        // the records the checkpoint covers, after the oldest of its grants' approvals
+        let oldest = saved.grants.iter().filter_map(|g| approved.get(&g.id)).min();
+        let covered = oldest.map_or(&[][..], |i| all.records.get(i + 1..skip).unwrap_or_default());
+        store::ended_in(&saved.grants, covered).map_or(Ok(approvals), Err)
     });
-    let skip = all.records.len() - store::journal(saved, &all.records).len();
     let read = Read {
         records: all.records[skip..].to_vec(),
         at: all.at[skip..].to_vec(),

@@ -521,3 +521,213 @@ fn a_checkpoint_that_stretches_a_grant_is_refused_and_the_grant_ends_as_approved
     let jitd = setup.start(&net.host);
     assert!(!jitd.log_text().contains("disagrees"), "{}", jitd.log_text());
 }
+
+/// The checkpoint's JSON, and a function that writes it back edited.
+fn checkpoint(setup: &Setup) -> Value {
+    serde_json::from_slice(&std::fs::read(setup.state_dir().join("grants.json")).unwrap()).unwrap()
+}
+
+fn write_checkpoint(setup: &Setup, saved: &Value) {
+    std::fs::write(
+        setup.state_dir().join("grants.json"),
+        serde_json::to_vec(saved).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Waits until the checkpoint (written at most once a second) says `check`.
+fn checkpoint_says(setup: &Setup, check: impl Fn(&Value) -> bool) -> Value {
+    let path = setup.state_dir().join("grants.json");
+    let mut last = Value::Null;
+    let caught_up = wait_for(Duration::from_secs(15), || {
+        last = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        check(&last)
+    });
+    assert!(caught_up, "the checkpoint never caught up: {last}");
+    last
+}
+
+fn holds(saved: &Value, id: u64) -> bool {
+    saved["grants"]
+        .as_array()
+        .is_some_and(|g| g.iter().any(|g| g["id"] == id))
+}
+
+/// The `recover` records: the checkpoint refused and the grants rebuilt from the log
+/// (in any audit file: start-up may rotate the log after writing it).
+fn refusals(setup: &Setup) -> Vec<String> {
+    std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("audit.jsonl"))
+        .flat_map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+        .filter(|r| r["action"] == "recover")
+        .filter_map(|r| r["reason"].as_str().map(str::to_string))
+        .filter(|w| w.contains("disagrees with the audit log") && w.contains("rebuilt the grants from the audit log"))
+        .collect()
+}
+
+/// After a reboot, a checkpoint that names its grants' approval records in an audit
+/// file that is not there proves nothing: neither the grant it stretched (edited to end
+/// in 2099, its approval pointed at a file that does not exist) nor one it made up
+/// outlives what the audit log itself proves. The checkpoint is refused, audited, and
+/// the grants rebuilt from the log.
+#[test]
+fn a_checkpoint_naming_an_approval_in_a_missing_audit_file_proves_nothing() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("[[ports]]\nport = 22\nmax_duration = \"1h\"\n");
+    let jitd = setup.start(&net.host);
+    let id = granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "20s"]));
+    assert!(jitd.stop(Duration::from_secs(10)).success());
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    let mut saved = checkpoint(&setup);
+    assert!(holds(&saved, id), "{saved}");
+    let nowhere = serde_json::json!({"file": "audit.jsonl.9", "offset": 1, "hash": "00".repeat(32)});
+    saved["grants"][0]["expires_at"] = "2099-01-01T00:00:00Z".into();
+    saved["approvals"][id.to_string()] = nowhere.clone();
+    // and a grant nobody ever approved, for a stranger
+    let mut made_up = saved["grants"][0].clone();
+    made_up["id"] = (id + 50).into();
+    made_up["source"] = format!("{B4}/32").into();
+    saved["grants"].as_array_mut().unwrap().push(made_up);
+    saved["approvals"][(id + 50).to_string()] = nowhere;
+    saved["next_id"] = (id + 51).into();
+    write_checkpoint(&setup, &saved);
+
+    let jitd = setup.start(&net.host);
+    let status = jitd.ctl_json(&["status"]);
+    for g in status["grants"].as_array().unwrap() {
+        assert_eq!(g["id"], id, "only the approved grant may come back: {status}");
+        assert!(
+            g["remaining_secs"].as_u64().unwrap() <= 20,
+            "no more than approved: {status}"
+        );
+    }
+    assert!(!can_connect(&net.b, HOST_B4, 22), "the made-up grant opens nothing");
+    assert!(
+        !refusals(&setup).is_empty(),
+        "refusing the checkpoint is audited: {status} {}",
+        jitd.log_text()
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || !can_connect(&net.a, HOST_A4, 22)),
+        "the grant ends when its approval said"
+    );
+}
+
+/// An audit file holding a live grant's approval deleted while jitd was down (rotation
+/// never deletes it): after a reboot nothing proves the grant, so it does not come
+/// back, whatever the checkpoint says; the grants the log still proves do.
+#[test]
+fn a_grant_whose_approval_record_was_deleted_does_not_come_back_after_a_reboot() {
+    let net = Net::new();
+    serve_echo(&net.host, 22);
+    let setup = Setup::new("audit_max_bytes = 4096\naudit_keep = 50\n[[ports]]\nport = 22\nmax_duration = \"1h\"\n");
+    let jitd = setup.start(&net.host);
+    let lost = granted_id(&request(&jitd, &["--port", "22", "--source", B4, "--duration", "1h"]));
+    for i in 0..30 {
+        let source = format!("198.51.100.{}", i + 1);
+        granted_id(&request(
+            &jitd,
+            &["--port", "22", "--source", &source, "--duration", "1h"],
+        ));
+    }
+    let kept = granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"]));
+    assert!(jitd.stop(Duration::from_secs(10)).success());
+    net.nft_ok(&["delete", "table", "inet", "jitd"]);
+    let approval_of = |path: &Path, id: u64| {
+        std::fs::read_to_string(path).unwrap().lines().any(|l| {
+            let r: Value = serde_json::from_str(l).unwrap_or(Value::Null);
+            r["action"] == "request" && r["outcome"] == "approved" && r["grant_id"] == id
+        })
+    };
+    let holding: Vec<PathBuf> = std::fs::read_dir(setup.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("audit.jsonl"))
+        .filter(|p| approval_of(p, lost))
+        .collect();
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    assert!(!approval_of(&holding[0], kept), "rotated apart");
+    std::fs::remove_file(&holding[0]).unwrap();
+
+    let jitd = setup.start(&net.host);
+    let ids = jitd.grant_ids();
+    assert!(!ids.contains(&lost), "nothing proves grant {lost} any more: {ids:?}");
+    assert!(!can_connect(&net.b, HOST_B4, 22), "its address stays locked");
+    assert!(ids.contains(&kept), "{ids:?}");
+    assert!(can_connect(&net.a, HOST_A4, 22), "what the log proves is restored");
+    assert!(
+        !refusals(&setup).is_empty(),
+        "refusing the checkpoint is audited: {}",
+        jitd.log_text()
+    );
+}
+
+/// A grant revoked after its approval never comes back from a checkpoint: not when it
+/// is written back into grants.json, nor when the checkpoint's place in the journal is
+/// moved past the revocation (so that replaying the journal would not see it). The
+/// checkpoint is refused and audited, and every grant the log proves live is restored.
+#[test]
+fn a_revoked_grant_written_back_into_the_checkpoint_does_not_come_back() {
+    for how in ["written back", "position moved past the revocation"] {
+        let net = Net::new();
+        serve_echo(&net.host, 22);
+        let setup = Setup::new("[[ports]]\nport = 22\nmax_duration = \"1h\"\n");
+        let jitd = setup.start(&net.host);
+        let id = granted_id(&request(&jitd, &["--port", "22", "--source", A4, "--duration", "1h"]));
+        let before = checkpoint_says(&setup, |s| holds(s, id));
+        jitd.ctl_json(&["revoke", &id.to_string()]);
+        let other = granted_id(&request(&jitd, &["--port", "22", "--source", B4, "--duration", "1h"]));
+        assert!(jitd.stop(Duration::from_secs(10)).success());
+        net.nft_ok(&["delete", "table", "inet", "jitd"]);
+        let saved = match how {
+            "written back" => {
+                let mut saved = checkpoint(&setup);
+                assert!(!holds(&saved, id) && holds(&saved, other), "{how}: {saved}");
+                let grant = before["grants"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|g| g["id"] == id)
+                    .unwrap();
+                saved["grants"].as_array_mut().unwrap().insert(0, grant.clone());
+                saved["approvals"][id.to_string()] = before["approvals"][id.to_string()].clone();
+                saved
+            }
+            _ => {
+                // the old checkpoint, naming the journal's end as the place it covers
+                let mut saved = before.clone();
+                let audit = setup.audit_file();
+                let len = std::fs::metadata(&audit).unwrap().len();
+                let last = setup.audit().last().unwrap()["hash"].clone();
+                saved["position"] = serde_json::json!({"file": "audit.jsonl", "offset": len, "hash": last});
+                saved["audit_hash"] = last;
+                saved
+            }
+        };
+        write_checkpoint(&setup, &saved);
+
+        let jitd = setup.start(&net.host);
+        let ids = jitd.grant_ids();
+        assert!(!ids.contains(&id), "{how}: the revoked grant came back: {ids:?}");
+        assert!(!can_connect(&net.a, HOST_A4, 22), "{how}: its address stays locked");
+        assert!(ids.contains(&other), "{how}: the live grant is restored: {ids:?}");
+        assert!(can_connect(&net.b, HOST_B4, 22), "{how}");
+        assert!(
+            !refusals(&setup).is_empty(),
+            "{how}: refusing the checkpoint is audited"
+        );
+    }
+}
