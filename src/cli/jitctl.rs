@@ -26,10 +26,12 @@ pub struct Cli {
     /// Print the result as JSON (for scripts) instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// jitctl's commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Show the protected ports, the live grants (with the connections each admitted),
@@ -94,6 +96,7 @@ pub enum Command {
     /// Read the audit log: every approval, denial (with the reason), expiry and revocation.
     #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        /// `verify` instead of reading the records.
         #[command(subcommand)]
         check: Option<AuditCheck>,
         /// From: a duration back from now ("7d", "12h") or a time (RFC 3339 or YYYY-MM-DD).
@@ -169,6 +172,7 @@ pub struct FleetArgs {
     /// (default: `id` in ~/.config/jitctl/fleet.toml, else the prefix).
     #[arg(long, value_name = "ID")]
     pub fleet_id: Option<String>,
+    /// What to do with the fleet.
     #[command(subcommand)]
     pub command: FleetCommand,
 }
@@ -264,6 +268,7 @@ pub struct KnockArgs {
     pub ipv6: bool,
 }
 
+/// Checks of the audit log itself.
 #[derive(Debug, Subcommand)]
 pub enum AuditCheck {
     /// Walk the audit log's hash chain; exit 1 naming the first record that was
@@ -271,6 +276,7 @@ pub enum AuditCheck {
     Verify,
 }
 
+/// How `jitctl audit` prints the records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
     /// Aligned columns for people.
@@ -281,10 +287,12 @@ pub enum Format {
     Csv,
 }
 
+/// Reads a duration argument ("30m", "2h", "90s").
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     crate::duration::parse(text)
 }
 
+/// Reads a time argument: RFC 3339 or a date (midnight UTC).
 pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
@@ -295,6 +303,7 @@ pub fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     Err("not a time; write RFC 3339 (2026-12-01T17:00:00Z) or a date (2026-12-01)".into())
 }
 
+/// Reads `--since`/`--until`: a duration back from now, or a time as [`parse_time`] does.
 pub fn parse_since(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(d) = crate::duration::parse(text) {
         let back = chrono::Duration::from_std(d).map_err(|e| e.to_string())?;

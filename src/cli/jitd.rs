@@ -35,6 +35,7 @@ pub struct Args {
     pub log_format: LogFormat,
 }
 
+/// The format of jitd's log on stderr.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogFormat {
     /// One line per event, journald-friendly (no timestamps under systemd).

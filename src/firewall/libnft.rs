@@ -104,13 +104,12 @@ pub enum LoadError {
 unsafe fn function<T: Copy>(library: &libloading::Library, path: &str, name: &'static str) -> Result<T, LoadError> {
     let symbol = name.trim_end_matches('\0');
     // Option<fn> has the size of a pointer, and a null address reads as None.
-    let found = library
-        .get::<Option<T>>(name.as_bytes())
-        .map_err(|source| LoadError::MissingSymbol {
-            path: path.to_string(),
-            symbol,
-            source,
-        })?;
+    // SAFETY: the caller promises `T` is the symbol's true type and outlives no library.
+    let found = unsafe { library.get::<Option<T>>(name.as_bytes()) }.map_err(|source| LoadError::MissingSymbol {
+        path: path.to_string(),
+        symbol,
+        source,
+    })?;
     (*found).ok_or_else(|| LoadError::NullSymbol {
         path: path.to_string(),
         symbol,
