@@ -26,8 +26,9 @@
 //! - [`policy`]: pure decisions: roles, and whether a request fits the policy.
 //! - [`approval`]: the two-person rule's pure part: requests waiting for an approver,
 //!   who may decide them, the same person behind two identities.
-//! - [`audit`]: the append-only, hash-chained audit log: records, rotation, the journal's
-//!   batches and positions, the refusal limiter, queries, CSV export.
+//! - [`audit`]: the append-only, hash-chained audit log: what a record says (`record`),
+//!   writing and rotating it (`log`), reading it back (`read`), the journal's batches and
+//!   positions, the chain and its anchor, the refusal limiter, queries, CSV export.
 //! - [`metrics`]: Prometheus metrics, opt-in.
 //! - [`store`]: the live grants on disk (the checkpoint), for restarts.
 //! - [`netif`]: the host's interfaces over rtnetlink.

@@ -10,23 +10,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{chain, AuditRecord};
+use super::chain;
+use super::record::{AuditRecord, Batch};
 
 /// How much of a file's end is read at first when looking for its last whole record;
 /// doubled until enough.
 const WINDOW: u64 = 64 * 1024;
-
-/// The records of one append (one transaction) carry where each stands in it, inside
-/// the hashed record; a record without it is a batch of one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Batch {
-    /// The batch's id: the chain position of its first record.
-    pub id: u64,
-    /// This record's place in the batch (1-based).
-    pub n: u32,
-    /// How many records the batch has.
-    pub of: u32,
-}
 
 /// A place in the journal: the end of the record whose hash is `hash`, `offset` bytes
 /// into the audit file `file` (a name inside `state_dir`). Rotation renames files, so
@@ -319,7 +308,7 @@ mod tests {
     #[test]
     fn reading_since_a_position_finds_it_across_rotation_and_refuses_one_that_differs() {
         let dir = tempfile::tempdir().unwrap();
-        let rotation = super::super::Rotation {
+        let rotation = crate::config::Rotation {
             max_bytes: 900,
             keep: 50,
         };

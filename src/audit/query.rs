@@ -239,8 +239,9 @@ fn file_name(path: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Action, AuditLog, Outcome, Rotation};
+    use super::super::{Action, AuditLog, Outcome};
     use super::*;
+    use crate::config::Rotation;
     use chrono::DateTime;
 
     fn record(i: u32) -> AuditRecord {
